@@ -1,0 +1,118 @@
+//! The admin HTTP API. The router is a plain function of its state, so tests call it without
+//! sockets; `serve` binds it with graceful shutdown.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use tokio::net::TcpListener;
+
+/// Readiness latches: ready only when every one is set (linkerd's pattern).
+#[derive(Clone, Debug, Default)]
+pub struct Readiness {
+    /// The programs are attached to every configured interface.
+    pub attached: Arc<AtomicBool>,
+    /// The first full desired state is in the maps.
+    pub programmed: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.attached.load(Ordering::Acquire) && self.programmed.load(Ordering::Acquire)
+    }
+
+    /// What is still missing, for the /readyz body.
+    fn missing(&self) -> Vec<&'static str> {
+        let mut m = Vec::new();
+        if !self.attached.load(Ordering::Acquire) {
+            m.push("data plane not attached");
+        }
+        if !self.programmed.load(Ordering::Acquire) {
+            m.push("first state not programmed");
+        }
+        m
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ApiState {
+    pub readiness: Readiness,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<ApiState>) -> (StatusCode, String) {
+    let missing = s.readiness.missing();
+    if missing.is_empty() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", missing.join(", ")),
+        )
+    }
+}
+
+/// Binds `addr` (failing early when it cannot) and serves until `shutdown` resolves.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    async fn get(state: &ApiState, path: &str) -> (StatusCode, String) {
+        let resp = router(state.clone())
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readiness_latches() {
+        let s = ApiState::default();
+        assert_eq!(get(&s, "/livez").await, (StatusCode::OK, "ok\n".into()));
+        assert_eq!(
+            get(&s, "/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: data plane not attached, first state not programmed\n".into()
+            )
+        );
+        s.readiness.attached.store(true, Ordering::Release);
+        assert_eq!(get(&s, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        s.readiness.programmed.store(true, Ordering::Release);
+        assert_eq!(get(&s, "/readyz").await, (StatusCode::OK, "ok\n".into()));
+        assert_eq!(get(&s, "/nope").await.0, StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,607 @@
+//! The standalone configuration file: the one place that reads it. Parsing (YAML, unknown
+//! fields rejected) and validation are one conversion into a checked [`Config`]; an error
+//! names the file, the field path and what is wrong, and nothing is applied.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::{
+    maglev,
+    model::{Backend, DesiredState, Frontend, Protocol, Service},
+};
+
+/// The example configuration, also what `lb-agent run` uses when no `--config` is given: the
+/// standalone lab's addresses (see `weir-lab demo`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../examples/standalone.yaml");
+pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
+
+/// Largest weight a backend may have.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Longest ClientIP affinity timeout (Kubernetes' limit for `timeoutSeconds`).
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// Affinity timeout when the block is given without one (Kubernetes' default).
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    maglev: RawMaglev,
+    #[serde(default)]
+    dataplane: RawDataplane,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    interfaces: Vec<String>,
+    #[serde(default)]
+    xdp_mode: XdpMode,
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver supports it, generic mode otherwise.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: SocketAddr,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9300))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaglev {
+    #[serde(default = "default_table_size")]
+    table_size: u32,
+    #[serde(default)]
+    hash: MaglevHash,
+    #[serde(default)]
+    seed: u64,
+}
+
+impl Default for RawMaglev {
+    fn default() -> Self {
+        Self {
+            table_size: default_table_size(),
+            hash: MaglevHash::default(),
+            seed: 0,
+        }
+    }
+}
+
+fn default_table_size() -> u32 {
+    16381
+}
+
+/// The Maglev permutation hash, named so that a future change is explicit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum MaglevHash {
+    #[default]
+    #[serde(rename = "xxh3-64")]
+    Xxh3_64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    max_services: Option<u32>,
+    max_backends: Option<u32>,
+    conntrack_size: Option<u32>,
+    affinity_size: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+    #[serde(default)]
+    source_ranges: Vec<IpNet>,
+    session_affinity: Option<RawAffinity>,
+    table_size: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: IpAddr,
+    port: u16,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAffinity {
+    #[serde(default = "default_affinity_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+fn default_affinity_timeout() -> Duration {
+    DEFAULT_AFFINITY_TIMEOUT
+}
+
+/// A checked configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub admin: AdminConfig,
+    pub maglev: MaglevConfig,
+    pub dataplane: DataplaneLimits,
+    pub desired: DesiredState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaglevConfig {
+    pub table_size: u32,
+    pub hash: MaglevHash,
+    pub seed: u64,
+}
+
+/// Capacities of the data plane's maps, fixed when the programs are loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataplaneLimits {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub conntrack_size: u32,
+    pub affinity_size: u32,
+}
+
+impl Default for DataplaneLimits {
+    fn default() -> Self {
+        use lb_common::limits;
+        Self {
+            max_services: limits::MAX_SERVICES,
+            max_backends: limits::MAX_BACKENDS,
+            conntrack_size: limits::MAX_FLOWS,
+            affinity_size: limits::MAX_AFFINITY,
+        }
+    }
+}
+
+/// One thing wrong with a config, at a field path such as `services[1].backends[0].port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join(&format!("\n{file}: ")))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// The embedded default configuration.
+    pub fn default_config() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_CONFIG, DEFAULT_CONFIG_NAME)
+    }
+
+    /// Parses and checks `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            file: file.to_string(),
+            problems,
+        };
+        let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+            text,
+        ))
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            };
+            // serde_yaml already starts its message with the path.
+            let message = e.into_inner().to_string();
+            let message = message
+                .strip_prefix(&format!("{path}: "))
+                .map_or(message.clone(), str::to_string);
+            invalid(vec![Problem { path, message }])
+        })?;
+        raw.check().map_err(invalid)
+    }
+}
+
+/// Where a config came from: a file path, or the embedded default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+impl Source {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            Self::File(p) => Config::load(p),
+            Self::Embedded => Config::default_config(),
+        }
+    }
+
+    /// The file's current bytes, to notice changes (the embedded default never changes).
+    pub fn fingerprint(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::File(p) => std::fs::read(p).ok(),
+            Self::Embedded => None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::Embedded => f.write_str(DEFAULT_CONFIG_NAME),
+        }
+    }
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn fail(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn table_size(&mut self, path: &str, m: u32) {
+        if !maglev::is_prime(m) {
+            self.fail(path, format!("{m} is not a prime number (Maglev needs a prime table size, e.g. 16381 or 65537)"));
+        } else if m > lb_common::limits::MAX_TABLE_SIZE {
+            self.fail(
+                path,
+                format!("{m} is larger than {}", lb_common::limits::MAX_TABLE_SIZE),
+            );
+        }
+    }
+}
+
+/// Interface names as the kernel allows them (IFNAMSIZ - 1 bytes, no '/', ':' or whitespace).
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+/// Service names: what standalone configs and Kubernetes (`namespace/name`) produce.
+fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+}
+
+fn same_family(a: IpAddr, b: IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+fn family_name(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+impl RawConfig {
+    fn check(self) -> Result<Config, Vec<Problem>> {
+        let mut c = Checker {
+            problems: Vec::new(),
+        };
+
+        if self.node.interfaces.is_empty() {
+            c.fail("node.interfaces", "at least one interface is needed");
+        }
+        let mut seen_if = BTreeSet::new();
+        for (i, name) in self.node.interfaces.iter().enumerate() {
+            if !valid_ifname(name) {
+                c.fail(
+                    format!("node.interfaces[{i}]"),
+                    format!("{name:?} is not a valid interface name"),
+                );
+            } else if !seen_if.insert(name) {
+                c.fail(
+                    format!("node.interfaces[{i}]"),
+                    format!("{name} is listed twice"),
+                );
+            }
+        }
+
+        c.table_size("maglev.table_size", self.maglev.table_size);
+
+        let defaults = DataplaneLimits::default();
+        let limits = DataplaneLimits {
+            max_services: self.dataplane.max_services.unwrap_or(defaults.max_services),
+            max_backends: self.dataplane.max_backends.unwrap_or(defaults.max_backends),
+            conntrack_size: self
+                .dataplane
+                .conntrack_size
+                .unwrap_or(defaults.conntrack_size),
+            affinity_size: self
+                .dataplane
+                .affinity_size
+                .unwrap_or(defaults.affinity_size),
+        };
+        for (field, value, min) in [
+            ("dataplane.max_services", limits.max_services, 2),
+            ("dataplane.max_backends", limits.max_backends, 2),
+            ("dataplane.conntrack_size", limits.conntrack_size, 1024),
+            ("dataplane.affinity_size", limits.affinity_size, 1024),
+        ] {
+            if value < min {
+                c.fail(field, format!("{value} is too small (at least {min})"));
+            } else if value > 1 << 24 {
+                c.fail(field, format!("{value} is too large (at most {})", 1 << 24));
+            }
+        }
+
+        let mut names = BTreeMap::new();
+        let mut frontends = BTreeMap::new();
+        let mut services = Vec::with_capacity(self.services.len());
+        let mut backend_count = 0usize;
+        for (i, s) in self.services.into_iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].{field}");
+            if !valid_service_name(&s.name) {
+                c.fail(
+                    at("name"),
+                    format!(
+                        "{:?} is not a valid name (letters, digits, '-', '_', '.', '/')",
+                        s.name
+                    ),
+                );
+            } else if let Some(first) = names.insert(s.name.clone(), i) {
+                c.fail(
+                    at("name"),
+                    format!("{} is already the name of services[{first}]", s.name),
+                );
+            }
+            if s.port == 0 {
+                c.fail(at("port"), "must be between 1 and 65535");
+            }
+            let frontend = Frontend {
+                vip: s.vip,
+                port: s.port,
+                protocol: s.protocol,
+            };
+            if let Some(first) = frontends.insert(frontend, i) {
+                c.fail(
+                    at("vip"),
+                    format!("{frontend} is already used by services[{first}]"),
+                );
+            }
+            if s.vip.is_unspecified() || s.vip.is_multicast() || s.vip.is_loopback() {
+                c.fail(at("vip"), format!("{} cannot be a VIP", s.vip));
+            }
+
+            let table_size = s.table_size.unwrap_or(self.maglev.table_size);
+            if s.table_size.is_some() {
+                c.table_size(&at("table_size"), table_size);
+            }
+
+            let mut backends = Vec::with_capacity(s.backends.len());
+            let mut seen = BTreeMap::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                let bat = |field: &str| format!("services[{i}].backends[{j}].{field}");
+                if !same_family(b.address, s.vip) {
+                    c.fail(
+                        bat("address"),
+                        format!(
+                            "{} is {} but the VIP {} is {}",
+                            b.address,
+                            family_name(b.address),
+                            s.vip,
+                            family_name(s.vip)
+                        ),
+                    );
+                }
+                if b.address.is_unspecified() || b.address.is_multicast() {
+                    c.fail(bat("address"), format!("{} cannot be a backend", b.address));
+                }
+                if b.port == 0 {
+                    c.fail(bat("port"), "must be between 1 and 65535");
+                }
+                if b.weight > MAX_WEIGHT {
+                    c.fail(
+                        bat("weight"),
+                        format!("{} is larger than {MAX_WEIGHT}", b.weight),
+                    );
+                }
+                let addr = SocketAddr::new(b.address, b.port);
+                if let Some(first) = seen.insert(addr, j) {
+                    c.fail(
+                        bat("address"),
+                        format!("{addr} is already services[{i}].backends[{first}]"),
+                    );
+                }
+                backends.push(Backend {
+                    addr,
+                    weight: b.weight,
+                });
+            }
+            backends.sort();
+            backend_count += backends.len();
+            let active = backends.iter().filter(|b| b.weight > 0).count();
+            if active as u64 > table_size as u64 {
+                c.fail(
+                    at("backends"),
+                    format!("{active} backends do not fit a Maglev table of {table_size} slots (use a table at least 100 times the number of backends)"),
+                );
+            }
+
+            let mut ranges = BTreeSet::new();
+            for (j, r) in s.source_ranges.iter().enumerate() {
+                if !same_family(r.addr(), s.vip) {
+                    c.fail(
+                        format!("services[{i}].source_ranges[{j}]"),
+                        format!(
+                            "{r} is {} but the VIP {} is {}",
+                            family_name(r.addr()),
+                            s.vip,
+                            family_name(s.vip)
+                        ),
+                    );
+                }
+                ranges.insert(r.trunc());
+            }
+
+            let affinity_timeout = match s.session_affinity {
+                None => None,
+                Some(a) if a.timeout.is_zero() || a.timeout > MAX_AFFINITY_TIMEOUT => {
+                    c.fail(
+                        at("session_affinity.timeout"),
+                        format!(
+                            "{} is outside 1s..24h",
+                            humantime::format_duration(a.timeout)
+                        ),
+                    );
+                    None
+                }
+                Some(a) if a.timeout.subsec_nanos() != 0 => {
+                    c.fail(at("session_affinity.timeout"), "must be whole seconds");
+                    None
+                }
+                Some(a) => Some(a.timeout),
+            };
+
+            services.push(Service {
+                name: s.name,
+                frontend,
+                backends,
+                source_ranges: ranges.into_iter().collect(),
+                affinity_timeout,
+                table_size,
+            });
+        }
+        if services.len() as u64 >= limits.max_services as u64 {
+            c.fail(
+                "services",
+                format!(
+                    "{} services do not fit dataplane.max_services ({}; id 0 is reserved)",
+                    services.len(),
+                    limits.max_services
+                ),
+            );
+        }
+        if backend_count as u64 >= limits.max_backends as u64 {
+            c.fail("services", format!("{backend_count} backends do not fit dataplane.max_backends ({}; id 0 is reserved)", limits.max_backends));
+        }
+
+        if !c.problems.is_empty() {
+            return Err(c.problems);
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Config {
+            node: NodeConfig {
+                interfaces: self.node.interfaces,
+                xdp_mode: self.node.xdp_mode,
+            },
+            admin: AdminConfig {
+                listen: self.admin.listen,
+            },
+            maglev: MaglevConfig {
+                table_size: self.maglev.table_size,
+                hash: self.maglev.hash,
+                seed: self.maglev.seed,
+            },
+            dataplane: limits,
+            desired: DesiredState { services },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

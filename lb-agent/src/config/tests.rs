@@ -1,0 +1,241 @@
+use super::*;
+
+const MINIMAL: &str = "
+node:
+  interfaces: [eth0]
+services:
+  - name: web
+    vip: 198.18.100.10
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 198.18.1.12
+        port: 8080
+      - address: 198.18.1.11
+        port: 8080
+        weight: 3
+";
+
+fn problems(text: &str) -> Vec<String> {
+    match Config::parse(text, "test.yaml") {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// `MINIMAL` with `from` replaced by `to` (which must occur).
+fn edit(from: &str, to: &str) -> String {
+    assert!(MINIMAL.contains(from), "{from:?} not in MINIMAL");
+    MINIMAL.replacen(from, to, 1)
+}
+
+#[test]
+fn embedded_default_config_is_valid() {
+    let c = Config::default_config().expect("default config");
+    assert_eq!(c.node.interfaces, ["eth-c", "eth-b1", "eth-b2", "eth-b3"]);
+    assert_eq!(c.admin.listen, "127.0.0.1:9300".parse().unwrap());
+    assert_eq!(c.desired.services.len(), 5);
+    let sticky = c
+        .desired
+        .services
+        .iter()
+        .find(|s| s.name == "web-sticky")
+        .unwrap();
+    assert_eq!(sticky.affinity_timeout, Some(Duration::from_secs(600)));
+    assert_eq!(sticky.table_size, 1021);
+    assert_eq!(
+        sticky.source_ranges,
+        ["198.18.0.0/24".parse::<IpNet>().unwrap()]
+    );
+}
+
+#[test]
+fn defaults_and_normalisation() {
+    let c = Config::parse(MINIMAL, "t").unwrap();
+    assert_eq!(c.node.xdp_mode, XdpMode::Auto);
+    assert_eq!(c.maglev.table_size, 16381);
+    assert_eq!(c.dataplane, DataplaneLimits::default());
+    let s = &c.desired.services[0];
+    assert_eq!(s.table_size, 16381);
+    // Backends come out sorted by address, weight defaulting to 1.
+    assert_eq!(s.backends[0].addr, "198.18.1.11:8080".parse().unwrap());
+    assert_eq!(s.backends[0].weight, 3);
+    assert_eq!(s.backends[1].weight, 1);
+}
+
+#[test]
+fn unknown_field_is_named_with_its_path() {
+    let p = problems(&edit("    port: 80\n", "    port: 80\n    colour: blue\n"));
+    assert_eq!(p.len(), 1);
+    assert!(p[0].starts_with("services[0]"), "{p:?}");
+    assert!(p[0].contains("unknown field `colour`"), "{p:?}");
+}
+
+#[test]
+fn bad_values_are_named_with_their_paths() {
+    let p = problems(&edit(
+        "port: 8080\n      - address",
+        "port: 0\n      - address",
+    ));
+    assert_eq!(
+        p,
+        ["services[0].backends[0].port: must be between 1 and 65535"]
+    );
+
+    let p = problems(&edit("address: 198.18.1.12", "address: fd00::12"));
+    assert_eq!(
+        p,
+        ["services[0].backends[0].address: fd00::12 is IPv6 but the VIP 198.18.100.10 is IPv4"]
+    );
+
+    let p = problems(&edit("address: 198.18.1.12", "address: 198.18.1.300"));
+    assert!(
+        p[0].starts_with("services[0].backends[0].address: "),
+        "{p:?}"
+    );
+
+    let p = problems(&edit("protocol: tcp", "protocol: icmp"));
+    assert!(
+        p[0].starts_with("services[0].protocol: unknown variant `icmp`"),
+        "{p:?}"
+    );
+
+    let p = problems(&edit("weight: 3", "weight: 2000000"));
+    assert_eq!(
+        p,
+        ["services[0].backends[1].weight: 2000000 is larger than 1000000"]
+    );
+
+    let p = problems(&edit("interfaces: [eth0]", "interfaces: []"));
+    assert_eq!(p, ["node.interfaces: at least one interface is needed"]);
+
+    let p = problems(&edit("interfaces: [eth0]", "interfaces: [eth0, \"a/b\"]"));
+    assert_eq!(
+        p,
+        ["node.interfaces[1]: \"a/b\" is not a valid interface name"]
+    );
+}
+
+#[test]
+fn table_sizes_must_be_prime() {
+    let p = problems(&format!("{MINIMAL}maglev:\n  table_size: 16384\n"));
+    assert!(
+        p[0].starts_with("maglev.table_size: 16384 is not a prime"),
+        "{p:?}"
+    );
+    let p = problems(&edit("protocol: tcp", "protocol: tcp\n    table_size: 100"));
+    assert!(
+        p[0].starts_with("services[0].table_size: 100 is not a prime"),
+        "{p:?}"
+    );
+    let three = format!("{MINIMAL}      - {{address: 198.18.1.13, port: 8080}}\n");
+    let p = problems(&three.replacen("protocol: tcp", "protocol: tcp\n    table_size: 2", 1));
+    assert!(
+        p[0].starts_with("services[0].backends: 3 backends do not fit"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn duplicates_are_refused() {
+    let twice = format!(
+        "{MINIMAL}  - name: web\n    vip: 198.18.100.10\n    port: 80\n    protocol: tcp\n"
+    );
+    let p = problems(&twice);
+    assert_eq!(
+        p,
+        [
+            "services[1].name: web is already the name of services[0]",
+            "services[1].vip: 198.18.100.10:80/tcp is already used by services[0]",
+        ]
+    );
+    let p = problems(&edit("address: 198.18.1.12", "address: 198.18.1.11"));
+    assert_eq!(
+        p,
+        ["services[0].backends[1].address: 198.18.1.11:8080 is already services[0].backends[0]"]
+    );
+}
+
+#[test]
+fn affinity_and_source_ranges() {
+    let c = Config::parse(
+        &edit(
+            "protocol: tcp",
+            "protocol: tcp\n    session_affinity: {}\n    source_ranges: [198.18.0.7/16, 198.18.0.0/16]",
+        ),
+        "t",
+    )
+    .unwrap();
+    let s = &c.desired.services[0];
+    assert_eq!(s.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+    assert_eq!(s.source_ranges, ["198.18.0.0/16".parse::<IpNet>().unwrap()]);
+
+    let p = problems(&edit(
+        "protocol: tcp",
+        "protocol: tcp\n    session_affinity: {timeout: 2d}",
+    ));
+    assert_eq!(
+        p,
+        ["services[0].session_affinity.timeout: 2days is outside 1s..24h"]
+    );
+    let p = problems(&edit(
+        "protocol: tcp",
+        "protocol: tcp\n    session_affinity: {timeout: soon}",
+    ));
+    assert!(
+        p[0].starts_with("services[0].session_affinity.timeout: "),
+        "{p:?}"
+    );
+    let p = problems(&edit(
+        "protocol: tcp",
+        "protocol: tcp\n    source_ranges: [\"fd00::/8\"]",
+    ));
+    assert_eq!(
+        p,
+        ["services[0].source_ranges[0]: fd00::/8 is IPv6 but the VIP 198.18.100.10 is IPv4"]
+    );
+}
+
+#[test]
+fn capacity_is_checked() {
+    let p = problems(&format!("{MINIMAL}dataplane:\n  max_backends: 2\n"));
+    assert_eq!(
+        p,
+        ["services: 2 backends do not fit dataplane.max_backends (2; id 0 is reserved)"]
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = edit("port: 80\n", "port: 0\n")
+        .replace("vip: 198.18.100.10", "vip: 0.0.0.0")
+        .replace("port: 8080\n      - address", "port: 0\n      - address");
+    assert_eq!(
+        problems(&text),
+        [
+            "services[0].port: must be between 1 and 65535",
+            "services[0].vip: 0.0.0.0 cannot be a VIP",
+            "services[0].backends[0].port: must be between 1 and 65535",
+        ]
+    );
+}
+
+#[test]
+fn error_message_names_the_file() {
+    let e = Config::parse(
+        "node: {interfaces: [eth0]}\nservices: 3\n",
+        "/etc/weir.yaml",
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("/etc/weir.yaml: services: invalid type"),
+        "{text}"
+    );
+    let e = Config::load(Path::new("/nonexistent/weir.yaml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/weir.yaml: cannot read: "),
+        "{e}"
+    );
+}

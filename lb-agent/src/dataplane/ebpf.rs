@@ -1,0 +1,532 @@
+//! The kernel data plane: weir's eBPF object loaded with aya, its programs attached to the
+//! configured interfaces, and its maps behind [`MapWriter`].
+
+use std::{
+    ffi::CString,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::Key, xdp::DevMapHash,
+    },
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
+};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, FlowKey, FlowValue,
+    RevNatValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData, VipKey, VipValue, maps,
+    programs,
+};
+use tracing::{info, warn};
+
+use super::{MapError, MapWriter, programmer::table_slots};
+use crate::config::{DataplaneLimits, XdpMode};
+
+/// The eBPF object, built by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// `BPF_F_INNER_MAP`: inner Maglev tables may differ in size from the template.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("interface {iface}: {detail}")]
+    Interface { iface: String, detail: String },
+}
+
+/// How XDP ended up attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl AttachedMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+struct Attachment {
+    iface: String,
+    ifindex: u32,
+    mode: AttachedMode,
+    xdp: XdpLinkId,
+    tc: SchedClassifierLinkId,
+}
+
+/// The loaded programs and maps. Dropping it detaches everything it attached.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: EbpfMaps,
+    attached: Vec<Attachment>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |e| DataplaneError::Map {
+        name,
+        detail: e.to_string(),
+    }
+}
+
+impl Datapath {
+    /// Loads the object with the map capacities of `limits` and verifies both programs.
+    /// Nothing is attached yet.
+    pub fn load(limits: &DataplaneLimits) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::SERVICES, limits.max_services)
+            .map_max_entries(maps::VIPS, limits.max_services)
+            .map_max_entries(maps::SERVICE_STATS, limits.max_services)
+            .map_max_entries(maps::MAGLEV, table_slots(limits))
+            .map_max_entries(maps::BACKENDS, limits.max_backends)
+            .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
+            .map_max_entries(maps::CONNTRACK, limits.conntrack_size)
+            .map_max_entries(maps::REVNAT, limits.conntrack_size)
+            .map_max_entries(maps::AFFINITY, limits.affinity_size)
+            .load(OBJECT)
+            .map_err(DataplaneError::Load)?;
+        let xdp: &mut Xdp = program_mut(&mut ebpf, programs::XDP_INGRESS)?;
+        xdp.load().map_err(|source| DataplaneError::Program {
+            name: programs::XDP_INGRESS,
+            source,
+        })?;
+        let tc: &mut SchedClassifier = program_mut(&mut ebpf, programs::TC_EGRESS)?;
+        tc.load().map_err(|source| DataplaneError::Program {
+            name: programs::TC_EGRESS,
+            source,
+        })?;
+        let maps = EbpfMaps::take(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            attached: Vec::new(),
+        })
+    }
+
+    /// The XDP program (for BPF_PROG_TEST_RUN).
+    pub fn xdp(&self) -> &Xdp {
+        self.ebpf
+            .program(programs::XDP_INGRESS)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Datapath::load")
+    }
+
+    /// The TC program (for BPF_PROG_TEST_RUN).
+    pub fn tc(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(programs::TC_EGRESS)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Datapath::load")
+    }
+
+    /// Attaches XDP (ingress) and TC (egress) to `iface`. With native XDP the interface also
+    /// becomes a redirect target. On error nothing stays attached to `iface`.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError> {
+        let ifindex = ifindex(iface)?;
+        let iface_err = |detail: String| DataplaneError::Interface {
+            iface: iface.to_string(),
+            detail,
+        };
+        let xdp: &mut Xdp = program_mut(&mut self.ebpf, programs::XDP_INGRESS)?;
+        let (xdp_link, attached) = match mode {
+            XdpMode::Native => (
+                xdp.attach(iface, AyaXdpMode::Driver)
+                    .map_err(|e| iface_err(format!("native XDP: {e}")))?,
+                AttachedMode::Native,
+            ),
+            XdpMode::Generic => (
+                xdp.attach(iface, AyaXdpMode::Skb)
+                    .map_err(|e| iface_err(format!("generic XDP: {e}")))?,
+                AttachedMode::Generic,
+            ),
+            XdpMode::Auto => match xdp.attach(iface, AyaXdpMode::Driver) {
+                Ok(l) => (l, AttachedMode::Native),
+                Err(native) => {
+                    warn!(iface, error = %native, "native XDP refused; using generic XDP");
+                    (
+                        xdp.attach(iface, AyaXdpMode::Skb).map_err(|e| {
+                            iface_err(format!("XDP: native: {native}; generic: {e}"))
+                        })?,
+                        AttachedMode::Generic,
+                    )
+                }
+            },
+        };
+        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, programs::TC_EGRESS)?;
+        let tc_link = match tc.attach(iface, TcAttachType::Egress) {
+            Ok(l) => l,
+            Err(e) => {
+                let xdp: &mut Xdp = program_mut(&mut self.ebpf, programs::XDP_INGRESS)?;
+                let _ = xdp.detach(xdp_link);
+                return Err(iface_err(format!("TC egress: {e}")));
+            }
+        };
+        if attached == AttachedMode::Native
+            && let Err(e) = self.maps.tx_ports.insert(ifindex, ifindex, None, 0)
+        {
+            // Still correct without it: forwarded packets then go through the kernel.
+            warn!(iface, error = %e, "cannot make the interface an XDP redirect target");
+        }
+        self.attached.push(Attachment {
+            iface: iface.to_string(),
+            ifindex,
+            mode: attached,
+            xdp: xdp_link,
+            tc: tc_link,
+        });
+        Ok(attached)
+    }
+
+    /// Interfaces with their attach mode.
+    pub fn attachments(&self) -> Vec<(String, AttachedMode)> {
+        self.attached
+            .iter()
+            .map(|a| (a.iface.clone(), a.mode))
+            .collect()
+    }
+
+    /// Detaches both programs from every interface, logging each.
+    pub fn detach_all(&mut self) {
+        for a in std::mem::take(&mut self.attached) {
+            let _ = self.maps.tx_ports.remove(a.ifindex);
+            if let Ok(xdp) = program_mut::<Xdp>(&mut self.ebpf, programs::XDP_INGRESS) {
+                match xdp.detach(a.xdp) {
+                    Ok(()) => info!(iface = %a.iface, "XDP program detached"),
+                    Err(e) => warn!(iface = %a.iface, error = %e, "detaching XDP failed"),
+                }
+            }
+            if let Ok(tc) = program_mut::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS) {
+                match tc.detach(a.tc) {
+                    Ok(()) => info!(iface = %a.iface, "TC program detached"),
+                    Err(e) => warn!(iface = %a.iface, error = %e, "detaching TC failed"),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    p.try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
+    let err = |detail: &str| DataplaneError::Interface {
+        iface: iface.to_string(),
+        detail: detail.to_string(),
+    };
+    let c = CString::new(iface).map_err(|_| err("invalid name"))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(err("no such interface"));
+    }
+    Ok(i)
+}
+
+/// The maps, typed.
+pub struct EbpfMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, BackendValue>,
+    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    /// A second descriptor of `MAGLEV` for deletes, which aya's `ArrayOfMaps` lacks.
+    maglev_fd: OwnedFd,
+    source_ranges: LpmTrie<MapData, SourceRangeData, u32>,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    vip_filter: Array<MapData, u32>,
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    datapath_stats: PerCpuArray<MapData, DatapathStats>,
+    pub conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    pub revnat: HashMap<MapData, FlowKey, RevNatValue>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    tx_ports: DevMapHash<MapData>,
+    ncpus: usize,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
+    ebpf.take_map(name).ok_or(DataplaneError::Map {
+        name,
+        detail: "not in the eBPF object".into(),
+    })
+}
+
+macro_rules! typed {
+    ($ebpf:expr, $name:expr) => {
+        take($ebpf, $name)?.try_into().map_err(map_err($name))?
+    };
+}
+
+impl EbpfMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let maglev_map = take(ebpf, maps::MAGLEV)?;
+        let maglev_fd = match &maglev_map {
+            Map::ArrayOfMaps(data) => {
+                data.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| DataplaneError::Map {
+                        name: maps::MAGLEV,
+                        detail: e.to_string(),
+                    })?
+            }
+            _ => {
+                return Err(DataplaneError::Map {
+                    name: maps::MAGLEV,
+                    detail: "not an array of maps".into(),
+                });
+            }
+        };
+        let ncpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Map {
+            name: maps::SERVICE_STATS,
+            detail: format!("{what}: {e}"),
+        })?;
+        Ok(Self {
+            services: typed!(ebpf, maps::SERVICES),
+            backends: typed!(ebpf, maps::BACKENDS),
+            maglev: maglev_map.try_into().map_err(map_err(maps::MAGLEV))?,
+            maglev_fd,
+            source_ranges: typed!(ebpf, maps::SOURCE_RANGES),
+            vips: typed!(ebpf, maps::VIPS),
+            vip_filter: typed!(ebpf, maps::VIP_FILTER),
+            service_stats: typed!(ebpf, maps::SERVICE_STATS),
+            backend_stats: typed!(ebpf, maps::BACKEND_STATS),
+            datapath_stats: typed!(ebpf, maps::DATAPATH_STATS),
+            conntrack: typed!(ebpf, maps::CONNTRACK),
+            revnat: typed!(ebpf, maps::REVNAT),
+            affinity: typed!(ebpf, maps::AFFINITY),
+            tx_ports: typed!(ebpf, maps::TX_PORTS),
+            ncpus,
+        })
+    }
+
+    /// A service's counters, summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Result<ServiceStats, MapError> {
+        let per_cpu = self
+            .service_stats
+            .get(&id, 0)
+            .map_err(|e| err(maps::SERVICE_STATS, "get", e))?;
+        let mut sum = ServiceStats::default();
+        for s in per_cpu.iter() {
+            sum.packets_in += s.packets_in;
+            sum.bytes_in += s.bytes_in;
+            sum.packets_out += s.packets_out;
+            sum.bytes_out += s.bytes_out;
+            sum.new_flows += s.new_flows;
+            for (d, x) in sum.drops.iter_mut().zip(s.drops) {
+                *d += x;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// A backend's counters, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats, MapError> {
+        let per_cpu = self
+            .backend_stats
+            .get(&id, 0)
+            .map_err(|e| err(maps::BACKEND_STATS, "get", e))?;
+        let mut sum = BackendStats::default();
+        for s in per_cpu.iter() {
+            sum.packets_in += s.packets_in;
+            sum.bytes_in += s.bytes_in;
+            sum.packets_out += s.packets_out;
+            sum.bytes_out += s.bytes_out;
+            sum.new_flows += s.new_flows;
+        }
+        Ok(sum)
+    }
+
+    /// The data plane's path counters, summed over CPUs.
+    pub fn datapath_stats(&self) -> Result<DatapathStats, MapError> {
+        let per_cpu = self
+            .datapath_stats
+            .get(&0, 0)
+            .map_err(|e| err(maps::DATAPATH_STATS, "get", e))?;
+        let mut sum = DatapathStats::default();
+        for s in per_cpu.iter() {
+            for (d, x) in sum.counters.iter_mut().zip(s.counters) {
+                *d += x;
+            }
+        }
+        Ok(sum)
+    }
+
+    fn zeroes<T: aya::Pod + Default>(&self) -> Result<PerCpuValues<T>, aya::maps::MapError> {
+        PerCpuValues::try_from(vec![T::default(); self.ncpus]).map_err(aya::maps::MapError::from)
+    }
+}
+
+fn err(map: &'static str, op: &str, e: impl std::fmt::Display) -> MapError {
+    MapError {
+        map,
+        op: op.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// `BPF_MAP_DELETE_ELEM` on an array of maps (clears the slot, releasing the inner map).
+fn delete_array_slot(fd: BorrowedFd<'_>, index: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let attr = Attr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: (&raw const index) as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_MAP_DELETE_ELEM and outlives the call;
+    // `key` points at a live u32.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &raw const attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        // An empty slot is already what we want.
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+impl MapWriter for EbpfMaps {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| err(maps::SERVICES, "insert", e))
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.services
+            .remove(key)
+            .map_err(|e| err(maps::SERVICES, "remove", e))
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+        self.backends
+            .set(id, value, 0)
+            .map_err(|e| err(maps::BACKENDS, "set", e))
+    }
+
+    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
+        let mut inner = Array::<MapData, u32>::create(slots.len() as u32, BPF_F_INNER_MAP)
+            .map_err(|e| err(maps::MAGLEV, "create table", e))?;
+        for (i, id) in slots.iter().enumerate() {
+            if *id != 0 {
+                inner
+                    .set(i as u32, id, 0)
+                    .map_err(|e| err(maps::MAGLEV, "fill table", e))?;
+            }
+        }
+        self.maglev
+            .set(table_id, &inner, 0)
+            .map_err(|e| err(maps::MAGLEV, "install table", e))
+    }
+
+    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
+        delete_array_slot(self.maglev_fd.as_fd(), table_id)
+            .map_err(|e| err(maps::MAGLEV, "delete table", e))
+    }
+
+    fn put_source_range(
+        &mut self,
+        prefix_len: u32,
+        data: &SourceRangeData,
+    ) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&Key::new(prefix_len, *data), 1, 0)
+            .map_err(|e| err(maps::SOURCE_RANGES, "insert", e))
+    }
+
+    fn delete_source_range(
+        &mut self,
+        prefix_len: u32,
+        data: &SourceRangeData,
+    ) -> Result<(), MapError> {
+        self.source_ranges
+            .remove(&Key::new(prefix_len, *data))
+            .map_err(|e| err(maps::SOURCE_RANGES, "remove", e))
+    }
+
+    fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapError> {
+        self.vips
+            .insert(key, value, 0)
+            .map_err(|e| err(maps::VIPS, "insert", e))
+    }
+
+    fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
+        self.vips
+            .remove(key)
+            .map_err(|e| err(maps::VIPS, "remove", e))
+    }
+
+    fn set_vip_filter(&mut self, index: u32, count: u32) -> Result<(), MapError> {
+        self.vip_filter
+            .set(index, count, 0)
+            .map_err(|e| err(maps::VIP_FILTER, "set", e))
+    }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let zero = self
+            .zeroes()
+            .map_err(|e| err(maps::SERVICE_STATS, "reset", e))?;
+        self.service_stats
+            .set(id, zero, 0)
+            .map_err(|e| err(maps::SERVICE_STATS, "reset", e))
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let zero = self
+            .zeroes()
+            .map_err(|e| err(maps::BACKEND_STATS, "reset", e))?;
+        self.backend_stats
+            .set(id, zero, 0)
+            .map_err(|e| err(maps::BACKEND_STATS, "reset", e))
+    }
+}

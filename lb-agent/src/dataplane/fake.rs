@@ -1,0 +1,186 @@
+//! An in-memory [`MapWriter`] for tests: it keeps what the kernel maps would hold, counts the
+//! writes, can be told to fail, and dumps its contents as stable text.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+
+use lb_common::{BackendValue, ServiceKey, ServiceValue, SourceRangeData, VipKey, VipValue};
+
+use super::{MapError, MapWriter, words_addr};
+
+#[derive(Debug, Default)]
+pub struct FakeMaps {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub tables: BTreeMap<u32, Vec<u32>>,
+    /// (prefix length, service id, address words).
+    pub source_ranges: BTreeMap<(u32, u32, [u32; 4]), ()>,
+    pub vips: BTreeMap<VipKey, VipValue>,
+    pub vip_filter: BTreeMap<u32, u32>,
+    /// Every write, in order, as `map op key`.
+    pub log: Vec<String>,
+    /// Fail the write whose log line starts with this (once), to test error paths.
+    pub fail_on: Option<String>,
+}
+
+impl FakeMaps {
+    fn record(&mut self, map: &'static str, line: String) -> Result<(), MapError> {
+        if let Some(prefix) = &self.fail_on
+            && line.starts_with(prefix.as_str())
+        {
+            self.fail_on = None;
+            return Err(MapError {
+                map,
+                op: line,
+                detail: "injected failure".into(),
+            });
+        }
+        self.log.push(line);
+        Ok(())
+    }
+
+    /// The contents, one line per entry, in a stable order.
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        for (k, v) in &self.services {
+            let vip = words_addr(&k.addr, k.family);
+            let _ = writeln!(
+                out,
+                "service {} proto={} id={} table={} size={} flags={} affinity={}s",
+                SocketAddr::new(vip, u16::from_be(k.port_be)),
+                k.proto,
+                v.id,
+                v.table_id,
+                v.table_size,
+                v.flags,
+                v.affinity_timeout_s
+            );
+        }
+        for (id, t) in &self.tables {
+            let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+            for s in t {
+                *counts.entry(*s).or_default() += 1;
+            }
+            let shares: Vec<String> = counts.iter().map(|(b, n)| format!("{b}:{n}")).collect();
+            let _ = writeln!(out, "table {id} slots={} {}", t.len(), shares.join(" "));
+        }
+        for (id, b) in &self.backends {
+            if b.flags == 0 && b.generation == 0 {
+                continue;
+            }
+            let addr = SocketAddr::new(words_addr(&b.addr, b.family), u16::from_be(b.port_be));
+            let _ = writeln!(
+                out,
+                "backend {id} {addr} gen={} flags={}",
+                b.generation, b.flags
+            );
+        }
+        for (len, sid, addr) in self.source_ranges.keys() {
+            let fam = if addr[..3] == lb_common::V4_MAPPED_PREFIX {
+                lb_common::family::V4
+            } else {
+                lb_common::family::V6
+            };
+            let ip = words_addr(addr, fam);
+            let bits = len - 32 - if fam == lb_common::family::V4 { 96 } else { 0 };
+            let _ = writeln!(out, "source_range service={sid} {ip}/{bits}");
+        }
+        for k in self.vips.keys() {
+            let _ = writeln!(out, "vip {}", words_addr(&k.addr, k.family));
+        }
+        for (i, n) in &self.vip_filter {
+            if *n != 0 {
+                let _ = writeln!(out, "vip_filter[{i}]={n}");
+            }
+        }
+        out
+    }
+}
+
+fn range_key(prefix_len: u32, d: &SourceRangeData) -> (u32, u32, [u32; 4]) {
+    (prefix_len, u32::from_be(d.service_id_be), d.addr)
+}
+
+impl MapWriter for FakeMaps {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        self.record("SERVICES", format!("services put id={}", value.id))?;
+        self.services.insert(*key, *value);
+        Ok(())
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        let id = self.services.get(key).map_or(0, |v| v.id);
+        self.record("SERVICES", format!("services delete id={id}"))?;
+        self.services.remove(key);
+        Ok(())
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+        self.record(
+            "BACKENDS",
+            format!("backends put {id} flags={}", value.flags),
+        )?;
+        self.backends.insert(id, *value);
+        Ok(())
+    }
+
+    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
+        self.record("MAGLEV", format!("maglev put {table_id}"))?;
+        self.tables.insert(table_id, slots.to_vec());
+        Ok(())
+    }
+
+    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
+        self.record("MAGLEV", format!("maglev delete {table_id}"))?;
+        self.tables.remove(&table_id);
+        Ok(())
+    }
+
+    fn put_source_range(
+        &mut self,
+        prefix_len: u32,
+        data: &SourceRangeData,
+    ) -> Result<(), MapError> {
+        self.record("SOURCE_RANGES", format!("source_ranges put {prefix_len}"))?;
+        self.source_ranges.insert(range_key(prefix_len, data), ());
+        Ok(())
+    }
+
+    fn delete_source_range(
+        &mut self,
+        prefix_len: u32,
+        data: &SourceRangeData,
+    ) -> Result<(), MapError> {
+        self.record(
+            "SOURCE_RANGES",
+            format!("source_ranges delete {prefix_len}"),
+        )?;
+        self.source_ranges.remove(&range_key(prefix_len, data));
+        Ok(())
+    }
+
+    fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapError> {
+        self.record("VIPS", "vips put".into())?;
+        self.vips.insert(*key, *value);
+        Ok(())
+    }
+
+    fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
+        self.record("VIPS", "vips delete".into())?;
+        self.vips.remove(key);
+        Ok(())
+    }
+
+    fn set_vip_filter(&mut self, index: u32, count: u32) -> Result<(), MapError> {
+        self.record("VIP_FILTER", format!("vip_filter set {index}={count}"))?;
+        self.vip_filter.insert(index, count);
+        Ok(())
+    }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), MapError> {
+        self.record("SERVICE_STATS", format!("service_stats reset {id}"))
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
+        self.record("BACKEND_STATS", format!("backend_stats reset {id}"))
+    }
+}

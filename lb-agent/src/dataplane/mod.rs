@@ -1,0 +1,141 @@
+//! The data plane seam. [`Programmer`] turns a desired state into map writes (diffing against
+//! what it programmed before); a [`MapWriter`] carries them out: [`ebpf::EbpfMaps`] on the
+//! kernel's maps, [`fake::FakeMaps`] in memory for tests. This module is the one place where
+//! `IpAddr`/`SocketAddr` become the word-and-byte-order forms of `lb-common` and back; only
+//! `ebpf` imports aya.
+
+pub mod ebpf;
+pub mod fake;
+mod programmer;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use lb_common::{
+    BackendValue, ServiceKey, ServiceValue, SourceRangeData, VipKey, VipValue, family, v4_mapped,
+};
+pub use programmer::{ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer};
+
+use crate::model::Frontend;
+
+/// A failed map operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{map}: {op}: {detail}")]
+pub struct MapError {
+    pub map: &'static str,
+    pub op: String,
+    pub detail: String,
+}
+
+/// The writes the programmer needs. Each call is one kernel update (or a few for a table),
+/// visible to packets as soon as it returns.
+pub trait MapWriter {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
+    /// Writes backend `id` (a zeroed value clears it: flows on it are steered again).
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError>;
+    /// Installs a complete Maglev table under `table_id` in one swap.
+    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError>;
+    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError>;
+    fn put_source_range(&mut self, prefix_len: u32, data: &SourceRangeData)
+    -> Result<(), MapError>;
+    fn delete_source_range(
+        &mut self,
+        prefix_len: u32,
+        data: &SourceRangeData,
+    ) -> Result<(), MapError>;
+    fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapError>;
+    fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
+    fn set_vip_filter(&mut self, index: u32, count: u32) -> Result<(), MapError>;
+    /// Zeroes a service's counters before its id is (re)used.
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), MapError>;
+    /// Zeroes a backend's counters before its id is (re)used.
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError>;
+}
+
+/// The 16-byte address form (IPv4 mapped) and the family byte.
+pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(a) => (v4_mapped(u32::from_ne_bytes(a.octets())), family::V4),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], family::V6)
+        }
+    }
+}
+
+/// The inverse of [`addr_words`].
+pub fn words_addr(words: &[u32; 4], fam: u8) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    if fam == family::V4 {
+        IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    let (addr, fam) = addr_words(f.vip);
+    ServiceKey {
+        addr,
+        port_be: f.port.to_be(),
+        proto: f.protocol.number(),
+        family: fam,
+    }
+}
+
+pub fn vip_key(ip: IpAddr) -> VipKey {
+    let (addr, fam) = addr_words(ip);
+    VipKey {
+        addr,
+        family: fam,
+        _pad: [0; 3],
+    }
+}
+
+pub fn backend_value(addr: SocketAddr, generation: u32, flags: u8) -> BackendValue {
+    let (words, fam) = addr_words(addr.ip());
+    BackendValue {
+        addr: words,
+        port_be: addr.port().to_be(),
+        family: fam,
+        flags,
+        generation,
+    }
+}
+
+/// A backend's identity for Maglev: `ip:port`, `[ip6]:port`.
+pub fn maglev_key(addr: SocketAddr) -> String {
+    addr.to_string()
+}
+
+/// The slot a flow hashes to, exactly as the data plane computes it (the debug endpoint and
+/// tests use this).
+pub fn flow_slot(
+    client: SocketAddr,
+    vip: SocketAddr,
+    protocol: crate::model::Protocol,
+    affinity: bool,
+    table_size: u32,
+) -> u32 {
+    let (src, _) = addr_words(client.ip());
+    let (dst, _) = addr_words(vip.ip());
+    let h = if affinity {
+        lb_common::hash::client_hash(&src)
+    } else {
+        lb_common::hash::flow_hash(
+            &src,
+            &dst,
+            client.port().to_be(),
+            vip.port().to_be(),
+            protocol.number(),
+        )
+    };
+    h % table_size
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,575 @@
+//! From desired state to map writes, applying only the difference.
+//!
+//! Ordering keeps every packet's view consistent:
+//! - a new service is published (its `SERVICES` entry written) last, after its backends, table,
+//!   source ranges and VIP entries;
+//! - a changed service gets its new backends and a complete new table in a fresh table slot,
+//!   then one `SERVICES` update switches to them; only then are removed backends cleared (their
+//!   flows are steered again) and the old table dropped;
+//! - a removed service is unpublished first, then cleaned up.
+//!
+//! A write that fails before the publishing write undoes what the service operation wrote, so
+//! a service is either as it was or as desired. Backends kept across a change keep their ids,
+//! so their flows stay on them.
+//!
+//! Ids (services, backends, tables) are reused oldest-freed-first and only after the fresh ones
+//! run out, so a packet that read an id just before it was freed never meets its reuse. Backend
+//! ids carry a generation, bumped on reuse, which flows remember.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+};
+
+use ipnet::IpNet;
+use lb_common::{
+    BackendValue, ServiceValue, SourceRangeData, VipValue, backend_flags, service_flags,
+    source_range_prefix, vip_filter_index,
+};
+use tracing::{debug, warn};
+
+use super::{MapError, MapWriter, addr_words, backend_value, maglev_key, service_key, vip_key};
+use crate::{
+    config::DataplaneLimits,
+    maglev,
+    model::{DesiredState, Frontend, Service},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no free {what} id (capacity {capacity}); raise dataplane.max_{what}s")]
+    Full { what: &'static str, capacity: u32 },
+    #[error("service {service}: {source}")]
+    Map {
+        service: String,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// What an apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: usize,
+    /// Errors met after a service was switched over (clean-up writes); the service works,
+    /// but something may be left behind.
+    pub cleanup_errors: Vec<String>,
+}
+
+impl ApplyReport {
+    pub fn changed(&self) -> bool {
+        !(self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgrammedBackend {
+    pub id: u32,
+    pub generation: u32,
+}
+
+/// A service as programmed.
+#[derive(Clone, Debug)]
+pub struct ProgrammedService {
+    pub spec: Service,
+    pub id: u32,
+    pub table_id: u32,
+    pub backends: BTreeMap<SocketAddr, ProgrammedBackend>,
+    /// Slot → backend id (0: no backend), as installed.
+    pub table: Vec<u32>,
+}
+
+impl ProgrammedService {
+    fn value(&self) -> ServiceValue {
+        let mut flags = 0;
+        if self.spec.affinity_timeout.is_some() {
+            flags |= service_flags::AFFINITY;
+        }
+        if !self.spec.source_ranges.is_empty() {
+            flags |= service_flags::SOURCE_RANGES;
+        }
+        ServiceValue {
+            id: self.id,
+            table_id: self.table_id,
+            table_size: self.spec.table_size,
+            flags,
+            affinity_timeout_s: self
+                .spec
+                .affinity_timeout
+                .map_or(0, |t| t.as_secs().min(u32::MAX as u64) as u32),
+        }
+    }
+}
+
+/// Ids `1..limit`, fresh ones first, then the oldest freed.
+#[derive(Debug)]
+struct IdPool {
+    what: &'static str,
+    next: u32,
+    limit: u32,
+    free: VecDeque<u32>,
+}
+
+impl IdPool {
+    fn new(what: &'static str, limit: u32) -> Self {
+        Self {
+            what,
+            next: 1,
+            limit,
+            free: VecDeque::new(),
+        }
+    }
+
+    fn alloc(&mut self) -> Result<u32, ApplyError> {
+        if self.next < self.limit {
+            self.next += 1;
+            return Ok(self.next - 1);
+        }
+        self.free.pop_front().ok_or(ApplyError::Full {
+            what: self.what,
+            capacity: self.limit - 1,
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+}
+
+/// Writes undone when a service operation fails before it is published.
+enum Undo {
+    Backend(u32),
+    Table(u32),
+    Range(u32, IpNet),
+    Vip(IpAddr),
+    ServiceId(u32),
+}
+
+pub struct Programmer {
+    seed: u64,
+    services: BTreeMap<Frontend, ProgrammedService>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    table_ids: IdPool,
+    /// Generation of each backend id, bumped when the id is given out.
+    generations: Vec<u32>,
+    /// Services per VIP address.
+    vips: BTreeMap<IpAddr, u32>,
+    /// VIPs per pre-filter slot.
+    filter: BTreeMap<u32, u32>,
+}
+
+impl Programmer {
+    pub fn new(limits: &DataplaneLimits, seed: u64) -> Self {
+        Self {
+            seed,
+            services: BTreeMap::new(),
+            service_ids: IdPool::new("service", limits.max_services),
+            backend_ids: IdPool::new("backend", limits.max_backends),
+            table_ids: IdPool::new("table", table_slots(limits)),
+            generations: vec![0; limits.max_backends as usize],
+            vips: BTreeMap::new(),
+            filter: BTreeMap::new(),
+        }
+    }
+
+    /// Programmed services, by frontend.
+    pub fn services(&self) -> impl Iterator<Item = &ProgrammedService> {
+        self.services.values()
+    }
+
+    /// Brings the maps from what was programmed to `desired`, touching only what differs.
+    /// On error the services already handled stay changed, the failing one stays as it was,
+    /// and the rest are untouched: apply the previous state again to roll back.
+    pub fn apply(
+        &mut self,
+        desired: &DesiredState,
+        maps: &mut dyn MapWriter,
+    ) -> Result<ApplyReport, ApplyError> {
+        let mut report = ApplyReport::default();
+        let wanted: BTreeMap<Frontend, &Service> =
+            desired.services.iter().map(|s| (s.frontend, s)).collect();
+
+        let gone: Vec<Frontend> = self
+            .services
+            .keys()
+            .filter(|f| !wanted.contains_key(f))
+            .copied()
+            .collect();
+        for f in gone {
+            let name = self.remove(f, maps, &mut report.cleanup_errors)?;
+            report.removed.push(name);
+        }
+        for (f, svc) in wanted {
+            match self.services.get(&f) {
+                None => {
+                    self.add(svc, maps)?;
+                    report.added.push(svc.name.clone());
+                }
+                Some(p) if p.spec != *svc => {
+                    self.update(svc, maps, &mut report.cleanup_errors)?;
+                    report.updated.push(svc.name.clone());
+                }
+                Some(_) => report.unchanged += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    fn map_err(service: &Service) -> impl Fn(MapError) -> ApplyError + '_ {
+        |source| ApplyError::Map {
+            service: service.name.clone(),
+            source,
+        }
+    }
+
+    fn new_backend(
+        &mut self,
+        addr: SocketAddr,
+    ) -> Result<(ProgrammedBackend, BackendValue), ApplyError> {
+        let id = self.backend_ids.alloc()?;
+        let g = &mut self.generations[id as usize];
+        *g = g.wrapping_add(1);
+        let pb = ProgrammedBackend { id, generation: *g };
+        Ok((
+            pb,
+            backend_value(addr, pb.generation, backend_flags::PRESENT),
+        ))
+    }
+
+    /// The Maglev table of `svc` as backend ids.
+    fn table(&self, svc: &Service, ids: &BTreeMap<SocketAddr, ProgrammedBackend>) -> Vec<u32> {
+        let keys: Vec<String> = svc.backends.iter().map(|b| maglev_key(b.addr)).collect();
+        let entries: Vec<maglev::Entry<'_>> = svc
+            .backends
+            .iter()
+            .zip(&keys)
+            .map(|(b, k)| maglev::Entry {
+                key: k.as_bytes(),
+                weight: b.weight,
+            })
+            .collect();
+        maglev::build(&entries, svc.table_size, self.seed)
+            .into_iter()
+            .map(|i| {
+                if i == maglev::EMPTY {
+                    0
+                } else {
+                    ids[&svc.backends[i as usize].addr].id
+                }
+            })
+            .collect()
+    }
+
+    fn add(&mut self, svc: &Service, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+        let mut undo = Vec::new();
+        match self.try_add(svc, maps, &mut undo) {
+            Ok(p) => {
+                debug!(service = %svc.name, id = p.id, table = p.table_id, "service added");
+                self.services.insert(svc.frontend, p);
+                Ok(())
+            }
+            Err(e) => {
+                self.undo(undo, maps);
+                Err(e)
+            }
+        }
+    }
+
+    fn try_add(
+        &mut self,
+        svc: &Service,
+        maps: &mut dyn MapWriter,
+        undo: &mut Vec<Undo>,
+    ) -> Result<ProgrammedService, ApplyError> {
+        let err = Self::map_err(svc);
+        let id = self.service_ids.alloc()?;
+        undo.push(Undo::ServiceId(id));
+        maps.reset_service_stats(id).map_err(&err)?;
+        let mut backends = BTreeMap::new();
+        for b in &svc.backends {
+            let (pb, value) = self.new_backend(b.addr)?;
+            undo.push(Undo::Backend(pb.id));
+            maps.reset_backend_stats(pb.id).map_err(&err)?;
+            maps.put_backend(pb.id, &value).map_err(&err)?;
+            backends.insert(b.addr, pb);
+        }
+        let table = self.table(svc, &backends);
+        let table_id = self.table_ids.alloc()?;
+        undo.push(Undo::Table(table_id));
+        maps.put_table(table_id, &table).map_err(&err)?;
+        for r in &svc.source_ranges {
+            undo.push(Undo::Range(id, *r));
+            let (len, data) = source_range(id, r);
+            maps.put_source_range(len, &data).map_err(&err)?;
+        }
+        undo.push(Undo::Vip(svc.frontend.vip));
+        self.vip_ref(svc.frontend.vip, maps).map_err(&err)?;
+        let p = ProgrammedService {
+            spec: svc.clone(),
+            id,
+            table_id,
+            backends,
+            table,
+        };
+        maps.put_service(&service_key(&svc.frontend), &p.value())
+            .map_err(&err)?;
+        Ok(p)
+    }
+
+    fn update(
+        &mut self,
+        svc: &Service,
+        maps: &mut dyn MapWriter,
+        cleanup_errors: &mut Vec<String>,
+    ) -> Result<(), ApplyError> {
+        let Some(old) = self.services.get(&svc.frontend).cloned() else {
+            return self.add(svc, maps);
+        };
+        let mut undo = Vec::new();
+        let mut next = ProgrammedService {
+            spec: svc.clone(),
+            id: old.id,
+            table_id: old.table_id,
+            backends: BTreeMap::new(),
+            table: old.table.clone(),
+        };
+        if let Err(e) = self.try_update(&old, &mut next, maps, &mut undo) {
+            self.undo(undo, maps);
+            return Err(e);
+        }
+
+        // Switched over: clean up what the old version had.
+        let mut note = |r: Result<(), MapError>| {
+            if let Err(e) = r {
+                warn!(service = %svc.name, error = %e, "clean-up after update failed");
+                cleanup_errors.push(format!("service {}: {e}", svc.name));
+            }
+        };
+        for (addr, pb) in &old.backends {
+            if !next.backends.contains_key(addr) {
+                note(maps.put_backend(pb.id, &BackendValue::zeroed()));
+                self.backend_ids.release(pb.id);
+            }
+        }
+        if next.table_id != old.table_id {
+            note(maps.delete_table(old.table_id));
+            self.table_ids.release(old.table_id);
+        }
+        for r in old
+            .spec
+            .source_ranges
+            .iter()
+            .filter(|r| !svc.source_ranges.contains(r))
+        {
+            let (len, data) = source_range(old.id, r);
+            note(maps.delete_source_range(len, &data));
+        }
+        debug!(service = %svc.name, id = next.id, table = next.table_id, "service updated");
+        self.services.insert(svc.frontend, next);
+        Ok(())
+    }
+
+    /// The part of an update before (and including) the switch-over write.
+    fn try_update(
+        &mut self,
+        old: &ProgrammedService,
+        next: &mut ProgrammedService,
+        maps: &mut dyn MapWriter,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), ApplyError> {
+        let svc = &old.spec;
+        let new = next.spec.clone();
+        let err = Self::map_err(&new);
+        for b in &new.backends {
+            match old.backends.get(&b.addr) {
+                Some(pb) => {
+                    next.backends.insert(b.addr, *pb);
+                }
+                None => {
+                    let (pb, value) = self.new_backend(b.addr)?;
+                    undo.push(Undo::Backend(pb.id));
+                    maps.reset_backend_stats(pb.id).map_err(&err)?;
+                    maps.put_backend(pb.id, &value).map_err(&err)?;
+                    next.backends.insert(b.addr, pb);
+                }
+            }
+        }
+        if svc.backends != new.backends || svc.table_size != new.table_size {
+            next.table = self.table(&new, &next.backends);
+            if next.table != old.table {
+                next.table_id = self.table_ids.alloc()?;
+                undo.push(Undo::Table(next.table_id));
+                maps.put_table(next.table_id, &next.table).map_err(&err)?;
+            }
+        }
+        for r in new
+            .source_ranges
+            .iter()
+            .filter(|r| !svc.source_ranges.contains(r))
+        {
+            undo.push(Undo::Range(old.id, *r));
+            let (len, data) = source_range(old.id, r);
+            maps.put_source_range(len, &data).map_err(&err)?;
+        }
+        if next.value() != old.value() {
+            maps.put_service(&service_key(&new.frontend), &next.value())
+                .map_err(&err)?;
+        }
+        Ok(())
+    }
+
+    fn remove(
+        &mut self,
+        f: Frontend,
+        maps: &mut dyn MapWriter,
+        cleanup_errors: &mut Vec<String>,
+    ) -> Result<String, ApplyError> {
+        let Some(p) = self.services.get(&f) else {
+            return Ok(String::new());
+        };
+        maps.delete_service(&service_key(&f))
+            .map_err(Self::map_err(&p.spec))?;
+        let Some(p) = self.services.remove(&f) else {
+            return Ok(String::new());
+        };
+        let mut note = |r: Result<(), MapError>| {
+            if let Err(e) = r {
+                warn!(service = %p.spec.name, error = %e, "clean-up after removal failed");
+                cleanup_errors.push(format!("service {}: {e}", p.spec.name));
+            }
+        };
+        for pb in p.backends.values() {
+            note(maps.put_backend(pb.id, &BackendValue::zeroed()));
+            self.backend_ids.release(pb.id);
+        }
+        note(maps.delete_table(p.table_id));
+        self.table_ids.release(p.table_id);
+        for r in &p.spec.source_ranges {
+            let (len, data) = source_range(p.id, r);
+            note(maps.delete_source_range(len, &data));
+        }
+        note(self.vip_unref(f.vip, maps));
+        self.service_ids.release(p.id);
+        debug!(service = %p.spec.name, id = p.id, "service removed");
+        Ok(p.spec.name)
+    }
+
+    fn vip_ref(&mut self, ip: IpAddr, maps: &mut dyn MapWriter) -> Result<(), MapError> {
+        let n = self.vips.get(&ip).copied().unwrap_or(0);
+        if n == 0 {
+            let key = vip_key(ip);
+            let index = vip_filter_index(&key.addr);
+            let count = self.filter.get(&index).copied().unwrap_or(0);
+            maps.put_vip(&key, &VipValue { flags: 0 })?;
+            if let Err(e) = maps.set_vip_filter(index, count + 1) {
+                let _ = maps.delete_vip(&key);
+                return Err(e);
+            }
+            self.filter.insert(index, count + 1);
+        }
+        self.vips.insert(ip, n + 1);
+        Ok(())
+    }
+
+    fn vip_unref(&mut self, ip: IpAddr, maps: &mut dyn MapWriter) -> Result<(), MapError> {
+        let n = self.vips.get(&ip).copied().unwrap_or(0);
+        if n > 1 {
+            self.vips.insert(ip, n - 1);
+            return Ok(());
+        }
+        self.vips.remove(&ip);
+        let key = vip_key(ip);
+        let index = vip_filter_index(&key.addr);
+        let count = self
+            .filter
+            .get(&index)
+            .copied()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        if count == 0 {
+            self.filter.remove(&index);
+        } else {
+            self.filter.insert(index, count);
+        }
+        // Filter first: a stale filter slot only costs a lookup, a missing VIP entry drops
+        // nothing either, so either order is safe; this one leaves no slot pointing nowhere.
+        let r = maps.set_vip_filter(index, count);
+        maps.delete_vip(&key)?;
+        r
+    }
+
+    fn undo(&mut self, undo: Vec<Undo>, maps: &mut dyn MapWriter) {
+        for u in undo.into_iter().rev() {
+            let r = match u {
+                Undo::Backend(id) => {
+                    self.backend_ids.release(id);
+                    maps.put_backend(id, &BackendValue::zeroed())
+                }
+                Undo::Table(id) => {
+                    self.table_ids.release(id);
+                    maps.delete_table(id)
+                }
+                Undo::Range(id, r) => {
+                    let (len, data) = source_range(id, &r);
+                    maps.delete_source_range(len, &data)
+                }
+                Undo::Vip(ip) => {
+                    if self.vips.contains_key(&ip) {
+                        self.vip_unref(ip, maps)
+                    } else {
+                        Ok(())
+                    }
+                }
+                Undo::ServiceId(id) => {
+                    self.service_ids.release(id);
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                warn!(error = %e, "undoing a failed service change also failed");
+            }
+        }
+    }
+}
+
+/// Table slots: twice the services, so that a changed table can be written beside the one
+/// packets are using.
+pub fn table_slots(limits: &DataplaneLimits) -> u32 {
+    limits.max_services.saturating_mul(2)
+}
+
+fn source_range(service_id: u32, net: &IpNet) -> (u32, SourceRangeData) {
+    let (addr, _) = addr_words(net.network());
+    let bits = match net {
+        IpNet::V4(n) => 96 + n.prefix_len() as u32,
+        IpNet::V6(n) => n.prefix_len() as u32,
+    };
+    (
+        source_range_prefix(bits),
+        SourceRangeData {
+            service_id_be: service_id.to_be(),
+            addr,
+        },
+    )
+}
+
+/// Zeroed map values.
+trait Zeroed {
+    fn zeroed() -> Self;
+}
+
+impl Zeroed for BackendValue {
+    fn zeroed() -> Self {
+        Self {
+            addr: [0; 4],
+            port_be: 0,
+            family: 0,
+            flags: 0,
+            generation: 0,
+        }
+    }
+}

@@ -1,0 +1,297 @@
+use std::{net::SocketAddr, time::Duration};
+
+use super::{fake::FakeMaps, *};
+use crate::{
+    config::{Config, DataplaneLimits},
+    model::{Backend, DesiredState, Protocol, Service},
+};
+
+fn web(backends: &[(&str, u32)]) -> Service {
+    Service {
+        name: "web".into(),
+        frontend: Frontend {
+            vip: "198.18.100.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        backends: backends
+            .iter()
+            .map(|(a, w)| Backend {
+                addr: a.parse().unwrap(),
+                weight: *w,
+            })
+            .collect(),
+        source_ranges: vec![],
+        affinity_timeout: None,
+        table_size: 13,
+    }
+}
+
+fn state(services: Vec<Service>) -> DesiredState {
+    DesiredState { services }
+}
+
+fn setup() -> (Programmer, FakeMaps) {
+    (
+        Programmer::new(&DataplaneLimits::default(), 0),
+        FakeMaps::default(),
+    )
+}
+
+#[test]
+fn address_forms_round_trip() {
+    for ip in ["198.18.1.11", "fd00::1:11", "::ffff:198.18.1.1"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        let (w, f) = addr_words(ip);
+        assert_eq!(words_addr(&w, f), ip);
+    }
+    // IPv4 is stored mapped, bytes in packet order.
+    let (w, f) = addr_words("198.18.1.11".parse().unwrap());
+    assert_eq!(f, lb_common::family::V4);
+    assert_eq!(w[3].to_ne_bytes(), [198, 18, 1, 11]);
+    assert_eq!(&w[..3], &lb_common::V4_MAPPED_PREFIX);
+}
+
+#[test]
+fn default_config_programs_a_stable_dump() {
+    let (mut p, mut m) = setup();
+    let c = Config::default_config().unwrap();
+    let r = p.apply(&c.desired, &mut m).unwrap();
+    assert_eq!(r.added.len(), 5);
+    let dump = m.dump();
+    // Five services, two VIPv4 addresses and one IPv6.
+    assert_eq!(
+        dump.lines().filter(|l| l.starts_with("service ")).count(),
+        5
+    );
+    assert_eq!(dump.lines().filter(|l| l.starts_with("vip ")).count(), 3);
+    assert_eq!(
+        dump.lines().filter(|l| l.starts_with("backend ")).count(),
+        15
+    );
+    assert!(
+        dump.contains("source_range service=4 198.18.0.0/24"),
+        "{dump}"
+    );
+    // web-sticky: weights 2:1:1 over 1021 slots, exactly.
+    assert!(
+        dump.contains("table 4 slots=1021 10:511 11:255 12:255"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains(
+            "service 198.18.100.11:80 proto=6 id=4 table=4 size=1021 flags=3 affinity=600s"
+        ),
+        "{dump}"
+    );
+    // The same state again writes nothing.
+    m.log.clear();
+    let r = p.apply(&c.desired, &mut m).unwrap();
+    assert!(!r.changed());
+    assert_eq!(r.unchanged, 5);
+    assert!(m.log.is_empty(), "{:?}", m.log);
+}
+
+#[test]
+fn a_new_service_is_published_last() {
+    let (mut p, mut m) = setup();
+    p.apply(&state(vec![web(&[("198.18.1.11:80", 1)])]), &mut m)
+        .unwrap();
+    assert_eq!(
+        m.log,
+        [
+            "service_stats reset 1",
+            "backend_stats reset 1",
+            "backends put 1 flags=1",
+            "maglev put 1",
+            "vips put",
+            &format!(
+                "vip_filter set {}=1",
+                lb_common::vip_filter_index(&vip_key("198.18.100.10".parse().unwrap()).addr)
+            ),
+            "services put id=1",
+        ]
+    );
+}
+
+#[test]
+fn a_changed_service_keeps_its_surviving_backends_and_swaps_its_table() {
+    let (mut p, mut m) = setup();
+    let three = web(&[
+        ("198.18.1.11:80", 1),
+        ("198.18.1.12:80", 1),
+        ("198.18.1.13:80", 1),
+    ]);
+    let mut other = web(&[("198.18.1.21:80", 1)]);
+    other.name = "other".into();
+    other.frontend.port = 81;
+    p.apply(&state(vec![three.clone(), other.clone()]), &mut m)
+        .unwrap();
+    let before: Vec<ProgrammedService> = p.services().cloned().collect();
+    m.log.clear();
+
+    let two = web(&[("198.18.1.11:80", 1), ("198.18.1.13:80", 1)]);
+    let r = p.apply(&state(vec![two, other]), &mut m).unwrap();
+    assert_eq!(r.updated, ["web"]);
+    assert_eq!(r.unchanged, 1);
+    // New table in a new slot, one switch-over write, then the removed backend cleared and
+    // the old table dropped. Nothing touches "other".
+    assert_eq!(
+        m.log,
+        [
+            "maglev put 3",
+            "services put id=1",
+            "backends put 2 flags=0",
+            "maglev delete 1",
+        ]
+    );
+    let after = p.services().find(|s| s.spec.name == "web").unwrap();
+    let old = before.iter().find(|s| s.spec.name == "web").unwrap();
+    for a in ["198.18.1.11:80", "198.18.1.13:80"] {
+        let a: SocketAddr = a.parse().unwrap();
+        assert_eq!(
+            after.backends[&a], old.backends[&a],
+            "kept backend keeps id and generation"
+        );
+    }
+    // Only the removed backend's slots moved.
+    for (o, n) in old.table.iter().zip(&after.table) {
+        if *o != 2 {
+            assert_eq!(o, n);
+        }
+    }
+    assert!(!after.table.contains(&2));
+}
+
+#[test]
+fn draining_keeps_the_backend_present_but_out_of_the_table() {
+    let (mut p, mut m) = setup();
+    p.apply(
+        &state(vec![web(&[("198.18.1.11:80", 1), ("198.18.1.12:80", 1)])]),
+        &mut m,
+    )
+    .unwrap();
+    m.log.clear();
+    p.apply(
+        &state(vec![web(&[("198.18.1.11:80", 1), ("198.18.1.12:80", 0)])]),
+        &mut m,
+    )
+    .unwrap();
+    assert_eq!(
+        m.log,
+        ["maglev put 2", "services put id=1", "maglev delete 1"]
+    );
+    assert_eq!(m.backends[&2].flags, lb_common::backend_flags::PRESENT);
+    assert!(m.tables[&2].iter().all(|&b| b == 1));
+}
+
+#[test]
+fn a_removed_service_is_unpublished_first_and_its_ids_come_back_later() {
+    let (mut p, mut m) = setup();
+    p.apply(&state(vec![web(&[("198.18.1.11:80", 1)])]), &mut m)
+        .unwrap();
+    m.log.clear();
+    let r = p.apply(&state(vec![]), &mut m).unwrap();
+    assert_eq!(r.removed, ["web"]);
+    assert_eq!(m.log[0], "services delete id=1");
+    assert!(m.services.is_empty() && m.tables.is_empty() && m.vips.is_empty());
+    assert!(m.vip_filter.values().all(|&n| n == 0));
+    assert_eq!(m.dump(), "");
+
+    // Fresh ids are used before freed ones; a reused backend id gets a new generation.
+    let limits = DataplaneLimits {
+        max_backends: 2,
+        ..DataplaneLimits::default()
+    };
+    let mut p = Programmer::new(&limits, 0);
+    let mut m = FakeMaps::default();
+    p.apply(&state(vec![web(&[("198.18.1.11:80", 1)])]), &mut m)
+        .unwrap();
+    assert_eq!(m.backends[&1].generation, 1);
+    p.apply(&state(vec![web(&[("198.18.1.12:80", 1)])]), &mut m)
+        .unwrap_err(); // id 1 is still in use while the new backend is added: no room
+    p.apply(&state(vec![]), &mut m).unwrap();
+    p.apply(&state(vec![web(&[("198.18.1.12:80", 1)])]), &mut m)
+        .unwrap();
+    assert_eq!(m.backends[&1].generation, 2);
+}
+
+#[test]
+fn a_failed_add_leaves_nothing_behind() {
+    let (mut p, mut m) = setup();
+    let mut first = web(&[("198.18.1.11:80", 1)]);
+    first.name = "first".into();
+    first.frontend.port = 81;
+    p.apply(&state(vec![first.clone()]), &mut m).unwrap();
+    let before = m.dump();
+
+    let mut second = web(&[("198.18.1.12:80", 1), ("198.18.1.13:80", 1)]);
+    second.source_ranges = vec!["198.18.0.0/16".parse().unwrap()];
+    second.frontend.vip = "198.18.100.12".parse().unwrap();
+    for step in [
+        "maglev put",
+        "source_ranges put",
+        "vips put",
+        "services put",
+    ] {
+        m.fail_on = Some(step.into());
+        let e = p
+            .apply(&state(vec![first.clone(), second.clone()]), &mut m)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("service web: "), "{e}");
+        assert_eq!(m.dump(), before, "after failing at {step}");
+        assert_eq!(p.services().count(), 1);
+    }
+    // And it works once the fault is gone.
+    p.apply(&state(vec![first, second]), &mut m).unwrap();
+    assert_eq!(p.services().count(), 2);
+}
+
+#[test]
+fn a_failed_update_leaves_the_service_as_it_was() {
+    let (mut p, mut m) = setup();
+    let old = web(&[("198.18.1.11:80", 1), ("198.18.1.12:80", 1)]);
+    p.apply(&state(vec![old.clone()]), &mut m).unwrap();
+    let before = m.dump();
+    let mut new = web(&[("198.18.1.11:80", 1), ("198.18.1.13:80", 1)]);
+    new.affinity_timeout = Some(Duration::from_secs(60));
+    for step in ["backends put", "maglev put", "services put"] {
+        m.fail_on = Some(step.into());
+        p.apply(&state(vec![new.clone()]), &mut m).unwrap_err();
+        assert_eq!(m.dump(), before, "after failing at {step}");
+        assert_eq!(p.services().next().unwrap().spec, old);
+    }
+}
+
+#[test]
+fn shared_vips_are_reference_counted() {
+    let (mut p, mut m) = setup();
+    let a = web(&[("198.18.1.11:80", 1)]);
+    let mut b = a.clone();
+    b.name = "dns".into();
+    b.frontend.port = 53;
+    b.frontend.protocol = Protocol::Udp;
+    p.apply(&state(vec![a.clone(), b]), &mut m).unwrap();
+    assert_eq!(m.vips.len(), 1);
+    p.apply(&state(vec![a]), &mut m).unwrap();
+    assert_eq!(m.vips.len(), 1, "the VIP stays while a service uses it");
+    p.apply(&state(vec![]), &mut m).unwrap();
+    assert!(m.vips.is_empty());
+}
+
+#[test]
+fn flow_slot_matches_the_shared_hash() {
+    let client: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+    let vip: SocketAddr = "198.18.100.10:80".parse().unwrap();
+    let (s, _) = addr_words(client.ip());
+    let (d, _) = addr_words(vip.ip());
+    let h = lb_common::hash::flow_hash(&s, &d, 40000u16.to_be(), 80u16.to_be(), 6);
+    assert_eq!(
+        flow_slot(client, vip, Protocol::Tcp, false, 16381),
+        h % 16381
+    );
+    assert_eq!(
+        flow_slot(client, vip, Protocol::Tcp, true, 16381),
+        lb_common::hash::client_hash(&s) % 16381
+    );
+}

@@ -1,0 +1,100 @@
+//! `lb-agent`: weir's agent binary.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use lb_agent::config::{self, Source};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "weir: an XDP layer-4 load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the data plane and program it from a config file (standalone mode).
+    /// SIGHUP or a change of the file reloads it; SIGTERM/SIGINT detach and exit.
+    Run {
+        /// The YAML config; without it, the embedded default (the lab's addresses).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and exit: 0 when valid, 1 with the problems otherwise.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default config.
+    DefaultConfig,
+}
+
+fn source(path: Option<PathBuf>) -> Source {
+    path.map_or(Source::Embedded, Source::File)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => {
+            let src = source(config);
+            match src.load() {
+                Ok(c) => {
+                    println!(
+                        "{src}: ok ({} services, {} backends)",
+                        c.desired.services.len(),
+                        c.desired
+                            .services
+                            .iter()
+                            .map(|s| s.backends.len())
+                            .sum::<usize>()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::Run { config } => {
+            init_logging();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(lb_agent::app::run(source(config))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,373 @@
+//! Types shared by weir's eBPF programs (`lb-ebpf`) and its agent (`lb-agent`).
+//!
+//! Every map key and value is defined here, once. The rules that keep the two sides agreeing:
+//! - `#[repr(C)]`, fixed-width integers only, explicit padding fields, and a compile-time size
+//!   assertion next to each type. No `bool`, `enum` or `Option` crosses into a map.
+//! - Addresses are four `u32` words holding the address bytes exactly as they stand in the packet
+//!   (network byte order in memory). IPv4 addresses use the IPv4-mapped form `::ffff:a.b.c.d`;
+//!   a `family` byte in every key keeps a mapped IPv6 address apart from an IPv4 one.
+//! - Ports are stored in network byte order; the field names end in `_be`.
+//! - Id 0 is invalid in every array-indexed map (maps start zeroed); service id 0's counters
+//!   hold the drops that belong to no service.
+//! - Drop reasons are append-only: a retired code keeps its number.
+#![no_std]
+
+pub mod hash;
+
+/// IP protocol numbers the data plane handles.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Address families as stored in keys.
+pub mod family {
+    pub const V4: u8 = 4;
+    pub const V6: u8 = 6;
+}
+
+/// The first three words of an IPv4-mapped address (`::ffff:0:0/96`).
+pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// An IPv4 address word (as read from the packet) in the mapped 16-byte form.
+#[inline(always)]
+pub const fn v4_mapped(word: u32) -> [u32; 4] {
+    [
+        V4_MAPPED_PREFIX[0],
+        V4_MAPPED_PREFIX[1],
+        V4_MAPPED_PREFIX[2],
+        word,
+    ]
+}
+
+/// Names of the maps in the eBPF object, used by the agent to find them.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const REVNAT: &str = "REVNAT";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const DATAPATH_STATS: &str = "DATAPATH_STATS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    pub const XDP_INGRESS: &str = "weir_xdp";
+    pub const TC_EGRESS: &str = "weir_tc_egress";
+}
+
+/// Compile-time capacities of the eBPF object. The agent may lower or raise the run-time ones
+/// (services, backends, flows) at load time; these are the defaults.
+pub mod limits {
+    /// Default number of services (ids `1..MAX_SERVICES`).
+    pub const MAX_SERVICES: u32 = 4096;
+    /// Default number of backends over all services (ids `1..MAX_BACKENDS`).
+    pub const MAX_BACKENDS: u32 = 65536;
+    /// Default size of the connection table (and of the reverse-NAT table).
+    pub const MAX_FLOWS: u32 = 262_144;
+    /// Default size of the ClientIP affinity table.
+    pub const MAX_AFFINITY: u32 = 65536;
+    /// Default number of source-range prefixes over all services.
+    pub const MAX_SOURCE_RANGES: u32 = 16384;
+    /// Entries in the VIP pre-filter (a power of two).
+    pub const VIP_FILTER_SIZE: u32 = 65536;
+    /// Largest Maglev table the data plane accepts (the inner-map template size).
+    pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+    /// Interfaces that XDP may redirect to.
+    pub const MAX_TX_PORTS: u32 = 64;
+    /// IPv6 extension headers skipped before giving up.
+    pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
+    /// Longest SCTP packet (common header and chunks) whose CRC32c the data plane recomputes.
+    pub const MAX_SCTP_LEN: u32 = 1480;
+}
+
+/// Key of `SERVICES`: a frontend (VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// `ServiceValue::flags`.
+pub mod service_flags {
+    /// ClientIP session affinity: hash on the client address and remember the choice.
+    pub const AFFINITY: u32 = 1;
+    /// The service has an allow-list of source prefixes in `SOURCE_RANGES`.
+    pub const SOURCE_RANGES: u32 = 2;
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into `SERVICE_STATS` and the service part of `SOURCE_RANGES`/`AFFINITY` keys.
+    pub id: u32,
+    /// Index into `MAGLEV`. A table is written into a free slot, then this value is replaced in
+    /// one update, so a packet sees either the old (id, size) pair or the new one.
+    pub table_id: u32,
+    /// Number of slots in the table (prime).
+    pub table_size: u32,
+    pub flags: u32,
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+
+/// `BackendValue::flags`.
+pub mod backend_flags {
+    /// The backend exists: flows already on it stay on it. A backend without this flag (removed,
+    /// or unhealthy) sends its flows back through Maglev.
+    pub const PRESENT: u8 = 1;
+}
+
+/// Value of `BACKENDS`, indexed by backend id (unique per service and backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendValue {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub family: u8,
+    pub flags: u8,
+    /// Bumped every time the id is given to a different backend; a flow remembers the
+    /// generation it was steered with, so a reused id never inherits old flows.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
+
+/// A flow's 5-tuple as seen on the wire: key of `CONNTRACK` (client → VIP) and of `REVNAT`
+/// (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of `CONNTRACK`: where the flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+
+/// Value of `REVNAT`: what a reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatValue {
+    pub vip: [u32; 4],
+    pub vport_be: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNatValue>() == 28);
+
+/// Key of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub client: [u32; 4],
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    /// `bpf_ktime_get_ns()` of the last new flow steered by this entry.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// Data part of the `SOURCE_RANGES` LPM key. The prefix length counts the 32 bits of the
+/// service id first, so one trie holds every service's allow-list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceRangeData {
+    /// Big-endian, so that the trie compares its most significant bit first.
+    pub service_id_be: u32,
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeData>() == 20);
+
+/// LPM prefix length of a source range of `bits` bits (over the 128-bit mapped address).
+pub const fn source_range_prefix(bits_in_128: u32) -> u32 {
+    32 + bits_in_128
+}
+
+/// Key of `VIPS`: an address that is a VIP, whatever its ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Value of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipValue {
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipValue>() == 4);
+
+/// Index of `addr` in `VIP_FILTER`, a counting pre-filter that lets non-VIP packets pass after
+/// one inlined array read instead of a hash lookup.
+#[inline(always)]
+pub const fn vip_filter_index(addr: &[u32; 4]) -> u32 {
+    hash::fmix32(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) & (limits::VIP_FILTER_SIZE - 1)
+}
+
+/// Drop reasons: append-only, a retired code keeps its number.
+pub mod drop_reason {
+    /// Truncated or inconsistent headers on a packet addressed to a VIP.
+    pub const MALFORMED: u32 = 1;
+    /// An IP fragment addressed to a VIP (its ports are not in every fragment).
+    pub const FRAGMENT: u32 = 2;
+    /// Addressed to a VIP on a port or protocol no service listens on.
+    pub const NO_SERVICE: u32 = 3;
+    /// The client address is outside the service's source ranges.
+    pub const SOURCE_NOT_ALLOWED: u32 = 4;
+    /// The service has no backend to send a new flow to.
+    pub const NO_BACKEND: u32 = 5;
+    /// ICMP to a VIP that is neither an echo request nor an error about a known service.
+    pub const ICMP_UNSUPPORTED: u32 = 6;
+    /// SCTP packet longer than the data plane recomputes a CRC32c for.
+    pub const SCTP_TOO_LONG: u32 = 7;
+    /// More IPv6 extension headers than the data plane skips.
+    pub const IPV6_EXT_HEADERS: u32 = 8;
+    /// A reply matched a flow but could not be rewritten (the kernel refused the change).
+    pub const REWRITE_FAILED: u32 = 9;
+
+    /// Number of counter slots per service (room for codes to be appended).
+    pub const SLOTS: usize = 16;
+
+    /// Metric label of a reason code.
+    pub const fn name(code: u32) -> &'static str {
+        match code {
+            MALFORMED => "malformed",
+            FRAGMENT => "fragment",
+            NO_SERVICE => "no_service",
+            SOURCE_NOT_ALLOWED => "source_not_allowed",
+            NO_BACKEND => "no_backend",
+            ICMP_UNSUPPORTED => "icmp_unsupported",
+            SCTP_TOO_LONG => "sctp_too_long",
+            IPV6_EXT_HEADERS => "ipv6_ext_headers",
+            REWRITE_FAILED => "rewrite_failed",
+            _ => "unknown",
+        }
+    }
+
+    /// Every defined code, for exporters.
+    pub const ALL: [u32; 9] = [
+        MALFORMED,
+        FRAGMENT,
+        NO_SERVICE,
+        SOURCE_NOT_ALLOWED,
+        NO_BACKEND,
+        ICMP_UNSUPPORTED,
+        SCTP_TOO_LONG,
+        IPV6_EXT_HEADERS,
+        REWRITE_FAILED,
+    ];
+}
+
+/// Per-CPU value of `SERVICE_STATS`, indexed by service id (id 0: drops of no service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Client → backend packets and bytes (IP header included).
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Backend → client packets and bytes, counted at reverse NAT.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub new_flows: u64,
+    pub drops: [u64; drop_reason::SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 8 * (5 + drop_reason::SLOTS));
+
+/// Per-CPU value of `BACKEND_STATS`, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 40);
+
+/// Slots of the single per-CPU `DATAPATH_STATS` entry: what the data plane did, by path.
+pub mod datapath_stat {
+    /// Rewritten packets sent out by XDP redirect after a FIB lookup.
+    pub const FWD_REDIRECT: usize = 0;
+    /// Rewritten packets handed to the kernel to route (no neighbour, no redirect port, ...).
+    pub const FWD_KERNEL: usize = 1;
+    /// ICMP echo replies sent for a VIP.
+    pub const ICMP_ECHO_REPLY: usize = 2;
+    /// ICMP errors about a flow sent on to its backend.
+    pub const ICMP_ERROR_TO_BACKEND: usize = 3;
+    /// Flows whose backend was gone and that were steered again through Maglev.
+    pub const FLOW_RESTEERED: usize = 4;
+    /// New flows steered by a ClientIP affinity entry.
+    pub const AFFINITY_HIT: usize = 5;
+    /// Replies rewritten by reverse NAT.
+    pub const REVNAT: usize = 6;
+    pub const SLOTS: usize = 8;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathStats {
+    pub counters: [u64; datapath_stat::SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<DatapathStats>() == 64);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] with fixed-width integer fields and explicit padding,
+    // so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRangeData {}
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for DatapathStats {}
+}

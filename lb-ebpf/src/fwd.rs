@@ -1,0 +1,134 @@
+//! Forwarding a rewritten packet: a FIB lookup, then an XDP redirect where the kernel knows the
+//! next hop's MAC and the egress interface runs weir natively; otherwise the packet goes to the
+//! kernel (XDP_PASS), which routes it and resolves the neighbour itself.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{EbpfContext, bindings::xdp_action, helpers::bpf_fib_lookup, programs::XdpContext};
+use lb_common::{datapath_stat, family};
+
+use crate::{
+    TX_PORTS, csum,
+    parse::{EthHdr, Ipv4Hdr, Ipv6Hdr, L3, ptr_at},
+    stats,
+};
+
+/// `struct bpf_fib_lookup` (include/uapi/linux/bpf.h), with the unions flattened to the
+/// members used here.
+#[repr(C)]
+struct FibParams {
+    family: u8,
+    l4_protocol: u8,
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
+    ifindex: u32,
+    /// IPv4 TOS in the low byte, or the IPv6 flow information.
+    flowinfo: u32,
+    src: [u32; 4],
+    dst: [u32; 4],
+    vlan: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+const _: () = assert!(size_of::<FibParams>() == 64);
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+
+#[inline(always)]
+fn to_kernel() -> u32 {
+    stats::datapath(datapath_stat::FWD_KERNEL);
+    xdp_action::XDP_PASS
+}
+
+/// Forwards the packet described by `l3`, whose headers already carry the new destination.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, l3: &L3, sport_be: u16, dport_be: u16) -> u32 {
+    // A tagged frame belongs to a VLAN device the FIB lookup does not see: let the kernel
+    // route it.
+    if l3.tagged {
+        return to_kernel();
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let mut p: FibParams = unsafe { zeroed() };
+    p.l4_protocol = l3.proto;
+    p.sport = sport_be;
+    p.dport = dport_be;
+    p.tot_len = l3.len as u16;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    if l3.family == family::V6 {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(data, end, l3.off) else {
+            return to_kernel();
+        };
+        let ip = unsafe { &*ip };
+        if ip.hop_limit <= 1 {
+            return to_kernel();
+        }
+        p.family = AF_INET6;
+        p.flowinfo = ip.vtcfl & 0x0fff_ffffu32.to_be();
+        p.src = ip.saddr;
+        p.dst = ip.daddr;
+    } else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, l3.off) else {
+            return to_kernel();
+        };
+        let ip = unsafe { &*ip };
+        if ip.ttl <= 1 {
+            return to_kernel();
+        }
+        p.family = AF_INET;
+        p.flowinfo = ip.tos as u32;
+        p.src[0] = ip.saddr;
+        p.dst[0] = ip.daddr;
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            (&raw mut p).cast(),
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return to_kernel();
+    }
+    let Some(eth) = ptr_at::<EthHdr>(data, end, 0) else {
+        return to_kernel();
+    };
+    let eth = unsafe { &mut *eth };
+    let (old_dst, old_src) = (eth.dst, eth.src);
+    eth.dst = p.dmac;
+    eth.src = p.smac;
+    hop(data, end, l3, -1);
+    match TX_PORTS.redirect(p.ifindex, xdp_action::XDP_PASS as u64) {
+        Ok(action) => {
+            stats::datapath(datapath_stat::FWD_REDIRECT);
+            action
+        }
+        Err(_) => {
+            // The egress interface cannot take redirects: undo and let the kernel forward.
+            eth.dst = old_dst;
+            eth.src = old_src;
+            hop(data, end, l3, 1);
+            to_kernel()
+        }
+    }
+}
+
+/// Adds `delta` to the TTL / hop limit (fixing the IPv4 header checksum).
+#[inline(always)]
+fn hop(data: usize, end: usize, l3: &L3, delta: i8) {
+    if l3.family == family::V6 {
+        if let Some(ip) = ptr_at::<Ipv6Hdr>(data, end, l3.off) {
+            unsafe { (*ip).hop_limit = (*ip).hop_limit.wrapping_add_signed(delta) };
+        }
+    } else if let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, l3.off) {
+        let ip = unsafe { &mut *ip };
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl = ip.ttl.wrapping_add_signed(delta);
+        let new = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.check = csum::replace2(ip.check, old, new);
+    }
+}

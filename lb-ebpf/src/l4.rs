@@ -1,0 +1,78 @@
+//! The XDP path of a packet addressed to a VIP: service lookup, source ranges, steering,
+//! counting, DNAT and forwarding.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{FlowKey, ServiceKey, drop_reason, family, limits, proto, service_flags};
+
+use crate::{
+    fwd, icmp, lookup, nat,
+    parse::{L3, Ports, ptr_at},
+    stats,
+};
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, l3: &L3) -> u32 {
+    match l3.proto {
+        proto::TCP | proto::UDP | proto::SCTP => service(ctx, l3),
+        proto::ICMP if l3.family == family::V4 => icmp::handle(ctx, l3),
+        proto::ICMPV6 if l3.family == family::V6 => icmp::handle(ctx, l3),
+        _ => lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::NO_SERVICE),
+    }
+}
+
+#[inline(always)]
+fn drop(service_id: u32, reason: u32) -> u32 {
+    stats::drop(service_id, reason);
+    xdp_action::XDP_DROP
+}
+
+#[inline(always)]
+fn service(ctx: &XdpContext, l3: &L3) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // The fixed header must lie inside the IP packet: TCP 20, UDP 8, SCTP 12 bytes.
+    let header = match l3.proto {
+        proto::TCP => 20,
+        proto::UDP => 8,
+        _ => 12,
+    };
+    let l4_len = l3.len as usize - (l3.l4_off - l3.off);
+    let Some(ports) = ptr_at::<Ports>(data, end, l3.l4_off) else {
+        return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::MALFORMED);
+    };
+    if l4_len < header {
+        return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::MALFORMED);
+    }
+    let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
+    let key = ServiceKey {
+        addr: l3.dst,
+        port_be: dport,
+        proto: l3.proto,
+        family: l3.family,
+    };
+    let Some(svc) = lookup::service(&key) else {
+        return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::NO_SERVICE);
+    };
+    if svc.flags & service_flags::SOURCE_RANGES != 0 && !lookup::source_allowed(svc.id, &l3.src) {
+        return drop(svc.id, drop_reason::SOURCE_NOT_ALLOWED);
+    }
+    if l3.proto == proto::SCTP && l4_len > limits::MAX_SCTP_LEN as usize {
+        return drop(svc.id, drop_reason::SCTP_TOO_LONG);
+    }
+    let flow = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        sport_be: sport,
+        dport_be: dport,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    let Some((backend_id, backend)) = lookup::steer(&svc, &flow) else {
+        return drop(svc.id, drop_reason::NO_BACKEND);
+    };
+    if nat::dnat(data, end, l3, &backend.addr, backend.port_be).is_none() {
+        return drop(svc.id, drop_reason::MALFORMED);
+    }
+    stats::packet_in(svc.id, backend_id, l3.len);
+    fwd::forward(ctx, l3, sport, backend.port_be)
+}

@@ -1,0 +1,189 @@
+//! Map lookups: is it a VIP, which service, is the client allowed, and which backend a flow
+//! goes to (connection table, ClientIP affinity, Maglev).
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendValue, FlowKey, FlowValue, RevNatValue, ServiceKey,
+    ServiceValue, SourceRangeData, VipKey, backend_flags, datapath_stat,
+    hash::{client_hash, flow_hash},
+    service_flags, source_range_prefix, vip_filter_index,
+};
+
+use crate::{
+    AFFINITY, BACKENDS, CONNTRACK, MAGLEV, REVNAT, SERVICES, SOURCE_RANGES, VIP_FILTER, VIPS, stats,
+};
+
+/// One inlined array read: false means `dst` is certainly not a VIP.
+#[inline(always)]
+pub fn maybe_vip(dst: &[u32; 4]) -> bool {
+    matches!(VIP_FILTER.get(vip_filter_index(dst)), Some(n) if *n != 0)
+}
+
+#[inline(always)]
+pub fn is_vip(dst: &[u32; 4], family: u8) -> bool {
+    let key = VipKey {
+        addr: *dst,
+        family,
+        _pad: [0; 3],
+    };
+    VIPS.get_ptr(&key).is_some()
+}
+
+/// The verdict for a packet weir cannot forward: dropped and counted (as no service's) when it
+/// is addressed to a VIP, otherwise left to the kernel.
+#[inline(always)]
+pub fn drop_if_vip(dst: &[u32; 4], family: u8, reason: u32) -> u32 {
+    if is_vip(dst, family) {
+        stats::drop(0, reason);
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+#[inline(always)]
+pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+    SERVICES.get_ptr(key).map(|v| unsafe { *v })
+}
+
+#[inline(always)]
+pub fn source_allowed(service_id: u32, src: &[u32; 4]) -> bool {
+    let key = aya_ebpf::btf_maps::lpm_trie::Key::new(
+        source_range_prefix(128),
+        SourceRangeData {
+            service_id_be: service_id.to_be(),
+            addr: *src,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// The backend `id` if it still exists with the generation a flow remembers.
+#[inline(always)]
+fn live_backend(id: u32, generation: u32) -> Option<BackendValue> {
+    let b = unsafe { *BACKENDS.get_ptr(id)? };
+    if b.flags & backend_flags::PRESENT != 0 && b.generation == generation && id != 0 {
+        Some(b)
+    } else {
+        None
+    }
+}
+
+/// The Maglev table's choice for hash `h`.
+#[inline(always)]
+pub fn maglev(svc: &ServiceValue, h: u32) -> Option<(u32, BackendValue)> {
+    if svc.table_size == 0 {
+        return None;
+    }
+    let slot = h % svc.table_size;
+    let id = *MAGLEV.get_value(svc.table_id, &slot)?;
+    if id == 0 {
+        return None;
+    }
+    let b = unsafe { *BACKENDS.get_ptr(id)? };
+    if b.flags & backend_flags::PRESENT == 0 {
+        return None;
+    }
+    Some((id, b))
+}
+
+/// Backend for a flow without a usable connection-table entry: the affinity entry while it is
+/// fresh and its backend lives, else Maglev.
+#[inline(always)]
+pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
+    if svc.flags & service_flags::AFFINITY == 0 {
+        let h = flow_hash(
+            &flow.src,
+            &flow.dst,
+            flow.sport_be,
+            flow.dport_be,
+            flow.proto,
+        );
+        return maglev(svc, h);
+    }
+    let key = AffinityKey {
+        client: flow.src,
+        service_id: svc.id,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(a) = AFFINITY.get_ptr_mut(&key) {
+        let a = unsafe { &mut *a };
+        if now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000 {
+            if let Some(b) = live_backend(a.backend_id, a.backend_generation) {
+                a.last_used_ns = now;
+                stats::datapath(datapath_stat::AFFINITY_HIT);
+                return Some((a.backend_id, b));
+            }
+        }
+    }
+    let (id, b) = maglev(svc, client_hash(&flow.src))?;
+    let value = AffinityValue {
+        backend_id: id,
+        backend_generation: b.generation,
+        last_used_ns: now,
+    };
+    let _ = AFFINITY.insert(&key, &value, 0);
+    Some((id, b))
+}
+
+/// The backend of a flow: its connection-table entry while that backend lives; otherwise a new
+/// choice, remembered in the connection table and the reverse-NAT table.
+#[inline(always)]
+pub fn steer(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
+    if let Some(ct) = CONNTRACK.get_ptr(flow) {
+        let ct = unsafe { *ct };
+        if let Some(b) = live_backend(ct.backend_id, ct.backend_generation) {
+            return Some((ct.backend_id, b));
+        }
+        stats::datapath(datapath_stat::FLOW_RESTEERED);
+    }
+    let (id, b) = pick(svc, flow)?;
+    let ct = FlowValue {
+        backend_id: id,
+        backend_generation: b.generation,
+    };
+    let _ = CONNTRACK.insert(flow, &ct, 0);
+    let reply = FlowKey {
+        src: b.addr,
+        dst: flow.src,
+        sport_be: b.port_be,
+        dport_be: flow.sport_be,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    };
+    let rev = RevNatValue {
+        vip: flow.dst,
+        vport_be: flow.dport_be,
+        _pad: 0,
+        service_id: svc.id,
+        backend_id: id,
+    };
+    let _ = REVNAT.insert(&reply, &rev, 0);
+    stats::new_flow(svc.id, id);
+    Some((id, b))
+}
+
+/// The backend an existing flow is on (or would be steered to), without creating state: for
+/// ICMP errors about the flow.
+#[inline(always)]
+pub fn flow_backend(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
+    if let Some(ct) = CONNTRACK.get_ptr(flow) {
+        let ct = unsafe { *ct };
+        if let Some(b) = live_backend(ct.backend_id, ct.backend_generation) {
+            return Some((ct.backend_id, b));
+        }
+    }
+    let h = if svc.flags & service_flags::AFFINITY != 0 {
+        client_hash(&flow.src)
+    } else {
+        flow_hash(
+            &flow.src,
+            &flow.dst,
+            flow.sport_be,
+            flow.dport_be,
+            flow.proto,
+        )
+    };
+    maglev(svc, h)
+}

@@ -1,0 +1,119 @@
+//! weir's data plane: entry points and maps only; the logic lives in the modules, by packet stage.
+//!
+//! - `weir_xdp` (XDP, on the configured interfaces): client → VIP packets are looked up,
+//!   steered to a backend (connection table, ClientIP affinity, Maglev), DNATed and forwarded.
+//! - `weir_tc_egress` (TC egress, on the same interfaces): backend → client replies get the
+//!   VIP and port back as their source (reverse NAT).
+//!
+//! Every map type is defined in `lb-common`; the capacities below are defaults that the agent
+//! overrides at load time.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod fwd;
+mod icmp;
+mod l4;
+mod lookup;
+mod nat;
+mod parse;
+mod revnat;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{BPF_F_INNER_MAP, xdp_action},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, FlowKey, FlowValue,
+    RevNatValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData, VipKey, VipValue, limits,
+};
+
+const MAX_SERVICES: usize = limits::MAX_SERVICES as usize;
+const MAX_BACKENDS: usize = limits::MAX_BACKENDS as usize;
+const MAX_FLOWS: usize = limits::MAX_FLOWS as usize;
+
+/// (VIP, port, protocol) → service.
+#[btf_map]
+static SERVICES: HashMap<ServiceKey, ServiceValue, MAX_SERVICES> = HashMap::new();
+
+/// Backend id → address, port, flags, generation.
+#[btf_map]
+static BACKENDS: Array<BackendValue, MAX_BACKENDS> = Array::new();
+
+/// Maglev table id → table (slot → backend id). Inner tables differ in size, hence the
+/// BPF_F_INNER_MAP template (which also keeps the verifier from inlining inner lookups
+/// with the template's size).
+#[btf_map]
+static MAGLEV: ArrayOfMaps<Array<u32, 1, { BPF_F_INNER_MAP as usize }>, { 2 * MAX_SERVICES }> =
+    ArrayOfMaps::new();
+
+/// Client 5-tuple → the backend the flow was steered to.
+#[btf_map]
+static CONNTRACK: LruHashMap<FlowKey, FlowValue, MAX_FLOWS> = LruHashMap::new();
+
+/// Reply 5-tuple (backend → client) → the VIP and port to put back.
+#[btf_map]
+static REVNAT: LruHashMap<FlowKey, RevNatValue, MAX_FLOWS> = LruHashMap::new();
+
+/// (client address, service) → backend, for ClientIP affinity.
+#[btf_map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { limits::MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// (service, client prefix) → allowed.
+#[btf_map]
+static SOURCE_RANGES: LpmTrie<SourceRangeData, u32, { limits::MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+/// Addresses that are VIPs (for ICMP, fragments and ports no service listens on).
+#[btf_map]
+static VIPS: HashMap<VipKey, VipValue, MAX_SERVICES> = HashMap::new();
+
+/// Counting pre-filter over VIP addresses: non-zero at `vip_filter_index(addr)` when some VIP
+/// may have that address.
+#[btf_map]
+static VIP_FILTER: Array<u32, { limits::VIP_FILTER_SIZE as usize }> = Array::new();
+
+#[btf_map]
+static SERVICE_STATS: PerCpuArray<ServiceStats, MAX_SERVICES> = PerCpuArray::new();
+
+#[btf_map]
+static BACKEND_STATS: PerCpuArray<BackendStats, MAX_BACKENDS> = PerCpuArray::new();
+
+#[btf_map]
+static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
+
+/// Interfaces XDP may redirect to (those where weir's XDP program runs natively).
+#[btf_map]
+static TX_PORTS: DevMapHash<{ limits::MAX_TX_PORTS as usize }> = DevMapHash::new();
+
+#[xdp]
+pub fn weir_xdp(ctx: XdpContext) -> u32 {
+    match parse::l3(ctx.data(), ctx.data_end()) {
+        parse::L3Result::Ip(l3) => l4::handle(&ctx, &l3),
+        parse::L3Result::NotOurs => xdp_action::XDP_PASS,
+        parse::L3Result::Drop {
+            dst,
+            family,
+            reason,
+        } => lookup::drop_if_vip(&dst, family, reason),
+    }
+}
+
+#[classifier]
+pub fn weir_tc_egress(ctx: TcContext) -> i32 {
+    revnat::handle(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,86 @@
+//! Destination NAT in XDP: the VIP and port become the backend's, with the IPv4 header
+//! checksum and the TCP/UDP checksum updated incrementally and SCTP's CRC32c recomputed.
+
+use lb_common::{family, proto};
+
+use crate::{
+    csum,
+    parse::{Ipv4Hdr, Ipv6Hdr, L3, Ports, ptr_at},
+};
+
+/// Rewrites the destination of the packet described by `l3` to `addr`:`port_be`.
+#[inline(always)]
+pub fn dnat(data: usize, end: usize, l3: &L3, addr: &[u32; 4], port_be: u16) -> Option<()> {
+    if l3.family == family::V6 {
+        let ip = ptr_at::<Ipv6Hdr>(data, end, l3.off)?;
+        unsafe { (*ip).daddr = *addr };
+    } else {
+        let ip = ptr_at::<Ipv4Hdr>(data, end, l3.off)?;
+        unsafe {
+            (*ip).check = csum::replace4((*ip).check, l3.dst[3], addr[3]);
+            (*ip).daddr = addr[3];
+        }
+    }
+    let ports = ptr_at::<Ports>(data, end, l3.l4_off)?;
+    let old_port = unsafe { (*ports).dst };
+    l4_checksum(data, end, l3, &l3.dst, addr, old_port, port_be)?;
+    unsafe { (*ports).dst = port_be };
+    if l3.proto == proto::SCTP && old_port != port_be {
+        sctp_checksum(data, end, l3)?;
+    }
+    Some(())
+}
+
+/// Offset of the TCP/UDP checksum within its header.
+#[inline(always)]
+pub fn l4_checksum_offset(l4_proto: u8) -> Option<usize> {
+    match l4_proto {
+        proto::TCP => Some(16),
+        proto::UDP => Some(6),
+        _ => None,
+    }
+}
+
+/// Updates the TCP/UDP checksum of `l3`'s packet after one address of the pseudo-header and
+/// one port changed. SCTP has no pseudo-header (see `sctp_checksum`).
+#[inline(always)]
+fn l4_checksum(
+    data: usize,
+    end: usize,
+    l3: &L3,
+    old_addr: &[u32; 4],
+    new_addr: &[u32; 4],
+    old_port: u16,
+    new_port: u16,
+) -> Option<()> {
+    let Some(off) = l4_checksum_offset(l3.proto) else {
+        return Some(());
+    };
+    let v6 = l3.family == family::V6;
+    let c = ptr_at::<u16>(data, end, l3.l4_off + off)?;
+    let cur = unsafe { *c };
+    if l3.proto == proto::UDP && cur == 0 && !v6 {
+        // UDP over IPv4 without a checksum stays without one.
+        return Some(());
+    }
+    let mut new = csum::replace2(
+        csum::replace_addr(cur, old_addr, new_addr, v6),
+        old_port,
+        new_port,
+    );
+    if l3.proto == proto::UDP {
+        new = csum::udp_mangle0(new);
+    }
+    unsafe { *c = new };
+    Some(())
+}
+
+/// Recomputes the CRC32c of `l3`'s SCTP packet in place.
+#[inline(always)]
+pub fn sctp_checksum(data: usize, end: usize, l3: &L3) -> Option<()> {
+    let len = l3.len as usize - (l3.l4_off - l3.off);
+    let crc = csum::sctp_crc32c(data, end, l3.l4_off, len)?;
+    let c = ptr_at::<u32>(data, end, l3.l4_off + 8)?;
+    unsafe { *c = crc };
+    Some(())
+}

@@ -1,0 +1,113 @@
+//! Reverse NAT at TC egress: a reply from a backend to a client leaves with the VIP and port
+//! as its source. Headers are read directly but written only through helpers: a direct write
+//! would make the verifier unclone every egress skb, including the node's own traffic.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use lb_common::{FlowKey, datapath_stat, drop_reason, family, proto};
+
+use crate::{
+    REVNAT, csum, nat,
+    parse::{self, L3, Ports, ptr_at},
+    stats,
+};
+
+/// Offsets of the source address in the IPv4 and IPv6 headers, and of the IPv4 checksum.
+const V4_SADDR: usize = 12;
+const V4_CHECK: usize = 10;
+const V6_SADDR: usize = 8;
+/// Bytes pulled into the linear area when the headers are not all there.
+const PULL: u32 = 128;
+
+#[inline(always)]
+pub fn handle(ctx: &TcContext) -> i32 {
+    let mut l3 = parse::l3_any(ctx.data(), ctx.data_end());
+    if l3.is_none() && ctx.len() as usize > ctx.data_end() - ctx.data() {
+        let _ = ctx.pull_data(PULL.min(ctx.len()));
+        l3 = parse::l3_any(ctx.data(), ctx.data_end());
+    }
+    let Some(l3) = l3 else {
+        return TC_ACT_OK as i32;
+    };
+    if !matches!(l3.proto, proto::TCP | proto::UDP | proto::SCTP) {
+        return TC_ACT_OK as i32;
+    }
+    let Some(ports) = ptr_at::<Ports>(ctx.data(), ctx.data_end(), l3.l4_off) else {
+        return TC_ACT_OK as i32;
+    };
+    let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
+    let key = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        sport_be: sport,
+        dport_be: dport,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    let Some(rev) = REVNAT.get_ptr(&key) else {
+        return TC_ACT_OK as i32;
+    };
+    let rev = unsafe { *rev };
+    if rewrite_source(ctx, &l3, &rev.vip, sport, rev.vport_be).is_none() {
+        stats::drop(rev.service_id, drop_reason::REWRITE_FAILED);
+        return TC_ACT_SHOT as i32;
+    }
+    stats::packet_out(rev.service_id, rev.backend_id, l3.len);
+    stats::datapath(datapath_stat::REVNAT);
+    TC_ACT_OK as i32
+}
+
+#[inline(always)]
+fn rewrite_source(
+    ctx: &TcContext,
+    l3: &L3,
+    vip: &[u32; 4],
+    old_port: u16,
+    port: u16,
+) -> Option<()> {
+    let v6 = l3.family == family::V6;
+    let mut l4_check = nat::l4_checksum_offset(l3.proto).map(|off| l3.l4_off + off);
+    let mut mangle = 0u64;
+    if l3.proto == proto::UDP {
+        mangle = BPF_F_MARK_MANGLED_0 as u64;
+        // UDP over IPv4 without a checksum stays without one.
+        if !v6 && ctx.load::<u16>(l3.l4_off + 6).ok()? == 0 {
+            l4_check = None;
+        }
+    }
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangle | 4;
+    if v6 {
+        if let Some(off) = l4_check {
+            for i in 0..4 {
+                ctx.l4_csum_replace(off, l3.src[i] as u64, vip[i] as u64, pseudo)
+                    .ok()?;
+            }
+        }
+        ctx.store(l3.off + V6_SADDR, vip, 0).ok()?;
+    } else {
+        ctx.l3_csum_replace(l3.off + V4_CHECK, l3.src[3] as u64, vip[3] as u64, 4)
+            .ok()?;
+        if let Some(off) = l4_check {
+            ctx.l4_csum_replace(off, l3.src[3] as u64, vip[3] as u64, pseudo)
+                .ok()?;
+        }
+        ctx.store(l3.off + V4_SADDR, &vip[3], 0).ok()?;
+    }
+    if let Some(off) = l4_check {
+        ctx.l4_csum_replace(off, old_port as u64, port as u64, mangle | 2)
+            .ok()?;
+    }
+    ctx.store(l3.l4_off, &port, 0).ok()?;
+    if l3.proto == proto::SCTP && old_port != port {
+        let len = l3.len as usize - (l3.l4_off - l3.off);
+        if ctx.data() + l3.l4_off + len > ctx.data_end() {
+            ctx.pull_data((l3.l4_off + len) as u32).ok()?;
+        }
+        let crc = csum::sctp_crc32c(ctx.data(), ctx.data_end(), l3.l4_off, len)?;
+        ctx.store(l3.l4_off + 8, &crc, 0).ok()?;
+    }
+    Some(())
+}
