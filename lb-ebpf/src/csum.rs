@@ -5,7 +5,11 @@
 
 use lb_common::{hash::CRC32C_TABLE, limits};
 
-use crate::parse::ptr_at;
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    programs::{TcContext, XdpContext},
+};
 
 /// The CRC32c table as read-only data of the program.
 static CRC_TABLE: [u32; 256] = CRC32C_TABLE;
@@ -50,27 +54,75 @@ pub fn udp_mangle0(check: u16) -> u16 {
     if check == 0 { 0xffff } else { check }
 }
 
-/// CRC32c of the SCTP packet of `len` bytes at `off`, with its checksum field (bytes 8..12)
-/// taken as zero, ready to store (little-endian, as RFC 4960 appendix B places it).
-/// `None` when the packet is shorter than `len` or longer than the data plane handles.
+/// Reads packet bytes through the kernel's bounds-checked copy helpers. Byte loops over
+/// packet pointers do not survive LLVM: it turns `p + 1 > end` into `p >= end`, which the
+/// verifier cannot use to prove the access.
+pub trait LoadBytes {
+    /// Copies `N` bytes at `off` into `buf`.
+    fn load<const N: usize>(&self, off: usize, buf: &mut [u8; N]) -> bool;
+}
+
+impl LoadBytes for XdpContext {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize, buf: &mut [u8; N]) -> bool {
+        unsafe { bpf_xdp_load_bytes(self.ctx, off as u32, buf.as_mut_ptr().cast(), N as u32) == 0 }
+    }
+}
+
+impl LoadBytes for TcContext {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize, buf: &mut [u8; N]) -> bool {
+        let skb = self.as_ptr().cast();
+        unsafe { bpf_skb_load_bytes(skb, off as u32, buf.as_mut_ptr().cast(), N as u32) == 0 }
+    }
+}
+
+#[inline(always)]
+fn crc_bytes<const N: usize>(mut crc: u32, buf: &[u8; N]) -> u32 {
+    for b in buf {
+        crc = CRC_TABLE[((crc ^ *b as u32) & 0xff) as usize] ^ (crc >> 8);
+    }
+    crc
+}
+
+/// CRC32c of the SCTP packet of `len` bytes at `off`, ready to store (little-endian, as
+/// RFC 4960 appendix B places it). The caller zeroes the checksum field first. `None` when
+/// the packet is not a whole number of 4-byte words (SCTP pads every chunk to 4 bytes), is
+/// shorter than `len` or than an SCTP header, or is longer than the data plane handles.
+///
+/// Shaped for the verifier: copies have a constant size (a variable one must be proven
+/// non-zero, which LLVM's rewrites hide), and no branch inside a loop depends on the data (each
+/// would multiply the states the verifier walks). Whole 32-byte chunks first, then 4-byte ones.
 #[inline(never)]
-pub fn sctp_crc32c(data: usize, end: usize, off: usize, len: usize) -> Option<u32> {
-    if len > limits::MAX_SCTP_LEN as usize {
+pub fn sctp_crc32c<C: LoadBytes>(ctx: &C, off: usize, len: usize) -> Option<u32> {
+    const BIG: usize = 32;
+    const MAX: usize = limits::MAX_SCTP_LEN as usize;
+    if len < 12 || len > MAX || len % 4 != 0 {
         return None;
     }
     let mut crc = !0u32;
-    let mut i = 0usize;
-    while i < limits::MAX_SCTP_LEN as usize {
-        if i >= len {
+    let mut pos = 0usize;
+    let mut big = [0u8; BIG];
+    for _ in 0..MAX / BIG {
+        if pos + BIG > len {
             break;
         }
-        let p = ptr_at::<u8>(data, end, off + i)?;
-        let mut b = unsafe { *p } as u32;
-        if i >= 8 && i < 12 {
-            b = 0;
+        if !ctx.load(off + pos, &mut big) {
+            return None;
         }
-        crc = CRC_TABLE[((crc ^ b) & 0xff) as usize] ^ (crc >> 8);
-        i += 1;
+        crc = crc_bytes(crc, &big);
+        pos += BIG;
+    }
+    let mut word = [0u8; 4];
+    for _ in 0..BIG / 4 {
+        if pos >= len {
+            break;
+        }
+        if !ctx.load(off + pos, &mut word) {
+            return None;
+        }
+        crc = crc_bytes(crc, &word);
+        pos += 4;
     }
     Some(!crc)
 }

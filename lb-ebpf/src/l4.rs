@@ -70,7 +70,7 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
     let Some((backend_id, backend)) = lookup::steer(&svc, &flow) else {
         return drop(svc.id, drop_reason::NO_BACKEND);
     };
-    if nat::dnat(data, end, l3, &backend.addr, backend.port_be).is_none() {
+    if nat::dnat(ctx, l3, &backend.addr, backend.port_be).is_none() {
         return drop(svc.id, drop_reason::MALFORMED);
     }
     stats::packet_in(svc.id, backend_id, l3.len);

@@ -1,6 +1,7 @@
 //! Destination NAT in XDP: the VIP and port become the backend's, with the IPv4 header
 //! checksum and the TCP/UDP checksum updated incrementally and SCTP's CRC32c recomputed.
 
+use aya_ebpf::programs::XdpContext;
 use lb_common::{family, proto};
 
 use crate::{
@@ -10,7 +11,8 @@ use crate::{
 
 /// Rewrites the destination of the packet described by `l3` to `addr`:`port_be`.
 #[inline(always)]
-pub fn dnat(data: usize, end: usize, l3: &L3, addr: &[u32; 4], port_be: u16) -> Option<()> {
+pub fn dnat(ctx: &XdpContext, l3: &L3, addr: &[u32; 4], port_be: u16) -> Option<()> {
+    let (data, end) = (ctx.data(), ctx.data_end());
     if l3.family == family::V6 {
         let ip = ptr_at::<Ipv6Hdr>(data, end, l3.off)?;
         unsafe { (*ip).daddr = *addr };
@@ -26,7 +28,12 @@ pub fn dnat(data: usize, end: usize, l3: &L3, addr: &[u32; 4], port_be: u16) -> 
     l4_checksum(data, end, l3, &l3.dst, addr, old_port, port_be)?;
     unsafe { (*ports).dst = port_be };
     if l3.proto == proto::SCTP && old_port != port_be {
-        sctp_checksum(data, end, l3)?;
+        let len = l3.len as usize - (l3.l4_off - l3.off);
+        let c = ptr_at::<u32>(data, end, l3.l4_off + 8)?;
+        unsafe { *c = 0 };
+        let crc = csum::sctp_crc32c(ctx, l3.l4_off, len)?;
+        let c = ptr_at::<u32>(ctx.data(), ctx.data_end(), l3.l4_off + 8)?;
+        unsafe { *c = crc };
     }
     Some(())
 }
@@ -72,15 +79,5 @@ fn l4_checksum(
         new = csum::udp_mangle0(new);
     }
     unsafe { *c = new };
-    Some(())
-}
-
-/// Recomputes the CRC32c of `l3`'s SCTP packet in place.
-#[inline(always)]
-pub fn sctp_checksum(data: usize, end: usize, l3: &L3) -> Option<()> {
-    let len = l3.len as usize - (l3.l4_off - l3.off);
-    let crc = csum::sctp_crc32c(data, end, l3.l4_off, len)?;
-    let c = ptr_at::<u32>(data, end, l3.l4_off + 8)?;
-    unsafe { *c = crc };
     Some(())
 }

@@ -103,10 +103,8 @@ fn rewrite_source(
     ctx.store(l3.l4_off, &port, 0).ok()?;
     if l3.proto == proto::SCTP && old_port != port {
         let len = l3.len as usize - (l3.l4_off - l3.off);
-        if ctx.data() + l3.l4_off + len > ctx.data_end() {
-            ctx.pull_data((l3.l4_off + len) as u32).ok()?;
-        }
-        let crc = csum::sctp_crc32c(ctx.data(), ctx.data_end(), l3.l4_off, len)?;
+        ctx.store(l3.l4_off + 8, &0u32, 0).ok()?;
+        let crc = csum::sctp_crc32c(ctx, l3.l4_off, len)?;
         ctx.store(l3.l4_off + 8, &crc, 0).ok()?;
     }
     Some(())

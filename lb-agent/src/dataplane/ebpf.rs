@@ -195,6 +195,18 @@ impl Datapath {
         Ok(attached)
     }
 
+    /// Lets XDP redirect to `ifindex` without attaching to it (BPF_PROG_TEST_RUN and the
+    /// traffic generator use this; `attach` does it for native interfaces).
+    pub fn add_redirect_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.maps
+            .tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataplaneError::Map {
+                name: maps::TX_PORTS,
+                detail: e.to_string(),
+            })
+    }
+
     /// Interfaces with their attach mode.
     pub fn attachments(&self) -> Vec<(String, AttachedMode)> {
         self.attached

@@ -1,0 +1,998 @@
+//! BPF_PROG_TEST_RUN tests of weir's XDP and TC programs on the running kernel.
+//!
+//! Each case gives an input frame, the expected verdict, the exact expected output frame and
+//! the counters it must move. Expected frames are built with etherparse (and crc32c for SCTP),
+//! whose checksum code is independent of the data plane's incremental updates. The maps are
+//! programmed by the agent's own `Programmer`, and the expected backend of a flow comes from the
+//! agent's mirror of the flow hash, so the kernel and user space must agree on it.
+//!
+//! Needs root. Every test runs in a network namespace of its own, whose routes and static
+//! neighbours decide the FIB lookups: backends 198.18.1.11-13 / fd00:1::11-13 have neighbour
+//! entries on `b0` (redirect), 198.18.1.14 has none (handed to the kernel).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_agent::{
+    config::DataplaneLimits,
+    dataplane::{Programmer, ebpf::Datapath, flow_slot},
+    model::{Backend, DesiredState, Frontend, Protocol, Service},
+};
+use lb_common::{datapath_stat, drop_reason};
+use weir_lab::{
+    netns::Netns,
+    packets::{L4, LB_MAC, Pkt, sctp_crc_ok, sctp_init_chunk, sctp_packet},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+
+const CLIENT4: &str = "198.18.0.1";
+const CLIENT6: &str = "fd00:18::1";
+const VIP4: &str = "198.18.100.10";
+const VIP6: &str = "fd00:100::10";
+
+fn backend_mac(ip: IpAddr) -> [u8; 6] {
+    let last = match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    [0x02, 0, 0, 0, 0x01, last]
+}
+
+fn service(name: &str, vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Service {
+    Service {
+        name: name.into(),
+        frontend: Frontend {
+            vip: vip.parse().unwrap(),
+            port,
+            protocol,
+        },
+        backends: {
+            let mut b: Vec<Backend> = backends
+                .iter()
+                .map(|a| Backend {
+                    addr: a.parse().unwrap(),
+                    weight: 1,
+                })
+                .collect();
+            b.sort();
+            b
+        },
+        source_ranges: vec![],
+        affinity_timeout: None,
+        table_size: 251,
+    }
+}
+
+fn desired() -> DesiredState {
+    use Protocol::*;
+    let mut ranges = service("ranges", "198.18.100.11", 80, Tcp, &["198.18.1.11:8080"]);
+    ranges.source_ranges = vec!["198.18.0.0/28".parse().unwrap()];
+    let mut sticky = service(
+        "sticky",
+        "198.18.100.12",
+        80,
+        Tcp,
+        &["198.18.1.11:8080", "198.18.1.12:8080", "198.18.1.13:8080"],
+    );
+    sticky.affinity_timeout = Some(Duration::from_secs(60));
+    let mut services = vec![
+        service(
+            "tcp4",
+            VIP4,
+            80,
+            Tcp,
+            &["198.18.1.11:8080", "198.18.1.12:8080", "198.18.1.13:8080"],
+        ),
+        service(
+            "udp4",
+            VIP4,
+            53,
+            Udp,
+            &["198.18.1.11:5353", "198.18.1.12:5353"],
+        ),
+        service("sctp4", VIP4, 3868, Sctp, &["198.18.1.11:3869"]),
+        service("sctp4-same-port", VIP4, 3869, Sctp, &["198.18.1.12:3869"]),
+        service(
+            "tcp6",
+            VIP6,
+            80,
+            Tcp,
+            &["[fd00:1::11]:8080", "[fd00:1::12]:8080"],
+        ),
+        service("udp6", VIP6, 53, Udp, &["[fd00:1::11]:5353"]),
+        service("sctp6", VIP6, 3868, Sctp, &["[fd00:1::12]:3869"]),
+        ranges,
+        sticky,
+        service("empty", "198.18.100.13", 80, Tcp, &[]),
+        service(
+            "no-neighbour",
+            "198.18.100.14",
+            80,
+            Tcp,
+            &["198.18.1.14:8080"],
+        ),
+    ];
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    DesiredState { services }
+}
+
+struct Env {
+    dp: Datapath,
+    prog: Programmer,
+    /// Ingress interface of the test runs (the "client side").
+    c_ifindex: u32,
+    /// MAC of the backend-side interface: the source of redirected frames.
+    b_mac: [u8; 6],
+}
+
+/// Runs `f` in a fresh namespace with the data plane loaded and programmed.
+fn with_env(f: impl FnOnce(&mut Env) + Send) {
+    let ns = Netns::new("dp");
+    ns.ip("link add c0 type veth peer name c1");
+    ns.ip("link add b0 type veth peer name b1");
+    for i in ["c0", "c1", "b0", "b1"] {
+        ns.ip(&format!("link set {i} up"));
+    }
+    ns.ip("addr add 198.18.0.254/24 dev c0");
+    ns.ip("addr add fd00:18::fe/64 dev c0 nodad");
+    ns.ip("addr add 198.18.1.1/24 dev b0");
+    ns.ip("addr add fd00:1::1/64 dev b0 nodad");
+    for n in 11..=13 {
+        for ip in [format!("198.18.1.{n}"), format!("fd00:1::{n}")] {
+            let mac = backend_mac(ip.parse().unwrap())
+                .map(|b| format!("{b:02x}"))
+                .join(":");
+            ns.ip(&format!("neigh add {ip} lladdr {mac} dev b0 nud permanent"));
+        }
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    let c_ifindex = ns.ifindex("c0");
+    let b_ifindex = ns.ifindex("b0");
+    let b_mac = ns.mac("b0");
+    ns.run_in(|| {
+        let limits = DataplaneLimits::default();
+        let mut dp = Datapath::load(&limits).expect("load the data plane");
+        dp.add_redirect_port(b_ifindex).expect("redirect port");
+        let mut prog = Programmer::new(&limits, 0);
+        prog.apply(&desired(), &mut dp.maps).expect("program");
+        let mut env = Env {
+            dp,
+            prog,
+            c_ifindex,
+            b_mac,
+        };
+        f(&mut env);
+    });
+}
+
+impl Env {
+    fn xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 512];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let mut ctx = Vec::with_capacity(24);
+        for v in [0u32, frame.len() as u32, 0, self.c_ifindex, 0, 0] {
+            ctx.extend_from_slice(&v.to_ne_bytes());
+        }
+        let r = self
+            .dp
+            .xdp()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .expect("XDP test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 512];
+        let r = self
+            .dp
+            .tc()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("TC test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn service(&self, name: &str) -> &lb_agent::dataplane::ProgrammedService {
+        self.prog
+            .services()
+            .find(|s| s.spec.name == name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    /// The backend user space expects for a new flow (the agent's mirror of the hash).
+    fn expected_backend(&self, name: &str, client: SocketAddr) -> SocketAddr {
+        let s = self.service(name);
+        let vip = SocketAddr::new(s.spec.frontend.vip, s.spec.frontend.port);
+        let slot = flow_slot(
+            client,
+            vip,
+            s.spec.frontend.protocol,
+            s.spec.affinity_timeout.is_some(),
+            s.spec.table_size,
+        );
+        let id = s.table[slot as usize];
+        *s.backends
+            .iter()
+            .find(|(_, b)| b.id == id)
+            .unwrap_or_else(|| panic!("slot {slot} of {name} has no backend"))
+            .0
+    }
+
+    fn drops(&self, service: u32, reason: u32) -> u64 {
+        self.dp.maps.service_stats(service).unwrap().drops[reason as usize]
+    }
+
+    fn datapath(&self, slot: usize) -> u64 {
+        self.dp.maps.datapath_stats().unwrap().counters[slot]
+    }
+}
+
+/// `p` as the data plane should send it to `backend`: destination rewritten and, when
+/// redirected, MACs from the FIB and the TTL/hop limit decremented.
+fn dnat(p: &Pkt, backend: SocketAddr, b_mac: [u8; 6], redirected: bool) -> Pkt {
+    let mut q = p.clone();
+    q.dst = backend.ip();
+    match &mut q.l4 {
+        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = backend.port(),
+        L4::Sctp { dport, .. } => *dport = backend.port(),
+        _ => {}
+    }
+    if redirected {
+        q.dst_mac = backend_mac(backend.ip());
+        q.src_mac = b_mac;
+        q.ttl -= 1;
+    }
+    q
+}
+
+fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+struct Case {
+    name: &'static str,
+    input: Pkt,
+    /// Service whose new flow this is (None: not forwarded).
+    service: Option<&'static str>,
+    verdict: u32,
+    /// Expected output; None: the input unchanged.
+    output: Option<Pkt>,
+}
+
+fn check(env: &Env, cases: Vec<Case>) {
+    for c in cases {
+        let input = c.input.bytes();
+        let (verdict, out) = env.xdp(&input);
+        let expected = c.output.as_ref().map_or(input.clone(), Pkt::bytes);
+        assert_eq!(
+            verdict,
+            c.verdict,
+            "{}: verdict; datapath counters {:?}\ngot:\n{}\nwant:\n{}",
+            c.name,
+            env.dp.maps.datapath_stats().map(|d| d.counters),
+            hex(&out),
+            hex(&expected)
+        );
+        assert_eq!(
+            hex(&out),
+            hex(&expected),
+            "{}: output bytes (got, want)",
+            c.name
+        );
+        let _ = c.service;
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .chunks(16)
+        .map(|c| c.join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn new_flows_are_dnated_and_redirected_with_correct_checksums() {
+    with_env(|env| {
+        let b_mac = env.b_mac;
+        let mut cases = Vec::new();
+        let mut add = |name, p: Pkt, service: &'static str, redirected: bool| {
+            let client = SocketAddr::new(p.src, sport(&p));
+            let backend = env.expected_backend(service, client);
+            let output = dnat(&p, backend, b_mac, redirected);
+            cases.push(Case {
+                name,
+                input: p,
+                service: Some(service),
+                verdict: if redirected { XDP_REDIRECT } else { XDP_PASS },
+                output: Some(output),
+            });
+        };
+        add("tcp4 syn", Pkt::tcp(CLIENT4, 40001, VIP4, 80), "tcp4", true);
+        let mut data = Pkt::tcp(CLIENT4, 40002, VIP4, 80);
+        data.l4 = L4::Tcp {
+            sport: 40002,
+            dport: 80,
+            syn: false,
+            payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        };
+        add("tcp4 data, odd length", data, "tcp4", true);
+        let mut opts = Pkt::tcp(CLIENT4, 40003, VIP4, 80);
+        opts.ipv4_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+        add("tcp4 with IPv4 options", opts, "tcp4", true);
+        add(
+            "udp4",
+            Pkt::udp(CLIENT4, 40004, VIP4, 53, b"query"),
+            "udp4",
+            true,
+        );
+        let mut nocsum = Pkt::udp(CLIENT4, 40005, VIP4, 53, b"query");
+        nocsum.l4 = L4::Udp {
+            sport: 40005,
+            dport: 53,
+            payload: b"query".to_vec(),
+            no_checksum: true,
+        };
+        add("udp4 without checksum", nocsum, "udp4", true);
+        add("tcp6 syn", Pkt::tcp(CLIENT6, 40006, VIP6, 80), "tcp6", true);
+        let mut ext = Pkt::tcp(CLIENT6, 40007, VIP6, 80);
+        ext.ipv6_ext_headers = true;
+        add(
+            "tcp6 after hop-by-hop, routing, dst-options",
+            ext,
+            "tcp6",
+            true,
+        );
+        add(
+            "udp6",
+            Pkt::udp(CLIENT6, 40008, VIP6, 53, b"q6"),
+            "udp6",
+            true,
+        );
+        let mut vlan = Pkt::tcp(CLIENT4, 40009, VIP4, 80);
+        vlan.vlans = vec![100];
+        add(
+            "tcp4 802.1Q: rewritten, left to the kernel",
+            vlan,
+            "tcp4",
+            false,
+        );
+        let mut qinq = Pkt::udp(CLIENT6, 40010, VIP6, 53, b"qinq");
+        qinq.vlans = vec![200, 100];
+        add(
+            "udp6 802.1ad+802.1Q: rewritten, left to the kernel",
+            qinq,
+            "udp6",
+            false,
+        );
+        let mut ttl1 = Pkt::tcp(CLIENT4, 40011, VIP4, 80);
+        ttl1.ttl = 1;
+        add(
+            "tcp4 TTL 1: the kernel answers time-exceeded",
+            ttl1,
+            "tcp4",
+            false,
+        );
+        add(
+            "tcp4 to a backend without a neighbour entry: the kernel resolves it",
+            Pkt::tcp(CLIENT4, 40012, "198.18.100.14", 80),
+            "no-neighbour",
+            false,
+        );
+        let n = cases.len() as u64;
+        let before_redirect = env.datapath(datapath_stat::FWD_REDIRECT);
+        check(env, cases);
+        assert_eq!(
+            env.datapath(datapath_stat::FWD_REDIRECT) - before_redirect,
+            n - 4
+        );
+
+        // Counters: tcp4 saw 4 new flows (syn, data, options, vlan) and 5 packets with ttl1.
+        let tcp4 = env.service("tcp4").id;
+        let s = env.dp.maps.service_stats(tcp4).unwrap();
+        assert_eq!((s.packets_in, s.new_flows), (5, 5));
+        assert_eq!(s.packets_out, 0);
+        // bytes_in counts IP lengths: 40 (syn) + 58 (data) + 44 (options) + 40 (vlan) + 40.
+        assert_eq!(s.bytes_in, 40 + 58 + 44 + 40 + 40);
+        let backend_total: u64 = env
+            .service("tcp4")
+            .backends
+            .values()
+            .map(|b| env.dp.maps.backend_stats(b.id).unwrap().packets_in)
+            .sum();
+        assert_eq!(backend_total, 5);
+    });
+}
+
+fn sport(p: &Pkt) -> u16 {
+    match &p.l4 {
+        L4::Tcp { sport, .. } | L4::Udp { sport, .. } | L4::Sctp { sport, .. } => *sport,
+        _ => 0,
+    }
+}
+
+#[test]
+fn sctp_crc32c_is_recomputed_when_the_port_changes() {
+    with_env(|env| {
+        for (vip, name) in [(VIP4, "sctp4"), (VIP6, "sctp6")] {
+            let client = if vip == VIP4 { CLIENT4 } else { CLIENT6 };
+            let p = Pkt::new(
+                client.parse().unwrap(),
+                vip.parse().unwrap(),
+                L4::Sctp {
+                    sport: 5000,
+                    dport: 3868,
+                    vtag: 0,
+                    chunks: sctp_init_chunk(0x1234_5678),
+                },
+            );
+            let backend = env.expected_backend(name, sock(client, 5000));
+            assert_eq!(backend.port(), 3869);
+            let (verdict, out) = env.xdp(&p.bytes());
+            assert_eq!(verdict, XDP_REDIRECT, "{name}");
+            let want = dnat(&p, backend, env.b_mac, true).bytes();
+            assert_eq!(hex(&out), hex(&want), "{name}: output");
+            let l4 = out.len() - 32;
+            assert!(sctp_crc_ok(&out[l4..]), "{name}: CRC32c of the output");
+        }
+        // Same port: the packet keeps its (valid) CRC untouched.
+        let p = Pkt::new(
+            CLIENT4.parse().unwrap(),
+            VIP4.parse().unwrap(),
+            L4::Sctp {
+                sport: 5001,
+                dport: 3869,
+                vtag: 7,
+                chunks: vec![4, 0, 0, 4], // HEARTBEAT, empty
+            },
+        );
+        let (verdict, out) = env.xdp(&p.bytes());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let want = dnat(&p, sock("198.18.1.12", 3869), env.b_mac, true).bytes();
+        assert_eq!(hex(&out), hex(&want));
+    });
+}
+
+#[test]
+fn traffic_that_is_not_for_a_vip_passes_untouched() {
+    with_env(|env| {
+        let arp = {
+            let mut f = vec![0xffu8; 6];
+            f.extend_from_slice(&LB_MAC);
+            f.extend_from_slice(&[0x08, 0x06]);
+            f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+            f.extend_from_slice(&[0u8; 20]);
+            f
+        };
+        let (v, out) = env.xdp(&arp);
+        assert_eq!((v, out), (XDP_PASS, arp), "ARP");
+        let cases = vec![
+            Case {
+                name: "tcp4 to the LB node itself",
+                input: Pkt::tcp(CLIENT4, 40100, "198.18.0.254", 22),
+                service: None,
+                verdict: XDP_PASS,
+                output: None,
+            },
+            Case {
+                name: "tcp6 to another host",
+                input: Pkt::tcp(CLIENT6, 40101, "fd00:99::1", 443),
+                service: None,
+                verdict: XDP_PASS,
+                output: None,
+            },
+            Case {
+                name: "ping to the LB node",
+                input: Pkt::new(
+                    CLIENT4.parse().unwrap(),
+                    "198.18.0.254".parse().unwrap(),
+                    L4::Echo {
+                        id: 1,
+                        seq: 1,
+                        reply: false,
+                        payload: b"ping".to_vec(),
+                    },
+                ),
+                service: None,
+                verdict: XDP_PASS,
+                output: None,
+            },
+            Case {
+                name: "fragment of a non-VIP packet",
+                input: {
+                    let mut p = Pkt::udp(CLIENT4, 1, "198.18.0.254", 2, b"x");
+                    p.l4 = L4::Raw {
+                        proto: 17,
+                        payload: vec![0; 8],
+                    };
+                    p
+                },
+                service: None,
+                verdict: XDP_PASS,
+                output: None,
+            },
+        ];
+        check(env, cases);
+        // A frame too short to hold an IP header is not ours either.
+        let short = Pkt::tcp(CLIENT4, 1, VIP4, 80).bytes()[..20].to_vec();
+        assert_eq!(env.xdp(&short), (XDP_PASS, short.clone()));
+        let s = env.dp.maps.service_stats(0).unwrap();
+        assert_eq!(s.drops, [0; drop_reason::SLOTS], "nothing dropped");
+    });
+}
+
+/// Sets the IPv4 flags/fragment-offset field of a frame (no VLAN) and fixes the checksum.
+fn set_frag(frame: &mut [u8], value: u16) {
+    frame[20..22].copy_from_slice(&value.to_be_bytes());
+    fix_ipv4_checksum(frame);
+}
+
+fn fix_ipv4_checksum(frame: &mut [u8]) {
+    frame[24] = 0;
+    frame[25] = 0;
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..14 + ihl.max(20)])
+        .map(|h| h.to_header().calc_header_checksum());
+    if let Ok(c) = h {
+        frame[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+#[test]
+fn bad_packets_to_a_vip_are_dropped_and_counted() {
+    with_env(|env| {
+        let syn = Pkt::tcp(CLIENT4, 40200, VIP4, 80).bytes();
+        let mut cases: Vec<(&str, Vec<u8>, u32, u32)> = Vec::new();
+
+        // Truncated TCP header (IP total length says 30 bytes).
+        let mut t = syn.clone();
+        t[16..18].copy_from_slice(&30u16.to_be_bytes());
+        fix_ipv4_checksum(&mut t);
+        cases.push(("truncated tcp header", t, 0, drop_reason::MALFORMED));
+        // IHL below 5.
+        let mut t = syn.clone();
+        t[14] = 0x44;
+        cases.push(("ihl 4", t, 0, drop_reason::MALFORMED));
+        // Total length beyond the frame.
+        let mut t = syn.clone();
+        t[16..18].copy_from_slice(&1500u16.to_be_bytes());
+        fix_ipv4_checksum(&mut t);
+        cases.push((
+            "total length beyond the frame",
+            t,
+            0,
+            drop_reason::MALFORMED,
+        ));
+        // Version 6 in an IPv4 frame.
+        let mut t = syn.clone();
+        t[14] = 0x65;
+        cases.push(("wrong version", t, 0, drop_reason::MALFORMED));
+        // First fragment (MF) and a later fragment.
+        let mut t = syn.clone();
+        set_frag(&mut t, 0x2000);
+        cases.push(("first fragment", t, 0, drop_reason::FRAGMENT));
+        let mut t = syn.clone();
+        set_frag(&mut t, 0x0010);
+        cases.push(("later fragment", t, 0, drop_reason::FRAGMENT));
+        // IPv6 fragment header.
+        let frag6 = {
+            let mut p = Pkt::tcp(CLIENT6, 40201, VIP6, 80);
+            p.l4 = L4::Raw {
+                proto: 44,
+                payload: vec![6, 0, 0, 1, 0, 0, 0, 1],
+            };
+            p.bytes()
+        };
+        cases.push(("ipv6 fragment", frag6, 0, drop_reason::FRAGMENT));
+        // No service on that port / protocol.
+        cases.push((
+            "unknown port",
+            Pkt::tcp(CLIENT4, 40202, VIP4, 81).bytes(),
+            0,
+            drop_reason::NO_SERVICE,
+        ));
+        cases.push((
+            "unknown protocol",
+            {
+                let mut p = Pkt::tcp(CLIENT4, 1, VIP4, 1);
+                p.l4 = L4::Raw {
+                    proto: 47,
+                    payload: vec![0; 8],
+                };
+                p.bytes()
+            },
+            0,
+            drop_reason::NO_SERVICE,
+        ));
+        // Source outside the service's ranges (198.18.0.0/28).
+        let ranges = env.service("ranges").id;
+        cases.push((
+            "source outside the ranges",
+            Pkt::tcp("198.18.0.99", 40203, "198.18.100.11", 80).bytes(),
+            ranges,
+            drop_reason::SOURCE_NOT_ALLOWED,
+        ));
+        // Service without backends.
+        let empty = env.service("empty").id;
+        cases.push((
+            "no backend",
+            Pkt::tcp(CLIENT4, 40204, "198.18.100.13", 80).bytes(),
+            empty,
+            drop_reason::NO_BACKEND,
+        ));
+        // ICMP timestamp request to a VIP.
+        cases.push((
+            "icmp timestamp",
+            {
+                let mut p = Pkt::tcp(CLIENT4, 1, VIP4, 1);
+                p.l4 = L4::Raw {
+                    proto: 1,
+                    payload: vec![13, 0, 0xf2, 0xff, 0, 0, 0, 0],
+                };
+                p.bytes()
+            },
+            0,
+            drop_reason::ICMP_UNSUPPORTED,
+        ));
+        // Five IPv6 extension headers (more than the data plane skips).
+        cases.push((
+            "too many ipv6 extension headers",
+            {
+                let mut p = Pkt::tcp(CLIENT6, 1, VIP6, 80);
+                let mut payload = Vec::new();
+                for i in 0..5 {
+                    let next = if i == 4 { 6 } else { 60 };
+                    payload.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+                }
+                payload.extend_from_slice(&[0u8; 20]);
+                p.l4 = L4::Raw { proto: 60, payload };
+                p.bytes()
+            },
+            0,
+            drop_reason::IPV6_EXT_HEADERS,
+        ));
+
+        for (name, frame, service, reason) in cases {
+            let before = env.drops(service, reason);
+            let (v, out) = env.xdp(&frame);
+            assert_eq!(v, XDP_DROP, "{name}: verdict");
+            assert_eq!(out, frame, "{name}: a dropped frame is not modified");
+            assert_eq!(env.drops(service, reason) - before, 1, "{name}: counter");
+        }
+        // A source inside the ranges goes through.
+        let (v, _) = env.xdp(&Pkt::tcp("198.18.0.9", 40205, "198.18.100.11", 80).bytes());
+        assert_eq!(v, XDP_REDIRECT, "source inside the ranges");
+    });
+}
+
+#[test]
+fn icmp_echo_to_a_vip_is_answered() {
+    with_env(|env| {
+        for (client, vip) in [(CLIENT4, VIP4), (CLIENT6, VIP6)] {
+            let echo = |reply| L4::Echo {
+                id: 7,
+                seq: 3,
+                reply,
+                payload: b"are you there".to_vec(),
+            };
+            let p = Pkt::new(client.parse().unwrap(), vip.parse().unwrap(), echo(false));
+            let mut want = Pkt::new(vip.parse().unwrap(), client.parse().unwrap(), echo(true));
+            want.src_mac = p.dst_mac;
+            want.dst_mac = p.src_mac;
+            let before = env.datapath(datapath_stat::ICMP_ECHO_REPLY);
+            let (v, out) = env.xdp(&p.bytes());
+            assert_eq!(v, XDP_TX, "{vip}");
+            assert_eq!(hex(&out), hex(&want.bytes()), "{vip}: reply");
+            assert_eq!(env.datapath(datapath_stat::ICMP_ECHO_REPLY) - before, 1);
+        }
+    });
+}
+
+#[test]
+fn icmp_errors_about_a_flow_go_to_its_backend() {
+    with_env(|env| {
+        for (client, vip, name) in [(CLIENT4, VIP4, "tcp4"), (CLIENT6, VIP6, "tcp6")] {
+            // Open the flow, so that the error follows the connection table.
+            let syn = Pkt::tcp(client, 41000, vip, 80);
+            assert_eq!(env.xdp(&syn.bytes()).0, XDP_REDIRECT);
+            let backend = env.expected_backend(name, sock(client, 41000));
+            // A router on the way back says the reply (VIP:80 → client:41000) is too big.
+            let reply = |src: &str, sport: u16| {
+                let mut r = Pkt::tcp(src, sport, client, 41000);
+                r.l4 = L4::Tcp {
+                    sport,
+                    dport: 41000,
+                    syn: false,
+                    payload: vec![0x55; 32],
+                };
+                r.ip_bytes()
+            };
+            let router: IpAddr = if vip == VIP4 {
+                "198.18.0.77".parse().unwrap()
+            } else {
+                "fd00:18::77".parse().unwrap()
+            };
+            let err = Pkt::new(
+                router,
+                vip.parse().unwrap(),
+                L4::TooBig {
+                    mtu: 1280,
+                    quoted: reply(vip, 80),
+                },
+            );
+            let mut want = Pkt::new(
+                router,
+                backend.ip(),
+                L4::TooBig {
+                    mtu: 1280,
+                    quoted: reply(&backend.ip().to_string(), backend.port()),
+                },
+            );
+            want.src_mac = env.b_mac;
+            want.dst_mac = backend_mac(backend.ip());
+            want.ttl = 63;
+            let before = env.datapath(datapath_stat::ICMP_ERROR_TO_BACKEND);
+            let (v, out) = env.xdp(&err.bytes());
+            assert_eq!(v, XDP_REDIRECT, "{name}");
+            assert_eq!(
+                hex(&out),
+                hex(&want.bytes()),
+                "{name}: error rewritten for the backend"
+            );
+            assert_eq!(
+                env.datapath(datapath_stat::ICMP_ERROR_TO_BACKEND) - before,
+                1
+            );
+        }
+    });
+}
+
+#[test]
+fn replies_get_the_vip_back_as_their_source() {
+    with_env(|env| {
+        // (service, client, vip, request, reply from the backend)
+        let flows: Vec<(&str, Pkt)> = vec![
+            ("tcp4", Pkt::tcp(CLIENT4, 42001, VIP4, 80)),
+            ("udp4", Pkt::udp(CLIENT4, 42002, VIP4, 53, b"q")),
+            ("tcp6", Pkt::tcp(CLIENT6, 42003, VIP6, 80)),
+            ("udp6", Pkt::udp(CLIENT6, 42004, VIP6, 53, b"q")),
+            (
+                "sctp4",
+                Pkt::new(
+                    CLIENT4.parse().unwrap(),
+                    VIP4.parse().unwrap(),
+                    L4::Sctp {
+                        sport: 42005,
+                        dport: 3868,
+                        vtag: 0,
+                        chunks: sctp_init_chunk(9),
+                    },
+                ),
+            ),
+        ];
+        for (name, req) in flows {
+            assert_eq!(env.xdp(&req.bytes()).0, XDP_REDIRECT, "{name}: request");
+            let client = SocketAddr::new(req.src, sport(&req));
+            let backend = env.expected_backend(name, client);
+            let vport = env.service(name).spec.frontend.port;
+            let reply_l4 = |sport: u16| match &req.l4 {
+                L4::Tcp { .. } => L4::Tcp {
+                    sport,
+                    dport: client.port(),
+                    syn: false,
+                    payload: b"HTTP/1.1 200 OK\r\n\r\nhello".to_vec(),
+                },
+                L4::Udp { .. } => L4::Udp {
+                    sport,
+                    dport: client.port(),
+                    payload: b"answer".to_vec(),
+                    no_checksum: false,
+                },
+                _ => L4::Sctp {
+                    sport,
+                    dport: client.port(),
+                    vtag: 9,
+                    chunks: vec![2, 0, 0, 20, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1],
+                },
+            };
+            let mut reply = Pkt::new(backend.ip(), client.ip(), reply_l4(backend.port()));
+            reply.src_mac = LB_MAC;
+            reply.dst_mac = [0x02, 0, 0, 0, 0, 0x01];
+            let mut want = reply.clone();
+            want.src = req.dst;
+            want.l4 = reply_l4(vport);
+            let id = env.service(name).id;
+            let before = env.dp.maps.service_stats(id).unwrap();
+            let (v, out) = env.tc(&reply.bytes());
+            assert_eq!(v, TC_ACT_OK, "{name}");
+            assert_eq!(hex(&out), hex(&want.bytes()), "{name}: reply rewritten");
+            if name == "sctp4" {
+                assert!(sctp_crc_ok(&out[34..]), "sctp reply CRC");
+            }
+            let after = env.dp.maps.service_stats(id).unwrap();
+            assert_eq!(
+                after.packets_out - before.packets_out,
+                1,
+                "{name}: packets out"
+            );
+            let ip_len = want.ip_bytes().len() as u64;
+            assert_eq!(
+                after.bytes_out - before.bytes_out,
+                ip_len,
+                "{name}: bytes out"
+            );
+        }
+        // A packet of no flow leaves as it is.
+        let other = Pkt::tcp("198.18.1.11", 8080, CLIENT4, 49999).bytes();
+        assert_eq!(env.tc(&other), (TC_ACT_OK, other.clone()));
+        let frame = sctp_packet(1, 2, 3, &[]);
+        assert!(sctp_crc_ok(&frame));
+    });
+}
+
+#[test]
+fn flows_stay_on_their_backend_and_move_only_when_it_goes() {
+    with_env(|env| {
+        // 200 flows to tcp4; remember where each went.
+        let flows: Vec<Pkt> = (0..200)
+            .map(|i| Pkt::tcp(CLIENT4, 43000 + i, VIP4, 80))
+            .collect();
+        let dest = |env: &Env, p: &Pkt| {
+            let (v, out) = env.xdp(&p.bytes());
+            assert_eq!(v, XDP_REDIRECT);
+            let ip = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+            match (ip.net, ip.transport) {
+                (Some(etherparse::NetSlice::Ipv4(h)), Some(etherparse::TransportSlice::Tcp(t))) => {
+                    SocketAddr::new(
+                        IpAddr::V4(h.header().destination_addr()),
+                        t.destination_port(),
+                    )
+                }
+                _ => panic!("not tcp4"),
+            }
+        };
+        let first: Vec<SocketAddr> = flows.iter().map(|p| dest(env, p)).collect();
+        for (p, d) in flows.iter().zip(&first) {
+            assert_eq!(
+                *d,
+                env.expected_backend("tcp4", SocketAddr::new(p.src, sport(p)))
+            );
+        }
+        // Established: same backend again, no new flow counted.
+        let id = env.service("tcp4").id;
+        let new_before = env.dp.maps.service_stats(id).unwrap().new_flows;
+        for (p, d) in flows.iter().zip(&first) {
+            assert_eq!(dest(env, p), *d);
+        }
+        assert_eq!(env.dp.maps.service_stats(id).unwrap().new_flows, new_before);
+
+        // Remove 198.18.1.12: its flows are steered again (to the others), the others stay.
+        let mut d = desired();
+        let s = d.services.iter_mut().find(|s| s.name == "tcp4").unwrap();
+        s.backends.retain(|b| b.addr != sock("198.18.1.12", 8080));
+        env.prog.apply(&d, &mut env.dp.maps).unwrap();
+        let gone = sock("198.18.1.12", 8080);
+        let resteered_before = env.datapath(datapath_stat::FLOW_RESTEERED);
+        let mut moved = 0;
+        for (p, d) in flows.iter().zip(&first) {
+            let now = dest(env, p);
+            assert_ne!(now, gone);
+            if *d == gone {
+                moved += 1;
+            } else {
+                assert_eq!(now, *d, "a flow on a surviving backend stayed");
+            }
+        }
+        assert!(
+            moved > 30,
+            "some flows were on the removed backend ({moved})"
+        );
+        assert_eq!(
+            env.datapath(datapath_stat::FLOW_RESTEERED) - resteered_before,
+            moved
+        );
+
+        // Drain (weight 0): existing flows stay on it, new ones avoid it.
+        let mut d = desired();
+        let s = d.services.iter_mut().find(|s| s.name == "tcp4").unwrap();
+        for b in &mut s.backends {
+            if b.addr == sock("198.18.1.13", 8080) {
+                b.weight = 0;
+            }
+        }
+        env.prog.apply(&d, &mut env.dp.maps).unwrap();
+        let on13: Vec<&Pkt> = flows
+            .iter()
+            .zip(&first)
+            .filter(|(_, d)| **d == sock("198.18.1.13", 8080))
+            .map(|(p, _)| p)
+            .collect();
+        assert!(!on13.is_empty());
+        for p in on13 {
+            assert_eq!(
+                dest(env, p),
+                sock("198.18.1.13", 8080),
+                "a draining backend keeps its flows"
+            );
+        }
+        for i in 0..100 {
+            let p = Pkt::tcp(CLIENT4, 44000 + i, VIP4, 80);
+            assert_ne!(
+                dest(env, &p),
+                sock("198.18.1.13", 8080),
+                "no new flow to a draining backend"
+            );
+        }
+    });
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend() {
+    with_env(|env| {
+        let first = env.xdp(&Pkt::tcp(CLIENT4, 45000, "198.18.100.12", 80).bytes());
+        assert_eq!(first.0, XDP_REDIRECT);
+        let hits_before = env.datapath(datapath_stat::AFFINITY_HIT);
+        for port in 45001..45050 {
+            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, port, "198.18.100.12", 80).bytes());
+            assert_eq!(v, XDP_REDIRECT);
+            // Same destination bytes (address and port) as the first flow.
+            assert_eq!(out[30..34], first.1[30..34], "same backend address");
+            assert_eq!(out[36..38], first.1[36..38], "same backend port");
+        }
+        assert_eq!(env.datapath(datapath_stat::AFFINITY_HIT) - hits_before, 49);
+        // The first flow went where the client hash says.
+        let want = env.expected_backend("sticky", sock(CLIENT4, 45000));
+        let got = IpAddr::V4([first.1[30], first.1[31], first.1[32], first.1[33]].into());
+        assert_eq!(got, want.ip());
+        // Other clients spread over the backends.
+        let mut seen = std::collections::BTreeSet::new();
+        for c in 1..60u8 {
+            let (_, out) =
+                env.xdp(&Pkt::tcp(&format!("198.18.5.{c}"), 1000, "198.18.100.12", 80).bytes());
+            seen.insert(out[33]);
+        }
+        assert_eq!(seen.len(), 3, "clients spread over all three backends");
+    });
+}
+
+#[test]
+fn ethernet_padding_is_kept_and_not_counted() {
+    with_env(|env| {
+        // A 42-byte UDP frame padded to the 60-byte Ethernet minimum.
+        let p = Pkt::udp(CLIENT4, 46000, VIP4, 53, b"");
+        let mut frame = p.bytes();
+        assert_eq!(frame.len(), 42);
+        frame.resize(60, 0);
+        let backend = env.expected_backend("udp4", sock(CLIENT4, 46000));
+        let mut want = dnat(&p, backend, env.b_mac, true).bytes();
+        want.resize(60, 0);
+        let id = env.service("udp4").id;
+        let before = env.dp.maps.service_stats(id).unwrap().bytes_in;
+        let (v, out) = env.xdp(&frame);
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(hex(&out), hex(&want));
+        assert_eq!(env.dp.maps.service_stats(id).unwrap().bytes_in - before, 28);
+    });
+}
