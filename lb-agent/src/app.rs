@@ -17,7 +17,11 @@ use crate::{
 const FILE_POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(source: Source) -> anyhow::Result<()> {
-    let config = source.load()?;
+    // Signal handlers first: a SIGHUP or SIGTERM sent as soon as /readyz answers must be seen.
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let (config, fingerprint) = source.load_with_fingerprint()?;
     info!(
         config = %source,
         services = config.desired.services.len(),
@@ -54,18 +58,16 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
         "data plane programmed; ready"
     );
 
+    state.note_config(Ok(()));
     let mut agent = Agent {
+        api: state.clone(),
         source,
         current: config,
-        fingerprint: None,
+        fingerprint,
         programmer,
         datapath,
     };
-    agent.fingerprint = agent.source.fingerprint();
 
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut poll = tokio::time::interval(FILE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -74,7 +76,6 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
             _ = poll.tick() => {
                 let now = agent.source.fingerprint();
                 if now.is_some() && now != agent.fingerprint {
-                    agent.fingerprint = now;
                     agent.reload("config file changed");
                 }
             }
@@ -96,6 +97,7 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
 }
 
 struct Agent {
+    api: ApiState,
     source: Source,
     current: Config,
     fingerprint: Option<Vec<u8>>,
@@ -106,13 +108,19 @@ struct Agent {
 impl Agent {
     /// Loads the config again and applies the difference; a refused config changes nothing.
     fn reload(&mut self, why: &str) {
-        let new = match self.source.load() {
-            Ok(c) => c,
+        let new = match self.source.load_with_fingerprint() {
+            Ok((c, fingerprint)) => {
+                self.fingerprint = fingerprint;
+                c
+            }
             Err(e) => {
+                // Do not retry the same broken file every second; wait for it to change.
+                self.fingerprint = self.source.fingerprint();
                 error!(
                     reason = why,
                     "config reload refused; the previous config stays:\n{e}"
                 );
+                self.api.note_config(Err(e.to_string()));
                 return;
             }
         };
@@ -122,6 +130,8 @@ impl Agent {
                 field,
                 "config reload refused: this field only changes with a restart; the previous config stays"
             );
+            self.api
+                .note_config(Err(format!("{field} only changes with a restart")));
             return;
         }
         let started = std::time::Instant::now();
@@ -140,9 +150,11 @@ impl Agent {
                     warn!("{e}");
                 }
                 self.current = new;
+                self.api.note_config(Ok(()));
             }
             Err(e) => {
                 error!(reason = why, error = %e, "applying the new config failed; rolling back");
+                self.api.note_config(Err(e.to_string()));
                 match self
                     .programmer
                     .apply(&self.current.desired, &mut self.datapath.maps)

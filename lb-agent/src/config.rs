@@ -301,9 +301,23 @@ pub enum Source {
 
 impl Source {
     pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_with_fingerprint().map(|(c, _)| c)
+    }
+
+    /// The config and the bytes it was parsed from (what [`fingerprint`](Self::fingerprint)
+    /// compares), read once so that the two always match.
+    pub fn load_with_fingerprint(&self) -> Result<(Config, Option<Vec<u8>>), ConfigError> {
         match self {
-            Self::File(p) => Config::load(p),
-            Self::Embedded => Config::default_config(),
+            Self::File(p) => {
+                let file = p.display().to_string();
+                let bytes = std::fs::read(p).map_err(|source| ConfigError::Read {
+                    file: file.clone(),
+                    source,
+                })?;
+                let text = String::from_utf8_lossy(&bytes);
+                Ok((Config::parse(&text, &file)?, Some(bytes)))
+            }
+            Self::Embedded => Ok((Config::default_config()?, None)),
         }
     }
 

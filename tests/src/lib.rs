@@ -1,5 +1,12 @@
 //! weir's test lab: network namespaces made and removed by each test, real servers and
 //! clients inside them, the real agent binary, and test frames.
 
+pub mod agent;
+pub mod clients;
+pub mod lab;
 pub mod netns;
 pub mod packets;
+pub mod predict;
+pub mod sctp;
+pub mod servers;
+pub mod xdp;

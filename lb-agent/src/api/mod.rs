@@ -9,7 +9,8 @@ use std::{
     },
 };
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde::Serialize;
 use tokio::net::TcpListener;
 
 /// Readiness latches: ready only when every one is set (linkerd's pattern).
@@ -39,16 +40,64 @@ impl Readiness {
     }
 }
 
+/// What the last config load did, for `/api/v1/status`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ConfigStatus {
+    /// Configs applied since start (the first one is 1).
+    pub generation: u64,
+    /// Reloads refused or failed since start.
+    pub reload_failures: u64,
+    /// The error of the last reload attempt, when it failed.
+    pub last_error: Option<String>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ApiState {
     pub readiness: Readiness,
+    pub config: Arc<std::sync::Mutex<ConfigStatus>>,
+}
+
+impl ApiState {
+    /// Records the outcome of loading a config: a new generation, or a failure.
+    pub fn note_config(&self, result: Result<(), String>) {
+        let mut c = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                c.generation += 1;
+                c.last_error = None;
+            }
+            Err(e) => {
+                c.reload_failures += 1;
+                c.last_error = Some(e);
+            }
+        }
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/api/v1/status", get(status))
         .with_state(state)
+}
+
+#[derive(Serialize)]
+struct Status {
+    ready: bool,
+    config: ConfigStatus,
+}
+
+async fn status(State(s): State<ApiState>) -> Json<Status> {
+    let config = s
+        .config
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    Json(Status {
+        ready: s.readiness.is_ready(),
+        config,
+    })
 }
 
 async fn readyz(State(s): State<ApiState>) -> (StatusCode, String) {
@@ -114,5 +163,12 @@ mod tests {
         s.readiness.programmed.store(true, Ordering::Release);
         assert_eq!(get(&s, "/readyz").await, (StatusCode::OK, "ok\n".into()));
         assert_eq!(get(&s, "/nope").await.0, StatusCode::NOT_FOUND);
+        s.config.lock().unwrap().generation = 3;
+        let (code, body) = get(&s, "/api/v1/status").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(
+            body,
+            r#"{"ready":true,"config":{"generation":3,"reload_failures":0,"last_error":null}}"#
+        );
     }
 }

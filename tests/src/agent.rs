@@ -1,0 +1,185 @@
+//! The real `lb-agent` binary, run inside a namespace.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use crate::{clients, lab::Proc, netns::Netns};
+
+/// The agent binary: `WEIR_AGENT_BIN`, or built once with the cargo that runs the tests.
+pub fn agent_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("WEIR_AGENT_BIN") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "lb-agent",
+                "--bin",
+                "lb-agent",
+                "--message-format=json-render-diagnostics",
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build for lb-agent");
+        assert!(out.status.success(), "cargo build -p lb-agent failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "lb-agent")
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo did not report the lb-agent executable")
+    })
+    .clone()
+}
+
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Agent {
+    proc: Proc,
+    /// The config file; None when the agent runs on its embedded default.
+    pub config: Option<PathBuf>,
+    pub log: PathBuf,
+    pub admin: SocketAddr,
+}
+
+impl Agent {
+    /// Writes `config` into `dir` and starts `lb-agent run --config` in `ns` (or with the
+    /// embedded default config when `config` is None).
+    pub fn start(ns: &Netns, dir: &Path, config: Option<&str>) -> Self {
+        let path = dir.join("weir.yaml");
+        let log = dir.join("agent.log");
+        let bin = agent_binary();
+        let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
+        cmd.arg("run");
+        let config = config.map(|text| {
+            std::fs::write(&path, text).expect("write config");
+            cmd.arg("--config").arg(&path);
+            path
+        });
+        let logfile = std::fs::File::create(&log).expect("agent log");
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logfile.try_clone().expect("log"))
+            .stderr(logfile)
+            .spawn()
+            .expect("start lb-agent");
+        Self {
+            proc: Proc { child },
+            config,
+            log,
+            admin: "127.0.0.1:9300".parse().expect("admin"),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the admin API, from inside `ns`.
+    pub fn get(&self, ns: &Netns, path: &str) -> Option<(u16, String)> {
+        let admin = self.admin;
+        ns.run_in(|| clients::http_get(None, admin, path, Duration::from_secs(2)).ok())
+            .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
+    }
+
+    /// Waits until /readyz answers 200; panics with the log if the agent exits first.
+    pub fn wait_ready(&mut self, ns: &Netns) {
+        wait_for(Duration::from_secs(30), "the agent to be ready", || {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
+                panic!("lb-agent exited ({status}):\n{}", self.log_text());
+            }
+            match self.get(ns, "/readyz") {
+                Some((200, _)) => Some(()),
+                _ => None,
+            }
+        });
+    }
+
+    /// `/api/v1/status` as JSON.
+    pub fn status(&self, ns: &Netns) -> serde_json::Value {
+        let (code, body) = self.get(ns, "/api/v1/status").expect("status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    fn counts(&self, ns: &Netns) -> (u64, u64) {
+        let s = self.status(ns);
+        (
+            s["config"]["generation"].as_u64().unwrap_or(0),
+            s["config"]["reload_failures"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Writes a new config and sends SIGHUP; waits until the agent applied it (`Ok`) or
+    /// refused it (`Err` with its error).
+    pub fn reload(&self, ns: &Netns, config: &str) -> Result<(), String> {
+        let path = self
+            .config
+            .as_ref()
+            .expect("reload needs an agent started with a config file");
+        let before = self.counts(ns);
+        std::fs::write(path, config).expect("write config");
+        self.signal(libc::SIGHUP);
+        let after = wait_for(Duration::from_secs(10), "the reload", || {
+            let now = self.counts(ns);
+            (now != before).then_some(now)
+        });
+        if after.1 > before.1 {
+            Err(self.status(ns)["config"]["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.proc.pid() as libc::pid_t, sig) };
+        assert_eq!(r, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        wait_for(Duration::from_secs(10), "the agent to exit", || {
+            self.proc.child.try_wait().ok().flatten()
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- lb-agent log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}

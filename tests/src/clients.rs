@@ -1,0 +1,154 @@
+//! Clients for the lab: real sockets, made inside a namespace by the caller (`Netns::run_in`).
+
+use std::{
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use socket2::{Domain, Socket, Type};
+
+/// A finished HTTP exchange.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub backend: String,
+    pub body: Vec<u8>,
+    /// The client's address and port of the connection.
+    pub local: SocketAddr,
+}
+
+/// A TCP connection from `local` (port 0: any) to `dst`.
+pub fn connect(
+    local: Option<SocketAddr>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    if let Some(l) = local {
+        s.set_reuse_address(true)?;
+        s.bind(&l.into())?;
+    }
+    s.connect_timeout(&dst.into(), timeout)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// `GET path` over a new connection.
+pub fn http_get(
+    local: Option<SocketAddr>,
+    dst: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<Response> {
+    let mut s = connect(local, dst, timeout)?;
+    let local = s.local_addr()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: weir-lab\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let body = raw[split + 4..].to_vec();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line: {head}")))?;
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let backend = header("x-backend").unwrap_or_default();
+    let len: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other("no Content-Length"))?;
+    if body.len() != len {
+        return Err(io::Error::other(format!(
+            "body has {} bytes, header says {len}",
+            body.len()
+        )));
+    }
+    Ok(Response {
+        status,
+        backend,
+        body,
+        local,
+    })
+}
+
+/// A long-lived connection in the servers' ECHO mode.
+pub struct Echo {
+    pub backend: String,
+    pub local: SocketAddr,
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Echo {
+    pub fn open(dst: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let mut stream = connect(None, dst, timeout)?;
+        stream.write_all(b"ECHO\n")?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let backend = line
+            .trim_end()
+            .strip_prefix("backend=")
+            .ok_or_else(|| io::Error::other(format!("unexpected greeting {line:?}")))?
+            .to_string();
+        Ok(Self {
+            backend,
+            local: stream.local_addr()?,
+            stream,
+            reader,
+        })
+    }
+
+    /// Sends a line and reads it back.
+    pub fn round_trip(&mut self, text: &str) -> io::Result<()> {
+        writeln!(self.stream, "{text}")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        if line.trim_end() != text {
+            return Err(io::Error::other(format!("echoed {line:?}, sent {text:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// One UDP request from `local` to `dst`; the reply's backend name and payload.
+pub fn udp_request(
+    local: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> io::Result<(String, Vec<u8>, SocketAddr)> {
+    let s = UdpSocket::bind(local)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(payload, dst)?;
+    let mut buf = [0u8; 65536];
+    let (n, from) = s.recv_from(&mut buf)?;
+    let text = &buf[..n];
+    let space = text
+        .iter()
+        .position(|b| *b == b' ')
+        .ok_or_else(|| io::Error::other("no backend in the reply"))?;
+    let backend = String::from_utf8_lossy(&text[..space])
+        .trim_start_matches("backend=")
+        .to_string();
+    Ok((backend, text[space + 1..].to_vec(), from))
+}

@@ -1,0 +1,223 @@
+//! The standalone lab: a client namespace, an LB node and N backend namespaces.
+//!
+//! ```text
+//!  client (198.18.0.1, fd00:18::1)                 backend i (198.18.1.1<i>, fd00:1::1<i>)
+//!    eth0 ──── eth-c  [LB node: XDP in, TC out]  eth-b<i> ──── eth0   (one veth per backend)
+//!          198.18.0.254                         198.18.1.1/32, fd00:1::1/128 on each eth-b<i>
+//! ```
+//! The client routes the VIPs (198.18.100.0/24, fd00:100::/64) to the LB node; the LB node is
+//! every backend's gateway and routes each backend's /32 and /128 to its veth. The addresses
+//! match `examples/standalone.yaml`, the agent's embedded default.
+//!
+//! Two lab-only settings, because veth is not a NIC: the client's veth computes checksums in
+//! software (`tx off`: a real NIC delivers complete checksums, a veth hands partial ones from
+//! a local stack, which XDP cannot fix up); the backends' veths have GRO on, which gives them
+//! the NAPI context that receiving XDP redirects needs; and the client's veth runs `lab_pass`,
+//! because a veth picks up frames sent back with XDP_TX only when it runs XDP itself.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use crate::netns::{Netns, veth};
+
+pub const CLIENT_V4: &str = "198.18.0.1";
+pub const CLIENT_V6: &str = "fd00:18::1";
+pub const LB_V4: &str = "198.18.0.254";
+pub const LB_V6: &str = "fd00:18::fe";
+pub const VIP_V4: &str = "198.18.100.10";
+pub const VIP_V6: &str = "fd00:100::10";
+
+pub const HTTP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 7007;
+pub const SCTP_PORT: u16 = 3869;
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Backend {
+    pub name: String,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+    pub server: Option<Proc>,
+    pub ns: Netns,
+}
+
+impl Backend {
+    pub fn http(&self) -> SocketAddr {
+        SocketAddr::new(self.v4, HTTP_PORT)
+    }
+}
+
+/// A scratch directory removed on drop (kept when `WEIR_LAB_KEEP` is set).
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+static SCRATCH: AtomicU32 = AtomicU32::new(0);
+
+impl Scratch {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "weir-lab-{}-{}",
+            std::process::id(),
+            SCRATCH.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("WEIR_LAB_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Fields drop in order: servers (inside `backends`) before the namespaces they run in.
+pub struct Lab {
+    /// `lab_pass` on the client's veth, so that it receives the frames weir sends back with
+    /// XDP_TX (ICMP echo replies): a veth only picks those up when it runs XDP itself.
+    pub client_xdp: crate::xdp::LabXdp,
+    pub backends: Vec<Backend>,
+    pub client: Netns,
+    pub lb: Netns,
+    pub dir: Scratch,
+}
+
+impl Lab {
+    /// The lab with `n` backends (1..=9), no servers yet.
+    pub fn new(n: usize) -> Self {
+        assert!((1..=9).contains(&n));
+        let client = Netns::new("client");
+        let lb = Netns::new("lb");
+        veth(&client, "eth0", &lb, "eth-c");
+        client.ip(&format!("addr add {CLIENT_V4}/24 dev eth0"));
+        client.ip(&format!("addr add {CLIENT_V6}/64 dev eth0 nodad"));
+        client.ip(&format!("route add 198.18.100.0/24 via {LB_V4}"));
+        client.ip(&format!("route add fd00:100::/64 via {LB_V6}"));
+        client.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+        lb.ip(&format!("addr add {LB_V4}/24 dev eth-c"));
+        lb.ip(&format!("addr add {LB_V6}/64 dev eth-c nodad"));
+        lb.sysctl("net.ipv4.ip_forward", "1");
+        lb.sysctl("net.ipv6.conf.all.forwarding", "1");
+        lb.sysctl("net.ipv4.conf.all.rp_filter", "0");
+
+        let mut backends = Vec::new();
+        for i in 1..=n {
+            let name = format!("b{i}");
+            let ns = Netns::new(&name);
+            let lb_if = format!("eth-b{i}");
+            veth(&lb, &lb_if, &ns, "eth0");
+            let v4 = format!("198.18.1.{}", 10 + i);
+            let v6 = format!("fd00:1::{}", 10 + i);
+            ns.ip(&format!("addr add {v4}/24 dev eth0"));
+            ns.ip(&format!("addr add {v6}/64 dev eth0 nodad"));
+            ns.ip("route add default via 198.18.1.1");
+            ns.ip("-6 route add default via fd00:1::1");
+            ns.exec(&["ethtool", "-K", "eth0", "gro", "on"]);
+            lb.ip(&format!("addr add 198.18.1.1/32 dev {lb_if}"));
+            lb.ip(&format!("addr add fd00:1::1/128 dev {lb_if} nodad"));
+            lb.ip(&format!("route add {v4}/32 dev {lb_if}"));
+            lb.ip(&format!("-6 route add {v6}/128 dev {lb_if}"));
+            backends.push(Backend {
+                name,
+                v4: v4.parse().expect("v4"),
+                v6: v6.parse().expect("v6"),
+                server: None,
+                ns,
+            });
+        }
+        Self {
+            client_xdp: crate::xdp::LabXdp::attach(&client, "eth0", "lab_pass"),
+            backends,
+            client,
+            lb,
+            dir: Scratch::new(),
+        }
+    }
+
+    /// Starts `weir-lab serve` (HTTP 8080, UDP echo 7007, SCTP 3869, IPv4 and IPv6) in every
+    /// backend and waits until each has bound its sockets. `bin` is the `weir-lab` binary.
+    pub fn start_servers(&mut self, bin: &Path) {
+        for i in 0..self.backends.len() {
+            self.start_server(bin, i);
+        }
+    }
+
+    pub fn start_server(&mut self, bin: &Path, i: usize) {
+        let b = &mut self.backends[i];
+        let bin = bin.to_str().expect("utf-8 path");
+        let mut cmd = b.ns.command(bin);
+        cmd.arg("serve").args(["--name", &b.name]);
+        for ip in [b.v4, b.v6] {
+            cmd.args(["--http", &SocketAddr::new(ip, HTTP_PORT).to_string()]);
+            cmd.args(["--udp", &SocketAddr::new(ip, UDP_PORT).to_string()]);
+            cmd.args(["--sctp", &SocketAddr::new(ip, SCTP_PORT).to_string()]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin} serve: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        assert_eq!(line.trim(), "ready", "server {} did not start", b.name);
+        b.server = Some(Proc { child });
+    }
+
+    /// SIGKILLs backend `i`'s server.
+    pub fn kill_server(&mut self, i: usize) {
+        if let Some(mut p) = self.backends[i].server.take() {
+            p.kill();
+        }
+    }
+
+    /// The backend called `name`.
+    pub fn backend(&self, name: &str) -> &Backend {
+        self.backends
+            .iter()
+            .find(|b| b.name == name)
+            .unwrap_or_else(|| panic!("no backend {name}"))
+    }
+
+    /// The LB interfaces, as `node.interfaces` lists them.
+    pub fn interfaces(&self) -> Vec<String> {
+        let mut v = vec!["eth-c".to_string()];
+        v.extend((1..=self.backends.len()).map(|i| format!("eth-b{i}")));
+        v
+    }
+}

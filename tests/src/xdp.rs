@@ -1,0 +1,43 @@
+//! The lab's own XDP programs (`tests/ebpf`): attached to lab interfaces, detached on drop.
+
+use aya::{
+    Ebpf,
+    maps::PerCpuArray,
+    programs::{Xdp, XdpMode},
+};
+
+use crate::netns::Netns;
+
+pub static LAB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-lab-ebpf"));
+
+/// One of the lab programs, attached in native mode to an interface of a namespace.
+pub struct LabXdp {
+    ebpf: Ebpf,
+}
+
+impl LabXdp {
+    /// Attaches `program` (`lab_pass`, `lab_sink`) to `iface` in `ns`.
+    pub fn attach(ns: &Netns, iface: &str, program: &str) -> Self {
+        ns.run_in(|| {
+            let mut ebpf = Ebpf::load(LAB_OBJECT).expect("load the lab object");
+            let p: &mut Xdp = ebpf
+                .program_mut(program)
+                .unwrap_or_else(|| panic!("no program {program}"))
+                .try_into()
+                .expect("an XDP program");
+            p.load().expect("load");
+            p.attach(iface, XdpMode::Driver)
+                .unwrap_or_else(|e| panic!("attach {program} to {iface}: {e}"));
+            Self { ebpf }
+        })
+    }
+
+    /// Frames and bytes `lab_sink` has received.
+    pub fn sink_counts(&self) -> (u64, u64) {
+        let m: PerCpuArray<_, [u64; 2]> =
+            PerCpuArray::try_from(self.ebpf.map("SINK").expect("SINK map")).expect("per-CPU array");
+        let v = m.get(&0, 0).expect("SINK[0]");
+        v.iter().fold((0, 0), |(f, b), c| (f + c[0], b + c[1]))
+    }
+}

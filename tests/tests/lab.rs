@@ -1,0 +1,486 @@
+//! End-to-end tests in the netns lab (see `weir_lab::lab`): the real `lb-agent` binary on the
+//! LB node with its embedded default config (or an edited copy), real servers in three backend
+//! namespaces, real TCP/UDP/SCTP/ICMP clients in the client namespace.
+//!
+//! Every flow is checked against the backend the agent's own Maglev code predicts for its
+//! 5-tuple (`weir_lab::predict`); clients bind fixed source ports so runs are deterministic.
+//! Needs root; every test builds and removes its own namespaces.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use lb_agent::config::DEFAULT_CONFIG;
+use weir_lab::{
+    agent::Agent,
+    clients::{self, Echo},
+    lab::*,
+    predict::{Predictor, lab_name},
+    sctp,
+    servers::pattern,
+};
+
+const T: Duration = Duration::from_secs(3);
+
+fn server_bin() -> &'static std::path::Path {
+    env!("CARGO_BIN_EXE_weir-lab").as_ref()
+}
+
+/// A lab with servers and a ready agent running `config` (None: the embedded default).
+fn lab_with_agent(config: Option<&str>) -> (Lab, Agent) {
+    let mut lab = Lab::new(3);
+    lab.start_servers(server_bin());
+    let mut agent = Agent::start(&lab.lb, &lab.dir.path, config);
+    agent.wait_ready(&lab.lb);
+    (lab, agent)
+}
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// GETs from `client` ports `ports` to `vip`, 8 at a time: (port, backend) for each.
+fn get_all(
+    lab: &Lab,
+    client: &str,
+    ports: std::ops::Range<u16>,
+    vip: SocketAddr,
+) -> Vec<(u16, String)> {
+    let client: IpAddr = client.parse().unwrap();
+    let ports: Vec<u16> = ports.collect();
+    lab.client.run_in(|| {
+        thread::scope(|s| {
+            let workers: Vec<_> = ports
+                .chunks(ports.len().div_ceil(8))
+                .map(|chunk| {
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for &port in chunk {
+                            let big = port % 10 == 0;
+                            let path = if big {
+                                "/bytes/30000".to_string()
+                            } else {
+                                format!("/tok-{port}")
+                            };
+                            let r = clients::http_get(
+                                Some(SocketAddr::new(client, port)),
+                                vip,
+                                &path,
+                                T,
+                            )
+                            .unwrap_or_else(|e| panic!("GET {vip}{path} from port {port}: {e}"));
+                            assert_eq!(r.status, 200);
+                            if big {
+                                assert_eq!(r.body.len(), 30000, "port {port}");
+                                assert!(
+                                    r.body.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+                                    "port {port}: body bytes"
+                                );
+                            } else {
+                                assert_eq!(
+                                    String::from_utf8_lossy(&r.body),
+                                    format!("backend={} path={path}\n", r.backend),
+                                    "port {port}"
+                                );
+                            }
+                            out.push((port, r.backend));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        })
+    })
+}
+
+fn shares(results: &[(u16, String)]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, b) in results {
+        *m.entry(b.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// Requests each backend's server counted (asked directly, from the LB node).
+fn backend_requests(lab: &Lab) -> BTreeMap<String, u64> {
+    lab.backends
+        .iter()
+        .map(|b| {
+            let addr = b.http();
+            let r = lab
+                .lb
+                .run_in(|| clients::http_get(None, addr, "/_stats", T))
+                .expect("stats");
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            let n = text
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("requests="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("requests=");
+            // This request itself was counted too.
+            (b.name.clone(), n - 1)
+        })
+        .collect()
+}
+
+#[test]
+fn a_thousand_tcp_connections_carry_their_data_and_follow_maglev() {
+    let (lab, _agent) = lab_with_agent(None);
+    let pred = Predictor::new(DEFAULT_CONFIG);
+    let vip = sa(VIP_V4, 80);
+    let results = get_all(&lab, CLIENT_V4, 20000..21020, vip);
+    assert_eq!(results.len(), 1020);
+    for (port, backend) in &results {
+        assert_eq!(
+            *backend,
+            pred.backend_name("web", sa(CLIENT_V4, *port)),
+            "port {port} went elsewhere than Maglev says"
+        );
+    }
+    let s = shares(&results);
+    assert_eq!(s.len(), 3, "{s:?}");
+    for n in s.values() {
+        // Maglev gives each backend a third of the table: within 5 percentage points.
+        assert!((290..=390).contains(n), "shares {s:?}");
+    }
+    // The backends saw exactly these requests.
+    let counted = backend_requests(&lab);
+    for (name, n) in &s {
+        assert_eq!(counted[name], *n as u64, "requests counted at {name}");
+    }
+}
+
+#[test]
+fn udp_ipv6_and_sctp_reach_the_predicted_backend() {
+    let (lab, _agent) = lab_with_agent(None);
+    let pred = Predictor::new(DEFAULT_CONFIG);
+
+    // UDP echo: the reply comes back from the VIP and port, with the payload.
+    let vip = sa(VIP_V4, 7);
+    let replies = lab.client.run_in(|| {
+        (0..100u16)
+            .map(|i| {
+                let local = sa(CLIENT_V4, 30000 + i);
+                let payload = format!("ping-{i}");
+                let (backend, echoed, from) =
+                    clients::udp_request(local, vip, payload.as_bytes(), T)
+                        .unwrap_or_else(|e| panic!("UDP from {local}: {e}"));
+                assert_eq!(echoed, payload.as_bytes());
+                assert_eq!(from, vip, "the reply's source is the VIP");
+                (local, backend)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (local, backend) in &replies {
+        assert_eq!(
+            *backend,
+            pred.backend_name("echo-udp", *local),
+            "UDP from {local}"
+        );
+    }
+    assert_eq!(
+        shares(
+            &replies
+                .iter()
+                .map(|(l, b)| (l.port(), b.clone()))
+                .collect::<Vec<_>>()
+        )
+        .len(),
+        3
+    );
+
+    // TCP over IPv6.
+    let vip6 = sa(VIP_V6, 80);
+    let results = get_all(&lab, CLIENT_V6, 31000..31200, vip6);
+    for (port, backend) in &results {
+        assert_eq!(
+            *backend,
+            pred.backend_name("web6", sa(CLIENT_V6, *port)),
+            "IPv6 port {port}"
+        );
+    }
+    assert_eq!(shares(&results).len(), 3);
+
+    // SCTP: INIT → INIT-ACK from the VIP, with a valid CRC32c (Packet::parse checks it).
+    let vip = sa(VIP_V4, 3868);
+    let acks = lab.client.run_in(|| {
+        (0..30u16)
+            .map(|i| {
+                let port = 32000 + i;
+                let ack = sctp::init(CLIENT_V4.parse().unwrap(), port, vip, T)
+                    .unwrap_or_else(|e| panic!("SCTP INIT from port {port}: {e}"));
+                (port, ack)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (port, ack) in &acks {
+        assert_eq!(ack.from, vip.ip(), "INIT-ACK from the VIP");
+        assert_eq!(ack.sport, 3868, "from the VIP's port");
+        assert_eq!(
+            ack.cookie,
+            format!(
+                "backend={}",
+                pred.backend_name("diameter", sa(CLIENT_V4, *port))
+            )
+        );
+    }
+}
+
+#[test]
+fn source_ranges_and_client_ip_affinity() {
+    let (lab, _agent) = lab_with_agent(None);
+    let pred = Predictor::new(DEFAULT_CONFIG);
+    // A second client address outside web-sticky's 198.18.0.0/24, routed back by the LB.
+    lab.client.ip("addr add 198.18.2.1/24 dev eth0");
+    lab.lb
+        .ip(&format!("route add 198.18.2.0/24 via {CLIENT_V4}"));
+    let outside = sa("198.18.2.1", 0);
+
+    // Control: the service without ranges answers that address.
+    let web = sa(VIP_V4, 80);
+    let r = lab
+        .client
+        .run_in(|| clients::http_get(Some(outside), web, "/", T));
+    assert_eq!(r.expect("web from 198.18.2.1").status, 200);
+    // The ranged service gives it nothing: the SYN is dropped, the connect times out.
+    let sticky = sa("198.18.100.11", 80);
+    let e = lab
+        .client
+        .run_in(|| clients::http_get(Some(outside), sticky, "/", Duration::from_secs(1)))
+        .expect_err("a source outside the ranges must get nothing");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+
+    // Affinity: every connection of a client lands on one backend.
+    let results = get_all(&lab, CLIENT_V4, 33000..33040, sticky);
+    let want = pred.backend_name("web-sticky", sa(CLIENT_V4, 33000));
+    for (port, backend) in &results {
+        assert_eq!(*backend, want, "port {port}");
+    }
+}
+
+/// The default config without backend b2 in `web`.
+fn without_b2() -> String {
+    let line = "      - { address: 198.18.1.12, port: 8080 }\n";
+    assert!(DEFAULT_CONFIG.contains(line));
+    DEFAULT_CONFIG.replacen(line, "", 1)
+}
+
+#[test]
+fn reload_moves_only_the_flows_of_a_removed_or_added_backend() {
+    let (lab, agent) = lab_with_agent(Some(DEFAULT_CONFIG));
+    let vip = sa(VIP_V4, 80);
+
+    // Long-lived connections, and a first round of short ones.
+    let mut echoes: Vec<Echo> = lab.client.run_in(|| {
+        (0..30)
+            .map(|_| Echo::open(vip, T).expect("echo connection"))
+            .collect()
+    });
+    assert!(echoes.iter().any(|e| e.backend == "b2"));
+    let before = get_all(&lab, CLIENT_V4, 40000..40300, vip);
+
+    // Remove b2.
+    agent
+        .reload(&lab.lb, &without_b2())
+        .expect("reload without b2");
+    lab.client.run_in(|| {
+        for (i, e) in echoes.iter_mut().enumerate() {
+            let r = e.round_trip(&format!("after-remove-{i}"));
+            if e.backend == "b2" {
+                assert!(
+                    r.is_err(),
+                    "a connection to the removed backend cannot go on"
+                );
+            } else {
+                r.unwrap_or_else(|err| panic!("connection {i} to {} broke: {err}", e.backend));
+            }
+        }
+    });
+    echoes.retain(|e| e.backend != "b2");
+    let after = get_all(&lab, CLIENT_V4, 40000..40300, vip);
+    let mut moved = 0;
+    for ((port, b), (_, a)) in before.iter().zip(&after) {
+        assert_ne!(a, "b2", "port {port} still reached the removed backend");
+        if b == "b2" {
+            moved += 1;
+        } else {
+            assert_eq!(a, b, "port {port} moved though its backend stayed");
+        }
+    }
+    assert!(
+        (60..=135).contains(&moved),
+        "about a third of the flows moved: {moved}/300"
+    );
+
+    // Add b2 back: fresh flows follow the three-backend table, and only the flows whose slot
+    // b2 takes back move (all to b2).
+    agent
+        .reload(&lab.lb, DEFAULT_CONFIG)
+        .expect("reload with b2");
+    let three = Predictor::new(DEFAULT_CONFIG);
+    let two = Predictor::new(&without_b2());
+    let fresh = get_all(&lab, CLIENT_V4, 41000..41300, vip);
+    let mut moved = 0;
+    for (port, b) in &fresh {
+        let client = sa(CLIENT_V4, *port);
+        assert_eq!(*b, three.backend_name("web", client), "port {port}");
+        if *b != two.backend_name("web", client) {
+            assert_eq!(
+                b, "b2",
+                "port {port} moved to a backend that was there already"
+            );
+            moved += 1;
+        }
+    }
+    assert!(
+        (60..=135).contains(&moved),
+        "about a third of new flows go to b2: {moved}/300"
+    );
+    lab.client.run_in(|| {
+        for (i, e) in echoes.iter_mut().enumerate() {
+            e.round_trip(&format!("after-add-{i}"))
+                .unwrap_or_else(|err| panic!("connection {i} to {} broke: {err}", e.backend));
+        }
+    });
+    drop(echoes);
+    drop(agent);
+}
+
+#[test]
+fn a_bad_config_is_refused_and_changes_nothing() {
+    let (lab, agent) = lab_with_agent(Some(DEFAULT_CONFIG));
+    let generation = agent.status(&lab.lb)["config"]["generation"].as_u64();
+    let vip = sa(VIP_V4, 80);
+    let before = get_all(&lab, CLIENT_V4, 42000..42030, vip);
+
+    let bad = DEFAULT_CONFIG.replacen("port: 8080 }", "port: 0 }", 1);
+    let err = agent
+        .reload(&lab.lb, &bad)
+        .expect_err("port 0 must be refused");
+    assert!(
+        err.contains("services[0].backends[0].port: must be between 1 and 65535"),
+        "{err}"
+    );
+    let err = agent
+        .reload(&lab.lb, &DEFAULT_CONFIG.replacen("seed: 0", "seed: 1", 1))
+        .expect_err("a new seed needs a restart");
+    assert!(err.contains("maglev.hash/maglev.seed"), "{err}");
+    let err = agent
+        .reload(
+            &lab.lb,
+            "node: {interfaces: [eth-c]}\nservices: [{name: x}]\n",
+        )
+        .expect_err("missing fields");
+    let file = agent.config.as_ref().unwrap().display().to_string();
+    assert!(err.starts_with(&file), "names the file: {err}");
+    assert!(err.contains("services[0]: missing field `vip`"), "{err}");
+
+    assert_eq!(
+        agent.status(&lab.lb)["config"]["generation"].as_u64(),
+        generation
+    );
+    let after = get_all(&lab, CLIENT_V4, 42000..42030, vip);
+    assert_eq!(before, after, "the last good config kept serving");
+    assert!(agent.log_text().contains("config reload refused"));
+}
+
+#[test]
+fn check_validates_without_side_effects() {
+    let dir = Scratch::new();
+    let good = dir.path.join("good.yaml");
+    let bad = dir.path.join("bad.yaml");
+    std::fs::write(&good, DEFAULT_CONFIG).unwrap();
+    std::fs::write(
+        &bad,
+        DEFAULT_CONFIG.replacen("table_size: 16381", "table_size: 16384", 1),
+    )
+    .unwrap();
+    let bin = weir_lab::agent::agent_binary();
+    let ok = Command::new(&bin)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (5 services, 15 backends)"));
+    let no = Command::new(&bin)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(no.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&no.stderr);
+    assert!(
+        msg.contains(&format!(
+            "{}: maglev.table_size: 16384 is not a prime",
+            bad.display()
+        )),
+        "{msg}"
+    );
+}
+
+fn ping(ns: &weir_lab::netns::Netns, dst: &str) -> Result<String, String> {
+    ns.try_exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", dst])
+}
+
+#[test]
+fn the_lb_node_keeps_its_own_traffic_and_shutdown_detaches() {
+    let (mut lab, agent) = lab_with_agent(None);
+    // A server of the LB node itself.
+    let own = sa(LB_V4, 2222);
+    let mut cmd = lab.lb.command(server_bin().to_str().unwrap());
+    cmd.args(["serve", "--name", "lb-node", "--http", &own.to_string()]);
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _server = Proc { child };
+
+    let check_node = |lab: &Lab| {
+        ping(&lab.client, LB_V4).expect("ping the LB node");
+        ping(&lab.client, LB_V6).expect("ping6 the LB node");
+        ping(&lab.backends[0].ns, "198.18.1.1").expect("a backend pings its gateway");
+        let r = lab
+            .client
+            .run_in(|| clients::http_get(None, own, "/", T))
+            .expect("TCP to the LB node");
+        assert_eq!(r.backend, "lb-node");
+    };
+    check_node(&lab);
+    // The VIPs answer ping themselves.
+    ping(&lab.client, VIP_V4).expect("ping the VIP");
+    ping(&lab.client, VIP_V6).expect("ping6 the VIP");
+
+    let status = agent.stop();
+    assert!(status.success(), "clean exit: {status}");
+    for iface in lab.interfaces() {
+        let link = lab.lb.ip(&format!("-d link show dev {iface}"));
+        assert!(!link.contains("xdp"), "{iface} still has XDP: {link}");
+        let net = lab.lb.exec(&["bpftool", "net", "show", "dev", &iface]);
+        assert!(
+            !net.contains("weir_tc_egress"),
+            "{iface} still has TC: {net}"
+        );
+    }
+    // Without the agent the VIP is gone, and the node's own traffic still works.
+    let vip = sa(VIP_V4, 80);
+    assert!(
+        lab.client
+            .run_in(|| clients::http_get(None, vip, "/", Duration::from_secs(1)))
+            .is_err()
+    );
+    assert!(ping(&lab.client, VIP_V4).is_err());
+    check_node(&lab);
+    lab.kill_server(0);
+}
