@@ -58,6 +58,7 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DATAPATH_STATS: &str = "DATAPATH_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const NEXTHOPS: &str = "NEXTHOPS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -89,6 +90,8 @@ pub mod limits {
     pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
     /// Longest SCTP packet (common header and chunks) whose CRC32c the data plane recomputes.
     pub const MAX_SCTP_LEN: u32 = 1480;
+    /// How long a cached FIB result for a backend is used before the FIB is asked again.
+    pub const NEXTHOP_TTL_NS: u64 = 250_000_000;
 }
 
 /// Key of `SERVICES`: a frontend (VIP, port, protocol).
@@ -162,14 +165,18 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of `CONNTRACK`: where the flow goes.
+/// Value of `CONNTRACK`: where the flow goes. The service id lets an established packet skip
+/// the service lookup: a removed service clears its backends, which sends its flows back to
+/// the full path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     pub backend_id: u32,
     pub backend_generation: u32,
+    pub service_id: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
 
 /// Value of `REVNAT`: what a reply's source is rewritten to.
 #[repr(C)]
@@ -236,6 +243,23 @@ pub struct VipValue {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipValue>() == 4);
+
+/// Per-CPU value of `NEXTHOPS`, indexed by backend id: the FIB's answer for the backend, so
+/// that established traffic does not ask the FIB for every packet. Valid while `generation`
+/// is the backend's, `expires_ns` (coarse monotonic clock) has not passed, and the packet is
+/// no longer than `checked_len` (the length the FIB's MTU check passed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    pub generation: u32,
+    pub checked_len: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
 
 /// Index of `addr` in `VIP_FILTER`, a counting pre-filter that lets non-VIP packets pass after
 /// one inlined array read instead of a hash lookup.
@@ -341,6 +365,8 @@ pub mod datapath_stat {
     pub const AFFINITY_HIT: usize = 5;
     /// Replies rewritten by reverse NAT.
     pub const REVNAT: usize = 6;
+    /// Forwarded packets whose next hop came from the cache (a subset of FWD_REDIRECT).
+    pub const NEXTHOP_CACHED: usize = 7;
     pub const SLOTS: usize = 8;
 }
 
@@ -370,4 +396,5 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DatapathStats {}
+    unsafe impl aya::Pod for NextHop {}
 }

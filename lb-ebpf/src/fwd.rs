@@ -1,14 +1,24 @@
 //! Forwarding a rewritten packet: a FIB lookup, then an XDP redirect where the kernel knows the
 //! next hop's MAC and the egress interface runs weir natively; otherwise the packet goes to the
 //! kernel (XDP_PASS), which routes it and resolves the neighbour itself.
+//!
+//! The FIB's answer for a backend is cached per CPU for `NEXTHOP_TTL_NS` (a FIB lookup costs
+//! more than everything else on the established path): a changed route or neighbour is seen
+//! within that time. The cache is keyed by backend, so policy routing that depends on the
+//! ingress interface is not supported on the redirect path.
 
 use core::mem::{size_of, zeroed};
 
-use aya_ebpf::{EbpfContext, bindings::xdp_action, helpers::bpf_fib_lookup, programs::XdpContext};
-use lb_common::{datapath_stat, family};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::xdp_action,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
+};
+use lb_common::{NextHop, datapath_stat, family, limits};
 
 use crate::{
-    TX_PORTS, csum,
+    NEXTHOPS, TX_PORTS, csum,
     parse::{EthHdr, Ipv4Hdr, Ipv6Hdr, L3, ptr_at},
     stats,
 };
@@ -43,14 +53,92 @@ fn to_kernel() -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Forwards the packet described by `l3`, whose headers already carry the new destination.
+/// Forwards the packet described by `l3`, whose headers already carry the new destination:
+/// backend `backend_id` of generation `generation`.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, l3: &L3, sport_be: u16, dport_be: u16) -> u32 {
+pub fn forward(
+    ctx: &XdpContext,
+    l3: &L3,
+    sport_be: u16,
+    dport_be: u16,
+    backend_id: u32,
+    generation: u32,
+) -> u32 {
     // A tagged frame belongs to a VLAN device the FIB lookup does not see: let the kernel
     // route it.
     if l3.tagged {
         return to_kernel();
     }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let ttl = if l3.family == family::V6 {
+        ptr_at::<Ipv6Hdr>(data, end, l3.off).map(|ip| unsafe { (*ip).hop_limit })
+    } else {
+        ptr_at::<Ipv4Hdr>(data, end, l3.off).map(|ip| unsafe { (*ip).ttl })
+    };
+    // The kernel answers an expiring packet with time-exceeded.
+    if !matches!(ttl, Some(t) if t > 1) {
+        return to_kernel();
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let (ifindex, smac, dmac) = match NEXTHOPS.get_ptr_mut(backend_id) {
+        Some(nh)
+            if unsafe {
+                (*nh).generation == generation
+                    && (*nh).ifindex != 0
+                    && now < (*nh).expires_ns
+                    && l3.len <= (*nh).checked_len
+            } =>
+        {
+            stats::datapath(datapath_stat::NEXTHOP_CACHED);
+            unsafe { ((*nh).ifindex, (*nh).smac, (*nh).dmac) }
+        }
+        cache => {
+            let Some(p) = fib_lookup(ctx, l3, sport_be, dport_be) else {
+                return to_kernel();
+            };
+            if let Some(nh) = cache {
+                unsafe {
+                    *nh = NextHop {
+                        expires_ns: now + limits::NEXTHOP_TTL_NS,
+                        ifindex: p.ifindex,
+                        generation,
+                        checked_len: l3.len,
+                        smac: p.smac,
+                        dmac: p.dmac,
+                        _pad: [0; 4],
+                    };
+                }
+            }
+            (p.ifindex, p.smac, p.dmac)
+        }
+    };
+    let Some(eth) = ptr_at::<EthHdr>(data, end, 0) else {
+        return to_kernel();
+    };
+    let eth = unsafe { &mut *eth };
+    let (old_dst, old_src) = (eth.dst, eth.src);
+    eth.dst = dmac;
+    eth.src = smac;
+    hop(data, end, l3, -1);
+    match TX_PORTS.redirect(ifindex, xdp_action::XDP_PASS as u64) {
+        Ok(action) => {
+            stats::datapath(datapath_stat::FWD_REDIRECT);
+            action
+        }
+        Err(_) => {
+            // The egress interface cannot take redirects: undo and let the kernel forward.
+            eth.dst = old_dst;
+            eth.src = old_src;
+            hop(data, end, l3, 1);
+            to_kernel()
+        }
+    }
+}
+
+/// Asks the FIB for the next hop of the packet's (new) destination; `None` unless it has one
+/// with a known neighbour that the packet's size fits.
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, l3: &L3, sport_be: u16, dport_be: u16) -> Option<FibParams> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let mut p: FibParams = unsafe { zeroed() };
     p.l4_protocol = l3.proto;
@@ -59,25 +147,13 @@ pub fn forward(ctx: &XdpContext, l3: &L3, sport_be: u16, dport_be: u16) -> u32 {
     p.tot_len = l3.len as u16;
     p.ifindex = ctx.ingress_ifindex() as u32;
     if l3.family == family::V6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(data, end, l3.off) else {
-            return to_kernel();
-        };
-        let ip = unsafe { &*ip };
-        if ip.hop_limit <= 1 {
-            return to_kernel();
-        }
+        let ip = unsafe { &*ptr_at::<Ipv6Hdr>(data, end, l3.off)? };
         p.family = AF_INET6;
         p.flowinfo = ip.vtcfl & 0x0fff_ffffu32.to_be();
         p.src = ip.saddr;
         p.dst = ip.daddr;
     } else {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, l3.off) else {
-            return to_kernel();
-        };
-        let ip = unsafe { &*ip };
-        if ip.ttl <= 1 {
-            return to_kernel();
-        }
+        let ip = unsafe { &*ptr_at::<Ipv4Hdr>(data, end, l3.off)? };
         p.family = AF_INET;
         p.flowinfo = ip.tos as u32;
         p.src[0] = ip.saddr;
@@ -91,30 +167,7 @@ pub fn forward(ctx: &XdpContext, l3: &L3, sport_be: u16, dport_be: u16) -> u32 {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return to_kernel();
-    }
-    let Some(eth) = ptr_at::<EthHdr>(data, end, 0) else {
-        return to_kernel();
-    };
-    let eth = unsafe { &mut *eth };
-    let (old_dst, old_src) = (eth.dst, eth.src);
-    eth.dst = p.dmac;
-    eth.src = p.smac;
-    hop(data, end, l3, -1);
-    match TX_PORTS.redirect(p.ifindex, xdp_action::XDP_PASS as u64) {
-        Ok(action) => {
-            stats::datapath(datapath_stat::FWD_REDIRECT);
-            action
-        }
-        Err(_) => {
-            // The egress interface cannot take redirects: undo and let the kernel forward.
-            eth.dst = old_dst;
-            eth.src = old_src;
-            hop(data, end, l3, 1);
-            to_kernel()
-        }
-    }
+    (rc == BPF_FIB_LKUP_RET_SUCCESS).then_some(p)
 }
 
 /// Adds `delta` to the TTL / hop limit (fixing the IPv4 header checksum).

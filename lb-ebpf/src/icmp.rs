@@ -171,7 +171,7 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> u32 {
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some((_, b)) = lookup::flow_backend(&svc, &flow) else {
+    let Some((backend_id, b)) = lookup::flow_backend(&svc, &flow) else {
         stats::drop(svc.id, drop_reason::NO_BACKEND);
         return xdp_action::XDP_DROP;
     };
@@ -246,5 +246,5 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> u32 {
     icmp.check = check;
 
     stats::datapath(datapath_stat::ICMP_ERROR_TO_BACKEND);
-    fwd::forward(ctx, l3, 0, 0)
+    fwd::forward(ctx, l3, 0, 0, backend_id, b.generation)
 }

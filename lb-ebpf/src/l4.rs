@@ -2,7 +2,9 @@
 //! counting, DNAT and forwarding.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowKey, ServiceKey, drop_reason, family, limits, proto, service_flags};
+use lb_common::{
+    FlowKey, ServiceKey, datapath_stat, drop_reason, family, limits, proto, service_flags,
+};
 
 use crate::{
     fwd, icmp, lookup, nat,
@@ -43,21 +45,7 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
         return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::MALFORMED);
     }
     let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
-    let key = ServiceKey {
-        addr: l3.dst,
-        port_be: dport,
-        proto: l3.proto,
-        family: l3.family,
-    };
-    let Some(svc) = lookup::service(&key) else {
-        return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::NO_SERVICE);
-    };
-    if svc.flags & service_flags::SOURCE_RANGES != 0 && !lookup::source_allowed(svc.id, &l3.src) {
-        return drop(svc.id, drop_reason::SOURCE_NOT_ALLOWED);
-    }
-    if l3.proto == proto::SCTP && l4_len > limits::MAX_SCTP_LEN as usize {
-        return drop(svc.id, drop_reason::SCTP_TOO_LONG);
-    }
+    let too_long = l3.proto == proto::SCTP && l4_len > limits::MAX_SCTP_LEN as usize;
     let flow = FlowKey {
         src: l3.src,
         dst: l3.dst,
@@ -67,12 +55,51 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some((backend_id, backend)) = lookup::steer(&svc, &flow) else {
-        return drop(svc.id, drop_reason::NO_BACKEND);
+    // An established flow needs one lookup; only new (or re-steered) flows look up the service.
+    let (service_id, backend_id, backend) = match lookup::established(&flow) {
+        lookup::Established::Hit(s, b, backend) => {
+            if too_long {
+                return drop(s, drop_reason::SCTP_TOO_LONG);
+            }
+            (s, b, backend)
+        }
+        other => {
+            let key = ServiceKey {
+                addr: l3.dst,
+                port_be: dport,
+                proto: l3.proto,
+                family: l3.family,
+            };
+            let Some(svc) = lookup::service(&key) else {
+                return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::NO_SERVICE);
+            };
+            if svc.flags & service_flags::SOURCE_RANGES != 0
+                && !lookup::source_allowed(svc.id, &l3.src)
+            {
+                return drop(svc.id, drop_reason::SOURCE_NOT_ALLOWED);
+            }
+            if too_long {
+                return drop(svc.id, drop_reason::SCTP_TOO_LONG);
+            }
+            let Some((b, backend)) = lookup::new_flow(&svc, &flow) else {
+                return drop(svc.id, drop_reason::NO_BACKEND);
+            };
+            if matches!(other, lookup::Established::Stale) {
+                stats::datapath(datapath_stat::FLOW_RESTEERED);
+            }
+            (svc.id, b, backend)
+        }
     };
     if nat::dnat(ctx, l3, &backend.addr, backend.port_be).is_none() {
-        return drop(svc.id, drop_reason::MALFORMED);
+        return drop(service_id, drop_reason::MALFORMED);
     }
-    stats::packet_in(svc.id, backend_id, l3.len);
-    fwd::forward(ctx, l3, sport, backend.port_be)
+    stats::packet_in(service_id, backend_id, l3.len);
+    fwd::forward(
+        ctx,
+        l3,
+        sport,
+        backend.port_be,
+        backend_id,
+        backend.generation,
+    )
 }

@@ -87,6 +87,27 @@ pub fn maglev(svc: &ServiceValue, h: u32) -> Option<(u32, BackendValue)> {
     Some((id, b))
 }
 
+/// What the connection table says about a flow.
+pub enum Established {
+    /// The flow's backend lives: (service id, backend id, backend).
+    Hit(u32, u32, BackendValue),
+    /// The flow's backend is gone: it must be steered again.
+    Stale,
+    Miss,
+}
+
+#[inline(always)]
+pub fn established(flow: &FlowKey) -> Established {
+    let Some(ct) = CONNTRACK.get_ptr(flow) else {
+        return Established::Miss;
+    };
+    let ct = unsafe { *ct };
+    match live_backend(ct.backend_id, ct.backend_generation) {
+        Some(b) => Established::Hit(ct.service_id, ct.backend_id, b),
+        None => Established::Stale,
+    }
+}
+
 /// Backend for a flow without a usable connection-table entry: the affinity entry while it is
 /// fresh and its backend lives, else Maglev.
 #[inline(always)]
@@ -126,21 +147,16 @@ pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
     Some((id, b))
 }
 
-/// The backend of a flow: its connection-table entry while that backend lives; otherwise a new
-/// choice, remembered in the connection table and the reverse-NAT table.
+/// Steers a flow that has no live connection-table entry, and remembers the choice in the
+/// connection table and the reverse-NAT table.
 #[inline(always)]
-pub fn steer(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
-    if let Some(ct) = CONNTRACK.get_ptr(flow) {
-        let ct = unsafe { *ct };
-        if let Some(b) = live_backend(ct.backend_id, ct.backend_generation) {
-            return Some((ct.backend_id, b));
-        }
-        stats::datapath(datapath_stat::FLOW_RESTEERED);
-    }
+pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
     let (id, b) = pick(svc, flow)?;
     let ct = FlowValue {
         backend_id: id,
         backend_generation: b.generation,
+        service_id: svc.id,
+        _pad: 0,
     };
     let _ = CONNTRACK.insert(flow, &ct, 0);
     let reply = FlowKey {

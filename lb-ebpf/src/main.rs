@@ -28,12 +28,17 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, FlowKey, FlowValue,
-    RevNatValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData, VipKey, VipValue, limits,
+    NextHop, RevNatValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData, VipKey,
+    VipValue, limits,
 };
 
 const MAX_SERVICES: usize = limits::MAX_SERVICES as usize;
 const MAX_BACKENDS: usize = limits::MAX_BACKENDS as usize;
 const MAX_FLOWS: usize = limits::MAX_FLOWS as usize;
+/// Each CPU keeps its own LRU list (as Katran does): inserting a flow then never takes a lock
+/// shared with the other CPUs, which a full table under a new-flow storm otherwise pays for
+/// on every insert. A CPU evicts among the entries it inserted.
+const PER_CPU_LRU: usize = aya_ebpf::bindings::BPF_F_NO_COMMON_LRU as usize;
 
 /// (VIP, port, protocol) → service.
 #[btf_map]
@@ -52,16 +57,20 @@ static MAGLEV: ArrayOfMaps<Array<u32, 1, { BPF_F_INNER_MAP as usize }>, { 2 * MA
 
 /// Client 5-tuple → the backend the flow was steered to.
 #[btf_map]
-static CONNTRACK: LruHashMap<FlowKey, FlowValue, MAX_FLOWS> = LruHashMap::new();
+static CONNTRACK: LruHashMap<FlowKey, FlowValue, MAX_FLOWS, PER_CPU_LRU> = LruHashMap::new();
 
 /// Reply 5-tuple (backend → client) → the VIP and port to put back.
 #[btf_map]
-static REVNAT: LruHashMap<FlowKey, RevNatValue, MAX_FLOWS> = LruHashMap::new();
+static REVNAT: LruHashMap<FlowKey, RevNatValue, MAX_FLOWS, PER_CPU_LRU> = LruHashMap::new();
 
 /// (client address, service) → backend, for ClientIP affinity.
 #[btf_map]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { limits::MAX_AFFINITY as usize }> =
-    LruHashMap::new();
+static AFFINITY: LruHashMap<
+    AffinityKey,
+    AffinityValue,
+    { limits::MAX_AFFINITY as usize },
+    PER_CPU_LRU,
+> = LruHashMap::new();
 
 /// (service, client prefix) → allowed.
 #[btf_map]
@@ -85,6 +94,10 @@ static BACKEND_STATS: PerCpuArray<BackendStats, MAX_BACKENDS> = PerCpuArray::new
 
 #[btf_map]
 static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
+
+/// Backend id → the FIB's answer for it, per CPU (see `lb_common::NextHop`).
+#[btf_map]
+static NEXTHOPS: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
 
 /// Interfaces XDP may redirect to (those where weir's XDP program runs natively).
 #[btf_map]

@@ -2,6 +2,7 @@
 //! clients inside them, the real agent binary, and test frames.
 
 pub mod agent;
+pub mod bench;
 pub mod clients;
 pub mod lab;
 pub mod netns;
@@ -9,4 +10,5 @@ pub mod packets;
 pub mod predict;
 pub mod sctp;
 pub mod servers;
+pub mod testbed;
 pub mod xdp;

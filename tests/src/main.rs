@@ -23,6 +23,22 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some("bench-packet") => {
+            let r = weir_lab::bench::packet::run(args.iter().any(|a| a == "--quick"));
+            println!(
+                "floor {:.1} ns (repeat {} x {} rounds)",
+                r.floor_ns, r.repeat, r.rounds
+            );
+            for c in r.cases {
+                println!(
+                    "{:40} {:6.1} ns  (+{:.1} over floor)",
+                    c.name,
+                    c.ns,
+                    c.ns - r.floor_ns
+                );
+            }
+            ExitCode::SUCCESS
+        }
         _ => {
             eprintln!("usage: weir-lab serve --name N [--http ADDR] [--udp ADDR] [--sctp ADDR]");
             ExitCode::from(2)

@@ -23,8 +23,8 @@ use lb_agent::{
 };
 use lb_common::{datapath_stat, drop_reason};
 use weir_lab::{
-    netns::Netns,
     packets::{L4, LB_MAC, Pkt, sctp_crc_ok, sctp_init_chunk, sctp_packet},
+    testbed::{Testbed, backend_mac},
 };
 
 const XDP_DROP: u32 = 1;
@@ -37,14 +37,6 @@ const CLIENT4: &str = "198.18.0.1";
 const CLIENT6: &str = "fd00:18::1";
 const VIP4: &str = "198.18.100.10";
 const VIP6: &str = "fd00:100::10";
-
-fn backend_mac(ip: IpAddr) -> [u8; 6] {
-    let last = match ip {
-        IpAddr::V4(a) => a.octets()[3],
-        IpAddr::V6(a) => a.octets()[15],
-    };
-    [0x02, 0, 0, 0, 0x01, last]
-}
 
 fn service(name: &str, vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Service {
     Service {
@@ -124,65 +116,37 @@ fn desired() -> DesiredState {
     DesiredState { services }
 }
 
-struct Env {
+struct Env<'a> {
     dp: Datapath,
     prog: Programmer,
-    /// Ingress interface of the test runs (the "client side").
-    c_ifindex: u32,
+    bed: &'a Testbed,
     /// MAC of the backend-side interface: the source of redirected frames.
     b_mac: [u8; 6],
 }
 
-/// Runs `f` in a fresh namespace with the data plane loaded and programmed.
-fn with_env(f: impl FnOnce(&mut Env) + Send) {
-    let ns = Netns::new("dp");
-    ns.ip("link add c0 type veth peer name c1");
-    ns.ip("link add b0 type veth peer name b1");
-    for i in ["c0", "c1", "b0", "b1"] {
-        ns.ip(&format!("link set {i} up"));
-    }
-    ns.ip("addr add 198.18.0.254/24 dev c0");
-    ns.ip("addr add fd00:18::fe/64 dev c0 nodad");
-    ns.ip("addr add 198.18.1.1/24 dev b0");
-    ns.ip("addr add fd00:1::1/64 dev b0 nodad");
-    for n in 11..=13 {
-        for ip in [format!("198.18.1.{n}"), format!("fd00:1::{n}")] {
-            let mac = backend_mac(ip.parse().unwrap())
-                .map(|b| format!("{b:02x}"))
-                .join(":");
-            ns.ip(&format!("neigh add {ip} lladdr {mac} dev b0 nud permanent"));
-        }
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-    let c_ifindex = ns.ifindex("c0");
-    let b_ifindex = ns.ifindex("b0");
-    let b_mac = ns.mac("b0");
-    ns.run_in(|| {
+/// Runs `f` in a fresh testbed namespace with the data plane loaded and programmed.
+fn with_env(f: impl FnOnce(&mut Env<'_>) + Send) {
+    let bed = Testbed::new();
+    bed.ns.run_in(|| {
         let limits = DataplaneLimits::default();
         let mut dp = Datapath::load(&limits).expect("load the data plane");
-        dp.add_redirect_port(b_ifindex).expect("redirect port");
+        dp.add_redirect_port(bed.b_ifindex).expect("redirect port");
         let mut prog = Programmer::new(&limits, 0);
         prog.apply(&desired(), &mut dp.maps).expect("program");
         let mut env = Env {
             dp,
             prog,
-            c_ifindex,
-            b_mac,
+            bed: &bed,
+            b_mac: bed.b_mac,
         };
         f(&mut env);
     });
 }
 
-impl Env {
+impl Env<'_> {
     fn xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 512];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let mut ctx = Vec::with_capacity(24);
-        for v in [0u32, frame.len() as u32, 0, self.c_ifindex, 0, 0] {
-            ctx.extend_from_slice(&v.to_ne_bytes());
-        }
+        let ctx = self.bed.xdp_ctx(frame.len());
         let r = self
             .dp
             .xdp()

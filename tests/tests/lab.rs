@@ -19,7 +19,7 @@ use weir_lab::{
     agent::Agent,
     clients::{self, Echo},
     lab::*,
-    predict::{Predictor, lab_name},
+    predict::Predictor,
     sctp,
     servers::pattern,
 };

@@ -98,6 +98,7 @@ impl Datapath {
             .map_max_entries(maps::MAGLEV, table_slots(limits))
             .map_max_entries(maps::BACKENDS, limits.max_backends)
             .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
+            .map_max_entries(maps::NEXTHOPS, limits.max_backends)
             .map_max_entries(maps::CONNTRACK, limits.conntrack_size)
             .map_max_entries(maps::REVNAT, limits.conntrack_size)
             .map_max_entries(maps::AFFINITY, limits.affinity_size)

@@ -229,6 +229,48 @@ fn inverse_mod(a: u32, m: u32) -> u32 {
     acc as u32
 }
 
+/// The NSDI paper's fill (each backend in turn takes its next free preferred slot, equal
+/// weights), with the same permutations. Not used by the data plane: it is the baseline that
+/// the tests and the benchmark compare [`build`] with.
+pub fn paper_fill(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
+    let m = table_size;
+    let mut table = vec![EMPTY; m as usize];
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    if order.is_empty() || m < 2 {
+        return table;
+    }
+    order.sort_by(|&a, &b| entries[a].key.cmp(entries[b].key));
+    let mut walks: Vec<Walk> = order
+        .iter()
+        .map(|&i| {
+            let key = entries[i].key;
+            let start = (xxh3_64_with_seed(key, seed) % m as u64) as u32;
+            let skip = (xxh3_64_with_seed(key, seed.wrapping_add(1)) % (m as u64 - 1) + 1) as u32;
+            Walk {
+                next: start,
+                skip,
+                start,
+            }
+        })
+        .collect();
+    let mut filled = 0;
+    loop {
+        for (k, w) in walks.iter_mut().enumerate() {
+            let slot = loop {
+                let x = w.step(m);
+                if table[x as usize] == EMPTY {
+                    break x;
+                }
+            };
+            table[slot as usize] = order[k] as u32;
+            filled += 1;
+            if filled == m {
+                return table;
+            }
+        }
+    }
+}
+
 /// Exact slot counts per backend (in `order`), summing to `m`: floor(m·w/W) each, and the
 /// leftover slots to the largest remainders.
 fn quotas(entries: &[Entry<'_>], order: &[usize], m: u32) -> Vec<u32> {

@@ -155,46 +155,11 @@ fn small_sets_in_small_tables_move_a_few_percent() {
 fn first_reach_disrupts_less_than_the_papers_fill() {
     for (n, m) in [(10usize, 1021u32), (100, 16381)] {
         let ours = worst_disruption(build, n, m, 10);
-        let paper = worst_disruption(paper_build, n, m, 10);
+        let paper = worst_disruption(paper_fill, n, m, 10);
         assert!(
             ours < paper,
             "n={n} m={m}: ours {ours:.2}% vs paper {paper:.2}%"
         );
-    }
-}
-
-/// The NSDI paper's fill (each backend in turn takes its next free preferred slot), as the
-/// baseline for the disruption comparison.
-fn paper_build(entries: &[Entry<'_>], m: u32, seed: u64) -> Vec<u32> {
-    let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_by(|&a, &b| entries[a].key.cmp(entries[b].key));
-    let mut walks: Vec<(u64, u64)> = order
-        .iter()
-        .map(|&i| {
-            let k = entries[i].key;
-            (
-                xxh3_64_with_seed(k, seed) % m as u64,
-                xxh3_64_with_seed(k, seed.wrapping_add(1)) % (m as u64 - 1) + 1,
-            )
-        })
-        .collect();
-    let mut table = vec![EMPTY; m as usize];
-    let mut filled = 0;
-    loop {
-        for (k, w) in walks.iter_mut().enumerate() {
-            let slot = loop {
-                let c = w.0;
-                w.0 = (w.0 + w.1) % m as u64;
-                if table[c as usize] == EMPTY {
-                    break c;
-                }
-            };
-            table[slot as usize] = order[k] as u32;
-            filled += 1;
-            if filled == m {
-                return table;
-            }
-        }
     }
 }
 

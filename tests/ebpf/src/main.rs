@@ -5,20 +5,87 @@
 //! - `lab_sink`: counts frames and bytes (per CPU) and drops them: the receiver of the
 //!   throughput benchmark.
 //! - `lab_tx`: sends the frame back out (XDP_TX): the generator, run with BPF_PROG_TEST_RUN
-//!   in live-frames mode.
+//!   in live-frames mode. It can spread the frames over `GEN[1]` flows by writing a counter
+//!   into the 2 bytes at offset `GEN[0]` (a UDP source port; UDP over IPv4 needs no checksum).
+//! - `lab_bench`: the timing harness. BPF_PROG_TEST_RUN with repeat=N runs a program N times
+//!   on the same buffer, so a program that rewrites the packet would time itself on its own
+//!   output. This one restores the pristine frame (`PRISTINE`, `BENCH_LEN` bytes, frames padded
+//!   to 128) every time, optionally makes it a new flow (a counter into the 2 bytes at
+//!   `BENCH[0]` and `BENCH[1]`: source port and low half of the source address), then
+//!   tail-calls `TARGET[0]` (weir's XDP program, or `lab_pass` for the floor).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::PerCpuArray,
+    btf_maps::{Array, PerCpuArray, ProgramArray},
+    helpers::bpf_xdp_store_bytes,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 
+/// Benchmark frames are padded to this length, so that restoring one is a constant-size copy.
+const BENCH_LEN: usize = 128;
+
 /// [frames, bytes] received by `lab_sink`.
 #[btf_map]
 static SINK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// [offset, flows] for `lab_tx`.
+#[btf_map]
+static GEN: Array<[u32; 2], 1> = Array::new();
+
+#[btf_map]
+static GEN_COUNTER: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+#[btf_map]
+static PRISTINE: Array<[u8; BENCH_LEN], 1> = Array::new();
+
+/// [source-port offset, source-address-low-half offset]; 0 = leave the frame as it is.
+#[btf_map]
+static BENCH: Array<[u32; 2], 1> = Array::new();
+
+#[btf_map]
+static BENCH_COUNTER: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+#[btf_map]
+static TARGET: ProgramArray<1> = ProgramArray::new();
+
+#[inline(always)]
+fn store2(ctx: &XdpContext, off: u32, v: u16) {
+    let b = v.to_be_bytes();
+    unsafe { bpf_xdp_store_bytes(ctx.ctx, off, b.as_ptr() as *mut _, 2) };
+}
+
+#[inline(always)]
+fn next(counter: &PerCpuArray<u32, 1>) -> u32 {
+    match counter.get_ptr_mut(0) {
+        Some(c) => unsafe {
+            *c = (*c).wrapping_add(1);
+            *c
+        },
+        None => 0,
+    }
+}
+
+#[xdp]
+pub fn lab_bench(ctx: XdpContext) -> u32 {
+    let Some(p) = PRISTINE.get_ptr(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, p as *mut _, BENCH_LEN as u32) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    if let Some(cfg) = BENCH.get(0)
+        && cfg[0] != 0
+    {
+        let n = next(&BENCH_COUNTER);
+        store2(&ctx, cfg[0], n as u16);
+        store2(&ctx, cfg[1], (n >> 16) as u16);
+    }
+    unsafe { TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
 
 #[xdp]
 pub fn lab_pass(_ctx: XdpContext) -> u32 {
@@ -37,7 +104,13 @@ pub fn lab_sink(ctx: XdpContext) -> u32 {
 }
 
 #[xdp]
-pub fn lab_tx(_ctx: XdpContext) -> u32 {
+pub fn lab_tx(ctx: XdpContext) -> u32 {
+    if let Some(cfg) = GEN.get(0)
+        && cfg[1] != 0
+    {
+        let n = next(&GEN_COUNTER) % cfg[1];
+        store2(&ctx, cfg[0], 1024 + n as u16);
+    }
     xdp_action::XDP_TX
 }
 

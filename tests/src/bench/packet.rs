@@ -1,0 +1,236 @@
+//! Per-packet cost of weir's XDP program under BPF_PROG_TEST_RUN.
+//!
+//! repeat=N runs a program N times on the same buffer, so weir would time itself on its own
+//! rewritten output. Each iteration therefore runs `lab_bench`, which restores the pristine
+//! frame (and, for new flows, writes a fresh source port and address) and tail-calls weir's
+//! program. The floor is the same harness tail-calling `lab_pass`, measured the same way in the
+//! same run; the kernel reports the mean time per iteration.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf,
+    maps::{Array, ProgramArray},
+    programs::{ProgramFd, TestRun as _, TestRunOptions, Xdp},
+};
+use lb_agent::{
+    config::DataplaneLimits,
+    dataplane::{Programmer, ebpf::Datapath},
+    model::{Backend, DesiredState, Frontend, Protocol, Service},
+};
+
+use crate::{packets::Pkt, testbed::Testbed, xdp::LAB_OBJECT};
+
+const FRAME: usize = 128;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+pub struct Case {
+    pub name: &'static str,
+    /// Mean ns per packet, median of the rounds.
+    pub ns: f64,
+}
+
+pub struct Report {
+    pub floor_ns: f64,
+    pub cases: Vec<Case>,
+    pub repeat: u32,
+    pub rounds: usize,
+}
+
+fn service(name: &str, vip: &str, backends: &[&str]) -> Service {
+    Service {
+        name: name.into(),
+        frontend: Frontend {
+            vip: vip.parse().expect("vip"),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        backends: backends
+            .iter()
+            .map(|a| Backend {
+                addr: a.parse().expect("backend"),
+                weight: 1,
+            })
+            .collect(),
+        source_ranges: vec![],
+        affinity_timeout: None,
+        table_size: 16381,
+    }
+}
+
+fn padded(p: &Pkt) -> Vec<u8> {
+    let mut f = p.bytes();
+    assert!(f.len() <= FRAME);
+    f.resize(FRAME, 0);
+    f
+}
+
+/// Offsets of the TCP source port and of the low half of the source address in a frame.
+fn mutation_offsets(p: &Pkt) -> [u32; 2] {
+    match p.src {
+        IpAddr::V4(_) => [14 + 20, 14 + 12 + 2],
+        IpAddr::V6(_) => [14 + 40, 14 + 8 + 14],
+    }
+}
+
+struct Harness<'a> {
+    lab: Ebpf,
+    bed: &'a Testbed,
+}
+
+impl Harness<'_> {
+    fn set_target(&mut self, fd: &ProgramFd) {
+        let mut t: ProgramArray<_> =
+            ProgramArray::try_from(self.lab.map_mut("TARGET").expect("TARGET"))
+                .expect("prog array");
+        t.set(0, fd, 0).expect("set TARGET[0]");
+    }
+
+    fn set_frame(&mut self, frame: &[u8], mutate: Option<[u32; 2]>) {
+        let mut p: Array<_, [u8; FRAME]> =
+            Array::try_from(self.lab.map_mut("PRISTINE").expect("PRISTINE")).expect("array");
+        p.set(0, <[u8; FRAME]>::try_from(frame).expect("frame size"), 0)
+            .expect("set PRISTINE");
+        let mut b: Array<_, [u32; 2]> =
+            Array::try_from(self.lab.map_mut("BENCH").expect("BENCH")).expect("array");
+        b.set(0, mutate.unwrap_or([0, 0]), 0).expect("set BENCH");
+    }
+
+    /// (verdict, mean ns per run) of `repeat` runs.
+    fn run(&self, frame: &[u8], repeat: u32) -> (u32, f64) {
+        let prog: &Xdp = self
+            .lab
+            .program("lab_bench")
+            .expect("lab_bench")
+            .try_into()
+            .expect("xdp");
+        let ctx = self.bed.xdp_ctx(frame.len());
+        let mut out = vec![0u8; FRAME + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..TestRunOptions::new()
+            })
+            .expect("test run");
+        (r.return_value, r.duration.as_nanos() as f64)
+    }
+
+    fn median(&self, frame: &[u8], want: u32, repeat: u32, rounds: usize, name: &str) -> f64 {
+        let (v, _) = self.run(frame, 1000);
+        assert_eq!(v, want, "{name}: verdict");
+        let mut t: Vec<f64> = (0..rounds).map(|_| self.run(frame, repeat).1).collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    }
+}
+
+/// Runs every case; `quick` shortens the runs (for a smoke check).
+pub fn run(quick: bool) -> Report {
+    let (repeat, rounds) = if quick { (20_000, 3) } else { (1_000_000, 7) };
+    let bed = Testbed::new();
+    bed.ns.run_in(|| {
+        let limits = DataplaneLimits::default();
+        let mut dp = Datapath::load(&limits).expect("load weir");
+        dp.add_redirect_port(bed.b_ifindex).expect("redirect port");
+        let desired = DesiredState {
+            services: vec![
+                service(
+                    "v4",
+                    "198.18.100.10",
+                    &["198.18.1.11:8080", "198.18.1.12:8080", "198.18.1.13:8080"],
+                ),
+                service(
+                    "v6",
+                    "fd00:100::10",
+                    &[
+                        "[fd00:1::11]:8080",
+                        "[fd00:1::12]:8080",
+                        "[fd00:1::13]:8080",
+                    ],
+                ),
+            ],
+        };
+        Programmer::new(&limits, 0)
+            .apply(&desired, &mut dp.maps)
+            .expect("program");
+        let mut lab = Ebpf::load(LAB_OBJECT).expect("lab object");
+        for p in ["lab_bench", "lab_pass"] {
+            let x: &mut Xdp = lab.program_mut(p).expect(p).try_into().expect("xdp");
+            x.load().expect("load");
+        }
+        let mut h = Harness { lab, bed: &bed };
+
+        let tcp = |src: &str, dst: &str| Pkt::tcp(src, 40000, dst, 80);
+        let v4 = tcp("198.18.0.1", "198.18.100.10");
+        let v6 = tcp("fd00:18::1", "fd00:100::10");
+        let other = tcp("198.18.0.1", "198.18.50.50");
+        let mut bad = padded(&v4);
+        bad[16..18].copy_from_slice(&30u16.to_be_bytes()); // total length shorter than TCP
+
+        // Floor: the harness and a tail call into an empty program.
+        let pass_fd = {
+            let p: &Xdp = h
+                .lab
+                .program("lab_pass")
+                .expect("lab_pass")
+                .try_into()
+                .expect("xdp");
+            p.fd().expect("fd").try_clone().expect("clone fd")
+        };
+        h.set_target(&pass_fd);
+        h.set_frame(&padded(&v4), None);
+        let floor_ns = h.median(&padded(&v4), XDP_PASS, repeat, rounds, "floor");
+
+        let weir_fd = dp.xdp().fd().expect("fd").try_clone().expect("clone fd");
+        h.set_target(&weir_fd);
+        let cases: Vec<(&'static str, Vec<u8>, Option<[u32; 2]>, u32)> = vec![
+            (
+                "established TCP flow, IPv4",
+                padded(&v4),
+                None,
+                XDP_REDIRECT,
+            ),
+            (
+                "established TCP flow, IPv6",
+                padded(&v6),
+                None,
+                XDP_REDIRECT,
+            ),
+            (
+                "new TCP flow, IPv4",
+                padded(&v4),
+                Some(mutation_offsets(&v4)),
+                XDP_REDIRECT,
+            ),
+            (
+                "new TCP flow, IPv6",
+                padded(&v6),
+                Some(mutation_offsets(&v6)),
+                XDP_REDIRECT,
+            ),
+            ("non-VIP packet (pass)", padded(&other), None, XDP_PASS),
+            ("malformed packet to a VIP (drop)", bad, None, XDP_DROP),
+        ];
+        let cases = cases
+            .into_iter()
+            .map(|(name, frame, mutate, want)| {
+                h.set_frame(&frame, mutate);
+                Case {
+                    name,
+                    ns: h.median(&frame, want, repeat, rounds, name),
+                }
+            })
+            .collect();
+        Report {
+            floor_ns,
+            cases,
+            repeat,
+            rounds,
+        }
+    })
+}
