@@ -445,6 +445,8 @@ impl RawConfig {
 
         let mut names = BTreeMap::new();
         let mut frontends = BTreeMap::new();
+        // Frontends per backend endpoint (reverse NAT's table holds a few per endpoint).
+        let mut served: BTreeMap<(SocketAddr, Protocol), usize> = BTreeMap::new();
         let mut services = Vec::with_capacity(self.services.len());
         let mut backend_count = 0usize;
         for (i, s) in self.services.into_iter().enumerate() {
@@ -515,6 +517,18 @@ impl RawConfig {
                     );
                 }
                 let addr = SocketAddr::new(b.address, b.port);
+                let n = served.entry((addr, s.protocol)).or_default();
+                *n += 1;
+                if *n == lb_common::limits::MAX_ENDPOINT_FRONTENDS + 1 {
+                    c.fail(
+                        bat("address"),
+                        format!(
+                            "{addr}/{} would serve more than {} frontends (the most one backend endpoint may serve)",
+                            s.protocol,
+                            lb_common::limits::MAX_ENDPOINT_FRONTENDS
+                        ),
+                    );
+                }
                 if let Some(first) = seen.insert(addr, j) {
                     c.fail(
                         bat("address"),

@@ -49,7 +49,7 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const CONNTRACK: &str = "CONNTRACK";
-    pub const REVNAT: &str = "REVNAT";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const VIPS: &str = "VIPS";
@@ -59,12 +59,21 @@ pub mod maps {
     pub const DATAPATH_STATS: &str = "DATAPATH_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const NEXTHOPS: &str = "NEXTHOPS";
+    pub const XDP_TAILS: &str = "XDP_TAILS";
+    pub const TC_TAILS: &str = "TC_TAILS";
+    pub const SCTP_SCRATCH: &str = "SCTP_SCRATCH";
 }
 
 /// Names of the programs in the eBPF object.
 pub mod programs {
     pub const XDP_INGRESS: &str = "weir_xdp";
     pub const TC_EGRESS: &str = "weir_tc_egress";
+    /// Tail-called by `weir_xdp` (slot 0 of `XDP_TAILS`): recomputes an SCTP packet's CRC32c
+    /// after DNAT and forwards it. A program of its own, so that the checksum loop is verified
+    /// once instead of on every path that reaches it.
+    pub const XDP_SCTP: &str = "weir_xdp_sctp";
+    /// Tail-called by `weir_tc_egress` (slot 0 of `TC_TAILS`): the same after reverse NAT.
+    pub const TC_SCTP: &str = "weir_tc_sctp";
 }
 
 /// Compile-time capacities of the eBPF object. The agent may lower or raise the run-time ones
@@ -80,10 +89,13 @@ pub mod limits {
     pub const MAX_AFFINITY: u32 = 65536;
     /// Default number of source-range prefixes over all services.
     pub const MAX_SOURCE_RANGES: u32 = 16384;
-    /// Entries in the VIP pre-filter (a power of two).
-    pub const VIP_FILTER_SIZE: u32 = 65536;
+    /// Entries in the VIP pre-filter: 2^VIP_FILTER_BITS.
+    pub const VIP_FILTER_BITS: u32 = 16;
+    pub const VIP_FILTER_SIZE: u32 = 1 << VIP_FILTER_BITS;
     /// Largest Maglev table the data plane accepts (the inner-map template size).
     pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+    /// Frontends (VIP, port) one backend endpoint may serve.
+    pub const MAX_ENDPOINT_FRONTENDS: usize = 8;
     /// Interfaces that XDP may redirect to.
     pub const MAX_TX_PORTS: u32 = 64;
     /// IPv6 extension headers skipped before giving up.
@@ -150,8 +162,7 @@ pub struct BackendValue {
 }
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 
-/// A flow's 5-tuple as seen on the wire: key of `CONNTRACK` (client → VIP) and of `REVNAT`
-/// (backend → client).
+/// A flow's 5-tuple as the client sends it (client → VIP): key of `CONNTRACK`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -178,17 +189,44 @@ pub struct FlowValue {
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
 
-/// Value of `REVNAT`: what a reply's source is rewritten to.
+/// Key of `ENDPOINTS`: a backend endpoint as its replies carry it (source address, port and
+/// protocol).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RevNatValue {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
+
+/// A frontend an endpoint serves: what a reply's source becomes, and the ids that flows to it
+/// carry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointFrontend {
     pub vip: [u32; 4],
     pub vport_be: u16,
     pub _pad: u16,
     pub service_id: u32,
     pub backend_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<RevNatValue>() == 28);
+const _: () = assert!(core::mem::size_of::<EndpointFrontend>() == 28);
+
+/// Value of `ENDPOINTS`, written by the agent with the services (no per-flow state): reverse NAT
+/// rewrites a reply of endpoint E to client C when C's flow to one of E's frontends is in the
+/// connection table on E's backend id. Replies of traffic that did not come through a VIP
+/// (direct access to a backend) match no flow and leave untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub count: u32,
+    pub _pad: u32,
+    pub frontends: [EndpointFrontend; limits::MAX_ENDPOINT_FRONTENDS],
+}
+const _: () =
+    assert!(core::mem::size_of::<EndpointValue>() == 8 + 28 * limits::MAX_ENDPOINT_FRONTENDS);
 
 /// Key of `AFFINITY`.
 #[repr(C)]
@@ -261,11 +299,23 @@ pub struct NextHop {
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
 
+/// Per-CPU slot 0 of `SCTP_SCRATCH`: what `weir_xdp` hands to `weir_xdp_sctp` across the tail
+/// call (the rest it reads from the packet again).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SctpScratch {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<SctpScratch>() == 8);
+
 /// Index of `addr` in `VIP_FILTER`, a counting pre-filter that lets non-VIP packets pass after
-/// one inlined array read instead of a hash lookup.
+/// one inlined array read instead of a hash lookup. Fibonacci hashing of the folded address:
+/// one multiply, on the path of every packet the node receives.
 #[inline(always)]
 pub const fn vip_filter_index(addr: &[u32; 4]) -> u32 {
-    hash::fmix32(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) & (limits::VIP_FILTER_SIZE - 1)
+    (addr[0] ^ addr[1] ^ addr[2] ^ addr[3]).wrapping_mul(0x9E37_79B1)
+        >> (32 - limits::VIP_FILTER_BITS)
 }
 
 /// Drop reasons: append-only, a retired code keeps its number.
@@ -288,6 +338,8 @@ pub mod drop_reason {
     pub const IPV6_EXT_HEADERS: u32 = 8;
     /// A reply matched a flow but could not be rewritten (the kernel refused the change).
     pub const REWRITE_FAILED: u32 = 9;
+    /// The SCTP checksum program could not be reached or could not finish.
+    pub const SCTP_CHECKSUM: u32 = 10;
 
     /// Number of counter slots per service (room for codes to be appended).
     pub const SLOTS: usize = 16;
@@ -304,12 +356,13 @@ pub mod drop_reason {
             SCTP_TOO_LONG => "sctp_too_long",
             IPV6_EXT_HEADERS => "ipv6_ext_headers",
             REWRITE_FAILED => "rewrite_failed",
+            SCTP_CHECKSUM => "sctp_checksum",
             _ => "unknown",
         }
     }
 
     /// Every defined code, for exporters.
-    pub const ALL: [u32; 9] = [
+    pub const ALL: [u32; 10] = [
         MALFORMED,
         FRAGMENT,
         NO_SERVICE,
@@ -319,6 +372,7 @@ pub mod drop_reason {
         SCTP_TOO_LONG,
         IPV6_EXT_HEADERS,
         REWRITE_FAILED,
+        SCTP_CHECKSUM,
     ];
 }
 
@@ -365,8 +419,6 @@ pub mod datapath_stat {
     pub const AFFINITY_HIT: usize = 5;
     /// Replies rewritten by reverse NAT.
     pub const REVNAT: usize = 6;
-    /// Forwarded packets whose next hop came from the cache (a subset of FWD_REDIRECT).
-    pub const NEXTHOP_CACHED: usize = 7;
     pub const SLOTS: usize = 8;
 }
 
@@ -387,7 +439,9 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
-    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointFrontend {}
+    unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRangeData {}
@@ -397,4 +451,5 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DatapathStats {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for SctpScratch {}
 }

@@ -88,10 +88,7 @@ pub fn forward(
                     && now < (*nh).expires_ns
                     && l3.len <= (*nh).checked_len
             } =>
-        {
-            stats::datapath(datapath_stat::NEXTHOP_CACHED);
-            unsafe { ((*nh).ifindex, (*nh).smac, (*nh).dmac) }
-        }
+        unsafe { ((*nh).ifindex, (*nh).smac, (*nh).dmac) },
         cache => {
             let Some(p) = fib_lookup(ctx, l3, sport_be, dport_be) else {
                 return to_kernel();

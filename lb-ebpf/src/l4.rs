@@ -9,7 +9,7 @@ use lb_common::{
 use crate::{
     fwd, icmp, lookup, nat,
     parse::{L3, Ports, ptr_at},
-    stats,
+    sctp, stats,
 };
 
 #[inline(always)]
@@ -90,10 +90,13 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
             (svc.id, b, backend)
         }
     };
-    if nat::dnat(ctx, l3, &backend.addr, backend.port_be).is_none() {
+    let Some(needs_crc) = nat::dnat(ctx, l3, &backend.addr, backend.port_be) else {
         return drop(service_id, drop_reason::MALFORMED);
-    }
+    };
     stats::packet_in(service_id, backend_id, l3.len);
+    if needs_crc {
+        return sctp::xdp_checksum(ctx, service_id, backend_id, backend.generation);
+    }
     fwd::forward(
         ctx,
         l3,

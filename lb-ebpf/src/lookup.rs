@@ -3,14 +3,14 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, FlowKey, FlowValue, RevNatValue, ServiceKey,
-    ServiceValue, SourceRangeData, VipKey, backend_flags, datapath_stat,
+    AffinityKey, AffinityValue, BackendValue, FlowKey, FlowValue, ServiceKey, ServiceValue,
+    SourceRangeData, VipKey, backend_flags, datapath_stat,
     hash::{client_hash, flow_hash},
     service_flags, source_range_prefix, vip_filter_index,
 };
 
 use crate::{
-    AFFINITY, BACKENDS, CONNTRACK, MAGLEV, REVNAT, SERVICES, SOURCE_RANGES, VIP_FILTER, VIPS, stats,
+    AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICES, SOURCE_RANGES, VIP_FILTER, VIPS, stats,
 };
 
 /// One inlined array read: false means `dst` is certainly not a VIP.
@@ -148,7 +148,7 @@ pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
 }
 
 /// Steers a flow that has no live connection-table entry, and remembers the choice in the
-/// connection table and the reverse-NAT table.
+/// connection table (whose entry also tells reverse NAT that the replies are the flow's).
 #[inline(always)]
 pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
     let (id, b) = pick(svc, flow)?;
@@ -159,23 +159,6 @@ pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue
         _pad: 0,
     };
     let _ = CONNTRACK.insert(flow, &ct, 0);
-    let reply = FlowKey {
-        src: b.addr,
-        dst: flow.src,
-        sport_be: b.port_be,
-        dport_be: flow.sport_be,
-        proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
-    };
-    let rev = RevNatValue {
-        vip: flow.dst,
-        vport_be: flow.dport_be,
-        _pad: 0,
-        service_id: svc.id,
-        backend_id: id,
-    };
-    let _ = REVNAT.insert(&reply, &rev, 0);
     stats::new_flow(svc.id, id);
     Some((id, b))
 }

@@ -18,18 +18,21 @@ mod lookup;
 mod nat;
 mod parse;
 mod revnat;
+mod sctp;
 mod stats;
 
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, xdp_action},
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
+    },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, FlowKey, FlowValue,
-    NextHop, RevNatValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData, VipKey,
-    VipValue, limits,
+    AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
+    EndpointValue, FlowKey, FlowValue, NextHop, SctpScratch, ServiceKey, ServiceStats,
+    ServiceValue, SourceRangeData, VipKey, VipValue, limits,
 };
 
 const MAX_SERVICES: usize = limits::MAX_SERVICES as usize;
@@ -59,9 +62,9 @@ static MAGLEV: ArrayOfMaps<Array<u32, 1, { BPF_F_INNER_MAP as usize }>, { 2 * MA
 #[btf_map]
 static CONNTRACK: LruHashMap<FlowKey, FlowValue, MAX_FLOWS, PER_CPU_LRU> = LruHashMap::new();
 
-/// Reply 5-tuple (backend → client) → the VIP and port to put back.
+/// Backend endpoint → the frontends it serves (see `lb_common::EndpointValue`).
 #[btf_map]
-static REVNAT: LruHashMap<FlowKey, RevNatValue, MAX_FLOWS, PER_CPU_LRU> = LruHashMap::new();
+static ENDPOINTS: HashMap<EndpointKey, EndpointValue, MAX_BACKENDS> = HashMap::new();
 
 /// (client address, service) → backend, for ClientIP affinity.
 #[btf_map]
@@ -99,6 +102,18 @@ static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 #[btf_map]
 static NEXTHOPS: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
 
+/// Tail-call targets of `weir_xdp` (slot 0: `weir_xdp_sctp`).
+#[btf_map]
+static XDP_TAILS: ProgramArray<1> = ProgramArray::new();
+
+/// Tail-call targets of `weir_tc_egress` (slot 0: `weir_tc_sctp`).
+#[btf_map]
+static TC_TAILS: ProgramArray<1> = ProgramArray::new();
+
+/// `weir_xdp` → `weir_xdp_sctp` hand-over (see `lb_common::SctpScratch`).
+#[btf_map]
+static SCTP_SCRATCH: PerCpuArray<SctpScratch, 1> = PerCpuArray::new();
+
 /// Interfaces XDP may redirect to (those where weir's XDP program runs natively).
 #[btf_map]
 static TX_PORTS: DevMapHash<{ limits::MAX_TX_PORTS as usize }> = DevMapHash::new();
@@ -119,6 +134,16 @@ pub fn weir_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn weir_tc_egress(ctx: TcContext) -> i32 {
     revnat::handle(&ctx)
+}
+
+#[xdp]
+pub fn weir_xdp_sctp(ctx: XdpContext) -> u32 {
+    sctp::xdp_program(&ctx)
+}
+
+#[classifier]
+pub fn weir_tc_sctp(ctx: TcContext) -> i32 {
+    sctp::tc_program(&ctx)
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,9 @@ use crate::{
 
 /// Rewrites the destination of the packet described by `l3` to `addr`:`port_be`.
 #[inline(always)]
-pub fn dnat(ctx: &XdpContext, l3: &L3, addr: &[u32; 4], port_be: u16) -> Option<()> {
+/// `Some(true)` when the packet is SCTP whose port changed: its checksum field is then zeroed
+/// and `sctp::xdp_checksum_and_forward` must finish it.
+pub fn dnat(ctx: &XdpContext, l3: &L3, addr: &[u32; 4], port_be: u16) -> Option<bool> {
     let (data, end) = (ctx.data(), ctx.data_end());
     if l3.family == family::V6 {
         let ip = ptr_at::<Ipv6Hdr>(data, end, l3.off)?;
@@ -28,14 +30,11 @@ pub fn dnat(ctx: &XdpContext, l3: &L3, addr: &[u32; 4], port_be: u16) -> Option<
     l4_checksum(data, end, l3, &l3.dst, addr, old_port, port_be)?;
     unsafe { (*ports).dst = port_be };
     if l3.proto == proto::SCTP && old_port != port_be {
-        let len = l3.len as usize - (l3.l4_off - l3.off);
         let c = ptr_at::<u32>(data, end, l3.l4_off + 8)?;
         unsafe { *c = 0 };
-        let crc = csum::sctp_crc32c(ctx, l3.l4_off, len)?;
-        let c = ptr_at::<u32>(ctx.data(), ctx.data_end(), l3.l4_off + 8)?;
-        unsafe { *c = crc };
+        return Some(true);
     }
-    Some(())
+    Some(false)
 }
 
 /// Offset of the TCP/UDP checksum within its header.

@@ -1,17 +1,22 @@
 //! Reverse NAT at TC egress: a reply from a backend to a client leaves with the VIP and port
-//! as its source. Headers are read directly but written only through helpers: a direct write
-//! would make the verifier unclone every egress skb, including the node's own traffic.
+//! as its source. The endpoint table names the frontends the backend serves; a reply is a
+//! flow's when the connection table holds the client's flow to one of them on this backend
+//! (no per-flow state beyond that entry). Headers are read directly but written only through
+//! helpers: a direct write would make the verifier unclone every egress skb, including the
+//! node's own traffic.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use lb_common::{FlowKey, datapath_stat, drop_reason, family, proto};
+use lb_common::{
+    EndpointFrontend, EndpointKey, FlowKey, datapath_stat, drop_reason, family, limits, proto,
+};
 
 use crate::{
-    REVNAT, csum, nat,
+    CONNTRACK, ENDPOINTS, nat,
     parse::{self, L3, Ports, ptr_at},
-    stats,
+    sctp, stats,
 };
 
 /// Offsets of the source address in the IPv4 and IPv6 headers, and of the IPv4 checksum.
@@ -38,26 +43,54 @@ pub fn handle(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     };
     let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
-    let key = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
-        sport_be: sport,
-        dport_be: dport,
-        proto: l3.proto,
-        family: l3.family,
-        _pad: [0; 2],
-    };
-    let Some(rev) = REVNAT.get_ptr(&key) else {
+    let Some(rev) = reply_of(&l3, sport, dport) else {
         return TC_ACT_OK as i32;
     };
-    let rev = unsafe { *rev };
     if rewrite_source(ctx, &l3, &rev.vip, sport, rev.vport_be).is_none() {
         stats::drop(rev.service_id, drop_reason::REWRITE_FAILED);
         return TC_ACT_SHOT as i32;
     }
     stats::packet_out(rev.service_id, rev.backend_id, l3.len);
     stats::datapath(datapath_stat::REVNAT);
+    if l3.proto == proto::SCTP && sport != rev.vport_be {
+        return sctp::tc_checksum(ctx, rev.service_id);
+    }
     TC_ACT_OK as i32
+}
+
+/// The frontend whose flow this packet (backend `l3.src`:`sport` → client `l3.dst`:`dport`)
+/// replies to, if any.
+#[inline(always)]
+fn reply_of(l3: &L3, sport: u16, dport: u16) -> Option<EndpointFrontend> {
+    let key = EndpointKey {
+        addr: l3.src,
+        port_be: sport,
+        proto: l3.proto,
+        family: l3.family,
+    };
+    let ep = ENDPOINTS.get_ptr(&key)?;
+    let count = unsafe { (*ep).count } as usize;
+    for i in 0..limits::MAX_ENDPOINT_FRONTENDS {
+        if i >= count {
+            break;
+        }
+        let f = unsafe { (*ep).frontends[i] };
+        let flow = FlowKey {
+            src: l3.dst,
+            dst: f.vip,
+            sport_be: dport,
+            dport_be: f.vport_be,
+            proto: l3.proto,
+            family: l3.family,
+            _pad: [0; 2],
+        };
+        if let Some(ct) = CONNTRACK.get_ptr(&flow)
+            && unsafe { (*ct).backend_id } == f.backend_id
+        {
+            return Some(f);
+        }
+    }
+    None
 }
 
 #[inline(always)]
@@ -102,10 +135,8 @@ fn rewrite_source(
     }
     ctx.store(l3.l4_off, &port, 0).ok()?;
     if l3.proto == proto::SCTP && old_port != port {
-        let len = l3.len as usize - (l3.l4_off - l3.off);
+        // Finished by `weir_tc_sctp`, which recomputes the CRC32c over the zeroed field.
         ctx.store(l3.l4_off + 8, &0u32, 0).ok()?;
-        let crc = csum::sctp_crc32c(ctx, l3.l4_off, len)?;
-        ctx.store(l3.l4_off + 8, &crc, 0).ok()?;
     }
     Some(())
 }

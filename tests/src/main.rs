@@ -2,6 +2,10 @@
 //!
 //! - `weir-lab serve --name N [--http ADDR]... [--udp ADDR]... [--sctp ADDR]...`
 //!   (what every backend namespace runs; see `servers`).
+//! - `weir-lab bench [--quick] [--out FILE]`: every benchmark, as Markdown (`scripts/bench`
+//!   writes `docs/benchmarks.md`). Needs root.
+//! - `weir-lab demo [--hold]`: the standalone lab with the agent on its embedded default
+//!   config, and a tour of the traffic it carries. Needs root.
 
 use std::process::ExitCode;
 
@@ -23,24 +27,34 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Some("bench-packet") => {
-            let r = weir_lab::bench::packet::run(args.iter().any(|a| a == "--quick"));
-            println!(
-                "floor {:.1} ns (repeat {} x {} rounds)",
-                r.floor_ns, r.repeat, r.rounds
-            );
-            for c in r.cases {
-                println!(
-                    "{:40} {:6.1} ns  (+{:.1} over floor)",
-                    c.name,
-                    c.ns,
-                    c.ns - r.floor_ns
-                );
+        Some("bench") => {
+            let quick = args.iter().any(|a| a == "--quick");
+            let out = args
+                .iter()
+                .position(|a| a == "--out")
+                .and_then(|i| args.get(i + 1));
+            let command = if quick {
+                "scripts/bench --quick"
+            } else {
+                "scripts/bench"
+            };
+            let md = weir_lab::bench::run_all(quick, command);
+            match out {
+                Some(path) => {
+                    if let Err(e) = std::fs::write(path, &md) {
+                        eprintln!("weir-lab bench: {path}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                    eprintln!("bench: wrote {path}");
+                }
+                None => print!("{md}"),
             }
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: weir-lab serve --name N [--http ADDR] [--udp ADDR] [--sctp ADDR]");
+            eprintln!(
+                "usage: weir-lab serve --name N [--http ADDR] [--udp ADDR] [--sctp ADDR]\n       weir-lab bench [--quick] [--out FILE]\n       weir-lab demo [--hold]"
+            );
             ExitCode::from(2)
         }
     }

@@ -960,3 +960,15 @@ fn ethernet_padding_is_kept_and_not_counted() {
         assert_eq!(env.dp.maps.service_stats(id).unwrap().bytes_in - before, 28);
     });
 }
+
+#[test]
+fn every_program_stays_well_inside_the_verifier_budget() {
+    with_env(|env| {
+        for (name, n) in env.dp.verified_instructions() {
+            let n = n.unwrap_or_else(|| panic!("{name}: the kernel reported no count"));
+            eprintln!("{name}: {n} instructions verified");
+            // The kernel refuses a program at 1,000,000; half leaves room to grow.
+            assert!(n < 500_000, "{name}: {n} verified instructions");
+        }
+    });
+}

@@ -10,7 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
-        lpm_trie::Key, xdp::DevMapHash,
+        ProgramArray, lpm_trie::Key, xdp::DevMapHash,
     },
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc::SchedClassifierLinkId,
@@ -18,9 +18,9 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, FlowKey, FlowValue,
-    RevNatValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData, VipKey, VipValue, maps,
-    programs,
+    AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
+    EndpointValue, FlowKey, FlowValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData,
+    VipKey, VipValue, maps, programs,
 };
 use tracing::{info, warn};
 
@@ -78,6 +78,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: EbpfMaps,
     attached: Vec<Attachment>,
+    /// Held open: the kernel empties a program array when its last user-space reference goes.
+    _tails: [ProgramArray<MapData>; 2],
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -100,25 +102,29 @@ impl Datapath {
             .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
             .map_max_entries(maps::NEXTHOPS, limits.max_backends)
             .map_max_entries(maps::CONNTRACK, limits.conntrack_size)
-            .map_max_entries(maps::REVNAT, limits.conntrack_size)
+            .map_max_entries(maps::ENDPOINTS, limits.max_backends)
             .map_max_entries(maps::AFFINITY, limits.affinity_size)
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
-        let xdp: &mut Xdp = program_mut(&mut ebpf, programs::XDP_INGRESS)?;
-        xdp.load().map_err(|source| DataplaneError::Program {
-            name: programs::XDP_INGRESS,
-            source,
-        })?;
-        let tc: &mut SchedClassifier = program_mut(&mut ebpf, programs::TC_EGRESS)?;
-        tc.load().map_err(|source| DataplaneError::Program {
-            name: programs::TC_EGRESS,
-            source,
-        })?;
+        let load_err = |name| move |source| DataplaneError::Program { name, source };
+        for name in [programs::XDP_INGRESS, programs::XDP_SCTP] {
+            let p: &mut Xdp = program_mut(&mut ebpf, name)?;
+            p.load().map_err(load_err(name))?;
+        }
+        for name in [programs::TC_EGRESS, programs::TC_SCTP] {
+            let p: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
+            p.load().map_err(load_err(name))?;
+        }
+        let tails = [
+            tail_array(&mut ebpf, maps::XDP_TAILS, programs::XDP_SCTP)?,
+            tail_array(&mut ebpf, maps::TC_TAILS, programs::TC_SCTP)?,
+        ];
         let maps = EbpfMaps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
             maps,
             attached: Vec::new(),
+            _tails: tails,
         })
     }
 
@@ -208,6 +214,27 @@ impl Datapath {
             })
     }
 
+    /// How many instructions the verifier walked for each program (the kernel's budget is one
+    /// million per program).
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        [
+            programs::XDP_INGRESS,
+            programs::XDP_SCTP,
+            programs::TC_EGRESS,
+            programs::TC_SCTP,
+        ]
+        .into_iter()
+        .map(|name| {
+            let n = self
+                .ebpf
+                .program(name)
+                .and_then(|p| p.info().ok())
+                .and_then(|i| i.verified_instruction_count());
+            (name, n)
+        })
+        .collect()
+    }
+
     /// Interfaces with their attach mode.
     pub fn attachments(&self) -> Vec<(String, AttachedMode)> {
         self.attached
@@ -254,6 +281,29 @@ where
         .map_err(|source| DataplaneError::Program { name, source })
 }
 
+/// The program array `map` with `program` (loaded) in slot 0.
+fn tail_array(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    program: &'static str,
+) -> Result<ProgramArray<MapData>, DataplaneError> {
+    let fd = ebpf
+        .program(program)
+        .ok_or(DataplaneError::Program {
+            name: program,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|source| DataplaneError::Program {
+            name: program,
+            source,
+        })?;
+    let mut array: ProgramArray<MapData> = take(ebpf, map)?.try_into().map_err(map_err(map))?;
+    array.set(0, &fd, 0).map_err(map_err(map))?;
+    Ok(array)
+}
+
 pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
     let err = |detail: &str| DataplaneError::Interface {
         iface: iface.to_string(),
@@ -282,7 +332,7 @@ pub struct EbpfMaps {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     datapath_stats: PerCpuArray<MapData, DatapathStats>,
     pub conntrack: HashMap<MapData, FlowKey, FlowValue>,
-    pub revnat: HashMap<MapData, FlowKey, RevNatValue>,
+    endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     tx_ports: DevMapHash<MapData>,
     ncpus: usize,
@@ -337,7 +387,7 @@ impl EbpfMaps {
             backend_stats: typed!(ebpf, maps::BACKEND_STATS),
             datapath_stats: typed!(ebpf, maps::DATAPATH_STATS),
             conntrack: typed!(ebpf, maps::CONNTRACK),
-            revnat: typed!(ebpf, maps::REVNAT),
+            endpoints: typed!(ebpf, maps::ENDPOINTS),
             affinity: typed!(ebpf, maps::AFFINITY),
             tx_ports: typed!(ebpf, maps::TX_PORTS),
             ncpus,
@@ -523,6 +573,18 @@ impl MapWriter for EbpfMaps {
         self.vip_filter
             .set(index, count, 0)
             .map_err(|e| err(maps::VIP_FILTER, "set", e))
+    }
+
+    fn put_endpoint(&mut self, key: &EndpointKey, value: &EndpointValue) -> Result<(), MapError> {
+        self.endpoints
+            .insert(key, value, 0)
+            .map_err(|e| err(maps::ENDPOINTS, "insert", e))
+    }
+
+    fn delete_endpoint(&mut self, key: &EndpointKey) -> Result<(), MapError> {
+        self.endpoints
+            .remove(key)
+            .map_err(|e| err(maps::ENDPOINTS, "remove", e))
     }
 
     fn reset_service_stats(&mut self, id: u32) -> Result<(), MapError> {

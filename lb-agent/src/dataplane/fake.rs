@@ -3,7 +3,10 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
-use lb_common::{BackendValue, ServiceKey, ServiceValue, SourceRangeData, VipKey, VipValue};
+use lb_common::{
+    BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SourceRangeData, VipKey,
+    VipValue,
+};
 
 use super::{MapError, MapWriter, words_addr};
 
@@ -16,6 +19,7 @@ pub struct FakeMaps {
     pub source_ranges: BTreeMap<(u32, u32, [u32; 4]), ()>,
     pub vips: BTreeMap<VipKey, VipValue>,
     pub vip_filter: BTreeMap<u32, u32>,
+    pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
     /// Every write, in order, as `map op key`.
     pub log: Vec<String>,
     /// Fail the write whose log line starts with this (once), to test error paths.
@@ -86,6 +90,23 @@ impl FakeMaps {
         }
         for k in self.vips.keys() {
             let _ = writeln!(out, "vip {}", words_addr(&k.addr, k.family));
+        }
+        for (k, v) in &self.endpoints {
+            let addr = SocketAddr::new(words_addr(&k.addr, k.family), u16::from_be(k.port_be));
+            let fronts: Vec<String> = v.frontends[..v.count as usize]
+                .iter()
+                .map(|f| {
+                    let vip =
+                        SocketAddr::new(words_addr(&f.vip, k.family), u16::from_be(f.vport_be));
+                    format!("{vip} service={} backend={}", f.service_id, f.backend_id)
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "endpoint {addr} proto={} -> {}",
+                k.proto,
+                fronts.join(", ")
+            );
         }
         for (i, n) in &self.vip_filter {
             if *n != 0 {
@@ -173,6 +194,18 @@ impl MapWriter for FakeMaps {
     fn set_vip_filter(&mut self, index: u32, count: u32) -> Result<(), MapError> {
         self.record("VIP_FILTER", format!("vip_filter set {index}={count}"))?;
         self.vip_filter.insert(index, count);
+        Ok(())
+    }
+
+    fn put_endpoint(&mut self, key: &EndpointKey, value: &EndpointValue) -> Result<(), MapError> {
+        self.record("ENDPOINTS", format!("endpoints put count={}", value.count))?;
+        self.endpoints.insert(*key, *value);
+        Ok(())
+    }
+
+    fn delete_endpoint(&mut self, key: &EndpointKey) -> Result<(), MapError> {
+        self.record("ENDPOINTS", "endpoints delete".into())?;
+        self.endpoints.remove(key);
         Ok(())
     }
 

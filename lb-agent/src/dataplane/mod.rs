@@ -11,7 +11,8 @@ mod programmer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_common::{
-    BackendValue, ServiceKey, ServiceValue, SourceRangeData, VipKey, VipValue, family, v4_mapped,
+    BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SourceRangeData, VipKey,
+    VipValue, family, v4_mapped,
 };
 pub use programmer::{ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer};
 
@@ -46,6 +47,9 @@ pub trait MapWriter {
     fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapError>;
     fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
     fn set_vip_filter(&mut self, index: u32, count: u32) -> Result<(), MapError>;
+    /// Writes the frontends a backend endpoint serves (reverse NAT's table).
+    fn put_endpoint(&mut self, key: &EndpointKey, value: &EndpointValue) -> Result<(), MapError>;
+    fn delete_endpoint(&mut self, key: &EndpointKey) -> Result<(), MapError>;
     /// Zeroes a service's counters before its id is (re)used.
     fn reset_service_stats(&mut self, id: u32) -> Result<(), MapError>;
     /// Zeroes a backend's counters before its id is (re)used.
@@ -83,6 +87,16 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
         addr,
         port_be: f.port.to_be(),
         proto: f.protocol.number(),
+        family: fam,
+    }
+}
+
+pub fn endpoint_key(addr: SocketAddr, protocol: crate::model::Protocol) -> EndpointKey {
+    let (words, fam) = addr_words(addr.ip());
+    EndpointKey {
+        addr: words,
+        port_be: addr.port().to_be(),
+        proto: protocol.number(),
         family: fam,
     }
 }

@@ -23,22 +23,27 @@ use std::{
 
 use ipnet::IpNet;
 use lb_common::{
-    BackendValue, ServiceValue, SourceRangeData, VipValue, backend_flags, service_flags,
-    source_range_prefix, vip_filter_index,
+    BackendValue, EndpointFrontend, EndpointValue, ServiceValue, SourceRangeData, VipValue,
+    backend_flags, limits::MAX_ENDPOINT_FRONTENDS, service_flags, source_range_prefix,
+    vip_filter_index,
 };
 use tracing::{debug, warn};
 
-use super::{MapError, MapWriter, addr_words, backend_value, maglev_key, service_key, vip_key};
+use super::{
+    MapError, MapWriter, addr_words, backend_value, endpoint_key, maglev_key, service_key, vip_key,
+};
 use crate::{
     config::DataplaneLimits,
     maglev,
-    model::{DesiredState, Frontend, Service},
+    model::{DesiredState, Frontend, Protocol, Service},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("no free {what} id (capacity {capacity}); raise dataplane.max_{what}s")]
     Full { what: &'static str, capacity: u32 },
+    #[error("backend {endpoint} would serve more than {MAX_ENDPOINT_FRONTENDS} frontends")]
+    TooManyFrontends { endpoint: String },
     #[error("service {service}: {source}")]
     Map {
         service: String,
@@ -142,6 +147,7 @@ impl IdPool {
 /// Writes undone when a service operation fails before it is published.
 enum Undo {
     Backend(u32),
+    Endpoint(SocketAddr, Frontend),
     Table(u32),
     Range(u32, IpNet),
     Vip(IpAddr),
@@ -160,6 +166,9 @@ pub struct Programmer {
     vips: BTreeMap<IpAddr, u32>,
     /// VIPs per pre-filter slot.
     filter: BTreeMap<u32, u32>,
+    /// Reverse NAT's table: what each backend endpoint (address and port, with the frontend's
+    /// protocol) serves.
+    endpoints: BTreeMap<(SocketAddr, Protocol), Vec<EndpointFrontend>>,
 }
 
 impl Programmer {
@@ -173,6 +182,7 @@ impl Programmer {
             generations: vec![0; limits.max_backends as usize],
             vips: BTreeMap::new(),
             filter: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
         }
     }
 
@@ -296,6 +306,8 @@ impl Programmer {
             maps.reset_backend_stats(pb.id).map_err(&err)?;
             maps.put_backend(pb.id, &value).map_err(&err)?;
             backends.insert(b.addr, pb);
+            self.endpoint_add(b.addr, svc, id, pb.id, maps)?;
+            undo.push(Undo::Endpoint(b.addr, svc.frontend));
         }
         let table = self.table(svc, &backends);
         let table_id = self.table_ids.alloc()?;
@@ -352,6 +364,7 @@ impl Programmer {
         for (addr, pb) in &old.backends {
             if !next.backends.contains_key(addr) {
                 note(maps.put_backend(pb.id, &BackendValue::zeroed()));
+                note(self.endpoint_remove(*addr, &svc.frontend, maps));
                 self.backend_ids.release(pb.id);
             }
         }
@@ -395,6 +408,8 @@ impl Programmer {
                     maps.reset_backend_stats(pb.id).map_err(&err)?;
                     maps.put_backend(pb.id, &value).map_err(&err)?;
                     next.backends.insert(b.addr, pb);
+                    self.endpoint_add(b.addr, &new, old.id, pb.id, maps)?;
+                    undo.push(Undo::Endpoint(b.addr, new.frontend));
                 }
             }
         }
@@ -442,8 +457,9 @@ impl Programmer {
                 cleanup_errors.push(format!("service {}: {e}", p.spec.name));
             }
         };
-        for pb in p.backends.values() {
+        for (addr, pb) in &p.backends {
             note(maps.put_backend(pb.id, &BackendValue::zeroed()));
+            note(self.endpoint_remove(*addr, &f, maps));
             self.backend_ids.release(pb.id);
         }
         note(maps.delete_table(p.table_id));
@@ -456,6 +472,76 @@ impl Programmer {
         self.service_ids.release(p.id);
         debug!(service = %p.spec.name, id = p.id, "service removed");
         Ok(p.spec.name)
+    }
+
+    /// Records that `addr` serves `svc`'s frontend as backend `backend_id` of service
+    /// `service_id`.
+    fn endpoint_add(
+        &mut self,
+        addr: SocketAddr,
+        svc: &Service,
+        service_id: u32,
+        backend_id: u32,
+        maps: &mut dyn MapWriter,
+    ) -> Result<(), ApplyError> {
+        let frontend = &svc.frontend;
+        let key = (addr, frontend.protocol);
+        let refs = self.endpoints.entry(key).or_default();
+        if refs.len() >= MAX_ENDPOINT_FRONTENDS {
+            return Err(ApplyError::TooManyFrontends {
+                endpoint: format!("{addr}/{}", frontend.protocol),
+            });
+        }
+        let (vip, _) = addr_words(frontend.vip);
+        refs.push(EndpointFrontend {
+            vip,
+            vport_be: frontend.port.to_be(),
+            _pad: 0,
+            service_id,
+            backend_id,
+        });
+        let value = endpoint_value(refs);
+        if let Err(e) = maps.put_endpoint(&endpoint_key(addr, frontend.protocol), &value) {
+            self.endpoint_forget(addr, frontend);
+            return Err(ApplyError::Map {
+                service: svc.name.clone(),
+                source: e,
+            });
+        }
+        Ok(())
+    }
+
+    fn endpoint_forget(
+        &mut self,
+        addr: SocketAddr,
+        frontend: &Frontend,
+    ) -> Option<&Vec<EndpointFrontend>> {
+        let key = (addr, frontend.protocol);
+        let (vip, _) = addr_words(frontend.vip);
+        let refs = self.endpoints.get_mut(&key)?;
+        refs.retain(|f| !(f.vip == vip && f.vport_be == frontend.port.to_be()));
+        if refs.is_empty() {
+            self.endpoints.remove(&key);
+            return None;
+        }
+        self.endpoints.get(&key)
+    }
+
+    /// Records that `addr` no longer serves `frontend`.
+    fn endpoint_remove(
+        &mut self,
+        addr: SocketAddr,
+        frontend: &Frontend,
+        maps: &mut dyn MapWriter,
+    ) -> Result<(), MapError> {
+        let key = endpoint_key(addr, frontend.protocol);
+        match self.endpoint_forget(addr, frontend) {
+            Some(refs) => {
+                let value = endpoint_value(refs);
+                maps.put_endpoint(&key, &value)
+            }
+            None => maps.delete_endpoint(&key),
+        }
     }
 
     fn vip_ref(&mut self, ip: IpAddr, maps: &mut dyn MapWriter) -> Result<(), MapError> {
@@ -505,6 +591,7 @@ impl Programmer {
     fn undo(&mut self, undo: Vec<Undo>, maps: &mut dyn MapWriter) {
         for u in undo.into_iter().rev() {
             let r = match u {
+                Undo::Endpoint(addr, frontend) => self.endpoint_remove(addr, &frontend, maps),
                 Undo::Backend(id) => {
                     self.backend_ids.release(id);
                     maps.put_backend(id, &BackendValue::zeroed())
@@ -540,6 +627,15 @@ impl Programmer {
 /// packets are using.
 pub fn table_slots(limits: &DataplaneLimits) -> u32 {
     limits.max_services.saturating_mul(2)
+}
+
+fn endpoint_value(refs: &[EndpointFrontend]) -> EndpointValue {
+    let mut v = EndpointValue {
+        count: refs.len() as u32,
+        ..EndpointValue::default()
+    };
+    v.frontends[..refs.len()].copy_from_slice(refs);
+    v
 }
 
 fn source_range(service_id: u32, net: &IpNet) -> (u32, SourceRangeData) {

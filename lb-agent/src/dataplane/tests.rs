@@ -103,6 +103,7 @@ fn a_new_service_is_published_last() {
             "service_stats reset 1",
             "backend_stats reset 1",
             "backends put 1 flags=1",
+            "endpoints put count=1",
             "maglev put 1",
             "vips put",
             &format!(
@@ -142,6 +143,7 @@ fn a_changed_service_keeps_its_surviving_backends_and_swaps_its_table() {
             "maglev put 3",
             "services put id=1",
             "backends put 2 flags=0",
+            "endpoints delete",
             "maglev delete 1",
         ]
     );
@@ -229,6 +231,7 @@ fn a_failed_add_leaves_nothing_behind() {
     second.source_ranges = vec!["198.18.0.0/16".parse().unwrap()];
     second.frontend.vip = "198.18.100.12".parse().unwrap();
     for step in [
+        "endpoints put",
         "maglev put",
         "source_ranges put",
         "vips put",
@@ -294,4 +297,32 @@ fn flow_slot_matches_the_shared_hash() {
         flow_slot(client, vip, Protocol::Tcp, true, 16381),
         lb_common::hash::client_hash(&s) % 16381
     );
+}
+
+#[test]
+fn an_endpoint_shared_by_two_services_lists_both_frontends() {
+    let (mut p, mut m) = setup();
+    let a = web(&[("198.18.1.11:80", 1)]);
+    let mut b = a.clone();
+    b.name = "alt".into();
+    b.frontend.vip = "198.18.100.20".parse().unwrap();
+    p.apply(&state(vec![a.clone(), b]), &mut m).unwrap();
+    let dump = m.dump();
+    let line = dump.lines().find(|l| l.starts_with("endpoint ")).unwrap();
+    assert!(
+        line.starts_with("endpoint 198.18.1.11:80 proto=6 -> ")
+            && line.contains("198.18.100.10:80 service=")
+            && line.contains("198.18.100.20:80 service="),
+        "{dump}"
+    );
+    // Removing one service leaves the other's frontend.
+    p.apply(&state(vec![a]), &mut m).unwrap();
+    let dump = m.dump();
+    let line = dump.lines().find(|l| l.starts_with("endpoint ")).unwrap();
+    assert!(
+        line.contains("198.18.100.10:80") && !line.contains("198.18.100.20"),
+        "{line}"
+    );
+    p.apply(&state(vec![]), &mut m).unwrap();
+    assert!(m.endpoints.is_empty());
 }

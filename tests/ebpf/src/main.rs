@@ -4,9 +4,11 @@
 //!   XDP_TX when it runs an XDP program itself, and a kernel-stack baseline needs the same.
 //! - `lab_sink`: counts frames and bytes (per CPU) and drops them: the receiver of the
 //!   throughput benchmark.
-//! - `lab_tx`: sends the frame back out (XDP_TX): the generator, run with BPF_PROG_TEST_RUN
-//!   in live-frames mode. It can spread the frames over `GEN[1]` flows by writing a counter
-//!   into the 2 bytes at offset `GEN[0]` (a UDP source port; UDP over IPv4 needs no checksum).
+//! - `lab_tx`: the generator, run with BPF_PROG_TEST_RUN in live-frames mode: it writes the
+//!   64-byte frame `GEN_FRAME` (every time: the pages are recycled by reference, and the
+//!   receiver rewrites them in place), spreads the frames over `GEN[1]` flows by writing a
+//!   counter into the 2 bytes at offset `GEN[0]` (a UDP source port; UDP over IPv4 needs no
+//!   checksum), and sends the frame out (XDP_TX).
 //! - `lab_bench`: the timing harness. BPF_PROG_TEST_RUN with repeat=N runs a program N times
 //!   on the same buffer, so a program that rewrites the packet would time itself on its own
 //!   output. This one restores the pristine frame (`PRISTINE`, `BENCH_LEN` bytes, frames padded
@@ -34,6 +36,12 @@ static SINK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
 /// [offset, flows] for `lab_tx`.
 #[btf_map]
 static GEN: Array<[u32; 2], 1> = Array::new();
+
+/// Length of the generator's frames.
+const GEN_LEN: usize = 64;
+
+#[btf_map]
+static GEN_FRAME: Array<[u8; GEN_LEN], 1> = Array::new();
 
 #[btf_map]
 static GEN_COUNTER: PerCpuArray<u32, 1> = PerCpuArray::new();
@@ -105,6 +113,12 @@ pub fn lab_sink(ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn lab_tx(ctx: XdpContext) -> u32 {
+    let Some(frame) = GEN_FRAME.get_ptr(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, frame as *mut _, GEN_LEN as u32) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
     if let Some(cfg) = GEN.get(0)
         && cfg[1] != 0
     {

@@ -28,11 +28,14 @@ const XDP_REDIRECT: u32 = 4;
 
 pub struct Case {
     pub name: &'static str,
-    /// Mean ns per packet, median of the rounds.
+    /// Median over the rounds of the mean ns per packet.
     pub ns: f64,
+    /// Median over the rounds of (this case − the floor measured just before it).
+    pub over_floor_ns: f64,
 }
 
 pub struct Report {
+    /// Median of every floor measurement.
     pub floor_ns: f64,
     pub cases: Vec<Case>,
     pub repeat: u32,
@@ -119,21 +122,29 @@ impl Harness<'_> {
             .expect("test run");
         (r.return_value, r.duration.as_nanos() as f64)
     }
+}
 
-    fn median(&self, frame: &[u8], want: u32, repeat: u32, rounds: usize, name: &str) -> f64 {
-        let (v, _) = self.run(frame, 1000);
-        assert_eq!(v, want, "{name}: verdict");
-        let mut t: Vec<f64> = (0..rounds).map(|_| self.run(frame, repeat).1).collect();
-        t.sort_by(f64::total_cmp);
-        t[t.len() / 2]
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Pins the calling thread to one CPU, so that a run is not split across CPUs.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
 /// Runs every case; `quick` shortens the runs (for a smoke check).
 pub fn run(quick: bool) -> Report {
-    let (repeat, rounds) = if quick { (20_000, 3) } else { (1_000_000, 7) };
+    let (repeat, rounds) = if quick { (20_000, 3) } else { (300_000, 15) };
     let bed = Testbed::new();
     bed.ns.run_in(|| {
+        pin_to_cpu(1);
         let limits = DataplaneLimits::default();
         let mut dp = Datapath::load(&limits).expect("load weir");
         dp.add_redirect_port(bed.b_ifindex).expect("redirect port");
@@ -172,7 +183,8 @@ pub fn run(quick: bool) -> Report {
         let mut bad = padded(&v4);
         bad[16..18].copy_from_slice(&30u16.to_be_bytes()); // total length shorter than TCP
 
-        // Floor: the harness and a tail call into an empty program.
+        // Floor: the harness and a tail call into an empty program. Every round measures the
+        // floor and then the case, back to back, and keeps their difference.
         let pass_fd = {
             let p: &Xdp = h
                 .lab
@@ -182,12 +194,7 @@ pub fn run(quick: bool) -> Report {
                 .expect("xdp");
             p.fd().expect("fd").try_clone().expect("clone fd")
         };
-        h.set_target(&pass_fd);
-        h.set_frame(&padded(&v4), None);
-        let floor_ns = h.median(&padded(&v4), XDP_PASS, repeat, rounds, "floor");
-
         let weir_fd = dp.xdp().fd().expect("fd").try_clone().expect("clone fd");
-        h.set_target(&weir_fd);
         let cases: Vec<(&'static str, Vec<u8>, Option<[u32; 2]>, u32)> = vec![
             (
                 "established TCP flow, IPv4",
@@ -216,16 +223,32 @@ pub fn run(quick: bool) -> Report {
             ("non-VIP packet (pass)", padded(&other), None, XDP_PASS),
             ("malformed packet to a VIP (drop)", bad, None, XDP_DROP),
         ];
+        let mut floors = Vec::new();
         let cases = cases
             .into_iter()
             .map(|(name, frame, mutate, want)| {
                 h.set_frame(&frame, mutate);
+                h.set_target(&weir_fd);
+                assert_eq!(h.run(&frame, 1000).0, want, "{name}: verdict");
+                let mut case = Vec::new();
+                let mut diff = Vec::new();
+                for _ in 0..rounds {
+                    h.set_target(&pass_fd);
+                    let f = h.run(&frame, repeat).1;
+                    h.set_target(&weir_fd);
+                    let c = h.run(&frame, repeat).1;
+                    floors.push(f);
+                    case.push(c);
+                    diff.push(c - f);
+                }
                 Case {
                     name,
-                    ns: h.median(&frame, want, repeat, rounds, name),
+                    ns: median(case),
+                    over_floor_ns: median(diff),
                 }
             })
             .collect();
+        let floor_ns = median(floors);
         Report {
             floor_ns,
             cases,
