@@ -4,6 +4,10 @@ use anyhow::Context as _;
 fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ebpf");
     let root = root.to_str().context("workspace path is not UTF-8")?;
+    // aya-build relays the nested cargo's progress lines as build warnings; errors and
+    // compiler diagnostics still come through.
+    // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "weir-lab-ebpf",

@@ -97,7 +97,7 @@ fn crc_bytes<const N: usize>(mut crc: u32, buf: &[u8; N]) -> u32 {
 pub fn sctp_crc32c<C: LoadBytes>(ctx: &C, off: usize, len: usize) -> Option<u32> {
     const BIG: usize = 32;
     const MAX: usize = limits::MAX_SCTP_LEN as usize;
-    if len < 12 || len > MAX || len % 4 != 0 {
+    if !(12..=MAX).contains(&len) || !len.is_multiple_of(4) {
         return None;
     }
     let mut crc = !0u32;

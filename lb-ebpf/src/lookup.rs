@@ -26,7 +26,7 @@ pub fn is_vip(dst: &[u32; 4], family: u8) -> bool {
         family,
         _pad: [0; 3],
     };
-    VIPS.get_ptr(&key).is_some()
+    VIPS.get_ptr(key).is_some()
 }
 
 /// The verdict for a packet weir cannot forward: dropped and counted (as no service's) when it
@@ -127,14 +127,14 @@ pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
         service_id: svc.id,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(a) = AFFINITY.get_ptr_mut(&key) {
+    if let Some(a) = AFFINITY.get_ptr_mut(key) {
         let a = unsafe { &mut *a };
-        if now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000 {
-            if let Some(b) = live_backend(a.backend_id, a.backend_generation) {
-                a.last_used_ns = now;
-                stats::datapath(datapath_stat::AFFINITY_HIT);
-                return Some((a.backend_id, b));
-            }
+        if now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000
+            && let Some(b) = live_backend(a.backend_id, a.backend_generation)
+        {
+            a.last_used_ns = now;
+            stats::datapath(datapath_stat::AFFINITY_HIT);
+            return Some((a.backend_id, b));
         }
     }
     let (id, b) = maglev(svc, client_hash(&flow.src))?;
@@ -143,7 +143,7 @@ pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
         backend_generation: b.generation,
         last_used_ns: now,
     };
-    let _ = AFFINITY.insert(&key, &value, 0);
+    let _ = AFFINITY.insert(key, value, 0);
     Some((id, b))
 }
 
@@ -158,7 +158,7 @@ pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue
         service_id: svc.id,
         _pad: 0,
     };
-    let _ = CONNTRACK.insert(flow, &ct, 0);
+    let _ = CONNTRACK.insert(flow, ct, 0);
     stats::new_flow(svc.id, id);
     Some((id, b))
 }

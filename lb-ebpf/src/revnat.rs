@@ -34,28 +34,28 @@ pub fn handle(ctx: &TcContext) -> i32 {
         l3 = parse::l3_any(ctx.data(), ctx.data_end());
     }
     let Some(l3) = l3 else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     if !matches!(l3.proto, proto::TCP | proto::UDP | proto::SCTP) {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let Some(ports) = ptr_at::<Ports>(ctx.data(), ctx.data_end(), l3.l4_off) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
     let Some(rev) = reply_of(&l3, sport, dport) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     if rewrite_source(ctx, &l3, &rev.vip, sport, rev.vport_be).is_none() {
         stats::drop(rev.service_id, drop_reason::REWRITE_FAILED);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     stats::packet_out(rev.service_id, rev.backend_id, l3.len);
     stats::datapath(datapath_stat::REVNAT);
     if l3.proto == proto::SCTP && sport != rev.vport_be {
         return sctp::tc_checksum(ctx, rev.service_id);
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// The frontend whose flow this packet (backend `l3.src`:`sport` → client `l3.dst`:`dport`)
@@ -68,7 +68,7 @@ fn reply_of(l3: &L3, sport: u16, dport: u16) -> Option<EndpointFrontend> {
         proto: l3.proto,
         family: l3.family,
     };
-    let ep = ENDPOINTS.get_ptr(&key)?;
+    let ep = ENDPOINTS.get_ptr(key)?;
     let count = unsafe { (*ep).count } as usize;
     for i in 0..limits::MAX_ENDPOINT_FRONTENDS {
         if i >= count {
@@ -84,7 +84,7 @@ fn reply_of(l3: &L3, sport: u16, dport: u16) -> Option<EndpointFrontend> {
             family: l3.family,
             _pad: [0; 2],
         };
-        if let Some(ct) = CONNTRACK.get_ptr(&flow)
+        if let Some(ct) = CONNTRACK.get_ptr(flow)
             && unsafe { (*ct).backend_id } == f.backend_id
         {
             return Some(f);
@@ -114,8 +114,8 @@ fn rewrite_source(
     let pseudo = BPF_F_PSEUDO_HDR as u64 | mangle | 4;
     if v6 {
         if let Some(off) = l4_check {
-            for i in 0..4 {
-                ctx.l4_csum_replace(off, l3.src[i] as u64, vip[i] as u64, pseudo)
+            for (old, new) in l3.src.iter().zip(vip) {
+                ctx.l4_csum_replace(off, *old as u64, *new as u64, pseudo)
                     .ok()?;
             }
         }

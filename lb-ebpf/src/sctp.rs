@@ -40,7 +40,7 @@ pub fn xdp_checksum(ctx: &XdpContext, service_id: u32, backend_id: u32, generati
 pub fn tc_checksum(ctx: &TcContext, service_id: u32) -> i32 {
     unsafe { TC_TAILS.tail_call(ctx, CHECKSUM) };
     stats::drop(service_id, drop_reason::SCTP_CHECKSUM);
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }
 
 /// `weir_xdp_sctp`: the CRC32c of the (already rewritten) packet, then forwarding.
@@ -81,7 +81,7 @@ pub fn xdp_program(ctx: &XdpContext) -> u32 {
 pub fn tc_program(ctx: &TcContext) -> i32 {
     let fail = || {
         stats::drop(0, drop_reason::SCTP_CHECKSUM);
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     };
     let Some(l3) = parse::l3_any(ctx.data(), ctx.data_end()) else {
         return fail();
@@ -96,5 +96,5 @@ pub fn tc_program(ctx: &TcContext) -> i32 {
     if ctx.store(l3.l4_off + 8, &crc, 0).is_err() {
         return fail();
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }

@@ -27,6 +27,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some("demo") => match weir_lab::demo::run(args.iter().any(|a| a == "--hold")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weir-lab demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some("bench") => {
             let quick = args.iter().any(|a| a == "--quick");
             let out = args

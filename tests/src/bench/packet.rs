@@ -195,7 +195,9 @@ pub fn run(quick: bool) -> Report {
             p.fd().expect("fd").try_clone().expect("clone fd")
         };
         let weir_fd = dp.xdp().fd().expect("fd").try_clone().expect("clone fd");
-        let cases: Vec<(&'static str, Vec<u8>, Option<[u32; 2]>, u32)> = vec![
+        // (name, frame, new-flow mutation offsets, expected verdict)
+        type CaseSpec = (&'static str, Vec<u8>, Option<[u32; 2]>, u32);
+        let cases: Vec<CaseSpec> = vec![
             (
                 "established TCP flow, IPv4",
                 padded(&v4),

@@ -1,0 +1,149 @@
+//! `weir-lab demo`: the standalone lab (see `lab`) with `lb-agent run` on its embedded default
+//! config, and a tour of what it carries. Everything is removed at the end, also on Ctrl-C.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use crate::{
+    agent::Agent,
+    clients,
+    lab::{CLIENT_V4, Lab, VIP_V4, VIP_V6},
+    sctp,
+};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+const T: Duration = Duration::from_secs(3);
+
+fn share(results: &[String]) -> String {
+    let mut m: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in results {
+        *m.entry(r.as_str()).or_default() += 1;
+    }
+    m.iter()
+        .map(|(b, n)| format!("{b}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn run(hold: bool) -> Result<(), String> {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    println!("== building the lab: client, LB node, backends b1..b3 (network namespaces)");
+    let mut lab = Lab::new(3);
+    lab.start_servers(&me);
+    println!("== starting lb-agent run (embedded default config) on the LB node");
+    let mut agent = Agent::start(&lab.lb, &lab.dir.path, None);
+    agent.wait_ready(&lab.lb);
+    let (_, ready) = agent.get(&lab.lb, "/readyz").unwrap_or_default();
+    println!("   /readyz: {}", ready.trim());
+
+    let web: SocketAddr = format!("{VIP_V4}:80").parse().map_err(|e| format!("{e}"))?;
+    let got: Vec<String> = lab.client.run_in(|| {
+        (0..30)
+            .filter_map(|_| clients::http_get(None, web, "/", T).ok().map(|r| r.backend))
+            .collect()
+    });
+    println!("== 30 HTTP GETs to http://{web}/ (service web, Maglev over 3 backends)");
+    println!("   {}", share(&got));
+
+    let sticky: SocketAddr = "198.18.100.11:80".parse().map_err(|e| format!("{e}"))?;
+    let got: Vec<String> = lab.client.run_in(|| {
+        (0..10)
+            .filter_map(|_| {
+                clients::http_get(None, sticky, "/", T)
+                    .ok()
+                    .map(|r| r.backend)
+            })
+            .collect()
+    });
+    println!("== 10 GETs to http://{sticky}/ (web-sticky: ClientIP affinity, source ranges)");
+    println!("   {}", share(&got));
+
+    let web6: SocketAddr = format!("[{VIP_V6}]:80")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let got: Vec<String> = lab.client.run_in(|| {
+        (0..10)
+            .filter_map(|_| {
+                clients::http_get(None, web6, "/", T)
+                    .ok()
+                    .map(|r| r.backend)
+            })
+            .collect()
+    });
+    println!("== 10 GETs to http://{web6}/ (IPv6)");
+    println!("   {}", share(&got));
+
+    let echo: SocketAddr = format!("{VIP_V4}:7").parse().map_err(|e| format!("{e}"))?;
+    let client: std::net::IpAddr = CLIENT_V4.parse().map_err(|e| format!("{e}"))?;
+    let got: Vec<String> = lab.client.run_in(|| {
+        (0..10u16)
+            .filter_map(|i| {
+                clients::udp_request(SocketAddr::new(client, 50000 + i), echo, b"hello", T)
+                    .ok()
+                    .map(|(b, _, _)| b)
+            })
+            .collect()
+    });
+    println!("== 10 UDP datagrams to {echo} (echo-udp)");
+    println!("   {}", share(&got));
+
+    let diameter: SocketAddr = format!("{VIP_V4}:3868")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let ack = lab
+        .client
+        .run_in(|| sctp::init(client, 40000, diameter, T))
+        .map_err(|e| format!("SCTP INIT to {diameter}: {e}"))?;
+    println!(
+        "== SCTP INIT to {diameter} (diameter): INIT-ACK from {}:{}, {}",
+        ack.from, ack.sport, ack.cookie
+    );
+
+    let ping = lab
+        .client
+        .try_exec(&["ping", "-c", "3", "-i", "0.2", "-W", "1", VIP_V4]);
+    println!(
+        "== ping {VIP_V4}: {}",
+        ping.map_or_else(
+            |e| e,
+            |out| out.lines().rev().nth(1).unwrap_or("").to_string()
+        )
+    );
+    if let Some((_, status)) = agent.get(&lab.lb, "/api/v1/status") {
+        println!("== /api/v1/status: {}", status.trim());
+    }
+
+    if hold {
+        println!(
+            "\nThe lab is up. Try, from another shell:\n  ip netns exec {} curl -s http://{VIP_V4}/\n  ip netns exec {} curl -s 'http://[{VIP_V6}]/'\n  ip netns exec {} curl -s http://127.0.0.1:9300/readyz\nThe agent's log: {}\nCtrl-C removes everything.",
+            lab.client.name(),
+            lab.client.name(),
+            lab.lb.name(),
+            agent.log.display()
+        );
+        while !STOP.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    println!("== stopping the agent (SIGTERM) and removing the lab");
+    let status = agent.stop();
+    lab.kill_server(0);
+    if !status.success() {
+        return Err(format!("lb-agent exited with {status}"));
+    }
+    Ok(())
+}
