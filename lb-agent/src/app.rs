@@ -48,6 +48,7 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
     }
     state.readiness.attached.store(true, Ordering::Release);
 
+    let started = std::time::Instant::now();
     let mut programmer = Programmer::new(&config.dataplane, config.maglev.seed);
     let report = programmer
         .apply(&config.desired, &mut datapath.maps)
@@ -55,6 +56,7 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
     state.readiness.programmed.store(true, Ordering::Release);
     info!(
         services = report.added.len(),
+        took = ?started.elapsed(),
         "data plane programmed; ready"
     );
 

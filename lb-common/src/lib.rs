@@ -92,8 +92,14 @@ pub mod limits {
     /// Entries in the VIP pre-filter: 2^VIP_FILTER_BITS.
     pub const VIP_FILTER_BITS: u32 = 16;
     pub const VIP_FILTER_SIZE: u32 = 1 << VIP_FILTER_BITS;
-    /// Largest Maglev table the data plane accepts (the inner-map template size).
+    /// Largest Maglev table the data plane accepts.
     pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+    /// Entries of a Maglev table page (an inner map of `MAGLEV`). Tables of one size share a
+    /// page: installing an inner map costs the kernel an RCU grace period (milliseconds), so
+    /// pages are created rarely and tables are written into them.
+    pub const TABLE_PAGE_ENTRIES: u32 = 1 << 20;
+    /// Table pages (`MAGLEV`'s size).
+    pub const MAX_TABLE_PAGES: u32 = 4096;
     /// Frontends (VIP, port) one backend endpoint may serve.
     pub const MAX_ENDPOINT_FRONTENDS: usize = 8;
     /// Interfaces that XDP may redirect to.
@@ -131,15 +137,17 @@ pub mod service_flags {
 pub struct ServiceValue {
     /// Index into `SERVICE_STATS` and the service part of `SOURCE_RANGES`/`AFFINITY` keys.
     pub id: u32,
-    /// Index into `MAGLEV`. A table is written into a free slot, then this value is replaced in
-    /// one update, so a packet sees either the old (id, size) pair or the new one.
-    pub table_id: u32,
+    /// The table page (index into `MAGLEV`) and the table's first entry in it. A new table is
+    /// written into a free region, then this value is replaced in one update, so a packet sees
+    /// either the old (page, offset, size) or the new one.
+    pub table_page: u32,
+    pub table_offset: u32,
     /// Number of slots in the table (prime).
     pub table_size: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 
 /// `BackendValue::flags`.
 pub mod backend_flags {

@@ -75,8 +75,8 @@ pub fn maglev(svc: &ServiceValue, h: u32) -> Option<(u32, BackendValue)> {
     if svc.table_size == 0 {
         return None;
     }
-    let slot = h % svc.table_size;
-    let id = *MAGLEV.get_value(svc.table_id, &slot)?;
+    let slot = svc.table_offset + h % svc.table_size;
+    let id = *MAGLEV.get_value(svc.table_page, &slot)?;
     if id == 0 {
         return None;
     }

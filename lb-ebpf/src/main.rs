@@ -51,12 +51,15 @@ static SERVICES: HashMap<ServiceKey, ServiceValue, MAX_SERVICES> = HashMap::new(
 #[btf_map]
 static BACKENDS: Array<BackendValue, MAX_BACKENDS> = Array::new();
 
-/// Maglev table id → table (slot → backend id). Inner tables differ in size, hence the
-/// BPF_F_INNER_MAP template (which also keeps the verifier from inlining inner lookups
-/// with the template's size).
+/// Maglev table pages: page → (entry → backend id); a service's table is `table_size` entries
+/// from `table_offset` in page `table_page`. Pages may differ in size (a table larger than the
+/// usual page gets a page of its own), hence the BPF_F_INNER_MAP template, which also keeps the
+/// verifier from inlining inner lookups with the template's size.
 #[btf_map]
-static MAGLEV: ArrayOfMaps<Array<u32, 1, { BPF_F_INNER_MAP as usize }>, { 2 * MAX_SERVICES }> =
-    ArrayOfMaps::new();
+static MAGLEV: ArrayOfMaps<
+    Array<u32, 1, { BPF_F_INNER_MAP as usize }>,
+    { limits::MAX_TABLE_PAGES as usize },
+> = ArrayOfMaps::new();
 
 /// Client 5-tuple → the backend the flow was steered to.
 #[btf_map]

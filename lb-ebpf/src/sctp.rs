@@ -12,7 +12,7 @@ use lb_common::{SctpScratch, drop_reason, proto};
 
 use crate::{
     SCTP_SCRATCH, TC_TAILS, XDP_TAILS, csum, fwd,
-    parse::{self, Ports, ptr_at},
+    parse::{self, L3, Ports, ptr_at},
     stats,
 };
 
@@ -43,6 +43,18 @@ pub fn tc_checksum(ctx: &TcContext, service_id: u32) -> i32 {
     TC_ACT_SHOT
 }
 
+/// The packet's headers and the CRC32c of its SCTP part (checksum field already zeroed).
+#[inline(always)]
+fn crc_of<C: csum::LoadBytes>(ctx: &C, data: usize, end: usize) -> Option<(L3, u32)> {
+    let l3 = parse::l3_any(data, end)?;
+    if l3.proto != proto::SCTP {
+        return None;
+    }
+    let len = l3.len as usize - (l3.l4_off - l3.off);
+    let crc = csum::sctp_crc32c(ctx, l3.l4_off, len)?;
+    Some((l3, crc))
+}
+
 /// `weir_xdp_sctp`: the CRC32c of the (already rewritten) packet, then forwarding.
 #[inline(always)]
 pub fn xdp_program(ctx: &XdpContext) -> u32 {
@@ -54,14 +66,7 @@ pub fn xdp_program(ctx: &XdpContext) -> u32 {
         return fail();
     };
     let s = unsafe { *s };
-    let Some(l3) = parse::l3_any(ctx.data(), ctx.data_end()) else {
-        return fail();
-    };
-    if l3.proto != proto::SCTP {
-        return fail();
-    }
-    let len = l3.len as usize - (l3.l4_off - l3.off);
-    let Some(crc) = csum::sctp_crc32c(ctx, l3.l4_off, len) else {
+    let Some((l3, crc)) = crc_of(ctx, ctx.data(), ctx.data_end()) else {
         return fail();
     };
     let (data, end) = (ctx.data(), ctx.data_end());
@@ -83,14 +88,7 @@ pub fn tc_program(ctx: &TcContext) -> i32 {
         stats::drop(0, drop_reason::SCTP_CHECKSUM);
         TC_ACT_SHOT
     };
-    let Some(l3) = parse::l3_any(ctx.data(), ctx.data_end()) else {
-        return fail();
-    };
-    if l3.proto != proto::SCTP {
-        return fail();
-    }
-    let len = l3.len as usize - (l3.l4_off - l3.off);
-    let Some(crc) = csum::sctp_crc32c(ctx, l3.l4_off, len) else {
+    let Some((l3, crc)) = crc_of(ctx, ctx.data(), ctx.data_end()) else {
         return fail();
     };
     if ctx.store(l3.l4_off + 8, &crc, 0).is_err() {

@@ -3,13 +3,13 @@
 
 use std::{
     ffi::CString,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        Array, ArrayOfMaps, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
         ProgramArray, lpm_trie::Key, xdp::DevMapHash,
     },
     programs::{
@@ -24,7 +24,7 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use super::{MapError, MapWriter, programmer::table_slots};
+use super::{MapError, MapWriter};
 use crate::config::{DataplaneLimits, XdpMode};
 
 /// The eBPF object, built by `build.rs`.
@@ -97,7 +97,6 @@ impl Datapath {
             .map_max_entries(maps::SERVICES, limits.max_services)
             .map_max_entries(maps::VIPS, limits.max_services)
             .map_max_entries(maps::SERVICE_STATS, limits.max_services)
-            .map_max_entries(maps::MAGLEV, table_slots(limits))
             .map_max_entries(maps::BACKENDS, limits.max_backends)
             .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
             .map_max_entries(maps::NEXTHOPS, limits.max_backends)
@@ -323,8 +322,8 @@ pub struct EbpfMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, BackendValue>,
     maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
-    /// A second descriptor of `MAGLEV` for deletes, which aya's `ArrayOfMaps` lacks.
-    maglev_fd: OwnedFd,
+    /// The table pages, by page id (kept to write into them).
+    pages: std::collections::BTreeMap<u32, Array<MapData, u32>>,
     source_ranges: LpmTrie<MapData, SourceRangeData, u32>,
     vips: HashMap<MapData, VipKey, VipValue>,
     vip_filter: Array<MapData, u32>,
@@ -353,24 +352,6 @@ macro_rules! typed {
 
 impl EbpfMaps {
     fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        let maglev_map = take(ebpf, maps::MAGLEV)?;
-        let maglev_fd = match &maglev_map {
-            Map::ArrayOfMaps(data) => {
-                data.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| DataplaneError::Map {
-                        name: maps::MAGLEV,
-                        detail: e.to_string(),
-                    })?
-            }
-            _ => {
-                return Err(DataplaneError::Map {
-                    name: maps::MAGLEV,
-                    detail: "not an array of maps".into(),
-                });
-            }
-        };
         let ncpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Map {
             name: maps::SERVICE_STATS,
             detail: format!("{what}: {e}"),
@@ -378,8 +359,8 @@ impl EbpfMaps {
         Ok(Self {
             services: typed!(ebpf, maps::SERVICES),
             backends: typed!(ebpf, maps::BACKENDS),
-            maglev: maglev_map.try_into().map_err(map_err(maps::MAGLEV))?,
-            maglev_fd,
+            maglev: typed!(ebpf, maps::MAGLEV),
+            pages: std::collections::BTreeMap::new(),
             source_ranges: typed!(ebpf, maps::SOURCE_RANGES),
             vips: typed!(ebpf, maps::VIPS),
             vip_filter: typed!(ebpf, maps::VIP_FILTER),
@@ -459,41 +440,50 @@ fn err(map: &'static str, op: &str, e: impl std::fmt::Display) -> MapError {
     }
 }
 
-/// `BPF_MAP_DELETE_ELEM` on an array of maps (clears the slot, releasing the inner map).
-fn delete_array_slot(fd: BorrowedFd<'_>, index: u32) -> std::io::Result<()> {
+/// `BPF_MAP_UPDATE_BATCH` of `values` at keys `first..`, one syscall (aya has no batch call).
+fn update_batch(fd: BorrowedFd<'_>, first: u32, values: &[u32]) -> std::io::Result<()> {
     #[repr(C)]
     struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
         map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
+        elem_flags: u64,
         flags: u64,
     }
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    let attr = Attr {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
+    let mut attr = Attr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: values.len() as u32,
         map_fd: fd.as_raw_fd() as u32,
-        _pad: 0,
-        key: (&raw const index) as u64,
-        value: 0,
+        elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_MAP_DELETE_ELEM and outlives the call;
-    // `key` points at a live u32.
+    // SAFETY: `attr` is a valid bpf_attr for BPF_MAP_UPDATE_BATCH; `keys` and `values` hold
+    // `count` u32s each and outlive the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &raw const attr,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
             std::mem::size_of::<Attr>(),
         )
     };
     if r < 0 {
-        let e = std::io::Error::last_os_error();
-        // An empty slot is already what we want.
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            return Ok(());
-        }
-        return Err(e);
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count as usize != values.len() {
+        return Err(std::io::Error::other(format!(
+            "wrote {} of {} entries",
+            attr.count,
+            values.len()
+        )));
     }
     Ok(())
 }
@@ -517,24 +507,24 @@ impl MapWriter for EbpfMaps {
             .map_err(|e| err(maps::BACKENDS, "set", e))
     }
 
-    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
-        let mut inner = Array::<MapData, u32>::create(slots.len() as u32, BPF_F_INNER_MAP)
-            .map_err(|e| err(maps::MAGLEV, "create table", e))?;
-        for (i, id) in slots.iter().enumerate() {
-            if *id != 0 {
-                inner
-                    .set(i as u32, id, 0)
-                    .map_err(|e| err(maps::MAGLEV, "fill table", e))?;
-            }
-        }
+    fn create_table_page(&mut self, page: u32, entries: u32) -> Result<(), MapError> {
+        let inner = Array::<MapData, u32>::create(entries, BPF_F_INNER_MAP)
+            .map_err(|e| err(maps::MAGLEV, "create table page", e))?;
         self.maglev
-            .set(table_id, &inner, 0)
-            .map_err(|e| err(maps::MAGLEV, "install table", e))
+            .set(page, &inner, 0)
+            .map_err(|e| err(maps::MAGLEV, "install table page", e))?;
+        self.pages.insert(page, inner);
+        Ok(())
     }
 
-    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
-        delete_array_slot(self.maglev_fd.as_fd(), table_id)
-            .map_err(|e| err(maps::MAGLEV, "delete table", e))
+    fn write_table(&mut self, page: u32, offset: u32, slots: &[u32]) -> Result<(), MapError> {
+        let inner = self.pages.get(&page).ok_or_else(|| MapError {
+            map: maps::MAGLEV,
+            op: "write table".into(),
+            detail: format!("no page {page}"),
+        })?;
+        update_batch(IterableMap::map(inner).fd().as_fd(), offset, slots)
+            .map_err(|e| err(maps::MAGLEV, "write table", e))
     }
 
     fn put_source_range(

@@ -14,7 +14,8 @@ use super::{MapError, MapWriter, words_addr};
 pub struct FakeMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
-    pub tables: BTreeMap<u32, Vec<u32>>,
+    /// Maglev table pages.
+    pub pages: BTreeMap<u32, Vec<u32>>,
     /// (prefix length, service id, address words).
     pub source_ranges: BTreeMap<(u32, u32, [u32; 4]), ()>,
     pub vips: BTreeMap<VipKey, VipValue>,
@@ -42,6 +43,28 @@ impl FakeMaps {
         Ok(())
     }
 
+    /// A service's table as packets would read it: `backend id:slots` for each backend.
+    pub fn table_shares(&self, v: &ServiceValue) -> String {
+        let Some(t) = self.table(v) else {
+            return "missing".into();
+        };
+        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+        for s in t {
+            *counts.entry(*s).or_default() += 1;
+        }
+        counts
+            .iter()
+            .map(|(b, n)| format!("{b}:{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A service's table entries, read through (page, offset, size).
+    pub fn table(&self, v: &ServiceValue) -> Option<&[u32]> {
+        let page = self.pages.get(&v.table_page)?;
+        page.get(v.table_offset as usize..(v.table_offset + v.table_size) as usize)
+    }
+
     /// The contents, one line per entry, in a stable order.
     pub fn dump(&self) -> String {
         let mut out = String::new();
@@ -49,23 +72,15 @@ impl FakeMaps {
             let vip = words_addr(&k.addr, k.family);
             let _ = writeln!(
                 out,
-                "service {} proto={} id={} table={} size={} flags={} affinity={}s",
+                "service {} proto={} id={} size={} flags={} affinity={}s table {}",
                 SocketAddr::new(vip, u16::from_be(k.port_be)),
                 k.proto,
                 v.id,
-                v.table_id,
                 v.table_size,
                 v.flags,
-                v.affinity_timeout_s
+                v.affinity_timeout_s,
+                self.table_shares(v)
             );
-        }
-        for (id, t) in &self.tables {
-            let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
-            for s in t {
-                *counts.entry(*s).or_default() += 1;
-            }
-            let shares: Vec<String> = counts.iter().map(|(b, n)| format!("{b}:{n}")).collect();
-            let _ = writeln!(out, "table {id} slots={} {}", t.len(), shares.join(" "));
         }
         for (id, b) in &self.backends {
             if b.flags == 0 && b.generation == 0 {
@@ -144,15 +159,20 @@ impl MapWriter for FakeMaps {
         Ok(())
     }
 
-    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
-        self.record("MAGLEV", format!("maglev put {table_id}"))?;
-        self.tables.insert(table_id, slots.to_vec());
+    fn create_table_page(&mut self, page: u32, entries: u32) -> Result<(), MapError> {
+        self.record("MAGLEV", format!("maglev create page {page}"))?;
+        self.pages.insert(page, vec![0; entries as usize]);
         Ok(())
     }
 
-    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
-        self.record("MAGLEV", format!("maglev delete {table_id}"))?;
-        self.tables.remove(&table_id);
+    fn write_table(&mut self, page: u32, offset: u32, slots: &[u32]) -> Result<(), MapError> {
+        self.record("MAGLEV", format!("maglev write {page}+{offset}"))?;
+        let p = self.pages.get_mut(&page).ok_or(MapError {
+            map: "MAGLEV",
+            op: "write".into(),
+            detail: format!("no page {page}"),
+        })?;
+        p[offset as usize..offset as usize + slots.len()].copy_from_slice(slots);
         Ok(())
     }
 

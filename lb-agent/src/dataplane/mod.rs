@@ -14,7 +14,9 @@ use lb_common::{
     BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SourceRangeData, VipKey,
     VipValue, family, v4_mapped,
 };
-pub use programmer::{ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer};
+pub use programmer::{
+    ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer, TableRef,
+};
 
 use crate::model::Frontend;
 
@@ -34,9 +36,10 @@ pub trait MapWriter {
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
     /// Writes backend `id` (a zeroed value clears it: flows on it are steered again).
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError>;
-    /// Installs a complete Maglev table under `table_id` in one swap.
-    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError>;
-    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError>;
+    /// Creates Maglev table page `page` (an inner map of `entries` entries) and installs it.
+    fn create_table_page(&mut self, page: u32, entries: u32) -> Result<(), MapError>;
+    /// Writes a whole table into `page` from `offset` (a region no service points at yet).
+    fn write_table(&mut self, page: u32, offset: u32, slots: &[u32]) -> Result<(), MapError>;
     fn put_source_range(&mut self, prefix_len: u32, data: &SourceRangeData)
     -> Result<(), MapError>;
     fn delete_source_range(

@@ -24,7 +24,7 @@ use std::{
 use ipnet::IpNet;
 use lb_common::{
     BackendValue, EndpointFrontend, EndpointValue, ServiceValue, SourceRangeData, VipValue,
-    backend_flags, limits::MAX_ENDPOINT_FRONTENDS, service_flags, source_range_prefix,
+    backend_flags, limits, limits::MAX_ENDPOINT_FRONTENDS, service_flags, source_range_prefix,
     vip_filter_index,
 };
 use tracing::{debug, warn};
@@ -77,11 +77,18 @@ pub struct ProgrammedBackend {
 }
 
 /// A service as programmed.
+/// Where a service's Maglev table lives: `MAGLEV` page and first entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableRef {
+    pub page: u32,
+    pub offset: u32,
+}
+
 #[derive(Clone, Debug)]
 pub struct ProgrammedService {
     pub spec: Service,
     pub id: u32,
-    pub table_id: u32,
+    pub table_ref: TableRef,
     pub backends: BTreeMap<SocketAddr, ProgrammedBackend>,
     /// Slot → backend id (0: no backend), as installed.
     pub table: Vec<u32>,
@@ -98,7 +105,8 @@ impl ProgrammedService {
         }
         ServiceValue {
             id: self.id,
-            table_id: self.table_id,
+            table_page: self.table_ref.page,
+            table_offset: self.table_ref.offset,
             table_size: self.spec.table_size,
             flags,
             affinity_timeout_s: self
@@ -148,7 +156,7 @@ impl IdPool {
 enum Undo {
     Backend(u32),
     Endpoint(SocketAddr, Frontend),
-    Table(u32),
+    Table(TableRef),
     Range(u32, IpNet),
     Vip(IpAddr),
     ServiceId(u32),
@@ -159,7 +167,7 @@ pub struct Programmer {
     services: BTreeMap<Frontend, ProgrammedService>,
     service_ids: IdPool,
     backend_ids: IdPool,
-    table_ids: IdPool,
+    pages: TablePages,
     /// Generation of each backend id, bumped when the id is given out.
     generations: Vec<u32>,
     /// Services per VIP address.
@@ -178,7 +186,7 @@ impl Programmer {
             services: BTreeMap::new(),
             service_ids: IdPool::new("service", limits.max_services),
             backend_ids: IdPool::new("backend", limits.max_backends),
-            table_ids: IdPool::new("table", table_slots(limits)),
+            pages: TablePages::default(),
             generations: vec![0; limits.max_backends as usize],
             vips: BTreeMap::new(),
             filter: BTreeMap::new(),
@@ -200,6 +208,9 @@ impl Programmer {
         maps: &mut dyn MapWriter,
     ) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
+        // Table regions released by the previous apply may be written again: no packet still
+        // reads them.
+        self.pages.end_quarantine();
         let wanted: BTreeMap<Frontend, &Service> =
             desired.services.iter().map(|s| (s.frontend, s)).collect();
 
@@ -233,6 +244,19 @@ impl Programmer {
         |source| ApplyError::Map {
             service: service.name.clone(),
             source,
+        }
+    }
+
+    fn page_err(service: &Service) -> impl Fn(PageError) -> ApplyError + '_ {
+        |e| match e {
+            PageError::Full => ApplyError::Full {
+                what: "Maglev table page",
+                capacity: limits::MAX_TABLE_PAGES - 1,
+            },
+            PageError::Map(source) => ApplyError::Map {
+                service: service.name.clone(),
+                source,
+            },
         }
     }
 
@@ -278,7 +302,7 @@ impl Programmer {
         let mut undo = Vec::new();
         match self.try_add(svc, maps, &mut undo) {
             Ok(p) => {
-                debug!(service = %svc.name, id = p.id, table = p.table_id, "service added");
+                debug!(service = %svc.name, id = p.id, table = ?p.table_ref, "service added");
                 self.services.insert(svc.frontend, p);
                 Ok(())
             }
@@ -310,9 +334,13 @@ impl Programmer {
             undo.push(Undo::Endpoint(b.addr, svc.frontend));
         }
         let table = self.table(svc, &backends);
-        let table_id = self.table_ids.alloc()?;
-        undo.push(Undo::Table(table_id));
-        maps.put_table(table_id, &table).map_err(&err)?;
+        let table_ref = self
+            .pages
+            .alloc(svc.table_size, maps)
+            .map_err(Self::page_err(svc))?;
+        undo.push(Undo::Table(table_ref));
+        maps.write_table(table_ref.page, table_ref.offset, &table)
+            .map_err(&err)?;
         for r in &svc.source_ranges {
             undo.push(Undo::Range(id, *r));
             let (len, data) = source_range(id, r);
@@ -323,7 +351,7 @@ impl Programmer {
         let p = ProgrammedService {
             spec: svc.clone(),
             id,
-            table_id,
+            table_ref,
             backends,
             table,
         };
@@ -345,7 +373,7 @@ impl Programmer {
         let mut next = ProgrammedService {
             spec: svc.clone(),
             id: old.id,
-            table_id: old.table_id,
+            table_ref: old.table_ref,
             backends: BTreeMap::new(),
             table: old.table.clone(),
         };
@@ -368,9 +396,8 @@ impl Programmer {
                 self.backend_ids.release(pb.id);
             }
         }
-        if next.table_id != old.table_id {
-            note(maps.delete_table(old.table_id));
-            self.table_ids.release(old.table_id);
+        if next.table_ref != old.table_ref {
+            self.pages.release(old.table_ref);
         }
         for r in old
             .spec
@@ -381,7 +408,7 @@ impl Programmer {
             let (len, data) = source_range(old.id, r);
             note(maps.delete_source_range(len, &data));
         }
-        debug!(service = %svc.name, id = next.id, table = next.table_id, "service updated");
+        debug!(service = %svc.name, id = next.id, table = ?next.table_ref, "service updated");
         self.services.insert(svc.frontend, next);
         Ok(())
     }
@@ -416,9 +443,13 @@ impl Programmer {
         if svc.backends != new.backends || svc.table_size != new.table_size {
             next.table = self.table(&new, &next.backends);
             if next.table != old.table {
-                next.table_id = self.table_ids.alloc()?;
-                undo.push(Undo::Table(next.table_id));
-                maps.put_table(next.table_id, &next.table).map_err(&err)?;
+                next.table_ref = self
+                    .pages
+                    .alloc(new.table_size, maps)
+                    .map_err(Self::page_err(&new))?;
+                undo.push(Undo::Table(next.table_ref));
+                maps.write_table(next.table_ref.page, next.table_ref.offset, &next.table)
+                    .map_err(&err)?;
             }
         }
         for r in new
@@ -462,8 +493,7 @@ impl Programmer {
             note(self.endpoint_remove(*addr, &f, maps));
             self.backend_ids.release(pb.id);
         }
-        note(maps.delete_table(p.table_id));
-        self.table_ids.release(p.table_id);
+        self.pages.release(p.table_ref);
         for r in &p.spec.source_ranges {
             let (len, data) = source_range(p.id, r);
             note(maps.delete_source_range(len, &data));
@@ -596,9 +626,9 @@ impl Programmer {
                     self.backend_ids.release(id);
                     maps.put_backend(id, &BackendValue::zeroed())
                 }
-                Undo::Table(id) => {
-                    self.table_ids.release(id);
-                    maps.delete_table(id)
+                Undo::Table(t) => {
+                    self.pages.release(t);
+                    Ok(())
                 }
                 Undo::Range(id, r) => {
                     let (len, data) = source_range(id, &r);
@@ -625,8 +655,59 @@ impl Programmer {
 
 /// Table slots: twice the services, so that a changed table can be written beside the one
 /// packets are using.
-pub fn table_slots(limits: &DataplaneLimits) -> u32 {
-    limits.max_services.saturating_mul(2)
+/// Maglev table pages: inner maps of `MAGLEV`, each holding tables of one size. Creating a page
+/// costs the kernel an RCU grace period, so pages are created once and then written into. A
+/// released region becomes reusable at the next apply (a packet holds a table reference for
+/// microseconds, an apply takes longer than that).
+#[derive(Debug, Default)]
+struct TablePages {
+    /// Pages created so far (page ids 1..=created).
+    created: u32,
+    /// Table size → pages holding tables of that size.
+    classes: BTreeMap<u32, Vec<u32>>,
+    /// Page → free table offsets.
+    free: BTreeMap<u32, Vec<u32>>,
+    quarantine: Vec<TableRef>,
+}
+
+impl TablePages {
+    fn alloc(&mut self, size: u32, maps: &mut dyn MapWriter) -> Result<TableRef, PageError> {
+        for &page in self.classes.get(&size).into_iter().flatten() {
+            if let Some(offset) = self.free.get_mut(&page).and_then(Vec::pop) {
+                return Ok(TableRef { page, offset });
+            }
+        }
+        if self.created + 1 >= limits::MAX_TABLE_PAGES {
+            return Err(PageError::Full);
+        }
+        let page = self.created + 1;
+        let entries = limits::TABLE_PAGE_ENTRIES.max(size);
+        maps.create_table_page(page, entries)
+            .map_err(PageError::Map)?;
+        self.created = page;
+        let tables = entries / size;
+        // Hand out low offsets first.
+        self.free
+            .insert(page, (1..tables).rev().map(|i| i * size).collect());
+        self.classes.entry(size).or_default().push(page);
+        Ok(TableRef { page, offset: 0 })
+    }
+
+    fn release(&mut self, t: TableRef) {
+        self.quarantine.push(t);
+    }
+
+    fn end_quarantine(&mut self) {
+        for t in self.quarantine.drain(..) {
+            self.free.entry(t.page).or_default().push(t.offset);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum PageError {
+    Full,
+    Map(MapError),
 }
 
 fn endpoint_value(refs: &[EndpointFrontend]) -> EndpointValue {

@@ -57,6 +57,18 @@ struct Walk {
 }
 
 impl Walk {
+    /// The backend's permutation: `offset = xxh3_64(key, seed) % m`,
+    /// `skip = xxh3_64(key, seed + 1) % (m - 1) + 1` (m prime, at least 2).
+    fn new(key: &[u8], m: u32, seed: u64) -> Self {
+        let start = (xxh3_64_with_seed(key, seed) % m as u64) as u32;
+        let skip = (xxh3_64_with_seed(key, seed.wrapping_add(1)) % (m as u64 - 1) + 1) as u32;
+        Self {
+            next: start,
+            skip,
+            start,
+        }
+    }
+
     #[inline(always)]
     fn step(&mut self, m: u32) -> u32 {
         let x = self.next;
@@ -89,16 +101,7 @@ pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
     let max_weight = weights.iter().copied().max().unwrap_or(1);
     let mut walks: Vec<Walk> = order
         .iter()
-        .map(|&i| {
-            let key = entries[i].key;
-            let start = (xxh3_64_with_seed(key, seed) % m as u64) as u32;
-            let skip = (xxh3_64_with_seed(key, seed.wrapping_add(1)) % (m as u64 - 1) + 1) as u32;
-            Walk {
-                next: start,
-                skip,
-                start,
-            }
-        })
+        .map(|&i| Walk::new(entries[i].key, m, seed))
         .collect();
 
     // Phase 1: first reach. `table` holds positions in `order` while building. The loops
@@ -242,16 +245,7 @@ pub fn paper_fill(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32>
     order.sort_by(|&a, &b| entries[a].key.cmp(entries[b].key));
     let mut walks: Vec<Walk> = order
         .iter()
-        .map(|&i| {
-            let key = entries[i].key;
-            let start = (xxh3_64_with_seed(key, seed) % m as u64) as u32;
-            let skip = (xxh3_64_with_seed(key, seed.wrapping_add(1)) % (m as u64 - 1) + 1) as u32;
-            Walk {
-                next: start,
-                skip,
-                start,
-            }
-        })
+        .map(|&i| Walk::new(entries[i].key, m, seed))
         .collect();
     let mut filled = 0;
     loop {
@@ -269,6 +263,27 @@ pub fn paper_fill(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32>
             }
         }
     }
+}
+
+/// A table builder: [`build`] or [`paper_fill`].
+pub type Builder = fn(&[Entry<'_>], u32, u64) -> Vec<u32>;
+
+/// The share (%) of the other backends' slots that change owner when `entries[removed]` goes:
+/// the disruption the tests bound and the benchmark reports.
+pub fn disruption(build: Builder, entries: &[Entry<'_>], table_size: u32, removed: usize) -> f64 {
+    let before = build(entries, table_size, 0);
+    let mut less = entries.to_vec();
+    less.remove(removed);
+    let after = build(&less, table_size, 0);
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| {
+            **b as usize != removed && entries[**b as usize].key != less[**a as usize].key
+        })
+        .count();
+    let surviving = before.iter().filter(|b| **b as usize != removed).count();
+    moved as f64 * 100.0 / surviving as f64
 }
 
 /// Exact slot counts per backend (in `order`), summing to `m`: floor(m·w/W) each, and the

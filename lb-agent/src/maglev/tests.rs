@@ -81,26 +81,6 @@ fn golden_small_table() {
 }
 const GOLDEN_13: [u32; 13] = [2, 1, 1, 2, 0, 1, 0, 0, 0, 2, 1, 0, 2];
 
-/// Percentage of the surviving backends' slots that change owner when `removed` goes.
-fn disruption(
-    build: fn(&[Entry<'_>], u32, u64) -> Vec<u32>,
-    e: &[Entry<'_>],
-    m: u32,
-    removed: usize,
-) -> f64 {
-    let before = build(e, m, 0);
-    let mut less = e.to_vec();
-    less.remove(removed);
-    let after = build(&less, m, 0);
-    let moved = before
-        .iter()
-        .zip(&after)
-        .filter(|(b, a)| **b as usize != removed && e[**b as usize].key != less[**a as usize].key)
-        .count();
-    let surviving = before.iter().filter(|b| **b as usize != removed).count();
-    moved as f64 * 100.0 / surviving as f64
-}
-
 /// Worst disruption over `samples` removals spread over the set.
 fn worst_disruption(
     build: fn(&[Entry<'_>], u32, u64) -> Vec<u32>,

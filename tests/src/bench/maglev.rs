@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use lb_agent::maglev::{self, Entry};
+use lb_agent::maglev::{self, Builder, Entry};
 
 pub struct Row {
     pub table_size: u32,
@@ -22,9 +22,7 @@ fn keys(n: usize) -> Vec<String> {
         .collect()
 }
 
-type Build = fn(&[Entry<'_>], u32, u64) -> Vec<u32>;
-
-fn median_ms(build: Build, e: &[Entry<'_>], m: u32, runs: usize) -> f64 {
+fn median_ms(build: Builder, e: &[Entry<'_>], m: u32, runs: usize) -> f64 {
     let mut t: Vec<f64> = (0..runs)
         .map(|_| {
             let start = Instant::now();
@@ -36,24 +34,9 @@ fn median_ms(build: Build, e: &[Entry<'_>], m: u32, runs: usize) -> f64 {
     t[t.len() / 2]
 }
 
-fn worst_disruption(build: Build, e: &[Entry<'_>], m: u32, samples: usize) -> f64 {
-    let before = build(e, m, 0);
+fn worst_disruption(build: Builder, e: &[Entry<'_>], m: u32, samples: usize) -> f64 {
     (0..samples)
-        .map(|s| {
-            let removed = s * e.len() / samples;
-            let mut less = e.to_vec();
-            less.remove(removed);
-            let after = build(&less, m, 0);
-            let moved = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| {
-                    **b as usize != removed && e[**b as usize].key != less[**a as usize].key
-                })
-                .count();
-            let surviving = before.iter().filter(|b| **b as usize != removed).count();
-            moved as f64 * 100.0 / surviving as f64
-        })
+        .map(|s| maglev::disruption(build, e, m, s * e.len() / samples))
         .fold(0.0, f64::max)
 }
 
