@@ -2,7 +2,7 @@
 //!
 //! - `weir-lab serve --name N [--http ADDR]... [--udp ADDR]... [--sctp ADDR]...`
 //!   (what every backend namespace runs; see `servers`).
-//! - `weir-lab bench [--quick] [--out FILE]`: every benchmark, as Markdown (`scripts/bench`
+//! - `weir-lab bench [--quick] [--only maglev|packet|throughput] [--out FILE]`: every benchmark, as Markdown (`scripts/bench`
 //!   writes `docs/benchmarks.md`). Needs root.
 //! - `weir-lab demo [--hold]`: the standalone lab with the agent on its embedded default
 //!   config, and a tour of the traffic it carries. Needs root.
@@ -45,7 +45,12 @@ fn main() -> ExitCode {
             } else {
                 "scripts/bench"
             };
-            let md = weir_lab::bench::run_all(quick, command);
+            let only = args
+                .iter()
+                .position(|a| a == "--only")
+                .and_then(|i| args.get(i + 1))
+                .map(String::as_str);
+            let md = weir_lab::bench::run_all(quick, command, only);
             match out {
                 Some(path) => {
                     if let Err(e) = std::fs::write(path, &md) {
@@ -60,7 +65,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: weir-lab serve --name N [--http ADDR] [--udp ADDR] [--sctp ADDR]\n       weir-lab bench [--quick] [--out FILE]\n       weir-lab demo [--hold]"
+                "usage: weir-lab serve --name N [--http ADDR] [--udp ADDR] [--sctp ADDR]\n       weir-lab bench [--quick] [--only maglev|packet|throughput] [--out FILE]\n       weir-lab demo [--hold]"
             );
             ExitCode::from(2)
         }

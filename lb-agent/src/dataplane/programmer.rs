@@ -40,8 +40,12 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("no free {what} id (capacity {capacity}); raise dataplane.max_{what}s")]
-    Full { what: &'static str, capacity: u32 },
+    #[error("no free {what} (capacity {capacity}); {remedy}")]
+    Full {
+        what: &'static str,
+        capacity: u32,
+        remedy: &'static str,
+    },
     #[error("backend {endpoint} would serve more than {MAX_ENDPOINT_FRONTENDS} frontends")]
     TooManyFrontends { endpoint: String },
     #[error("service {service}: {source}")]
@@ -121,15 +125,17 @@ impl ProgrammedService {
 #[derive(Debug)]
 struct IdPool {
     what: &'static str,
+    remedy: &'static str,
     next: u32,
     limit: u32,
     free: VecDeque<u32>,
 }
 
 impl IdPool {
-    fn new(what: &'static str, limit: u32) -> Self {
+    fn new(what: &'static str, limit: u32, remedy: &'static str) -> Self {
         Self {
             what,
+            remedy,
             next: 1,
             limit,
             free: VecDeque::new(),
@@ -144,6 +150,7 @@ impl IdPool {
         self.free.pop_front().ok_or(ApplyError::Full {
             what: self.what,
             capacity: self.limit - 1,
+            remedy: self.remedy,
         })
     }
 
@@ -184,8 +191,16 @@ impl Programmer {
         Self {
             seed,
             services: BTreeMap::new(),
-            service_ids: IdPool::new("service", limits.max_services),
-            backend_ids: IdPool::new("backend", limits.max_backends),
+            service_ids: IdPool::new(
+                "service id",
+                limits.max_services,
+                "raise dataplane.max_services",
+            ),
+            backend_ids: IdPool::new(
+                "backend id",
+                limits.max_backends,
+                "raise dataplane.max_backends",
+            ),
             pages: TablePages::default(),
             generations: vec![0; limits.max_backends as usize],
             vips: BTreeMap::new(),
@@ -252,6 +267,7 @@ impl Programmer {
             PageError::Full => ApplyError::Full {
                 what: "Maglev table page",
                 capacity: limits::MAX_TABLE_PAGES - 1,
+                remedy: "use fewer distinct table sizes or smaller tables",
             },
             PageError::Map(source) => ApplyError::Map {
                 service: service.name.clone(),
