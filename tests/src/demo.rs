@@ -23,6 +23,19 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 const T: Duration = Duration::from_secs(3);
 
+/// `n` GETs to `addr` from the client: the backend that answered each.
+fn gets(lab: &Lab, addr: SocketAddr, n: usize) -> Vec<String> {
+    lab.client.run_in(|| {
+        (0..n)
+            .filter_map(|_| {
+                clients::http_get(None, addr, "/", T)
+                    .ok()
+                    .map(|r| r.backend)
+            })
+            .collect()
+    })
+}
+
 fn share(results: &[String]) -> String {
     let mut m: BTreeMap<&str, usize> = BTreeMap::new();
     for r in results {
@@ -51,11 +64,7 @@ pub fn run(hold: bool) -> Result<(), String> {
     println!("   /readyz: {}", ready.trim());
 
     let web: SocketAddr = format!("{VIP_V4}:80").parse().map_err(|e| format!("{e}"))?;
-    let got: Vec<String> = lab.client.run_in(|| {
-        (0..30)
-            .filter_map(|_| clients::http_get(None, web, "/", T).ok().map(|r| r.backend))
-            .collect()
-    });
+    let got = gets(&lab, web, 30);
     println!("== 30 HTTP GETs to http://{web}/ (service web, Maglev over 3 backends)");
     println!("   {}", share(&got));
 
