@@ -69,30 +69,14 @@ pub fn run(hold: bool) -> Result<(), String> {
     println!("   {}", share(&got));
 
     let sticky: SocketAddr = "198.18.100.11:80".parse().map_err(|e| format!("{e}"))?;
-    let got: Vec<String> = lab.client.run_in(|| {
-        (0..10)
-            .filter_map(|_| {
-                clients::http_get(None, sticky, "/", T)
-                    .ok()
-                    .map(|r| r.backend)
-            })
-            .collect()
-    });
+    let got = gets(&lab, sticky, 10);
     println!("== 10 GETs to http://{sticky}/ (web-sticky: ClientIP affinity, source ranges)");
     println!("   {}", share(&got));
 
     let web6: SocketAddr = format!("[{VIP_V6}]:80")
         .parse()
         .map_err(|e| format!("{e}"))?;
-    let got: Vec<String> = lab.client.run_in(|| {
-        (0..10)
-            .filter_map(|_| {
-                clients::http_get(None, web6, "/", T)
-                    .ok()
-                    .map(|r| r.backend)
-            })
-            .collect()
-    });
+    let got = gets(&lab, web6, 10);
     println!("== 10 GETs to http://{web6}/ (IPv6)");
     println!("   {}", share(&got));
 
