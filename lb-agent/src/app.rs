@@ -1,20 +1,40 @@
-//! The standalone agent: load and attach the data plane, program it, serve the admin API, and
-//! apply config changes (SIGHUP, or the file changing) until SIGTERM/SIGINT.
+//! The standalone agent: load and attach the data plane, start the health checks, program the
+//! data plane from the config and the checks' results, serve the admin API, and apply config
+//! changes (SIGHUP, or the file changing) and health changes until SIGTERM/SIGINT.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiState},
     config::{Config, Source},
-    dataplane::{Programmer, ebpf::Datapath},
+    dataplane::{ApplyError, ApplyReport, Programmer, ebpf::Datapath},
+    health::{
+        self, CheckUser, HealthMode,
+        monitor::{CheckEvent, CheckKey, MAX_CONCURRENT_PROBES, Monitor},
+        state::Health,
+    },
+    metrics::Metrics,
+    model::DesiredState,
+    status::{BackendStatus, ServiceStatus, Snapshot},
 };
 
 /// How often the config file is compared with what was last loaded.
 const FILE_POLL: Duration = Duration::from_secs(1);
+/// How long the first state waits for the first health-check results beyond the longest
+/// check timeout.
+const FIRST_RESULTS_GRACE: Duration = Duration::from_secs(1);
 
 pub async fn run(source: Source) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP or SIGTERM sent as soon as /readyz answers must be seen.
@@ -33,7 +53,9 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
     let listener = api::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin.listen {}", config.admin.listen))?;
-    let state = ApiState::default();
+    let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
+    let metrics = Arc::new(Metrics::new(snapshot.subscribe()));
+    let state = ApiState::new(snapshot.subscribe(), metrics.clone());
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = tokio::spawn(api::serve(listener, state.clone(), async {
         let _ = api_stopped.await;
@@ -48,27 +70,25 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
     }
     state.readiness.attached.store(true, Ordering::Release);
 
-    let started = std::time::Instant::now();
-    let mut programmer = Programmer::new(&config.dataplane, config.maglev.seed);
-    let report = programmer
-        .apply(&config.desired, &mut datapath.maps)
-        .context("programming the first state")?;
-    state.readiness.programmed.store(true, Ordering::Release);
-    info!(
-        services = report.added.len(),
-        took = ?started.elapsed(),
-        "data plane programmed; ready"
-    );
-
-    state.note_config(Ok(()));
+    let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES);
     let mut agent = Agent {
         api: state.clone(),
+        programmer: Programmer::new(&config.dataplane, config.maglev.seed),
+        checks: health::wanted_checks(&config.desired),
         source,
         current: config,
         fingerprint,
-        programmer,
         datapath,
+        monitor,
+        metrics,
+        snapshot,
+        programmed: DesiredState::default(),
+        modes: BTreeMap::new(),
+        states: HashMap::new(),
     };
+    agent.first_state(&mut events).await?;
+    state.readiness.programmed.store(true, Ordering::Release);
+    state.note_config(Ok(()));
 
     let mut poll = tokio::time::interval(FILE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -81,12 +101,21 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
                     agent.reload("config file changed");
                 }
             }
+            Some(event) = events.recv() => {
+                agent.note_event(&event);
+                // Take every change that is already waiting, then program once.
+                while let Ok(event) = events.try_recv() {
+                    agent.note_event(&event);
+                }
+                agent.reprogram("health change");
+            }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
     }
 
     state.readiness.attached.store(false, Ordering::Release);
+    drop(agent.monitor);
     agent.datapath.detach_all();
     let _ = stop_api.send(());
     match api_task.await {
@@ -105,9 +134,178 @@ struct Agent {
     fingerprint: Option<Vec<u8>>,
     programmer: Programmer,
     datapath: Datapath,
+    monitor: Monitor,
+    metrics: Arc<Metrics>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The checks `current` needs, with the service backends each covers.
+    checks: BTreeMap<CheckKey, Vec<CheckUser>>,
+    /// What is in the maps: `current.desired` with health applied.
+    programmed: DesiredState,
+    /// Each service's health mode as programmed.
+    modes: BTreeMap<String, HealthMode>,
+    /// The check states `programmed` was computed from.
+    states: HashMap<CheckKey, Health>,
 }
 
 impl Agent {
+    /// Starts the checks, waits (a bounded time) for their first results so that no backend
+    /// gets traffic before it has answered, then programs the first full state.
+    async fn first_state(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<CheckEvent>,
+    ) -> anyhow::Result<()> {
+        self.monitor.start(&self.checks);
+        if !self.monitor.is_empty() {
+            let began = Instant::now();
+            let deadline = began + self.monitor.max_timeout() + FIRST_RESULTS_GRACE;
+            while self.monitor.unknown() > 0 {
+                tokio::select! {
+                    Some(event) = events.recv() => self.note_event(&event),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let states = self.monitor.states();
+            let count = |h: Health| states.values().filter(|s| **s == h).count();
+            info!(
+                checks = states.len(),
+                up = count(Health::Up),
+                down = count(Health::Down),
+                unknown = count(Health::Unknown),
+                took = ?began.elapsed(),
+                "first health-check results"
+            );
+        }
+        let started = std::time::Instant::now();
+        let desired = self.current.desired.clone();
+        let report = self
+            .program(&desired)
+            .context("programming the first state")?;
+        info!(
+            services = report.added.len(),
+            took = ?started.elapsed(),
+            "data plane programmed; ready"
+        );
+        Ok(())
+    }
+
+    /// Programs `desired` with the checks' current results. On error the maps may be partly
+    /// changed; the caller rolls back.
+    fn program(&mut self, desired: &DesiredState) -> Result<ApplyReport, ApplyError> {
+        let states = self.monitor.states();
+        let (effective, modes) = health::effective(desired, |k| {
+            states.get(k).copied().unwrap_or(Health::Unknown)
+        });
+        let report = self.programmer.apply(&effective, &mut self.datapath.maps)?;
+        for (name, mode) in &modes {
+            let before = self.modes.get(name).copied();
+            if before != Some(*mode) {
+                log_mode(name, before, *mode, &effective);
+            }
+        }
+        self.programmed = effective;
+        self.modes = modes;
+        self.states = states;
+        self.publish();
+        Ok(report)
+    }
+
+    /// Applies health changes to the current config.
+    fn reprogram(&mut self, why: &str) {
+        let started = std::time::Instant::now();
+        let desired = self.current.desired.clone();
+        match self.program(&desired) {
+            Ok(r) if r.changed() => info!(
+                reason = why,
+                updated = ?r.updated,
+                took = ?started.elapsed(),
+                "data plane updated"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                error!(reason = why, error = %e, "programming a health change failed; rolling back");
+                let previous = self.programmed.clone();
+                if let Err(e) = self.programmer.apply(&previous, &mut self.datapath.maps) {
+                    error!(error = %e, "rolling back failed too; the data plane may be partly updated");
+                }
+            }
+        }
+    }
+
+    /// Logs a check's change for every service backend it covers, and counts it.
+    fn note_event(&self, e: &CheckEvent) {
+        let Some(users) = self.checks.get(&e.key) else {
+            return; // A check that was just stopped.
+        };
+        for u in users {
+            let backend = u.backend.to_string();
+            let check = e.key.probe.kind.as_str();
+            match e.to {
+                Health::Up => {
+                    self.metrics.health.transition(&u.service, &backend, true);
+                    info!(service = %u.service, backend, check, from = %e.from, "backend is healthy");
+                }
+                Health::Down => {
+                    self.metrics.health.transition(&u.service, &backend, false);
+                    let (reason, detail) = e
+                        .failure
+                        .as_ref()
+                        .map_or(("", ""), |f| (f.kind.as_str(), f.detail.as_str()));
+                    warn!(
+                        service = %u.service,
+                        backend,
+                        check,
+                        from = %e.from,
+                        reason,
+                        detail,
+                        failures = if e.from == Health::Unknown { 1 } else { e.key.probe.fall },
+                        "backend is unhealthy"
+                    );
+                }
+                Health::Unknown => {}
+            }
+        }
+    }
+
+    /// Publishes what is programmed, for the API and the metrics.
+    fn publish(&self) {
+        let services = self
+            .programmed
+            .services
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.name.clone(),
+                vip: s.frontend.vip,
+                port: s.frontend.port,
+                protocol: s.frontend.protocol,
+                check: s.health_check.as_ref().map(|h| h.probe.kind.as_str()),
+                mode: self
+                    .modes
+                    .get(&s.name)
+                    .copied()
+                    .unwrap_or(HealthMode::Unchecked),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let key = health::check_key(s, b);
+                        let state = key
+                            .as_ref()
+                            .map(|k| self.states.get(k).copied().unwrap_or(Health::Unknown));
+                        BackendStatus {
+                            addr: b.addr,
+                            weight: b.weight,
+                            healthy: state.is_none_or(|h| h == Health::Up),
+                            state,
+                            in_rotation: b.share() > 0,
+                            check: key.and_then(|k| self.monitor.shared(&k)),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.snapshot.send_replace(Arc::new(Snapshot { services }));
+    }
+
     /// Loads the config again and applies the difference; a refused config changes nothing.
     fn reload(&mut self, why: &str) {
         let new = match self.source.load_with_fingerprint() {
@@ -137,14 +335,21 @@ impl Agent {
             return;
         }
         let started = std::time::Instant::now();
-        match self.programmer.apply(&new.desired, &mut self.datapath.maps) {
+        // New checks start first (a changed check keeps its target's state); the checks the
+        // new config drops stop only once it is programmed, so a failure can roll back.
+        let checks = health::wanted_checks(&new.desired);
+        let started_checks = self.monitor.start(&checks);
+        match self.program(&new.desired) {
             Ok(r) => {
+                let stopped = self.monitor.retain(&checks);
                 info!(
                     reason = why,
                     added = ?r.added,
                     updated = ?r.updated,
                     removed = ?r.removed,
                     unchanged = r.unchanged,
+                    checks_started = started_checks.started,
+                    checks_stopped = stopped,
                     took = ?started.elapsed(),
                     "config reloaded"
                 );
@@ -152,15 +357,16 @@ impl Agent {
                     warn!("{e}");
                 }
                 self.current = new;
+                self.checks = checks;
+                self.publish();
                 self.api.note_config(Ok(()));
             }
             Err(e) => {
                 error!(reason = why, error = %e, "applying the new config failed; rolling back");
                 self.api.note_config(Err(e.to_string()));
-                match self
-                    .programmer
-                    .apply(&self.current.desired, &mut self.datapath.maps)
-                {
+                self.monitor.retain(&self.checks);
+                let desired = self.current.desired.clone();
+                match self.program(&desired) {
                     Ok(_) => info!("rolled back to the previous config"),
                     Err(e) => {
                         error!(error = %e, "rolling back failed too; the data plane may be partly updated")
@@ -168,6 +374,42 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+fn log_mode(name: &str, before: Option<HealthMode>, mode: HealthMode, state: &DesiredState) {
+    let backends = state
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .map_or(0, |s| s.backends.iter().filter(|b| b.share() > 0).count());
+    match mode {
+        HealthMode::FailOpen => warn!(
+            service = name,
+            backends,
+            "every backend failed its health check: failing open, new flows go to all of them \
+             (set health_check.fail_closed to drop them instead)"
+        ),
+        HealthMode::FailClosed => warn!(
+            service = name,
+            "every backend failed its health check: fail_closed is set, new flows are dropped"
+        ),
+        HealthMode::Pending => info!(
+            service = name,
+            "no backend has answered its first health check yet: new flows wait"
+        ),
+        HealthMode::Checked
+            if matches!(
+                before,
+                Some(HealthMode::FailOpen | HealthMode::FailClosed | HealthMode::Pending)
+            ) =>
+        {
+            info!(
+                service = name,
+                backends, "healthy backends again: back to normal"
+            )
+        }
+        _ => {}
     }
 }
 

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
+    health::spec::{CheckKind, HealthCheck, RawHealthCheck},
     maglev,
     model::{Backend, DesiredState, Frontend, Protocol, Service},
 };
@@ -137,6 +138,7 @@ struct RawService {
     source_ranges: Vec<IpNet>,
     session_affinity: Option<RawAffinity>,
     table_size: Option<u32>,
+    health_check: Option<RawHealthCheck>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,6 +365,31 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// Checks a `health_check` block; a CA bundle must be readable and hold a certificate now,
+    /// not at the first probe.
+    fn health_check(&mut self, at: &str, raw: RawHealthCheck) -> Option<HealthCheck> {
+        match raw.check() {
+            Ok(hc) => {
+                if let Some(path) = &hc.probe.ca_file
+                    && hc.probe.kind == CheckKind::Https
+                    && let Err(e) = crate::health::probe::load_ca(path)
+                {
+                    self.fail(format!("{at}.ca_file"), format!("{}: {e}", path.display()));
+                    return None;
+                }
+                Some(hc)
+            }
+            Err(problems) => {
+                for p in problems {
+                    self.fail(format!("{at}.{}", p.key), p.message);
+                }
+                None
+            }
+        }
+    }
+}
+
 /// Interface names as the kernel allows them (IFNAMSIZ - 1 bytes, no '/', ':' or whitespace).
 fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
@@ -535,10 +562,7 @@ impl RawConfig {
                         format!("{addr} is already services[{i}].backends[{first}]"),
                     );
                 }
-                backends.push(Backend {
-                    addr,
-                    weight: b.weight,
-                });
+                backends.push(Backend::new(addr, b.weight));
             }
             backends.sort();
             backend_count += backends.len();
@@ -585,6 +609,10 @@ impl RawConfig {
                 Some(a) => Some(a.timeout),
             };
 
+            let health_check = s
+                .health_check
+                .and_then(|raw| c.health_check(&at("health_check"), raw));
+
             services.push(Service {
                 name: s.name,
                 frontend,
@@ -592,6 +620,7 @@ impl RawConfig {
                 source_ranges: ranges.into_iter().collect(),
                 affinity_timeout,
                 table_size,
+                health_check,
             });
         }
         if services.len() as u64 >= limits.max_services as u64 {

@@ -9,5 +9,8 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
+pub mod status;

@@ -49,10 +49,7 @@ fn service(name: &str, vip: &str, port: u16, protocol: Protocol, backends: &[&st
         backends: {
             let mut b: Vec<Backend> = backends
                 .iter()
-                .map(|a| Backend {
-                    addr: a.parse().unwrap(),
-                    weight: 1,
-                })
+                .map(|a| Backend::new(a.parse().unwrap(), 1))
                 .collect();
             b.sort();
             b
@@ -60,6 +57,7 @@ fn service(name: &str, vip: &str, port: u16, protocol: Protocol, backends: &[&st
         source_ranges: vec![],
         affinity_timeout: None,
         table_size: 251,
+        health_check: None,
     }
 }
 

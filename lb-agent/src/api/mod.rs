@@ -9,9 +9,20 @@ use std::{
     },
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    metrics::Metrics,
+    status::{ServicesJson, Snapshot},
+};
 
 /// Readiness latches: ready only when every one is set (linkerd's pattern).
 #[derive(Clone, Debug, Default)]
@@ -51,13 +62,33 @@ pub struct ConfigStatus {
     pub last_error: Option<String>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ApiState {
     pub readiness: Readiness,
     pub config: Arc<std::sync::Mutex<ConfigStatus>>,
+    /// What is programmed, as last published.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for ApiState {
+    fn default() -> Self {
+        let snapshot = watch::Sender::new(Arc::default()).subscribe();
+        let metrics = Arc::new(Metrics::new(snapshot.clone()));
+        Self::new(snapshot, metrics)
+    }
 }
 
 impl ApiState {
+    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            readiness: Readiness::default(),
+            config: Arc::default(),
+            snapshot,
+            metrics,
+        }
+    }
+
     /// Records the outcome of loading a config: a new generation, or a failure.
     pub fn note_config(&self, result: Result<(), String>) {
         let mut c = self.config.lock().unwrap_or_else(|p| p.into_inner());
@@ -79,7 +110,25 @@ pub fn router(state: ApiState) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/services", get(services))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+async fn services(State(s): State<ApiState>) -> Json<ServicesJson> {
+    let snapshot = s.snapshot.borrow().clone();
+    Json(snapshot.to_json())
+}
+
+/// OpenMetrics text.
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 #[derive(Serialize)]

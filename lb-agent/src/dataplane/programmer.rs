@@ -35,7 +35,7 @@ use super::{
 use crate::{
     config::DataplaneLimits,
     maglev,
-    model::{DesiredState, Frontend, Protocol, Service},
+    model::{Backend, DesiredState, Frontend, Protocol, Service},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +162,8 @@ impl IdPool {
 /// Writes undone when a service operation fails before it is published.
 enum Undo {
     Backend(u32),
+    /// A kept backend's previous value.
+    Restore(u32, BackendValue),
     Endpoint(SocketAddr, Frontend),
     Table(TableRef),
     Range(u32, IpNet),
@@ -278,16 +280,20 @@ impl Programmer {
 
     fn new_backend(
         &mut self,
-        addr: SocketAddr,
+        b: &Backend,
     ) -> Result<(ProgrammedBackend, BackendValue), ApplyError> {
         let id = self.backend_ids.alloc()?;
+        let pb = ProgrammedBackend {
+            id,
+            generation: self.bump_generation(id),
+        };
+        Ok((pb, backend_value(b.addr, pb.generation, present(b))))
+    }
+
+    fn bump_generation(&mut self, id: u32) -> u32 {
         let g = &mut self.generations[id as usize];
         *g = g.wrapping_add(1);
-        let pb = ProgrammedBackend { id, generation: *g };
-        Ok((
-            pb,
-            backend_value(addr, pb.generation, backend_flags::PRESENT),
-        ))
+        *g
     }
 
     /// The Maglev table of `svc` as backend ids.
@@ -299,7 +305,7 @@ impl Programmer {
             .zip(&keys)
             .map(|(b, k)| maglev::Entry {
                 key: k.as_bytes(),
-                weight: b.weight,
+                weight: b.share(),
             })
             .collect();
         maglev::build(&entries, svc.table_size, self.seed)
@@ -341,7 +347,7 @@ impl Programmer {
         maps.reset_service_stats(id).map_err(&err)?;
         let mut backends = BTreeMap::new();
         for b in &svc.backends {
-            let (pb, value) = self.new_backend(b.addr)?;
+            let (pb, value) = self.new_backend(b)?;
             undo.push(Undo::Backend(pb.id));
             maps.reset_backend_stats(pb.id).map_err(&err)?;
             maps.put_backend(pb.id, &value).map_err(&err)?;
@@ -412,6 +418,20 @@ impl Programmer {
                 self.backend_ids.release(pb.id);
             }
         }
+        // Taken out of rotation: now that no table holds it, its flows are steered again.
+        let was_available: BTreeMap<SocketAddr, bool> = old
+            .spec
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.available))
+            .collect();
+        for b in svc.backends.iter().filter(|b| !b.available) {
+            if was_available.get(&b.addr) == Some(&true)
+                && let Some(pb) = next.backends.get(&b.addr)
+            {
+                note(maps.put_backend(pb.id, &backend_value(b.addr, pb.generation, 0)));
+            }
+        }
         if next.table_ref != old.table_ref {
             self.pages.release(old.table_ref);
         }
@@ -440,13 +460,28 @@ impl Programmer {
         let svc = &old.spec;
         let new = next.spec.clone();
         let err = Self::map_err(&new);
+        let was_available: BTreeMap<SocketAddr, bool> =
+            svc.backends.iter().map(|b| (b.addr, b.available)).collect();
         for b in &new.backends {
             match old.backends.get(&b.addr) {
+                Some(pb) if b.available && was_available.get(&b.addr) == Some(&false) => {
+                    // Back in rotation: a new generation, so that flows it had before it was
+                    // taken out (steered elsewhere since, or dead) never return to it.
+                    let old_value = backend_value(b.addr, pb.generation, 0);
+                    let pb = ProgrammedBackend {
+                        id: pb.id,
+                        generation: self.bump_generation(pb.id),
+                    };
+                    undo.push(Undo::Restore(pb.id, old_value));
+                    maps.put_backend(pb.id, &backend_value(b.addr, pb.generation, present(b)))
+                        .map_err(&err)?;
+                    next.backends.insert(b.addr, pb);
+                }
                 Some(pb) => {
                     next.backends.insert(b.addr, *pb);
                 }
                 None => {
-                    let (pb, value) = self.new_backend(b.addr)?;
+                    let (pb, value) = self.new_backend(b)?;
                     undo.push(Undo::Backend(pb.id));
                     maps.reset_backend_stats(pb.id).map_err(&err)?;
                     maps.put_backend(pb.id, &value).map_err(&err)?;
@@ -642,6 +677,7 @@ impl Programmer {
                     self.backend_ids.release(id);
                     maps.put_backend(id, &BackendValue::zeroed())
                 }
+                Undo::Restore(id, value) => maps.put_backend(id, &value),
                 Undo::Table(t) => {
                     self.pages.release(t);
                     Ok(())
@@ -724,6 +760,15 @@ impl TablePages {
 enum PageError {
     Full,
     Map(MapError),
+}
+
+/// The flags of a backend's `BACKENDS` entry.
+fn present(b: &Backend) -> u8 {
+    if b.available {
+        backend_flags::PRESENT
+    } else {
+        0
+    }
 }
 
 fn endpoint_value(refs: &[EndpointFrontend]) -> EndpointValue {

@@ -16,14 +16,12 @@ fn web(backends: &[(&str, u32)]) -> Service {
         },
         backends: backends
             .iter()
-            .map(|(a, w)| Backend {
-                addr: a.parse().unwrap(),
-                weight: *w,
-            })
+            .map(|(a, w)| Backend::new(a.parse().unwrap(), *w))
             .collect(),
         source_ranges: vec![],
         affinity_timeout: None,
         table_size: 13,
+        health_check: None,
     }
 }
 

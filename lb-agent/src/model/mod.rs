@@ -10,6 +10,8 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::health::spec::HealthCheck;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -67,6 +69,25 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Relative share of new flows; 0 drains (existing flows stay, no new ones).
     pub weight: u32,
+    /// False when health checks took it out of rotation: no new flows, and its existing flows
+    /// are steered to other backends. Sources set it true; [`crate::health::effective`] sets it.
+    pub available: bool,
+}
+
+impl Backend {
+    /// An available backend.
+    pub fn new(addr: SocketAddr, weight: u32) -> Self {
+        Self {
+            addr,
+            weight,
+            available: true,
+        }
+    }
+
+    /// The weight Maglev gets: 0 when out of rotation.
+    pub fn share(&self) -> u32 {
+        if self.available { self.weight } else { 0 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +104,8 @@ pub struct Service {
     pub affinity_timeout: Option<Duration>,
     /// Maglev table size (prime).
     pub table_size: u32,
+    /// Active health check of the backends.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Everything the data plane should carry, as one snapshot.

@@ -52,14 +52,12 @@ fn service(name: &str, vip: &str, backends: &[&str]) -> Service {
         },
         backends: backends
             .iter()
-            .map(|a| Backend {
-                addr: a.parse().expect("backend"),
-                weight: 1,
-            })
+            .map(|a| Backend::new(a.parse().expect("backend"), 1))
             .collect(),
         source_ranges: vec![],
         affinity_timeout: None,
         table_size: 16381,
+        health_check: None,
     }
 }
 

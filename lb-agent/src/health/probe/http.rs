@@ -1,0 +1,278 @@
+//! `http` / `https`: `GET path` over a fresh connection, `Host` from `host` (default: the
+//! target), the status checked against `expect_status`. https sends `host` as SNI and, unless a
+//! CA bundle is configured, accepts any certificate (a health check asks "does it answer", not
+//! "is it who it claims": the backend's address already came from a trusted source); with
+//! `ca_file` the chain and the name are verified.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{
+    Request,
+    header::{CONNECTION, HOST, USER_AGENT},
+};
+use hyper_util::rt::TokioIo;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject as _},
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::tcp::connect;
+use crate::health::{
+    spec::Probe,
+    state::{Failure, FailureKind},
+};
+
+pub const USER_AGENT_VALUE: &str = concat!("weir-health-check/", env!("CARGO_PKG_VERSION"));
+
+pub async fn probe(
+    target: SocketAddr,
+    probe: &Probe,
+    tls: Option<Arc<ClientConfig>>,
+) -> Result<(), Failure> {
+    let stream = connect(target).await?;
+    let host = probe.host.clone().unwrap_or_else(|| target.to_string());
+    let status = match tls {
+        None => request(stream, &host, &probe.path).await?,
+        Some(config) => {
+            let name = server_name(&host, target);
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .map_err(|e| tls_failure(&e))?;
+            request(stream, &host, &probe.path).await?
+        }
+    };
+    if probe.expect_status.contains(status) {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            FailureKind::BadStatus,
+            format!("status {status}, expected {}", probe.expect_status),
+        ))
+    }
+}
+
+/// Sends the request and returns the response's status (the body is not read).
+async fn request<S>(io: S, host: &str, path: &str) -> Result<u16, Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Failure::new(FailureKind::Error, format!("HTTP: {e}")))?;
+    let req = Request::get(path)
+        .header(HOST, host)
+        .header(USER_AGENT, USER_AGENT_VALUE)
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| Failure::new(FailureKind::Error, format!("building the request: {e}")))?;
+    let send = sender.send_request(req);
+    tokio::pin!(conn, send);
+    // The connection must be driven while the request waits for its response. It may finish
+    // first (the server answered and closed): the response is then already waiting.
+    let response = tokio::select! {
+        biased;
+        r = &mut send => r,
+        r = &mut conn => match r {
+            Ok(()) => send.await,
+            Err(e) => Err(e),
+        },
+    };
+    match response {
+        Ok(r) => Ok(r.status().as_u16()),
+        Err(e) => Err(http_failure(&e)),
+    }
+}
+
+fn http_failure(e: &hyper::Error) -> Failure {
+    use std::error::Error as _;
+    if let Some(io) = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()) {
+        return Failure::io("HTTP", io);
+    }
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return Failure::new(FailureKind::Reset, format!("HTTP: {e}"));
+    }
+    Failure::new(FailureKind::BadResponse, format!("HTTP: {e}"))
+}
+
+fn tls_failure(e: &std::io::Error) -> Failure {
+    // rustls errors come wrapped in io::Error(InvalidData); socket errors stay socket errors.
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => Failure::new(FailureKind::Tls, format!("TLS: {tls}")),
+        None if e.kind() == std::io::ErrorKind::InvalidData => {
+            Failure::new(FailureKind::Tls, format!("TLS: {e}"))
+        }
+        None => Failure::io("TLS handshake", e),
+    }
+}
+
+/// The TLS server name: `host` without a port when it is a DNS name (sent as SNI and checked
+/// against the certificate), else the target's address (no SNI; an IP SAN is checked).
+fn server_name(host: &str, target: SocketAddr) -> ServerName<'static> {
+    let bare = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    ServerName::try_from(bare.to_string())
+        .unwrap_or_else(|_| ServerName::IpAddress(target.ip().into()))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS client settings: one that accepts any certificate, and one per CA bundle (re-read when
+/// the file changes, so a rotated CA takes effect without a restart).
+#[derive(Default)]
+pub struct TlsConfigs {
+    any: Mutex<Option<Arc<ClientConfig>>>,
+    by_ca: Mutex<HashMap<PathBuf, (FileStamp, Arc<ClientConfig>)>>,
+}
+
+type FileStamp = (Option<SystemTime>, u64);
+
+impl TlsConfigs {
+    pub fn get(&self, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, Failure> {
+        let Some(path) = ca_file else {
+            let mut any = self.any.lock().unwrap_or_else(|p| p.into_inner());
+            return Ok(any.get_or_insert_with(accept_any).clone());
+        };
+        let meta = std::fs::metadata(path).map_err(|e| {
+            Failure::new(FailureKind::Tls, format!("CA file {}: {e}", path.display()))
+        })?;
+        let stamp = (meta.modified().ok(), meta.len());
+        let mut cache = self.by_ca.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, config)) = cache.get(path)
+            && *s == stamp
+        {
+            return Ok(config.clone());
+        }
+        let config = verifying(path).map_err(|e| {
+            Failure::new(FailureKind::Tls, format!("CA file {}: {e}", path.display()))
+        })?;
+        cache.insert(path.to_path_buf(), (stamp, config.clone()));
+        Ok(config)
+    }
+}
+
+/// The certificates of a PEM bundle (an error when it holds none).
+pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(certs)
+}
+
+fn verifying(path: &Path) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_ca(path)? {
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn accept_any() -> Arc<ClientConfig> {
+    let provider = provider();
+    let verifier = Arc::new(AcceptAny(provider.clone()));
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth()
+        });
+    // The ring provider supports the default versions; this cannot fail.
+    Arc::new(config.unwrap_or_else(|e| unreachable!("TLS defaults: {e}")))
+}
+
+/// Accepts any certificate but still checks the handshake signatures against it.
+#[derive(Debug)]
+struct AcceptAny(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names() {
+        let t: SocketAddr = "198.18.1.11:8443".parse().unwrap();
+        let name = |h: &str| format!("{:?}", server_name(h, t));
+        assert!(name("example.internal").contains("example.internal"));
+        assert!(name("example.internal:8443").contains("\"example.internal\""));
+        assert!(name("198.18.1.11:8443").contains("IpAddress"));
+        assert!(name("[fd00::1]:443").contains("IpAddress"));
+        assert!(name("fd00::1").contains("IpAddress"));
+    }
+}

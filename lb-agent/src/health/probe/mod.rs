@@ -1,0 +1,89 @@
+//! The checkers. Each probe is one attempt against one target, bounded by the probe's timeout
+//! (the caller applies it). Raw sockets (ICMP, SCTP) are shared by all probes of a family: one
+//! reader task per socket hands each answer to the probe waiting for it.
+
+mod http;
+mod icmp;
+mod sctp;
+mod tcp;
+mod udp;
+
+pub use http::{USER_AGENT_VALUE, load_ca};
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::sync::OnceCell;
+
+use super::{
+    spec::{CheckKind, Probe},
+    state::{Failure, FailureKind},
+};
+
+/// Runs probes; holds the shared sockets and TLS settings.
+#[derive(Default)]
+pub struct Prober {
+    icmp4: OnceCell<Arc<icmp::Pinger>>,
+    icmp6: OnceCell<Arc<icmp::Pinger>>,
+    sctp4: OnceCell<Arc<sctp::Initiator>>,
+    sctp6: OnceCell<Arc<sctp::Initiator>>,
+    tls: http::TlsConfigs,
+}
+
+impl Prober {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One probe of `target` (its port is ignored by `ping`), within `probe.timeout`.
+    pub async fn probe(&self, target: SocketAddr, probe: &Probe) -> Result<(), Failure> {
+        match tokio::time::timeout(probe.timeout, self.attempt(target, probe)).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::new(
+                FailureKind::Timeout,
+                format!(
+                    "no answer within {}",
+                    humantime::format_duration(probe.timeout)
+                ),
+            )),
+        }
+    }
+
+    async fn attempt(&self, target: SocketAddr, probe: &Probe) -> Result<(), Failure> {
+        match probe.kind {
+            CheckKind::Ping => {
+                let cell = if target.is_ipv4() {
+                    &self.icmp4
+                } else {
+                    &self.icmp6
+                };
+                let pinger = cell
+                    .get_or_try_init(|| async { icmp::Pinger::open(target.is_ipv4()) })
+                    .await
+                    .map_err(|e| Failure::io("opening the ICMP raw socket", &e))?;
+                pinger.ping(target.ip()).await
+            }
+            CheckKind::Sctp => {
+                let cell = if target.is_ipv4() {
+                    &self.sctp4
+                } else {
+                    &self.sctp6
+                };
+                let initiator = cell
+                    .get_or_try_init(|| async { sctp::Initiator::open(target.is_ipv4()) })
+                    .await
+                    .map_err(|e| Failure::io("opening the SCTP raw socket", &e))?;
+                initiator.probe(target).await
+            }
+            CheckKind::Tcp => tcp::probe(target, probe).await,
+            CheckKind::Udp => udp::probe(target, probe).await,
+            CheckKind::Http => http::probe(target, probe, None).await,
+            CheckKind::Https => {
+                let config = self.tls.get(probe.ca_file.as_deref())?;
+                http::probe(target, probe, Some(config)).await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,321 @@
+//! `sctp`: INIT → INIT-ACK (up) or ABORT (down), then an ABORT to tear the half-open
+//! association down, over one raw IP socket (protocol 132) per family: weir does not need the
+//! kernel's SCTP, which many nodes do not load. Every probe uses its own source port and a
+//! random initiate tag; answers are matched on (peer, port, tag) and their CRC32c checked.
+
+use std::{
+    collections::HashMap,
+    hash::BuildHasher as _,
+    io,
+    mem::MaybeUninit,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::{io::unix::AsyncFd, sync::oneshot};
+
+use crate::health::state::{Failure, FailureKind};
+
+const INIT: u8 = 1;
+const INIT_ACK: u8 = 2;
+const ABORT: u8 = 6;
+/// ABORT flag: the verification tag is the one the receiver of the INIT would have used (T bit).
+const T_BIT: u8 = 1;
+/// Source ports handed to probes.
+const PORTS: std::ops::Range<u32> = 32768..61000;
+
+/// What came back for a probe: the peer's initiate tag (INIT-ACK) or an ABORT.
+type Answer = Result<u32, Failure>;
+type Waiters = Mutex<HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Answer>)>>;
+
+pub struct Initiator {
+    socket: Arc<AsyncFd<Socket>>,
+    next: AtomicU32,
+    random: std::hash::RandomState,
+    waiting: Arc<Waiters>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Initiator {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn lock(
+    w: &Waiters,
+) -> std::sync::MutexGuard<'_, HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Answer>)>> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Waiting<'a> {
+    waiters: &'a Waiters,
+    key: (IpAddr, u16),
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(self.waiters).remove(&self.key);
+    }
+}
+
+impl Initiator {
+    pub fn open(v4: bool) -> io::Result<Arc<Self>> {
+        let domain = if v4 { Domain::IPV4 } else { Domain::IPV6 };
+        let socket = Socket::new(domain, Type::RAW, Some(Protocol::from(132)))?;
+        socket.set_nonblocking(true)?;
+        // SAFETY: the socket owns its descriptor, which stays open as long as the AsyncFd.
+        let socket = Arc::new(unsafe { AsyncFd::register(socket) }?);
+        let waiting: Arc<Waiters> = Arc::default();
+        let reader = tokio::spawn(read_loop(socket.clone(), v4, waiting.clone())).abort_handle();
+        let random = std::hash::RandomState::new();
+        Ok(Arc::new(Self {
+            socket,
+            next: AtomicU32::new(random.hash_one(0u8) as u32),
+            random,
+            waiting,
+            reader,
+        }))
+    }
+
+    pub async fn probe(&self, target: SocketAddr) -> Result<(), Failure> {
+        let ip = target.ip();
+        // A source port no other probe of this target is using.
+        let (port, tag, rx, key) = {
+            let mut w = lock(&self.waiting);
+            let mut attempt = 0;
+            loop {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let port = (PORTS.start + n % (PORTS.end - PORTS.start)) as u16;
+                if !w.contains_key(&(ip, port)) {
+                    let tag = (self.random.hash_one(n) as u32).max(1);
+                    let (tx, rx) = oneshot::channel();
+                    w.insert((ip, port), (target.port(), tag, tx));
+                    break (port, tag, rx, (ip, port));
+                }
+                attempt += 1;
+                if attempt > 64 {
+                    return Err(Failure::new(
+                        FailureKind::Error,
+                        "no free SCTP source port for this target",
+                    ));
+                }
+            }
+        };
+        let _waiting = Waiting {
+            waiters: &self.waiting,
+            key,
+        };
+        let init = packet(port, target.port(), 0, INIT, 0, &init_value(tag));
+        self.send(ip, &init).await?;
+        let peer_tag = match rx.await {
+            Ok(r) => r?,
+            Err(_) => return Err(Failure::new(FailureKind::Error, "the SCTP reader stopped")),
+        };
+        // Tear the association down: an ABORT carrying the peer's tag.
+        let abort = packet(port, target.port(), peer_tag, ABORT, 0, &[]);
+        if let Err(e) = self.send(ip, &abort).await {
+            tracing::debug!(%target, error = %e, "sending the SCTP ABORT");
+        }
+        Ok(())
+    }
+
+    async fn send(&self, ip: IpAddr, bytes: &[u8]) -> Result<(), Failure> {
+        let to = SockAddr::from(SocketAddr::new(ip, 0));
+        loop {
+            let mut guard = self
+                .socket
+                .writable()
+                .await
+                .map_err(|e| Failure::io("SCTP socket", &e))?;
+            match guard.try_io(|s| s.get_ref().send_to(bytes, &to)) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => return Err(Failure::io("sending SCTP", &e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// INIT parameters: initiate tag, a_rwnd, outbound and inbound streams, initial TSN.
+fn init_value(tag: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&tag.to_be_bytes());
+    v.extend_from_slice(&65535u32.to_be_bytes());
+    v.extend_from_slice(&1u16.to_be_bytes());
+    v.extend_from_slice(&1u16.to_be_bytes());
+    v.extend_from_slice(&tag.to_be_bytes());
+    v
+}
+
+/// An SCTP packet of one chunk, with its CRC32c (RFC 9260 appendix A: stored little-endian).
+fn packet(sport: u16, dport: u16, vtag: u32, kind: u8, flags: u8, value: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(16 + value.len() + 3);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&vtag.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.push(kind);
+    p.push(flags);
+    p.extend_from_slice(&((value.len() + 4) as u16).to_be_bytes());
+    p.extend_from_slice(value);
+    while p.len() % 4 != 0 {
+        p.push(0);
+    }
+    let crc = crc32c::crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+fn crc_ok(p: &[u8]) -> bool {
+    if p.len() < 12 {
+        return false;
+    }
+    let stored = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&p[..8]), &[0; 4]);
+    crc32c::crc32c_append(crc, &p[12..]) == stored
+}
+
+/// A received packet that answers a probe: (our port, its source port, vtag, what it says).
+fn parse(p: &[u8]) -> Option<(u16, u16, u32, Chunk)> {
+    if !crc_ok(p) {
+        return None;
+    }
+    let sport = u16::from_be_bytes([p[0], p[1]]);
+    let dport = u16::from_be_bytes([p[2], p[3]]);
+    let vtag = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+    let mut at = 12;
+    while at + 4 <= p.len() {
+        let (kind, flags) = (p[at], p[at + 1]);
+        let len = u16::from_be_bytes([p[at + 2], p[at + 3]]) as usize;
+        if len < 4 || at + len > p.len() {
+            return None;
+        }
+        let value = &p[at + 4..at + len];
+        match kind {
+            INIT_ACK if value.len() >= 16 => {
+                let peer = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
+                return Some((dport, sport, vtag, Chunk::InitAck(peer)));
+            }
+            ABORT => return Some((dport, sport, vtag, Chunk::Abort(flags & T_BIT != 0))),
+            _ => {}
+        }
+        at += len.div_ceil(4) * 4;
+    }
+    None
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Chunk {
+    /// With the peer's initiate tag.
+    InitAck(u32),
+    /// With the T bit.
+    Abort(bool),
+}
+
+async fn read_loop(socket: Arc<AsyncFd<Socket>>, v4: bool, waiting: Arc<Waiters>) {
+    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let Ok(mut guard) = socket.readable().await else {
+            return;
+        };
+        loop {
+            let (n, from) = match guard.try_io(|s| s.get_ref().recv_from(&mut buf)) {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "SCTP receive");
+                    break;
+                }
+                Err(_would_block) => break,
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
+            let Some(from) = from.as_socket().map(|a| a.ip()) else {
+                continue;
+            };
+            // IPv4 raw sockets deliver the IP header too.
+            let sctp = if v4 {
+                match data
+                    .first()
+                    .and_then(|b| data.get((b & 0x0f) as usize * 4..))
+                {
+                    Some(s) => s,
+                    None => continue,
+                }
+            } else {
+                data
+            };
+            let Some((port, sport, vtag, chunk)) = parse(sctp) else {
+                continue;
+            };
+            let mut w = lock(&waiting);
+            let Some((dport, tag, _)) = w.get(&(from, port)) else {
+                continue;
+            };
+            // Only the target port may answer, and only with our tag: an ABORT sent for an INIT
+            // carries the INIT's initiate tag (or reflects its zero tag, with the T bit set).
+            let ours = sport == *dport
+                && match chunk {
+                    Chunk::InitAck(_) => vtag == *tag,
+                    Chunk::Abort(t_bit) => vtag == *tag || (t_bit && vtag == 0),
+                };
+            if !ours {
+                continue;
+            }
+            if let Some((_, _, tx)) = w.remove(&(from, port)) {
+                let _ = tx.send(match chunk {
+                    Chunk::InitAck(peer) => Ok(peer),
+                    Chunk::Abort(_) => Err(Failure::new(
+                        FailureKind::Refused,
+                        format!("ABORT from {from}:{sport} (nothing listens on the port)"),
+                    )),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_carry_a_valid_crc32c() {
+        let p = packet(40000, 3868, 0, INIT, 0, &init_value(0xdead_beef));
+        assert_eq!(p.len(), 12 + 20);
+        assert!(crc_ok(&p));
+        // The CRC as RFC 9260 computes it: over the packet with a zero checksum field.
+        let mut zeroed = p.clone();
+        zeroed[8..12].fill(0);
+        assert_eq!(crc32c::crc32c(&zeroed).to_le_bytes(), p[8..12]);
+        let mut bad = p.clone();
+        bad[13] ^= 0x40;
+        assert!(!crc_ok(&bad));
+        assert!(parse(&bad).is_none(), "a packet failing its CRC is ignored");
+    }
+
+    #[test]
+    fn answers_are_recognised() {
+        let mut ack_value = init_value(0x1234_5678);
+        ack_value.extend_from_slice(&[0, 7, 0, 8, 1, 2, 3, 4]); // a State Cookie parameter
+        let ack = packet(3868, 40000, 0xdead_beef, INIT_ACK, 0, &ack_value);
+        assert_eq!(
+            parse(&ack),
+            Some((40000, 3868, 0xdead_beef, Chunk::InitAck(0x1234_5678)))
+        );
+        let abort = packet(3868, 40000, 0, ABORT, T_BIT, &[]);
+        assert_eq!(parse(&abort), Some((40000, 3868, 0, Chunk::Abort(true))));
+        // A chunk longer than the packet is malformed, even with a right CRC.
+        let mut short = ack.clone();
+        short.truncate(20);
+        short[8..12].fill(0);
+        let crc = crc32c::crc32c(&short);
+        short[8..12].copy_from_slice(&crc.to_le_bytes());
+        assert!(crc_ok(&short));
+        assert!(parse(&short).is_none());
+    }
+}
