@@ -283,11 +283,13 @@ impl Config {
             } else {
                 path
             };
-            // serde_yaml already starts its message with the path.
+            // serde_yaml already starts its message with the path (of the map, for an
+            // unknown field, where the path names the field).
             let message = e.into_inner().to_string();
-            let message = message
-                .strip_prefix(&format!("{path}: "))
-                .map_or(message.clone(), str::to_string);
+            let message = match message.split_once(": ") {
+                Some((prefix, rest)) if path.starts_with(prefix) => rest.to_string(),
+                _ => message,
+            };
             invalid(vec![Problem { path, message }])
         })?;
         raw.check().map_err(invalid)

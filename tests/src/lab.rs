@@ -33,6 +33,7 @@ pub const VIP_V4: &str = "198.18.100.10";
 pub const VIP_V6: &str = "fd00:100::10";
 
 pub const HTTP_PORT: u16 = 8080;
+pub const HTTPS_PORT: u16 = 8443;
 pub const UDP_PORT: u16 = 7007;
 pub const SCTP_PORT: u16 = 3869;
 
@@ -168,7 +169,7 @@ impl Lab {
         }
     }
 
-    /// Starts `weir-lab serve` (HTTP 8080, UDP echo 7007, SCTP 3869, IPv4 and IPv6) in every
+    /// Starts `weir-lab serve` (HTTP 8080, HTTPS 8443, UDP echo 7007, SCTP 3869, IPv4 and IPv6) in every
     /// backend and waits until each has bound its sockets. `bin` is the `weir-lab` binary.
     pub fn start_servers(&mut self, bin: &Path) {
         for i in 0..self.backends.len() {
@@ -183,6 +184,7 @@ impl Lab {
         cmd.arg("serve").args(["--name", &b.name]);
         for ip in [b.v4, b.v6] {
             cmd.args(["--http", &SocketAddr::new(ip, HTTP_PORT).to_string()]);
+            cmd.args(["--https", &SocketAddr::new(ip, HTTPS_PORT).to_string()]);
             cmd.args(["--udp", &SocketAddr::new(ip, UDP_PORT).to_string()]);
             cmd.args(["--sctp", &SocketAddr::new(ip, SCTP_PORT).to_string()]);
         }
@@ -197,6 +199,41 @@ impl Lab {
         let _ = BufReader::new(stdout).read_line(&mut line);
         assert_eq!(line.trim(), "ready", "server {} did not start", b.name);
         b.server = Some(Proc { child });
+    }
+
+    /// Sends `GET /_control/<command>` to backend `i`'s server, from inside its namespace.
+    pub fn control(&self, i: usize, command: &str) {
+        let b = &self.backends[i];
+        let addr = b.http();
+        let r =
+            b.ns.run_in(|| {
+                crate::clients::http_get(
+                    None,
+                    addr,
+                    &format!("/_control/{command}"),
+                    std::time::Duration::from_secs(3),
+                )
+            })
+            .unwrap_or_else(|e| panic!("control {command} on {}: {e}", b.name));
+        assert_eq!(r.status, 200, "control {command} on {}", b.name);
+    }
+
+    /// Backend `i`'s server counters (`/_stats`), by name.
+    pub fn stats(&self, i: usize) -> std::collections::BTreeMap<String, u64> {
+        let b = &self.backends[i];
+        let addr = b.http();
+        let r =
+            b.ns.run_in(|| {
+                crate::clients::http_get(None, addr, "/_stats", std::time::Duration::from_secs(3))
+            })
+            .unwrap_or_else(|e| panic!("stats of {}: {e}", b.name));
+        String::from_utf8_lossy(&r.body)
+            .split_whitespace()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
     }
 
     /// SIGKILLs backend `i`'s server.

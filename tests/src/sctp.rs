@@ -240,7 +240,8 @@ pub fn init(
 }
 
 /// The responder: answers INIT with INIT-ACK (its State Cookie names the backend), COOKIE-ECHO
-/// with COOKIE-ACK and HEARTBEAT with HEARTBEAT-ACK, on `port` of `ip`. Runs until an error.
+/// with COOKIE-ACK and HEARTBEAT with HEARTBEAT-ACK, on `port` of `ip`, and an INIT to any
+/// other port of `ip` with ABORT. Runs until an error.
 pub fn respond(ip: IpAddr, port: u16, name: &str, on_init: impl Fn()) -> io::Result<()> {
     let s = raw_socket(ip)?;
     let mut buf = [MaybeUninit::uninit(); 2048];
@@ -251,6 +252,21 @@ pub fn respond(ip: IpAddr, port: u16, name: &str, on_init: impl Fn()) -> io::Res
             continue;
         };
         if p.dport != port {
+            // Nothing listens there: an INIT gets an ABORT carrying its initiate tag
+            // (RFC 9260 8.4), as a kernel's SCTP would send.
+            if let Some(init) = p.chunks.iter().find(|c| c.kind == INIT) {
+                let abort = Packet {
+                    sport: p.dport,
+                    dport: p.sport,
+                    vtag: init_tag(&init.value).unwrap_or(0),
+                    chunks: vec![Chunk {
+                        kind: ABORT,
+                        flags: 0,
+                        value: vec![],
+                    }],
+                };
+                s.send_to(&abort.bytes(), &SockAddr::from(SocketAddr::new(from, 0)))?;
+            }
             continue;
         }
         let mut out = Vec::new();

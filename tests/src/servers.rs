@@ -1,17 +1,26 @@
 //! The backends' servers (`weir-lab serve`), real sockets all:
-//! - HTTP/1.1 over TCP: `GET /<anything>` answers `backend=<name> path=<path>`;
-//!   `GET /bytes/<n>` answers n bytes of a known pattern; `GET /_stats` answers the counters.
-//!   A connection that starts with `ECHO\n` instead gets `backend=<name>\n` and then every line
-//!   echoed back until it closes (a long-lived connection for reload tests).
+//! - HTTP/1.1 over TCP, and over TLS (a self-signed certificate made at start, for
+//!   `backend.weir.test` and the listening addresses): `GET /<anything>` answers
+//!   `backend=<name> path=<path>`; `GET /bytes/<n>` answers n bytes of a known pattern;
+//!   `GET /_stats` answers the counters; `GET /healthz` answers the health status (200 unless
+//!   told otherwise). A connection that starts with `ECHO\n` instead gets `backend=<name>\n`
+//!   and then every line echoed back until it closes (a long-lived connection).
 //! - UDP echo: answers `backend=<name> ` followed by the datagram.
-//! - SCTP over raw sockets: INIT → INIT-ACK whose State Cookie is `backend=<name>`.
+//! - SCTP over raw sockets: INIT → INIT-ACK whose State Cookie is `backend=<name>`; an INIT to
+//!   another port of the address gets an ABORT, as from an SCTP stack with nothing listening.
+//!
+//! Health-check requests (User-Agent `weir-health-check/…`) are counted apart from the others.
+//! Tests steer the server through `GET /_control/…`:
+//! - `/_control/healthz/<codes>`: `/healthz` answers these statuses in turn, e.g. `500` or
+//!   `500,200` (a flapping backend: one per request);
+//! - `/_control/udp/<echo|garbage|silent>`: how UDP datagrams are answered.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::{self, BufRead as _, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     thread,
 };
@@ -22,6 +31,7 @@ use socket2::{Domain, Socket, Type};
 pub struct Counters {
     pub connections: AtomicU64,
     pub requests: AtomicU64,
+    pub checks: AtomicU64,
     pub udp: AtomicU64,
     pub sctp_inits: AtomicU64,
 }
@@ -29,12 +39,72 @@ pub struct Counters {
 impl Counters {
     fn text(&self) -> String {
         format!(
-            "connections={} requests={} udp={} sctp_inits={}\n",
+            "connections={} requests={} checks={} udp={} sctp_inits={}\n",
             self.connections.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed),
+            self.checks.load(Ordering::Relaxed),
             self.udp.load(Ordering::Relaxed),
             self.sctp_inits.load(Ordering::Relaxed)
         )
+    }
+}
+
+const UDP_ECHO: u8 = 0;
+const UDP_GARBAGE: u8 = 1;
+const UDP_SILENT: u8 = 2;
+
+/// What the tests steer.
+struct Control {
+    /// Statuses `/healthz` answers, in turn.
+    healthz: Mutex<Vec<u16>>,
+    turn: AtomicUsize,
+    udp: AtomicU8,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            healthz: Mutex::new(vec![200]),
+            turn: AtomicUsize::new(0),
+            udp: AtomicU8::new(UDP_ECHO),
+        }
+    }
+}
+
+impl Control {
+    fn healthz(&self) -> u16 {
+        let codes = self.healthz.lock().unwrap_or_else(|p| p.into_inner());
+        let i = self.turn.fetch_add(1, Ordering::Relaxed);
+        codes.get(i % codes.len().max(1)).copied().unwrap_or(200)
+    }
+
+    /// Handles `/_control/<what>/<value>`; the reply body, or None for an unknown command.
+    fn apply(&self, command: &str) -> Option<String> {
+        let (what, value) = command.split_once('/')?;
+        match what {
+            "healthz" => {
+                let codes: Vec<u16> = value
+                    .split(',')
+                    .map(|c| c.parse().ok().filter(|c| (100..600).contains(c)))
+                    .collect::<Option<_>>()?;
+                if codes.is_empty() {
+                    return None;
+                }
+                *self.healthz.lock().unwrap_or_else(|p| p.into_inner()) = codes;
+                self.turn.store(0, Ordering::Relaxed);
+            }
+            "udp" => self.udp.store(
+                match value {
+                    "echo" => UDP_ECHO,
+                    "garbage" => UDP_GARBAGE,
+                    "silent" => UDP_SILENT,
+                    _ => return None,
+                },
+                Ordering::Relaxed,
+            ),
+            _ => return None,
+        }
+        Some(format!("ok {what}={value}\n"))
     }
 }
 
@@ -43,16 +113,20 @@ pub fn pattern(i: usize) -> u8 {
     (i % 251) as u8
 }
 
+/// The name in the HTTPS servers' certificate.
+pub const TLS_NAME: &str = "backend.weir.test";
+
 #[derive(Clone, Debug, Default)]
 pub struct ServeArgs {
     pub name: String,
     pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
     pub udp: Vec<SocketAddr>,
     pub sctp: Vec<SocketAddr>,
 }
 
 impl ServeArgs {
-    /// `--name N --http ADDR --udp ADDR --sctp ADDR` (each address flag repeatable).
+    /// `--name N --http ADDR --https ADDR --udp ADDR --sctp ADDR` (address flags repeatable).
     pub fn parse(args: &[String]) -> Result<Self, String> {
         let mut a = Self::default();
         let mut it = args.iter();
@@ -66,6 +140,7 @@ impl ServeArgs {
             match flag.as_str() {
                 "--name" => a.name = value.clone(),
                 "--http" => a.http.push(addr()?),
+                "--https" => a.https.push(addr()?),
                 "--udp" => a.udp.push(addr()?),
                 "--sctp" => a.sctp.push(addr()?),
                 _ => return Err(format!("unknown flag {flag}")),
@@ -78,55 +153,117 @@ impl ServeArgs {
     }
 }
 
+struct Shared {
+    name: String,
+    counters: Counters,
+    control: Control,
+}
+
 /// Binds everything (failing early), prints `ready`, then serves until killed.
-pub fn serve(args: ServeArgs) -> std::io::Result<()> {
-    let counters = Arc::new(Counters::default());
+pub fn serve(args: ServeArgs) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        name: args.name.clone(),
+        counters: Counters::default(),
+        control: Control::default(),
+    });
     let mut threads = Vec::new();
     for addr in &args.http {
         let l = tcp_listener(*addr)?;
-        let (name, c) = (args.name.clone(), counters.clone());
+        let s = shared.clone();
         threads.push(thread::spawn(move || {
             for conn in l.incoming().flatten() {
-                let (name, c) = (name.clone(), c.clone());
+                let s = s.clone();
                 thread::spawn(move || {
-                    let _ = http_conn(conn, &name, &c);
+                    if let Ok(c) = conn.try_clone()
+                        && let Ok(mut out) = http_conn(conn, &s)
+                    {
+                        // The server closes first, so TIME_WAIT stays here and clients can
+                        // reuse their ports.
+                        let _ = out.flush();
+                        let _ = c.shutdown(std::net::Shutdown::Write);
+                        let _ = (&c).read_to_end(&mut Vec::new());
+                    }
                 });
             }
         }));
     }
+    if !args.https.is_empty() {
+        let config = tls_config(&args.https)?;
+        for addr in &args.https {
+            let l = tcp_listener(*addr)?;
+            let (s, config) = (shared.clone(), config.clone());
+            threads.push(thread::spawn(move || {
+                for conn in l.incoming().flatten() {
+                    let (s, config) = (s.clone(), config.clone());
+                    thread::spawn(move || {
+                        let Ok(tls) = rustls::ServerConnection::new(config) else {
+                            return;
+                        };
+                        if let Ok(mut out) = http_conn(rustls::StreamOwned::new(tls, conn), &s) {
+                            out.conn.send_close_notify();
+                            let _ = out.flush();
+                        }
+                    });
+                }
+            }));
+        }
+    }
     for addr in &args.udp {
-        let s = udp_socket(*addr)?;
-        let (name, c) = (args.name.clone(), counters.clone());
+        let sock = udp_socket(*addr)?;
+        let s = shared.clone();
         threads.push(thread::spawn(move || {
             let mut buf = [0u8; 65536];
-            while let Ok((n, from)) = s.recv_from(&mut buf) {
-                c.udp.fetch_add(1, Ordering::Relaxed);
-                let mut reply = format!("backend={name} ").into_bytes();
-                reply.extend_from_slice(&buf[..n]);
-                let _ = s.send_to(&reply, from);
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                s.counters.udp.fetch_add(1, Ordering::Relaxed);
+                let reply = match s.control.udp.load(Ordering::Relaxed) {
+                    UDP_SILENT => continue,
+                    UDP_GARBAGE => b"garbage".to_vec(),
+                    _ => {
+                        let mut r = format!("backend={} ", s.name).into_bytes();
+                        r.extend_from_slice(&buf[..n]);
+                        r
+                    }
+                };
+                let _ = sock.send_to(&reply, from);
             }
         }));
     }
     for addr in &args.sctp {
         // Fail early if the raw socket cannot be made.
         drop(crate::sctp::raw_socket(addr.ip())?);
-        let (name, c, addr) = (args.name.clone(), counters.clone(), *addr);
+        let (s, addr) = (shared.clone(), *addr);
         threads.push(thread::spawn(move || {
-            let r = crate::sctp::respond(addr.ip(), addr.port(), &name, || {
-                c.sctp_inits.fetch_add(1, Ordering::Relaxed);
+            let r = crate::sctp::respond(addr.ip(), addr.port(), &s.name, || {
+                s.counters.sctp_inits.fetch_add(1, Ordering::Relaxed);
             });
             eprintln!("sctp responder on {addr}: {r:?}");
         }));
     }
     println!("ready");
-    let _ = std::io::stdout().flush();
+    let _ = io::stdout().flush();
     for t in threads {
         let _ = t.join();
     }
     Ok(())
 }
 
-fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A self-signed certificate for [`TLS_NAME`] and the listening addresses.
+fn tls_config(addrs: &[SocketAddr]) -> io::Result<Arc<rustls::ServerConfig>> {
+    let mut names = vec![TLS_NAME.to_string()];
+    names.extend(addrs.iter().map(|a| a.ip().to_string()));
+    let key = rcgen::generate_simple_self_signed(names).map_err(io::Error::other)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key.signing_key.serialize_der());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(vec![key.cert.der().clone()], der.into())
+        .map_err(io::Error::other)?;
+    Ok(Arc::new(config))
+}
+
+fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -137,7 +274,7 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(s.into())
 }
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -146,47 +283,67 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s.into())
 }
 
-fn http_conn(conn: TcpStream, name: &str, c: &Counters) -> std::io::Result<()> {
+/// Serves one connection; returns the stream for the caller to close.
+fn http_conn<S: Read + Write>(conn: S, s: &Shared) -> io::Result<S> {
+    let c = &s.counters;
     c.connections.fetch_add(1, Ordering::Relaxed);
-    let mut out = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     let mut line = String::new();
     r.read_line(&mut line)?;
     if line.trim_end() == "ECHO" {
-        out.write_all(format!("backend={name}\n").as_bytes())?;
+        let greeting = format!("backend={}\n", s.name);
+        r.get_mut().write_all(greeting.as_bytes())?;
         loop {
             line.clear();
             if r.read_line(&mut line)? == 0 {
-                return Ok(());
+                return Ok(r.into_inner());
             }
-            out.write_all(line.as_bytes())?;
+            r.get_mut().write_all(line.as_bytes())?;
+            r.get_mut().flush()?;
         }
     }
-    // Skip the headers.
+    let mut check = false;
     let mut h = String::new();
     while r.read_line(&mut h)? > 2 {
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("user-agent")
+        {
+            check = v.trim().starts_with("weir-health-check");
+        }
         h.clear();
     }
-    c.requests.fetch_add(1, Ordering::Relaxed);
+    if check { &c.checks } else { &c.requests }.fetch_add(1, Ordering::Relaxed);
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let body: Vec<u8> = if path == "/_stats" {
-        c.text().into_bytes()
+    let (status, body): (u16, Vec<u8>) = if path == "/_stats" {
+        (200, c.text().into_bytes())
+    } else if let Some(cmd) = path.strip_prefix("/_control/") {
+        match s.control.apply(cmd) {
+            Some(ok) => (200, ok.into_bytes()),
+            None => (400, format!("unknown control {cmd}\n").into_bytes()),
+        }
+    } else if path == "/healthz" {
+        let code = s.control.healthz();
+        (
+            code,
+            format!("backend={} healthz={code}\n", s.name).into_bytes(),
+        )
     } else if let Some(n) = path.strip_prefix("/bytes/") {
         let n: usize = n.parse().unwrap_or(0).min(1 << 24);
-        (0..n).map(pattern).collect()
+        (200, (0..n).map(pattern).collect())
     } else {
-        format!("backend={name} path={path}\n").into_bytes()
+        (
+            200,
+            format!("backend={} path={path}\n", s.name).into_bytes(),
+        )
     };
     let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Backend: {name}\r\nConnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nX-Backend: {}\r\nConnection: close\r\n\r\n",
+        if status < 400 { "OK" } else { "Error" },
+        body.len(),
+        s.name
     );
+    let mut out = r.into_inner();
     out.write_all(head.as_bytes())?;
     out.write_all(&body)?;
-    out.flush()?;
-    // The server closes first, so TIME_WAIT stays here and clients can reuse their ports.
-    out.shutdown(std::net::Shutdown::Write)?;
-    let mut rest = Vec::new();
-    let _ = r.read_to_end(&mut rest);
-    Ok(())
+    Ok(out)
 }

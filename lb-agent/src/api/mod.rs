@@ -183,6 +183,7 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
+    use crate::health::state::Health;
 
     async fn get(state: &ApiState, path: &str) -> (StatusCode, String) {
         let resp = router(state.clone())
@@ -218,6 +219,73 @@ mod tests {
         assert_eq!(
             body,
             r#"{"ready":true,"config":{"generation":3,"reload_failures":0,"last_error":null}}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn services_and_metrics() {
+        use crate::{
+            health::HealthMode,
+            model::Protocol,
+            status::{BackendStatus, ServiceStatus},
+        };
+        let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
+        let metrics = Arc::new(Metrics::new(snapshot.subscribe()));
+        let s = ApiState::new(snapshot.subscribe(), metrics);
+        assert_eq!(get(&s, "/api/v1/services").await.1, r#"{"services":[]}"#);
+        let backend = |addr: &str, state: Option<Health>| BackendStatus {
+            addr: addr.parse().unwrap(),
+            weight: 1,
+            healthy: state.is_none_or(|h| h == Health::Up),
+            state,
+            in_rotation: state != Some(Health::Down),
+            check: None,
+        };
+        snapshot.send_replace(Arc::new(Snapshot {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                vip: "198.18.100.10".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                check: Some("http"),
+                mode: HealthMode::Checked,
+                backends: vec![
+                    backend("198.18.1.11:8080", Some(Health::Up)),
+                    backend("198.18.1.12:8080", Some(Health::Down)),
+                ],
+            }],
+        }));
+        let (code, body) = get(&s, "/api/v1/services").await;
+        assert_eq!(code, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let web = &v["services"][0];
+        assert_eq!(web["name"], "web");
+        assert_eq!(web["vip"], "198.18.100.10");
+        assert_eq!(web["port"], 80);
+        assert_eq!(web["protocol"], "tcp");
+        assert_eq!(web["health_check"], "http");
+        assert_eq!(web["health"], "checked");
+        let b = &web["backends"];
+        assert_eq!(b[0]["address"], "198.18.1.11");
+        assert_eq!(b[0]["port"], 8080);
+        assert_eq!(b[0]["weight"], 1);
+        assert_eq!(b[0]["healthy"], true);
+        assert_eq!(b[1]["healthy"], false);
+        assert_eq!(b[1]["state"], "down");
+        assert_eq!(b[1]["in_rotation"], false);
+
+        let resp = router(s.clone())
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let (_, text) = get(&s, "/metrics").await;
+        assert!(
+            text.contains("weir_backend_healthy{service=\"web\",backend=\"198.18.1.12:8080\"} 0"),
+            "{text}"
         );
     }
 }

@@ -67,8 +67,10 @@ fn defaults_and_normalisation() {
 fn unknown_field_is_named_with_its_path() {
     let p = problems(&edit("    port: 80\n", "    port: 80\n    colour: blue\n"));
     assert_eq!(p.len(), 1);
-    assert!(p[0].starts_with("services[0]"), "{p:?}");
-    assert!(p[0].contains("unknown field `colour`"), "{p:?}");
+    assert!(
+        p[0].starts_with("services[0].colour: unknown field `colour`, expected one of"),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -259,4 +261,80 @@ fn a_backend_may_serve_at_most_eight_frontends() {
     let eight: String = text.lines().take(10).map(|l| format!("{l}\n")).collect();
     assert!(Config::parse(&eight, "t").is_ok());
     assert!(Config::parse(&text.replacen("protocol: tcp", "protocol: udp", 1), "t").is_ok());
+}
+
+#[test]
+fn health_check_blocks_are_checked_with_their_path() {
+    let c = Config::default_config().unwrap();
+    let kinds: Vec<(String, Option<CheckKind>)> = c
+        .desired
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.health_check.as_ref().map(|h| h.probe.kind),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("diameter".to_string(), Some(CheckKind::Sctp)),
+            ("echo-udp".into(), Some(CheckKind::Udp)),
+            ("web".into(), Some(CheckKind::Http)),
+            ("web-sticky".into(), Some(CheckKind::Ping)),
+            ("web6".into(), Some(CheckKind::Tcp)),
+        ]
+    );
+
+    let with = |block: &str| {
+        edit(
+            "    protocol: tcp\n",
+            &format!("    protocol: tcp\n    health_check: {block}\n"),
+        )
+    };
+    let c = Config::parse(&with("{type: http, path: /healthz, interval: 100ms}"), "t").unwrap();
+    let hc = c.desired.services[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.probe.path, "/healthz");
+    assert_eq!(hc.probe.interval, Duration::from_millis(100));
+
+    assert_eq!(
+        problems(&with("{type: http, interval: 1s, timeout: 2s, rise: 0}")),
+        [
+            "services[0].health_check.timeout: 2s must be above 0 and at most the interval (1s)",
+            "services[0].health_check.rise: 0 is outside 1..100",
+        ]
+    );
+    assert_eq!(
+        problems(&with("{type: udp}")),
+        [
+            "services[0].health_check.request: a udp check needs a request (silence cannot tell a live server from a dead one)"
+        ]
+    );
+    let p = problems(&with("{type: gopher}"));
+    assert!(
+        p[0].starts_with("services[0].health_check.type: unknown variant `gopher`"),
+        "{p:?}"
+    );
+    let p = problems(&with("{type: tcp, every: 1s}"));
+    assert!(
+        p[0].starts_with("services[0].health_check.every: unknown field `every`"),
+        "{p:?}"
+    );
+    // A CA bundle must be there and hold a certificate when the config is loaded.
+    let p = problems(&with("{type: https, ca_file: /nonexistent/ca.pem}"));
+    assert_eq!(p.len(), 1);
+    assert!(
+        p[0].starts_with("services[0].health_check.ca_file: /nonexistent/ca.pem: "),
+        "{p:?}"
+    );
+    let empty = std::env::temp_dir().join(format!("weir-empty-ca-{}", std::process::id()));
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let p = problems(&with(&format!(
+        "{{type: https, ca_file: {}}}",
+        empty.display()
+    )));
+    std::fs::remove_file(&empty).unwrap();
+    assert!(p[0].ends_with("no PEM certificate in it"), "{p:?}");
 }

@@ -346,3 +346,107 @@ fn a_table_region_is_written_again_only_in_a_later_apply() {
         assert!(m.log.contains(&line.to_string()), "{:?}", m.log);
     }
 }
+
+fn with_availability(mut s: Service, available: &[bool]) -> Service {
+    for (b, a) in s.backends.iter_mut().zip(available) {
+        b.available = *a;
+    }
+    s
+}
+
+#[test]
+fn an_unhealthy_backend_leaves_the_table_before_its_flows_move() {
+    let (mut p, mut m) = setup();
+    let three = web(&[
+        ("198.18.1.11:80", 1),
+        ("198.18.1.12:80", 1),
+        ("198.18.1.13:80", 1),
+    ]);
+    p.apply(&state(vec![three.clone()]), &mut m).unwrap();
+    let before = p.services().next().unwrap().clone();
+    m.log.clear();
+
+    let down = with_availability(three.clone(), &[true, false, true]);
+    let r = p.apply(&state(vec![down.clone()]), &mut m).unwrap();
+    assert_eq!(r.updated, ["web"]);
+    // The table without it is switched in first; only then is it marked absent, so that its
+    // flows are steered through a table that no longer holds it.
+    assert_eq!(
+        m.log,
+        [
+            "maglev write 1+13",
+            "services put id=1",
+            "backends put 2 flags=0"
+        ]
+    );
+    let after = p.services().next().unwrap().clone();
+    assert_eq!(after.backends, before.backends, "ids and generations kept");
+    assert!(!after.table.contains(&2));
+    for (o, n) in before.table.iter().zip(&after.table) {
+        if *o != 2 {
+            assert_eq!(o, n, "only the unhealthy backend's slots move");
+        }
+    }
+    // Its reverse-NAT entry stays: replies of flows in flight still leave as the VIP.
+    assert_eq!(m.endpoints.len(), 3);
+    assert_eq!(m.backends[&2].generation, 1);
+
+    // Recovered: present again under a new generation (flows it had never come back), then
+    // the table with it.
+    m.log.clear();
+    p.apply(&state(vec![three.clone()]), &mut m).unwrap();
+    assert_eq!(
+        m.log,
+        [
+            "backends put 2 flags=1",
+            "maglev write 1+0",
+            "services put id=1"
+        ]
+    );
+    assert_eq!(m.backends[&2].generation, 2);
+    let back = p.services().next().unwrap();
+    assert_eq!(
+        back.table, before.table,
+        "the same table as before it failed"
+    );
+    assert_eq!(
+        back.backends[&"198.18.1.12:80".parse().unwrap()].generation,
+        2
+    );
+}
+
+#[test]
+fn a_failed_recovery_leaves_the_backend_out() {
+    let (mut p, mut m) = setup();
+    let two = web(&[("198.18.1.11:80", 1), ("198.18.1.12:80", 1)]);
+    p.apply(
+        &state(vec![with_availability(two.clone(), &[true, false])]),
+        &mut m,
+    )
+    .unwrap();
+    let before = m.dump();
+    for step in ["maglev write", "services put"] {
+        m.fail_on = Some(step.into());
+        p.apply(&state(vec![two.clone()]), &mut m).unwrap_err();
+        assert_eq!(m.dump(), before, "after failing at {step}");
+        assert_eq!(m.backends[&2].flags, 0);
+    }
+    p.apply(&state(vec![two]), &mut m).unwrap();
+    assert_eq!(m.backends[&2].flags, lb_common::backend_flags::PRESENT);
+}
+
+#[test]
+fn no_available_backend_leaves_an_empty_table() {
+    let (mut p, mut m) = setup();
+    let two = web(&[("198.18.1.11:80", 1), ("198.18.1.12:80", 1)]);
+    p.apply(
+        &state(vec![with_availability(two, &[false, false])]),
+        &mut m,
+    )
+    .unwrap();
+    let v = m.services.values().next().unwrap();
+    assert!(m.table(v).unwrap().iter().all(|&b| b == 0));
+    assert!(m.backends.values().all(|b| b.flags == 0));
+    // ...but the backends exist: they are steered to as soon as they are available.
+    assert_eq!(m.backends.len(), 2);
+}
