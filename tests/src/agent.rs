@@ -125,6 +125,53 @@ impl Agent {
         serde_json::from_str(&body).expect("status JSON")
     }
 
+    /// `/api/v1/services` as JSON.
+    pub fn services(&self, ns: &Netns) -> serde_json::Value {
+        let (code, body) = self.get(ns, "/api/v1/services").expect("services");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("services JSON")
+    }
+
+    /// The API's entry for backend `addr` (`ip:port`) of `service`.
+    pub fn backend(&self, ns: &Netns, service: &str, addr: SocketAddr) -> serde_json::Value {
+        backend_entry(&self.services(ns), service, addr)
+    }
+
+    /// Waits until backend `addr` of `service` is in `state` (`up`, `down`, `unknown`) and,
+    /// when given, its last failure has `reason`; returns the entry.
+    pub fn wait_backend(
+        &self,
+        ns: &Netns,
+        service: &str,
+        addr: SocketAddr,
+        state: &str,
+        reason: Option<&str>,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            last = self.backend(ns, service, addr);
+            if last["state"] == state && reason.is_none_or(|r| last["last_failure"]["reason"] == r)
+            {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{service} {addr}: wanted state {state} (reason {reason:?}), have {last}
+--- agent log ---
+{}",
+            self.log_text()
+        );
+    }
+
+    /// The text of `/metrics`.
+    pub fn metrics(&self, ns: &Netns) -> String {
+        let (code, body) = self.get(ns, "/metrics").expect("metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
     fn counts(&self, ns: &Netns) -> (u64, u64) {
         let s = self.status(ns);
         (
@@ -170,6 +217,26 @@ impl Agent {
             self.proc.child.try_wait().ok().flatten()
         })
     }
+}
+
+/// Backend `addr` of `service` in an `/api/v1/services` answer.
+pub fn backend_entry(
+    services: &serde_json::Value,
+    service: &str,
+    addr: SocketAddr,
+) -> serde_json::Value {
+    let s = services["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == service))
+        .unwrap_or_else(|| panic!("no service {service} in {services}"));
+    s["backends"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|b| b["address"] == addr.ip().to_string() && b["port"] == addr.port())
+        })
+        .unwrap_or_else(|| panic!("no backend {addr} in {s}"))
+        .clone()
 }
 
 impl Drop for Agent {

@@ -13,7 +13,9 @@
 //! software (`tx off`: a real NIC delivers complete checksums, a veth hands partial ones from
 //! a local stack, which XDP cannot fix up); the backends' veths have GRO on, which gives them
 //! the NAPI context that receiving XDP redirects needs; and the client's veth runs `lab_pass`,
-//! because a veth picks up frames sent back with XDP_TX only when it runs XDP itself.
+//! because a veth picks up frames sent back with XDP_TX only when it runs XDP itself. The
+//! backends send ICMP errors without rate limit, so that UDP health checks see every port
+//! unreachable.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -148,6 +150,10 @@ impl Lab {
             ns.ip("route add default via 198.18.1.1");
             ns.ip("-6 route add default via fd00:1::1");
             ns.exec(&["ethtool", "-K", "eth0", "gro", "on"]);
+            // No ICMP rate limit (by default one error a second per destination after a small
+            // burst): health checks tell a closed UDP port by its port unreachable.
+            ns.sysctl("net.ipv4.icmp_ratelimit", "0");
+            ns.sysctl("net.ipv6.icmp.ratelimit", "0");
             lb.ip(&format!("addr add 198.18.1.1/32 dev {lb_if}"));
             lb.ip(&format!("addr add fd00:1::1/128 dev {lb_if} nodad"));
             lb.ip(&format!("route add {v4}/32 dev {lb_if}"));
