@@ -363,3 +363,279 @@ fn every_checker_sees_each_failure_mode_and_the_recovery() {
     assert!(log.contains("backend is unhealthy"), "{log}");
     assert!(log.contains("failing open"), "{log}");
 }
+
+/// `n` GETs from the client to `vip`: the backend of each (an error fails the test).
+fn gets(lab: &Lab, vip: SocketAddr, n: usize) -> Vec<String> {
+    lab.client.run_in(|| {
+        (0..n)
+            .map(|i| {
+                clients::http_get(None, vip, "/", T)
+                    .unwrap_or_else(|e| panic!("GET {i} to {vip}: {e}"))
+                    .backend
+            })
+            .collect()
+    })
+}
+
+fn count(results: &[String], backend: &str) -> usize {
+    results.iter().filter(|b| *b == backend).count()
+}
+
+/// Non-check connections backend `i` has accepted.
+fn connections(lab: &Lab, i: usize) -> u64 {
+    let s = lab.stats(i);
+    // Each /_stats request is a connection too, and health checks are counted apart.
+    s["connections"] - s["checks"]
+}
+
+fn web(lab: &Lab, check: &str) -> Vec<String> {
+    vec![service(lab, "web", VIP_V4, 80, "tcp", HTTP_PORT, check)]
+}
+
+#[test]
+fn traffic_never_reaches_a_backend_marked_down() {
+    let (lab, agent) = lab_with_agent(3, |lab| {
+        web(lab, &format!("type: http, path: /healthz, {FAST}"))
+    });
+    let vip = sa(VIP_V4.parse::<IpAddr>().unwrap(), 80);
+    let b1 = sa(lab.backends[0].v4, HTTP_PORT);
+
+    // A long-lived connection on b1.
+    let mut echo = lab.client.run_in(|| {
+        (0..50)
+            .map(|_| Echo::open(vip, T).expect("ECHO connection"))
+            .find(|e| e.backend == "b1")
+            .expect("one of 50 connections lands on b1")
+    });
+    lab.client.run_in(|| echo.round_trip("before")).unwrap();
+
+    // b1 still serves, but its health endpoint fails.
+    lab.control(0, "healthz/500");
+    agent.wait_backend(&lab.lb, "web", b1, "down", Some("bad_status"));
+    let before = connections(&lab, 0);
+    let got = gets(&lab, vip, 300);
+    assert_eq!(count(&got, "b1"), 0, "{got:?}");
+    assert!(
+        count(&got, "b2") > 100 && count(&got, "b3") > 100,
+        "{got:?}"
+    );
+    // Counted at the backend itself: not one new connection arrived.
+    assert_eq!(
+        connections(&lab, 0),
+        before + 1,
+        "only our own /_stats request"
+    );
+    // Its established flow was steered away too: the next packet met a backend that does not
+    // know the connection, which reset it.
+    let r = lab.client.run_in(|| echo.round_trip("after"));
+    assert!(r.is_err(), "the connection to b1 should be gone: {r:?}");
+
+    // Back: rise=2 good answers later it gets its share of new flows again.
+    lab.control(0, "healthz/200");
+    agent.wait_backend(&lab.lb, "web", b1, "up", None);
+    let before = connections(&lab, 0);
+    let got = gets(&lab, vip, 300);
+    let n = count(&got, "b1");
+    assert!((60..=140).contains(&n), "b1 took {n} of 300: {got:?}");
+    assert_eq!(connections(&lab, 0), before + n as u64 + 1);
+}
+
+/// Waits until backend `addr` of web has been probed `n` more times; returns its entry.
+fn after_probes(lab: &Lab, agent: &Agent, addr: SocketAddr, n: u64) -> serde_json::Value {
+    let start = agent.backend(&lab.lb, "web", addr)["probes"]
+        .as_u64()
+        .unwrap();
+    wait_for(Duration::from_secs(10), "probes", || {
+        let b = agent.backend(&lab.lb, "web", addr);
+        (b["probes"].as_u64().unwrap() >= start + n).then_some(b)
+    })
+}
+
+fn transitions(agent: &Agent, lab: &Lab, backend: SocketAddr, to: &str) -> u64 {
+    let line = format!(
+        "weir_health_transitions_total{{service=\"web\",backend=\"{backend}\",to=\"{to}\"}}"
+    );
+    agent
+        .metrics(&lab.lb)
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn a_flapping_backend_respects_rise_and_fall() {
+    let (lab, agent) = lab_with_agent(2, |lab| {
+        web(
+            lab,
+            "type: http, path: /healthz, interval: 50ms, timeout: 40ms, rise: 2, fall: 2",
+        )
+    });
+    let b1 = sa(lab.backends[0].v4, HTTP_PORT);
+    agent.wait_backend(&lab.lb, "web", b1, "up", None);
+    let ups = transitions(&agent, &lab, b1, "healthy");
+    assert_eq!(ups, 1, "the first answer");
+
+    // Every other answer fails: never two failures in a row, so it stays up.
+    lab.control(0, "healthz/500,200");
+    let b = after_probes(&lab, &agent, b1, 20);
+    assert_eq!(b["state"], "up", "{b}");
+    assert_eq!(
+        b["last_failure"]["reason"], "bad_status",
+        "it did fail: {b}"
+    );
+    assert_eq!(transitions(&agent, &lab, b1, "unhealthy"), 0);
+
+    // Two failures in a row take it down.
+    lab.control(0, "healthz/500");
+    agent.wait_backend(&lab.lb, "web", b1, "down", Some("bad_status"));
+    // Every other answer succeeds: never two successes in a row, so it stays down.
+    lab.control(0, "healthz/200,500");
+    let b = after_probes(&lab, &agent, b1, 20);
+    assert_eq!(b["state"], "down", "{b}");
+    assert_eq!(b["in_rotation"], false);
+    assert_eq!(transitions(&agent, &lab, b1, "unhealthy"), 1);
+    assert_eq!(transitions(&agent, &lab, b1, "healthy"), 1);
+
+    // Two good answers bring it back.
+    lab.control(0, "healthz/200");
+    agent.wait_backend(&lab.lb, "web", b1, "up", None);
+    assert_eq!(transitions(&agent, &lab, b1, "healthy"), 2);
+}
+
+#[test]
+fn with_every_backend_down_a_service_fails_open_unless_fail_closed() {
+    let (lab, agent) = lab_with_agent(2, |lab| {
+        vec![
+            service(
+                lab,
+                "open",
+                VIP_V4,
+                80,
+                "tcp",
+                HTTP_PORT,
+                &format!("type: http, path: /healthz, {FAST}"),
+            ),
+            service(
+                lab,
+                "closed",
+                VIP_V4,
+                81,
+                "tcp",
+                HTTP_PORT,
+                &format!("type: http, path: /healthz, fail_closed: true, {FAST}"),
+            ),
+        ]
+    });
+    let open = sa(VIP_V4.parse::<IpAddr>().unwrap(), 80);
+    let closed = sa(VIP_V4.parse::<IpAddr>().unwrap(), 81);
+    for i in 0..2 {
+        lab.control(i, "healthz/503");
+    }
+    for i in 0..2 {
+        let b = sa(lab.backends[i].v4, HTTP_PORT);
+        for s in ["open", "closed"] {
+            agent.wait_backend(&lab.lb, s, b, "down", Some("bad_status"));
+        }
+    }
+    let services = agent.services(&lab.lb);
+    let mode = |name: &str| {
+        services["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["health"]
+            .clone()
+    };
+    assert_eq!(mode("open"), "fail_open");
+    assert_eq!(mode("closed"), "fail_closed");
+    // Fail-open: the backends still serve / (only their health endpoint fails), and they get
+    // the traffic.
+    let got = gets(&lab, open, 40);
+    assert!(count(&got, "b1") > 5 && count(&got, "b2") > 5, "{got:?}");
+    // Fail-closed: new flows are dropped.
+    let r = lab
+        .client
+        .run_in(|| clients::http_get(None, closed, "/", Duration::from_millis(500)));
+    assert!(r.is_err(), "fail-closed drops: {r:?}");
+    let metrics = agent.metrics(&lab.lb);
+    assert!(
+        metrics.contains("weir_service_fail_open{service=\"open\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_service_fail_open{service=\"closed\"} 0"),
+        "{metrics}"
+    );
+    assert!(agent.log_text().contains("failing open"));
+    assert!(agent.log_text().contains("fail_closed is set"));
+
+    // One backend back: both services use it alone.
+    lab.control(1, "healthz/200");
+    let b2 = sa(lab.backends[1].v4, HTTP_PORT);
+    for s in ["open", "closed"] {
+        agent.wait_backend(&lab.lb, s, b2, "up", None);
+    }
+    for vip in [open, closed] {
+        let got = gets(&lab, vip, 20);
+        assert_eq!(count(&got, "b2"), 20, "{got:?}");
+    }
+}
+
+#[test]
+fn a_new_backend_gets_no_traffic_before_it_has_answered() {
+    let mut lab = Lab::new(3);
+    lab.start_servers(server_bin());
+    let check = format!("type: http, path: /healthz, {FAST}");
+    let two = {
+        let mut s = service(&lab, "web", VIP_V4, 80, "tcp", HTTP_PORT, &check);
+        s = s.replace(
+            &format!(
+                "      - {{ address: \"{}\", port: {HTTP_PORT} }}\n",
+                lab.backends[2].v4
+            ),
+            "",
+        );
+        config(&lab, &[s])
+    };
+    let three = config(&lab, &web(&lab, &check));
+    assert_ne!(two, three);
+    let mut agent = Agent::start(&lab.lb, &lab.dir.path, Some(&two));
+    agent.wait_ready(&lab.lb);
+    let vip = sa(VIP_V4.parse::<IpAddr>().unwrap(), 80);
+    let b3 = sa(lab.backends[2].v4, HTTP_PORT);
+
+    // b3 joins while its health endpoint fails: it never gets a flow.
+    lab.control(2, "healthz/500");
+    let before = connections(&lab, 2);
+    agent.reload(&lab.lb, &three).unwrap();
+    agent.wait_backend(&lab.lb, "web", b3, "down", Some("bad_status"));
+    let got = gets(&lab, vip, 200);
+    assert_eq!(count(&got, "b3"), 0);
+    assert_eq!(
+        connections(&lab, 2),
+        before + 1,
+        "only our own /_stats request"
+    );
+
+    // Healthy: in rotation.
+    lab.control(2, "healthz/200");
+    agent.wait_backend(&lab.lb, "web", b3, "up", None);
+    let got = gets(&lab, vip, 200);
+    assert!(count(&got, "b3") > 30, "{got:?}");
+
+    // Removed and added again while healthy: one good answer is enough to join.
+    agent.reload(&lab.lb, &two).unwrap();
+    agent.reload(&lab.lb, &three).unwrap();
+    agent.wait_backend(&lab.lb, "web", b3, "up", None);
+    assert!(
+        agent
+            .log_text()
+            .lines()
+            .any(|l| l.contains("backend is healthy")
+                && l.contains("198.18.1.13:8080")
+                && l.contains("from=unknown")),
+        "{}",
+        agent.log_text()
+    );
+}
