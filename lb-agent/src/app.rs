@@ -70,7 +70,8 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
     }
     state.readiness.attached.store(true, Ordering::Release);
 
-    let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES);
+    let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES)
+        .context("starting the health-check thread")?;
     let mut agent = Agent {
         api: state.clone(),
         programmer: Programmer::new(&config.dataplane, config.maglev.seed),

@@ -1,9 +1,11 @@
 //! `weir-lab`: the lab's servers, the demo and the benchmarks.
 //!
-//! - `weir-lab serve --name N [--http ADDR]... [--udp ADDR]... [--sctp ADDR]...`
+//! - `weir-lab serve --name N [--http ADDR]... [--https ADDR]... [--tcp ADDR]... [--udp ADDR]...
+//!   [--sctp ADDR]...`
 //!   (what every backend namespace runs; see `servers`).
-//! - `weir-lab bench [--quick] [--only maglev|packet|throughput] [--out FILE]`: every benchmark, as Markdown (`scripts/bench`
-//!   writes `docs/benchmarks.md`). Needs root.
+//! - `weir-lab bench [--quick] [--only packet|maglev|throughput|prune|probes] [--out FILE]`: every
+//!   benchmark, as Markdown (`scripts/bench` writes `docs/benchmarks.md`; with `--only`, only
+//!   that section of the file changes). Needs root.
 //! - `weir-lab demo [--hold]`: the standalone lab with the agent on its embedded default
 //!   config, and a tour of the traffic it carries. Needs root.
 
@@ -40,17 +42,29 @@ fn main() -> ExitCode {
                 .iter()
                 .position(|a| a == "--out")
                 .and_then(|i| args.get(i + 1));
-            let command = if quick {
-                "scripts/bench --quick"
-            } else {
-                "scripts/bench"
-            };
             let only = args
                 .iter()
                 .position(|a| a == "--only")
                 .and_then(|i| args.get(i + 1))
                 .map(String::as_str);
-            let md = weir_lab::bench::run_all(quick, command, only);
+            if let Some(o) = only
+                && !weir_lab::bench::NAMES.contains(&o)
+            {
+                eprintln!(
+                    "weir-lab bench: --only {o}: not one of {}",
+                    weir_lab::bench::NAMES.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            let mut command = "scripts/bench".to_string();
+            if quick {
+                command.push_str(" --quick");
+            }
+            if let Some(o) = only {
+                command.push_str(&format!(" --only {o}"));
+            }
+            let previous = out.and_then(|p| std::fs::read_to_string(p).ok());
+            let md = weir_lab::bench::run_all(quick, &command, only, previous.as_deref());
             match out {
                 Some(path) => {
                     if let Err(e) = std::fs::write(path, &md) {
@@ -65,7 +79,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: weir-lab serve --name N [--http ADDR] [--udp ADDR] [--sctp ADDR]\n       weir-lab bench [--quick] [--only maglev|packet|throughput] [--out FILE]\n       weir-lab demo [--hold]"
+                "usage: weir-lab serve --name N [--http ADDR] [--https ADDR] [--tcp ADDR] [--udp ADDR] [--sctp ADDR]\n       weir-lab bench [--quick] [--only packet|maglev|throughput|prune|probes] [--out FILE]\n       weir-lab demo [--hold]"
             );
             ExitCode::from(2)
         }

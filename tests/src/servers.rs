@@ -5,6 +5,7 @@
 //!   `GET /_stats` answers the counters; `GET /healthz` answers the health status (200 unless
 //!   told otherwise). A connection that starts with `ECHO\n` instead gets `backend=<name>\n`
 //!   and then every line echoed back until it closes (a long-lived connection).
+//! - TCP: accepts and closes (`--tcp`).
 //! - UDP echo: answers `backend=<name> ` followed by the datagram.
 //! - SCTP over raw sockets: INIT → INIT-ACK whose State Cookie is `backend=<name>`; an INIT to
 //!   another port of the address gets an ABORT, as from an SCTP stack with nothing listening.
@@ -121,12 +122,18 @@ pub struct ServeArgs {
     pub name: String,
     pub http: Vec<SocketAddr>,
     pub https: Vec<SocketAddr>,
+    /// HTTP answered by a few threads in turn, without ECHO connections (many short
+    /// connections a second).
+    pub http_pool: Vec<SocketAddr>,
+    /// Accept-and-close listeners (one thread each: many connections a second, cheaply).
+    pub tcp: Vec<SocketAddr>,
     pub udp: Vec<SocketAddr>,
     pub sctp: Vec<SocketAddr>,
 }
 
 impl ServeArgs {
-    /// `--name N --http ADDR --https ADDR --udp ADDR --sctp ADDR` (address flags repeatable).
+    /// `--name N --http ADDR --https ADDR --tcp ADDR --udp ADDR --sctp ADDR` (address flags
+    /// repeatable).
     pub fn parse(args: &[String]) -> Result<Self, String> {
         let mut a = Self::default();
         let mut it = args.iter();
@@ -141,6 +148,8 @@ impl ServeArgs {
                 "--name" => a.name = value.clone(),
                 "--http" => a.http.push(addr()?),
                 "--https" => a.https.push(addr()?),
+                "--http-pool" => a.http_pool.push(addr()?),
+                "--tcp" => a.tcp.push(addr()?),
                 "--udp" => a.udp.push(addr()?),
                 "--sctp" => a.sctp.push(addr()?),
                 _ => return Err(format!("unknown flag {flag}")),
@@ -173,17 +182,29 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
         threads.push(thread::spawn(move || {
             for conn in l.incoming().flatten() {
                 let s = s.clone();
-                thread::spawn(move || {
-                    if let Ok(c) = conn.try_clone()
-                        && let Ok(mut out) = http_conn(conn, &s)
-                    {
-                        // The server closes first, so TIME_WAIT stays here and clients can
-                        // reuse their ports.
-                        let _ = out.flush();
-                        let _ = c.shutdown(std::net::Shutdown::Write);
-                        let _ = (&c).read_to_end(&mut Vec::new());
-                    }
-                });
+                thread::spawn(move || http_close(conn, &s));
+            }
+        }));
+    }
+    // Many short requests a second: a few threads that accept and answer in turn.
+    for addr in &args.http_pool {
+        let l = tcp_listener(*addr)?;
+        for _ in 0..4 {
+            let (l, s) = (l.try_clone()?, shared.clone());
+            threads.push(thread::spawn(move || {
+                for conn in l.incoming().flatten() {
+                    http_close(conn, &s);
+                }
+            }));
+        }
+    }
+    for addr in &args.tcp {
+        let l = tcp_listener(*addr)?;
+        let s = shared.clone();
+        threads.push(thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                s.counters.connections.fetch_add(1, Ordering::Relaxed);
+                drop(conn);
             }
         }));
     }
@@ -210,10 +231,26 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
     }
     for addr in &args.udp {
         let sock = udp_socket(*addr)?;
+        // On a wildcard address, answer from the address that was asked.
+        let wildcard = addr.ip().is_unspecified() && addr.is_ipv4();
+        if wildcard {
+            pktinfo::enable(&sock)?;
+        }
         let s = shared.clone();
         threads.push(thread::spawn(move || {
             let mut buf = [0u8; 65536];
-            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            loop {
+                let (n, from, to) = if wildcard {
+                    match pktinfo::recv(&sock, &mut buf) {
+                        Ok((n, from, to)) => (n, from, Some(to)),
+                        Err(_) => break,
+                    }
+                } else {
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, from)) => (n, from, None),
+                        Err(_) => break,
+                    }
+                };
                 s.counters.udp.fetch_add(1, Ordering::Relaxed);
                 let reply = match s.control.udp.load(Ordering::Relaxed) {
                     UDP_SILENT => continue,
@@ -224,7 +261,10 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
                         r
                     }
                 };
-                let _ = sock.send_to(&reply, from);
+                let _ = match to {
+                    Some(local) => pktinfo::send(&sock, &reply, from, local),
+                    None => sock.send_to(&reply, from),
+                };
             }
         }));
     }
@@ -245,6 +285,118 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// IPv4 UDP on a wildcard address: receive with the destination address (IP_PKTINFO) and
+/// answer from it.
+mod pktinfo {
+    use std::{
+        io,
+        mem::{size_of, zeroed},
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+        os::fd::AsRawFd as _,
+    };
+
+    pub fn enable(s: &UdpSocket) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with an int option.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// (length, source, destination address).
+    pub fn recv(s: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Ipv4Addr)> {
+        // SAFETY: recvmsg into buffers that outlive the call; the control messages are read
+        // with the CMSG macros within the length the kernel reports.
+        unsafe {
+            let mut from: libc::sockaddr_in = zeroed();
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut control = [0u64; 16];
+            let mut msg: libc::msghdr = zeroed();
+            msg.msg_name = (&raw mut from).cast();
+            msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = size_of_val(&control);
+            let n = libc::recvmsg(s.as_raw_fd(), &raw mut msg, 0);
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut to = Ipv4Addr::UNSPECIFIED;
+            let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
+                    let info = libc::CMSG_DATA(c)
+                        .cast::<libc::in_pktinfo>()
+                        .read_unaligned();
+                    to = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                }
+                c = libc::CMSG_NXTHDR(&raw const msg, c);
+            }
+            let src = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)),
+                u16::from_be(from.sin_port),
+            );
+            Ok((n as usize, src.into(), to))
+        }
+    }
+
+    pub fn send(s: &UdpSocket, data: &[u8], to: SocketAddr, from: Ipv4Addr) -> io::Result<usize> {
+        let SocketAddr::V4(to) = to else {
+            return s.send_to(data, to);
+        };
+        // SAFETY: sendmsg from buffers that outlive the call; one IP_PKTINFO control message
+        // written with the CMSG macros into a buffer large enough for it.
+        unsafe {
+            let mut dst: libc::sockaddr_in = zeroed();
+            dst.sin_family = libc::AF_INET as libc::sa_family_t;
+            dst.sin_port = to.port().to_be();
+            dst.sin_addr.s_addr = u32::from(*to.ip()).to_be();
+            let mut iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut _,
+                iov_len: data.len(),
+            };
+            let mut control = [0u64; 8];
+            let mut msg: libc::msghdr = zeroed();
+            msg.msg_name = (&raw mut dst).cast();
+            msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*c).cmsg_level = libc::IPPROTO_IP;
+            (*c).cmsg_type = libc::IP_PKTINFO;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
+            let mut info: libc::in_pktinfo = zeroed();
+            info.ipi_spec_dst.s_addr = u32::from(from).to_be();
+            libc::CMSG_DATA(c)
+                .cast::<libc::in_pktinfo>()
+                .write_unaligned(info);
+            let n = libc::sendmsg(s.as_raw_fd(), &raw const msg, 0);
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }
+    }
 }
 
 /// A self-signed certificate for [`TLS_NAME`] and the listening addresses.
@@ -281,6 +433,18 @@ fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
     s.bind(&addr.into())?;
     Ok(s.into())
+}
+
+/// Serves one plain connection and closes it.
+fn http_close(conn: std::net::TcpStream, s: &Shared) {
+    if let Ok(c) = conn.try_clone()
+        && let Ok(mut out) = http_conn(conn, s)
+    {
+        // The server closes first, so TIME_WAIT stays here and clients can reuse their ports.
+        let _ = out.flush();
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let _ = (&c).read_to_end(&mut Vec::new());
+    }
 }
 
 /// Serves one connection; returns the stream for the caller to close.

@@ -33,6 +33,24 @@ impl LabXdp {
         })
     }
 
+    /// Makes `lab_syn` count only SYNs from `source`.
+    pub fn syns_from(&mut self, source: std::net::Ipv4Addr) {
+        let mut m: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("SYN_FROM").expect("SYN_FROM map"))
+                .expect("array");
+        m.set(0, u32::from_ne_bytes(source.octets()), 0)
+            .expect("SYN_FROM[0]");
+    }
+
+    /// SYNs `lab_syn` has seen, and the CLOCK_MONOTONIC time of the last one (ns; 0: none).
+    pub fn syns(&self) -> (u64, u64) {
+        let m: PerCpuArray<_, [u64; 2]> =
+            PerCpuArray::try_from(self.ebpf.map("SYNS").expect("SYNS map")).expect("per-CPU array");
+        let v = m.get(&0, 0).expect("SYNS[0]");
+        v.iter()
+            .fold((0, 0), |(n, last), c| (n + c[0], last.max(c[1])))
+    }
+
     /// Frames and bytes `lab_sink` has received.
     pub fn sink_counts(&self) -> (u64, u64) {
         let m: PerCpuArray<_, [u64; 2]> =

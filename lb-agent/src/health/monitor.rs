@@ -1,25 +1,36 @@
-//! The scheduler: one task per distinct check (target and probe spec), however many services
-//! share it. Each task probes on its own clock, so a slow or hanging target only delays its own
-//! next probe (a probe never outlives its timeout, and the timeout is at most the interval). A
-//! semaphore bounds how many probes run at once. Each check starts at a phase derived from its
+//! The scheduler: one logical check per distinct (target, probe spec), however many services
+//! share it, all driven by one task on the health checks' own thread. The task keeps the checks
+//! in a timer queue and starts each probe when it is due; probes run concurrently (a bounded
+//! number at once) and each is bounded by its timeout (at most the interval), so a slow or
+//! hanging target only delays its own next probe. Each check probes at a phase derived from its
 //! key, so thousands of checks spread over the interval instead of firing in lock-step; a new
 //! check probes at once, so that a new backend is known as soon as possible.
 //!
-//! Results stay in the task (the rise/fall tracker) and in a shared status the API reads; only
-//! state changes go to the agent's main loop, as [`CheckEvent`]s.
+//! One task rather than one per check: at thousands of probes a second, per-check tasks and
+//! timers cost more CPU than the probes' own system calls (wake-ups, timer-wheel work, cache
+//! misses on thousands of task states).
+//!
+//! Results go to each check's rise/fall tracker and to a shared status the API reads; only state
+//! changes go to the agent's main loop, as [`CheckEvent`]s.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap},
+    future::Future,
     hash::{Hash as _, Hasher as _},
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
-use tokio::{
-    sync::{Semaphore, mpsc},
-    time::Instant,
-};
+use prometheus_client::metrics::histogram::Histogram;
+
+use futures_util::{StreamExt as _, stream::FuturesUnordered};
+use tokio::{sync::mpsc, time::Instant};
 
 use super::{
     CheckUser,
@@ -80,8 +91,10 @@ impl CheckStatus {
 #[derive(Debug)]
 pub struct Shared {
     status: Mutex<CheckStatus>,
-    /// Services using the check (metric labels).
+    /// Services using the check (metric labels), and a counter bumped when they change, so
+    /// that the task reads them only then.
     services: Mutex<Arc<[String]>>,
+    services_version: AtomicU64,
 }
 
 impl Shared {
@@ -98,6 +111,11 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    fn set_services(&self, services: Arc<[String]>) {
+        *self.services.lock().unwrap_or_else(|p| p.into_inner()) = services;
+        self.services_version.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// A check changed state.
@@ -110,17 +128,6 @@ pub struct CheckEvent {
     pub failure: Option<Failure>,
 }
 
-struct Running {
-    shared: Arc<Shared>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// What a [`Monitor::start`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -129,30 +136,88 @@ pub struct SyncReport {
     pub inherited: usize,
 }
 
+/// The health checks' own runtime: one thread, so that thousands of probes a second cost no
+/// cross-thread wake-ups, and the agent's main loop and API never wait behind probes.
+struct ProbeThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ProbeThread {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("weir-health".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                // Dropping the runtime here cancels the scheduler and its probes.
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+        })
+    }
+}
+
+impl Drop for ProbeThread {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+enum Command {
+    Add {
+        key: Arc<CheckKey>,
+        shared: Arc<Shared>,
+        probe_now: bool,
+    },
+    Remove(CheckKey),
+}
+
 pub struct Monitor {
-    prober: Arc<Prober>,
-    limit: Arc<Semaphore>,
-    metrics: Arc<HealthMetrics>,
-    events: mpsc::UnboundedSender<CheckEvent>,
-    checks: HashMap<CheckKey, Running>,
+    checks: HashMap<CheckKey, Arc<Shared>>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Last: the scheduler stops with it.
+    _runtime: ProbeThread,
 }
 
 impl Monitor {
+    /// Starts the probe thread and its scheduler, which runs at most `max_concurrent` probes at
+    /// once; errors when the thread or its runtime cannot be made.
     pub fn new(
         metrics: Arc<HealthMetrics>,
         max_concurrent: usize,
-    ) -> (Self, mpsc::UnboundedReceiver<CheckEvent>) {
+    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<CheckEvent>)> {
         let (events, rx) = mpsc::unbounded_channel();
-        (
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let runtime = ProbeThread::start()?;
+        runtime.handle.spawn(schedule(Scheduler {
+            commands: command_rx,
+            prober: Arc::new(Prober::new()),
+            metrics,
+            events,
+            max_concurrent: max_concurrent.max(1),
+            checks: HashMap::new(),
+            ids: HashMap::new(),
+            next_id: 0,
+            queue: BinaryHeap::new(),
+        }));
+        Ok((
             Self {
-                prober: Arc::new(Prober::new()),
-                limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
-                metrics,
-                events,
                 checks: HashMap::new(),
+                commands,
+                _runtime: runtime,
             },
             rx,
-        )
+        ))
     }
 
     /// Starts the checks of `wanted` (check → the service backends it covers) that are not
@@ -163,8 +228,8 @@ impl Monitor {
     pub fn start(&mut self, wanted: &BTreeMap<CheckKey, Vec<CheckUser>>) -> SyncReport {
         let mut report = SyncReport::default();
         let mut known: HashMap<SocketAddr, CheckStatus> = HashMap::new();
-        for (key, r) in &self.checks {
-            let status = r.shared.status();
+        for (key, shared) in &self.checks {
+            let status = shared.status();
             if status.health() != Health::Unknown {
                 known.entry(key.target).or_insert(status);
             }
@@ -173,8 +238,8 @@ impl Monitor {
             let mut services: Vec<String> = users.iter().map(|u| u.service.clone()).collect();
             services.dedup();
             let services: Arc<[String]> = services.into();
-            if let Some(r) = self.checks.get(key) {
-                *r.shared.services.lock().unwrap_or_else(|p| p.into_inner()) = services;
+            if let Some(shared) = self.checks.get(key) {
+                shared.set_services(services);
                 continue;
             }
             let inherited = known.get(&key.target).cloned();
@@ -186,18 +251,14 @@ impl Monitor {
             let shared = Arc::new(Shared {
                 status: Mutex::new(status),
                 services: Mutex::new(services),
+                services_version: AtomicU64::new(0),
             });
-            let task = tokio::spawn(run(
-                key.clone(),
-                shared.clone(),
-                self.prober.clone(),
-                self.limit.clone(),
-                self.metrics.clone(),
-                self.events.clone(),
+            let _ = self.commands.send(Command::Add {
+                key: Arc::new(key.clone()),
+                shared: shared.clone(),
                 probe_now,
-            ))
-            .abort_handle();
-            self.checks.insert(key.clone(), Running { shared, task });
+            });
+            self.checks.insert(key.clone(), shared);
             report.started += 1;
         }
         report
@@ -205,34 +266,42 @@ impl Monitor {
 
     /// Stops the checks that are not in `wanted`; returns how many.
     pub fn retain<V>(&mut self, wanted: &BTreeMap<CheckKey, V>) -> usize {
-        let before = self.checks.len();
-        self.checks.retain(|k, _| wanted.contains_key(k));
-        before - self.checks.len()
+        let gone: Vec<CheckKey> = self
+            .checks
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.checks.remove(key);
+            let _ = self.commands.send(Command::Remove(key.clone()));
+        }
+        gone.len()
     }
 
     /// Every check's state now.
     pub fn states(&self) -> HashMap<CheckKey, Health> {
         self.checks
             .iter()
-            .map(|(k, r)| (k.clone(), r.shared.status().health()))
+            .map(|(k, s)| (k.clone(), s.status().health()))
             .collect()
     }
 
     pub fn health(&self, key: &CheckKey) -> Health {
         self.checks
             .get(key)
-            .map_or(Health::Unknown, |r| r.shared.status().health())
+            .map_or(Health::Unknown, |s| s.status().health())
     }
 
     pub fn shared(&self, key: &CheckKey) -> Option<Arc<Shared>> {
-        self.checks.get(key).map(|r| r.shared.clone())
+        self.checks.get(key).cloned()
     }
 
     /// Checks that have no result yet.
     pub fn unknown(&self) -> usize {
         self.checks
             .values()
-            .filter(|r| r.shared.status().health() == Health::Unknown)
+            .filter(|s| s.status().health() == Health::Unknown)
             .count()
     }
 
@@ -275,43 +344,129 @@ fn next_tick(start: Instant, phase: Duration, interval: Duration, now: Instant) 
     first + Duration::from_nanos((k * interval) as u64)
 }
 
-async fn run(
-    key: CheckKey,
+/// A check as the scheduler holds it.
+struct Check {
+    key: Arc<CheckKey>,
     shared: Arc<Shared>,
+    start: Instant,
+    phase: Duration,
+    /// When it is due; the queue entry with another time is stale.
+    next: Instant,
+    in_flight: bool,
+    /// Histograms of successful probes, per service, for the labels' version.
+    ok_histograms: (Option<u64>, Vec<Histogram>),
+}
+
+type ProbeFuture = Pin<Box<dyn Future<Output = (u64, Result<(), Failure>, Duration)> + Send>>;
+
+struct Scheduler {
+    commands: mpsc::UnboundedReceiver<Command>,
     prober: Arc<Prober>,
-    limit: Arc<Semaphore>,
     metrics: Arc<HealthMetrics>,
     events: mpsc::UnboundedSender<CheckEvent>,
-    probe_now: bool,
-) {
-    let start = Instant::now();
-    let phase = phase(&key);
-    let mut at = if probe_now {
-        start
-    } else {
-        next_tick(start, phase, key.probe.interval, start)
-    };
-    let kind = key.probe.kind.as_str();
-    loop {
-        tokio::time::sleep_until(at).await;
-        let Ok(permit) = limit.acquire().await else {
-            return;
-        };
-        let began = Instant::now();
-        let result = prober.probe(key.target, &key.probe).await;
-        let took = began.elapsed();
-        drop(permit);
+    max_concurrent: usize,
+    checks: HashMap<u64, Check>,
+    ids: HashMap<Arc<CheckKey>, u64>,
+    next_id: u64,
+    /// (due, check id), earliest first.
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+}
 
-        let label = match &result {
-            Ok(()) => "ok",
-            Err(f) => f.kind.as_str(),
+impl Scheduler {
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Add {
+                key,
+                shared,
+                probe_now,
+            } => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let start = Instant::now();
+                let phase = phase(&key);
+                let next = if probe_now {
+                    start
+                } else {
+                    next_tick(start, phase, key.probe.interval, start)
+                };
+                if let Some(old) = self.ids.insert(key.clone(), id) {
+                    self.checks.remove(&old);
+                }
+                self.queue.push(Reverse((next, id)));
+                self.checks.insert(
+                    id,
+                    Check {
+                        key,
+                        shared,
+                        start,
+                        phase,
+                        next,
+                        in_flight: false,
+                        ok_histograms: (None, Vec::new()),
+                    },
+                );
+            }
+            Command::Remove(key) => {
+                if let Some(id) = self.ids.remove(&key) {
+                    // A probe in flight finds its check gone and is dropped.
+                    self.checks.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// The probe of check `id`, as a future that yields its result and duration.
+    fn launch(&mut self, id: u64) -> Option<ProbeFuture> {
+        let check = self.checks.get_mut(&id)?;
+        check.in_flight = true;
+        let (key, prober) = (check.key.clone(), self.prober.clone());
+        Some(Box::pin(async move {
+            let began = Instant::now();
+            let r = prober.probe(key.target, &key.probe).await;
+            (id, r, began.elapsed())
+        }))
+    }
+
+    fn record(&mut self, id: u64, result: Result<(), Failure>, took: Duration) -> bool {
+        let Some(check) = self.checks.get_mut(&id) else {
+            return true;
         };
-        for service in shared.services().iter() {
-            metrics.observe_probe(service, kind, label, took);
+        check.in_flight = false;
+        let key = &check.key;
+        let kind = key.probe.kind.as_str();
+        // The histograms of successful probes are looked up once per label change; a
+        // failure's are looked up when it happens.
+        let version = check.shared.services_version.load(Ordering::Acquire);
+        if check.ok_histograms.0 != Some(version) {
+            let services = check.shared.services();
+            check.ok_histograms = (
+                Some(version),
+                services
+                    .iter()
+                    .map(|s| self.metrics.histogram(s, kind, "ok"))
+                    .collect(),
+            );
+        }
+        match &result {
+            Ok(()) => {
+                for h in &check.ok_histograms.1 {
+                    h.observe(took.as_secs_f64());
+                }
+            }
+            Err(f) => {
+                for service in check.shared.services().iter() {
+                    self.metrics
+                        .observe_probe(service, kind, f.kind.as_str(), took);
+                }
+            }
         }
         let now = SystemTime::now();
         let event = {
-            let mut s = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = check
+                .shared
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             s.probes += 1;
             s.last_probe = Some(now);
             s.last_duration = took;
@@ -329,19 +484,72 @@ async fn run(
                 .map(|to| {
                     s.since = Some(now);
                     CheckEvent {
-                        key: key.clone(),
+                        key: (**key).clone(),
                         from,
                         to,
                         failure: result.err(),
                     }
                 })
         };
-        if let Some(e) = event
-            && events.send(e).is_err()
-        {
-            return;
+        // The next grid point after this probe's own (it may have started a little early) and
+        // after now (it may have overrun a tick).
+        let after = check.next.max(Instant::now());
+        check.next = next_tick(check.start, check.phase, key.probe.interval, after);
+        self.queue.push(Reverse((check.next, id)));
+        match event {
+            Some(e) => self.events.send(e).is_ok(),
+            None => true,
         }
-        at = next_tick(start, phase, key.probe.interval, Instant::now());
+    }
+}
+
+/// Far enough to mean "nothing due".
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// Probes due this soon start with the ones due now: the thread wakes for batches of probes,
+/// not for each one (at thousands of probes a second, wake-ups cost more than probes).
+const SLACK: Duration = Duration::from_millis(5);
+
+async fn schedule(mut s: Scheduler) {
+    let mut running: FuturesUnordered<ProbeFuture> = FuturesUnordered::new();
+    let timer = tokio::time::sleep(IDLE);
+    tokio::pin!(timer);
+    loop {
+        // Start what is due, as far as the concurrency bound allows.
+        let now = Instant::now();
+        while running.len() < s.max_concurrent
+            && let Some(Reverse((at, id))) = s.queue.peek().copied()
+            && at <= now + SLACK
+        {
+            s.queue.pop();
+            let current = s
+                .checks
+                .get(&id)
+                .is_some_and(|c| c.next == at && !c.in_flight);
+            if current && let Some(f) = s.launch(id) {
+                running.push(f);
+            }
+        }
+        let wake = match s.queue.peek() {
+            Some(Reverse((at, _))) if running.len() < s.max_concurrent => *at,
+            _ => now + IDLE,
+        };
+        if timer.deadline() != wake {
+            timer.as_mut().reset(wake);
+        }
+        tokio::select! {
+            biased;
+            c = s.commands.recv() => match c {
+                Some(c) => s.command(c),
+                None => return,
+            },
+            Some((id, result, took)) = running.next(), if !running.is_empty() => {
+                if !s.record(id, result, took) {
+                    return;
+                }
+            }
+            () = &mut timer => {}
+        }
     }
 }
 

@@ -68,6 +68,15 @@ impl HealthMetrics {
         );
     }
 
+    /// The histogram of one (service, type, result): a handle to keep and observe.
+    pub fn histogram(&self, service: &str, kind: &'static str, result: &'static str) -> Histogram {
+        self.check_duration.get_or_create_owned(&ProbeLabels {
+            service: service.to_string(),
+            r#type: kind,
+            result,
+        })
+    }
+
     pub fn observe_probe(
         &self,
         service: &str,

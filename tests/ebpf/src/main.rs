@@ -4,6 +4,10 @@
 //!   XDP_TX when it runs an XDP program itself, and a kernel-stack baseline needs the same.
 //! - `lab_sink`: counts frames and bytes (per CPU) and drops them: the receiver of the
 //!   throughput benchmark.
+//! - `lab_syn`: counts TCP SYNs (new connections; from one source address, if `SYN_FROM` is
+//!   set) and notes the time of the last one
+//!   (`bpf_ktime_get_ns`, CLOCK_MONOTONIC), then lets everything through: what a backend
+//!   received, measured before its own stack (and its firewall) sees it.
 //! - `lab_tx`: the generator, run with BPF_PROG_TEST_RUN in live-frames mode: it writes the
 //!   64-byte frame `GEN_FRAME` (every time: the pages are recycled by reference, and the
 //!   receiver rewrites them in place), spreads the frames over `GEN[1]` flows by writing a
@@ -109,6 +113,57 @@ pub fn lab_sink(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// [TCP SYNs seen, bpf_ktime_get_ns of the last one] for `lab_syn`.
+#[btf_map]
+static SYNS: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// `lab_syn` counts only SYNs from this IPv4 source (as its 4 header bytes; 0: any).
+#[btf_map]
+static SYN_FROM: Array<u32, 1> = Array::new();
+
+#[xdp]
+pub fn lab_syn(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // Ethernet, IPv4 (any header length), TCP: the flags byte is at 13 in the TCP header.
+    if data + 14 + 20 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let eth = data as *const u8;
+    let (ethertype, vihl, protocol) = unsafe {
+        (
+            u16::from_be_bytes([*eth.add(12), *eth.add(13)]),
+            *eth.add(14),
+            *eth.add(14 + 9),
+        )
+    };
+    if ethertype != 0x0800 || protocol != 6 {
+        return xdp_action::XDP_PASS;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if !(20..=60).contains(&ihl) {
+        return xdp_action::XDP_PASS;
+    }
+    let flags_at = data + 14 + ihl + 13;
+    if flags_at + 1 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let flags = unsafe { *(flags_at as *const u8) };
+    let from = SYN_FROM.get(0).copied().unwrap_or(0);
+    let saddr =
+        unsafe { u32::from_ne_bytes([*eth.add(26), *eth.add(27), *eth.add(28), *eth.add(29)]) };
+    // SYN without ACK: a new connection.
+    if flags & 0x12 == 0x02
+        && (from == 0 || from == saddr)
+        && let Some(c) = SYNS.get_ptr_mut(0)
+    {
+        unsafe {
+            (*c)[0] += 1;
+            (*c)[1] = aya_ebpf::helpers::bpf_ktime_get_ns();
+        }
+    }
+    xdp_action::XDP_PASS
 }
 
 #[xdp]

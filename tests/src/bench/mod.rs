@@ -2,33 +2,60 @@
 //! baseline side by side in one run, on this machine, and `report` writes the figures with the
 //! machine and the command into `docs/benchmarks.md`. Nothing here asserts on time.
 
+pub mod health;
 pub mod maglev;
 pub mod packet;
 pub mod report;
 pub mod throughput;
 
-/// Runs the benchmarks (all, or the one named by `only`: `maglev`, `packet`, `throughput`)
-/// and returns the report as Markdown. The per-packet benchmark runs three times, because this
+/// The benchmarks `--only` can name.
+pub const NAMES: [&str; 5] = ["packet", "maglev", "throughput", "prune", "probes"];
+
+/// Runs the benchmarks (all, or the one named by `only`) and returns the report as Markdown:
+/// the whole document, or, with `only` and a `previous` document, that document with the
+/// sections just measured replaced. The per-packet benchmark runs three times, because this
 /// kind of machine varies from run to run.
-pub fn run_all(quick: bool, command: &str, only: Option<&str>) -> String {
-    let machine = report::Machine::read();
+pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<&str>) -> String {
+    let m = report::Machine::read();
     let wanted = |name: &str| only.is_none_or(|o| o == name);
-    let mut mag = Vec::new();
-    if wanted("maglev") {
-        eprintln!("bench: Maglev builds");
-        mag = maglev::run(quick);
-    }
-    let mut packets = Vec::new();
+    let mut sections = Vec::new();
     if wanted("packet") {
         eprintln!("bench: per-packet cost");
-        packets = (0..if quick { 1 } else { 3 })
+        let packets: Vec<_> = (0..if quick { 1 } else { 3 })
             .map(|_| packet::run(quick))
             .collect();
+        sections.push(report::packet_section(&m, command, &packets));
     }
-    let mut tput = Vec::new();
+    if wanted("maglev") {
+        eprintln!("bench: Maglev builds");
+        sections.push(report::maglev_section(&m, command, &maglev::run(quick)));
+    }
     if wanted("throughput") {
         eprintln!("bench: throughput");
-        tput = throughput::run(quick);
+        sections.push(report::throughput_section(
+            &m,
+            command,
+            &throughput::run(quick),
+        ));
     }
-    report::markdown(&machine, command, &packets, &mag, &tput)
+    if wanted("prune") {
+        eprintln!("bench: health checks, time to prune");
+        sections.push(report::prune_section(
+            &m,
+            command,
+            &health::run_prune(quick),
+        ));
+    }
+    if wanted("probes") {
+        eprintln!("bench: health checks, probe cost");
+        sections.push(report::probe_cost_section(
+            &m,
+            command,
+            &health::run_cpu(quick),
+        ));
+    }
+    match (only, previous) {
+        (Some(_), Some(doc)) => report::splice(doc, &sections),
+        _ => report::head() + &sections.concat(),
+    }
 }

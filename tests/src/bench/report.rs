@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{maglev, packet, throughput};
+use super::{health, maglev, packet, throughput};
 
 pub struct Machine {
     pub cpu: String,
@@ -51,28 +51,31 @@ fn target(name: &str) -> &'static str {
     }
 }
 
-pub fn markdown(
-    m: &Machine,
-    command: &str,
-    packets: &[packet::Report],
-    mag: &[maglev::Row],
-    tput: &[throughput::Row],
-) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# Benchmarks\n");
-    let _ = writeln!(
-        s,
-        "Measured on {} by `{command}` (as root). Machine: {} × {}, Linux {}. \
-         Every figure is measured side by side with its baseline in the same run. \
-         This machine is a shared VM: repeated runs of the per-packet benchmark differ by up to \
-         ±40%, so read the figures as orders of magnitude and ratios.\n",
-        m.date, m.cores, m.cpu, m.kernel
-    );
+/// The document's head.
+pub fn head() -> String {
+    "# Benchmarks\n\n\
+     Every figure is measured side by side with its baseline in the same run, by the command each \
+     section names (as root), on the machine it names. These machines are shared VMs: repeated \
+     runs differ by up to ±40%, so read the figures as orders of magnitude and ratios. \
+     `scripts/bench --only NAME` reruns one section and leaves the others as they are.\n\n"
+        .to_string()
+}
 
+/// The line that says where and how a section was measured.
+fn provenance(m: &Machine, command: &str) -> String {
+    format!(
+        "Measured on {} by `{command}` on {} × {}, Linux {}.\n\n",
+        m.date, m.cores, m.cpu, m.kernel
+    )
+}
+
+pub fn packet_section(m: &Machine, command: &str, packets: &[packet::Report]) -> String {
+    let mut s = String::new();
     let _ = writeln!(
         s,
         "## Per-packet cost of the XDP program (BPF_PROG_TEST_RUN)\n"
     );
+    s.push_str(&provenance(m, command));
     let _ = writeln!(
         s,
         "`repeat=N` would run the program N times on its own rewritten output, so each iteration \
@@ -115,7 +118,13 @@ pub fn markdown(
         );
     }
 
+    s
+}
+
+pub fn maglev_section(m: &Machine, command: &str, mag: &[maglev::Row]) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "## Maglev table build\n");
+    s.push_str(&provenance(m, command));
     let _ = writeln!(
         s,
         "weir's two-phase fill (first reach, then exact shares; see `lb-agent/src/maglev`) against \
@@ -140,7 +149,13 @@ pub fn markdown(
         "\nTarget: M=65537 with 1000 backends in ≤ 1 ms; ≤ 1% disruption.\n"
     );
 
+    s
+}
+
+pub fn throughput_section(m: &Machine, command: &str, tput: &[throughput::Row]) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "## Throughput through the LB node (netns lab)\n");
+    s.push_str(&provenance(m, command));
     let _ = writeln!(
         s,
         "One generator (`lab_tx`, BPF_PROG_TEST_RUN live frames on one core, 64-byte UDP frames \
@@ -198,4 +213,184 @@ pub fn markdown(
         "\nTarget: weir ≥ 4× iptables and ≥ 3× nftables, flat from 1 to 30k services."
     );
     s
+}
+
+pub fn prune_section(m: &Machine, command: &str, prune: &[health::PruneRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Health checks: time to prune a dead backend\n");
+    s.push_str(&provenance(m, command));
+    let _ = writeln!(
+        s,
+        "The lab's service `web` over three backends, checked by `http GET /healthz`. The client \
+         opens new TCP connections to the VIP without pause; `lab_syn` on backend b1's interface \
+         notes the time of every SYN that reaches b1 (before b1's own stack and firewall). Each \
+         trial fails b1 at a random point of the probe cycle — its server SIGKILLed, or an \
+         nftables rule in b1's namespace dropping everything — and measures from that moment to \
+         the last new flow that reached b1. \"API\" is when `/api/v1/services` first showed b1 \
+         down (polled every 5 ms). Then b1 is repaired and the next trial starts once weir has it \
+         back.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| check profile | failure | trials | p50 | p99 | max | API p50 | new flows/s |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+    for r in prune {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} |",
+            r.profile,
+            r.failure.name(),
+            r.prune_ms.len(),
+            health::percentile(&r.prune_ms, 50.0),
+            health::percentile(&r.prune_ms, 99.0),
+            r.prune_ms.iter().copied().fold(0.0, f64::max),
+            health::percentile(&r.detect_ms, 50.0),
+            r.flows_per_s
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nWith fewer than 100 trials, p99 is the largest trial but one or the largest \
+         (nearest rank). Target: fast profile p99 ≤ 500 ms.\n"
+    );
+    let _ = writeln!(
+        s,
+        "The baseline: what the same failures cost without weir's checks, from the defaults of \
+         the components (configuration, not measured here: no Kubernetes runs on these \
+         machines).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| without weir | a dead backend keeps getting new flows for |"
+    );
+    let _ = writeln!(s, "|---|---|");
+    for (what, time) in [
+        (
+            "kube-proxy behind MetalLB, pod hung or black-holed: readiness probe defaults \
+             (`periodSeconds` 10, `failureThreshold` 3)",
+            "20–30 s, plus the EndpointSlice update and the kube-proxy sync",
+        ),
+        (
+            "kube-proxy behind MetalLB, node lost (power, kernel panic): \
+             `node-monitor-grace-period` 40 s, then its endpoints turn not ready",
+            "~40–50 s",
+        ),
+        (
+            "LoxiLB with its default probe (`probetimeout` 60 s, `proberetries` 2)",
+            "60–120 s",
+        ),
+        ("Cilium (no active backend checks)", "as kube-proxy"),
+    ] {
+        let _ = writeln!(s, "| {what} | {time} |");
+    }
+    s.push('\n');
+    s
+}
+
+pub fn probe_cost_section(m: &Machine, command: &str, cpu: &[health::CpuRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Health checks: probe cost\n");
+    s.push_str(&provenance(m, command));
+    let _ = writeln!(
+        s,
+        "The agent checking 1000 backends (1000 addresses of one namespace behind the LB node) \
+         every 100 ms, that is 10 000 probes a second: the agent's CPU time (user + system from \
+         `/proc/PID/stat`, which includes the kernel's work on the packets its sockets send and \
+         receive) over the measurement window, beside the same agent and backends with no \
+         checks. The veth pair's receive processing runs on NAPI threads, as a NIC's runs in \
+         its interrupt's context; without that, a veth would process the backends' side of \
+         every probe inside the agent's system calls. TCP probes connect and close with a \
+         reset; HTTP probes make a new connection each (a thread-per-connection server \
+         answers).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| check | backends (passing) | interval | probes/s done | agent CPU (user + system) | agent without checks | baseline: same probes by |"
+    );
+    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|---|");
+    for r in cpu {
+        let _ = writeln!(
+            s,
+            "| {} | {} ({}) | {} | {:.0} | {:.1}% of a core ({:.1} + {:.1}) | {:.1}% | {} |",
+            r.check,
+            r.backends,
+            r.passing,
+            r.interval,
+            r.probes_per_s,
+            r.user_percent + r.system_percent,
+            r.user_percent,
+            r.system_percent,
+            r.idle_percent,
+            r.baseline.map_or("—".to_string(), |(name, cpu)| format!(
+                "{name}: {cpu:.1}%"
+            ))
+        );
+    }
+    let _ = writeln!(s, "\nTarget: under 5% of one core.\n");
+    s
+}
+
+/// `doc` with each of `sections` (each starting with its `## ` title) in place of the section
+/// of the same title, or appended when it has none.
+pub fn splice(doc: &str, sections: &[String]) -> String {
+    // (title, text) of each section of `doc`, in order.
+    let mut parts: Vec<(String, String)> = Vec::new();
+    for line in doc.split_inclusive('\n') {
+        if line.starts_with("## ") {
+            parts.push((line.trim_end().to_string(), String::new()));
+        }
+        if let Some(last) = parts.last_mut() {
+            last.1.push_str(line);
+        }
+    }
+    for new in sections {
+        for section in split_sections(new) {
+            let title = section.lines().next().unwrap_or_default().to_string();
+            match parts.iter_mut().find(|(t, _)| *t == title) {
+                Some(p) => p.1 = section,
+                None => parts.push((title, section)),
+            }
+        }
+    }
+    let mut out = head();
+    for (_, text) in parts {
+        out.push_str(&text);
+    }
+    out
+}
+
+/// A text of several `## ` sections, one string each.
+fn split_sections(text: &str) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("## ") || v.is_empty() {
+            v.push(String::new());
+        }
+        if let Some(last) = v.last_mut() {
+            last.push_str(line);
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_the_named_sections() {
+        let doc = format!("{}## A\n\nold a\n\n## B\n\nold b\n", head());
+        let out = splice(
+            &doc,
+            &["## B\n\nnew b\n".into(), "## C\n\nc\n## D\n\nd\n".into()],
+        );
+        assert_eq!(
+            out,
+            format!(
+                "{}## A\n\nold a\n\n## B\n\nnew b\n## C\n\nc\n## D\n\nd\n",
+                head()
+            )
+        );
+    }
 }

@@ -93,7 +93,7 @@ fn ticks_follow_the_phase_and_skip_missed_ones() {
 #[tokio::test]
 async fn rise_and_fall_drive_the_events() {
     let (addr, server) = listen("127.0.0.1:0").await;
-    let (mut monitor, mut rx) = Monitor::new(Arc::default(), 16);
+    let (mut monitor, mut rx) = Monitor::new(Arc::default(), 16).unwrap();
     let k = key(addr, "{type: tcp, interval: 50ms, rise: 2, fall: 3}");
     let report = monitor.start(&wanted(&[&k]));
     assert_eq!(
@@ -154,7 +154,7 @@ async fn a_hanging_target_does_not_delay_the_others() {
         keys.push(key(a, "{type: tcp, interval: 50ms}"));
     }
     let slow = key(hang_addr, "{type: http, interval: 200ms, timeout: 200ms}");
-    let (mut monitor, mut rx) = Monitor::new(Arc::default(), 16);
+    let (mut monitor, mut rx) = Monitor::new(Arc::default(), 16).unwrap();
     let mut all: Vec<&CheckKey> = keys.iter().collect();
     all.push(&slow);
     monitor.start(&wanted(&all));
@@ -187,7 +187,7 @@ async fn a_hanging_target_does_not_delay_the_others() {
 #[tokio::test]
 async fn a_changed_spec_keeps_the_targets_state() {
     let (addr, _server) = listen("127.0.0.1:0").await;
-    let (mut monitor, mut rx) = Monitor::new(Arc::default(), 16);
+    let (mut monitor, mut rx) = Monitor::new(Arc::default(), 16).unwrap();
     let old = key(addr, "{type: tcp, interval: 50ms}");
     monitor.start(&wanted(&[&old]));
     assert_eq!(next_event(&mut rx).await.to, Health::Up);
@@ -217,7 +217,7 @@ async fn a_changed_spec_keeps_the_targets_state() {
 async fn probes_are_measured_per_service() {
     let (addr, _server) = listen("127.0.0.1:0").await;
     let metrics = Arc::new(HealthMetrics::default());
-    let (mut monitor, mut rx) = Monitor::new(metrics.clone(), 16);
+    let (mut monitor, mut rx) = Monitor::new(metrics.clone(), 16).unwrap();
     let k = key(addr, "{type: tcp, interval: 50ms}");
     let users = vec![
         CheckUser {

@@ -72,14 +72,17 @@ impl Prober {
                     .get_or_try_init(|| async { sctp::Initiator::open(target.is_ipv4()) })
                     .await
                     .map_err(|e| Failure::io("opening the SCTP raw socket", &e))?;
-                initiator.probe(target).await
+                Box::pin(initiator.probe(target)).await
             }
-            CheckKind::Tcp => tcp::probe(target, probe).await,
-            CheckKind::Udp => udp::probe(target, probe).await,
-            CheckKind::Http => http::probe(target, probe, None).await,
+            // Boxed: these futures are large (an HTTP client, a TLS handshake), and an unboxed
+            // one would make every probe's future as large as the largest, to be allocated
+            // and moved on every probe.
+            CheckKind::Tcp => Box::pin(tcp::probe(target, probe)).await,
+            CheckKind::Udp => Box::pin(udp::probe(target, probe)).await,
+            CheckKind::Http => Box::pin(http::probe(target, probe, None)).await,
             CheckKind::Https => {
                 let config = self.tls.get(probe.ca_file.as_deref())?;
-                http::probe(target, probe, Some(config)).await
+                Box::pin(http::probe(target, probe, Some(config))).await
             }
         }
     }

@@ -409,3 +409,13 @@ async fn tcp_probes_leave_no_time_wait_behind() {
     assert_eq!(time_wait, 0, "{tcp}");
     let _ = TcpStream::connect(up).await.unwrap();
 }
+
+#[test]
+fn a_probe_future_stays_small() {
+    // Every probe allocates its future: the large checkers are boxed behind it.
+    let prober = Prober::new();
+    let p = probe("type: ping");
+    let target: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let size = std::mem::size_of_val(&prober.probe(target, &p));
+    assert!(size <= 1024, "{size} bytes");
+}
