@@ -1,9 +1,12 @@
-//! weir's agent: it loads the XDP/TC data plane, programs it from a desired state (the
-//! standalone config file), and serves the admin API.
+//! weir's agent: it loads the XDP/TC data plane, probes the backends, programs the data plane
+//! from a desired state (the standalone config file) and the probes' results, and serves the
+//! admin API.
 //!
-//! The pipeline: `config` (the one place that reads files) → `model` (pure desired state) →
-//! `maglev` (pure table builder) → `dataplane` (diffing programmer, aya maps, in-memory fake);
-//! `api` serves readiness; `app` runs it all.
+//! The pipeline: `config` (the one place that reads config files) → `model` (pure desired
+//! state) → `health` (checkers and their scheduler; `health::effective` applies their results
+//! to the model) → `maglev` (pure table builder) → `dataplane` (diffing programmer, aya maps,
+//! in-memory fake). `status` is the published view of what is programmed, which `api` and
+//! `metrics` read; `app` runs it all.
 
 pub mod api;
 pub mod app;

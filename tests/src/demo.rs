@@ -47,6 +47,36 @@ fn share(results: &[String]) -> String {
         .join(", ")
 }
 
+/// Backend `b` of service web as the admin API shows it: state and last failure.
+fn health(agent: &Agent, lab: &Lab, b: SocketAddr) -> String {
+    let v = agent.services(&lab.lb);
+    let e = crate::agent::backend_entry(&v, "web", b);
+    format!(
+        "{} ({})",
+        e["state"].as_str().unwrap_or("?"),
+        e["last_failure"]["detail"]
+            .as_str()
+            .unwrap_or("no failure yet")
+    )
+}
+
+/// Waits until backend `b` of web is in `state`; the time since `since`.
+fn wait_state(
+    agent: &Agent,
+    lab: &Lab,
+    b: SocketAddr,
+    state: &str,
+    since: std::time::Instant,
+) -> Result<Duration, String> {
+    while since.elapsed() < Duration::from_secs(30) {
+        if health(agent, lab, b).starts_with(state) {
+            return Ok(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(format!("{b} not {state} within 30 s"))
+}
+
 pub fn run(hold: bool) -> Result<(), String> {
     // SAFETY: the handler only stores to an atomic.
     unsafe {
@@ -120,11 +150,39 @@ pub fn run(hold: bool) -> Result<(), String> {
         println!("== /api/v1/status: {}", status.trim());
     }
 
+    // Health checks: web is checked with GET /healthz every 100 ms, fall 3.
+    let b2: SocketAddr = format!("{}:8080", lab.backends[1].v4)
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    println!(
+        "== health of b2 in service web: {}",
+        health(&agent, &lab, b2)
+    );
+    println!("== killing b2's server (SIGKILL)");
+    let killed = std::time::Instant::now();
+    lab.kill_server(1);
+    let took = wait_state(&agent, &lab, b2, "down", killed)?;
+    println!(
+        "   weir took b2 out of rotation after {} ms: {}",
+        took.as_millis(),
+        health(&agent, &lab, b2)
+    );
+    let got = gets(&lab, web, 30);
+    println!("== 30 GETs to http://{web}/ without b2");
+    println!("   {}", share(&got));
+    lab.start_server(&me, 1);
+    let back = wait_state(&agent, &lab, b2, "up", killed)?;
+    println!(
+        "== b2's server restarted: back in rotation {} ms after the kill (rise 2)",
+        back.as_millis()
+    );
+
     if hold {
         println!(
-            "\nThe lab is up. Try, from another shell:\n  ip netns exec {} curl -s http://{VIP_V4}/\n  ip netns exec {} curl -s 'http://[{VIP_V6}]/'\n  ip netns exec {} curl -s http://127.0.0.1:9300/readyz\nThe agent's log: {}\nCtrl-C removes everything.",
+            "\nThe lab is up. Try, from another shell:\n  ip netns exec {} curl -s http://{VIP_V4}/\n  ip netns exec {} curl -s 'http://[{VIP_V6}]/'\n  ip netns exec {} curl -s http://127.0.0.1:9300/api/v1/services\n  ip netns exec {} curl -s http://127.0.0.1:9300/metrics\nThe agent's log: {}\nCtrl-C removes everything.",
             lab.client.name(),
             lab.client.name(),
+            lab.lb.name(),
             lab.lb.name(),
             agent.log.display()
         );

@@ -33,12 +33,13 @@ impl LabXdp {
         })
     }
 
-    /// Makes `lab_syn` count only SYNs from `source`.
-    pub fn syns_from(&mut self, source: std::net::Ipv4Addr) {
-        let mut m: aya::maps::Array<_, u32> =
+    /// Makes `lab_syn` count only SYNs from `prefix`.
+    pub fn syns_from(&mut self, prefix: ipnet::Ipv4Net) {
+        let mut m: aya::maps::Array<_, [u32; 2]> =
             aya::maps::Array::try_from(self.ebpf.map_mut("SYN_FROM").expect("SYN_FROM map"))
                 .expect("array");
-        m.set(0, u32::from_ne_bytes(source.octets()), 0)
+        let word = |a: std::net::Ipv4Addr| u32::from_ne_bytes(a.octets());
+        m.set(0, [word(prefix.network()), word(prefix.netmask())], 0)
             .expect("SYN_FROM[0]");
     }
 

@@ -179,7 +179,7 @@ enum Command {
         shared: Arc<Shared>,
         probe_now: bool,
     },
-    Remove(CheckKey),
+    Remove(Box<CheckKey>),
 }
 
 pub struct Monitor {
@@ -274,7 +274,7 @@ impl Monitor {
             .collect();
         for key in &gone {
             self.checks.remove(key);
-            let _ = self.commands.send(Command::Remove(key.clone()));
+            let _ = self.commands.send(Command::Remove(Box::new(key.clone())));
         }
         gone.len()
     }
@@ -407,7 +407,7 @@ impl Scheduler {
                 );
             }
             Command::Remove(key) => {
-                if let Some(id) = self.ids.remove(&key) {
+                if let Some(id) = self.ids.remove(&*key) {
                     // A probe in flight finds its check gone and is dropped.
                     self.checks.remove(&id);
                 }

@@ -4,7 +4,7 @@
 //!   XDP_TX when it runs an XDP program itself, and a kernel-stack baseline needs the same.
 //! - `lab_sink`: counts frames and bytes (per CPU) and drops them: the receiver of the
 //!   throughput benchmark.
-//! - `lab_syn`: counts TCP SYNs (new connections; from one source address, if `SYN_FROM` is
+//! - `lab_syn`: counts TCP SYNs (new connections; from one source prefix, if `SYN_FROM` is
 //!   set) and notes the time of the last one
 //!   (`bpf_ktime_get_ns`, CLOCK_MONOTONIC), then lets everything through: what a backend
 //!   received, measured before its own stack (and its firewall) sees it.
@@ -119,9 +119,10 @@ pub fn lab_sink(ctx: XdpContext) -> u32 {
 #[btf_map]
 static SYNS: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
 
-/// `lab_syn` counts only SYNs from this IPv4 source (as its 4 header bytes; 0: any).
+/// `lab_syn` counts only SYNs whose IPv4 source, masked with `[1]`, is `[0]` (as header bytes;
+/// zeros: any).
 #[btf_map]
-static SYN_FROM: Array<u32, 1> = Array::new();
+static SYN_FROM: Array<[u32; 2], 1> = Array::new();
 
 #[xdp]
 pub fn lab_syn(ctx: XdpContext) -> u32 {
@@ -150,12 +151,12 @@ pub fn lab_syn(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let flags = unsafe { *(flags_at as *const u8) };
-    let from = SYN_FROM.get(0).copied().unwrap_or(0);
+    let [from, mask] = SYN_FROM.get(0).copied().unwrap_or([0, 0]);
     let saddr =
         unsafe { u32::from_ne_bytes([*eth.add(26), *eth.add(27), *eth.add(28), *eth.add(29)]) };
     // SYN without ACK: a new connection.
     if flags & 0x12 == 0x02
-        && (from == 0 || from == saddr)
+        && saddr & mask == from
         && let Some(c) = SYNS.get_ptr_mut(0)
     {
         unsafe {

@@ -20,7 +20,8 @@ use crate::health::state::{Failure, FailureKind};
 
 const MAGIC: &[u8; 4] = b"weir";
 
-type Waiters = Mutex<HashMap<(IpAddr, u32), oneshot::Sender<Result<(), Failure>>>>;
+type WaiterMap = HashMap<(IpAddr, u32), oneshot::Sender<Result<(), Failure>>>;
+type Waiters = Mutex<WaiterMap>;
 
 pub struct Pinger {
     socket: Arc<AsyncFd<Socket>>,
@@ -48,9 +49,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-fn lock(
-    w: &Waiters,
-) -> std::sync::MutexGuard<'_, HashMap<(IpAddr, u32), oneshot::Sender<Result<(), Failure>>>> {
+fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
 

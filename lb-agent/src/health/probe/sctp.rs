@@ -30,7 +30,9 @@ const PORTS: std::ops::Range<u32> = 32768..61000;
 
 /// What came back for a probe: the peer's initiate tag (INIT-ACK) or an ABORT.
 type Answer = Result<u32, Failure>;
-type Waiters = Mutex<HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Answer>)>>;
+/// (peer, our port) → (its port, our tag, the probe waiting).
+type WaiterMap = HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Answer>)>;
+type Waiters = Mutex<WaiterMap>;
 
 pub struct Initiator {
     socket: Arc<AsyncFd<Socket>>,
@@ -46,9 +48,7 @@ impl Drop for Initiator {
     }
 }
 
-fn lock(
-    w: &Waiters,
-) -> std::sync::MutexGuard<'_, HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Answer>)>> {
+fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -91,10 +91,10 @@ impl Initiator {
             loop {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 let port = (PORTS.start + n % (PORTS.end - PORTS.start)) as u16;
-                if !w.contains_key(&(ip, port)) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = w.entry((ip, port)) {
                     let tag = (self.random.hash_one(n) as u32).max(1);
                     let (tx, rx) = oneshot::channel();
-                    w.insert((ip, port), (target.port(), tag, tx));
+                    slot.insert((target.port(), tag, tx));
                     break (port, tag, rx, (ip, port));
                 }
                 attempt += 1;

@@ -205,7 +205,8 @@ fn weir_annotations_win_over_aliases() {
 
 #[test]
 fn bad_annotations_name_the_annotation() {
-    let cases: &[(&[(&str, &str)], &[&str])] = &[
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
         (
             &[("weir.dev/health-check", "gopher")],
             &["weir.dev/health-check"],
