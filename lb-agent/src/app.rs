@@ -19,15 +19,17 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, ApiState},
     config::{Config, Source},
-    dataplane::{ApplyError, ApplyReport, Programmer, ebpf::Datapath},
+    dataplane::{ApplyError, ApplyReport, ProgrammedService, Programmer, ebpf::Datapath},
     health::{
         self, CheckUser, HealthMode,
         monitor::{CheckEvent, CheckKey, MAX_CONCURRENT_PROBES, Monitor},
         state::Health,
     },
-    metrics::Metrics,
+    dataplane::inspect::Inspect,
+    metrics::{AttachLabels, Metrics},
     model::DesiredState,
     status::{BackendStatus, ServiceStatus, Snapshot},
+    traffic::{self, Traffic},
 };
 
 /// How often the config file is compared with what was last loaded.
@@ -54,21 +56,38 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("admin.listen {}", config.admin.listen))?;
     let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
-    let metrics = Arc::new(Metrics::new(snapshot.subscribe()));
-    let state = ApiState::new(snapshot.subscribe(), metrics.clone());
+    let traffic = watch::Sender::new(Arc::new(Traffic::default()));
+    let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
+    let mut state = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
+
+    let mut datapath = Datapath::load(&config.dataplane).context("loading the data plane")?;
+    let inspector: Arc<dyn Inspect> = Arc::new(
+        datapath
+            .maps
+            .inspector()
+            .context("opening the data plane's maps for reading")?,
+    );
+    state.inspector = Some(inspector.clone());
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = tokio::spawn(api::serve(listener, state.clone(), async {
         let _ = api_stopped.await;
     }));
     info!(listen = %config.admin.listen, "admin API listening");
-
-    let mut datapath = Datapath::load(&config.dataplane).context("loading the data plane")?;
     for iface in &config.node.interfaces {
         // On error, dropping `datapath` detaches what was attached so far.
         let mode = datapath.attach(iface, config.node.xdp_mode)?;
+        metrics
+            .agent
+            .attached
+            .get_or_create(&AttachLabels {
+                interface: iface.clone(),
+                mode: mode.as_str(),
+            })
+            .set(1);
         info!(iface = %iface, mode = mode.as_str(), "XDP ingress and TC egress attached");
     }
     state.readiness.attached.store(true, Ordering::Release);
+    let sampler = tokio::spawn(traffic::sample(inspector, snapshot.subscribe(), traffic));
 
     let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES)
         .context("starting the health-check thread")?;
@@ -81,7 +100,7 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
         fingerprint,
         datapath,
         monitor,
-        metrics,
+        metrics: metrics.clone(),
         snapshot,
         programmed: DesiredState::default(),
         modes: BTreeMap::new(),
@@ -103,12 +122,13 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
                 }
             }
             Some(event) = events.recv() => {
+                let since = Instant::now();
                 agent.note_event(&event);
                 // Take every change that is already waiting, then program once.
                 while let Ok(event) = events.try_recv() {
                     agent.note_event(&event);
                 }
-                agent.reprogram("health change");
+                agent.reprogram("health change", since);
             }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
@@ -116,8 +136,10 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
     }
 
     state.readiness.attached.store(false, Ordering::Release);
+    sampler.abort();
     drop(agent.monitor);
     agent.datapath.detach_all();
+    metrics.agent.attached.clear();
     let _ = stop_api.send(());
     match api_task.await {
         Ok(Ok(())) => {}
@@ -181,6 +203,7 @@ impl Agent {
         let report = self
             .program(&desired)
             .context("programming the first state")?;
+        self.metrics.agent.observe_sync("start", started.elapsed());
         info!(
             services = report.added.len(),
             took = ?started.elapsed(),
@@ -210,17 +233,20 @@ impl Agent {
         Ok(report)
     }
 
-    /// Applies health changes to the current config.
-    fn reprogram(&mut self, why: &str) {
+    /// Applies health changes (the first seen at `since`) to the current config.
+    fn reprogram(&mut self, why: &str, since: Instant) {
         let started = std::time::Instant::now();
         let desired = self.current.desired.clone();
         match self.program(&desired) {
-            Ok(r) if r.changed() => info!(
-                reason = why,
-                updated = ?r.updated,
-                took = ?started.elapsed(),
-                "data plane updated"
-            ),
+            Ok(r) if r.changed() => {
+                self.metrics.agent.observe_sync("health", since.elapsed());
+                info!(
+                    reason = why,
+                    updated = ?r.updated,
+                    took = ?started.elapsed(),
+                    "data plane updated"
+                )
+            }
             Ok(_) => {}
             Err(e) => {
                 error!(reason = why, error = %e, "programming a health change failed; rolling back");
@@ -269,12 +295,18 @@ impl Agent {
 
     /// Publishes what is programmed, for the API and the metrics.
     fn publish(&self) {
+        let ids: HashMap<&str, &ProgrammedService> = self
+            .programmer
+            .services()
+            .map(|p| (p.spec.name.as_str(), p))
+            .collect();
         let services = self
             .programmed
             .services
             .iter()
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
+                id: ids.get(s.name.as_str()).map_or(0, |p| p.id),
                 vip: s.frontend.vip,
                 port: s.frontend.port,
                 protocol: s.frontend.protocol,
@@ -294,6 +326,10 @@ impl Agent {
                             .map(|k| self.states.get(k).copied().unwrap_or(Health::Unknown));
                         BackendStatus {
                             addr: b.addr,
+                            id: ids
+                                .get(s.name.as_str())
+                                .and_then(|p| p.backends.get(&b.addr))
+                                .map_or(0, |pb| pb.id),
                             weight: b.weight,
                             healthy: state.is_none_or(|h| h == Health::Up),
                             state,
@@ -309,6 +345,7 @@ impl Agent {
 
     /// Loads the config again and applies the difference; a refused config changes nothing.
     fn reload(&mut self, why: &str) {
+        let started = std::time::Instant::now();
         let new = match self.source.load_with_fingerprint() {
             Ok((c, fingerprint)) => {
                 self.fingerprint = fingerprint;
@@ -335,13 +372,13 @@ impl Agent {
                 .note_config(Err(format!("{field} only changes with a restart")));
             return;
         }
-        let started = std::time::Instant::now();
         // New checks start first (a changed check keeps its target's state); the checks the
         // new config drops stop only once it is programmed, so a failure can roll back.
         let checks = health::wanted_checks(&new.desired);
         let started_checks = self.monitor.start(&checks);
         match self.program(&new.desired) {
             Ok(r) => {
+                self.metrics.agent.observe_sync("config", started.elapsed());
                 let stopped = self.monitor.retain(&checks);
                 info!(
                     reason = why,

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod health;
@@ -17,3 +18,4 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod status;
+pub mod traffic;

@@ -32,6 +32,12 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Show a running agent's services: backends, weights, health, traffic totals and rates.
+    Status {
+        /// The agent's admin API (`admin.listen` of its config).
+        #[arg(long, default_value = "127.0.0.1:9300")]
+        admin: std::net::SocketAddr,
+    },
 }
 
 fn source(path: Option<PathBuf>) -> Source {
@@ -58,6 +64,28 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { admin } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(lb_agent::cli::services(admin)) {
+                Ok(services) => {
+                    print!("{}", lb_agent::cli::render(&services));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lb-agent status: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -4,11 +4,13 @@
 //! it, so they never show a state the data plane does not have yet.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
-use serde::Serialize;
+use lb_common::drop_reason;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     health::{
@@ -17,6 +19,7 @@ use crate::{
         state::Health,
     },
     model::Protocol,
+    traffic::{Counters, Rates, ServiceTraffic, Traffic},
 };
 
 #[derive(Clone, Debug, Default)]
@@ -27,6 +30,8 @@ pub struct Snapshot {
 #[derive(Clone, Debug)]
 pub struct ServiceStatus {
     pub name: String,
+    /// The data plane's id (its counters' index).
+    pub id: u32,
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
@@ -49,6 +54,8 @@ impl ServiceStatus {
 #[derive(Clone, Debug)]
 pub struct BackendStatus {
     pub addr: SocketAddr,
+    /// The data plane's id (its counters' index).
+    pub id: u32,
     pub weight: u32,
     /// Passes its check (or the service has none).
     pub healthy: bool,
@@ -67,45 +74,62 @@ impl BackendStatus {
     }
 }
 
-/// `/api/v1/services`.
-#[derive(Serialize)]
+/// `/api/v1/services`; also what `lb-agent status` reads.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ServicesJson {
     pub services: Vec<ServiceJson>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ServiceJson {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
-    pub health_check: Option<&'static str>,
+    pub health_check: Option<String>,
     /// unchecked | checked | pending | fail_open | fail_closed
     pub health: HealthMode,
     pub backends: Vec<BackendJson>,
+    /// From the last traffic sample (absent before the first).
+    #[serde(default)]
+    pub traffic: Option<TrafficJson>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BackendJson {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub healthy: bool,
     /// up | down | unknown | unchecked
-    pub state: &'static str,
+    pub state: String,
     pub in_rotation: bool,
     /// RFC 3339, when the check entered its state.
     pub since: Option<String>,
     pub probes: Option<u64>,
     pub last_probe_ms: Option<f64>,
     pub last_failure: Option<FailureJson>,
+    #[serde(default)]
+    pub traffic: Option<TrafficJson>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FailureJson {
-    pub reason: &'static str,
+    pub reason: String,
     pub detail: String,
     pub at: String,
+}
+
+/// Totals since the agent started serving the service (or backend), and per-second rates
+/// over the last sampling period.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrafficJson {
+    #[serde(flatten)]
+    pub totals: Counters,
+    pub rates: Rates,
+    /// Drops by reason, only the reasons that happened (services only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drops: BTreeMap<String, u64>,
 }
 
 fn rfc3339(t: std::time::SystemTime) -> String {
@@ -115,7 +139,7 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 impl From<&LastFailure> for FailureJson {
     fn from(f: &LastFailure) -> Self {
         Self {
-            reason: f.kind.as_str(),
+            reason: f.kind.as_str().to_string(),
             detail: f.detail.clone(),
             at: rfc3339(f.at),
         }
@@ -123,45 +147,186 @@ impl From<&LastFailure> for FailureJson {
 }
 
 impl Snapshot {
-    pub fn to_json(&self) -> ServicesJson {
+    /// The API's view, with the traffic of `traffic` (a sample taken for this snapshot or an
+    /// earlier one: series are matched by name and address).
+    pub fn to_json(&self, traffic: &Traffic) -> ServicesJson {
         ServicesJson {
             services: self
                 .services
                 .iter()
-                .map(|s| ServiceJson {
-                    name: s.name.clone(),
-                    vip: s.vip,
-                    port: s.port,
-                    protocol: s.protocol,
-                    health_check: s.check,
-                    health: s.mode,
-                    backends: s
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            let live = b.check.as_ref().map(|c| c.status());
-                            BackendJson {
-                                address: b.addr.ip(),
-                                port: b.addr.port(),
-                                weight: b.weight,
-                                healthy: b.healthy,
-                                state: b.state.map_or("unchecked", Health::as_str),
-                                in_rotation: b.in_rotation,
-                                since: live.as_ref().and_then(|l| l.since).map(rfc3339),
-                                probes: live.as_ref().map(|l| l.probes),
-                                last_probe_ms: live
-                                    .as_ref()
-                                    .filter(|l| l.probes > 0)
-                                    .map(|l| l.last_duration.as_secs_f64() * 1000.0),
-                                last_failure: live
-                                    .as_ref()
-                                    .and_then(|l| l.last_failure.as_ref())
-                                    .map(FailureJson::from),
-                            }
-                        })
-                        .collect(),
+                .map(|s| {
+                    let t = traffic.service(&s.name).filter(|t| {
+                        t.vip == s.vip && t.port == s.port && t.protocol == s.protocol
+                    });
+                    ServiceJson {
+                        name: s.name.clone(),
+                        vip: s.vip,
+                        port: s.port,
+                        protocol: s.protocol,
+                        health_check: s.check.map(str::to_string),
+                        health: s.mode,
+                        traffic: t.map(|t| TrafficJson {
+                            totals: t.totals,
+                            rates: t.rates,
+                            drops: drop_reason::ALL
+                                .iter()
+                                .filter(|c| t.drops[**c as usize] > 0)
+                                .map(|c| {
+                                    (drop_reason::name(*c).to_string(), t.drops[*c as usize])
+                                })
+                                .collect(),
+                        }),
+                        backends: s
+                            .backends
+                            .iter()
+                            .map(|b| backend_json(b, t))
+                            .collect(),
+                    }
                 })
                 .collect(),
+        }
+    }
+}
+
+fn backend_json(b: &BackendStatus, traffic: Option<&ServiceTraffic>) -> BackendJson {
+    let live = b.check.as_ref().map(|c| c.status());
+    BackendJson {
+        address: b.addr.ip(),
+        port: b.addr.port(),
+        weight: b.weight,
+        healthy: b.healthy,
+        state: b.state.map_or("unchecked", Health::as_str).to_string(),
+        in_rotation: b.in_rotation,
+        since: live.as_ref().and_then(|l| l.since).map(rfc3339),
+        probes: live.as_ref().map(|l| l.probes),
+        last_probe_ms: live
+            .as_ref()
+            .filter(|l| l.probes > 0)
+            .map(|l| l.last_duration.as_secs_f64() * 1000.0),
+        last_failure: live
+            .as_ref()
+            .and_then(|l| l.last_failure.as_ref())
+            .map(FailureJson::from),
+        traffic: traffic
+            .and_then(|t| t.backends.iter().find(|x| x.addr == b.addr))
+            .map(|x| TrafficJson {
+                totals: x.totals,
+                rates: x.rates,
+                drops: BTreeMap::new(),
+            }),
+    }
+}
+
+/// Snapshots and traffic samples for tests.
+#[cfg(test)]
+pub mod fixtures {
+    use super::*;
+    use crate::traffic::{BackendTraffic, Counters, Rates, ServiceTraffic, Traffic};
+
+    pub fn backend(addr: &str, id: u32, state: Option<Health>) -> BackendStatus {
+        BackendStatus {
+            addr: addr.parse().unwrap(),
+            id,
+            weight: 1,
+            healthy: state.is_none_or(|h| h == Health::Up),
+            state,
+            in_rotation: state != Some(Health::Down),
+            check: None,
+        }
+    }
+
+    pub fn service(
+        name: &str,
+        id: u32,
+        check: Option<&'static str>,
+        mode: HealthMode,
+        backends: Vec<BackendStatus>,
+    ) -> ServiceStatus {
+        ServiceStatus {
+            name: name.into(),
+            id,
+            vip: "198.18.100.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            check,
+            mode,
+            backends,
+        }
+    }
+
+    /// `web` (http check) over b1 (up, id 1) and b2 (down, id 2); `plain` (no check) over an
+    /// IPv6 backend.
+    pub fn snapshot() -> Snapshot {
+        let mut plain = service(
+            "plain",
+            2,
+            None,
+            HealthMode::Unchecked,
+            vec![backend("[fd00:1::11]:8080", 3, None)],
+        );
+        plain.port = 81;
+        Snapshot {
+            services: vec![
+                service(
+                    "web",
+                    1,
+                    Some("http"),
+                    HealthMode::Checked,
+                    vec![
+                        backend("198.18.1.11:8080", 1, Some(Health::Up)),
+                        backend("198.18.1.12:8080", 2, Some(Health::Down)),
+                    ],
+                ),
+                plain,
+            ],
+        }
+    }
+
+    pub fn counters(packets_in: u64, packets_out: u64, connections: u64) -> Counters {
+        Counters {
+            packets_in,
+            bytes_in: packets_in * 60,
+            packets_out,
+            bytes_out: packets_out * 1000,
+            connections,
+        }
+    }
+
+    /// Traffic for [`snapshot`]: web's b1 carried everything.
+    pub fn traffic() -> Traffic {
+        let mut drops = [0; lb_common::drop_reason::SLOTS];
+        drops[lb_common::drop_reason::NO_BACKEND as usize] = 2;
+        let rates = Rates {
+            packets_in: 12.5,
+            bytes_in: 750.0,
+            packets_out: 10.0,
+            bytes_out: 10_000.0,
+            connections: 2.0,
+        };
+        Traffic {
+            sampled: true,
+            services: vec![ServiceTraffic {
+                name: "web".into(),
+                vip: "198.18.100.10".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                totals: counters(120, 100, 20),
+                rates,
+                drops,
+                backends: vec![
+                    BackendTraffic {
+                        addr: "198.18.1.11:8080".parse().unwrap(),
+                        totals: counters(120, 100, 20),
+                        rates,
+                    },
+                    BackendTraffic {
+                        addr: "198.18.1.12:8080".parse().unwrap(),
+                        totals: Counters::default(),
+                        rates: Rates::default(),
+                    },
+                ],
+            }],
+            ..Traffic::default()
         }
     }
 }

@@ -11,17 +11,20 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State, rejection::QueryRejection},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
+    dataplane::inspect::{self, Inspect, Trace, Via},
     metrics::Metrics,
+    model::Protocol,
     status::{ServicesJson, Snapshot},
+    traffic::Traffic,
 };
 
 /// Readiness latches: ready only when every one is set (linkerd's pattern).
@@ -62,36 +65,61 @@ pub struct ConfigStatus {
     pub last_error: Option<String>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ApiState {
     pub readiness: Readiness,
     pub config: Arc<std::sync::Mutex<ConfigStatus>>,
     /// What is programmed, as last published.
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// The last traffic sample.
+    pub traffic: watch::Receiver<Arc<Traffic>>,
     pub metrics: Arc<Metrics>,
+    /// The data plane, for `/api/v1/lookup` (absent until it is loaded).
+    pub inspector: Option<Arc<dyn Inspect>>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("readiness", &self.readiness)
+            .field("config", &self.config)
+            .field("inspector", &self.inspector.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ApiState {
     fn default() -> Self {
         let snapshot = watch::Sender::new(Arc::default()).subscribe();
-        let metrics = Arc::new(Metrics::new(snapshot.clone()));
-        Self::new(snapshot, metrics)
+        let traffic = watch::Sender::new(Arc::default()).subscribe();
+        let metrics = Arc::new(Metrics::new(snapshot.clone(), traffic.clone()));
+        Self::new(snapshot, traffic, metrics)
     }
 }
 
 impl ApiState {
-    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        traffic: watch::Receiver<Arc<Traffic>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             readiness: Readiness::default(),
             config: Arc::default(),
             snapshot,
+            traffic,
             metrics,
+            inspector: None,
         }
     }
 
-    /// Records the outcome of loading a config: a new generation, or a failure.
+    /// Records the outcome of loading a config: a new generation, or a failure. Every call
+    /// after the first is a reload, counted in the metrics.
     pub fn note_config(&self, result: Result<(), String>) {
         let mut c = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        if c.generation > 0 || c.reload_failures > 0 {
+            self.metrics.agent.reload(result.is_ok());
+        }
         match result {
             Ok(()) => {
                 c.generation += 1;
@@ -111,13 +139,158 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/lookup", get(lookup))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
 async fn services(State(s): State<ApiState>) -> Json<ServicesJson> {
     let snapshot = s.snapshot.borrow().clone();
-    Json(snapshot.to_json())
+    let traffic = s.traffic.borrow().clone();
+    Json(snapshot.to_json(&traffic))
+}
+
+/// `/api/v1/lookup?client=IP:PORT&vip=IP:PORT&protocol=tcp|udp|sctp`.
+#[derive(Debug, Deserialize)]
+struct LookupQuery {
+    client: Option<String>,
+    vip: Option<String>,
+    protocol: Option<String>,
+}
+
+/// The answer to "which backend does this flow go to?".
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct LookupJson {
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    /// forward | drop | pass
+    pub verdict: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// For `drop`: the drop reason's metric label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<SocketAddr>,
+    /// connection | affinity | maglev
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+    /// The Maglev slot within the service's table, for decisions taken from the table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    /// The connection table held the flow on a backend that is gone.
+    pub resteered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_healthy: Option<bool>,
+}
+
+type ApiError = (StatusCode, Json<serde_json::Value>);
+
+fn api_error(code: StatusCode, message: impl std::fmt::Display) -> ApiError {
+    (code, Json(serde_json::json!({ "error": message.to_string() })))
+}
+
+fn parse_endpoint(name: &str, value: Option<&str>) -> Result<SocketAddr, ApiError> {
+    let v = value.ok_or_else(|| {
+        api_error(
+            StatusCode::BAD_REQUEST,
+            format!("missing query parameter {name} (IP:PORT, IPv6 as [IP]:PORT)"),
+        )
+    })?;
+    v.parse().map_err(|_| {
+        api_error(
+            StatusCode::BAD_REQUEST,
+            format!("{name}={v:?} is not IP:PORT (IPv6 as [IP]:PORT)"),
+        )
+    })
+}
+
+async fn lookup(
+    State(s): State<ApiState>,
+    query: Result<Query<LookupQuery>, QueryRejection>,
+) -> Result<Json<LookupJson>, ApiError> {
+    let Query(q) = query.map_err(|e| api_error(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let client = parse_endpoint("client", q.client.as_deref())?;
+    let vip = parse_endpoint("vip", q.vip.as_deref())?;
+    let protocol = match q.protocol.as_deref().unwrap_or("tcp") {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "sctp" => Protocol::Sctp,
+        other => {
+            return Err(api_error(
+                StatusCode::BAD_REQUEST,
+                format!("protocol={other:?}: expected tcp, udp or sctp"),
+            ));
+        }
+    };
+    if client.is_ipv4() != vip.is_ipv4() {
+        return Err(api_error(
+            StatusCode::BAD_REQUEST,
+            "client and vip must be of the same address family",
+        ));
+    }
+    let Some(inspector) = s.inspector.clone() else {
+        return Err(api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the data plane is not loaded",
+        ));
+    };
+    let flow = inspect::flow_key(client, vip, protocol);
+    let trace = tokio::task::spawn_blocking(move || inspector.trace(&flow))
+        .await
+        .map_err(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let snapshot = s.snapshot.borrow().clone();
+    let service = |id: u32| snapshot.services.iter().find(|s| s.id == id);
+    let mut answer = LookupJson {
+        client,
+        vip,
+        protocol,
+        verdict: String::new(),
+        service: None,
+        reason: None,
+        backend: None,
+        via: None,
+        slot: None,
+        resteered: false,
+        backend_healthy: None,
+    };
+    match trace {
+        Trace::NoService => {
+            let is_vip = snapshot.services.iter().any(|s| s.vip == vip.ip());
+            answer.verdict = if is_vip { "drop" } else { "pass" }.into();
+            if is_vip {
+                answer.reason =
+                    Some(lb_common::drop_reason::name(lb_common::drop_reason::NO_SERVICE).into());
+            }
+        }
+        Trace::Dropped { service_id, reason } => {
+            answer.verdict = "drop".into();
+            answer.service = service(service_id).map(|s| s.name.clone());
+            answer.reason = Some(lb_common::drop_reason::name(reason).into());
+        }
+        Trace::Forwarded {
+            service_id,
+            backend,
+            via,
+            slot,
+            resteered,
+            ..
+        } => {
+            let svc = service(service_id);
+            answer.verdict = "forward".into();
+            answer.service = svc.map(|s| s.name.clone());
+            answer.backend = Some(backend);
+            answer.via = Some(via);
+            answer.slot = slot;
+            answer.resteered = resteered;
+            answer.backend_healthy = svc
+                .and_then(|s| s.backends.iter().find(|b| b.addr == backend))
+                .map(|b| b.healthy);
+        }
+    }
+    Ok(Json(answer))
 }
 
 /// OpenMetrics text.
@@ -177,115 +350,4 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
-    use axum::body::Body;
-    use axum::http::Request;
-    use tower::ServiceExt as _;
-
-    use super::*;
-    use crate::health::state::Health;
-
-    async fn get(state: &ApiState, path: &str) -> (StatusCode, String) {
-        let resp = router(state.clone())
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
-            .await
-            .unwrap();
-        (status, String::from_utf8(body.to_vec()).unwrap())
-    }
-
-    #[tokio::test]
-    async fn readiness_latches() {
-        let s = ApiState::default();
-        assert_eq!(get(&s, "/livez").await, (StatusCode::OK, "ok\n".into()));
-        assert_eq!(
-            get(&s, "/readyz").await,
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: data plane not attached, first state not programmed\n".into()
-            )
-        );
-        s.readiness.attached.store(true, Ordering::Release);
-        assert_eq!(get(&s, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
-        s.readiness.programmed.store(true, Ordering::Release);
-        assert_eq!(get(&s, "/readyz").await, (StatusCode::OK, "ok\n".into()));
-        assert_eq!(get(&s, "/nope").await.0, StatusCode::NOT_FOUND);
-        s.config.lock().unwrap().generation = 3;
-        let (code, body) = get(&s, "/api/v1/status").await;
-        assert_eq!(code, StatusCode::OK);
-        assert_eq!(
-            body,
-            r#"{"ready":true,"config":{"generation":3,"reload_failures":0,"last_error":null}}"#
-        );
-    }
-
-    #[tokio::test]
-    async fn services_and_metrics() {
-        use crate::{
-            health::HealthMode,
-            model::Protocol,
-            status::{BackendStatus, ServiceStatus},
-        };
-        let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
-        let metrics = Arc::new(Metrics::new(snapshot.subscribe()));
-        let s = ApiState::new(snapshot.subscribe(), metrics);
-        assert_eq!(get(&s, "/api/v1/services").await.1, r#"{"services":[]}"#);
-        let backend = |addr: &str, state: Option<Health>| BackendStatus {
-            addr: addr.parse().unwrap(),
-            weight: 1,
-            healthy: state.is_none_or(|h| h == Health::Up),
-            state,
-            in_rotation: state != Some(Health::Down),
-            check: None,
-        };
-        snapshot.send_replace(Arc::new(Snapshot {
-            services: vec![ServiceStatus {
-                name: "web".into(),
-                vip: "198.18.100.10".parse().unwrap(),
-                port: 80,
-                protocol: Protocol::Tcp,
-                check: Some("http"),
-                mode: HealthMode::Checked,
-                backends: vec![
-                    backend("198.18.1.11:8080", Some(Health::Up)),
-                    backend("198.18.1.12:8080", Some(Health::Down)),
-                ],
-            }],
-        }));
-        let (code, body) = get(&s, "/api/v1/services").await;
-        assert_eq!(code, StatusCode::OK);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let web = &v["services"][0];
-        assert_eq!(web["name"], "web");
-        assert_eq!(web["vip"], "198.18.100.10");
-        assert_eq!(web["port"], 80);
-        assert_eq!(web["protocol"], "tcp");
-        assert_eq!(web["health_check"], "http");
-        assert_eq!(web["health"], "checked");
-        let b = &web["backends"];
-        assert_eq!(b[0]["address"], "198.18.1.11");
-        assert_eq!(b[0]["port"], 8080);
-        assert_eq!(b[0]["weight"], 1);
-        assert_eq!(b[0]["healthy"], true);
-        assert_eq!(b[1]["healthy"], false);
-        assert_eq!(b[1]["state"], "down");
-        assert_eq!(b[1]["in_rotation"], false);
-
-        let resp = router(s.clone())
-            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(
-            resp.headers()[header::CONTENT_TYPE],
-            "application/openmetrics-text; version=1.0.0; charset=utf-8"
-        );
-        let (_, text) = get(&s, "/metrics").await;
-        assert!(
-            text.contains("weir_backend_healthy{service=\"web\",backend=\"198.18.1.12:8080\"} 0"),
-            "{text}"
-        );
-    }
-}
+mod tests;

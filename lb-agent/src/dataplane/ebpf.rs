@@ -20,11 +20,14 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
     EndpointValue, FlowKey, FlowValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData,
-    VipKey, VipValue, maps, programs,
+    VipKey, VipValue, backend_flags, drop_reason, maps, programs, service_flags,
 };
 use tracing::{info, warn};
 
-use super::{MapError, MapWriter};
+use super::{
+    MapError, MapWriter,
+    inspect::{self, Inspect, RawCounters, Trace, Via},
+};
 use crate::config::{DataplaneLimits, XdpMode};
 
 /// The eBPF object, built by `build.rs`.
@@ -335,6 +338,8 @@ pub struct EbpfMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     tx_ports: DevMapHash<MapData>,
     ncpus: usize,
+    /// A second handle on `MAGLEV` for inspectors (`ArrayOfMaps` does not lend its fd).
+    maglev_fd: MapData,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
@@ -356,6 +361,15 @@ impl EbpfMaps {
             name: maps::SERVICE_STATS,
             detail: format!("{what}: {e}"),
         })?;
+        let maglev_fd = match ebpf.map(maps::MAGLEV) {
+            Some(Map::ArrayOfMaps(m)) => reopen(m).map_err(map_err(maps::MAGLEV))?,
+            _ => {
+                return Err(DataplaneError::Map {
+                    name: maps::MAGLEV,
+                    detail: "not an array of maps in the eBPF object".into(),
+                });
+            }
+        };
         Ok(Self {
             services: typed!(ebpf, maps::SERVICES),
             backends: typed!(ebpf, maps::BACKENDS),
@@ -372,6 +386,34 @@ impl EbpfMaps {
             affinity: typed!(ebpf, maps::AFFINITY),
             tx_ports: typed!(ebpf, maps::TX_PORTS),
             ncpus,
+            maglev_fd,
+        })
+    }
+
+    /// A reader of these maps with file descriptors of its own.
+    pub fn inspector(&self) -> Result<EbpfInspector, DataplaneError> {
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+            name: &'static str,
+            m: &MapData,
+        ) -> Result<T, DataplaneError> {
+            let data = reopen(m).map_err(map_err(name))?;
+            Map::from_map_data(data)
+                .and_then(T::try_from)
+                .map_err(map_err(name))
+        }
+        Ok(EbpfInspector {
+            services: typed(maps::SERVICES, IterableMap::map(&self.services))?,
+            backends: typed(maps::BACKENDS, IterableMap::map(&self.backends))?,
+            maglev: typed(maps::MAGLEV, &self.maglev_fd)?,
+            source_ranges: typed(maps::SOURCE_RANGES, IterableMap::map(&self.source_ranges))?,
+            service_stats: reopen(IterableMap::map(&self.service_stats))
+                .map_err(map_err(maps::SERVICE_STATS))?,
+            backend_stats: reopen(IterableMap::map(&self.backend_stats))
+                .map_err(map_err(maps::BACKEND_STATS))?,
+            datapath_stats: typed(maps::DATAPATH_STATS, IterableMap::map(&self.datapath_stats))?,
+            conntrack: typed(maps::CONNTRACK, IterableMap::map(&self.conntrack))?,
+            affinity: typed(maps::AFFINITY, IterableMap::map(&self.affinity))?,
+            ncpus: self.ncpus,
         })
     }
 
@@ -381,18 +423,7 @@ impl EbpfMaps {
             .service_stats
             .get(&id, 0)
             .map_err(|e| err(maps::SERVICE_STATS, "get", e))?;
-        let mut sum = ServiceStats::default();
-        for s in per_cpu.iter() {
-            sum.packets_in += s.packets_in;
-            sum.bytes_in += s.bytes_in;
-            sum.packets_out += s.packets_out;
-            sum.bytes_out += s.bytes_out;
-            sum.new_flows += s.new_flows;
-            for (d, x) in sum.drops.iter_mut().zip(s.drops) {
-                *d += x;
-            }
-        }
-        Ok(sum)
+        Ok(inspect::sum_service(per_cpu.iter().copied()))
     }
 
     /// A backend's counters, summed over CPUs.
@@ -401,15 +432,7 @@ impl EbpfMaps {
             .backend_stats
             .get(&id, 0)
             .map_err(|e| err(maps::BACKEND_STATS, "get", e))?;
-        let mut sum = BackendStats::default();
-        for s in per_cpu.iter() {
-            sum.packets_in += s.packets_in;
-            sum.bytes_in += s.bytes_in;
-            sum.packets_out += s.packets_out;
-            sum.bytes_out += s.bytes_out;
-            sum.new_flows += s.new_flows;
-        }
-        Ok(sum)
+        Ok(inspect::sum_backend(per_cpu.iter().copied()))
     }
 
     /// The data plane's path counters, summed over CPUs.
@@ -418,13 +441,7 @@ impl EbpfMaps {
             .datapath_stats
             .get(&0, 0)
             .map_err(|e| err(maps::DATAPATH_STATS, "get", e))?;
-        let mut sum = DatapathStats::default();
-        for s in per_cpu.iter() {
-            for (d, x) in sum.counters.iter_mut().zip(s.counters) {
-                *d += x;
-            }
-        }
-        Ok(sum)
+        Ok(inspect::sum_datapath(per_cpu.iter().copied()))
     }
 
     fn zeroes<T: aya::Pod + Default>(&self) -> Result<PerCpuValues<T>, aya::maps::MapError> {
@@ -594,4 +611,311 @@ impl MapWriter for EbpfMaps {
             .set(id, zero, 0)
             .map_err(|e| err(maps::BACKEND_STATS, "reset", e))
     }
+}
+
+/// A second handle on a map: a duplicated file descriptor.
+fn reopen(m: &MapData) -> Result<MapData, aya::maps::MapError> {
+    let fd = m
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        }))?;
+    MapData::from_fd(fd)
+}
+
+/// Reads weir's maps through file descriptors of its own (see [`Inspect`]).
+pub struct EbpfInspector {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, BackendValue>,
+    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    source_ranges: LpmTrie<MapData, SourceRangeData, u32>,
+    /// Read in batches, by raw file descriptor.
+    service_stats: MapData,
+    backend_stats: MapData,
+    datapath_stats: PerCpuArray<MapData, DatapathStats>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    ncpus: usize,
+}
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` when walking the connection table.
+const WALK_CHUNK: usize = 4096;
+
+impl EbpfInspector {
+    /// Per-CPU values of array ids `0..count`, one syscall, summed with `sum`.
+    fn per_cpu_batch<T: aya::Pod + Default, S>(
+        &self,
+        name: &'static str,
+        map: &MapData,
+        count: u32,
+        sum: impl Fn(&mut dyn Iterator<Item = T>) -> S,
+    ) -> Result<Vec<S>, MapError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let stride = std::mem::size_of::<T>().next_multiple_of(8);
+        let mut keys = vec![0u8; count as usize * 4];
+        let mut values = vec![0u8; count as usize * stride * self.ncpus];
+        let mut token = 0u32;
+        let (got, _) = lookup_batch(map.fd().as_fd(), None, &mut token, &mut keys, &mut values, count)
+            .map_err(|e| err(name, "lookup batch", e))?;
+        let mut out = Vec::with_capacity(got as usize);
+        for i in 0..got as usize {
+            let mut cpus = (0..self.ncpus).map(|c| {
+                let at = (i * self.ncpus + c) * stride;
+                // SAFETY: `values` holds `got × ncpus` values of `stride ≥ size_of::<T>()`
+                // bytes; T is Pod (any bit pattern is valid); the read is unaligned-safe.
+                unsafe { std::ptr::read_unaligned(values[at..].as_ptr().cast::<T>()) }
+            });
+            out.push(sum(&mut cpus));
+        }
+        Ok(out)
+    }
+
+    fn live_backend(&self, id: u32, generation: u32) -> Result<Option<BackendValue>, MapError> {
+        if id == 0 {
+            return Ok(None);
+        }
+        let b = self
+            .backends
+            .get(&id, 0)
+            .map_err(|e| err(maps::BACKENDS, "get", e))?;
+        Ok((b.flags & backend_flags::PRESENT != 0 && b.generation == generation).then_some(b))
+    }
+
+    /// The Maglev slot `h` picks, with the backend in it when it can take flows.
+    fn maglev(&self, svc: &ServiceValue, h: u32) -> Result<Option<(u32, u32, BackendValue)>, MapError> {
+        if svc.table_size == 0 {
+            return Ok(None);
+        }
+        let slot = h % svc.table_size;
+        let page = self
+            .maglev
+            .get(&svc.table_page, 0)
+            .map_err(|e| err(maps::MAGLEV, "get page", e))?;
+        let id = page
+            .get(&(svc.table_offset + slot), 0)
+            .map_err(|e| err(maps::MAGLEV, "get slot", e))?;
+        if id == 0 {
+            return Ok(None);
+        }
+        let b = self
+            .backends
+            .get(&id, 0)
+            .map_err(|e| err(maps::BACKENDS, "get", e))?;
+        Ok((b.flags & backend_flags::PRESENT != 0).then_some((slot, id, b)))
+    }
+}
+
+fn backend_addr(b: &BackendValue) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(super::words_addr(&b.addr, b.family), u16::from_be(b.port_be))
+}
+
+/// `bpf_ktime_get_ns()`'s clock.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn found<V>(r: Result<V, aya::maps::MapError>, map: &'static str) -> Result<Option<V>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(err(map, "get", e)),
+    }
+}
+
+impl Inspect for EbpfInspector {
+    fn counters(&self, services: u32, backends: u32) -> Result<RawCounters, MapError> {
+        let services = self.per_cpu_batch(
+            maps::SERVICE_STATS,
+            &self.service_stats,
+            services,
+            |cpus: &mut dyn Iterator<Item = ServiceStats>| inspect::sum_service(cpus),
+        )?;
+        let backends = self.per_cpu_batch(
+            maps::BACKEND_STATS,
+            &self.backend_stats,
+            backends,
+            |cpus: &mut dyn Iterator<Item = BackendStats>| inspect::sum_backend(cpus),
+        )?;
+        let per_cpu = self
+            .datapath_stats
+            .get(&0, 0)
+            .map_err(|e| err(maps::DATAPATH_STATS, "get", e))?;
+        Ok(RawCounters {
+            services,
+            backends,
+            datapath: inspect::sum_datapath(per_cpu.iter().copied()),
+        })
+    }
+
+    fn conntrack_entries(&self) -> Result<u64, MapError> {
+        let fd = IterableMap::map(&self.conntrack).fd().as_fd();
+        let mut keys = vec![0u8; WALK_CHUNK * std::mem::size_of::<FlowKey>()];
+        let mut values = vec![0u8; WALK_CHUNK * std::mem::size_of::<FlowValue>()];
+        let mut total = 0u64;
+        let mut token = 0u32;
+        let mut first = true;
+        loop {
+            let cursor = (!first).then_some(token);
+            let (got, done) =
+                lookup_batch(fd, cursor, &mut token, &mut keys, &mut values, WALK_CHUNK as u32)
+                    .map_err(|e| err(maps::CONNTRACK, "lookup batch", e))?;
+            total += u64::from(got);
+            first = false;
+            if done {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn trace(&self, flow: &FlowKey) -> Result<Trace, MapError> {
+        // As `lb-ebpf/src/l4.rs` and `lookup.rs` decide, in the same order.
+        let mut resteered = false;
+        if let Some(ct) = found(self.conntrack.get(flow, 0), maps::CONNTRACK)? {
+            match self.live_backend(ct.backend_id, ct.backend_generation)? {
+                Some(b) => {
+                    return Ok(Trace::Forwarded {
+                        service_id: ct.service_id,
+                        backend_id: ct.backend_id,
+                        backend: backend_addr(&b),
+                        via: Via::Connection,
+                        slot: None,
+                        resteered: false,
+                    });
+                }
+                None => resteered = true,
+            }
+        }
+        let key = ServiceKey {
+            addr: flow.dst,
+            port_be: flow.dport_be,
+            proto: flow.proto,
+            family: flow.family,
+        };
+        let Some(svc) = found(self.services.get(&key, 0), maps::SERVICES)? else {
+            return Ok(Trace::NoService);
+        };
+        if svc.flags & service_flags::SOURCE_RANGES != 0 {
+            let key = Key::new(
+                lb_common::source_range_prefix(128),
+                SourceRangeData {
+                    service_id_be: svc.id.to_be(),
+                    addr: flow.src,
+                },
+            );
+            if found(self.source_ranges.get(&key, 0), maps::SOURCE_RANGES)?.is_none() {
+                return Ok(Trace::Dropped {
+                    service_id: svc.id,
+                    reason: drop_reason::SOURCE_NOT_ALLOWED,
+                });
+            }
+        }
+        let h = if svc.flags & service_flags::AFFINITY != 0 {
+            let key = AffinityKey {
+                client: flow.src,
+                service_id: svc.id,
+            };
+            if let Some(a) = found(self.affinity.get(&key, 0), maps::AFFINITY)?
+                && monotonic_ns().wrapping_sub(a.last_used_ns)
+                    <= u64::from(svc.affinity_timeout_s) * 1_000_000_000
+                && let Some(b) = self.live_backend(a.backend_id, a.backend_generation)?
+            {
+                return Ok(Trace::Forwarded {
+                    service_id: svc.id,
+                    backend_id: a.backend_id,
+                    backend: backend_addr(&b),
+                    via: Via::Affinity,
+                    slot: None,
+                    resteered,
+                });
+            }
+            lb_common::hash::client_hash(&flow.src)
+        } else {
+            lb_common::hash::flow_hash(&flow.src, &flow.dst, flow.sport_be, flow.dport_be, flow.proto)
+        };
+        Ok(match self.maglev(&svc, h)? {
+            Some((slot, backend_id, b)) => Trace::Forwarded {
+                service_id: svc.id,
+                backend_id,
+                backend: backend_addr(&b),
+                via: Via::Maglev,
+                slot: Some(slot),
+                resteered,
+            },
+            None => Trace::Dropped {
+                service_id: svc.id,
+                reason: drop_reason::NO_BACKEND,
+            },
+        })
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH`: up to `count` entries after the cursor `in_batch` (from the start
+/// when `None`) into `keys` and `values`; the next cursor goes to `out_batch`. Returns how
+/// many entries came and whether the map has no more.
+fn lookup_batch(
+    fd: BorrowedFd<'_>,
+    in_batch: Option<u32>,
+    out_batch: &mut u32,
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: u32,
+) -> std::io::Result<(u32, bool)> {
+    #[repr(C)]
+    struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let cursor = in_batch.unwrap_or(0);
+    let mut attr = Attr {
+        in_batch: if in_batch.is_some() {
+            (&raw const cursor) as u64
+        } else {
+            0
+        },
+        out_batch: (out_batch as *mut u32) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr for BPF_MAP_LOOKUP_BATCH; the caller sized `keys` and
+    // `values` for `count` entries of the map's key and value sizes; every buffer outlives the
+    // call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &raw mut attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        // ENOENT: the walk reached the end (`count` says how many came before it).
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok((attr.count, true));
+        }
+        return Err(e);
+    }
+    Ok((attr.count, false))
 }

@@ -6,6 +6,7 @@
 
 pub mod ebpf;
 pub mod fake;
+pub mod inspect;
 mod programmer;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -20,7 +20,7 @@ use self::{monitor::CheckKey, spec::CheckKind, state::Health};
 use crate::model::{Backend, DesiredState, Service};
 
 /// How a service's backends are chosen, given their checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthMode {
     /// No health check: every backend with a weight gets flows.

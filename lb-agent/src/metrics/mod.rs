@@ -1,7 +1,9 @@
 //! The agent's metrics: one prometheus-client registry with the `weir` prefix. Each subsystem
-//! owns a struct of its metrics; gauges that describe the current state (backend health) are
-//! read from the published status snapshot at scrape time, so a removed backend's series goes
-//! with it.
+//! owns a struct of its metrics; what describes the current state (backend health, the
+//! traffic counters) is read at scrape time from the published status snapshot and the last
+//! traffic sample, so a removed backend's series goes with it. Labels come only from bounded
+//! sets: configured services and backends, interfaces, and fixed lists (directions, drop
+//! reasons, paths, check types and results).
 
 use std::{sync::Arc, time::Duration};
 
@@ -9,13 +11,22 @@ use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
     metrics::{
-        MetricType, counter::Counter, family::Family, gauge::ConstGauge, histogram::Histogram,
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
     },
     registry::Registry,
 };
 use tokio::sync::watch;
 
-use crate::status::Snapshot;
+use lb_common::{datapath_stat, drop_reason};
+
+use crate::{
+    status::Snapshot,
+    traffic::{Counters, Traffic},
+};
 
 /// Probe durations: 250 µs to 10 s.
 const PROBE_BUCKETS: [f64; 15] = [
@@ -140,20 +151,339 @@ impl Collector for SnapshotGauges {
     }
 }
 
+/// Sync durations: 100 µs to 10 s.
+const SYNC_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// start | config | health
+    pub trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttachLabels {
+    pub interface: String,
+    /// native | generic
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// The agent's own metrics: data-plane syncs, config reloads, attachments.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    /// `weir_dataplane_sync_duration_seconds`: desired-state change → maps programmed.
+    pub sync_duration: HistogramFamily<TriggerLabels>,
+    /// `weir_config_reloads_total`: reload attempts (refused ones included).
+    pub reloads: Counter,
+    /// `weir_config_reload_failures_total`.
+    pub reload_failures: Counter,
+    /// `weir_config_last_reload_successful`.
+    pub last_reload_ok: Gauge,
+    /// `weir_dataplane_attached`: 1 per interface the programs are attached to.
+    pub attached: Family<AttachLabels, Gauge>,
+    build: Family<BuildLabels, Gauge>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let m = Self {
+            sync_duration: Family::new_with_constructor(|| Histogram::new(SYNC_BUCKETS)),
+            reloads: Counter::default(),
+            reload_failures: Counter::default(),
+            last_reload_ok: Gauge::default(),
+            attached: Family::default(),
+            build: Family::default(),
+        };
+        m.last_reload_ok.set(1);
+        m.build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        m
+    }
+}
+
+impl AgentMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "dataplane_sync_duration_seconds",
+            "Time from a desired-state change (start, config, health) to the maps being programmed",
+            self.sync_duration.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config reload attempts (SIGHUP or a changed file), refused ones included",
+            self.reloads.clone(),
+        );
+        r.register(
+            "config_reload_failures",
+            "Config reloads refused or failed; the previous config kept serving",
+            self.reload_failures.clone(),
+        );
+        r.register(
+            "config_last_reload_successful",
+            "1 when the last config reload was applied (or none was tried), 0 when it failed",
+            self.last_reload_ok.clone(),
+        );
+        r.register(
+            "dataplane_attached",
+            "1 for each interface the XDP and TC programs are attached to, with the XDP mode",
+            self.attached.clone(),
+        );
+        r.register(
+            "build_info",
+            "The agent's version; always 1",
+            self.build.clone(),
+        );
+    }
+
+    pub fn observe_sync(&self, trigger: &'static str, took: Duration) {
+        self.sync_duration
+            .get_or_create(&TriggerLabels { trigger })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a config reload attempt.
+    pub fn reload(&self, ok: bool) {
+        self.reloads.inc();
+        if !ok {
+            self.reload_failures.inc();
+        }
+        self.last_reload_ok.set(i64::from(ok));
+    }
+}
+
+/// The traffic counters of the last sample (see [`crate::traffic`]).
+#[derive(Debug)]
+struct TrafficCollector(watch::Receiver<Arc<Traffic>>);
+
+const DIRECTIONS: [&str; 2] = ["in", "out"];
+
+/// `DATAPATH_STATS` slots exported as `weir_dataplane_packets_total{path}`.
+const PATHS: [(usize, &str); 5] = [
+    (datapath_stat::FWD_REDIRECT, "redirect"),
+    (datapath_stat::FWD_KERNEL, "kernel"),
+    (datapath_stat::ICMP_ECHO_REPLY, "icmp_echo_reply"),
+    (datapath_stat::ICMP_ERROR_TO_BACKEND, "icmp_error_to_backend"),
+    (datapath_stat::REVNAT, "reverse_nat"),
+];
+
+fn counter<'a>(
+    encoder: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &'a str,
+) -> Result<prometheus_client::encoding::MetricEncoder<'a>, std::fmt::Error> {
+    encoder.encode_descriptor(name, help, None, MetricType::Counter)
+}
+
+impl Collector for TrafficCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let t = self.0.borrow().clone();
+        if !t.sampled {
+            return Ok(());
+        }
+        let services: Vec<_> = t
+            .services
+            .iter()
+            .map(|s| {
+                let port = s.port.to_string();
+                (s, s.vip.to_string(), port)
+            })
+            .collect();
+        let per_direction = |c: &Counters, packets: bool| {
+            if packets {
+                [c.packets_in, c.packets_out]
+            } else {
+                [c.bytes_in, c.bytes_out]
+            }
+        };
+        for (name, help, packets) in [
+            (
+                "service_packets",
+                "Packets through a service's VIP (in: client to backend, out: backend to client)",
+                true,
+            ),
+            (
+                "service_bytes",
+                "Bytes (IP header included) through a service's VIP, by direction",
+                false,
+            ),
+        ] {
+            let mut m = counter(&mut encoder, name, help)?;
+            for (s, vip, port) in &services {
+                for (direction, v) in DIRECTIONS.iter().zip(per_direction(&s.totals, packets)) {
+                    let labels = [
+                        ("service", s.name.as_str()),
+                        ("vip", vip.as_str()),
+                        ("port", port.as_str()),
+                        ("protocol", s.protocol.as_str()),
+                        ("direction", direction),
+                    ];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = counter(
+                &mut encoder,
+                "service_connections",
+                "New flows (connections) a service steered to a backend",
+            )?;
+            for (s, vip, port) in &services {
+                let labels = [
+                    ("service", s.name.as_str()),
+                    ("vip", vip.as_str()),
+                    ("port", port.as_str()),
+                    ("protocol", s.protocol.as_str()),
+                ];
+                ConstCounter::new(s.totals.connections).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = counter(
+                &mut encoder,
+                "service_drops",
+                "Packets to a service that the data plane dropped, by reason",
+            )?;
+            for (s, vip, port) in &services {
+                for code in drop_reason::ALL {
+                    let labels = [
+                        ("service", s.name.as_str()),
+                        ("vip", vip.as_str()),
+                        ("port", port.as_str()),
+                        ("protocol", s.protocol.as_str()),
+                        ("reason", drop_reason::name(code)),
+                    ];
+                    ConstCounter::new(s.drops[code as usize]).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        for (name, help, packets) in [
+            (
+                "backend_packets",
+                "Packets a backend got from (in) and sent back through (out) a service",
+                true,
+            ),
+            (
+                "backend_bytes",
+                "Bytes (IP header included) between a service and a backend, by direction",
+                false,
+            ),
+        ] {
+            let mut m = counter(&mut encoder, name, help)?;
+            for (s, _, _) in &services {
+                for b in &s.backends {
+                    let backend = b.addr.to_string();
+                    for (direction, v) in DIRECTIONS.iter().zip(per_direction(&b.totals, packets))
+                    {
+                        let labels = [
+                            ("service", s.name.as_str()),
+                            ("backend", backend.as_str()),
+                            ("direction", direction),
+                        ];
+                        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        {
+            let mut m = counter(
+                &mut encoder,
+                "backend_connections",
+                "New flows a service steered to a backend",
+            )?;
+            for (s, _, _) in &services {
+                for b in &s.backends {
+                    let backend = b.addr.to_string();
+                    let labels = [("service", s.name.as_str()), ("backend", backend.as_str())];
+                    ConstCounter::new(b.totals.connections).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = counter(
+                &mut encoder,
+                "dataplane_drops",
+                "Packets to a VIP dropped before a service was found (no service on the port, \
+                 malformed, fragments, ...), by reason",
+            )?;
+            for code in drop_reason::ALL {
+                let labels = [("reason", drop_reason::name(code))];
+                ConstCounter::new(t.unattributed_drops[code as usize])
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = counter(
+                &mut encoder,
+                "dataplane_packets",
+                "Packets the data plane handled, by path (redirect: sent out by XDP; kernel: \
+                 handed to the kernel to route; reverse_nat: replies rewritten; icmp_*: ICMP \
+                 answered or sent on)",
+            )?;
+            for (slot, path) in PATHS {
+                ConstCounter::new(t.datapath[slot]).encode(m.encode_family(&[("path", path)])?)?;
+            }
+        }
+        ConstCounter::new(t.datapath[datapath_stat::FLOW_RESTEERED]).encode(counter(
+            &mut encoder,
+            "flows_resteered",
+            "Flows whose backend left and that Maglev steered again",
+        )?)?;
+        ConstCounter::new(t.datapath[datapath_stat::AFFINITY_HIT]).encode(counter(
+            &mut encoder,
+            "affinity_hits",
+            "New flows steered by a fresh ClientIP affinity entry",
+        )?)?;
+        ConstCounter::new(t.errors).encode(counter(
+            &mut encoder,
+            "counter_read_errors",
+            "Samples of the data plane's counters that failed",
+        )?)?;
+        if let Some(n) = t.conntrack_entries {
+            ConstGauge::new(n as i64).encode(encoder.encode_descriptor(
+                "conntrack_entries",
+                "Entries in the connection table (walked every few seconds)",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The registry and the metrics the agent updates.
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
     pub health: Arc<HealthMetrics>,
+    pub agent: Arc<AgentMetrics>,
 }
 
 impl Metrics {
-    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>) -> Self {
+    pub fn new(
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        traffic: watch::Receiver<Arc<Traffic>>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("weir");
         let health = Arc::new(HealthMetrics::default());
         health.register(&mut registry);
+        let agent = Arc::new(AgentMetrics::default());
+        agent.register(&mut registry);
         registry.register_collector(Box::new(SnapshotGauges(snapshot)));
-        Self { registry, health }
+        registry.register_collector(Box::new(TrafficCollector(traffic)));
+        Self {
+            registry,
+            health,
+            agent,
+        }
     }
 
     /// The OpenMetrics text exposition.
@@ -167,7 +497,10 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new(watch::Sender::default().subscribe())
+        Self::new(
+            watch::Sender::default().subscribe(),
+            watch::Sender::default().subscribe(),
+        )
     }
 }
 

@@ -1,68 +1,18 @@
 use std::time::Duration;
 
 use super::*;
-use crate::{
-    health::HealthMode,
-    model::Protocol,
-    status::{BackendStatus, ServiceStatus},
-};
-
-fn backend(addr: &str, healthy: bool) -> BackendStatus {
-    BackendStatus {
-        addr: addr.parse().unwrap(),
-        weight: 1,
-        healthy,
-        state: None,
-        in_rotation: healthy,
-        check: None,
-    }
-}
-
-fn service(
-    name: &str,
-    check: Option<&'static str>,
-    mode: HealthMode,
-    backends: Vec<BackendStatus>,
-) -> ServiceStatus {
-    ServiceStatus {
-        name: name.into(),
-        vip: "198.18.100.10".parse().unwrap(),
-        port: 80,
-        protocol: Protocol::Tcp,
-        check,
-        mode,
-        backends,
-    }
-}
+use crate::status::fixtures;
 
 #[test]
 fn health_metrics_have_the_documented_names() {
     let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
-    let m = Metrics::new(snapshot.subscribe());
+    let m = Metrics::new(snapshot.subscribe(), watch::Sender::default().subscribe());
     m.health
         .observe_probe("web", "http", "ok", Duration::from_millis(3));
     m.health
         .observe_probe("web", "http", "timeout", Duration::from_millis(500));
     m.health.transition("web", "198.18.1.11:8080", false);
-    snapshot.send_replace(Arc::new(Snapshot {
-        services: vec![
-            service(
-                "web",
-                Some("http"),
-                HealthMode::Checked,
-                vec![
-                    backend("198.18.1.11:8080", false),
-                    backend("198.18.1.12:8080", true),
-                ],
-            ),
-            service(
-                "plain",
-                None,
-                HealthMode::Unchecked,
-                vec![backend("[fd00:1::11]:8080", true)],
-            ),
-        ],
-    }));
+    snapshot.send_replace(Arc::new(fixtures::snapshot()));
     let text = m.encode();
     for line in [
         "# TYPE weir_health_check_duration_seconds histogram",
@@ -71,8 +21,8 @@ fn health_metrics_have_the_documented_names() {
         "# TYPE weir_health_transitions counter",
         "weir_health_transitions_total{service=\"web\",backend=\"198.18.1.11:8080\",to=\"unhealthy\"} 1",
         "# TYPE weir_backend_healthy gauge",
-        "weir_backend_healthy{service=\"web\",backend=\"198.18.1.11:8080\"} 0",
-        "weir_backend_healthy{service=\"web\",backend=\"198.18.1.12:8080\"} 1",
+        "weir_backend_healthy{service=\"web\",backend=\"198.18.1.11:8080\"} 1",
+        "weir_backend_healthy{service=\"web\",backend=\"198.18.1.12:8080\"} 0",
         "weir_backend_healthy{service=\"plain\",backend=\"[fd00:1::11]:8080\"} 1",
         "weir_service_fail_open{service=\"web\"} 0",
     ] {
@@ -88,4 +38,76 @@ fn health_metrics_have_the_documented_names() {
     // A backend that leaves the snapshot leaves the metrics.
     snapshot.send_replace(Arc::new(Snapshot::default()));
     assert!(!m.encode().contains("weir_backend_healthy{"));
+}
+
+#[test]
+fn traffic_metrics_have_the_documented_names_and_labels() {
+    let traffic = watch::Sender::new(Arc::new(crate::traffic::Traffic::default()));
+    let m = Metrics::new(watch::Sender::default().subscribe(), traffic.subscribe());
+    // Before the first sample there is no traffic series (rather than zeros that would lie).
+    assert!(!m.encode().contains("weir_service_packets_total"));
+    let mut t = fixtures::traffic();
+    t.unattributed_drops[drop_reason::NO_SERVICE as usize] = 7;
+    t.datapath[datapath_stat::FWD_REDIRECT] = 300;
+    t.datapath[datapath_stat::FLOW_RESTEERED] = 4;
+    t.conntrack_entries = Some(42);
+    traffic.send_replace(Arc::new(t));
+    let text = m.encode();
+    let svc = "service=\"web\",vip=\"198.18.100.10\",port=\"80\",protocol=\"tcp\"";
+    for line in [
+        "# TYPE weir_service_packets counter".to_string(),
+        format!("weir_service_packets_total{{{svc},direction=\"in\"}} 120"),
+        format!("weir_service_packets_total{{{svc},direction=\"out\"}} 100"),
+        format!("weir_service_bytes_total{{{svc},direction=\"in\"}} 7200"),
+        format!("weir_service_bytes_total{{{svc},direction=\"out\"}} 100000"),
+        format!("weir_service_connections_total{{{svc}}} 20"),
+        format!("weir_service_drops_total{{{svc},reason=\"no_backend\"}} 2"),
+        format!("weir_service_drops_total{{{svc},reason=\"source_not_allowed\"}} 0"),
+        "weir_backend_packets_total{service=\"web\",backend=\"198.18.1.11:8080\",direction=\"in\"} 120".into(),
+        "weir_backend_bytes_total{service=\"web\",backend=\"198.18.1.11:8080\",direction=\"out\"} 100000".into(),
+        "weir_backend_connections_total{service=\"web\",backend=\"198.18.1.12:8080\"} 0".into(),
+        "weir_dataplane_drops_total{reason=\"no_service\"} 7".into(),
+        "weir_dataplane_packets_total{path=\"redirect\"} 300".into(),
+        "weir_flows_resteered_total 4".into(),
+        "weir_conntrack_entries 42".into(),
+        "weir_counter_read_errors_total 0".into(),
+        "# TYPE weir_build_info gauge".into(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    // Every drop reason of every service is a series, so rates start at zero.
+    let drops = text
+        .lines()
+        .filter(|l| l.starts_with("weir_service_drops_total{"))
+        .count();
+    assert_eq!(drops, drop_reason::ALL.len());
+}
+
+#[test]
+fn agent_metrics_count_syncs_and_attachments() {
+    let m = Metrics::default();
+    m.agent.observe_sync("config", Duration::from_millis(3));
+    m.agent
+        .attached
+        .get_or_create(&AttachLabels {
+            interface: "eth0".into(),
+            mode: "native",
+        })
+        .set(1);
+    let text = m.encode();
+    for line in [
+        "weir_dataplane_sync_duration_seconds_count{trigger=\"config\"} 1",
+        "weir_dataplane_sync_duration_seconds_bucket{le=\"0.005\",trigger=\"config\"} 1",
+        "weir_dataplane_attached{interface=\"eth0\",mode=\"native\"} 1",
+        "weir_config_reloads_total 0",
+        "weir_config_last_reload_successful 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
 }
