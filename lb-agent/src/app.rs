@@ -19,13 +19,13 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, ApiState},
     config::{Config, Source},
+    dataplane::inspect::Inspect,
     dataplane::{ApplyError, ApplyReport, ProgrammedService, Programmer, ebpf::Datapath},
     health::{
         self, CheckUser, HealthMode,
         monitor::{CheckEvent, CheckKey, MAX_CONCURRENT_PROBES, Monitor},
         state::Health,
     },
-    dataplane::inspect::Inspect,
     metrics::{AttachLabels, Metrics},
     model::DesiredState,
     status::{BackendStatus, ServiceStatus, Snapshot},

@@ -21,7 +21,9 @@ pub async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
     let fetch = async {
         let stream = tokio::net::TcpStream::connect(admin)
             .await
-            .with_context(|| format!("connecting to the admin API at {admin} (is lb-agent running? see --admin)"))?;
+            .with_context(|| {
+                format!("connecting to the admin API at {admin} (is lb-agent running? see --admin)")
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("HTTP handshake with the admin API")?;
@@ -57,7 +59,8 @@ pub async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
 /// The services of the agent at `admin`.
 pub async fn services(admin: SocketAddr) -> anyhow::Result<ServicesJson> {
     let body = get(admin, "/api/v1/services").await?;
-    serde_json::from_slice(&body).context("the answer of /api/v1/services is not what this lb-agent understands")
+    serde_json::from_slice(&body)
+        .context("the answer of /api/v1/services is not what this lb-agent understands")
 }
 
 /// A count, short: exact below 100 000, then K, M, G, T with one decimal.

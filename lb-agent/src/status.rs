@@ -155,9 +155,9 @@ impl Snapshot {
                 .services
                 .iter()
                 .map(|s| {
-                    let t = traffic.service(&s.name).filter(|t| {
-                        t.vip == s.vip && t.port == s.port && t.protocol == s.protocol
-                    });
+                    let t = traffic
+                        .service(&s.name)
+                        .filter(|t| t.vip == s.vip && t.port == s.port && t.protocol == s.protocol);
                     ServiceJson {
                         name: s.name.clone(),
                         vip: s.vip,
@@ -171,16 +171,10 @@ impl Snapshot {
                             drops: drop_reason::ALL
                                 .iter()
                                 .filter(|c| t.drops[**c as usize] > 0)
-                                .map(|c| {
-                                    (drop_reason::name(*c).to_string(), t.drops[*c as usize])
-                                })
+                                .map(|c| (drop_reason::name(*c).to_string(), t.drops[*c as usize]))
                                 .collect(),
                         }),
-                        backends: s
-                            .backends
-                            .iter()
-                            .map(|b| backend_json(b, t))
-                            .collect(),
+                        backends: s.backends.iter().map(|b| backend_json(b, t)).collect(),
                     }
                 })
                 .collect(),

@@ -210,9 +210,9 @@ impl Accounting {
                 .entry(labels)
                 .or_insert_with(|| Series::new(s.id))
                 .update(s.id, service_fields(reading));
-            let before = previous.and_then(|(_, p)| p.service(&s.name)).filter(|p| {
-                p.vip == s.vip && p.port == s.port && p.protocol == s.protocol
-            });
+            let before = previous
+                .and_then(|(_, p)| p.service(&s.name))
+                .filter(|p| p.vip == s.vip && p.port == s.port && p.protocol == s.protocol);
             let totals = counters(&total);
             let rate = |now: &Counters, before: Option<&Counters>| match (before, seconds) {
                 (Some(b), Some(secs)) if secs > 0.0 => Rates::between(now, b, secs),
@@ -300,7 +300,12 @@ pub async fn sample(
             return;
         }
         let snap = snapshot.borrow().clone();
-        let services = snap.services.iter().map(|s| s.id).max().map_or(1, |m| m + 1);
+        let services = snap
+            .services
+            .iter()
+            .map(|s| s.id)
+            .max()
+            .map_or(1, |m| m + 1);
         let backends = snap
             .services
             .iter()

@@ -71,6 +71,14 @@ pub fn http_get(
         })
     };
     let backend = header("x-backend").unwrap_or_default();
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        return Ok(Response {
+            status,
+            backend,
+            body: dechunk(&body)?,
+            local,
+        });
+    }
     let len: usize = header("content-length")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| io::Error::other("no Content-Length"))?;
@@ -86,6 +94,30 @@ pub fn http_get(
         body,
         local,
     })
+}
+
+/// The body of a `Transfer-Encoding: chunked` message.
+fn dechunk(mut raw: &[u8]) -> io::Result<Vec<u8>> {
+    let bad = |what: &str| io::Error::other(format!("bad chunked body: {what}"));
+    let mut body = Vec::new();
+    loop {
+        let eol = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| bad("no chunk size line"))?;
+        let line = std::str::from_utf8(&raw[..eol]).map_err(|_| bad("size line"))?;
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad(line))?;
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        if raw.len() < size + 2 {
+            return Err(bad("truncated chunk"));
+        }
+        body.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
 }
 
 /// A long-lived connection in the servers' ECHO mode.

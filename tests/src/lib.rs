@@ -9,6 +9,7 @@ pub mod lab;
 pub mod netns;
 pub mod packets;
 pub mod predict;
+pub mod prometheus;
 pub mod sctp;
 pub mod servers;
 pub mod testbed;

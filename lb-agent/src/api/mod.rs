@@ -188,7 +188,10 @@ pub struct LookupJson {
 type ApiError = (StatusCode, Json<serde_json::Value>);
 
 fn api_error(code: StatusCode, message: impl std::fmt::Display) -> ApiError {
-    (code, Json(serde_json::json!({ "error": message.to_string() })))
+    (
+        code,
+        Json(serde_json::json!({ "error": message.to_string() })),
+    )
 }
 
 fn parse_endpoint(name: &str, value: Option<&str>) -> Result<SocketAddr, ApiError> {
@@ -293,16 +296,23 @@ async fn lookup(
     Ok(Json(answer))
 }
 
-/// OpenMetrics text.
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+/// OpenMetrics when the client asks for it (Prometheus does), else the Prometheus text format
+/// 0.0.4 (curl, promtool, older scrapers).
+async fn metrics(State(s): State<ApiState>, headers: header::HeaderMap) -> impl IntoResponse {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(header::CONTENT_TYPE, OPENMETRICS)], s.metrics.encode())
+    } else {
+        ([(header::CONTENT_TYPE, TEXT_004)], s.metrics.encode_text())
+    }
 }
+
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Serialize)]
 struct Status {

@@ -75,7 +75,10 @@ async fn services_have_the_documented_shape_with_traffic() {
     assert_eq!(web["traffic"]["bytes_out"], 100_000);
     assert_eq!(web["traffic"]["connections"], 20);
     assert_eq!(web["traffic"]["rates"]["packets_in"], 12.5);
-    assert_eq!(web["traffic"]["drops"], serde_json::json!({"no_backend": 2}));
+    assert_eq!(
+        web["traffic"]["drops"],
+        serde_json::json!({"no_backend": 2})
+    );
     let b = &web["backends"];
     assert_eq!(b[0]["address"], "198.18.1.11");
     assert_eq!(b[0]["port"], 8080);
@@ -96,16 +99,37 @@ async fn services_have_the_documented_shape_with_traffic() {
 }
 
 #[tokio::test]
-async fn metrics_are_openmetrics_and_reloads_are_counted() {
+async fn metrics_are_negotiated_and_reloads_are_counted() {
     let (s, _snapshot) = state(None);
-    let resp = router(s.clone())
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+    let scrape = |accept: Option<&'static str>| {
+        let mut req = Request::get("/metrics");
+        if let Some(a) = accept {
+            req = req.header(header::ACCEPT, a);
+        }
+        router(s.clone()).oneshot(req.body(Body::empty()).unwrap())
+    };
+    // What Prometheus sends.
+    let resp = scrape(Some(
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.1",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], OPENMETRICS);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
         .await
         .unwrap();
-    assert_eq!(
-        resp.headers()[header::CONTENT_TYPE],
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    assert!(body.ends_with(b"# EOF\n"));
+    let resp = scrape(None).await.unwrap();
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], TEXT_004);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.contains("# TYPE weir_service_packets_total counter\n"),
+        "{text}"
     );
+    assert!(!text.contains("# EOF"));
     s.note_config(Ok(())); // the first load is not a reload
     s.note_config(Err("bad".into()));
     s.note_config(Ok(()));
@@ -117,7 +141,10 @@ async fn metrics_are_openmetrics_and_reloads_are_counted() {
         "weir_config_last_reload_successful 1",
         "weir_service_packets_total{service=\"web\",vip=\"198.18.100.10\",port=\"80\",protocol=\"tcp\",direction=\"in\"} 120",
     ] {
-        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
     }
 }
 
@@ -186,13 +213,20 @@ async fn lookup_answers_which_backend_a_flow_goes_to() {
     let (_, body) = get(&s, &q(1001, "198.18.100.10:80")).await;
     let v: LookupJson = serde_json::from_str(&body).unwrap();
     assert_eq!(
-        (v.verdict.as_str(), v.service.as_deref(), v.reason.as_deref()),
+        (
+            v.verdict.as_str(),
+            v.service.as_deref(),
+            v.reason.as_deref()
+        ),
         ("drop", Some("web"), Some("source_not_allowed"))
     );
     // No service on the port: a VIP drops it, any other address passes.
     let (_, body) = get(&s, &q(1002, "198.18.100.10:9")).await;
     let v: LookupJson = serde_json::from_str(&body).unwrap();
-    assert_eq!((v.verdict.as_str(), v.reason.as_deref()), ("drop", Some("no_service")));
+    assert_eq!(
+        (v.verdict.as_str(), v.reason.as_deref()),
+        ("drop", Some("no_service"))
+    );
     let (_, body) = get(&s, &q(1002, "198.18.9.9:80")).await;
     let v: LookupJson = serde_json::from_str(&body).unwrap();
     assert_eq!((v.verdict.as_str(), v.reason), ("pass", None));
@@ -207,8 +241,14 @@ async fn lookup_refuses_bad_requests_clearly() {
     let (s, _snapshot) = state(Some(Arc::new(FakeInspector(Vec::new()))));
     for (query, message) in [
         ("vip=198.18.100.10:80", "missing query parameter client"),
-        ("client=198.18.0.10:1&vip=198.18.100.10", "vip=\\\"198.18.100.10\\\" is not IP:PORT"),
-        ("client=x&vip=198.18.100.10:80", "client=\\\"x\\\" is not IP:PORT"),
+        (
+            "client=198.18.0.10:1&vip=198.18.100.10",
+            "vip=\\\"198.18.100.10\\\" is not IP:PORT",
+        ),
+        (
+            "client=x&vip=198.18.100.10:80",
+            "client=\\\"x\\\" is not IP:PORT",
+        ),
         (
             "client=198.18.0.10:1&vip=198.18.100.10:80&protocol=icmp",
             "protocol=\\\"icmp\\\": expected tcp, udp or sctp",

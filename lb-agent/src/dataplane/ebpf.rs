@@ -615,14 +615,12 @@ impl MapWriter for EbpfMaps {
 
 /// A second handle on a map: a duplicated file descriptor.
 fn reopen(m: &MapData) -> Result<MapData, aya::maps::MapError> {
-    let fd = m
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|io_error| aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+    let fd = m.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
             call: "dup",
             io_error,
-        }))?;
+        })
+    })?;
     MapData::from_fd(fd)
 }
 
@@ -660,8 +658,15 @@ impl EbpfInspector {
         let mut keys = vec![0u8; count as usize * 4];
         let mut values = vec![0u8; count as usize * stride * self.ncpus];
         let mut token = 0u32;
-        let (got, _) = lookup_batch(map.fd().as_fd(), None, &mut token, &mut keys, &mut values, count)
-            .map_err(|e| err(name, "lookup batch", e))?;
+        let (got, _) = lookup_batch(
+            map.fd().as_fd(),
+            None,
+            &mut token,
+            &mut keys,
+            &mut values,
+            count,
+        )
+        .map_err(|e| err(name, "lookup batch", e))?;
         let mut out = Vec::with_capacity(got as usize);
         for i in 0..got as usize {
             let mut cpus = (0..self.ncpus).map(|c| {
@@ -687,7 +692,11 @@ impl EbpfInspector {
     }
 
     /// The Maglev slot `h` picks, with the backend in it when it can take flows.
-    fn maglev(&self, svc: &ServiceValue, h: u32) -> Result<Option<(u32, u32, BackendValue)>, MapError> {
+    fn maglev(
+        &self,
+        svc: &ServiceValue,
+        h: u32,
+    ) -> Result<Option<(u32, u32, BackendValue)>, MapError> {
         if svc.table_size == 0 {
             return Ok(None);
         }
@@ -711,7 +720,10 @@ impl EbpfInspector {
 }
 
 fn backend_addr(b: &BackendValue) -> std::net::SocketAddr {
-    std::net::SocketAddr::new(super::words_addr(&b.addr, b.family), u16::from_be(b.port_be))
+    std::net::SocketAddr::new(
+        super::words_addr(&b.addr, b.family),
+        u16::from_be(b.port_be),
+    )
 }
 
 /// `bpf_ktime_get_ns()`'s clock.
@@ -767,9 +779,15 @@ impl Inspect for EbpfInspector {
         let mut first = true;
         loop {
             let cursor = (!first).then_some(token);
-            let (got, done) =
-                lookup_batch(fd, cursor, &mut token, &mut keys, &mut values, WALK_CHUNK as u32)
-                    .map_err(|e| err(maps::CONNTRACK, "lookup batch", e))?;
+            let (got, done) = lookup_batch(
+                fd,
+                cursor,
+                &mut token,
+                &mut keys,
+                &mut values,
+                WALK_CHUNK as u32,
+            )
+            .map_err(|e| err(maps::CONNTRACK, "lookup batch", e))?;
             total += u64::from(got);
             first = false;
             if done {
@@ -841,7 +859,13 @@ impl Inspect for EbpfInspector {
             }
             lb_common::hash::client_hash(&flow.src)
         } else {
-            lb_common::hash::flow_hash(&flow.src, &flow.dst, flow.sport_be, flow.dport_be, flow.proto)
+            lb_common::hash::flow_hash(
+                &flow.src,
+                &flow.dst,
+                flow.sport_be,
+                flow.dport_be,
+                flow.proto,
+            )
         };
         Ok(match self.maglev(&svc, h)? {
             Some((slot, backend_id, b)) => Trace::Forwarded {

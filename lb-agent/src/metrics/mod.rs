@@ -271,7 +271,10 @@ const PATHS: [(usize, &str); 5] = [
     (datapath_stat::FWD_REDIRECT, "redirect"),
     (datapath_stat::FWD_KERNEL, "kernel"),
     (datapath_stat::ICMP_ECHO_REPLY, "icmp_echo_reply"),
-    (datapath_stat::ICMP_ERROR_TO_BACKEND, "icmp_error_to_backend"),
+    (
+        datapath_stat::ICMP_ERROR_TO_BACKEND,
+        "icmp_error_to_backend",
+    ),
     (datapath_stat::REVNAT, "reverse_nat"),
 ];
 
@@ -381,8 +384,7 @@ impl Collector for TrafficCollector {
             for (s, _, _) in &services {
                 for b in &s.backends {
                     let backend = b.addr.to_string();
-                    for (direction, v) in DIRECTIONS.iter().zip(per_direction(&b.totals, packets))
-                    {
+                    for (direction, v) in DIRECTIONS.iter().zip(per_direction(&b.totals, packets)) {
                         let labels = [
                             ("service", s.name.as_str()),
                             ("backend", backend.as_str()),
@@ -444,8 +446,8 @@ impl Collector for TrafficCollector {
         )?)?;
         ConstCounter::new(t.errors).encode(counter(
             &mut encoder,
-            "counter_read_errors",
-            "Samples of the data plane's counters that failed",
+            "stats_read_errors",
+            "Readings of the data plane's statistics maps that failed",
         )?)?;
         if let Some(n) = t.conntrack_entries {
             ConstGauge::new(n as i64).encode(encoder.encode_descriptor(
@@ -493,6 +495,68 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The Prometheus text format 0.0.4, for clients that do not ask for OpenMetrics.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+}
+
+/// OpenMetrics → Prometheus text format 0.0.4: counter families take their samples' `_total`
+/// name in HELP and TYPE, and the `# UNIT` and `# EOF` lines go (this encoder emits neither
+/// exemplars nor `_created` samples).
+pub fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<&str> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            if let Some(h) = help.replace(line) {
+                out.push_str(h);
+                out.push('\n');
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let counter = kind == "counter" && !name.ends_with("_total");
+            if let Some(h) = help.take() {
+                match (
+                    counter,
+                    h.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')),
+                ) {
+                    (true, Some((_, text))) => {
+                        out.push_str(&format!("# HELP {name}_total {text}\n"));
+                    }
+                    (true, None) => out.push_str(&format!("# HELP {name}_total\n")),
+                    (false, _) => {
+                        out.push_str(h);
+                        out.push('\n');
+                    }
+                }
+            }
+            if counter {
+                out.push_str(&format!("# TYPE {name}_total counter\n"));
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+            continue;
+        }
+        if let Some(h) = help.take() {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if let Some(h) = help {
+        out.push_str(h);
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {

@@ -70,7 +70,7 @@ fn traffic_metrics_have_the_documented_names_and_labels() {
         "weir_dataplane_packets_total{path=\"redirect\"} 300".into(),
         "weir_flows_resteered_total 4".into(),
         "weir_conntrack_entries 42".into(),
-        "weir_counter_read_errors_total 0".into(),
+        "weir_stats_read_errors_total 0".into(),
         "# TYPE weir_build_info gauge".into(),
     ] {
         assert!(
@@ -110,4 +110,39 @@ fn agent_metrics_count_syncs_and_attachments() {
             "missing {line:?} in:\n{text}"
         );
     }
+}
+
+#[test]
+fn the_text_format_names_counters_by_their_samples() {
+    let om = "\
+# HELP weir_x Things.
+# TYPE weir_x counter
+weir_x_total{a=\"1\"} 3
+# HELP weir_g A gauge.
+# TYPE weir_g gauge
+# UNIT weir_g seconds
+weir_g 1
+# HELP weir_h A histogram.
+# TYPE weir_h histogram
+weir_h_bucket{le=\"+Inf\"} 1
+weir_h_sum 0.5
+weir_h_count 1
+# EOF
+";
+    assert_eq!(
+        openmetrics_to_text(om),
+        "\
+# HELP weir_x_total Things.
+# TYPE weir_x_total counter
+weir_x_total{a=\"1\"} 3
+# HELP weir_g A gauge.
+# TYPE weir_g gauge
+weir_g 1
+# HELP weir_h A histogram.
+# TYPE weir_h histogram
+weir_h_bucket{le=\"+Inf\"} 1
+weir_h_sum 0.5
+weir_h_count 1
+"
+    );
 }

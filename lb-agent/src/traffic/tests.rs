@@ -48,17 +48,35 @@ async fn totals_follow_the_counters_and_rates_are_per_second() {
     let snap = fixtures::snapshot();
     let mut acc = Accounting::default();
     let t0 = Instant::now();
-    let first = acc.update(&snap, &raw(service_stats(10, 2), backend_stats(10), BackendStats::default()), Some(5), t0);
+    let first = acc.update(
+        &snap,
+        &raw(
+            service_stats(10, 2),
+            backend_stats(10),
+            BackendStats::default(),
+        ),
+        Some(5),
+        t0,
+    );
     assert!(first.sampled);
     let web = first.service("web").unwrap();
     assert_eq!(web.totals.packets_in, 10);
     assert_eq!(web.totals.connections, 2);
-    assert_eq!(web.rates, Rates::default(), "no rate before a second sample");
+    assert_eq!(
+        web.rates,
+        Rates::default(),
+        "no rate before a second sample"
+    );
     assert_eq!(first.conntrack_entries, Some(5));
 
     let mut s = service_stats(30, 6);
     s.drops[drop_reason::NO_BACKEND as usize] = 3;
-    let second = acc.update(&snap, &raw(s, backend_stats(30), BackendStats::default()), None, t0 + Duration::from_secs(2));
+    let second = acc.update(
+        &snap,
+        &raw(s, backend_stats(30), BackendStats::default()),
+        None,
+        t0 + Duration::from_secs(2),
+    );
     let web = second.service("web").unwrap();
     assert_eq!(web.totals.packets_in, 30);
     assert_eq!(web.rates.packets_in, 10.0);
@@ -78,29 +96,62 @@ async fn a_total_never_goes_backwards_when_ids_change_or_are_reused() {
     let mut snap = fixtures::snapshot();
     let mut acc = Accounting::default();
     let t = Instant::now();
-    acc.update(&snap, &raw(service_stats(50, 5), backend_stats(40), backend_stats(10)), None, t);
+    acc.update(
+        &snap,
+        &raw(service_stats(50, 5), backend_stats(40), backend_stats(10)),
+        None,
+        t,
+    );
 
     // b1 leaves web and comes back under a new id (9) whose counters start at zero.
     snap.services[0].backends.remove(0);
-    let s = acc.update(&snap, &raw(service_stats(55, 5), backend_stats(0), backend_stats(15)), None, t);
-    assert!(s.service("web").unwrap().backends.iter().all(|b| b.addr.port() == 8080));
+    let s = acc.update(
+        &snap,
+        &raw(service_stats(55, 5), backend_stats(0), backend_stats(15)),
+        None,
+        t,
+    );
+    assert!(
+        s.service("web")
+            .unwrap()
+            .backends
+            .iter()
+            .all(|b| b.addr.port() == 8080)
+    );
     let mut back = snap.clone();
     back.services[0]
         .backends
         .insert(0, fixtures::backend("198.18.1.11:8080", 9, None));
-    let mut r = raw(service_stats(60, 6), BackendStats::default(), backend_stats(15));
+    let mut r = raw(
+        service_stats(60, 6),
+        BackendStats::default(),
+        backend_stats(15),
+    );
     r.backends.resize(10, BackendStats::default());
     r.backends[9] = backend_stats(3);
     let s = acc.update(&back, &r, None, t);
-    assert_eq!(web_b(&s, "198.18.1.11:8080").packets_in, 43, "40 before + 3 since");
+    assert_eq!(
+        web_b(&s, "198.18.1.11:8080").packets_in,
+        43,
+        "40 before + 3 since"
+    );
 
     // b2's id is freed and taken again between two samples: its counters drop.
-    let s = acc.update(&back, &{
-        let mut r = r.clone();
-        r.backends[2] = backend_stats(2);
-        r
-    }, None, t);
-    assert_eq!(web_b(&s, "198.18.1.12:8080").packets_in, 17, "15 before + 2 since");
+    let s = acc.update(
+        &back,
+        &{
+            let mut r = r.clone();
+            r.backends[2] = backend_stats(2);
+            r
+        },
+        None,
+        t,
+    );
+    assert_eq!(
+        web_b(&s, "198.18.1.12:8080").packets_in,
+        17,
+        "15 before + 2 since"
+    );
 
     // The service's own id changes (a new frontend id after a re-add): carried as well.
     let mut moved = back.clone();
@@ -116,14 +167,41 @@ async fn a_removed_service_starts_again_from_zero() {
     let snap = fixtures::snapshot();
     let mut acc = Accounting::default();
     let t = Instant::now();
-    acc.update(&snap, &raw(service_stats(50, 5), backend_stats(50), BackendStats::default()), None, t);
+    acc.update(
+        &snap,
+        &raw(
+            service_stats(50, 5),
+            backend_stats(50),
+            BackendStats::default(),
+        ),
+        None,
+        t,
+    );
     let without = Snapshot {
         services: snap.services[1..].to_vec(),
     };
-    let s = acc.update(&without, &raw(service_stats(50, 5), backend_stats(50), BackendStats::default()), None, t);
+    let s = acc.update(
+        &without,
+        &raw(
+            service_stats(50, 5),
+            backend_stats(50),
+            BackendStats::default(),
+        ),
+        None,
+        t,
+    );
     assert!(s.service("web").is_none());
     // Its id was reset before it was used again.
-    let s = acc.update(&snap, &raw(service_stats(4, 1), backend_stats(4), BackendStats::default()), None, t);
+    let s = acc.update(
+        &snap,
+        &raw(
+            service_stats(4, 1),
+            backend_stats(4),
+            BackendStats::default(),
+        ),
+        None,
+        t,
+    );
     assert_eq!(s.service("web").unwrap().totals.packets_in, 4);
     assert_eq!(web_b(&s, "198.18.1.11:8080").packets_in, 4);
 }
@@ -134,7 +212,11 @@ struct Flaky {
 }
 
 impl Inspect for Flaky {
-    fn counters(&self, services: u32, backends: u32) -> Result<RawCounters, crate::dataplane::MapError> {
+    fn counters(
+        &self,
+        services: u32,
+        backends: u32,
+    ) -> Result<RawCounters, crate::dataplane::MapError> {
         if self.ok.load(std::sync::atomic::Ordering::Relaxed) {
             Ok(RawCounters {
                 services: vec![service_stats(7, 1); services as usize],
@@ -152,7 +234,10 @@ impl Inspect for Flaky {
     fn conntrack_entries(&self) -> Result<u64, crate::dataplane::MapError> {
         Ok(11)
     }
-    fn trace(&self, _: &lb_common::FlowKey) -> Result<crate::dataplane::inspect::Trace, crate::dataplane::MapError> {
+    fn trace(
+        &self,
+        _: &lb_common::FlowKey,
+    ) -> Result<crate::dataplane::inspect::Trace, crate::dataplane::MapError> {
         unreachable!()
     }
 }
