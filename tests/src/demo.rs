@@ -177,13 +177,17 @@ pub fn run(hold: bool) -> Result<(), String> {
         back.as_millis()
     );
 
+    // What the agent counted, as an operator sees it (the counters are sampled every second).
+    std::thread::sleep(lb_agent::traffic::SAMPLE_EVERY * 2);
+    let bin = crate::agent::agent_binary();
+    let bin = bin.to_str().ok_or("agent path")?;
+    let status = lab.lb.try_exec(&[bin, "status"])?;
+    println!("== lb-agent status\n{status}");
+
     if hold {
+        let (c, l) = (lab.client.name(), lab.lb.name());
         println!(
-            "\nThe lab is up. Try, from another shell:\n  ip netns exec {} curl -s http://{VIP_V4}/\n  ip netns exec {} curl -s 'http://[{VIP_V6}]/'\n  ip netns exec {} curl -s http://127.0.0.1:9300/api/v1/services\n  ip netns exec {} curl -s http://127.0.0.1:9300/metrics\nThe agent's log: {}\nCtrl-C removes everything.",
-            lab.client.name(),
-            lab.client.name(),
-            lab.lb.name(),
-            lab.lb.name(),
+            "\nThe lab is up. Try, from another shell:\n  ip netns exec {c} curl -s http://{VIP_V4}/\n  ip netns exec {c} curl -s 'http://[{VIP_V6}]/'\n  ip netns exec {l} {bin} status\n  ip netns exec {l} curl -s http://127.0.0.1:9300/api/v1/services\n  ip netns exec {l} curl -s http://127.0.0.1:9300/metrics\n  ip netns exec {l} curl -s 'http://127.0.0.1:9300/api/v1/lookup?client={CLIENT_V4}:40000&vip={VIP_V4}:80'\nThe agent's log: {}\nCtrl-C removes everything.",
             agent.log.display()
         );
         while !STOP.load(Ordering::SeqCst) {
