@@ -17,5 +17,6 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod sources;
 pub mod status;
 pub mod traffic;

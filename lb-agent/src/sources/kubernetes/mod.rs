@@ -1,0 +1,7 @@
+//! Kubernetes mode: weir's custom resources, the address allocator, the Service annotations,
+//! and the translation of Services, EndpointSlices and Nodes into the same model the
+//! standalone mode programs (one model, two sources).
+
+pub mod annotations;
+pub mod crd;
+pub mod ipam;
