@@ -27,7 +27,7 @@ use crate::{
         state::Health,
     },
     metrics::{AttachLabels, Metrics},
-    model::DesiredState,
+    model::{DesiredState, Frontend},
     status::{BackendStatus, ServiceStatus, Snapshot},
     traffic::{self, Traffic},
 };
@@ -165,7 +165,7 @@ struct Agent {
     /// What is in the maps: `current.desired` with health applied.
     programmed: DesiredState,
     /// Each service's health mode as programmed.
-    modes: BTreeMap<String, HealthMode>,
+    modes: BTreeMap<Frontend, HealthMode>,
     /// The check states `programmed` was computed from.
     states: HashMap<CheckKey, Health>,
 }
@@ -220,10 +220,10 @@ impl Agent {
             states.get(k).copied().unwrap_or(Health::Unknown)
         });
         let report = self.programmer.apply(&effective, &mut self.datapath.maps)?;
-        for (name, mode) in &modes {
-            let before = self.modes.get(name).copied();
+        for (frontend, mode) in &modes {
+            let before = self.modes.get(frontend).copied();
             if before != Some(*mode) {
-                log_mode(name, before, *mode, &effective);
+                log_mode(*frontend, before, *mode, &effective);
             }
         }
         self.programmed = effective;
@@ -295,10 +295,10 @@ impl Agent {
 
     /// Publishes what is programmed, for the API and the metrics.
     fn publish(&self) {
-        let ids: HashMap<&str, &ProgrammedService> = self
+        let ids: HashMap<Frontend, &ProgrammedService> = self
             .programmer
             .services()
-            .map(|p| (p.spec.name.as_str(), p))
+            .map(|p| (p.spec.frontend, p))
             .collect();
         let services = self
             .programmed
@@ -306,14 +306,14 @@ impl Agent {
             .iter()
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
-                id: ids.get(s.name.as_str()).map_or(0, |p| p.id),
+                id: ids.get(&s.frontend).map_or(0, |p| p.id),
                 vip: s.frontend.vip,
                 port: s.frontend.port,
                 protocol: s.frontend.protocol,
                 check: s.health_check.as_ref().map(|h| h.probe.kind.as_str()),
                 mode: self
                     .modes
-                    .get(&s.name)
+                    .get(&s.frontend)
                     .copied()
                     .unwrap_or(HealthMode::Unchecked),
                 backends: s
@@ -327,7 +327,7 @@ impl Agent {
                         BackendStatus {
                             addr: b.addr,
                             id: ids
-                                .get(s.name.as_str())
+                                .get(&s.frontend)
                                 .and_then(|p| p.backends.get(&b.addr))
                                 .map_or(0, |pb| pb.id),
                             weight: b.weight,
@@ -415,26 +415,35 @@ impl Agent {
     }
 }
 
-fn log_mode(name: &str, before: Option<HealthMode>, mode: HealthMode, state: &DesiredState) {
-    let backends = state
-        .services
-        .iter()
-        .find(|s| s.name == name)
-        .map_or(0, |s| s.backends.iter().filter(|b| b.share() > 0).count());
+fn log_mode(
+    frontend: Frontend,
+    before: Option<HealthMode>,
+    mode: HealthMode,
+    state: &DesiredState,
+) {
+    let Some(s) = state.services.iter().find(|s| s.frontend == frontend) else {
+        return;
+    };
+    let name = s.name.as_str();
+    let frontend = frontend.to_string();
+    let frontend = frontend.as_str();
+    let backends = s.backends.iter().filter(|b| b.share() > 0).count();
     match mode {
         HealthMode::FailOpen => warn!(
             service = name,
+            frontend,
             backends,
             "every backend failed its health check: failing open, new flows go to all of them \
              (set health_check.fail_closed to drop them instead)"
         ),
         HealthMode::FailClosed => warn!(
             service = name,
+            frontend,
             "every backend failed its health check: fail_closed is set, new flows are dropped"
         ),
         HealthMode::Pending => info!(
             service = name,
-            "no backend has answered its first health check yet: new flows wait"
+            frontend, "no backend has answered its first health check yet: new flows wait"
         ),
         HealthMode::Checked
             if matches!(

@@ -101,8 +101,17 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// The first service named `name` (a Kubernetes Service with several ports or families is
+    /// several services of one name: see [`Traffic::at`]).
     pub fn service(&self, name: &str) -> Option<&ServiceTraffic> {
         self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The service of a frontend.
+    pub fn at(&self, vip: IpAddr, port: u16, protocol: Protocol) -> Option<&ServiceTraffic> {
+        self.services
+            .iter()
+            .find(|s| s.vip == vip && s.port == port && s.protocol == protocol)
     }
 }
 
@@ -178,12 +187,13 @@ impl<const N: usize> Series<N> {
 }
 
 type ServiceLabels = (String, IpAddr, u16, Protocol);
+type BackendLabels = (String, IpAddr, u16, Protocol, SocketAddr);
 
 /// Per-id readings → per-label-set totals and rates (see the module docs).
 #[derive(Debug, Default)]
 pub struct Accounting {
     services: HashMap<ServiceLabels, Series<SERVICE_FIELDS>>,
-    backends: HashMap<(String, SocketAddr), Series<BACKEND_FIELDS>>,
+    backends: HashMap<BackendLabels, Series<BACKEND_FIELDS>>,
     previous: Option<(Instant, Arc<Traffic>)>,
     errors: u64,
 }
@@ -225,7 +235,7 @@ impl Accounting {
                     let reading = raw.backends.get(b.id as usize).unwrap_or(&zero_backend);
                     let total = self
                         .backends
-                        .entry((s.name.clone(), b.addr))
+                        .entry((s.name.clone(), s.vip, s.port, s.protocol, b.addr))
                         .or_insert_with(|| Series::new(b.id))
                         .update(b.id, backend_fields(reading));
                     let totals = counters(&total);
@@ -260,8 +270,11 @@ impl Accounting {
                 &s.name == name && s.vip == *vip && s.port == *port && s.protocol == *protocol
             })
         });
-        self.backends
-            .retain(|(name, _), _| snapshot.services.iter().any(|s| &s.name == name));
+        self.backends.retain(|(name, vip, port, protocol, _), _| {
+            snapshot.services.iter().any(|s| {
+                &s.name == name && s.vip == *vip && s.port == *port && s.protocol == *protocol
+            })
+        });
         let unattributed = raw.services.first().copied().unwrap_or_default();
         let traffic = Arc::new(Traffic {
             sampled: true,

@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use serde::Serialize;
 
 use self::{monitor::CheckKey, spec::CheckKind, state::Health};
-use crate::model::{Backend, DesiredState, Service};
+use crate::model::{Backend, DesiredState, Frontend, Service};
 
 /// How a service's backends are chosen, given their checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -84,7 +84,8 @@ pub fn wanted_checks(desired: &DesiredState) -> BTreeMap<CheckKey, Vec<CheckUser
 }
 
 /// What the data plane should carry: `desired` with each backend's `available` flag set from
-/// its check, and the mode of every service (by name).
+/// its check, and the mode of every service (by frontend: a Kubernetes Service with several
+/// ports or families is several model services of one name).
 ///
 /// For a checked service, backends that are up are available. When no backend with a weight is
 /// up: if none has answered yet the service waits (`Pending`, nothing available); otherwise it
@@ -92,12 +93,12 @@ pub fn wanted_checks(desired: &DesiredState) -> BTreeMap<CheckKey, Vec<CheckUser
 pub fn effective(
     desired: &DesiredState,
     health: impl Fn(&CheckKey) -> Health,
-) -> (DesiredState, BTreeMap<String, HealthMode>) {
+) -> (DesiredState, BTreeMap<Frontend, HealthMode>) {
     let mut modes = BTreeMap::new();
     let mut out = desired.clone();
     for s in &mut out.services {
         let Some(hc) = &s.health_check else {
-            modes.insert(s.name.clone(), HealthMode::Unchecked);
+            modes.insert(s.frontend, HealthMode::Unchecked);
             continue;
         };
         let states: Vec<Health> = s
@@ -128,7 +129,7 @@ pub fn effective(
         for (b, state) in s.backends.iter_mut().zip(&states) {
             b.available = *state == Health::Up || (mode == HealthMode::FailOpen && b.weight > 0);
         }
-        modes.insert(s.name.clone(), mode);
+        modes.insert(s.frontend, mode);
     }
     (out, modes)
 }

@@ -55,7 +55,21 @@ fn run(
         .iter()
         .map(|s| s.backends.iter().map(|b| b.available).collect())
         .collect();
-    (available, modes)
+    (available, by_name(desired, modes))
+}
+
+/// Modes by service name (the names here are unique).
+fn by_name(
+    desired: &DesiredState,
+    modes: BTreeMap<Frontend, HealthMode>,
+) -> BTreeMap<String, HealthMode> {
+    modes
+        .into_iter()
+        .map(|(f, m)| {
+            let s = desired.services.iter().find(|s| s.frontend == f).unwrap();
+            (s.name.clone(), m)
+        })
+        .collect()
 }
 
 fn state(services: Vec<Service>) -> DesiredState {
@@ -66,6 +80,7 @@ fn state(services: Vec<Service>) -> DesiredState {
 fn unchecked_services_are_untouched() {
     let d = state(vec![service("web", 80, &[(B1, 1), (B2, 0)], None)]);
     let (out, modes) = effective(&d, |_| Health::Down);
+    let modes = by_name(&d, modes);
     assert_eq!(out, d);
     assert_eq!(modes["web"], HealthMode::Unchecked);
 }

@@ -5,7 +5,7 @@
 //! sets: configured services and backends, interfaces, and fixed lists (directions, drop
 //! reasons, paths, check types and results).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prometheus_client::{
     collector::Collector,
@@ -129,12 +129,19 @@ impl Collector for SnapshotGauges {
                 None,
                 MetricType::Gauge,
             )?;
+            // One series per (service, backend): a backend behind several frontends of one
+            // Kubernetes Service counts as healthy only if every check of it passes.
+            let mut healthy: BTreeMap<(&str, String), bool> = BTreeMap::new();
             for s in &snapshot.services {
                 for b in &s.backends {
-                    let backend = b.endpoint();
-                    let labels = [("service", s.name.as_str()), ("backend", backend.as_str())];
-                    ConstGauge::new(i64::from(b.healthy)).encode(m.encode_family(&labels)?)?;
+                    *healthy
+                        .entry((s.name.as_str(), b.endpoint()))
+                        .or_insert(true) &= b.healthy;
                 }
+            }
+            for ((service, backend), ok) in &healthy {
+                let labels = [("service", *service), ("backend", backend.as_str())];
+                ConstGauge::new(i64::from(*ok)).encode(m.encode_family(&labels)?)?;
             }
         }
         let mut m = encoder.encode_descriptor(
@@ -143,9 +150,12 @@ impl Collector for SnapshotGauges {
             None,
             MetricType::Gauge,
         )?;
+        let mut open: BTreeMap<&str, bool> = BTreeMap::new();
         for s in snapshot.services.iter().filter(|s| s.checked()) {
-            let labels = [("service", s.name.as_str())];
-            ConstGauge::new(i64::from(s.fail_open())).encode(m.encode_family(&labels)?)?;
+            *open.entry(s.name.as_str()).or_insert(false) |= s.fail_open();
+        }
+        for (service, open) in open {
+            ConstGauge::new(i64::from(open)).encode(m.encode_family(&[("service", service)])?)?;
         }
         Ok(())
     }
@@ -368,6 +378,21 @@ impl Collector for TrafficCollector {
                 }
             }
         }
+        // One series per (service, backend): summed over the frontends of one Kubernetes
+        // Service that reach the same backend.
+        let mut backends: BTreeMap<(&str, String), Counters> = BTreeMap::new();
+        for s in &t.services {
+            for b in &s.backends {
+                let c = backends
+                    .entry((s.name.as_str(), b.addr.to_string()))
+                    .or_default();
+                c.packets_in += b.totals.packets_in;
+                c.bytes_in += b.totals.bytes_in;
+                c.packets_out += b.totals.packets_out;
+                c.bytes_out += b.totals.bytes_out;
+                c.connections += b.totals.connections;
+            }
+        }
         for (name, help, packets) in [
             (
                 "backend_packets",
@@ -381,17 +406,14 @@ impl Collector for TrafficCollector {
             ),
         ] {
             let mut m = counter(&mut encoder, name, help)?;
-            for (s, _, _) in &services {
-                for b in &s.backends {
-                    let backend = b.addr.to_string();
-                    for (direction, v) in DIRECTIONS.iter().zip(per_direction(&b.totals, packets)) {
-                        let labels = [
-                            ("service", s.name.as_str()),
-                            ("backend", backend.as_str()),
-                            ("direction", direction),
-                        ];
-                        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
-                    }
+            for ((service, backend), c) in &backends {
+                for (direction, v) in DIRECTIONS.iter().zip(per_direction(c, packets)) {
+                    let labels = [
+                        ("service", *service),
+                        ("backend", backend.as_str()),
+                        ("direction", direction),
+                    ];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
                 }
             }
         }
@@ -401,12 +423,9 @@ impl Collector for TrafficCollector {
                 "backend_connections",
                 "New flows a service steered to a backend",
             )?;
-            for (s, _, _) in &services {
-                for b in &s.backends {
-                    let backend = b.addr.to_string();
-                    let labels = [("service", s.name.as_str()), ("backend", backend.as_str())];
-                    ConstCounter::new(b.totals.connections).encode(m.encode_family(&labels)?)?;
-                }
+            for ((service, backend), c) in &backends {
+                let labels = [("service", *service), ("backend", backend.as_str())];
+                ConstCounter::new(c.connections).encode(m.encode_family(&labels)?)?;
             }
         }
         {

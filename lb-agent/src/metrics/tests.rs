@@ -146,3 +146,42 @@ weir_h_count 1
 "
     );
 }
+
+#[test]
+fn frontends_of_one_kubernetes_service_share_backend_series() {
+    // ns/web on ports 80 and 8080, both to 198.18.1.11:8080: one series per (service,
+    // backend), summed; healthy only if every frontend's check passes.
+    let mut snap = fixtures::snapshot();
+    let mut second = snap.services[0].clone();
+    second.port = 8080;
+    second.backends[0].healthy = false;
+    snap.services.push(second);
+    for s in &mut snap.services {
+        s.name = "ns/web".into();
+    }
+    let mut t = fixtures::traffic();
+    let mut other = t.services[0].clone();
+    other.port = 8080;
+    t.services.push(other);
+    for s in &mut t.services {
+        s.name = "ns/web".into();
+    }
+    let snapshot = watch::Sender::new(Arc::new(snap));
+    let traffic = watch::Sender::new(Arc::new(t));
+    let m = Metrics::new(snapshot.subscribe(), traffic.subscribe());
+    let text = m.encode();
+    let count = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+    let b1 = "service=\"ns/web\",backend=\"198.18.1.11:8080\"";
+    assert_eq!(count(&format!("weir_backend_healthy{{{b1}}}")), 1, "{text}");
+    assert!(text.contains(&format!("weir_backend_healthy{{{b1}}} 0")));
+    assert!(text.contains(&format!(
+        "weir_backend_packets_total{{{b1},direction=\"in\"}} 240"
+    )));
+    assert!(text.contains(&format!("weir_backend_connections_total{{{b1}}} 40")));
+    assert_eq!(count("weir_service_fail_open{service=\"ns/web\"}"), 1);
+    // The service series stay apart by port.
+    assert_eq!(
+        count("weir_service_connections_total{service=\"ns/web\""),
+        2
+    );
+}

@@ -92,7 +92,9 @@ impl Backend {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// Unique name: the config name in standalone mode, `namespace/name` in Kubernetes mode.
+    /// The config name in standalone mode (unique there); `namespace/name` in Kubernetes
+    /// mode, where a Service with several ports or address families is several services of
+    /// one name. The frontend is what is unique.
     pub name: String,
     pub frontend: Frontend,
     /// Sorted by address, no duplicates, same family as the VIP.
@@ -111,6 +113,6 @@ pub struct Service {
 /// Everything the data plane should carry, as one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    /// Sorted by name; names and frontends are unique.
+    /// Sorted by name, then frontend; frontends are unique.
     pub services: Vec<Service>,
 }

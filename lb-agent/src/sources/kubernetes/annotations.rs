@@ -60,7 +60,10 @@ pub fn address_request(
         for part in value.split(',') {
             let ip: IpAddr = part.trim().parse().map_err(|_| AnnotationError {
                 key: key.to_string(),
-                message: format!("{:?} is not an IP address (expected a comma-separated list)", part.trim()),
+                message: format!(
+                    "{:?} is not an IP address (expected a comma-separated list)",
+                    part.trim()
+                ),
             })?;
             if req.addresses.contains(&ip) {
                 return Err(AnnotationError {
@@ -71,7 +74,8 @@ pub fn address_request(
             req.addresses.push(ip);
         }
         if req.addresses.len() > 2
-            || (req.addresses.len() == 2 && req.addresses[0].is_ipv4() == req.addresses[1].is_ipv4())
+            || (req.addresses.len() == 2
+                && req.addresses[0].is_ipv4() == req.addresses[1].is_ipv4())
         {
             return Err(AnnotationError {
                 key: key.to_string(),
@@ -120,7 +124,10 @@ mod tests {
     use super::*;
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -134,27 +141,55 @@ mod tests {
         assert_eq!(
             address_request(&a, Some("198.18.100.99")).unwrap(),
             AddressRequest {
-                addresses: vec!["198.18.100.21".parse().unwrap(), "fd00:100::21".parse().unwrap()],
+                addresses: vec![
+                    "198.18.100.21".parse().unwrap(),
+                    "fd00:100::21".parse().unwrap()
+                ],
                 pool: Some("legacy".into()),
                 sharing: Some("team-a".into()),
             }
         );
         // spec.loadBalancerIP only when no annotation asks.
         assert_eq!(
-            address_request(&BTreeMap::new(), Some("198.18.100.99")).unwrap().addresses,
+            address_request(&BTreeMap::new(), Some("198.18.100.99"))
+                .unwrap()
+                .addresses,
             vec!["198.18.100.99".parse::<IpAddr>().unwrap()]
         );
-        assert_eq!(address_request(&BTreeMap::new(), Some("")).unwrap(), AddressRequest::default());
+        assert_eq!(
+            address_request(&BTreeMap::new(), Some("")).unwrap(),
+            AddressRequest::default()
+        );
     }
 
     #[test]
     fn bad_values_name_their_key() {
         for (pairs, key, message) in [
-            (vec![("weir.dev/load-balancer-ips", "198.18.100.300")], "weir.dev/load-balancer-ips", "\"198.18.100.300\" is not an IP address"),
-            (vec![("metallb.io/loadBalancerIPs", "198.18.100.1,198.18.100.2")], "metallb.io/loadBalancerIPs", "at most one IPv4 and one IPv6"),
-            (vec![("weir.dev/load-balancer-ips", "198.18.100.1,198.18.100.1")], "weir.dev/load-balancer-ips", "listed twice"),
-            (vec![("weir.dev/ip-pool", "Bad_Pool")], "weir.dev/ip-pool", "not an IPPool name"),
-            (vec![("metallb.universe.tf/allow-shared-ip", " ")], "metallb.universe.tf/allow-shared-ip", "empty sharing key"),
+            (
+                vec![("weir.dev/load-balancer-ips", "198.18.100.300")],
+                "weir.dev/load-balancer-ips",
+                "\"198.18.100.300\" is not an IP address",
+            ),
+            (
+                vec![("metallb.io/loadBalancerIPs", "198.18.100.1,198.18.100.2")],
+                "metallb.io/loadBalancerIPs",
+                "at most one IPv4 and one IPv6",
+            ),
+            (
+                vec![("weir.dev/load-balancer-ips", "198.18.100.1,198.18.100.1")],
+                "weir.dev/load-balancer-ips",
+                "listed twice",
+            ),
+            (
+                vec![("weir.dev/ip-pool", "Bad_Pool")],
+                "weir.dev/ip-pool",
+                "not an IPPool name",
+            ),
+            (
+                vec![("metallb.universe.tf/allow-shared-ip", " ")],
+                "metallb.universe.tf/allow-shared-ip",
+                "empty sharing key",
+            ),
         ] {
             let e = address_request(&ann(&pairs), None).unwrap_err();
             assert_eq!(e.key, key);

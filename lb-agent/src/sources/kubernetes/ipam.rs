@@ -70,8 +70,12 @@ impl AddrRange {
         let text = text.trim();
         if let Some((a, b)) = text.split_once('-') {
             let (a, b): (IpAddr, IpAddr) = (
-                a.trim().parse().map_err(|_| format!("{a:?} is not an address"))?,
-                b.trim().parse().map_err(|_| format!("{b:?} is not an address"))?,
+                a.trim()
+                    .parse()
+                    .map_err(|_| format!("{a:?} is not an address"))?,
+                b.trim()
+                    .parse()
+                    .map_err(|_| format!("{b:?} is not an address"))?,
             );
             if Family::of(a) != Family::of(b) {
                 return Err(format!("{text:?} mixes IPv4 and IPv6"));
@@ -155,7 +159,10 @@ impl Selector {
                     return Err(format!("selector {} {}: needs values", e.key, e.operator));
                 }
                 ("Exists" | "DoesNotExist", _) => {
-                    return Err(format!("selector {} {}: takes no values", e.key, e.operator));
+                    return Err(format!(
+                        "selector {} {}: takes no values",
+                        e.key, e.operator
+                    ));
                 }
                 (op, _) => return Err(format!("selector {}: unknown operator {op:?}", e.key)),
             }
@@ -216,7 +223,10 @@ impl Pool {
     /// Whether the Service of `req` may take addresses from this pool.
     pub fn allows(&self, req: &Request) -> bool {
         (self.namespaces.is_empty() || self.namespaces.contains(&req.namespace))
-            && self.selector.as_ref().is_none_or(|s| s.matches(&req.labels))
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&req.labels))
     }
 
     /// Addresses of `family` the pool can hand out (buggy ones excluded).
@@ -269,7 +279,9 @@ pub enum AllocError {
     PoolNotAllowed { pool: String },
     #[error("{ip} is in no IPPool{}", .pool.as_ref().map(|p| format!(" named {p:?}")).unwrap_or_default() )]
     NotInPool { ip: IpAddr, pool: Option<String> },
-    #[error("{ip} is in use by {by} and cannot be shared (sharing needs the same allow-shared-ip key on both and no common port)")]
+    #[error(
+        "{ip} is in use by {by} and cannot be shared (sharing needs the same allow-shared-ip key on both and no common port)"
+    )]
     InUse { ip: IpAddr, by: String },
     #[error("no free {family} address in {}", if .pools.is_empty() { "any IPPool that allows this Service".to_string() } else { format!("IPPool {}", .pools.join(", ")) })]
     Exhausted { family: Family, pools: Vec<String> },
@@ -321,7 +333,9 @@ impl Allocator {
 
     /// Every holder, for status and tests.
     pub fn holders(&self) -> impl Iterator<Item = (&str, &[IpAddr])> {
-        self.held.iter().map(|(s, h)| (s.as_str(), h.ips.as_slice()))
+        self.held
+            .iter()
+            .map(|(s, h)| (s.as_str(), h.ips.as_slice()))
     }
 
     /// Addresses of `pool` in use (a shared one counts once).
@@ -349,7 +363,11 @@ impl Allocator {
     /// Gives `req.service` addresses: what it holds if that still fits the request, else
     /// `previous` (what its status says, from an earlier leader) if that fits, else new ones.
     /// On error nothing changes.
-    pub fn assign(&mut self, req: &Request, previous: &[IpAddr]) -> Result<Vec<IpAddr>, AllocError> {
+    pub fn assign(
+        &mut self,
+        req: &Request,
+        previous: &[IpAddr],
+    ) -> Result<Vec<IpAddr>, AllocError> {
         if let Some(h) = self.held.get(&req.service) {
             if self.satisfies(&h.ips, req, Some(&req.service)) {
                 let ips = h.ips.clone();
@@ -370,7 +388,10 @@ impl Allocator {
         };
         self.release(&req.service);
         for ip in &ips {
-            self.by_ip.entry(*ip).or_default().insert(req.service.clone());
+            self.by_ip
+                .entry(*ip)
+                .or_default()
+                .insert(req.service.clone());
         }
         self.held.insert(
             req.service.clone(),

@@ -41,8 +41,14 @@ fn ranges_parse_and_refuse_clearly() {
     assert_eq!(AddrRange::parse("fd00:100::/120").unwrap().len(), 256);
     assert_eq!(AddrRange::parse("198.18.100.7").unwrap().len(), 1);
     for (text, message) in [
-        ("198.18.100.1/24", "host bits set (did you mean 198.18.100.0/24?)"),
-        ("198.18.100.9-198.18.100.1", "the first address is after the last"),
+        (
+            "198.18.100.1/24",
+            "host bits set (did you mean 198.18.100.0/24?)",
+        ),
+        (
+            "198.18.100.9-198.18.100.1",
+            "the first address is after the last",
+        ),
         ("198.18.100.1-fd00::1", "mixes IPv4 and IPv6"),
         ("pool", "neither a CIDR"),
     ] {
@@ -72,7 +78,10 @@ fn buggy_addresses_are_skipped_and_not_counted() {
     assert_eq!(a.assign(&req("b"), &[]).unwrap(), [ip("198.18.100.1")]);
     assert!(matches!(
         a.assign(&req("c"), &[]),
-        Err(AllocError::Exhausted { family: Family::V4, .. })
+        Err(AllocError::Exhausted {
+            family: Family::V4,
+            ..
+        })
     ));
 }
 
@@ -82,7 +91,10 @@ fn dual_stack_requests_get_one_address_per_family_in_order() {
     a.set_pools([pool("p", &["198.18.100.0/30", "fd00:100::/126"])]);
     let mut r = req("web");
     r.families = vec![Family::V6, Family::V4];
-    assert_eq!(a.assign(&r, &[]).unwrap(), [ip("fd00:100::"), ip("198.18.100.0")]);
+    assert_eq!(
+        a.assign(&r, &[]).unwrap(),
+        [ip("fd00:100::"), ip("198.18.100.0")]
+    );
     assert_eq!(a.assigned_in("p"), 2);
 }
 
@@ -97,7 +109,11 @@ fn sharing_needs_the_same_key_and_no_common_port() {
     dns_udp.sharing = Some("dns".into());
     dns_udp.ports = [(Protocol::Udp, 53)].into();
     let first = a.assign(&dns_tcp, &[]).unwrap();
-    assert_eq!(a.assign(&dns_udp, &[]).unwrap(), first, "shares the key's address");
+    assert_eq!(
+        a.assign(&dns_udp, &[]).unwrap(),
+        first,
+        "shares the key's address"
+    );
     // Same key, common port: a new address, or refused when asked for the shared one.
     let mut clash = dns_udp.clone();
     clash.service = "default/clash".into();
@@ -115,7 +131,10 @@ fn sharing_needs_the_same_key_and_no_common_port() {
     let mut plain = req("plain");
     plain.addresses = first.clone();
     plain.ports = [(Protocol::Tcp, 8080)].into();
-    assert!(matches!(a.assign(&plain, &[]), Err(AllocError::InUse { .. })));
+    assert!(matches!(
+        a.assign(&plain, &[]),
+        Err(AllocError::InUse { .. })
+    ));
     // Releasing both holders frees the address.
     a.release("default/dns-tcp");
     a.release("default/dns-udp");
@@ -148,7 +167,10 @@ fn pools_are_chosen_by_name_namespace_labels_and_auto_assign() {
     let mut a = Allocator::default();
     a.set_pools([restricted, manual, labelled]);
     // default/x: neither team-a (namespace) nor manual (no auto) nor gold (labels).
-    assert!(matches!(a.assign(&req("x"), &[]), Err(AllocError::Exhausted { .. })));
+    assert!(matches!(
+        a.assign(&req("x"), &[]),
+        Err(AllocError::Exhausted { .. })
+    ));
     let mut gold = req("g");
     gold.labels.insert("tier".into(), "gold".into());
     assert_eq!(a.assign(&gold, &[]).unwrap(), [ip("198.18.103.0")]);
@@ -164,7 +186,10 @@ fn pools_are_chosen_by_name_namespace_labels_and_auto_assign() {
         })
     );
     named.pool = Some("nope".into());
-    assert_eq!(a.assign(&named, &[]), Err(AllocError::NoSuchPool("nope".into())));
+    assert_eq!(
+        a.assign(&named, &[]),
+        Err(AllocError::NoSuchPool("nope".into()))
+    );
     let mut outside = req("o");
     outside.addresses = vec![ip("198.18.200.1")];
     assert_eq!(
@@ -256,7 +281,10 @@ fn op() -> impl Strategy<Value = Op> {
 /// Small pools that run out: a (6 IPv4 + 4 IPv6, any namespace), b (2 IPv4, namespace ns0
 /// only), c (2 IPv4, not auto-assigned).
 fn pools() -> Vec<Pool> {
-    let a = pool("a", &["198.18.100.0-198.18.100.5", "fd00:100::-fd00:100::3"]);
+    let a = pool(
+        "a",
+        &["198.18.100.0-198.18.100.5", "fd00:100::-fd00:100::3"],
+    );
     let mut b = pool("b", &["198.18.100.6/31"]);
     b.namespaces = vec!["ns0".into()];
     let mut c = pool("c", &["198.18.100.8/31"]);
