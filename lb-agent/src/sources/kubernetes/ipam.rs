@@ -368,18 +368,18 @@ impl Allocator {
         req: &Request,
         previous: &[IpAddr],
     ) -> Result<Vec<IpAddr>, AllocError> {
-        if let Some(h) = self.held.get(&req.service) {
-            if self.satisfies(&h.ips, req, Some(&req.service)) {
-                let ips = h.ips.clone();
-                self.held.insert(
-                    req.service.clone(),
-                    Holding {
-                        ips: ips.clone(),
-                        request: req.clone(),
-                    },
-                );
-                return Ok(ips);
-            }
+        if let Some(h) = self.held.get(&req.service)
+            && self.satisfies(&h.ips, req, Some(&req.service))
+        {
+            let ips = h.ips.clone();
+            self.held.insert(
+                req.service.clone(),
+                Holding {
+                    ips: ips.clone(),
+                    request: req.clone(),
+                },
+            );
+            return Ok(ips);
         }
         let ips = if !previous.is_empty() && self.satisfies(previous, req, Some(&req.service)) {
             previous.to_vec()
