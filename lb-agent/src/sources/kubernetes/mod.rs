@@ -5,3 +5,7 @@
 pub mod annotations;
 pub mod crd;
 pub mod ipam;
+pub mod translate;
+
+#[cfg(test)]
+pub mod fixtures;

@@ -1,0 +1,357 @@
+//! Services, EndpointSlices and Nodes in; the desired state of this node's data plane out — a
+//! pure function of full stores (level-triggered: lost or repeated watch events cannot leave
+//! it wrong), with kube-proxy's semantics:
+//!
+//! - Services of type LoadBalancer whose `spec.loadBalancerClass` is weir's, or unset when weir
+//!   is the default class; their VIPs are the addresses in `status.loadBalancer.ingress` (the
+//!   leader writes them; a Service without one is not served yet);
+//! - one model service per (VIP, port): several ports, and IPv4 and IPv6 VIPs of dual-stack
+//!   Services, each get their own frontend under the one name `namespace/name`;
+//! - backends from the Service's EndpointSlices of the VIP's family, the port found by the
+//!   Service port's name and protocol in the slice (so named target ports are resolved as the
+//!   endpoints controller resolved them); ready endpoints, or, when none is ready, the serving
+//!   and terminating ones;
+//! - `externalTrafficPolicy: Local`: only this node's endpoints;
+//! - `sessionAffinity: ClientIP` with its timeout (default 3 hours), `loadBalancerSourceRanges`;
+//! - a node labelled `node.kubernetes.io/exclude-from-external-load-balancers` serves nothing;
+//! - health checks from the Service's annotations (`crate::health::spec::from_annotations`).
+//!
+//! A problem with one Service (a bad annotation, a bad source range, a VIP another Service
+//! already serves on that port) is reported for it and never affects another Service.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::{
+    health::spec::from_annotations,
+    model::{self, Backend, DesiredState, Frontend, Protocol},
+};
+
+/// weir's `spec.loadBalancerClass`.
+pub const CLASS: &str = "weir.dev/lb";
+/// The label that keeps a node out of external load balancing.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// kube-proxy's default ClientIP affinity timeout.
+pub const DEFAULT_AFFINITY: Duration = Duration::from_secs(10_800);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// This node's name.
+    pub node: String,
+    /// Also serve LoadBalancer Services without a `loadBalancerClass`.
+    pub default_class: bool,
+    /// Maglev table size for every service.
+    pub table_size: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    pub desired: DesiredState,
+    /// By Service (`namespace/name`): what was left out and why.
+    pub problems: BTreeMap<String, Vec<String>>,
+    /// The node is excluded from external load balancing.
+    pub excluded: bool,
+}
+
+/// `namespace/name`.
+pub fn key(svc: &Service) -> String {
+    format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Whether weir serves this Service at all.
+pub fn wanted(svc: &Service, default_class: bool) -> bool {
+    let Some(spec) = &svc.spec else {
+        return false;
+    };
+    spec.type_.as_deref() == Some("LoadBalancer")
+        && match spec.load_balancer_class.as_deref() {
+            Some(c) => c == CLASS,
+            None => default_class,
+        }
+}
+
+fn protocol(p: Option<&str>) -> Result<Protocol, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => Err(format!("protocol {other:?} is not supported")),
+    }
+}
+
+/// An endpoint usable for new flows, by the EndpointSlice conditions' rules: `ready` (unset
+/// means ready); the fallback set is `serving` (unset: as ready) and `terminating`.
+fn conditions(e: &k8s_openapi::api::discovery::v1::Endpoint) -> (bool, bool) {
+    let c = e.conditions.clone().unwrap_or_default();
+    let ready = c.ready.unwrap_or(true);
+    let serving = c.serving.unwrap_or(ready);
+    let terminating = c.terminating.unwrap_or(false);
+    (ready, serving && terminating)
+}
+
+/// The backends of Service port `(name, protocol)` in `slices`, for VIPs of the family of
+/// `v4`; `local` keeps only `node`'s endpoints.
+fn backends(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: Protocol,
+    v4: bool,
+    local: Option<&str>,
+) -> Vec<Backend> {
+    let mut ready = BTreeSet::new();
+    let mut fallback = BTreeSet::new();
+    let family = if v4 { "IPv4" } else { "IPv6" };
+    for slice in slices.iter().filter(|s| s.address_type == family) {
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && protocol(p.protocol.as_deref()).ok() == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(port) = port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            if local.is_some_and(|n| e.node_name.as_deref() != Some(n)) {
+                continue;
+            }
+            let (is_ready, is_fallback) = conditions(e);
+            for a in &e.addresses {
+                let Ok(ip) = a.parse::<IpAddr>() else {
+                    continue;
+                };
+                if ip.is_ipv4() != v4 {
+                    continue;
+                }
+                let addr = SocketAddr::new(ip, port);
+                if is_ready {
+                    ready.insert(addr);
+                } else if is_fallback {
+                    fallback.insert(addr);
+                }
+            }
+        }
+    }
+    let chosen = if ready.is_empty() { fallback } else { ready };
+    chosen.into_iter().map(|a| Backend::new(a, 1)).collect()
+}
+
+/// Translates the stores for this node.
+pub fn translate(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    nodes: &[Node],
+    opts: &Options,
+) -> Translation {
+    let mut out = Translation::default();
+    let this = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(opts.node.as_str()));
+    if this.is_some_and(|n| {
+        n.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(EXCLUDE_LABEL))
+    }) {
+        out.excluded = true;
+        return out;
+    }
+    // EndpointSlices by Service key.
+    let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let Some(name) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+        by_service
+            .entry(format!("{ns}/{name}"))
+            .or_default()
+            .push(s);
+    }
+    let mut sorted: Vec<&Service> = services
+        .iter()
+        .filter(|s| wanted(s, opts.default_class))
+        .collect();
+    sorted.sort_by_key(|s| key(s));
+    let mut taken: BTreeMap<Frontend, String> = BTreeMap::new();
+    for svc in sorted {
+        let name = key(svc);
+        let mut problems = Vec::new();
+        let services = service(svc, &name, by_service.get(&name), opts, &mut problems);
+        for s in services {
+            if let Some(first) = taken.get(&s.frontend) {
+                problems.push(format!("{} is already served by {first}", s.frontend));
+                continue;
+            }
+            taken.insert(s.frontend, name.clone());
+            out.desired.services.push(s);
+        }
+        if !problems.is_empty() {
+            out.problems.insert(name, problems);
+        }
+    }
+    out.desired
+        .services
+        .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+    out
+}
+
+/// The model services of one Kubernetes Service.
+fn service(
+    svc: &Service,
+    name: &str,
+    slices: Option<&Vec<&EndpointSlice>>,
+    opts: &Options,
+    problems: &mut Vec<String>,
+) -> Vec<model::Service> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    let vips: Vec<IpAddr> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref())
+        .filter_map(|ip| match ip.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                problems.push(format!(
+                    "status.loadBalancer.ingress: {ip:?} is not an IP address"
+                ));
+                None
+            }
+        })
+        .collect();
+    if vips.is_empty() {
+        return Vec::new();
+    }
+    let mut source_ranges = Vec::new();
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match r.trim().parse::<ipnet::IpNet>() {
+            Ok(net) => source_ranges.push(net.trunc()),
+            Err(_) => {
+                // Refusing the Service is safer than serving it to everyone.
+                problems.push(format!(
+                    "spec.loadBalancerSourceRanges[{i}]: {r:?} is not a CIDR; the Service is not served until it is fixed"
+                ));
+                return Vec::new();
+            }
+        }
+    }
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .filter(|s| *s > 0)
+            .map_or(DEFAULT_AFFINITY, Duration::from_secs)
+    });
+    let local =
+        (spec.external_traffic_policy.as_deref() == Some("Local")).then_some(opts.node.as_str());
+    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    let empty = Vec::new();
+    let slices = slices.unwrap_or(&empty);
+    let mut out = Vec::new();
+    let mut checks: BTreeMap<Protocol, Option<crate::health::spec::HealthCheck>> = BTreeMap::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let proto = match protocol(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(e) => {
+                problems.push(format!("spec.ports[{i}]: {e}"));
+                continue;
+            }
+        };
+        let Ok(port) = u16::try_from(p.port) else {
+            problems.push(format!("spec.ports[{i}].port: {} is out of range", p.port));
+            continue;
+        };
+        let check = checks
+            .entry(proto)
+            .or_insert_with(|| match from_annotations(&annotations, proto) {
+                Ok(c) => c,
+                Err(errors) => {
+                    for e in errors {
+                        problems.push(format!(
+                            "annotation {e}; the Service is served without a health check"
+                        ));
+                    }
+                    None
+                }
+            })
+            .clone();
+        for vip in &vips {
+            let ranges: Vec<ipnet::IpNet> = source_ranges
+                .iter()
+                .filter(|n| n.addr().is_ipv4() == vip.is_ipv4())
+                .copied()
+                .collect();
+            if !source_ranges.is_empty() && ranges.is_empty() {
+                // Source ranges of the other family only: nobody of this family may connect.
+                problems.push(format!(
+                    "no loadBalancerSourceRanges of {vip}'s family: {vip} is not served"
+                ));
+                continue;
+            }
+            out.push(model::Service {
+                name: name.to_string(),
+                frontend: Frontend {
+                    vip: *vip,
+                    port,
+                    protocol: proto,
+                },
+                backends: backends(
+                    slices,
+                    p.name.as_deref().unwrap_or(""),
+                    proto,
+                    vip.is_ipv4(),
+                    local,
+                ),
+                source_ranges: {
+                    let mut r = ranges;
+                    r.sort();
+                    r.dedup();
+                    r
+                },
+                affinity_timeout: affinity,
+                table_size: opts.table_size,
+                health_check: check.clone(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
