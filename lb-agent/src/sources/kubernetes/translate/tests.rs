@@ -128,8 +128,14 @@ fn ready_endpoints_else_serving_terminating_ones() {
         }
         s.build()
     };
-    let backends =
-        |eps: &[(&str, Cond)]| lines(&translate(&[svc.clone()], &[slice(eps)], &nodes(), &opts()));
+    let backends = |eps: &[(&str, Cond)]| {
+        lines(&translate(
+            std::slice::from_ref(&svc),
+            &[slice(eps)],
+            &nodes(),
+            &opts(),
+        ))
+    };
     assert_eq!(
         backends(&[
             ("198.18.1.11", READY),
@@ -156,7 +162,12 @@ fn local_policy_keeps_this_nodes_endpoints() {
         .ingress("198.18.100.10")
         .local()
         .build();
-    let t = translate(&[svc.clone()], &[web_slice()], &nodes(), &opts());
+    let t = translate(
+        std::slice::from_ref(&svc),
+        &[web_slice()],
+        &nodes(),
+        &opts(),
+    );
     assert_eq!(
         lines(&t),
         ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080"]
