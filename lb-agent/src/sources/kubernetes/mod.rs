@@ -2,6 +2,7 @@
 //! and the translation of Services, EndpointSlices and Nodes into the same model the
 //! standalone mode programs (one model, two sources).
 
+pub mod addresses;
 pub mod annotations;
 pub mod crd;
 pub mod ipam;
