@@ -6,6 +6,7 @@ pub mod addresses;
 pub mod annotations;
 pub mod crd;
 pub mod ipam;
+pub mod runtime;
 pub mod translate;
 
 #[cfg(test)]
