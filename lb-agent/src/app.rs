@@ -28,6 +28,10 @@ use crate::{
     },
     metrics::{AttachLabels, Metrics},
     model::{DesiredState, Frontend},
+    sources::kubernetes::{
+        runtime as kube_runtime,
+        translate::{self, Translation},
+    },
     status::{BackendStatus, ServiceStatus, Snapshot},
     traffic::{self, Traffic},
 };
@@ -38,14 +42,36 @@ const FILE_POLL: Duration = Duration::from_secs(1);
 /// check timeout.
 const FIRST_RESULTS_GRACE: Duration = Duration::from_secs(1);
 
-pub async fn run(source: Source) -> anyhow::Result<()> {
+/// Kubernetes mode (`lb-agent run --kubernetes`).
+#[derive(Clone, Debug)]
+pub struct KubeMode {
+    /// None: in-cluster credentials.
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// This node's name (`NODE_NAME`).
+    pub node: String,
+    /// Where the leader Lease lives (`POD_NAMESPACE`).
+    pub namespace: String,
+    /// This agent's name in the Lease and in Events (`POD_NAME`).
+    pub identity: String,
+    /// Also serve LoadBalancer Services without a `loadBalancerClass`.
+    pub default_class: bool,
+}
+
+pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP or SIGTERM sent as soon as /readyz answers must be seen.
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let (config, fingerprint) = source.load_with_fingerprint()?;
+    let (mut config, fingerprint) = source.load_with_fingerprint()?;
+    if kube.is_some() && !config.desired.services.is_empty() {
+        anyhow::bail!(
+            "{source}: services: with --kubernetes the services come from Kubernetes; the config \
+             file carries node settings only (remove the services list)"
+        );
+    }
     info!(
         config = %source,
+        mode = if kube.is_some() { "kubernetes" } else { "standalone" },
         services = config.desired.services.len(),
         interfaces = ?config.node.interfaces,
         "starting"
@@ -89,6 +115,55 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
     state.readiness.attached.store(true, Ordering::Release);
     let sampler = tokio::spawn(traffic::sample(inspector, snapshot.subscribe(), traffic));
 
+    // Kubernetes: watch, translate, elect; the first state waits for the first full lists.
+    let (translations_tx, mut translations) = watch::channel::<Option<Arc<Translation>>>(None);
+    let mut kube_tasks = Vec::new();
+    let _watches = match &kube {
+        None => None,
+        Some(k) => {
+            let client = kube_runtime::client(k.kubeconfig.as_deref()).await?;
+            let watches = kube_runtime::watch_all(&client);
+            let opts = translate::Options {
+                node: k.node.clone(),
+                default_class: k.default_class,
+                table_size: config.maglev.table_size,
+            };
+            kube_tasks.push(tokio::spawn(kube_runtime::translate_loop(
+                watches.stores.clone(),
+                watches.changed.clone(),
+                opts,
+                translations_tx,
+            )));
+            let (leader_tx, leader) = watch::channel(false);
+            kube_tasks.push(tokio::spawn(kube_runtime::lease_loop(
+                client.clone(),
+                k.namespace.clone(),
+                k.identity.clone(),
+                leader_tx,
+            )));
+            kube_tasks.push(tokio::spawn(kube_runtime::address_loop(
+                client,
+                watches.stores.clone(),
+                watches.changed.clone(),
+                leader,
+                k.default_class,
+                k.identity.clone(),
+            )));
+            info!(node = %k.node, identity = %k.identity, "waiting for the first full lists from the Kubernetes API");
+            tokio::select! {
+                r = translations.wait_for(Option::is_some) => {
+                    r.map_err(|_| anyhow::anyhow!("the Kubernetes watchers stopped"))?;
+                }
+                _ = term.recv() => { info!("SIGTERM before the first state: shutting down"); return Ok(()); }
+                _ = int.recv() => { info!("SIGINT before the first state: shutting down"); return Ok(()); }
+            }
+            if let Some(t) = translations.borrow_and_update().clone() {
+                config.desired = t.desired.clone();
+            }
+            Some(watches)
+        }
+    };
+
     let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES)
         .context("starting the health-check thread")?;
     let mut agent = Agent {
@@ -105,6 +180,7 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
         programmed: DesiredState::default(),
         modes: BTreeMap::new(),
         states: HashMap::new(),
+        kubernetes: kube.is_some(),
     };
     agent.first_state(&mut events).await?;
     state.readiness.programmed.store(true, Ordering::Release);
@@ -119,6 +195,12 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
                 let now = agent.source.fingerprint();
                 if now.is_some() && now != agent.fingerprint {
                     agent.reload("config file changed");
+                }
+            }
+            Ok(()) = translations.changed(), if kube.is_some() => {
+                let t = translations.borrow_and_update().clone();
+                if let Some(t) = t {
+                    agent.apply_kubernetes(&t);
                 }
             }
             Some(event) = events.recv() => {
@@ -137,6 +219,9 @@ pub async fn run(source: Source) -> anyhow::Result<()> {
 
     state.readiness.attached.store(false, Ordering::Release);
     sampler.abort();
+    for t in &kube_tasks {
+        t.abort();
+    }
     drop(agent.monitor);
     agent.datapath.detach_all();
     metrics.agent.attached.clear();
@@ -168,6 +253,8 @@ struct Agent {
     modes: BTreeMap<Frontend, HealthMode>,
     /// The check states `programmed` was computed from.
     states: HashMap<CheckKey, Health>,
+    /// The services come from Kubernetes, not from the config file.
+    kubernetes: bool,
 }
 
 impl Agent {
@@ -346,7 +433,7 @@ impl Agent {
     /// Loads the config again and applies the difference; a refused config changes nothing.
     fn reload(&mut self, why: &str) {
         let started = std::time::Instant::now();
-        let new = match self.source.load_with_fingerprint() {
+        let mut new = match self.source.load_with_fingerprint() {
             Ok((c, fingerprint)) => {
                 self.fingerprint = fingerprint;
                 c
@@ -372,13 +459,45 @@ impl Agent {
                 .note_config(Err(format!("{field} only changes with a restart")));
             return;
         }
+        if self.kubernetes {
+            // The services come from Kubernetes; the file carries node settings only.
+            new.desired = self.current.desired.clone();
+        }
+        self.apply(new, why, Some(started));
+    }
+
+    /// Applies a new translation of the Kubernetes stores.
+    fn apply_kubernetes(&mut self, t: &Translation) {
+        let started = std::time::Instant::now();
+        let mut new = self.current.clone();
+        new.desired = t.desired.clone();
+        if new.desired == self.current.desired {
+            return;
+        }
+        self.apply(new, "Kubernetes change", None);
+        self.metrics
+            .agent
+            .observe_sync("kubernetes", started.elapsed());
+    }
+
+    /// Programs `new` (starting its checks first, stopping the old ones after), or rolls back.
+    /// `config_started`: a config reload (counted, timed from then); None: a Kubernetes change.
+    fn apply(&mut self, new: Config, why: &str, config_started: Option<std::time::Instant>) {
+        let started = config_started.unwrap_or_else(std::time::Instant::now);
+        let note = |api: &ApiState, r: Result<(), String>| {
+            if config_started.is_some() {
+                api.note_config(r);
+            }
+        };
         // New checks start first (a changed check keeps its target's state); the checks the
         // new config drops stop only once it is programmed, so a failure can roll back.
         let checks = health::wanted_checks(&new.desired);
         let started_checks = self.monitor.start(&checks);
         match self.program(&new.desired) {
             Ok(r) => {
-                self.metrics.agent.observe_sync("config", started.elapsed());
+                if config_started.is_some() {
+                    self.metrics.agent.observe_sync("config", started.elapsed());
+                }
                 let stopped = self.monitor.retain(&checks);
                 info!(
                     reason = why,
@@ -389,7 +508,7 @@ impl Agent {
                     checks_started = started_checks.started,
                     checks_stopped = stopped,
                     took = ?started.elapsed(),
-                    "config reloaded"
+                    "applied"
                 );
                 for e in &r.cleanup_errors {
                     warn!("{e}");
@@ -397,11 +516,11 @@ impl Agent {
                 self.current = new;
                 self.checks = checks;
                 self.publish();
-                self.api.note_config(Ok(()));
+                note(&self.api, Ok(()));
             }
             Err(e) => {
-                error!(reason = why, error = %e, "applying the new config failed; rolling back");
-                self.api.note_config(Err(e.to_string()));
+                error!(reason = why, error = %e, "applying the change failed; rolling back");
+                note(&self.api, Err(e.to_string()));
                 self.monitor.retain(&self.checks);
                 let desired = self.current.desired.clone();
                 match self.program(&desired) {

@@ -21,9 +21,25 @@ enum Command {
     /// Load and attach the data plane and program it from a config file (standalone mode).
     /// SIGHUP or a change of the file reloads it; SIGTERM/SIGINT detach and exit.
     Run {
-        /// The YAML config; without it, the embedded default (the lab's addresses).
+        /// The YAML config; without it, the embedded default (the lab's addresses). With
+        /// --kubernetes it carries node settings only.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve Services of type LoadBalancer from the Kubernetes API (in-cluster credentials
+        /// unless --kubeconfig).
+        #[arg(long)]
+        kubernetes: bool,
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (default: $NODE_NAME, else the host name).
+        #[arg(long, requires = "kubernetes")]
+        node_name: Option<String>,
+        /// The namespace of the leader Lease (default: $POD_NAMESPACE, else weir-system).
+        #[arg(long, requires = "kubernetes")]
+        namespace: Option<String>,
+        /// Also serve LoadBalancer Services that set no loadBalancerClass.
+        #[arg(long, requires = "kubernetes")]
+        default_class: bool,
     },
     /// Validate a config file and exit: 0 when valid, 1 with the problems otherwise.
     Check {
@@ -94,8 +110,31 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            kubernetes,
+            kubeconfig,
+            node_name,
+            namespace,
+            default_class,
+        } => {
             init_logging();
+            let kube = kubernetes.then(|| {
+                let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                let node = node_name
+                    .or_else(|| env("NODE_NAME"))
+                    .or_else(hostname)
+                    .unwrap_or_else(|| "unknown-node".into());
+                lb_agent::app::KubeMode {
+                    kubeconfig,
+                    identity: env("POD_NAME").unwrap_or_else(|| node.clone()),
+                    namespace: namespace
+                        .or_else(|| env("POD_NAMESPACE"))
+                        .unwrap_or_else(|| "weir-system".into()),
+                    node,
+                    default_class,
+                }
+            });
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -107,7 +146,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(lb_agent::app::run(source(config))) {
+            match runtime.block_on(lb_agent::app::run(source(config), kube)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -116,6 +155,13 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }
 
 fn init_logging() {
