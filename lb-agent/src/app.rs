@@ -128,18 +128,27 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 default_class: k.default_class,
                 table_size: config.maglev.table_size,
             };
-            kube_tasks.push(tokio::spawn(kube_runtime::translate_loop(
-                watches.stores.clone(),
-                watches.changed.clone(),
-                opts,
-                translations_tx,
-            )));
+            // The Lease first: electing takes a few rounds and needs no lists.
             let (leader_tx, leader) = watch::channel(false);
             kube_tasks.push(tokio::spawn(kube_runtime::lease_loop(
                 client.clone(),
                 k.namespace.clone(),
                 k.identity.clone(),
                 leader_tx,
+            )));
+            info!(node = %k.node, identity = %k.identity, "waiting for the first full lists from the Kubernetes API");
+            // One waiter: a store's readiness wakes only the last task that polled it, so the
+            // loops below start once it is known.
+            tokio::select! {
+                r = watches.stores.ready() => r?,
+                _ = term.recv() => { info!("SIGTERM before the first state: shutting down"); return Ok(()); }
+                _ = int.recv() => { info!("SIGINT before the first state: shutting down"); return Ok(()); }
+            }
+            kube_tasks.push(tokio::spawn(kube_runtime::translate_loop(
+                watches.stores.clone(),
+                watches.changed.clone(),
+                opts,
+                translations_tx,
             )));
             kube_tasks.push(tokio::spawn(kube_runtime::address_loop(
                 client,
@@ -149,7 +158,6 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 k.default_class,
                 k.identity.clone(),
             )));
-            info!(node = %k.node, identity = %k.identity, "waiting for the first full lists from the Kubernetes API");
             tokio::select! {
                 r = translations.wait_for(Option::is_some) => {
                     r.map_err(|_| anyhow::anyhow!("the Kubernetes watchers stopped"))?;

@@ -68,6 +68,17 @@ impl Agent {
     /// Writes `config` into `dir` and starts `lb-agent run --config` in `ns` (or with the
     /// embedded default config when `config` is None).
     pub fn start(ns: &Netns, dir: &Path, config: Option<&str>) -> Self {
+        Self::start_with(ns, dir, config, &[], &[])
+    }
+
+    /// As [`Agent::start`], with more arguments to `run` and environment variables.
+    pub fn start_with(
+        ns: &Netns,
+        dir: &Path,
+        config: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let path = dir.join("weir.yaml");
         let log = dir.join("agent.log");
         let bin = agent_binary();
@@ -78,9 +89,16 @@ impl Agent {
             cmd.arg("--config").arg(&path);
             path
         });
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let logfile = std::fs::File::create(&log).expect("agent log");
         let child = cmd
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logfile.try_clone().expect("log"))
             .stderr(logfile)

@@ -43,12 +43,32 @@ pub fn http_get(
     path: &str,
     timeout: Duration,
 ) -> io::Result<Response> {
+    http_request(local, dst, "GET", path, None, timeout)
+}
+
+/// `method path` with an optional JSON body over a new connection.
+pub fn http_request(
+    local: Option<SocketAddr>,
+    dst: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+    timeout: Duration,
+) -> io::Result<Response> {
     let mut s = connect(local, dst, timeout)?;
     let local = s.local_addr()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: weir-lab\r\nConnection: close\r\n\r\n"
-    )?;
+    match json {
+        None => write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: weir-lab\r\nConnection: close\r\n\r\n"
+        )?,
+        Some(body) => write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: weir-lab\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?,
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw

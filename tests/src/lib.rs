@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod clients;
 pub mod demo;
+pub mod fakeapi;
 pub mod lab;
 pub mod netns;
 pub mod packets;

@@ -29,6 +29,20 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some("fake-apiserver") => {
+            let addr = args.get(1).and_then(|a| a.parse().ok());
+            let Some(addr) = addr else {
+                eprintln!("usage: weir-lab fake-apiserver IP:PORT");
+                return ExitCode::from(2);
+            };
+            match weir_lab::fakeapi::serve(addr) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weir-lab fake-apiserver: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some("demo") => match weir_lab::demo::run(args.iter().any(|a| a == "--hold")) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

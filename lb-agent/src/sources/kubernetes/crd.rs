@@ -28,7 +28,7 @@ pub struct IPPoolSpec {
     #[serde(default = "yes")]
     pub auto_assign: bool,
     /// Skip IPv4 addresses ending in .0 and .255, which some old clients and routers drop.
-    #[serde(default)]
+    #[serde(default, rename = "avoidBuggyIPs")]
     pub avoid_buggy_ips: bool,
     /// Which Services may take addresses from this pool (all, when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -175,13 +175,29 @@ pub async fn translate_loop(
     opts: Options,
     out: watch::Sender<Option<Arc<Translation>>>,
 ) {
+    tracing::debug!("translate loop: waiting for the stores");
     if let Err(e) = stores.ready().await {
         warn!(error = %e, "the Kubernetes stores never became ready");
         return;
     }
+    tracing::debug!("translate loop: stores ready");
     let mut reported: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut last: Option<crate::model::DesiredState> = None;
     loop {
         let t = stores.translate(&opts);
+        if last.as_ref() != Some(&t.desired) {
+            info!(
+                services = t.desired.services.len(),
+                backends = t
+                    .desired
+                    .services
+                    .iter()
+                    .map(|s| s.backends.len())
+                    .sum::<usize>(),
+                "Kubernetes state translated"
+            );
+            last = Some(t.desired.clone());
+        }
         for (svc, problems) in &t.problems {
             if reported.get(svc) != Some(problems) {
                 warn!(service = %svc, problems = ?problems, "part of the Service is not served");

@@ -1,0 +1,284 @@
+//! Kubernetes mode end to end in the netns lab: the real agent binary runs `lb-agent run
+//! --kubernetes` against the fake API server (`weir_lab::fakeapi`: no kube-apiserver can run
+//! on these machines — this is the one mock, and it serves real HTTP list, watch and writes to
+//! the agent's real kube-rs client). A Service of type LoadBalancer is created → the elected
+//! agent allocates an address from an IPPool and writes it into the Service's status → traffic
+//! through it reaches the endpoints in the backend namespaces → an endpoint removed from the
+//! EndpointSlice stops receiving new flows → a bad annotation becomes a condition and an Event.
+//! Needs root; the namespaces are the test's own and are removed afterwards.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Stdio,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use weir_lab::{
+    agent::{Agent, wait_for},
+    clients, fakeapi,
+    lab::*,
+    netns::Netns,
+};
+
+const API: &str = "127.0.0.1:6443";
+const T: Duration = Duration::from_secs(3);
+
+fn server_bin() -> &'static Path {
+    env!("CARGO_BIN_EXE_weir-lab").as_ref()
+}
+
+/// A request to the fake API from the LB node's namespace: (status, JSON body).
+fn api(ns: &Netns, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let r = ns
+        .run_in(|| {
+            clients::http_request(None, API.parse().unwrap(), method, path, body.as_deref(), T)
+        })
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    (r.status, v)
+}
+
+fn create(ns: &Netns, path: &str, body: Value) {
+    let (code, v) = api(ns, "POST", path, Some(body));
+    assert_eq!(code, 201, "POST {path}: {v}");
+}
+
+fn slice(endpoints: &[IpAddr]) -> Value {
+    json!({
+        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": HTTP_PORT, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|a| json!({
+            "addresses": [a.to_string()], "nodeName": "lb-node", "conditions": {"ready": true}
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn service(name: &str, annotations: Value) -> Value {
+    json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "type": "LoadBalancer", "loadBalancerClass": "weir.dev/lb", "ipFamilies": ["IPv4"],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}],
+        },
+    })
+}
+
+/// The Service's ingress addresses and its weir condition (status, reason).
+fn service_status(ns: &Netns, name: &str) -> (Vec<String>, Option<(String, String)>) {
+    let (code, v) = api(
+        ns,
+        "GET",
+        &format!("/api/v1/namespaces/shop/services/{name}"),
+        None,
+    );
+    assert_eq!(code, 200, "{v}");
+    let ingress = v["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(str::to_string))
+        .collect();
+    let cond = v["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "weir.dev/AddressAssigned")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        });
+    (ingress, cond)
+}
+
+/// The backends that answered GETs from `ports` to `vip`.
+fn backends_of(lab: &Lab, vip: SocketAddr, ports: std::ops::Range<u16>) -> BTreeSet<String> {
+    ports
+        .map(|p| {
+            let r = lab
+                .client
+                .run_in(|| {
+                    clients::http_get(
+                        Some(SocketAddr::new(CLIENT_V4.parse().unwrap(), p)),
+                        vip,
+                        "/",
+                        T,
+                    )
+                })
+                .unwrap_or_else(|e| panic!("GET {vip} from port {p}: {e}"));
+            assert_eq!(r.status, 200);
+            r.backend
+        })
+        .collect()
+}
+
+#[test]
+fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
+    weir_lab::netns::require_root();
+    let mut lab = Lab::new(3);
+    lab.start_servers(server_bin());
+    let _apiserver = weir_lab::lab::Proc {
+        child: lab
+            .lb
+            .command(server_bin().to_str().unwrap())
+            .args(["fake-apiserver", API])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    wait_for(Duration::from_secs(10), "the fake API server", || {
+        lab.lb
+            .run_in(|| clients::http_get(None, API.parse().unwrap(), "/api/v1/nodes", T).ok())
+    });
+    create(
+        &lab.lb,
+        "/api/v1/nodes",
+        json!({"metadata": {"name": "lb-node"}}),
+    );
+    create(
+        &lab.lb,
+        "/apis/weir.dev/v1alpha1/ippools",
+        json!({"metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.100.0/28"], "avoidBuggyIPs": true}}),
+    );
+    let b: Vec<IpAddr> = lab.backends.iter().map(|b| b.v4).collect();
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        slice(&b),
+    );
+    create(
+        &lab.lb,
+        "/api/v1/namespaces/shop/services",
+        service(
+            "web",
+            json!({"weir.dev/health-check": "http", "weir.dev/health-check-path": "/healthz"}),
+        ),
+    );
+
+    let kubeconfig = lab.dir.path.join("kubeconfig");
+    std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
+    let node_config = format!(
+        "node:\n  interfaces: [{}]\nadmin:\n  listen: 127.0.0.1:9300\n",
+        lab.interfaces().join(", ")
+    );
+    let mut agent = Agent::start_with(
+        &lab.lb,
+        &lab.dir.path,
+        Some(&node_config),
+        &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
+        &[
+            ("NODE_NAME", "lb-node"),
+            ("POD_NAMESPACE", "weir-system"),
+            ("POD_NAME", "weir-lb-node"),
+        ],
+    );
+    agent.wait_ready(&lab.lb);
+
+    // The leader writes the first free address (.0 is skipped: avoidBuggyIPs).
+    let (ingress, cond) = wait_for(
+        Duration::from_secs(20),
+        "an address in the Service status",
+        || {
+            let s = service_status(&lab.lb, "web");
+            (!s.0.is_empty()).then_some(s)
+        },
+    );
+    assert_eq!(ingress, ["198.18.100.1"]);
+    assert_eq!(cond, Some(("True".into(), "Assigned".into())));
+    // The Lease names this agent.
+    let (_, lease) = api(
+        &lab.lb,
+        "GET",
+        "/apis/coordination.k8s.io/v1/namespaces/weir-system/leases/weir-leader",
+        None,
+    );
+    assert_eq!(lease["spec"]["holderIdentity"], "weir-lb-node", "{lease}");
+
+    // Traffic through the VIP reaches all three endpoints (named target port resolved).
+    let vip: SocketAddr = "198.18.100.1:80".parse().unwrap();
+    wait_for(Duration::from_secs(10), "the VIP to be served", || {
+        let b = lab
+            .client
+            .run_in(|| clients::http_get(None, vip, "/", Duration::from_millis(500)).ok());
+        b.map(|_| ())
+    });
+    assert_eq!(
+        backends_of(&lab, vip, 45_000..45_060),
+        BTreeSet::from(["b1".into(), "b2".into(), "b3".into()])
+    );
+    let services = agent.services(&lab.lb);
+    let web = &services["services"][0];
+    assert_eq!(web["name"], "shop/web");
+    assert_eq!(web["health_check"], "http");
+
+    // b3 leaves the EndpointSlice: no new flow reaches it.
+    let (_, current) = api(
+        &lab.lb,
+        "GET",
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/web-1",
+        None,
+    );
+    let mut updated = slice(&b[..2]);
+    updated["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+    let (code, v) = api(
+        &lab.lb,
+        "PUT",
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/web-1",
+        Some(updated),
+    );
+    assert_eq!(code, 200, "{v}");
+    wait_for(Duration::from_secs(10), "b3 to leave the service", || {
+        let s = agent.services(&lab.lb);
+        (s["services"][0]["backends"].as_array().map(Vec::len) == Some(2)).then_some(())
+    });
+    assert_eq!(
+        backends_of(&lab, vip, 46_000..46_060),
+        BTreeSet::from(["b1".into(), "b2".into()])
+    );
+
+    // A Service asking for an address outside every pool: a False condition and an Event;
+    // web is untouched.
+    create(
+        &lab.lb,
+        "/api/v1/namespaces/shop/services",
+        service(
+            "stray",
+            json!({"weir.dev/load-balancer-ips": "198.18.200.1"}),
+        ),
+    );
+    let cond = wait_for(Duration::from_secs(10), "stray's condition", || {
+        service_status(&lab.lb, "stray").1
+    });
+    assert_eq!(cond, ("False".into(), "AddressNotInPool".into()));
+    let events = wait_for(Duration::from_secs(10), "an Event for stray", || {
+        let (_, v) = api(&lab.lb, "GET", "/apis/events.k8s.io/v1/events", None);
+        let found: Vec<Value> = v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["regarding"]["name"] == "stray")
+            .cloned()
+            .collect();
+        (!found.is_empty()).then_some(found)
+    });
+    assert_eq!(events[0]["reason"], "AddressNotInPool", "{:?}", events[0]);
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(service_status(&lab.lb, "web").0, ["198.18.100.1"]);
+    let status = agent.stop();
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        std::fs::read_to_string(agent_log(&lab)).unwrap_or_default()
+    );
+    lab.kill_server(0);
+}
+
+fn agent_log(lab: &Lab) -> std::path::PathBuf {
+    lab.dir.path.join("agent.log")
+}
