@@ -48,6 +48,8 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Print weir's CustomResourceDefinitions (YAML).
+    Crds,
     /// Show a running agent's services: backends, weights, health, traffic totals and rates.
     Status {
         /// The agent's admin API (`admin.listen` of its config).
@@ -105,6 +107,10 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Crds => {
+            print!("{}", lb_agent::sources::kubernetes::crd::crds_yaml());
+            ExitCode::SUCCESS
         }
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);

@@ -1,0 +1,127 @@
+//! The Helm chart's default rendering (`weir_lab::chart`: the subset of Helm's template
+//! language the chart keeps to; no `helm` binary can be installed here) is committed as
+//! `deploy/weir.yaml`, and every object in it must deserialize into its Kubernetes type
+//! (k8s-openapi) without losing a field — a misspelled field fails. The node config in the
+//! ConfigMap must load in the agent; the chart's dashboards must be the shipped ones. No root.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `a`'s every field, with the same value, in `b`.
+fn subset(a: &Value, b: &Value, at: &str) -> Result<(), String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                let w = y
+                    .get(k)
+                    .ok_or_else(|| format!("{at}.{k}: not a field of the type"))?;
+                subset(v, w, &format!("{at}.{k}"))?;
+            }
+            Ok(())
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .try_for_each(|(i, (v, w))| subset(v, w, &format!("{at}[{i}]"))),
+        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => Ok(()),
+        _ if a == b => Ok(()),
+        _ => Err(format!("{at}: {a} became {b}")),
+    }
+}
+
+fn check<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(), String> {
+    let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    subset(doc, &back, "")
+}
+
+#[test]
+fn the_default_rendering_is_committed_and_valid() {
+    let chart = root().join("charts/weir");
+    let rendered = weir_lab::chart::render(&chart, "weir-system").expect("render");
+    let committed_path = root().join("deploy/weir.yaml");
+    if std::env::var_os("WEIR_UPDATE_MANIFEST").is_some() {
+        std::fs::write(&committed_path, &rendered).unwrap();
+    }
+    let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+    assert!(
+        committed == rendered,
+        "deploy/weir.yaml is not the chart's default rendering; regenerate it with\n  \
+         WEIR_UPDATE_MANIFEST=1 cargo test -p weir-lab --test chart"
+    );
+    let mut kinds = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&committed) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let r = match kind.as_str() {
+            "CustomResourceDefinition" => check::<CustomResourceDefinition>(&v),
+            "ServiceAccount" => check::<ServiceAccount>(&v),
+            "ClusterRole" => check::<ClusterRole>(&v),
+            "ClusterRoleBinding" => check::<ClusterRoleBinding>(&v),
+            "Role" => check::<Role>(&v),
+            "RoleBinding" => check::<RoleBinding>(&v),
+            "ConfigMap" => check::<ConfigMap>(&v),
+            "DaemonSet" => check::<DaemonSet>(&v),
+            "Service" => check::<Service>(&v),
+            other => Err(format!("no check for kind {other:?}")),
+        };
+        if let Err(e) = r {
+            panic!("{kind} {name}: {e}");
+        }
+        if kind == "ConfigMap" && name == "weir-config" {
+            let dir = std::env::temp_dir().join(format!("weir-chart-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join("weir.yaml");
+            std::fs::write(&file, v["data"]["weir.yaml"].as_str().unwrap()).unwrap();
+            let loaded = lb_agent::config::Source::File(file.clone()).load();
+            std::fs::remove_dir_all(&dir).unwrap();
+            let c = loaded.unwrap_or_else(|e| panic!("the chart's node config: {e}"));
+            assert!(c.desired.services.is_empty());
+            assert_eq!(c.node.interfaces, ["eth0"]);
+        }
+        kinds.push(kind);
+    }
+    for k in [
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "ClusterRole",
+        "Role",
+        "ConfigMap",
+        "Service",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
+    }
+}
+
+#[test]
+fn the_chart_ships_the_dashboards() {
+    for entry in std::fs::read_dir(root().join("dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        let copy = root().join("charts/weir/dashboards").join(name);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(&copy).unwrap_or_default(),
+            "charts/weir/dashboards/{name:?} differs from dashboards/: copy it again"
+        );
+    }
+}
