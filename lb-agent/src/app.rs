@@ -29,6 +29,7 @@ use crate::{
     metrics::{AttachLabels, Metrics},
     model::{DesiredState, Frontend},
     sources::kubernetes::{
+        healthport::HealthPorts,
         runtime as kube_runtime,
         translate::{self, Translation},
     },
@@ -194,6 +195,11 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     state.readiness.programmed.store(true, Ordering::Release);
     state.note_config(Ok(()));
 
+    let mut health_ports = HealthPorts::default();
+    if let Some(t) = translations.borrow().clone() {
+        health_ports.sync(&t.health_node_ports).await;
+        agent.update_health_ports(&health_ports);
+    }
     let mut poll = tokio::time::interval(FILE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -209,6 +215,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 let t = translations.borrow_and_update().clone();
                 if let Some(t) = t {
                     agent.apply_kubernetes(&t);
+                    health_ports.sync(&t.health_node_ports).await;
+                    agent.update_health_ports(&health_ports);
                 }
             }
             Some(event) = events.recv() => {
@@ -219,6 +227,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                     agent.note_event(&event);
                 }
                 agent.reprogram("health change", since);
+                agent.update_health_ports(&health_ports);
             }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
@@ -472,6 +481,23 @@ impl Agent {
             new.desired = self.current.desired.clone();
         }
         self.apply(new, why, Some(started));
+    }
+
+    /// Tells each health-check node port how many of its Service's endpoints are in rotation
+    /// here (distinct addresses over the Service's frontends).
+    fn update_health_ports(&self, ports: &HealthPorts) {
+        ports.update(|service| {
+            let mut live = std::collections::BTreeSet::new();
+            for s in self
+                .programmed
+                .services
+                .iter()
+                .filter(|s| s.name == service)
+            {
+                live.extend(s.backends.iter().filter(|b| b.share() > 0).map(|b| b.addr));
+            }
+            live.len()
+        });
     }
 
     /// Applies a new translation of the Kubernetes stores.

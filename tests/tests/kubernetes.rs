@@ -270,6 +270,58 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     assert_eq!(events[0]["reason"], "AddressNotInPool", "{:?}", events[0]);
     assert_eq!(events[0]["type"], "Warning");
     assert_eq!(service_status(&lab.lb, "web").0, ["198.18.100.1"]);
+    // A Local-policy Service answers on its healthCheckNodePort like kube-proxy: 200 with the
+    // local endpoints in rotation, 503 when there are none on this node.
+    let mut local = service("local", json!({}));
+    local["spec"]["externalTrafficPolicy"] = json!("Local");
+    local["spec"]["healthCheckNodePort"] = json!(30123);
+    create(&lab.lb, "/api/v1/namespaces/shop/services", local);
+    let mut local_slice = slice(&b);
+    local_slice["metadata"] =
+        json!({"name": "local-1", "labels": {"kubernetes.io/service-name": "local"}});
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        local_slice.clone(),
+    );
+    let hc: SocketAddr = "127.0.0.1:30123".parse().unwrap();
+    let probe = || {
+        lab.lb
+            .run_in(|| clients::http_get(None, hc, "/", T).ok())
+            .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
+    };
+    let (code, body) = wait_for(
+        Duration::from_secs(10),
+        "the health-check node port",
+        || probe().filter(|(c, _)| *c == 200),
+    );
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""localEndpoints":3"#), "{body}");
+    // The endpoints move to another node: none local any more.
+    let (_, current) = api(
+        &lab.lb,
+        "GET",
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/local-1",
+        None,
+    );
+    for e in local_slice["endpoints"].as_array_mut().unwrap() {
+        e["nodeName"] = json!("other-node");
+    }
+    local_slice["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+    let (code, v) = api(
+        &lab.lb,
+        "PUT",
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/local-1",
+        Some(local_slice),
+    );
+    assert_eq!(code, 200, "{v}");
+    let (_, body) = wait_for(
+        Duration::from_secs(10),
+        "a 503 from the health-check node port",
+        || probe().filter(|(c, _)| *c == 503),
+    );
+    assert!(body.contains(r#""localEndpoints":0"#), "{body}");
+
     let status = agent.stop();
     assert!(
         status.success(),

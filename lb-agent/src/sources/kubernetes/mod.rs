@@ -5,6 +5,7 @@
 pub mod addresses;
 pub mod annotations;
 pub mod crd;
+pub mod healthport;
 pub mod ipam;
 pub mod runtime;
 pub mod translate;

@@ -61,6 +61,9 @@ pub struct Translation {
     pub problems: BTreeMap<String, Vec<String>>,
     /// The node is excluded from external load balancing.
     pub excluded: bool,
+    /// `spec.healthCheckNodePort` of the Local-policy Services served here: port →
+    /// `namespace/name`.
+    pub health_node_ports: BTreeMap<u16, String>,
 }
 
 /// `namespace/name`.
@@ -201,6 +204,23 @@ pub fn translate(
         let name = key(svc);
         let mut problems = Vec::new();
         let services = service(svc, &name, by_service.get(&name), opts, &mut problems);
+        if let Some(spec) = &svc.spec
+            && spec.external_traffic_policy.as_deref() == Some("Local")
+            && let Some(port) = spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+            && port != 0
+            && !services.is_empty()
+        {
+            match out.health_node_ports.get(&port) {
+                Some(other) => problems.push(format!(
+                    "spec.healthCheckNodePort {port} is already served for {other}"
+                )),
+                None => {
+                    out.health_node_ports.insert(port, name.clone());
+                }
+            }
+        }
         for s in services {
             if let Some(first) = taken.get(&s.frontend) {
                 problems.push(format!("{} is already served by {first}", s.frontend));
