@@ -11,7 +11,9 @@
 //!   Service port's name and protocol in the slice (so named target ports are resolved as the
 //!   endpoints controller resolved them); ready endpoints, or, when none is ready, the serving
 //!   and terminating ones;
-//! - `externalTrafficPolicy: Local`: only this node's endpoints;
+//! - `externalTrafficPolicy: Local`: only this node's endpoints; `Cluster`: this node's
+//!   endpoints while it has any, else every endpoint (until the data plane source-NATs flows
+//!   to other nodes, their replies would not come back through this node);
 //! - `sessionAffinity: ClientIP` with its timeout (default 3 hours), `loadBalancerSourceRanges`;
 //! - a node labelled `node.kubernetes.io/exclude-from-external-load-balancers` serves nothing;
 //! - health checks from the Service's annotations (`crate::health::spec::from_annotations`).
@@ -107,14 +109,19 @@ fn conditions(e: &k8s_openapi::api::discovery::v1::Endpoint) -> (bool, bool) {
 }
 
 /// The backends of Service port `(name, protocol)` in `slices`, for VIPs of the family of
-/// `v4`; `local` keeps only `node`'s endpoints.
+/// `v4`. `Local` policy keeps only `node`'s endpoints. `Cluster` policy prefers them too
+/// while there are any: a flow sent to another node's endpoint needs its replies to come back
+/// through this node (source NAT), which the data plane does not do yet; with no local
+/// endpoint, every endpoint is used.
 fn backends(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: Protocol,
     v4: bool,
-    local: Option<&str>,
+    node: &str,
+    policy_local: bool,
 ) -> Vec<Backend> {
+    // (address, on this node)
     let mut ready = BTreeSet::new();
     let mut fallback = BTreeSet::new();
     let family = if v4 { "IPv4" } else { "IPv6" };
@@ -133,7 +140,8 @@ fn backends(
             continue;
         };
         for e in &slice.endpoints {
-            if local.is_some_and(|n| e.node_name.as_deref() != Some(n)) {
+            let here = e.node_name.as_deref() == Some(node);
+            if policy_local && !here {
                 continue;
             }
             let (is_ready, is_fallback) = conditions(e);
@@ -144,7 +152,7 @@ fn backends(
                 if ip.is_ipv4() != v4 {
                     continue;
                 }
-                let addr = SocketAddr::new(ip, port);
+                let addr = (SocketAddr::new(ip, port), here);
                 if is_ready {
                     ready.insert(addr);
                 } else if is_fallback {
@@ -154,7 +162,12 @@ fn backends(
         }
     }
     let chosen = if ready.is_empty() { fallback } else { ready };
-    chosen.into_iter().map(|a| Backend::new(a, 1)).collect()
+    let any_here = chosen.iter().any(|(_, here)| *here);
+    chosen
+        .into_iter()
+        .filter(|(_, here)| *here || !any_here)
+        .map(|(a, _)| Backend::new(a, 1))
+        .collect()
 }
 
 /// Translates the stores for this node.
@@ -298,8 +311,7 @@ fn service(
             .filter(|s| *s > 0)
             .map_or(DEFAULT_AFFINITY, Duration::from_secs)
     });
-    let local =
-        (spec.external_traffic_policy.as_deref() == Some("Local")).then_some(opts.node.as_str());
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
     let annotations = svc.metadata.annotations.clone().unwrap_or_default();
     let empty = Vec::new();
     let slices = slices.unwrap_or(&empty);
@@ -356,6 +368,7 @@ fn service(
                     p.name.as_deref().unwrap_or(""),
                     proto,
                     vip.is_ipv4(),
+                    &opts.node,
                     local,
                 ),
                 source_ranges: {

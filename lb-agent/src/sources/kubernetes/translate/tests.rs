@@ -182,12 +182,26 @@ fn local_policy_keeps_this_nodes_endpoints() {
 }
 
 #[test]
-fn cluster_policy_takes_every_nodes_endpoints() {
+fn cluster_policy_prefers_this_nodes_endpoints_while_it_has_any() {
     let svc = Svc::lb("shop", "web")
         .port("http", 80, "TCP")
         .ingress("198.18.100.10")
         .build();
-    let t = translate(&[svc], &[web_slice()], &nodes(), &opts());
+    // node-a has 198.18.1.11: only it (replies from node-b's endpoint would not come back).
+    let t = translate(
+        std::slice::from_ref(&svc),
+        &[web_slice()],
+        &nodes(),
+        &opts(),
+    );
+    assert_eq!(
+        lines(&t),
+        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080"]
+    );
+    // node-c has none: every endpoint.
+    let mut c = opts();
+    c.node = "node-c".into();
+    let t = translate(&[svc], &[web_slice()], &nodes(), &c);
     assert_eq!(
         lines(&t),
         ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080 198.18.1.12:8080"]
@@ -320,20 +334,19 @@ fn the_pipeline_programs_the_fake_data_plane() {
     let mut programmer = Programmer::new(&limits, 0);
     let mut maps = FakeMaps::default();
     programmer.apply(&t.desired, &mut maps).unwrap();
-    // Local policy on node-a: the other node's DNS endpoint (198.18.1.22) is not programmed.
+    // On node-a: web (Cluster) keeps its local endpoint while it has one, dns (Local) its
+    // local one; node-b's endpoints (198.18.1.12, 198.18.1.22) are not programmed here.
     assert_eq!(
         maps.dump(),
         "\
-service 198.18.100.10:80 proto=6 id=1 size=13 flags=0 affinity=0s table 1:7 2:6
-service 198.18.100.20:53 proto=17 id=2 size=13 flags=0 affinity=0s table 3:13
+service 198.18.100.10:80 proto=6 id=1 size=13 flags=0 affinity=0s table 1:13
+service 198.18.100.20:53 proto=17 id=2 size=13 flags=0 affinity=0s table 2:13
 backend 1 198.18.1.11:8080 gen=1 flags=1
-backend 2 198.18.1.12:8080 gen=1 flags=1
-backend 3 198.18.1.21:5353 gen=1 flags=1
+backend 2 198.18.1.21:5353 gen=1 flags=1
 vip 198.18.100.10
 vip 198.18.100.20
 endpoint 198.18.1.11:8080 proto=6 -> 198.18.100.10:80 service=1 backend=1
-endpoint 198.18.1.12:8080 proto=6 -> 198.18.100.10:80 service=1 backend=2
-endpoint 198.18.1.21:5353 proto=17 -> 198.18.100.20:53 service=2 backend=3
+endpoint 198.18.1.21:5353 proto=17 -> 198.18.100.20:53 service=2 backend=2
 vip_filter[22689]=1
 vip_filter[28321]=1
 "
