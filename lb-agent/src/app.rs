@@ -119,6 +119,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     // Kubernetes: watch, translate, elect; the first state waits for the first full lists.
     let (translations_tx, mut translations) = watch::channel::<Option<Arc<Translation>>>(None);
     let mut kube_tasks = Vec::new();
+    let mut events_sink: Option<kube_runtime::EventSink> = None;
     let _watches = match &kube {
         None => None,
         Some(k) => {
@@ -145,11 +146,21 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 _ = term.recv() => { info!("SIGTERM before the first state: shutting down"); return Ok(()); }
                 _ = int.recv() => { info!("SIGINT before the first state: shutting down"); return Ok(()); }
             }
+            let (sink, sink_task) = kube_runtime::event_sink(
+                client.clone(),
+                watches.stores.services.clone(),
+                k.identity.clone(),
+            );
+            kube_tasks.push(sink_task);
+            events_sink = Some(sink.clone());
             kube_tasks.push(tokio::spawn(kube_runtime::translate_loop(
                 watches.stores.clone(),
                 watches.changed.clone(),
                 opts,
                 translations_tx,
+                leader.clone(),
+                sink,
+                metrics.agent.clone(),
             )));
             kube_tasks.push(tokio::spawn(kube_runtime::address_loop(
                 client,
@@ -190,6 +201,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         modes: BTreeMap::new(),
         states: HashMap::new(),
         kubernetes: kube.is_some(),
+        node_name: kube.as_ref().map(|k| k.node.clone()).unwrap_or_default(),
+        events: events_sink,
     };
     agent.first_state(&mut events).await?;
     state.readiness.programmed.store(true, Ordering::Release);
@@ -272,6 +285,9 @@ struct Agent {
     states: HashMap<CheckKey, Health>,
     /// The services come from Kubernetes, not from the config file.
     kubernetes: bool,
+    node_name: String,
+    /// Events on Kubernetes Services (health transitions).
+    events: Option<kube_runtime::EventSink>,
 }
 
 impl Agent {
@@ -373,6 +389,17 @@ impl Agent {
             match e.to {
                 Health::Up => {
                     self.metrics.health.transition(&u.service, &backend, true);
+                    if let Some(ev) = &self.events {
+                        ev.send(kube_runtime::ServiceEvent {
+                            service: u.service.clone(),
+                            warning: false,
+                            reason: "BackendHealthy",
+                            note: format!(
+                                "node {}: backend {backend} passes its {check} check",
+                                self.node_name
+                            ),
+                        });
+                    }
                     info!(service = %u.service, backend, check, from = %e.from, "backend is healthy");
                 }
                 Health::Down => {
@@ -381,6 +408,17 @@ impl Agent {
                         .failure
                         .as_ref()
                         .map_or(("", ""), |f| (f.kind.as_str(), f.detail.as_str()));
+                    if let Some(ev) = &self.events {
+                        ev.send(kube_runtime::ServiceEvent {
+                            service: u.service.clone(),
+                            warning: true,
+                            reason: "BackendUnhealthy",
+                            note: format!(
+                                "node {}: backend {backend} failed its {check} check ({reason}: {detail}); no new flows go to it from this node",
+                                self.node_name
+                            ),
+                        });
+                    }
                     warn!(
                         service = %u.service,
                         backend,

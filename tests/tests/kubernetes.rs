@@ -257,19 +257,57 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     });
     assert_eq!(cond, ("False".into(), "AddressNotInPool".into()));
     let events = wait_for(Duration::from_secs(10), "an Event for stray", || {
-        let (_, v) = api(&lab.lb, "GET", "/apis/events.k8s.io/v1/events", None);
-        let found: Vec<Value> = v["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["regarding"]["name"] == "stray")
-            .cloned()
-            .collect();
+        let found = events_for(&lab.lb, "stray");
         (!found.is_empty()).then_some(found)
     });
     assert_eq!(events[0]["reason"], "AddressNotInPool", "{:?}", events[0]);
     assert_eq!(events[0]["type"], "Warning");
     assert_eq!(service_status(&lab.lb, "web").0, ["198.18.100.1"]);
+    // A bad health-check annotation: the Service is served without a check, the leader says
+    // why in an Event, and the metric counts it.
+    create(
+        &lab.lb,
+        "/api/v1/namespaces/shop/services",
+        service(
+            "badcheck",
+            json!({"weir.dev/health-check": "http", "weir.dev/health-check-interval": "often"}),
+        ),
+    );
+    let ev = wait_for(Duration::from_secs(20), "an InvalidService Event", || {
+        events_for(&lab.lb, "badcheck")
+            .into_iter()
+            .find(|e| e["reason"] == "InvalidService")
+    });
+    assert!(
+        ev["note"]
+            .as_str()
+            .unwrap()
+            .contains("weir.dev/health-check-interval"),
+        "{ev}"
+    );
+    wait_for(Duration::from_secs(10), "the problem metric", || {
+        agent
+            .metrics(&lab.lb)
+            .lines()
+            .any(|l| l == "weir_kubernetes_service_problems{service=\"shop/badcheck\"} 1")
+            .then_some(())
+    });
+    // A backend failing its check: an Event on the Service from this node.
+    lab.kill_server(1);
+    let ev = wait_for(Duration::from_secs(20), "a BackendUnhealthy Event", || {
+        events_for(&lab.lb, "web")
+            .into_iter()
+            .find(|e| e["reason"] == "BackendUnhealthy")
+    });
+    assert!(
+        ev["note"]
+            .as_str()
+            .unwrap()
+            .contains("node lb-node: backend 198.18.1.12:8080 failed its http check"),
+        "{ev}"
+    );
+    assert_eq!(ev["type"], "Warning");
+
     // A Local-policy Service answers on its healthCheckNodePort like kube-proxy: 200 with the
     // local endpoints in rotation, 503 when there are none on this node.
     let mut local = service("local", json!({}));
@@ -329,6 +367,18 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
         std::fs::read_to_string(agent_log(&lab)).unwrap_or_default()
     );
     lab.kill_server(0);
+}
+
+/// The Events about Service `name`.
+fn events_for(ns: &Netns, name: &str) -> Vec<Value> {
+    let (_, v) = api(ns, "GET", "/apis/events.k8s.io/v1/events", None);
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["regarding"]["name"] == name)
+        .cloned()
+        .collect()
 }
 
 fn agent_log(lab: &Lab) -> std::path::PathBuf {

@@ -197,7 +197,14 @@ pub struct AgentMetrics {
     pub last_reload_ok: Gauge,
     /// `weir_dataplane_attached`: 1 per interface the programs are attached to.
     pub attached: Family<AttachLabels, Gauge>,
+    /// `weir_kubernetes_service_problems`: problems per Service (bad annotations, ...).
+    pub service_problems: Family<ServiceLabel, Gauge>,
     build: Family<BuildLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
 }
 
 impl Default for AgentMetrics {
@@ -208,6 +215,7 @@ impl Default for AgentMetrics {
             reload_failures: Counter::default(),
             last_reload_ok: Gauge::default(),
             attached: Family::default(),
+            service_problems: Family::default(),
             build: Family::default(),
         };
         m.last_reload_ok.set(1);
@@ -248,6 +256,11 @@ impl AgentMetrics {
             self.attached.clone(),
         );
         r.register(
+            "kubernetes_service_problems",
+            "Problems that keep part of a Kubernetes Service from being served (bad annotations, source ranges, conflicts); see its Events",
+            self.service_problems.clone(),
+        );
+        r.register(
             "build_info",
             "The agent's version; always 1",
             self.build.clone(),
@@ -258,6 +271,18 @@ impl AgentMetrics {
         self.sync_duration
             .get_or_create(&TriggerLabels { trigger })
             .observe(took.as_secs_f64());
+    }
+
+    /// Sets the problem gauge of every Service with problems (and drops the others').
+    pub fn set_service_problems(&self, problems: &BTreeMap<String, Vec<String>>) {
+        self.service_problems.clear();
+        for (service, p) in problems {
+            self.service_problems
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .set(p.len() as i64);
+        }
     }
 
     /// Counts a config reload attempt.
