@@ -341,6 +341,12 @@ async fn handle(
                 );
             };
             let patch = &body["status"];
+            if t.resource != "services" {
+                // One manager owns the whole status of weir's own resources.
+                obj["status"] = patch.clone();
+                let v = fake.write(&t, &ns, name, obj, "MODIFIED");
+                return ok_json(StatusCode::OK, &v);
+            }
             obj["status"]["loadBalancer"] = patch["loadBalancer"].clone();
             let mut conditions: Vec<Value> = obj["status"]["conditions"]
                 .as_array()

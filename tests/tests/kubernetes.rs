@@ -191,6 +191,14 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     );
     assert_eq!(ingress, ["198.18.100.1"]);
     assert_eq!(cond, Some(("True".into(), "Assigned".into())));
+    // The pool's status counts it.
+    let pool = wait_for(Duration::from_secs(10), "the IPPool status", || {
+        let (_, v) = api(&lab.lb, "GET", "/apis/weir.dev/v1alpha1/ippools/lab", None);
+        (v["status"]["assigned"] == 1).then_some(v)
+    });
+    // 16 addresses, .0 skipped (avoidBuggyIPs), one assigned.
+    assert_eq!(pool["status"]["available"], "14", "{pool}");
+    assert_eq!(pool["status"]["conditions"][0]["reason"], "Valid");
     // The Lease names this agent.
     let (_, lease) = api(
         &lab.lb,
@@ -383,4 +391,43 @@ fn events_for(ns: &Netns, name: &str) -> Vec<Value> {
 
 fn agent_log(lab: &Lab) -> std::path::PathBuf {
     lab.dir.path.join("agent.log")
+}
+
+/// Against a real cluster, read-only, when `KUBECONFIG` is set: the agent's client lists
+/// Services, EndpointSlices and Nodes and translates them. No cluster here: skipped, saying so.
+#[test]
+fn a_real_cluster_when_kubeconfig_is_set() {
+    let Some(path) = std::env::var_os("KUBECONFIG") else {
+        eprintln!(
+            "SKIPPED a_real_cluster_when_kubeconfig_is_set: KUBECONFIG is not set (no cluster on \
+             this machine); set it to run this read-only check against a real cluster"
+        );
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use k8s_openapi::api::{
+            core::v1::{Node, Service},
+            discovery::v1::EndpointSlice,
+        };
+        use kube::{Api, api::ListParams};
+        let client = lb_agent::sources::kubernetes::runtime::client(Some(Path::new(&path)))
+            .await
+            .expect("client from KUBECONFIG");
+        let services = Api::<Service>::all(client.clone()).list(&ListParams::default()).await.expect("list Services");
+        let slices = Api::<EndpointSlice>::all(client.clone()).list(&ListParams::default()).await.expect("list EndpointSlices");
+        let nodes = Api::<Node>::all(client).list(&ListParams::default()).await.expect("list Nodes");
+        let node = nodes.items.first().and_then(|n| n.metadata.name.clone()).unwrap_or_default();
+        let t = lb_agent::sources::kubernetes::translate::translate(
+            &services.items,
+            &slices.items,
+            &nodes.items,
+            &lb_agent::sources::kubernetes::translate::Options { node: node.clone(), default_class: true, table_size: 16381 },
+        );
+        eprintln!(
+            "real cluster: {} Services, {} EndpointSlices, {} Nodes; on {node}: {} frontends, problems {:?}",
+            services.items.len(), slices.items.len(), nodes.items.len(), t.desired.services.len(), t.problems
+        );
+        assert!(!nodes.items.is_empty(), "a cluster has nodes");
+    });
 }

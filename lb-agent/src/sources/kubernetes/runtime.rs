@@ -591,6 +591,7 @@ pub async fn address_loop(
                     }
                 }
             }
+            write_pool_status(&client, &stores, &alloc, &bad).await;
             tokio::select! {
                 r = changed.changed() => if r.is_err() { return },
                 r = leader.changed() => if r.is_err() { return },
@@ -601,9 +602,100 @@ pub async fn address_loop(
     }
 }
 
+/// The status an IPPool should show: addresses handed out, addresses left, and whether its
+/// spec is valid (`bad`: the reason when not).
+pub fn pool_status(alloc: &Allocator, name: &str, bad: Option<&String>) -> serde_json::Value {
+    let pool = alloc.pools().find(|p| p.name == name);
+    let assigned = alloc.assigned_in(name);
+    let available = pool.map_or(0, |p| p.size(None).saturating_sub(u128::from(assigned)));
+    let available = if available >= 1u128 << 64 {
+        "2^64 or more".to_string()
+    } else {
+        available.to_string()
+    };
+    let (state, reason, message) = match bad {
+        Some(e) => ("False", "InvalidSpec", e.clone()),
+        None => (
+            "True",
+            "Valid",
+            format!("{assigned} assigned, {available} available"),
+        ),
+    };
+    serde_json::json!({
+        "assigned": assigned,
+        "available": available,
+        "conditions": [{
+            "type": "Valid", "status": state, "reason": reason, "message": message,
+            "lastTransitionTime": Timestamp::now().to_string(),
+        }],
+    })
+}
+
+/// Writes each IPPool's status when it changed.
+async fn write_pool_status(
+    client: &Client,
+    stores: &Stores,
+    alloc: &Allocator,
+    bad: &BTreeMap<String, String>,
+) {
+    let api: Api<IPPool> = Api::all(client.clone());
+    for pool in stores.pools.state() {
+        let name = pool.name_any();
+        let want = pool_status(alloc, &name, bad.get(&name));
+        let have = pool.status.as_ref();
+        let same = have.is_some_and(|h| {
+            serde_json::json!(h.assigned) == want["assigned"]
+                && h.available == want["available"].as_str().unwrap_or_default()
+                && h.conditions.first().is_some_and(|c| {
+                    c.status == want["conditions"][0]["status"]
+                        && c.message == want["conditions"][0]["message"]
+                })
+        });
+        if same {
+            continue;
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": name}, "status": want,
+        });
+        if let Err(e) = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            warn!(pool = %name, error = %e, "writing the IPPool status failed");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_status_counts_and_validity() {
+        let mut alloc = Allocator::default();
+        alloc.set_pools([super::super::ipam::Pool::from_spec(
+            "p",
+            &super::super::crd::IPPoolSpec {
+                addresses: vec!["198.18.100.0/30".into(), "fd00:100::/64".into()],
+                auto_assign: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()]);
+        let s = pool_status(&alloc, "p", None);
+        assert_eq!(s["assigned"], 0);
+        assert_eq!(s["available"], "2^64 or more");
+        assert_eq!(s["conditions"][0]["status"], "True");
+        let bad = "spec.addresses[0]: x".to_string();
+        let s = pool_status(&alloc, "q", Some(&bad));
+        assert_eq!(s["conditions"][0]["reason"], "InvalidSpec");
+        assert_eq!(s["available"], "0");
+    }
 
     fn lease(holder: Option<&str>, renewed_ago: i64, duration: i32) -> Lease {
         let now = Timestamp::now();
