@@ -87,15 +87,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { admin } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime(false) else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(lb_agent::cli::services(admin)) {
                 Ok(services) => {
@@ -141,16 +134,8 @@ fn main() -> ExitCode {
                     default_class,
                 }
             });
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime(true) else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(lb_agent::app::run(source(config), kube)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -161,6 +146,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The tokio runtime: two workers for the agent, one thread for a client command.
+fn runtime(agent: bool) -> Option<tokio::runtime::Runtime> {
+    let mut b = if agent {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all()
+        .build()
+        .map_err(|e| eprintln!("cannot start the runtime: {e}"))
+        .ok()
 }
 
 fn hostname() -> Option<String> {

@@ -137,6 +137,12 @@ fn parse(path: &str) -> Option<Target> {
 }
 
 impl Fake {
+    /// The stored object, if any.
+    fn get(&self, t: &Target, ns: &str, name: &str) -> Option<Value> {
+        let key = (t.resource.clone(), ns.to_string(), name.to_string());
+        self.inner.lock().unwrap().objects.get(&key).cloned()
+    }
+
     /// Stores `object` (setting its resourceVersion, uid, apiVersion and kind) and logs the
     /// change for watchers.
     fn write(
@@ -278,13 +284,7 @@ async fn handle(
             ok_json(StatusCode::CREATED, &v)
         }
         (&Method::PUT, Some(name)) => {
-            let current = fake
-                .inner
-                .lock()
-                .unwrap()
-                .objects
-                .get(&(t.resource.clone(), ns.clone(), name.clone()))
-                .cloned();
+            let current = fake.get(&t, &ns, name);
             let given = body["metadata"]["resourceVersion"]
                 .as_str()
                 .map(str::to_string);
@@ -306,13 +306,7 @@ async fn handle(
             ok_json(StatusCode::OK, &v)
         }
         (&Method::DELETE, Some(name)) => {
-            let current = fake
-                .inner
-                .lock()
-                .unwrap()
-                .objects
-                .get(&(t.resource.clone(), ns.clone(), name.clone()))
-                .cloned();
+            let current = fake.get(&t, &ns, name);
             match current {
                 Some(obj) => {
                     let v = fake.write(&t, &ns, name, obj, "DELETED");
@@ -326,13 +320,7 @@ async fn handle(
             }
         }
         (&Method::PATCH, Some(name)) if t.status => {
-            let current = fake
-                .inner
-                .lock()
-                .unwrap()
-                .objects
-                .get(&(t.resource.clone(), ns.clone(), name.clone()))
-                .cloned();
+            let current = fake.get(&t, &ns, name);
             let Some(mut obj) = current else {
                 return status(
                     StatusCode::NOT_FOUND,

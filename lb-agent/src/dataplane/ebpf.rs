@@ -457,22 +457,47 @@ fn err(map: &'static str, op: &str, e: impl std::fmt::Display) -> MapError {
     }
 }
 
+/// `bpf_attr` of the `BPF_MAP_*_BATCH` commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Runs batch command `cmd` on `attr`.
+///
+/// # Safety
+/// `attr`'s pointers must be valid for the command: `keys` and `values` sized for `count`
+/// entries of the map's key and value sizes, the batch cursors for a key (or null), all
+/// outliving the call.
+unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller's contract; `attr` is a valid bpf_attr of its size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// `BPF_MAP_UPDATE_BATCH` of `values` at keys `first..`, one syscall (aya has no batch call).
 fn update_batch(fd: BorrowedFd<'_>, first: u32, values: &[u32]) -> std::io::Result<()> {
-    #[repr(C)]
-    struct Attr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     let keys: Vec<u32> = (first..first + values.len() as u32).collect();
-    let mut attr = Attr {
+    let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
@@ -482,19 +507,9 @@ fn update_batch(fd: BorrowedFd<'_>, first: u32, values: &[u32]) -> std::io::Resu
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid bpf_attr for BPF_MAP_UPDATE_BATCH; `keys` and `values` hold
-    // `count` u32s each and outlive the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: `keys` and `values` hold `count` u32s each (the map's key and value size) and
+    // outlive the call.
+    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr)? };
     if attr.count as usize != values.len() {
         return Err(std::io::Error::other(format!(
             "wrote {} of {} entries",
@@ -895,20 +910,9 @@ fn lookup_batch(
     values: &mut [u8],
     count: u32,
 ) -> std::io::Result<(u32, bool)> {
-    #[repr(C)]
-    struct Attr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     let cursor = in_batch.unwrap_or(0);
-    let mut attr = Attr {
+    let mut attr = BatchAttr {
         in_batch: if in_batch.is_some() {
             (&raw const cursor) as u64
         } else {
@@ -922,24 +926,12 @@ fn lookup_batch(
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid bpf_attr for BPF_MAP_LOOKUP_BATCH; the caller sized `keys` and
-    // `values` for `count` entries of the map's key and value sizes; every buffer outlives the
-    // call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            &raw mut attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
+    // SAFETY: the caller sized `keys` and `values` for `count` entries of the map's key and
+    // value sizes; the cursors are u32s (the batch token of arrays and hash maps alike).
+    match unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+        Ok(()) => Ok((attr.count, false)),
         // ENOENT: the walk reached the end (`count` says how many came before it).
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            return Ok((attr.count, true));
-        }
-        return Err(e);
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr.count, true)),
+        Err(e) => Err(e),
     }
-    Ok((attr.count, false))
 }

@@ -54,7 +54,8 @@ pub fn pools(pools: &[IPPool]) -> (Vec<Pool>, BTreeMap<String, String>) {
     (ok, bad)
 }
 
-fn status_ips(svc: &Service) -> Vec<IpAddr> {
+/// The addresses a Service's status shows.
+pub fn status_ips(svc: &Service) -> Vec<IpAddr> {
     svc.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())

@@ -447,13 +447,9 @@ pub async fn lease_loop(
 }
 
 fn current_ingress(svc: &Service) -> Vec<String> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.clone())
+    addresses::status_ips(svc)
+        .iter()
+        .map(ToString::to_string)
         .collect()
 }
 
