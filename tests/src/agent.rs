@@ -79,11 +79,44 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let path = dir.join("weir.yaml");
-        let log = dir.join("agent.log");
         let bin = agent_binary();
         let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
         cmd.arg("run");
+        Self::spawn(cmd, dir, config, args, env)
+    }
+
+    /// As [`Agent::start_with`], with only the capabilities the Helm chart grants
+    /// (`BPF`, `PERFMON`, `NET_ADMIN`, `NET_RAW`): `setpriv` empties the bounding set of the
+    /// rest, so even as root the agent cannot use them.
+    pub fn start_with_chart_caps(
+        ns: &Netns,
+        dir: &Path,
+        config: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let bin = agent_binary();
+        let mut cmd = ns.command("setpriv");
+        cmd.args([
+            "--bounding-set",
+            CHART_CAPS,
+            "--inh-caps",
+            CHART_CAPS,
+            bin.to_str().expect("utf-8 path"),
+            "run",
+        ]);
+        Self::spawn(cmd, dir, config, args, env)
+    }
+
+    fn spawn(
+        mut cmd: std::process::Command,
+        dir: &Path,
+        config: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let path = dir.join("weir.yaml");
+        let log = dir.join("agent.log");
         let config = config.map(|text| {
             std::fs::write(&path, text).expect("write config");
             cmd.arg("--config").arg(&path);
@@ -240,6 +273,9 @@ impl Agent {
         })
     }
 }
+
+/// The capabilities of `charts/weir`'s DaemonSet, as `setpriv` spells them.
+pub const CHART_CAPS: &str = "-all,+bpf,+perfmon,+net_admin,+net_raw";
 
 /// Backend `addr` of `service` in an `/api/v1/services` answer.
 pub fn backend_entry(

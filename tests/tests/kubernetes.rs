@@ -167,7 +167,8 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
         "node:\n  interfaces: [{}]\nadmin:\n  listen: 127.0.0.1:9300\n",
         lab.interfaces().join(", ")
     );
-    let mut agent = Agent::start_with(
+    // With the chart's capabilities only, as the DaemonSet runs it.
+    let mut agent = Agent::start_with_chart_caps(
         &lab.lb,
         &lab.dir.path,
         Some(&node_config),

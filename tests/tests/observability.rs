@@ -26,10 +26,12 @@ fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
 
+/// The lab with the agent on its default config, holding only the capabilities the Helm
+/// chart grants.
 fn lab_with_agent() -> (Lab, Agent) {
     let mut lab = Lab::new(3);
     lab.start_servers(server_bin());
-    let mut agent = Agent::start(&lab.lb, &lab.dir.path, None);
+    let mut agent = Agent::start_with_chart_caps(&lab.lb, &lab.dir.path, None, &[], &[]);
     agent.wait_ready(&lab.lb);
     (lab, agent)
 }
@@ -99,6 +101,18 @@ fn lookup(
 fn known_traffic_shows_up_exactly_in_metrics_api_and_status() {
     weir_lab::netns::require_root();
     let (lab, agent) = lab_with_agent();
+    // The agent really holds only BPF (39), PERFMON (38), NET_RAW (13) and NET_ADMIN (12).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        eff,
+        (1 << 39) | (1 << 38) | (1 << 13) | (1 << 12),
+        "CapEff {eff:#x}"
+    );
     let predictor = Predictor::new(DEFAULT_CONFIG);
     let vip = sa(VIP_V4, 7);
     let client = sa(CLIENT_V4, 40_001);

@@ -338,9 +338,13 @@ pub struct EbpfMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     tx_ports: DevMapHash<MapData>,
     ncpus: usize,
-    /// A second handle on `MAGLEV` for inspectors (`ArrayOfMaps` does not lend its fd).
-    maglev_fd: MapData,
+    /// Second handles on the table pages, shared with inspectors: reading a page through the
+    /// outer map's id would need CAP_SYS_ADMIN.
+    shared_pages: SharedPages,
 }
+
+/// Table pages by page id, readable by inspectors.
+type SharedPages = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u32, Map>>>;
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
     ebpf.take_map(name).ok_or(DataplaneError::Map {
@@ -361,15 +365,6 @@ impl EbpfMaps {
             name: maps::SERVICE_STATS,
             detail: format!("{what}: {e}"),
         })?;
-        let maglev_fd = match ebpf.map(maps::MAGLEV) {
-            Some(Map::ArrayOfMaps(m)) => reopen(m).map_err(map_err(maps::MAGLEV))?,
-            _ => {
-                return Err(DataplaneError::Map {
-                    name: maps::MAGLEV,
-                    detail: "not an array of maps in the eBPF object".into(),
-                });
-            }
-        };
         Ok(Self {
             services: typed!(ebpf, maps::SERVICES),
             backends: typed!(ebpf, maps::BACKENDS),
@@ -386,7 +381,7 @@ impl EbpfMaps {
             affinity: typed!(ebpf, maps::AFFINITY),
             tx_ports: typed!(ebpf, maps::TX_PORTS),
             ncpus,
-            maglev_fd,
+            shared_pages: SharedPages::default(),
         })
     }
 
@@ -404,7 +399,7 @@ impl EbpfMaps {
         Ok(EbpfInspector {
             services: typed(maps::SERVICES, IterableMap::map(&self.services))?,
             backends: typed(maps::BACKENDS, IterableMap::map(&self.backends))?,
-            maglev: typed(maps::MAGLEV, &self.maglev_fd)?,
+            pages: self.shared_pages.clone(),
             source_ranges: typed(maps::SOURCE_RANGES, IterableMap::map(&self.source_ranges))?,
             service_stats: reopen(IterableMap::map(&self.service_stats))
                 .map_err(map_err(maps::SERVICE_STATS))?,
@@ -545,6 +540,13 @@ impl MapWriter for EbpfMaps {
         self.maglev
             .set(page, &inner, 0)
             .map_err(|e| err(maps::MAGLEV, "install table page", e))?;
+        let second = reopen(IterableMap::map(&inner))
+            .and_then(Map::from_map_data)
+            .map_err(|e| err(maps::MAGLEV, "share table page", e))?;
+        self.shared_pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(page, second);
         self.pages.insert(page, inner);
         Ok(())
     }
@@ -643,7 +645,8 @@ fn reopen(m: &MapData) -> Result<MapData, aya::maps::MapError> {
 pub struct EbpfInspector {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, BackendValue>,
-    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    /// The Maglev table pages (shared with the maps' owner, which adds them).
+    pages: SharedPages,
     source_ranges: LpmTrie<MapData, SourceRangeData, u32>,
     /// Read in batches, by raw file descriptor.
     service_stats: MapData,
@@ -716,13 +719,21 @@ impl EbpfInspector {
             return Ok(None);
         }
         let slot = h % svc.table_size;
-        let page = self
-            .maglev
-            .get(&svc.table_page, 0)
-            .map_err(|e| err(maps::MAGLEV, "get page", e))?;
-        let id = page
-            .get(&(svc.table_offset + slot), 0)
-            .map_err(|e| err(maps::MAGLEV, "get slot", e))?;
+        let id = {
+            let pages = self
+                .pages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let page = pages.get(&svc.table_page).ok_or_else(|| MapError {
+                map: maps::MAGLEV,
+                op: "get page".into(),
+                detail: format!("no page {}", svc.table_page),
+            })?;
+            let page: Array<&MapData, u32> =
+                Array::try_from(page).map_err(|e| err(maps::MAGLEV, "get page", e))?;
+            page.get(&(svc.table_offset + slot), 0)
+                .map_err(|e| err(maps::MAGLEV, "get slot", e))?
+        };
         if id == 0 {
             return Ok(None);
         }
