@@ -32,11 +32,20 @@ fn server_bin() -> &'static Path {
 
 /// A request to the fake API from the LB node's namespace: (status, JSON body).
 fn api(ns: &Netns, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    api_at(ns, API.parse().unwrap(), method, path, body)
+}
+
+/// A request to the fake API at `addr` from `ns`.
+fn api_at(
+    ns: &Netns,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let body = body.map(|b| b.to_string());
     let r = ns
-        .run_in(|| {
-            clients::http_request(None, API.parse().unwrap(), method, path, body.as_deref(), T)
-        })
+        .run_in(|| clients::http_request(None, addr, method, path, body.as_deref(), T))
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
     (r.status, v)
@@ -392,6 +401,141 @@ fn events_for(ns: &Netns, name: &str) -> Vec<Value> {
 
 fn agent_log(lab: &Lab) -> std::path::PathBuf {
     lab.dir.path.join("agent.log")
+}
+
+/// Two agents on two nodes against one API server: the first leads and hands out an address;
+/// killed (SIGKILL: no goodbye), the second takes the Lease over once it expires, keeps every
+/// address where it was, and serves new Services. Only the agents' own namespaces, one for
+/// the API server, and veths between them.
+#[test]
+fn the_leader_fails_over_without_moving_addresses() {
+    weir_lab::netns::require_root();
+    let api_ns = Netns::new("api");
+    let nodes = [Netns::new("node-a"), Netns::new("node-b")];
+    let mut servers = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let (api_if, base) = (format!("to-{i}"), 4 * i as u8);
+        weir_lab::netns::veth(&api_ns, &api_if, n, "eth-api");
+        api_ns.ip(&format!("addr add 198.18.9.{}/30 dev {api_if}", base + 1));
+        n.ip(&format!("addr add 198.18.9.{}/30 dev eth-api", base + 2));
+        servers.push(SocketAddr::from(([198, 18, 9, base + 1], 6443)));
+    }
+    let _apiserver = weir_lab::lab::Proc {
+        child: api_ns
+            .command(server_bin().to_str().unwrap())
+            .args(["fake-apiserver", "0.0.0.0:6443"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let a = &nodes[0];
+    wait_for(Duration::from_secs(10), "the fake API server", || {
+        a.run_in(|| clients::http_get(None, servers[0], "/api/v1/nodes", T).ok())
+    });
+    let call =
+        |method: &str, path: &str, body: Option<Value>| api_at(a, servers[0], method, path, body);
+    for node in ["node-a", "node-b"] {
+        let (code, v) = call(
+            "POST",
+            "/api/v1/nodes",
+            Some(json!({"metadata": {"name": node}})),
+        );
+        assert_eq!(code, 201, "{v}");
+    }
+    let (code, v) = call(
+        "POST",
+        "/apis/weir.dev/v1alpha1/ippools",
+        Some(json!({"metadata": {"name": "pool"}, "spec": {"addresses": ["198.18.100.16/28"]}})),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = call(
+        "POST",
+        "/api/v1/namespaces/shop/services",
+        Some(service("web", json!({}))),
+    );
+    assert_eq!(code, 201, "{v}");
+    let status_of = |name: &str| {
+        let (_, v) = call(
+            "GET",
+            &format!("/api/v1/namespaces/shop/services/{name}"),
+            None,
+        );
+        v["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let holder = || {
+        let (_, v) = call(
+            "GET",
+            "/apis/coordination.k8s.io/v1/namespaces/weir-system/leases/weir-leader",
+            None,
+        );
+        v["spec"]["holderIdentity"].as_str().map(str::to_string)
+    };
+
+    let dirs = [weir_lab::lab::Scratch::new(), weir_lab::lab::Scratch::new()];
+    let start = |i: usize| {
+        let n = &nodes[i];
+        let kubeconfig = dirs[i].path.join("kubeconfig");
+        std::fs::write(&kubeconfig, fakeapi::kubeconfig(servers[i])).unwrap();
+        let name = format!("node-{}", ["a", "b"][i]);
+        let mut agent = Agent::start_with_chart_caps(
+            n,
+            &dirs[i].path,
+            Some("node:\n  interfaces: [eth-api]\nadmin:\n  listen: 127.0.0.1:9300\n"),
+            &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
+            &[
+                ("NODE_NAME", &name),
+                ("POD_NAMESPACE", "weir-system"),
+                ("POD_NAME", &format!("agent-{name}")),
+            ],
+        );
+        agent.wait_ready(n);
+        agent
+    };
+    let agent_a = start(0);
+    let web = wait_for(Duration::from_secs(20), "web's address", || {
+        status_of("web")
+    });
+    assert_eq!(web, "198.18.100.16");
+    assert_eq!(holder().as_deref(), Some("agent-node-a"));
+    let agent_b = start(1);
+    assert_eq!(
+        holder().as_deref(),
+        Some("agent-node-a"),
+        "b follows while a renews"
+    );
+
+    agent_a.signal(libc::SIGKILL);
+    let killed = std::time::Instant::now();
+    wait_for(
+        Duration::from_secs(40),
+        "node-b to take the Lease over",
+        || (holder().as_deref() == Some("agent-node-b")).then_some(()),
+    );
+    let took = killed.elapsed();
+    eprintln!(
+        "leader failover: the Lease moved {} ms after the leader was killed",
+        took.as_millis()
+    );
+    assert!(
+        took >= Duration::from_secs(10),
+        "the Lease was taken before it expired: {took:?}"
+    );
+
+    // The new leader keeps web where it was and serves a new Service.
+    let (code, v) = call(
+        "POST",
+        "/api/v1/namespaces/shop/services",
+        Some(service("second", json!({}))),
+    );
+    assert_eq!(code, 201, "{v}");
+    let second = wait_for(Duration::from_secs(20), "second's address", || {
+        status_of("second")
+    });
+    assert_eq!(second, "198.18.100.17");
+    assert_eq!(status_of("web").as_deref(), Some("198.18.100.16"));
+    assert!(agent_b.stop().success());
 }
 
 /// Against a real cluster, read-only, when `KUBECONFIG` is set: the agent's client lists
