@@ -46,6 +46,9 @@ pub const LEASE: &str = "weir-leader";
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the holder renews, and the others look.
 pub const LEASE_RENEW: Duration = Duration::from_secs(2);
+/// A holder that could not renew for this long stops leading — well before the others may take
+/// the Lease ([`LEASE_DURATION`] after its last renewal), so two never lead at once.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 /// Changes arriving this close together are translated once.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
