@@ -436,8 +436,8 @@ pub async fn lease_loop(
             // A conflict means another agent wrote first: it leads this round.
             info!(error = %e, "Lease not won this round");
         }
-        // Leader while the last successful write is younger than the lease.
-        let leads = last_renew.is_some_and(|t| t.elapsed() < LEASE_DURATION)
+        // Leader while the last successful write is younger than the renew deadline.
+        let leads = last_renew.is_some_and(|t| t.elapsed() < RENEW_DEADLINE)
             && !matches!(action, LeaseAction::Follow(_));
         if *leader.borrow() != leads {
             info!(identity = %me, leader = leads, "leadership changed");
