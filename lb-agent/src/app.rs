@@ -120,10 +120,12 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     let (translations_tx, mut translations) = watch::channel::<Option<Arc<Translation>>>(None);
     let mut kube_tasks = Vec::new();
     let mut events_sink: Option<kube_runtime::EventSink> = None;
+    let mut kube_client = None;
     let _watches = match &kube {
         None => None,
         Some(k) => {
             let client = kube_runtime::client(k.kubeconfig.as_deref()).await?;
+            kube_client = Some(client.clone());
             let watches = kube_runtime::watch_all(&client);
             let opts = translate::Options {
                 node: k.node.clone(),
@@ -251,6 +253,10 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     sampler.abort();
     for t in &kube_tasks {
         t.abort();
+    }
+    if let (Some(k), Some(client)) = (&kube, kube_client) {
+        let release = kube_runtime::release_lease(client, &k.namespace, &k.identity);
+        let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
     }
     drop(agent.monitor);
     agent.datapath.detach_all();

@@ -404,8 +404,9 @@ fn agent_log(lab: &Lab) -> std::path::PathBuf {
 }
 
 /// Two agents on two nodes against one API server: the first leads and hands out an address;
-/// killed (SIGKILL: no goodbye), the second takes the Lease over once it expires, keeps every
-/// address where it was, and serves new Services. Only the agents' own namespaces, one for
+/// stopped cleanly it gives the Lease up and the second takes over at once; killed (SIGKILL:
+/// no goodbye), the other takes the Lease over once it expires; every address stays where it
+/// was and new Services are served. Only the agents' own namespaces, one for
 /// the API server, and veths between them.
 #[test]
 fn the_leader_fails_over_without_moving_addresses() {
@@ -506,24 +507,23 @@ fn the_leader_fails_over_without_moving_addresses() {
         "b follows while a renews"
     );
 
-    agent_a.signal(libc::SIGKILL);
-    let killed = std::time::Instant::now();
+    // A clean stop gives the Lease up: b takes over at its next look.
+    let stopped = std::time::Instant::now();
+    assert!(agent_a.stop().success());
     wait_for(
         Duration::from_secs(40),
-        "node-b to take the Lease over",
+        "node-b to take the released Lease",
         || (holder().as_deref() == Some("agent-node-b")).then_some(()),
     );
-    let took = killed.elapsed();
+    let took = stopped.elapsed();
     eprintln!(
-        "leader failover: the Lease moved {} ms after the leader was killed",
+        "leader failover after SIGTERM (Lease released): {} ms",
         took.as_millis()
     );
     assert!(
-        took >= Duration::from_secs(10),
-        "the Lease was taken before it expired: {took:?}"
+        took < Duration::from_secs(10),
+        "the released Lease waited for expiry: {took:?}"
     );
-
-    // The new leader keeps web where it was and serves a new Service.
     let (code, v) = call(
         "POST",
         "/api/v1/namespaces/shop/services",
@@ -534,8 +534,39 @@ fn the_leader_fails_over_without_moving_addresses() {
         status_of("second")
     });
     assert_eq!(second, "198.18.100.17");
+
+    // a comes back as a follower; b is killed without a goodbye: a takes the Lease once it
+    // expires, and every address stays where it was.
+    let agent_a = start(0);
+    agent_b.signal(libc::SIGKILL);
+    let killed = std::time::Instant::now();
+    wait_for(
+        Duration::from_secs(40),
+        "node-a to take the Lease over",
+        || (holder().as_deref() == Some("agent-node-a")).then_some(()),
+    );
+    let took = killed.elapsed();
+    eprintln!(
+        "leader failover after SIGKILL (Lease expired): {} ms",
+        took.as_millis()
+    );
+    assert!(
+        took >= Duration::from_secs(10),
+        "the Lease was taken before it expired: {took:?}"
+    );
+    let (code, v) = call(
+        "POST",
+        "/api/v1/namespaces/shop/services",
+        Some(service("third", json!({}))),
+    );
+    assert_eq!(code, 201, "{v}");
+    let third = wait_for(Duration::from_secs(20), "third's address", || {
+        status_of("third")
+    });
+    assert_eq!(third, "198.18.100.18");
     assert_eq!(status_of("web").as_deref(), Some("198.18.100.16"));
-    assert!(agent_b.stop().success());
+    assert_eq!(status_of("second").as_deref(), Some("198.18.100.17"));
+    assert!(agent_a.stop().success());
 }
 
 /// Against a real cluster, read-only, when `KUBECONFIG` is set: the agent's client lists

@@ -449,6 +449,27 @@ pub async fn lease_loop(
     }
 }
 
+/// Gives the Lease up when this agent holds it (on a clean stop), so another agent takes
+/// over at its next look instead of waiting for the Lease to expire.
+pub async fn release_lease(client: Client, namespace: &str, me: &str) {
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let Ok(Some(mut lease)) = api.get_opt(LEASE).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    if spec.holder_identity.as_deref() != Some(me) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    match api.replace(LEASE, &PostParams::default(), &lease).await {
+        Ok(_) => info!("Lease released"),
+        Err(e) => warn!(error = %e, "releasing the Lease failed; it expires by itself"),
+    }
+}
+
 fn current_ingress(svc: &Service) -> Vec<String> {
     addresses::status_ips(svc)
         .iter()
