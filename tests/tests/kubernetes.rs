@@ -132,7 +132,7 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     weir_lab::netns::require_root();
     let mut lab = Lab::new(3);
     lab.start_servers(server_bin());
-    let _apiserver = weir_lab::lab::Proc {
+    let mut apiserver = weir_lab::lab::Proc {
         child: lab
             .lb
             .command(server_bin().to_str().unwrap())
