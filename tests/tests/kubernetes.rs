@@ -378,6 +378,26 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     );
     assert!(body.contains(r#""localEndpoints":0"#), "{body}");
 
+    // The API server goes away: the watchers retry with backoff, and the data plane keeps
+    // serving the last state (it is level-triggered, nothing is torn down for a lost watch).
+    apiserver.kill();
+    wait_for(
+        Duration::from_secs(20),
+        "the watchers to notice the API is gone",
+        || {
+            agent
+                .log_text()
+                .contains("watch failed; retrying with backoff")
+                .then_some(())
+        },
+    );
+    assert_eq!(agent.get(&lab.lb, "/readyz").map(|r| r.0), Some(200));
+    assert_eq!(
+        backends_of(&lab, vip, 47_000..47_030),
+        BTreeSet::from(["b1".into()]),
+        "web still serves (b2 failed its check, b3 left the slice)"
+    );
+
     let status = agent.stop();
     assert!(
         status.success(),
