@@ -5,7 +5,6 @@
 use std::{
     collections::HashMap,
     io,
-    mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -251,32 +250,14 @@ fn parse(v4: bool, from: IpAddr, data: &[u8]) -> Option<Matched> {
 }
 
 async fn read_loop(socket: Arc<AsyncFd<Socket>>, v4: bool, waiting: Arc<Waiters>) {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
-    loop {
-        let Ok(mut guard) = socket.readable().await else {
-            return;
-        };
-        loop {
-            let (n, from) = match guard.try_io(|s| s.get_ref().recv_from(&mut buf)) {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "ICMP receive");
-                    break;
-                }
-                Err(_would_block) => break,
-            };
-            // SAFETY: recv_from initialised the first n bytes.
-            let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
-            let Some(from) = from.as_socket().map(|a| a.ip()) else {
-                continue;
-            };
-            if let Some((target, token, result)) = parse(v4, from, data)
-                && let Some(tx) = lock(&waiting).remove(&(target, token))
-            {
-                let _ = tx.send(result);
-            }
+    super::raw_recv_loop(socket, "ICMP", |data, from| {
+        if let Some((target, token, result)) = parse(v4, from, data)
+            && let Some(tx) = lock(&waiting).remove(&(target, token))
+        {
+            let _ = tx.send(result);
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

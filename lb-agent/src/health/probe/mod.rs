@@ -88,5 +88,35 @@ impl Prober {
     }
 }
 
+/// Reads datagrams from a raw socket until it closes, handing each (bytes, sender address)
+/// to `on_packet`. `what` names the protocol in debug logs.
+async fn raw_recv_loop(
+    socket: Arc<tokio::io::unix::AsyncFd<socket2::Socket>>,
+    what: &'static str,
+    mut on_packet: impl FnMut(&[u8], std::net::IpAddr),
+) {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let Ok(mut guard) = socket.readable().await else {
+            return;
+        };
+        loop {
+            let (n, from) = match guard.try_io(|s| s.get_ref().recv_from(&mut buf)) {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "{what} receive");
+                    break;
+                }
+                Err(_would_block) => break,
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
+            if let Some(from) = from.as_socket().map(|a| a.ip()) {
+                on_packet(data, from);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

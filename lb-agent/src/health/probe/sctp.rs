@@ -7,7 +7,6 @@ use std::{
     collections::HashMap,
     hash::BuildHasher as _,
     io,
-    mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -218,65 +217,47 @@ enum Chunk {
 }
 
 async fn read_loop(socket: Arc<AsyncFd<Socket>>, v4: bool, waiting: Arc<Waiters>) {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
-    loop {
-        let Ok(mut guard) = socket.readable().await else {
+    super::raw_recv_loop(socket, "SCTP", |data, from| {
+        // IPv4 raw sockets deliver the IP header too.
+        let sctp = if v4 {
+            match data
+                .first()
+                .and_then(|b| data.get((b & 0x0f) as usize * 4..))
+            {
+                Some(s) => s,
+                None => return,
+            }
+        } else {
+            data
+        };
+        let Some((port, sport, vtag, chunk)) = parse(sctp) else {
             return;
         };
-        loop {
-            let (n, from) = match guard.try_io(|s| s.get_ref().recv_from(&mut buf)) {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "SCTP receive");
-                    break;
-                }
-                Err(_would_block) => break,
+        let mut w = lock(&waiting);
+        let Some((dport, tag, _)) = w.get(&(from, port)) else {
+            return;
+        };
+        // Only the target port may answer, and only with our tag: an ABORT sent for an INIT
+        // carries the INIT's initiate tag (or reflects its zero tag, with the T bit set).
+        let ours = sport == *dport
+            && match chunk {
+                Chunk::InitAck(_) => vtag == *tag,
+                Chunk::Abort(t_bit) => vtag == *tag || (t_bit && vtag == 0),
             };
-            // SAFETY: recv_from initialised the first n bytes.
-            let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
-            let Some(from) = from.as_socket().map(|a| a.ip()) else {
-                continue;
-            };
-            // IPv4 raw sockets deliver the IP header too.
-            let sctp = if v4 {
-                match data
-                    .first()
-                    .and_then(|b| data.get((b & 0x0f) as usize * 4..))
-                {
-                    Some(s) => s,
-                    None => continue,
-                }
-            } else {
-                data
-            };
-            let Some((port, sport, vtag, chunk)) = parse(sctp) else {
-                continue;
-            };
-            let mut w = lock(&waiting);
-            let Some((dport, tag, _)) = w.get(&(from, port)) else {
-                continue;
-            };
-            // Only the target port may answer, and only with our tag: an ABORT sent for an INIT
-            // carries the INIT's initiate tag (or reflects its zero tag, with the T bit set).
-            let ours = sport == *dport
-                && match chunk {
-                    Chunk::InitAck(_) => vtag == *tag,
-                    Chunk::Abort(t_bit) => vtag == *tag || (t_bit && vtag == 0),
-                };
-            if !ours {
-                continue;
-            }
-            if let Some((_, _, tx)) = w.remove(&(from, port)) {
-                let _ = tx.send(match chunk {
-                    Chunk::InitAck(peer) => Ok(peer),
-                    Chunk::Abort(_) => Err(Failure::new(
-                        FailureKind::Refused,
-                        format!("ABORT from {from}:{sport} (nothing listens on the port)"),
-                    )),
-                });
-            }
+        if !ours {
+            return;
         }
-    }
+        if let Some((_, _, tx)) = w.remove(&(from, port)) {
+            let _ = tx.send(match chunk {
+                Chunk::InitAck(peer) => Ok(peer),
+                Chunk::Abort(_) => Err(Failure::new(
+                    FailureKind::Refused,
+                    format!("ABORT from {from}:{sport} (nothing listens on the port)"),
+                )),
+            });
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
