@@ -25,8 +25,10 @@ fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 
-/// The fast profile every service here uses unless it says otherwise.
-const FAST: &str = "interval: 100ms, timeout: 80ms, rise: 2, fall: 2";
+/// The fast profile every service here uses unless it says otherwise. The timeout leaves room
+/// for a loaded CI machine: a healthy backend answers in about a millisecond, and a spurious
+/// timeout would count as a failure the test did not make.
+const FAST: &str = "interval: 200ms, timeout: 200ms, rise: 2, fall: 2";
 
 /// A service block: `name`, VIP and port, protocol, backend port, and the check's fields.
 fn service(
@@ -467,7 +469,8 @@ fn a_flapping_backend_respects_rise_and_fall() {
     let (lab, agent) = lab_with_agent(2, |lab| {
         web(
             lab,
-            "type: http, path: /healthz, interval: 50ms, timeout: 40ms, rise: 2, fall: 2",
+            // A timeout would break the alternation the test makes: leave room for load.
+            "type: http, path: /healthz, interval: 200ms, timeout: 200ms, rise: 2, fall: 2",
         )
     });
     let b1 = sa(lab.backends[0].v4, HTTP_PORT);
