@@ -281,6 +281,64 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     assert_eq!(events[0]["reason"], "AddressNotInPool", "{:?}", events[0]);
     assert_eq!(events[0]["type"], "Warning");
     assert_eq!(service_status(&lab.lb, "web").0, ["198.18.100.1"]);
+    // Dual-stack: one address per family, from an IPv6 pool beside the IPv4 one, and IPv6
+    // traffic through the IPv6 address to the IPv6 endpoints.
+    create(
+        &lab.lb,
+        "/apis/weir.dev/v1alpha1/ippools",
+        json!({"metadata": {"name": "lab6"}, "spec": {"addresses": ["fd00:100::10-fd00:100::1f"]}}),
+    );
+    let mut dual = service("dual", json!({}));
+    dual["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    dual["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    create(&lab.lb, "/api/v1/namespaces/shop/services", dual);
+    let mut v6_slice = slice(&lab.backends.iter().map(|b| b.v6).collect::<Vec<_>>());
+    v6_slice["metadata"] =
+        json!({"name": "dual-6", "labels": {"kubernetes.io/service-name": "dual"}});
+    v6_slice["addressType"] = json!("IPv6");
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        v6_slice,
+    );
+    let mut v4_slice = slice(&b);
+    v4_slice["metadata"] =
+        json!({"name": "dual-4", "labels": {"kubernetes.io/service-name": "dual"}});
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        v4_slice,
+    );
+    let (ingress, _) = wait_for(Duration::from_secs(10), "dual's two addresses", || {
+        let s = service_status(&lab.lb, "dual");
+        (s.0.len() == 2).then_some(s)
+    });
+    assert!(ingress[0].starts_with("198.18.100."), "{ingress:?}");
+    assert_eq!(ingress[1], "fd00:100::10");
+    let vip6: SocketAddr = "[fd00:100::10]:80".parse().unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the IPv6 address to be served",
+        || {
+            lab.client
+                .run_in(|| clients::http_get(None, vip6, "/", Duration::from_millis(500)).ok())
+        },
+    );
+    let seen: BTreeSet<String> = (0..30)
+        .map(|_| {
+            let r = lab
+                .client
+                .run_in(|| clients::http_get(None, vip6, "/", T))
+                .unwrap();
+            assert_eq!(r.status, 200);
+            r.backend
+        })
+        .collect();
+    assert!(
+        seen.len() >= 2,
+        "IPv6 flows spread over the endpoints: {seen:?}"
+    );
+
     // A bad health-check annotation: the Service is served without a check, the leader says
     // why in an Event, and the metric counts it.
     create(
