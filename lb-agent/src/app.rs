@@ -131,6 +131,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 node: k.node.clone(),
                 default_class: k.default_class,
                 table_size: config.maglev.table_size,
+                max_services: config.dataplane.max_services,
+                max_backends: config.dataplane.max_backends,
             };
             // The Lease first: electing takes a few rounds and needs no lists.
             let (leader_tx, leader) = watch::channel(false);

@@ -54,6 +54,10 @@ pub struct Options {
     pub default_class: bool,
     /// Maglev table size for every service.
     pub table_size: u32,
+    /// The data plane's capacities (`dataplane.max_services`, `dataplane.max_backends`; id
+    /// 0 is reserved in both).
+    pub max_services: u32,
+    pub max_backends: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -249,7 +253,47 @@ pub fn translate(
     out.desired
         .services
         .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+    fit(&mut out, opts);
     out
+}
+
+/// Keeps what fits the data plane, whole Services in name order, and reports the rest: one
+/// Service too many must not keep every other change from being programmed.
+fn fit(out: &mut Translation, opts: &Options) {
+    let (mut frontends, mut backends) = (0u64, 0u64);
+    let mut dropped: BTreeSet<String> = BTreeSet::new();
+    let mut names: Vec<String> = out
+        .desired
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    names.dedup();
+    for name in names {
+        let group = out.desired.services.iter().filter(|s| s.name == name);
+        let (f, b) = group.fold((0u64, 0u64), |(f, b), s| {
+            (f + 1, b + s.backends.len() as u64)
+        });
+        if frontends + f < u64::from(opts.max_services)
+            && backends + b < u64::from(opts.max_backends)
+        {
+            frontends += f;
+            backends += b;
+        } else {
+            dropped.insert(name);
+        }
+    }
+    if dropped.is_empty() {
+        return;
+    }
+    out.desired.services.retain(|s| !dropped.contains(&s.name));
+    for name in dropped {
+        out.problems.entry(name).or_default().push(format!(
+            "not served: the data plane is full ({frontends} frontends and {backends} backends \
+             programmed; raise dataplane.max_services ({}) or dataplane.max_backends ({}))",
+            opts.max_services, opts.max_backends
+        ));
+    }
 }
 
 /// The model services of one Kubernetes Service.

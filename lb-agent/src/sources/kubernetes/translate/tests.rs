@@ -9,6 +9,8 @@ fn opts() -> Options {
         node: "node-a".into(),
         default_class: false,
         table_size: 13,
+        max_services: 4096,
+        max_backends: 65536,
     }
 }
 
@@ -350,5 +352,31 @@ endpoint 198.18.1.21:5353 proto=17 -> 198.18.100.20:53 service=2 backend=2
 vip_filter[22689]=1
 vip_filter[28321]=1
 "
+    );
+}
+
+#[test]
+fn what_does_not_fit_the_data_plane_is_reported_and_the_rest_is_served() {
+    let services: Vec<Service> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            Svc::lb("shop", n)
+                .port("http", 80, "TCP")
+                .port("https", 443, "TCP")
+                .ingress(&format!("198.18.100.{}", 10 + i))
+                .build()
+        })
+        .collect();
+    // Room for 5 frontends (ids 1..5): a and b (2 each) fit, c does not.
+    let mut o = opts();
+    o.max_services = 6;
+    let t = translate(&services, &[], &nodes(), &o);
+    let names: BTreeSet<&str> = t.desired.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["shop/a", "shop/b"]));
+    assert!(
+        t.problems["shop/c"][0].contains("data plane is full"),
+        "{:?}",
+        t.problems
     );
 }
