@@ -189,6 +189,7 @@ pub async fn translate_loop(
     tracing::debug!("translate loop: stores ready");
     let mut reported: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut last: Option<crate::model::DesiredState> = None;
+    let mut excluded = false;
     loop {
         let t = stores.translate(&opts);
         if last.as_ref() != Some(&t.desired) {
@@ -220,8 +221,13 @@ pub async fn translate_loop(
         }
         metrics.set_service_problems(&t.problems);
         reported = t.problems.clone();
-        if t.excluded {
-            info!(node = %opts.node, "this node is excluded from external load balancing ({}): it serves nothing", translate::EXCLUDE_LABEL);
+        if t.excluded != excluded {
+            excluded = t.excluded;
+            if excluded {
+                info!(node = %opts.node, label = translate::EXCLUDE_LABEL, "this node is excluded from external load balancing: it serves nothing");
+            } else {
+                info!(node = %opts.node, "this node takes part in external load balancing again");
+            }
         }
         out.send_replace(Some(Arc::new(t)));
         if changed.changed().await.is_err() || out.is_closed() {
