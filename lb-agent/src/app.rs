@@ -87,6 +87,11 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
     let mut state = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
 
+    // The Kubernetes client before the data plane too: a bad kubeconfig changes nothing.
+    let kube_client = match &kube {
+        Some(k) => Some(kube_runtime::client(k.kubeconfig.as_deref()).await?),
+        None => None,
+    };
     let mut datapath = Datapath::load(&config.dataplane).context("loading the data plane")?;
     let inspector: Arc<dyn Inspect> = Arc::new(
         datapath
@@ -120,12 +125,12 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     let (translations_tx, mut translations) = watch::channel::<Option<Arc<Translation>>>(None);
     let mut kube_tasks = Vec::new();
     let mut events_sink: Option<kube_runtime::EventSink> = None;
-    let mut kube_client = None;
     let _watches = match &kube {
         None => None,
         Some(k) => {
-            let client = kube_runtime::client(k.kubeconfig.as_deref()).await?;
-            kube_client = Some(client.clone());
+            let client = kube_client
+                .clone()
+                .context("the Kubernetes client was made above")?;
             let watches = kube_runtime::watch_all(&client);
             let opts = translate::Options {
                 node: k.node.clone(),

@@ -685,3 +685,40 @@ fn a_real_cluster_when_kubeconfig_is_set() {
         assert!(!nodes.items.is_empty(), "a cluster has nodes");
     });
 }
+
+/// A kubeconfig that cannot be read is refused before the data plane is touched.
+#[test]
+fn a_bad_kubeconfig_is_refused_and_changes_nothing() {
+    weir_lab::netns::require_root();
+    let (a, b) = (Netns::new("kc-a"), Netns::new("kc-b"));
+    weir_lab::netns::veth(&a, "eth-x", &b, "eth-y");
+    let dir = weir_lab::lab::Scratch::new();
+    let config = dir.path.join("weir.yaml");
+    std::fs::write(
+        &config,
+        "node:\n  interfaces: [eth-x]\nadmin:\n  listen: 127.0.0.1:9300\n",
+    )
+    .unwrap();
+    let missing = dir.path.join("no-such-kubeconfig");
+    let out = a
+        .command(weir_lab::agent::agent_binary().to_str().unwrap())
+        .args([
+            "run",
+            "--kubernetes",
+            "--kubeconfig",
+            missing.to_str().unwrap(),
+        ])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("reading kubeconfig") && err.contains("no-such-kubeconfig"),
+        "{err}"
+    );
+    let link = a.ip("link show eth-x");
+    assert!(!link.contains("xdp"), "nothing attached: {link}");
+    assert!(!err.contains("attached"), "{err}");
+}
