@@ -698,7 +698,8 @@ impl EbpfInspector {
         Ok(out)
     }
 
-    fn live_backend(&self, id: u32, generation: u32) -> Result<Option<BackendValue>, MapError> {
+    /// Backend `id` when it can take flows (id 0 is never a backend).
+    fn present_backend(&self, id: u32) -> Result<Option<BackendValue>, MapError> {
         if id == 0 {
             return Ok(None);
         }
@@ -706,7 +707,14 @@ impl EbpfInspector {
             .backends
             .get(&id, 0)
             .map_err(|e| err(maps::BACKENDS, "get", e))?;
-        Ok((b.flags & backend_flags::PRESENT != 0 && b.generation == generation).then_some(b))
+        Ok((b.flags & backend_flags::PRESENT != 0).then_some(b))
+    }
+
+    /// Backend `id` if it still takes flows with the generation a flow or affinity remembers.
+    fn live_backend(&self, id: u32, generation: u32) -> Result<Option<BackendValue>, MapError> {
+        Ok(self
+            .present_backend(id)?
+            .filter(|b| b.generation == generation))
     }
 
     /// The Maglev slot `h` picks, with the backend in it when it can take flows.
@@ -734,14 +742,7 @@ impl EbpfInspector {
             page.get(&(svc.table_offset + slot), 0)
                 .map_err(|e| err(maps::MAGLEV, "get slot", e))?
         };
-        if id == 0 {
-            return Ok(None);
-        }
-        let b = self
-            .backends
-            .get(&id, 0)
-            .map_err(|e| err(maps::BACKENDS, "get", e))?;
-        Ok((b.flags & backend_flags::PRESENT != 0).then_some((slot, id, b)))
+        Ok(self.present_backend(id)?.map(|b| (slot, id, b)))
     }
 }
 

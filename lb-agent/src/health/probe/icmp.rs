@@ -36,18 +36,6 @@ impl Drop for Pinger {
     }
 }
 
-/// Removes a probe's entry when it ends (answered, failed or timed out).
-struct Waiting<'a> {
-    waiters: &'a Waiters,
-    key: (IpAddr, u32),
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        lock(self.waiters).remove(&self.key);
-    }
-}
-
 fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -83,7 +71,7 @@ impl Pinger {
         let (tx, rx) = oneshot::channel();
         let key = (ip, token);
         lock(&self.waiting).insert(key, tx);
-        let _waiting = Waiting {
+        let _waiting = super::Waiting {
             waiters: &self.waiting,
             key,
         };

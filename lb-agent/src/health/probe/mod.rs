@@ -88,6 +88,22 @@ impl Prober {
     }
 }
 
+/// A probe's entry in its prober's table of probes waiting for an answer, removed when the
+/// probe ends (answered, failed or timed out).
+struct Waiting<'a, K: std::hash::Hash + Eq, V> {
+    waiters: &'a std::sync::Mutex<std::collections::HashMap<K, V>>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq, V> Drop for Waiting<'_, K, V> {
+    fn drop(&mut self) {
+        self.waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
 /// Reads datagrams from a raw socket until it closes, handing each (bytes, sender address)
 /// to `on_packet`. `what` names the protocol in debug logs.
 async fn raw_recv_loop(

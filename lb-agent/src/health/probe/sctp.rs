@@ -51,17 +51,6 @@ fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct Waiting<'a> {
-    waiters: &'a Waiters,
-    key: (IpAddr, u16),
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        lock(self.waiters).remove(&self.key);
-    }
-}
-
 impl Initiator {
     pub fn open(v4: bool) -> io::Result<Arc<Self>> {
         let domain = if v4 { Domain::IPV4 } else { Domain::IPV6 };
@@ -105,7 +94,7 @@ impl Initiator {
                 }
             }
         };
-        let _waiting = Waiting {
+        let _waiting = super::Waiting {
             waiters: &self.waiting,
             key,
         };
