@@ -657,7 +657,10 @@ impl RawConfig {
                 seed: self.maglev.seed,
             },
             dataplane: limits,
-            desired: DesiredState { services },
+            desired: DesiredState {
+                services,
+                ..Default::default()
+            },
         })
     }
 }

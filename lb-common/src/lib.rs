@@ -62,6 +62,9 @@ pub mod maps {
     pub const XDP_TAILS: &str = "XDP_TAILS";
     pub const TC_TAILS: &str = "TC_TAILS";
     pub const SCTP_SCRATCH: &str = "SCTP_SCRATCH";
+    pub const SNAT: &str = "SNAT";
+    pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
+    pub const SNAT_SCRATCH: &str = "SNAT_SCRATCH";
 }
 
 /// Names of the programs in the eBPF object.
@@ -74,6 +77,10 @@ pub mod programs {
     pub const XDP_SCTP: &str = "weir_xdp_sctp";
     /// Tail-called by `weir_tc_egress` (slot 0 of `TC_TAILS`): the same after reverse NAT.
     pub const TC_SCTP: &str = "weir_tc_sctp";
+    /// Tail-called by `weir_xdp` (slot 1 of `XDP_TAILS`): source NAT of flows to backends on
+    /// other nodes and the translation of their replies. A program of its own for the
+    /// verifier's sake, like `XDP_SCTP`: its port search is a loop.
+    pub const XDP_SNAT: &str = "weir_xdp_snat";
 }
 
 /// Compile-time capacities of the eBPF object. The agent may lower or raise the run-time ones
@@ -110,6 +117,14 @@ pub mod limits {
     pub const MAX_SCTP_LEN: u32 = 1480;
     /// How long a cached FIB result for a backend is used before the FIB is asked again.
     pub const NEXTHOP_TTL_NS: u64 = 250_000_000;
+    /// Source ports tried for a new source-NATed flow before it is dropped.
+    pub const SNAT_TRIES: u32 = 16;
+    /// A source-NAT port idle this long may be given to another flow: TCP, and the rest.
+    pub const SNAT_TCP_IDLE_NS: u64 = 3600 * 1_000_000_000;
+    pub const SNAT_OTHER_IDLE_NS: u64 = 120 * 1_000_000_000;
+    /// How stale a source-NAT entry's last-used time may get before a packet refreshes it (so
+    /// that busy flows write the shared entry about once a second, not on every packet).
+    pub const SNAT_REFRESH_NS: u64 = 1_000_000_000;
 }
 
 /// Key of `SERVICES`: a frontend (VIP, port, protocol).
@@ -154,6 +169,10 @@ pub mod backend_flags {
     /// The backend exists: flows already on it stay on it. A backend without this flag (removed,
     /// or unhealthy) sends its flows back through Maglev.
     pub const PRESENT: u8 = 1;
+    /// The backend's replies do not pass this node on their own (an endpoint on another
+    /// node): new flows to it get the node's address and a port of `SNAT_CONFIG`'s range as
+    /// their source, and the replies are translated back in XDP (see `SnatValue`).
+    pub const SNAT: u8 = 2;
 }
 
 /// Value of `BACKENDS`, indexed by backend id (unique per service and backend).
@@ -193,7 +212,9 @@ pub struct FlowValue {
     pub backend_id: u32,
     pub backend_generation: u32,
     pub service_id: u32,
-    pub _pad: u32,
+    /// The flow's source-NAT port (the node address is `SNAT_CONFIG`'s); 0: not source-NATed.
+    pub snat_port_be: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
 
@@ -235,6 +256,71 @@ pub struct EndpointValue {
 }
 const _: () =
     assert!(core::mem::size_of::<EndpointValue>() == 8 + 28 * limits::MAX_ENDPOINT_FRONTENDS);
+
+/// Value of `SNAT_CONFIG` (one entry): the node's addresses that source-NATed flows leave
+/// with, and the port range given out (host byte order, inclusive). A zero address: no source
+/// NAT for that family (flows to `SNAT` backends of it are dropped as `SNAT_FAILED`). The
+/// range must lie outside the node's ephemeral ports (`net.ipv4.ip_local_port_range`): a
+/// packet from a backend endpoint to a port of the range is taken for a reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatConfig {
+    pub addr4: [u32; 4],
+    pub addr6: [u32; 4],
+    pub port_min: u16,
+    pub port_max: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SnatConfig>() == 40);
+
+/// Value of `SNAT`, whose key is the `FlowKey` of a reply as it arrives: backend endpoint →
+/// node address and source-NAT port. One entry per source-NATed flow, written when the flow is
+/// steered; the reply becomes VIP → client with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatValue {
+    pub client: [u32; 4],
+    pub vip: [u32; 4],
+    pub client_port_be: u16,
+    pub vport_be: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns()` when a packet of the flow last passed (refreshed at most
+    /// every `limits::SNAT_REFRESH_NS`).
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SnatValue>() == 56);
+
+/// Per-CPU slot 0 of `SNAT_SCRATCH`: what `weir_xdp` hands to `weir_xdp_snat` across the tail
+/// call, and that program's working space (a source-NAT entry's key and value: the BPF stack
+/// is 512 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatScratch {
+    /// The client's flow (client → VIP) being source-NATed.
+    pub flow: FlowKey,
+    pub key: FlowKey,
+    pub value: SnatValue,
+    /// `snat_mode::*`.
+    pub mode: u32,
+    /// For `FORWARD`: the flow's service, backend (id and generation) and its current port
+    /// (0: none yet).
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SnatScratch>() == 160);
+
+/// `SnatScratch::mode`.
+pub mod snat_mode {
+    /// A client's packet to a source-NATed backend: take (or keep) a port, rewrite, forward.
+    pub const FORWARD: u32 = 1;
+    /// A reply found in `SNAT` (its key in `SnatScratch::key`): translate back and forward.
+    pub const REPLY: u32 = 2;
+}
 
 /// Key of `AFFINITY`.
 #[repr(C)]
@@ -348,6 +434,9 @@ pub mod drop_reason {
     pub const REWRITE_FAILED: u32 = 9;
     /// The SCTP checksum program could not be reached or could not finish.
     pub const SCTP_CHECKSUM: u32 = 10;
+    /// A new flow to a backend on another node found no free source-NAT port (or the node has
+    /// no source-NAT address of the flow's family).
+    pub const SNAT_FAILED: u32 = 11;
 
     /// Number of counter slots per service (room for codes to be appended).
     pub const SLOTS: usize = 16;
@@ -365,12 +454,13 @@ pub mod drop_reason {
             IPV6_EXT_HEADERS => "ipv6_ext_headers",
             REWRITE_FAILED => "rewrite_failed",
             SCTP_CHECKSUM => "sctp_checksum",
+            SNAT_FAILED => "snat_failed",
             _ => "unknown",
         }
     }
 
     /// Every defined code, for exporters.
-    pub const ALL: [u32; 10] = [
+    pub const ALL: [u32; 11] = [
         MALFORMED,
         FRAGMENT,
         NO_SERVICE,
@@ -381,6 +471,7 @@ pub mod drop_reason {
         IPV6_EXT_HEADERS,
         REWRITE_FAILED,
         SCTP_CHECKSUM,
+        SNAT_FAILED,
     ];
 }
 
@@ -427,6 +518,8 @@ pub mod datapath_stat {
     pub const AFFINITY_HIT: usize = 5;
     /// Replies rewritten by reverse NAT.
     pub const REVNAT: usize = 6;
+    /// Replies of source-NATed flows translated back in XDP.
+    pub const SNAT_REPLY: usize = 7;
     pub const SLOTS: usize = 8;
 }
 
@@ -460,4 +553,7 @@ mod pod {
     unsafe impl aya::Pod for DatapathStats {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for SctpScratch {}
+    unsafe impl aya::Pod for SnatConfig {}
+    unsafe impl aya::Pod for SnatValue {}
+    unsafe impl aya::Pod for SnatScratch {}
 }

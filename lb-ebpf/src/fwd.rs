@@ -54,7 +54,8 @@ fn to_kernel() -> u32 {
 }
 
 /// Forwards the packet described by `l3`, whose headers already carry the new destination:
-/// backend `backend_id` of generation `generation`.
+/// backend `backend_id` of generation `generation`, or, with id 0, a destination that is no
+/// backend (a translated reply) and asks the FIB every time.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
@@ -80,7 +81,12 @@ pub fn forward(
         return to_kernel();
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (ifindex, smac, dmac) = match NEXTHOPS.get_ptr_mut(backend_id) {
+    let slot = if backend_id != 0 {
+        NEXTHOPS.get_ptr_mut(backend_id)
+    } else {
+        None
+    };
+    let (ifindex, smac, dmac) = match slot {
         Some(nh)
             if unsafe {
                 (*nh).generation == generation

@@ -1,15 +1,17 @@
 //! The XDP path of a packet addressed to a VIP: service lookup, source ranges, steering,
-//! counting, DNAT and forwarding.
+//! counting, DNAT (and source NAT for backends on other nodes) and forwarding; and of a packet
+//! addressed to the node's source-NAT address (a reply to translate back, or the node's own).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    FlowKey, ServiceKey, datapath_stat, drop_reason, family, limits, proto, service_flags,
+    FlowKey, ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto,
+    service_flags,
 };
 
 use crate::{
     fwd, icmp, lookup, nat,
     parse::{L3, Ports, ptr_at},
-    sctp, stats,
+    sctp, snat, stats,
 };
 
 #[inline(always)]
@@ -45,6 +47,9 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
         return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::MALFORMED);
     }
     let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
+    if let Some(verdict) = snat::reply(ctx, l3, sport, dport) {
+        return verdict;
+    }
     let too_long = l3.proto == proto::SCTP && l4_len > limits::MAX_SCTP_LEN as usize;
     let flow = FlowKey {
         src: l3.src,
@@ -56,12 +61,12 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
         _pad: [0; 2],
     };
     // An established flow needs one lookup; only new (or re-steered) flows look up the service.
-    let (service_id, backend_id, backend) = match lookup::established(&flow) {
-        lookup::Established::Hit(s, b, backend) => {
+    let (service_id, backend_id, backend, snat_port) = match lookup::established(&flow) {
+        lookup::Established::Hit(s, b, backend, port) => {
             if too_long {
                 return drop(s, drop_reason::SCTP_TOO_LONG);
             }
-            (s, b, backend)
+            (s, b, backend, port)
         }
         other => {
             let key = ServiceKey {
@@ -87,9 +92,12 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
             if matches!(other, lookup::Established::Stale) {
                 stats::datapath(datapath_stat::FLOW_RESTEERED);
             }
-            (svc.id, b, backend)
+            (svc.id, b, backend, 0)
         }
     };
+    if backend.flags & backend_flags::SNAT != 0 {
+        return snat::forward(ctx, service_id, backend_id, backend.generation, snat_port);
+    }
     let Some(needs_crc) = nat::dnat(ctx, l3, &backend.addr, backend.port_be) else {
         return drop(service_id, drop_reason::MALFORMED);
     };

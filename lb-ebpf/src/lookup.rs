@@ -89,8 +89,8 @@ pub fn maglev(svc: &ServiceValue, h: u32) -> Option<(u32, BackendValue)> {
 
 /// What the connection table says about a flow.
 pub enum Established {
-    /// The flow's backend lives: (service id, backend id, backend).
-    Hit(u32, u32, BackendValue),
+    /// The flow's backend lives: (service id, backend id, backend, source-NAT port).
+    Hit(u32, u32, BackendValue, u16),
     /// The flow's backend is gone: it must be steered again.
     Stale,
     Miss,
@@ -103,7 +103,7 @@ pub fn established(flow: &FlowKey) -> Established {
     };
     let ct = unsafe { *ct };
     match live_backend(ct.backend_id, ct.backend_generation) {
-        Some(b) => Established::Hit(ct.service_id, ct.backend_id, b),
+        Some(b) => Established::Hit(ct.service_id, ct.backend_id, b, ct.snat_port_be),
         None => Established::Stale,
     }
 }
@@ -148,7 +148,8 @@ pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
 }
 
 /// Steers a flow that has no live connection-table entry, and remembers the choice in the
-/// connection table (whose entry also tells reverse NAT that the replies are the flow's).
+/// connection table (whose entry also tells reverse NAT that the replies are the flow's; a
+/// source-NATed flow's port is added by `snat`).
 #[inline(always)]
 pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
     let (id, b) = pick(svc, flow)?;
@@ -156,6 +157,7 @@ pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue
         backend_id: id,
         backend_generation: b.generation,
         service_id: svc.id,
+        snat_port_be: 0,
         _pad: 0,
     };
     let _ = CONNTRACK.insert(flow, ct, 0);
@@ -185,4 +187,12 @@ pub fn flow_backend(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendV
         )
     };
     maglev(svc, h)
+}
+
+/// Records a flow's new source-NAT port (its entry was lost or taken and a port taken again).
+#[inline(always)]
+pub fn set_snat_port(flow: &FlowKey, port_be: u16) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+        unsafe { (*ct).snat_port_be = port_be };
+    }
 }

@@ -1,7 +1,9 @@
 //! weir's data plane: entry points and maps only; the logic lives in the modules, by packet stage.
 //!
 //! - `weir_xdp` (XDP, on the configured interfaces): client → VIP packets are looked up,
-//!   steered to a backend (connection table, ClientIP affinity, Maglev), DNATed and forwarded.
+//!   steered to a backend (connection table, ClientIP affinity, Maglev), DNATed (and, for a
+//!   backend on another node, source-NATed to the node) and forwarded; replies of source-NATed
+//!   flows are translated back here.
 //! - `weir_tc_egress` (TC egress, on the same interfaces): backend → client replies get the
 //!   VIP and port back as their source (reverse NAT).
 //!
@@ -19,6 +21,7 @@ mod nat;
 mod parse;
 mod revnat;
 mod sctp;
+mod snat;
 mod stats;
 
 use aya_ebpf::{
@@ -32,7 +35,7 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
     EndpointValue, FlowKey, FlowValue, NextHop, SctpScratch, ServiceKey, ServiceStats,
-    ServiceValue, SourceRangeData, VipKey, VipValue, limits,
+    ServiceValue, SnatConfig, SnatScratch, SnatValue, SourceRangeData, VipKey, VipValue, limits,
 };
 
 const MAX_SERVICES: usize = limits::MAX_SERVICES as usize;
@@ -105,9 +108,9 @@ static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 #[btf_map]
 static NEXTHOPS: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
 
-/// Tail-call targets of `weir_xdp` (slot 0: `weir_xdp_sctp`).
+/// Tail-call targets of `weir_xdp` (slot 0: `weir_xdp_sctp`, slot 1: `weir_xdp_snat`).
 #[btf_map]
-static XDP_TAILS: ProgramArray<1> = ProgramArray::new();
+static XDP_TAILS: ProgramArray<2> = ProgramArray::new();
 
 /// Tail-call targets of `weir_tc_egress` (slot 0: `weir_tc_sctp`).
 #[btf_map]
@@ -116,6 +119,19 @@ static TC_TAILS: ProgramArray<1> = ProgramArray::new();
 /// `weir_xdp` → `weir_xdp_sctp` hand-over (see `lb_common::SctpScratch`).
 #[btf_map]
 static SCTP_SCRATCH: PerCpuArray<SctpScratch, 1> = PerCpuArray::new();
+
+/// Reply of a source-NATed flow as it arrives (backend → node address and port) → the flow
+/// (see `snat`).
+#[btf_map]
+static SNAT: LruHashMap<FlowKey, SnatValue, MAX_FLOWS, PER_CPU_LRU> = LruHashMap::new();
+
+/// The node's source-NAT addresses and port range (one entry, written by the agent).
+#[btf_map]
+static SNAT_CONFIG: Array<SnatConfig, 1> = Array::new();
+
+/// Working space of `snat` (see `lb_common::SnatScratch`).
+#[btf_map]
+static SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
 
 /// Interfaces XDP may redirect to (those where weir's XDP program runs natively).
 #[btf_map]
@@ -142,6 +158,11 @@ pub fn weir_tc_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn weir_xdp_sctp(ctx: XdpContext) -> u32 {
     sctp::xdp_program(&ctx)
+}
+
+#[xdp]
+pub fn weir_xdp_snat(ctx: XdpContext) -> u32 {
+    snat::program(&ctx)
 }
 
 #[classifier]

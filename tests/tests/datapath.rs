@@ -111,7 +111,10 @@ fn desired() -> DesiredState {
         ),
     ];
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    DesiredState { services }
+    DesiredState {
+        services,
+        ..Default::default()
+    }
 }
 
 struct Env<'a> {

@@ -19,8 +19,8 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
-    EndpointValue, FlowKey, FlowValue, ServiceKey, ServiceStats, ServiceValue, SourceRangeData,
-    VipKey, VipValue, backend_flags, drop_reason, maps, programs, service_flags,
+    EndpointValue, FlowKey, FlowValue, ServiceKey, ServiceStats, ServiceValue, SnatConfig,
+    SnatValue, SourceRangeData, VipKey, VipValue, backend_flags, drop_reason, maps, programs, service_flags,
 };
 use tracing::{info, warn};
 
@@ -104,12 +104,13 @@ impl Datapath {
             .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
             .map_max_entries(maps::NEXTHOPS, limits.max_backends)
             .map_max_entries(maps::CONNTRACK, limits.conntrack_size)
+            .map_max_entries(maps::SNAT, limits.conntrack_size)
             .map_max_entries(maps::ENDPOINTS, limits.max_backends)
             .map_max_entries(maps::AFFINITY, limits.affinity_size)
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
         let load_err = |name| move |source| DataplaneError::Program { name, source };
-        for name in [programs::XDP_INGRESS, programs::XDP_SCTP] {
+        for name in [programs::XDP_INGRESS, programs::XDP_SCTP, programs::XDP_SNAT] {
             let p: &mut Xdp = program_mut(&mut ebpf, name)?;
             p.load().map_err(load_err(name))?;
         }
@@ -118,8 +119,12 @@ impl Datapath {
             p.load().map_err(load_err(name))?;
         }
         let tails = [
-            tail_array(&mut ebpf, maps::XDP_TAILS, programs::XDP_SCTP)?,
-            tail_array(&mut ebpf, maps::TC_TAILS, programs::TC_SCTP)?,
+            tail_array(
+                &mut ebpf,
+                maps::XDP_TAILS,
+                &[programs::XDP_SCTP, programs::XDP_SNAT],
+            )?,
+            tail_array(&mut ebpf, maps::TC_TAILS, &[programs::TC_SCTP])?,
         ];
         let maps = EbpfMaps::take(&mut ebpf)?;
         Ok(Self {
@@ -222,6 +227,7 @@ impl Datapath {
         [
             programs::XDP_INGRESS,
             programs::XDP_SCTP,
+            programs::XDP_SNAT,
             programs::TC_EGRESS,
             programs::TC_SCTP,
         ]
@@ -287,9 +293,21 @@ where
 fn tail_array(
     ebpf: &mut Ebpf,
     map: &'static str,
-    program: &'static str,
+    slots: &[&'static str],
 ) -> Result<ProgramArray<MapData>, DataplaneError> {
-    let fd = ebpf
+    let mut array: ProgramArray<MapData> = take(ebpf, map)?.try_into().map_err(map_err(map))?;
+    for (slot, program) in slots.iter().enumerate() {
+        let fd = tail_fd(ebpf, program)?;
+        array.set(slot as u32, &fd, 0).map_err(map_err(map))?;
+    }
+    Ok(array)
+}
+
+fn tail_fd(
+    ebpf: &Ebpf,
+    program: &'static str,
+) -> Result<aya::programs::ProgramFd, DataplaneError> {
+    ebpf
         .program(program)
         .ok_or(DataplaneError::Program {
             name: program,
@@ -300,10 +318,7 @@ fn tail_array(
         .map_err(|source| DataplaneError::Program {
             name: program,
             source,
-        })?;
-    let mut array: ProgramArray<MapData> = take(ebpf, map)?.try_into().map_err(map_err(map))?;
-    array.set(0, &fd, 0).map_err(map_err(map))?;
-    Ok(array)
+        })
 }
 
 pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
@@ -336,6 +351,8 @@ pub struct EbpfMaps {
     pub conntrack: HashMap<MapData, FlowKey, FlowValue>,
     endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub snat: HashMap<MapData, FlowKey, SnatValue>,
+    snat_config: Array<MapData, SnatConfig>,
     tx_ports: DevMapHash<MapData>,
     ncpus: usize,
     /// Second handles on the table pages, shared with inspectors: reading a page through the
@@ -379,6 +396,8 @@ impl EbpfMaps {
             conntrack: typed!(ebpf, maps::CONNTRACK),
             endpoints: typed!(ebpf, maps::ENDPOINTS),
             affinity: typed!(ebpf, maps::AFFINITY),
+            snat: typed!(ebpf, maps::SNAT),
+            snat_config: typed!(ebpf, maps::SNAT_CONFIG),
             tx_ports: typed!(ebpf, maps::TX_PORTS),
             ncpus,
             shared_pages: SharedPages::default(),
@@ -591,6 +610,12 @@ impl MapWriter for EbpfMaps {
         self.vips
             .remove(key)
             .map_err(|e| err(maps::VIPS, "remove", e))
+    }
+
+    fn put_snat_config(&mut self, value: &SnatConfig) -> Result<(), MapError> {
+        self.snat_config
+            .set(0, value, 0)
+            .map_err(|e| err(maps::SNAT_CONFIG, "set", e))
     }
 
     fn set_vip_filter(&mut self, index: u32, count: u32) -> Result<(), MapError> {

@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use lb_common::{
-    BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SourceRangeData, VipKey,
-    VipValue,
+    BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SnatConfig,
+    SourceRangeData, VipKey, VipValue,
 };
 
 use super::{MapError, MapWriter, words_addr};
@@ -21,6 +21,7 @@ pub struct FakeMaps {
     pub vips: BTreeMap<VipKey, VipValue>,
     pub vip_filter: BTreeMap<u32, u32>,
     pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
+    pub snat_config: SnatConfig,
     /// Every write, in order, as `map op key`.
     pub log: Vec<String>,
     /// Fail the write whose log line starts with this (once), to test error paths.
@@ -208,6 +209,12 @@ impl MapWriter for FakeMaps {
     fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
         self.record("VIPS", "vips delete".into())?;
         self.vips.remove(key);
+        Ok(())
+    }
+
+    fn put_snat_config(&mut self, value: &SnatConfig) -> Result<(), MapError> {
+        self.record("SNAT_CONFIG", "snat_config set".into())?;
+        self.snat_config = *value;
         Ok(())
     }
 

@@ -12,8 +12,8 @@ mod programmer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_common::{
-    BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SourceRangeData, VipKey,
-    VipValue, family, v4_mapped,
+    BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SnatConfig,
+    SourceRangeData, VipKey, VipValue, family, v4_mapped,
 };
 pub use programmer::{
     ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer, TableRef,
@@ -50,6 +50,8 @@ pub trait MapWriter {
     ) -> Result<(), MapError>;
     fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapError>;
     fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
+    /// Writes the node's source-NAT addresses and port range.
+    fn put_snat_config(&mut self, value: &SnatConfig) -> Result<(), MapError>;
     fn set_vip_filter(&mut self, index: u32, count: u32) -> Result<(), MapError>;
     /// Writes the frontends a backend endpoint serves (reverse NAT's table).
     fn put_endpoint(&mut self, key: &EndpointKey, value: &EndpointValue) -> Result<(), MapError>;

@@ -6,7 +6,9 @@
 //! - a changed service gets its new backends and a complete new table in a fresh table slot,
 //!   then one `SERVICES` update switches to them; only then are removed backends cleared (their
 //!   flows are steered again) and the old table dropped;
-//! - a removed service is unpublished first, then cleaned up.
+//! - a removed service is unpublished first, then cleaned up;
+//! - the node's source-NAT settings are written before the services (whose backends may need
+//!   them).
 //!
 //! A write that fails before the publishing write undoes what the service operation wrote, so
 //! a service is either as it was or as desired. Backends kept across a change keep their ids,
@@ -23,7 +25,8 @@ use std::{
 
 use ipnet::IpNet;
 use lb_common::{
-    BackendValue, EndpointFrontend, EndpointValue, ServiceValue, SourceRangeData, VipValue,
+    BackendValue, EndpointFrontend, EndpointValue, ServiceValue, SnatConfig, SourceRangeData,
+    VipValue,
     backend_flags, limits, limits::MAX_ENDPOINT_FRONTENDS, service_flags, source_range_prefix,
     vip_filter_index,
 };
@@ -35,7 +38,7 @@ use super::{
 use crate::{
     config::DataplaneLimits,
     maglev,
-    model::{Backend, DesiredState, Frontend, Protocol, Service},
+    model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,8 @@ pub enum ApplyError {
     },
     #[error("backend {endpoint} would serve more than {MAX_ENDPOINT_FRONTENDS} frontends")]
     TooManyFrontends { endpoint: String },
+    #[error("source NAT: {0}")]
+    SourceNat(#[source] MapError),
     #[error("service {service}: {source}")]
     Map {
         service: String,
@@ -186,6 +191,8 @@ pub struct Programmer {
     /// Reverse NAT's table: what each backend endpoint (address and port, with the frontend's
     /// protocol) serves.
     endpoints: BTreeMap<(SocketAddr, Protocol), Vec<EndpointFrontend>>,
+    /// The source-NAT settings as programmed.
+    source_nat: Option<SourceNat>,
 }
 
 impl Programmer {
@@ -208,6 +215,7 @@ impl Programmer {
             vips: BTreeMap::new(),
             filter: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            source_nat: None,
         }
     }
 
@@ -228,6 +236,10 @@ impl Programmer {
         // Table regions released by the previous apply may be written again: no packet still
         // reads them.
         self.pages.end_quarantine();
+        if desired.source_nat != self.source_nat {
+            self.set_source_nat(desired.source_nat, maps)
+                .map_err(ApplyError::SourceNat)?;
+        }
         let wanted: BTreeMap<Frontend, &Service> =
             desired.services.iter().map(|s| (s.frontend, s)).collect();
 
@@ -287,7 +299,73 @@ impl Programmer {
             id,
             generation: self.bump_generation(id),
         };
-        Ok((pb, backend_value(b.addr, pb.generation, present(b))))
+        Ok((pb, backend_value(b.addr, pb.generation, flags(b))))
+    }
+
+    /// Writes the node's source-NAT settings; its addresses join the VIP pre-filter, so that
+    /// replies addressed to them reach the data plane's lookup. On error nothing changed.
+    fn set_source_nat(
+        &mut self,
+        new: Option<SourceNat>,
+        maps: &mut dyn MapWriter,
+    ) -> Result<(), MapError> {
+        let addrs = |s: Option<SourceNat>| -> Vec<IpAddr> {
+            s.map(|s| {
+                let v4 = s.ipv4.map(IpAddr::V4);
+                let v6 = s.ipv6.map(IpAddr::V6);
+                v4.into_iter().chain(v6).collect()
+            })
+            .unwrap_or_default()
+        };
+        let (old_addrs, new_addrs) = (addrs(self.source_nat), addrs(new));
+        let mut value = SnatConfig::default();
+        if let Some(n) = new {
+            if let Some(a) = n.ipv4 {
+                value.addr4 = addr_words(IpAddr::V4(a)).0;
+            }
+            if let Some(a) = n.ipv6 {
+                value.addr6 = addr_words(IpAddr::V6(a)).0;
+            }
+            (value.port_min, value.port_max) = n.ports;
+        }
+        let mut added = Vec::new();
+        for a in new_addrs.iter().filter(|a| !old_addrs.contains(a)) {
+            if let Err(e) = self.filter_add(*a, 1, maps) {
+                for a in added {
+                    let _ = self.filter_add(a, -1, maps);
+                }
+                return Err(e);
+            }
+            added.push(*a);
+        }
+        if let Err(e) = maps.put_snat_config(&value) {
+            for a in added {
+                let _ = self.filter_add(a, -1, maps);
+            }
+            return Err(e);
+        }
+        self.source_nat = new;
+        for a in old_addrs.iter().filter(|a| !new_addrs.contains(a)) {
+            if let Err(e) = self.filter_add(*a, -1, maps) {
+                // A stale filter slot only costs non-VIP packets to it one lookup.
+                warn!(address = %a, error = %e, "source-NAT address left in the VIP pre-filter");
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the pre-filter count of `ip`'s slot.
+    fn filter_add(&mut self, ip: IpAddr, delta: i32, maps: &mut dyn MapWriter) -> Result<(), MapError> {
+        let index = vip_filter_index(&vip_key(ip).addr);
+        let count = self.filter.get(&index).copied().unwrap_or(0);
+        let next = count.saturating_add_signed(delta);
+        maps.set_vip_filter(index, next)?;
+        if next == 0 {
+            self.filter.remove(&index);
+        } else {
+            self.filter.insert(index, next);
+        }
+        Ok(())
     }
 
     fn bump_generation(&mut self, id: u32) -> u32 {
@@ -460,20 +538,26 @@ impl Programmer {
         let svc = &old.spec;
         let new = next.spec.clone();
         let err = Self::map_err(&new);
-        let was_available: BTreeMap<SocketAddr, bool> =
-            svc.backends.iter().map(|b| (b.addr, b.available)).collect();
+        let was: BTreeMap<SocketAddr, &Backend> =
+            svc.backends.iter().map(|b| (b.addr, b)).collect();
         for b in &new.backends {
+            let before = was.get(&b.addr);
             match old.backends.get(&b.addr) {
-                Some(pb) if b.available && was_available.get(&b.addr) == Some(&false) => {
+                Some(pb)
+                    if before.is_some_and(|w| (b.available && !w.available) || b.snat != w.snat) =>
+                {
                     // Back in rotation: a new generation, so that flows it had before it was
-                    // taken out (steered elsewhere since, or dead) never return to it.
-                    let old_value = backend_value(b.addr, pb.generation, 0);
+                    // taken out (steered elsewhere since, or dead) never return to it. Source
+                    // NAT turned on or off: the same, since a flow's source cannot change
+                    // under it.
+                    let old_value =
+                        backend_value(b.addr, pb.generation, before.map_or(0, |w| flags(w)));
                     let pb = ProgrammedBackend {
                         id: pb.id,
                         generation: self.bump_generation(pb.id),
                     };
                     undo.push(Undo::Restore(pb.id, old_value));
-                    maps.put_backend(pb.id, &backend_value(b.addr, pb.generation, present(b)))
+                    maps.put_backend(pb.id, &backend_value(b.addr, pb.generation, flags(b)))
                         .map_err(&err)?;
                     next.backends.insert(b.addr, pb);
                 }
@@ -763,12 +847,15 @@ enum PageError {
 }
 
 /// The flags of a backend's `BACKENDS` entry.
-fn present(b: &Backend) -> u8 {
+fn flags(b: &Backend) -> u8 {
+    let mut f = 0;
     if b.available {
-        backend_flags::PRESENT
-    } else {
-        0
+        f |= backend_flags::PRESENT;
     }
+    if b.snat {
+        f |= backend_flags::SNAT;
+    }
+    f
 }
 
 fn endpoint_value(refs: &[EndpointFrontend]) -> EndpointValue {

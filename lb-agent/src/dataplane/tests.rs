@@ -26,7 +26,10 @@ fn web(backends: &[(&str, u32)]) -> Service {
 }
 
 fn state(services: Vec<Service>) -> DesiredState {
-    DesiredState { services }
+    DesiredState {
+        services,
+        ..Default::default()
+    }
 }
 
 fn setup() -> (Programmer, FakeMaps) {

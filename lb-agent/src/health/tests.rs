@@ -73,7 +73,10 @@ fn by_name(
 }
 
 fn state(services: Vec<Service>) -> DesiredState {
-    DesiredState { services }
+    DesiredState {
+        services,
+        ..Default::default()
+    }
 }
 
 #[test]

@@ -72,6 +72,9 @@ pub struct Backend {
     /// False when health checks took it out of rotation: no new flows, and its existing flows
     /// are steered to other backends. Sources set it true; [`crate::health::effective`] sets it.
     pub available: bool,
+    /// Its replies do not pass this node by themselves (an endpoint on another node): flows
+    /// to it are source-NATed to the node's address ([`DesiredState::source_nat`]).
+    pub snat: bool,
 }
 
 impl Backend {
@@ -81,7 +84,13 @@ impl Backend {
             addr,
             weight,
             available: true,
+            snat: false,
         }
+    }
+
+    /// The same backend, source-NATed.
+    pub fn with_snat(self) -> Self {
+        Self { snat: true, ..self }
     }
 
     /// The weight Maglev gets: 0 when out of rotation.
@@ -115,4 +124,26 @@ pub struct Service {
 pub struct DesiredState {
     /// Sorted by name, then frontend; frontends are unique.
     pub services: Vec<Service>,
+    /// The node's source-NAT addresses and ports, for backends with `snat`.
+    pub source_nat: Option<SourceNat>,
+}
+
+/// Source NAT of flows to backends on other nodes: they leave with this node's address of
+/// their family and a port of `ports`, so that the replies come back through this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceNat {
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// Inclusive; outside the node's ephemeral port range.
+    pub ports: (u16, u16),
+}
+
+impl SourceNat {
+    /// The node's address of `ip`'s family, if it has one.
+    pub fn address_for(&self, ip: IpAddr) -> Option<IpAddr> {
+        match ip {
+            IpAddr::V4(_) => self.ipv4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.ipv6.map(IpAddr::V6),
+        }
+    }
 }

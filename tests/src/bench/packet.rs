@@ -163,6 +163,7 @@ pub fn run(quick: bool) -> Report {
                     ],
                 ),
             ],
+            ..Default::default()
         };
         Programmer::new(&limits, 0)
             .apply(&desired, &mut dp.maps)

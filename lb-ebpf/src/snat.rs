@@ -1,0 +1,284 @@
+//! Source NAT for backends on other nodes (`externalTrafficPolicy: Cluster`): a flow to a
+//! backend flagged `SNAT` leaves with this node's address and a port of the configured range
+//! as its source, so that the backend's replies come back here; XDP turns them back into
+//! VIP → client and forwards them.
+//!
+//! The `SNAT` table is keyed by the reply as it arrives (backend endpoint → node address and
+//! port), one entry per flow. A port is chosen by hashing the client's flow into the range and
+//! probing up to `SNAT_TRIES` ports; an entry is taken with `BPF_NOEXIST`, so two CPUs never
+//! hand one (backend endpoint, port) to two flows. A port whose entry has been idle longer than
+//! the protocol's idle time may be given to another flow; the flow's connection-table entry
+//! remembers its port, and a packet of a flow whose entry is gone (evicted or taken) gets a
+//! port again.
+//!
+//! The work happens in `weir_xdp_snat`, tail-called by `weir_xdp` once it has steered the
+//! flow (or found a reply's entry): verified once, with a stack of its own. Keys and values
+//! are built in the per-CPU scratch slot that also carries the hand-over.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
+    helpers::bpf_ktime_get_coarse_ns,
+    programs::XdpContext,
+};
+use lb_common::{
+    FlowKey, SnatScratch, SnatValue, datapath_stat, drop_reason, family, hash::flow_hash,
+    limits, proto, snat_mode,
+};
+
+use crate::{
+    BACKENDS, SNAT, SNAT_CONFIG, SNAT_SCRATCH, XDP_TAILS, fwd, lookup,
+    nat::{self, End},
+    parse::{self, L3, Ports, ptr_at},
+    stats,
+};
+
+/// Slot of `weir_xdp_snat` in `XDP_TAILS`.
+pub const SLOT: u32 = 1;
+
+/// This node's source-NAT address for `fam`, when it has one.
+#[inline(always)]
+fn node_addr(fam: u8) -> Option<[u32; 4]> {
+    let cfg = SNAT_CONFIG.get(0)?;
+    let a = if fam == family::V6 {
+        cfg.addr6
+    } else {
+        cfg.addr4
+    };
+    if a == [0; 4] { None } else { Some(a) }
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut SnatScratch> {
+    SNAT_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// In `weir_xdp`: whether `l3` (ports `sport`, `dport`) is the reply of a source-NATed flow.
+/// If so, it is handed to `weir_xdp_snat` and the verdict returned; `None` otherwise (the
+/// node's own traffic, or a VIP that is also the node's address), for the VIP path to decide.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, l3: &L3, sport: u16, dport: u16) -> Option<u32> {
+    if !matches!(l3.proto, proto::TCP | proto::UDP) {
+        return None;
+    }
+    if node_addr(l3.family)? != l3.dst {
+        return None;
+    }
+    let sc = scratch()?;
+    sc.key = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        sport_be: sport,
+        dport_be: dport,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    SNAT.get_ptr(&sc.key)?;
+    sc.mode = snat_mode::REPLY;
+    unsafe {
+        let _ = XDP_TAILS.tail_call(ctx, SLOT);
+    }
+    // Unreachable unless the program is missing: the kernel routes the reply as it is.
+    Some(xdp_action::XDP_PASS)
+}
+
+/// In `weir_xdp`: hands a packet of a flow steered to a source-NATed backend on to
+/// `weir_xdp_snat` (before any rewrite); returns only if that fails.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    service_id: u32,
+    backend_id: u32,
+    generation: u32,
+    port_be: u16,
+) -> u32 {
+    if let Some(sc) = scratch() {
+        sc.mode = snat_mode::FORWARD;
+        sc.service_id = service_id;
+        sc.backend_id = backend_id;
+        sc.backend_generation = generation;
+        sc.port_be = port_be;
+        unsafe {
+            let _ = XDP_TAILS.tail_call(ctx, SLOT);
+        }
+    }
+    stats::drop(service_id, drop_reason::SNAT_FAILED);
+    xdp_action::XDP_DROP
+}
+
+/// `weir_xdp_snat`.
+#[inline(always)]
+pub fn program(ctx: &XdpContext) -> u32 {
+    let Some(sc) = scratch() else {
+        return xdp_action::XDP_DROP;
+    };
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let Some(l3) = parse::l3_any(data, end) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(ports) = ptr_at::<Ports>(data, end, l3.l4_off) else {
+        return xdp_action::XDP_DROP;
+    };
+    if sc.mode == snat_mode::REPLY {
+        return translate_reply(ctx, sc, &l3);
+    }
+    let service_id = sc.service_id;
+    let fail = || {
+        stats::drop(service_id, drop_reason::SNAT_FAILED);
+        xdp_action::XDP_DROP
+    };
+    sc.flow = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        sport_be: unsafe { (*ports).src },
+        dport_be: unsafe { (*ports).dst },
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    let (backend_id, generation) = (sc.backend_id, sc.backend_generation);
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return fail();
+    };
+    if backend.generation != generation {
+        return fail();
+    }
+    let Some(node) = node_addr(l3.family) else {
+        return fail();
+    };
+    sc.key = FlowKey {
+        src: backend.addr,
+        dst: node,
+        sport_be: backend.port_be,
+        dport_be: sc.port_be,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    let old_port = sc.port_be;
+    let port = port_for(sc);
+    if port == 0 {
+        return fail();
+    }
+    if port != old_port {
+        lookup::set_snat_port(&sc.flow, port);
+    }
+    if nat::rewrite(ctx, &l3, End::Dst, &backend.addr, backend.port_be).is_none()
+        || nat::rewrite(ctx, &l3, End::Src, &node, port).is_none()
+    {
+        stats::drop(service_id, drop_reason::MALFORMED);
+        return xdp_action::XDP_DROP;
+    }
+    stats::packet_in(service_id, backend_id, l3.len);
+    fwd::forward(ctx, &l3, port, backend.port_be, backend_id, generation)
+}
+
+#[inline(always)]
+fn idle_ns(l4_proto: u8) -> u64 {
+    if l4_proto == proto::TCP {
+        limits::SNAT_TCP_IDLE_NS
+    } else {
+        limits::SNAT_OTHER_IDLE_NS
+    }
+}
+
+/// Whether source-NAT entry `v` is the flow's.
+#[inline(always)]
+fn same_flow(v: &SnatValue, flow: &FlowKey) -> bool {
+    v.client == flow.src
+        && v.vip == flow.dst
+        && v.client_port_be == flow.sport_be
+        && v.vport_be == flow.dport_be
+}
+
+/// The port the flow in `sc` leaves with (`sc.key` is its reply key with the hand-over's
+/// port): that port while the flow's entry is still its own (refreshing its time), else a
+/// newly taken one; 0 when no port is free. Not inlined, and working in the scratch slot only:
+/// the search loop's spills get a frame of their own.
+#[inline(never)]
+fn port_for(sc: &mut SnatScratch) -> u16 {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if sc.port_be != 0
+        && let Some(v) = SNAT.get_ptr_mut(&sc.key)
+    {
+        let v = unsafe { &mut *v };
+        if v.backend_id == sc.backend_id && same_flow(v, &sc.flow) {
+            if now.wrapping_sub(v.last_ns) > limits::SNAT_REFRESH_NS {
+                v.last_ns = now;
+            }
+            return sc.port_be;
+        }
+    }
+    if sc.flow.proto == proto::SCTP {
+        // Not translated (its checksum covers the ports): the agent never asks for it.
+        return 0;
+    }
+    let Some(cfg) = SNAT_CONFIG.get(0) else {
+        return 0;
+    };
+    let (min, max) = (cfg.port_min as u32, cfg.port_max as u32);
+    if min == 0 || max < min {
+        return 0;
+    }
+    let range = max - min + 1;
+    let f = &sc.flow;
+    let start = flow_hash(&f.src, &f.dst, f.sport_be, f.dport_be, f.proto).rotate_left(16);
+    sc.value = SnatValue {
+        client: sc.flow.src,
+        vip: sc.flow.dst,
+        client_port_be: sc.flow.sport_be,
+        vport_be: sc.flow.dport_be,
+        service_id: sc.service_id,
+        backend_id: sc.backend_id,
+        _pad: 0,
+        last_ns: now,
+    };
+    let idle = idle_ns(sc.flow.proto);
+    // A bound the compiler cannot see through, so the loop stays a loop (unrolled, its copies
+    // would not fit the stack); the verifier walks it as a bounded loop.
+    let tries = range.min(limits::SNAT_TRIES);
+    for i in 0..tries {
+        let port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
+        sc.key.dport_be = port_be;
+        if SNAT.insert(&sc.key, &sc.value, BPF_NOEXIST as u64).is_ok() {
+            return port_be;
+        }
+        let Some(old) = SNAT.get_ptr(&sc.key) else {
+            continue;
+        };
+        let old = unsafe { &*old };
+        // This flow's own entry (its connection-table entry was lost), or one idle long
+        // enough to give away: replaced in one update.
+        if (same_flow(old, &sc.flow) || now.wrapping_sub(old.last_ns) > idle)
+            && SNAT.insert(&sc.key, &sc.value, BPF_ANY as u64).is_ok()
+        {
+            return port_be;
+        }
+    }
+    0
+}
+
+/// A reply whose entry `weir_xdp` found (key in the scratch slot): VIP → client, forwarded.
+#[inline(always)]
+fn translate_reply(ctx: &XdpContext, sc: &mut SnatScratch, l3: &L3) -> u32 {
+    let Some(v) = SNAT.get_ptr_mut(&sc.key) else {
+        // Gone since (evicted or taken): the kernel has it as it is.
+        return xdp_action::XDP_PASS;
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let v = unsafe { &mut *v };
+    if now.wrapping_sub(v.last_ns) > limits::SNAT_REFRESH_NS {
+        v.last_ns = now;
+    }
+    let (service_id, backend_id, vport, cport) =
+        (v.service_id, v.backend_id, v.vport_be, v.client_port_be);
+    if nat::rewrite(ctx, l3, End::Src, &v.vip, vport).is_none()
+        || nat::rewrite(ctx, l3, End::Dst, &v.client, cport).is_none()
+    {
+        stats::drop(service_id, drop_reason::MALFORMED);
+        return xdp_action::XDP_DROP;
+    }
+    stats::packet_out(service_id, backend_id, l3.len);
+    stats::datapath(datapath_stat::SNAT_REPLY);
+    fwd::forward(ctx, l3, vport, cport, 0, 0)
+}
