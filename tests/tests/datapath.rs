@@ -19,7 +19,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::{
     config::DataplaneLimits,
     dataplane::{Programmer, ebpf::Datapath, flow_slot},
-    model::{Backend, DesiredState, Frontend, Protocol, Service},
+    model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
 };
 use lb_common::{datapath_stat, drop_reason};
 use weir_lab::{
@@ -109,12 +109,35 @@ fn desired() -> DesiredState {
             Tcp,
             &["198.18.1.14:8080"],
         ),
+        remote(service(REMOTE4, REMOTE_VIP4, 80, Tcp, &["198.18.1.12:8080"])),
+        remote(service(REMOTE4_UDP, REMOTE_VIP4, 53, Udp, &["198.18.1.12:5353"])),
+        remote(service(REMOTE6, REMOTE_VIP6, 80, Tcp, &["[fd00:1::12]:8080"])),
     ];
     services.sort_by(|a, b| a.name.cmp(&b.name));
     DesiredState {
         services,
-        ..Default::default()
+        source_nat: Some(SourceNat {
+            ipv4: Some(NODE4.parse().unwrap()),
+            ipv6: Some(NODE6.parse().unwrap()),
+            ports: SNAT_PORTS,
+        }),
     }
+}
+
+/// Services whose backends are on another node: source-NATed to the node's address (the
+/// testbed's backend-side address) and a port of `SNAT_PORTS`.
+const REMOTE4: &str = "remote4";
+const REMOTE4_UDP: &str = "remote4-udp";
+const REMOTE6: &str = "remote6";
+const REMOTE_VIP4: &str = "198.18.100.20";
+const REMOTE_VIP6: &str = "fd00:100::20";
+const NODE4: &str = "198.18.1.1";
+const NODE6: &str = "fd00:1::1";
+const SNAT_PORTS: (u16, u16) = (61000, 61009);
+
+fn remote(mut s: Service) -> Service {
+    s.backends = s.backends.into_iter().map(Backend::with_snat).collect();
+    s
 }
 
 struct Env<'a> {
@@ -971,5 +994,166 @@ fn every_program_stays_well_inside_the_verifier_budget() {
             // The kernel refuses a program at 1,000,000; half leaves room to grow.
             assert!(n < 500_000, "{name}: {n} verified instructions");
         }
+    });
+}
+
+/// The source port of a frame's TCP/UDP header and its IP source (after any VLAN-free
+/// Ethernet header).
+fn ends(frame: &[u8]) -> (SocketAddr, SocketAddr) {
+    let p = etherparse::SlicedPacket::from_ethernet(frame).expect("parse");
+    let (src, dst): (IpAddr, IpAddr) = match p.net {
+        Some(etherparse::NetSlice::Ipv4(h)) => (
+            h.header().source_addr().into(),
+            h.header().destination_addr().into(),
+        ),
+        Some(etherparse::NetSlice::Ipv6(h)) => (
+            h.header().source_addr().into(),
+            h.header().destination_addr().into(),
+        ),
+        _ => panic!("not IP"),
+    };
+    let (sp, dp) = match p.transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port()),
+        Some(etherparse::TransportSlice::Udp(u)) => (u.source_port(), u.destination_port()),
+        _ => panic!("not TCP/UDP"),
+    };
+    (SocketAddr::new(src, sp), SocketAddr::new(dst, dp))
+}
+
+fn with_ports(mut p: Pkt, sport: u16, dport: u16) -> Pkt {
+    match &mut p.l4 {
+        L4::Tcp {
+            sport: s, dport: d, ..
+        }
+        | L4::Udp {
+            sport: s, dport: d, ..
+        } => {
+            *s = sport;
+            *d = dport;
+        }
+        _ => panic!("TCP/UDP only"),
+    }
+    p
+}
+
+#[test]
+fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_back() {
+    with_env(|env| {
+        let cases = [
+            (REMOTE4, Pkt::tcp(CLIENT4, 47001, REMOTE_VIP4, 80), NODE4),
+            (
+                REMOTE4_UDP,
+                Pkt::udp(CLIENT4, 47002, REMOTE_VIP4, 53, b"query"),
+                NODE4,
+            ),
+            (REMOTE6, Pkt::tcp(CLIENT6, 47003, REMOTE_VIP6, 80), NODE6),
+        ];
+        for (name, req, node) in cases {
+            let svc = env.service(name);
+            let (id, backend) = (svc.id, *svc.backends.keys().next().unwrap());
+            let before = env.dp.maps.service_stats(id).unwrap();
+            let (v, out) = env.xdp(&req.bytes());
+            assert_eq!(v, XDP_REDIRECT, "{name}: request");
+            let (src, dst) = ends(&out);
+            assert_eq!(dst, backend, "{name}: destination is the backend");
+            assert_eq!(src.ip(), node.parse::<IpAddr>().unwrap(), "{name}: node address");
+            let port = src.port();
+            assert!(
+                (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port),
+                "{name}: port {port} in the range"
+            );
+            // The whole frame, checksums included, as etherparse builds it.
+            let mut want = dnat(&req, backend, env.b_mac, true);
+            want.src = src.ip();
+            want = with_ports(want, port, backend.port());
+            assert_eq!(hex(&out), hex(&want.bytes()), "{name}: request rewritten");
+            let after = env.dp.maps.service_stats(id).unwrap();
+            assert_eq!(after.packets_in - before.packets_in, 1, "{name}: counted in");
+            assert_eq!(after.new_flows - before.new_flows, 1, "{name}: one new flow");
+
+            // The flow keeps its port.
+            let (v, again) = env.xdp(&req.bytes());
+            assert_eq!(v, XDP_REDIRECT);
+            assert_eq!(ends(&again).0, src, "{name}: same port for the same flow");
+
+            // The backend's reply, addressed to the node, leaves as VIP → client.
+            let client = SocketAddr::new(req.src, sport(&req));
+            let mut reply = with_ports(
+                Pkt::new(backend.ip(), src.ip(), req.l4.clone()),
+                backend.port(),
+                port,
+            );
+            reply.src_mac = [0x02, 0, 0, 0, 0x01, 0x12];
+            reply.dst_mac = env.b_mac;
+            let replies_before = env.datapath(datapath_stat::SNAT_REPLY);
+            let (v, out) = env.xdp(&reply.bytes());
+            assert!(
+                v == XDP_PASS || v == XDP_REDIRECT,
+                "{name}: reply forwarded, got verdict {v}"
+            );
+            let mut want = with_ports(
+                Pkt::new(req.dst, client.ip(), req.l4.clone()),
+                svc.spec.frontend.port,
+                client.port(),
+            );
+            want.src_mac = reply.src_mac;
+            want.dst_mac = reply.dst_mac;
+            assert_eq!(v, XDP_PASS, "{name}: no neighbour for the client: the kernel routes it");
+            assert_eq!(hex(&out), hex(&want.bytes()), "{name}: reply translated");
+            assert_eq!(env.datapath(datapath_stat::SNAT_REPLY) - replies_before, 1);
+            let after2 = env.dp.maps.service_stats(id).unwrap();
+            assert_eq!(after2.packets_out - after.packets_out, 1, "{name}: counted out");
+
+            // The flow's connection-table entry lost: the flow finds its own port again.
+            let key = lb_common::FlowKey {
+                src: lb_agent::dataplane::addr_words(client.ip()).0,
+                dst: lb_agent::dataplane::addr_words(req.dst).0,
+                sport_be: client.port().to_be(),
+                dport_be: svc.spec.frontend.port.to_be(),
+                proto: svc.spec.frontend.protocol.number(),
+                family: lb_agent::dataplane::addr_words(client.ip()).1,
+                _pad: [0; 2],
+            };
+            let ct = env.dp.maps.conntrack.get(&key, 0).expect("flow in the table");
+            assert_eq!(u16::from_be(ct.snat_port_be), port, "{name}: port remembered");
+            env.dp.maps.conntrack.remove(&key).expect("forget the flow");
+            let (_, again) = env.xdp(&req.bytes());
+            assert_eq!(ends(&again).0, src, "{name}: same port after the entry was lost");
+        }
+    });
+}
+
+#[test]
+fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
+    with_env(|env| {
+        // To the node address but no flow's reply: untouched, whoever sends it.
+        for p in [
+            Pkt::tcp("198.18.1.12", 8080, NODE4, 61005),
+            Pkt::tcp(CLIENT4, 22222, NODE4, 22),
+            Pkt::udp("198.18.1.12", 5353, NODE4, 61001, b"x"),
+            Pkt::tcp("fd00:1::12", 8080, NODE6, 61005),
+        ] {
+            let frame = p.bytes();
+            assert_eq!(env.xdp(&frame), (XDP_PASS, frame.clone()));
+        }
+        // Ten ports for one backend endpoint: ten flows get ten different ports, the
+        // eleventh is dropped and counted, and nothing else changes.
+        let id = env.service(REMOTE4).id;
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..10u16 {
+            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, 48000 + i, REMOTE_VIP4, 80).bytes());
+            assert_eq!(v, XDP_REDIRECT, "flow {i}");
+            ports.insert(ends(&out).0.port());
+        }
+        assert_eq!(ports.len(), 10, "every flow its own port: {ports:?}");
+        let drops = env.drops(id, drop_reason::SNAT_FAILED);
+        let (v, _) = env.xdp(&Pkt::tcp(CLIENT4, 48100, REMOTE_VIP4, 80).bytes());
+        assert_eq!(v, XDP_DROP, "no port left");
+        assert_eq!(env.drops(id, drop_reason::SNAT_FAILED) - drops, 1);
+        // A flow that has a port keeps working; another backend endpoint has its own ports.
+        let (v, _) = env.xdp(&Pkt::tcp(CLIENT4, 48000, REMOTE_VIP4, 80).bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        let (v, _) = env.xdp(&Pkt::udp(CLIENT4, 48100, REMOTE_VIP4, 53, b"q").bytes());
+        assert_eq!(v, XDP_REDIRECT);
     });
 }
