@@ -70,6 +70,11 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
              file carries node settings only (remove the services list)"
         );
     }
+    // Kubernetes mode source-NATs flows to other nodes' endpoints whenever the Node has an
+    // address; standalone mode when a service asks for it.
+    if kube.is_some() || config.desired.source_nat.is_some() {
+        check_source_nat_ports(config.node.source_nat.ports).context(source.to_string())?;
+    }
     info!(
         config = %source,
         mode = if kube.is_some() { "kubernetes" } else { "standalone" },
@@ -138,6 +143,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 table_size: config.maglev.table_size,
                 max_services: config.dataplane.max_services,
                 max_backends: config.dataplane.max_backends,
+                source_nat: config.node.source_nat,
             };
             // The Lease first: electing takes a few rounds and needs no lists.
             let (leader_tx, leader) = watch::channel(false);
@@ -528,8 +534,28 @@ impl Agent {
             return;
         }
         if self.kubernetes {
+            if new.node.source_nat != self.current.node.source_nat {
+                error!(
+                    reason = why,
+                    field = "node.source_nat",
+                    "config reload refused: in Kubernetes mode this field only changes with a restart; the previous config stays"
+                );
+                self.api.note_config(Err(
+                    "node.source_nat only changes with a restart in Kubernetes mode".into(),
+                ));
+                return;
+            }
             // The services come from Kubernetes; the file carries node settings only.
             new.desired = self.current.desired.clone();
+        } else if let Some(nat) = new.desired.source_nat
+            && let Err(e) = check_source_nat_ports(nat.ports)
+        {
+            error!(
+                reason = why,
+                "config reload refused: {e:#}; the previous config stays"
+            );
+            self.api.note_config(Err(format!("{e:#}")));
+            return;
         }
         self.apply(new, why, Some(started));
     }
@@ -666,6 +692,31 @@ fn log_mode(
 
 /// The first field that differs and can only change with a restart (the programs' attachment,
 /// map capacities, the admin listener, the Maglev hash and seed every node must share).
+/// Refuses a source-NAT port range that the node's own connections may use (read from this
+/// network namespace's sysctls).
+pub fn check_source_nat_ports(ports: (u16, u16)) -> anyhow::Result<()> {
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let text = std::fs::read_to_string(RANGE).with_context(|| format!("reading {RANGE}"))?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
+        anyhow::bail!("{RANGE}: unexpected contents {text:?}");
+    };
+    let reserved = std::fs::read_to_string(RESERVED).unwrap_or_default();
+    if let Some(port) = crate::config::ephemeral_overlap(ports, (lo, hi), &reserved) {
+        anyhow::bail!(
+            "node.source_nat.ports {}-{} overlaps the node's ephemeral ports \
+             (net.ipv4.ip_local_port_range {lo}-{hi}; port {port} is not in \
+             net.ipv4.ip_local_reserved_ports): the node's own connections could take a port \
+             whose replies weir would translate. Choose a range outside it, or reserve it with \
+             sysctl net.ipv4.ip_local_reserved_ports",
+            ports.0,
+            ports.1
+        );
+    }
+    Ok(())
+}
+
 fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     if old.node.interfaces != new.node.interfaces {
         Some("node.interfaces")

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::{
     health::spec::{CheckKind, HealthCheck, RawHealthCheck},
     maglev,
-    model::{Backend, DesiredState, Frontend, Protocol, Service},
+    model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
 };
 
 /// The example configuration, also what `lb-agent run` uses when no `--config` is given: the
@@ -51,7 +51,22 @@ struct RawNode {
     interfaces: Vec<String>,
     #[serde(default)]
     xdp_mode: XdpMode,
+    #[serde(default)]
+    source_nat: RawSourceNat,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSourceNat {
+    /// `first-last`.
+    ports: Option<String>,
+    ipv4: Option<std::net::Ipv4Addr>,
+    ipv6: Option<std::net::Ipv6Addr>,
+}
+
+/// The source-NAT port range when none is configured: above Linux's default ephemeral range
+/// (32768-60999), so that the node's own connections never use these ports.
+pub const DEFAULT_SOURCE_NAT_PORTS: (u16, u16) = (61000, 65535);
 
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -139,6 +154,9 @@ struct RawService {
     session_affinity: Option<RawAffinity>,
     table_size: Option<u32>,
     health_check: Option<RawHealthCheck>,
+    /// The backends' replies do not pass this node: source-NAT flows to them.
+    #[serde(default)]
+    source_nat: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +197,46 @@ pub struct Config {
 pub struct NodeConfig {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
+    /// `node.source_nat`: the port range given to source-NATed flows and the node's addresses
+    /// they leave with (in Kubernetes mode, by default this Node's InternalIP of each family).
+    pub source_nat: SourceNat,
+}
+
+/// The first port of `range` that the node's own connections may also pick: inside the
+/// ephemeral range (`net.ipv4.ip_local_port_range`, which also governs IPv6) and not listed
+/// in `net.ipv4.ip_local_reserved_ports` (`reserved`, as the kernel prints it: `a-b,c,...`).
+/// A reply to such a connection would be taken for a source-NATed flow's.
+pub fn ephemeral_overlap(range: (u16, u16), ephemeral: (u16, u16), reserved: &str) -> Option<u16> {
+    let reserved: Vec<(u16, u16)> = reserved
+        .split(',')
+        .filter_map(|part| {
+            let part = part.trim();
+            match part.split_once('-') {
+                Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+                None => part.parse().ok().map(|p| (p, p)),
+            }
+        })
+        .collect();
+    let lo = range.0.max(ephemeral.0);
+    let hi = range.1.min(ephemeral.1);
+    (lo..=hi).find(|p| !reserved.iter().any(|(a, b)| (*a..=*b).contains(p)))
+}
+
+/// Parses `first-last` (inclusive, 1024..=65535, first <= last).
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{text:?} is not a port range such as 61000-65535");
+    let (a, b) = text.trim().split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a < 1024 {
+        return Err(format!(
+            "{text}: ports below 1024 are the node's own services'"
+        ));
+    }
+    if a > b {
+        return Err(format!("{text}: the first port is above the last"));
+    }
+    Ok((a, b))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -446,6 +504,34 @@ impl RawConfig {
 
         c.table_size("maglev.table_size", self.maglev.table_size);
 
+        let raw_nat = &self.node.source_nat;
+        let source_nat = SourceNat {
+            ports: match raw_nat.ports.as_deref().map(parse_port_range) {
+                None => DEFAULT_SOURCE_NAT_PORTS,
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    c.fail("node.source_nat.ports", e);
+                    DEFAULT_SOURCE_NAT_PORTS
+                }
+            },
+            ipv4: raw_nat.ipv4,
+            ipv6: raw_nat.ipv6,
+        };
+        for (field, ip) in [
+            ("node.source_nat.ipv4", raw_nat.ipv4.map(IpAddr::V4)),
+            ("node.source_nat.ipv6", raw_nat.ipv6.map(IpAddr::V6)),
+        ] {
+            if let Some(ip) = ip
+                && (ip.is_unspecified() || ip.is_multicast() || ip.is_loopback())
+            {
+                c.fail(
+                    field,
+                    format!("{ip} cannot be the node's source-NAT address"),
+                );
+            }
+        }
+        let mut uses_source_nat = false;
+
         let defaults = DataplaneLimits::default();
         let limits = DataplaneLimits {
             max_services: self.dataplane.max_services.unwrap_or(defaults.max_services),
@@ -564,7 +650,28 @@ impl RawConfig {
                         format!("{addr} is already services[{i}].backends[{first}]"),
                     );
                 }
-                backends.push(Backend::new(addr, b.weight));
+                let backend = Backend::new(addr, b.weight);
+                backends.push(if s.source_nat {
+                    backend.with_snat()
+                } else {
+                    backend
+                });
+            }
+            if s.source_nat {
+                uses_source_nat = true;
+                let family = if s.vip.is_ipv4() { "ipv4" } else { "ipv6" };
+                if source_nat.address_for(s.vip).is_none() {
+                    c.fail(
+                        at("source_nat"),
+                        format!(
+                            "needs node.source_nat.{family}: the node address {} flows leave with",
+                            family_name(s.vip)
+                        ),
+                    );
+                }
+                if s.protocol == Protocol::Sctp {
+                    c.fail(at("source_nat"), "is not available for SCTP");
+                }
             }
             backends.sort();
             backend_count += backends.len();
@@ -647,6 +754,7 @@ impl RawConfig {
             node: NodeConfig {
                 interfaces: self.node.interfaces,
                 xdp_mode: self.node.xdp_mode,
+                source_nat,
             },
             admin: AdminConfig {
                 listen: self.admin.listen,
@@ -659,7 +767,7 @@ impl RawConfig {
             dataplane: limits,
             desired: DesiredState {
                 services,
-                ..Default::default()
+                source_nat: uses_source_nat.then_some(source_nat),
             },
         })
     }

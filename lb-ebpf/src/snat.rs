@@ -15,14 +15,18 @@
 //! flow (or found a reply's entry): verified once, with a stack of its own. Keys and values
 //! are built in the per-CPU scratch slot that also carries the hand-over.
 
+// Keys are passed by reference into the scratch slot: by value they would be copied onto the
+// stack, which is what the slot is for.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
     programs::XdpContext,
 };
 use lb_common::{
-    FlowKey, SnatScratch, SnatValue, datapath_stat, drop_reason, family, hash::flow_hash,
-    limits, proto, snat_mode,
+    FlowKey, SnatScratch, SnatValue, datapath_stat, drop_reason, family, hash::flow_hash, limits,
+    proto, snat_mode,
 };
 
 use crate::{
@@ -75,9 +79,7 @@ pub fn reply(ctx: &XdpContext, l3: &L3, sport: u16, dport: u16) -> Option<u32> {
     };
     SNAT.get_ptr(&sc.key)?;
     sc.mode = snat_mode::REPLY;
-    unsafe {
-        let _ = XDP_TAILS.tail_call(ctx, SLOT);
-    }
+    unsafe { XDP_TAILS.tail_call(ctx, SLOT) };
     // Unreachable unless the program is missing: the kernel routes the reply as it is.
     Some(xdp_action::XDP_PASS)
 }
@@ -98,9 +100,7 @@ pub fn forward(
         sc.backend_id = backend_id;
         sc.backend_generation = generation;
         sc.port_be = port_be;
-        unsafe {
-            let _ = XDP_TAILS.tail_call(ctx, SLOT);
-        }
+        unsafe { XDP_TAILS.tail_call(ctx, SLOT) };
     }
     stats::drop(service_id, drop_reason::SNAT_FAILED);
     xdp_action::XDP_DROP

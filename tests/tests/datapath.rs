@@ -109,9 +109,27 @@ fn desired() -> DesiredState {
             Tcp,
             &["198.18.1.14:8080"],
         ),
-        remote(service(REMOTE4, REMOTE_VIP4, 80, Tcp, &["198.18.1.12:8080"])),
-        remote(service(REMOTE4_UDP, REMOTE_VIP4, 53, Udp, &["198.18.1.12:5353"])),
-        remote(service(REMOTE6, REMOTE_VIP6, 80, Tcp, &["[fd00:1::12]:8080"])),
+        remote(service(
+            REMOTE4,
+            REMOTE_VIP4,
+            80,
+            Tcp,
+            &["198.18.1.12:8080"],
+        )),
+        remote(service(
+            REMOTE4_UDP,
+            REMOTE_VIP4,
+            53,
+            Udp,
+            &["198.18.1.12:5353"],
+        )),
+        remote(service(
+            REMOTE6,
+            REMOTE_VIP6,
+            80,
+            Tcp,
+            &["[fd00:1::12]:8080"],
+        )),
     ];
     services.sort_by(|a, b| a.name.cmp(&b.name));
     DesiredState {
@@ -1056,7 +1074,11 @@ fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_bac
             assert_eq!(v, XDP_REDIRECT, "{name}: request");
             let (src, dst) = ends(&out);
             assert_eq!(dst, backend, "{name}: destination is the backend");
-            assert_eq!(src.ip(), node.parse::<IpAddr>().unwrap(), "{name}: node address");
+            assert_eq!(
+                src.ip(),
+                node.parse::<IpAddr>().unwrap(),
+                "{name}: node address"
+            );
             let port = src.port();
             assert!(
                 (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port),
@@ -1068,8 +1090,16 @@ fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_bac
             want = with_ports(want, port, backend.port());
             assert_eq!(hex(&out), hex(&want.bytes()), "{name}: request rewritten");
             let after = env.dp.maps.service_stats(id).unwrap();
-            assert_eq!(after.packets_in - before.packets_in, 1, "{name}: counted in");
-            assert_eq!(after.new_flows - before.new_flows, 1, "{name}: one new flow");
+            assert_eq!(
+                after.packets_in - before.packets_in,
+                1,
+                "{name}: counted in"
+            );
+            assert_eq!(
+                after.new_flows - before.new_flows,
+                1,
+                "{name}: one new flow"
+            );
 
             // The flow keeps its port.
             let (v, again) = env.xdp(&req.bytes());
@@ -1098,11 +1128,18 @@ fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_bac
             );
             want.src_mac = reply.src_mac;
             want.dst_mac = reply.dst_mac;
-            assert_eq!(v, XDP_PASS, "{name}: no neighbour for the client: the kernel routes it");
+            assert_eq!(
+                v, XDP_PASS,
+                "{name}: no neighbour for the client: the kernel routes it"
+            );
             assert_eq!(hex(&out), hex(&want.bytes()), "{name}: reply translated");
             assert_eq!(env.datapath(datapath_stat::SNAT_REPLY) - replies_before, 1);
             let after2 = env.dp.maps.service_stats(id).unwrap();
-            assert_eq!(after2.packets_out - after.packets_out, 1, "{name}: counted out");
+            assert_eq!(
+                after2.packets_out - after.packets_out,
+                1,
+                "{name}: counted out"
+            );
 
             // The flow's connection-table entry lost: the flow finds its own port again.
             let key = lb_common::FlowKey {
@@ -1114,11 +1151,24 @@ fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_bac
                 family: lb_agent::dataplane::addr_words(client.ip()).1,
                 _pad: [0; 2],
             };
-            let ct = env.dp.maps.conntrack.get(&key, 0).expect("flow in the table");
-            assert_eq!(u16::from_be(ct.snat_port_be), port, "{name}: port remembered");
+            let ct = env
+                .dp
+                .maps
+                .conntrack
+                .get(&key, 0)
+                .expect("flow in the table");
+            assert_eq!(
+                u16::from_be(ct.snat_port_be),
+                port,
+                "{name}: port remembered"
+            );
             env.dp.maps.conntrack.remove(&key).expect("forget the flow");
             let (_, again) = env.xdp(&req.bytes());
-            assert_eq!(ends(&again).0, src, "{name}: same port after the entry was lost");
+            assert_eq!(
+                ends(&again).0,
+                src,
+                "{name}: same port after the entry was lost"
+            );
         }
     });
 }

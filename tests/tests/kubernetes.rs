@@ -695,7 +695,7 @@ fn a_real_cluster_when_kubeconfig_is_set() {
             &services.items,
             &slices.items,
             &nodes.items,
-            &lb_agent::sources::kubernetes::translate::Options { node: node.clone(), default_class: true, table_size: 16381, max_services: 4096, max_backends: 65536 },
+            &lb_agent::sources::kubernetes::translate::Options { node: node.clone(), default_class: true, table_size: 16381, max_services: 4096, max_backends: 65536, source_nat: Default::default() },
         );
         eprintln!(
             "real cluster: {} Services, {} EndpointSlices, {} Nodes; on {node}: {} frontends, problems {:?}",

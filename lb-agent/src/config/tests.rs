@@ -338,3 +338,84 @@ fn health_check_blocks_are_checked_with_their_path() {
     std::fs::remove_file(&empty).unwrap();
     assert!(p[0].ends_with("no PEM certificate in it"), "{p:?}");
 }
+
+#[test]
+fn source_nat_settings_and_services() {
+    let c = Config::parse(MINIMAL, "t").unwrap();
+    assert_eq!(c.node.source_nat, SourceNat::default());
+    assert_eq!(c.node.source_nat.ports, (61000, 65535));
+    assert_eq!(c.desired.source_nat, None, "no service asks for it");
+
+    let text = edit(
+        "  interfaces: [eth0]\n",
+        "  interfaces: [eth0]\n  source_nat: {ports: 62000-62999, ipv4: 198.18.0.2}\n",
+    )
+    .replacen(
+        "    protocol: tcp\n",
+        "    protocol: tcp\n    source_nat: true\n",
+        1,
+    );
+    let c = Config::parse(&text, "t").unwrap();
+    let nat = c.desired.source_nat.expect("a service asks for it");
+    assert_eq!(nat.ports, (62000, 62999));
+    assert_eq!(nat.ipv4, Some("198.18.0.2".parse().unwrap()));
+    assert!(c.desired.services[0].backends.iter().all(|b| b.snat));
+}
+
+#[test]
+fn bad_source_nat_settings_are_named() {
+    let with_node = |nat: &str| {
+        edit(
+            "  interfaces: [eth0]\n",
+            &format!("  interfaces: [eth0]\n  source_nat: {nat}\n"),
+        )
+    };
+    assert_eq!(
+        problems(&with_node("{ports: 65000-64000}")),
+        ["node.source_nat.ports: 65000-64000: the first port is above the last"]
+    );
+    assert_eq!(
+        problems(&with_node("{ports: 80-90}")),
+        ["node.source_nat.ports: 80-90: ports below 1024 are the node's own services'"]
+    );
+    assert_eq!(
+        problems(&with_node("{ports: lots}")),
+        ["node.source_nat.ports: \"lots\" is not a port range such as 61000-65535"]
+    );
+    assert_eq!(
+        problems(&with_node("{ipv4: 0.0.0.0}")),
+        ["node.source_nat.ipv4: 0.0.0.0 cannot be the node's source-NAT address"]
+    );
+    // A service asking for source NAT without a node address of its family.
+    let text = with_node("{ipv6: 'fd00:18::2'}").replacen(
+        "    protocol: tcp\n",
+        "    protocol: tcp\n    source_nat: true\n",
+        1,
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            "services[0].source_nat: needs node.source_nat.ipv4: the node address IPv4 flows leave with"
+        ]
+    );
+}
+
+#[test]
+fn source_nat_ports_must_avoid_the_nodes_ephemeral_ports() {
+    let linux = (32768, 60999);
+    assert_eq!(ephemeral_overlap((61000, 65535), linux, ""), None);
+    assert_eq!(ephemeral_overlap((60000, 65535), linux, ""), Some(60000));
+    // Reserved ports are never picked by the kernel: fine to use.
+    assert_eq!(
+        ephemeral_overlap((60000, 65535), linux, "60000-60999\n"),
+        None
+    );
+    assert_eq!(
+        ephemeral_overlap((60000, 65535), linux, "60000-60500,60502-60999"),
+        Some(60501)
+    );
+    assert_eq!(
+        ephemeral_overlap((1024, 65535), (1024, 65535), "5000"),
+        Some(1024)
+    );
+}

@@ -20,7 +20,8 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
     EndpointValue, FlowKey, FlowValue, ServiceKey, ServiceStats, ServiceValue, SnatConfig,
-    SnatValue, SourceRangeData, VipKey, VipValue, backend_flags, drop_reason, maps, programs, service_flags,
+    SnatValue, SourceRangeData, VipKey, VipValue, backend_flags, drop_reason, maps, programs,
+    service_flags,
 };
 use tracing::{info, warn};
 
@@ -110,7 +111,11 @@ impl Datapath {
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
         let load_err = |name| move |source| DataplaneError::Program { name, source };
-        for name in [programs::XDP_INGRESS, programs::XDP_SCTP, programs::XDP_SNAT] {
+        for name in [
+            programs::XDP_INGRESS,
+            programs::XDP_SCTP,
+            programs::XDP_SNAT,
+        ] {
             let p: &mut Xdp = program_mut(&mut ebpf, name)?;
             p.load().map_err(load_err(name))?;
         }
@@ -303,12 +308,8 @@ fn tail_array(
     Ok(array)
 }
 
-fn tail_fd(
-    ebpf: &Ebpf,
-    program: &'static str,
-) -> Result<aya::programs::ProgramFd, DataplaneError> {
-    ebpf
-        .program(program)
+fn tail_fd(ebpf: &Ebpf, program: &'static str) -> Result<aya::programs::ProgramFd, DataplaneError> {
+    ebpf.program(program)
         .ok_or(DataplaneError::Program {
             name: program,
             source: aya::programs::ProgramError::NotLoaded,

@@ -124,6 +124,24 @@ impl FakeMaps {
                 fronts.join(", ")
             );
         }
+        if self.snat_config != SnatConfig::default() {
+            let c = &self.snat_config;
+            let addr = |w: &[u32; 4], fam| {
+                if *w == [0; 4] {
+                    "-".to_string()
+                } else {
+                    words_addr(w, fam).to_string()
+                }
+            };
+            let _ = writeln!(
+                out,
+                "snat {} {} ports={}-{}",
+                addr(&c.addr4, lb_common::family::V4),
+                addr(&c.addr6, lb_common::family::V6),
+                c.port_min,
+                c.port_max
+            );
+        }
         for (i, n) in &self.vip_filter {
             if *n != 0 {
                 let _ = writeln!(out, "vip_filter[{i}]={n}");

@@ -26,9 +26,8 @@ use std::{
 use ipnet::IpNet;
 use lb_common::{
     BackendValue, EndpointFrontend, EndpointValue, ServiceValue, SnatConfig, SourceRangeData,
-    VipValue,
-    backend_flags, limits, limits::MAX_ENDPOINT_FRONTENDS, service_flags, source_range_prefix,
-    vip_filter_index,
+    VipValue, backend_flags, limits, limits::MAX_ENDPOINT_FRONTENDS, service_flags,
+    source_range_prefix, vip_filter_index,
 };
 use tracing::{debug, warn};
 
@@ -355,7 +354,12 @@ impl Programmer {
     }
 
     /// Adds `delta` to the pre-filter count of `ip`'s slot.
-    fn filter_add(&mut self, ip: IpAddr, delta: i32, maps: &mut dyn MapWriter) -> Result<(), MapError> {
+    fn filter_add(
+        &mut self,
+        ip: IpAddr,
+        delta: i32,
+        maps: &mut dyn MapWriter,
+    ) -> Result<(), MapError> {
         let index = vip_filter_index(&vip_key(ip).addr);
         let count = self.filter.get(&index).copied().unwrap_or(0);
         let next = count.saturating_add_signed(delta);
@@ -544,7 +548,8 @@ impl Programmer {
             let before = was.get(&b.addr);
             match old.backends.get(&b.addr) {
                 Some(pb)
-                    if before.is_some_and(|w| (b.available && !w.available) || b.snat != w.snat) =>
+                    if before
+                        .is_some_and(|w| (b.available && !w.available) || b.snat != w.snat) =>
                 {
                     // Back in rotation: a new generation, so that flows it had before it was
                     // taken out (steered elsewhere since, or dead) never return to it. Source

@@ -453,3 +453,93 @@ fn no_available_backend_leaves_an_empty_table() {
     // ...but the backends exist: they are steered to as soon as they are available.
     assert_eq!(m.backends.len(), 2);
 }
+
+fn nat(ipv4: Option<&str>, ipv6: Option<&str>) -> Option<crate::model::SourceNat> {
+    Some(crate::model::SourceNat {
+        ipv4: ipv4.map(|a| a.parse().unwrap()),
+        ipv6: ipv6.map(|a| a.parse().unwrap()),
+        ports: (61000, 61999),
+    })
+}
+
+#[test]
+fn source_nat_settings_are_written_first_and_join_the_vip_filter() {
+    let (mut p, mut m) = setup();
+    let mut s = state(vec![web(&[("198.18.1.11:8080", 1)])]);
+    s.services[0].backends[0] = s.services[0].backends[0].with_snat();
+    s.source_nat = nat(Some("198.18.0.2"), Some("fd00:18::2"));
+    p.apply(&s, &mut m).unwrap();
+    // Filter slots for the node's addresses, then the settings, before any service.
+    assert_eq!(
+        m.log[..3],
+        [
+            "vip_filter set 27077=1",
+            "vip_filter set 22227=1",
+            "snat_config set"
+        ],
+        "{:?}",
+        m.log
+    );
+    let dump = m.dump();
+    assert!(
+        dump.contains("snat 198.18.0.2 fd00:18::2 ports=61000-61999"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("backend 1 198.18.1.11:8080 gen=1 flags=3"),
+        "{dump}"
+    );
+    // The VIP and both node addresses are in the pre-filter.
+    assert_eq!(
+        m.vip_filter.values().filter(|n| **n > 0).count(),
+        3,
+        "{dump}"
+    );
+
+    // Unchanged settings are not written again; removed ones clear the config and the filter.
+    m.log.clear();
+    p.apply(&s, &mut m).unwrap();
+    assert!(m.log.is_empty(), "{:?}", m.log);
+    let mut none = s.clone();
+    none.source_nat = None;
+    none.services[0].backends[0].snat = false;
+    p.apply(&none, &mut m).unwrap();
+    assert_eq!(m.snat_config, lb_common::SnatConfig::default());
+    assert_eq!(m.vip_filter.values().filter(|n| **n > 0).count(), 1);
+}
+
+#[test]
+fn a_failed_source_nat_write_changes_nothing() {
+    let (mut p, mut m) = setup();
+    let mut s = state(vec![web(&[("198.18.1.11:8080", 1)])]);
+    s.source_nat = nat(Some("198.18.0.2"), None);
+    m.fail_on = Some("snat_config".into());
+    let e = p.apply(&s, &mut m).unwrap_err();
+    assert!(e.to_string().starts_with("source NAT: "), "{e}");
+    assert!(m.services.is_empty());
+    assert!(m.vip_filter.values().all(|n| *n == 0), "filter rolled back");
+    // The next apply writes it all.
+    p.apply(&s, &mut m).unwrap();
+    assert!(m.dump().contains("snat 198.18.0.2 - ports=61000-61999"));
+}
+
+#[test]
+fn turning_source_nat_on_or_off_gives_the_backend_a_new_generation() {
+    let (mut p, mut m) = setup();
+    let mut s = state(vec![web(&[
+        ("198.18.1.11:8080", 1),
+        ("198.18.1.12:8080", 1),
+    ])]);
+    s.source_nat = nat(Some("198.18.0.2"), None);
+    p.apply(&s, &mut m).unwrap();
+    let generation = |m: &FakeMaps, id: u32| (m.backends[&id].generation, m.backends[&id].flags);
+    assert_eq!(generation(&m, 1), (1, 1));
+    // Its flows' source cannot change under them: they are steered again.
+    s.services[0].backends[0] = s.services[0].backends[0].with_snat();
+    p.apply(&s, &mut m).unwrap();
+    assert_eq!(generation(&m, 1), (2, 3));
+    assert_eq!(generation(&m, 2), (1, 1), "the other backend is untouched");
+    s.services[0].backends[0].snat = false;
+    p.apply(&s, &mut m).unwrap();
+    assert_eq!(generation(&m, 1), (3, 1));
+}

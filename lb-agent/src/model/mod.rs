@@ -130,12 +130,23 @@ pub struct DesiredState {
 
 /// Source NAT of flows to backends on other nodes: they leave with this node's address of
 /// their family and a port of `ports`, so that the replies come back through this node.
+/// The default: no addresses, the default port range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceNat {
     pub ipv4: Option<std::net::Ipv4Addr>,
     pub ipv6: Option<std::net::Ipv6Addr>,
     /// Inclusive; outside the node's ephemeral port range.
     pub ports: (u16, u16),
+}
+
+impl Default for SourceNat {
+    fn default() -> Self {
+        Self {
+            ipv4: None,
+            ipv6: None,
+            ports: crate::config::DEFAULT_SOURCE_NAT_PORTS,
+        }
+    }
 }
 
 impl SourceNat {

@@ -166,6 +166,15 @@ impl Slice {
         self
     }
 
+    /// A ready endpoint without a node name (e.g. outside the cluster).
+    pub fn endpoint_nowhere(mut self, addr: &str) -> Self {
+        self.0.endpoints.push(Endpoint {
+            addresses: vec![addr.into()],
+            ..Endpoint::default()
+        });
+        self
+    }
+
     pub fn build(self) -> EndpointSlice {
         self.0
     }
@@ -180,4 +189,22 @@ pub fn node(name: &str, excluded: bool) -> Node {
         },
         ..Node::default()
     }
+}
+
+/// A node with these InternalIP addresses.
+pub fn node_at(name: &str, internal: &[&str]) -> Node {
+    let mut n = node(name, false);
+    n.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        addresses: Some(
+            internal
+                .iter()
+                .map(|a| k8s_openapi::api::core::v1::NodeAddress {
+                    address: (*a).into(),
+                    type_: "InternalIP".into(),
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    });
+    n
 }

@@ -11,9 +11,12 @@
 //!   Service port's name and protocol in the slice (so named target ports are resolved as the
 //!   endpoints controller resolved them); ready endpoints, or, when none is ready, the serving
 //!   and terminating ones;
-//! - `externalTrafficPolicy: Local`: only this node's endpoints; `Cluster`: this node's
-//!   endpoints while it has any, else every endpoint (until the data plane source-NATs flows
-//!   to other nodes, their replies would not come back through this node);
+//! - `externalTrafficPolicy: Local`: only this node's endpoints; `Cluster`: every endpoint,
+//!   flows to other nodes' endpoints source-NATed to this node's address (its InternalIP of
+//!   the VIP's family, or `node.source_nat.ipv4`/`ipv6`) so that their replies come back
+//!   through this node. Without such an address, and for SCTP (whose checksum the data plane
+//!   does not redo for source NAT), this node's endpoints while it has any, else every
+//!   endpoint, as before;
 //! - `sessionAffinity: ClientIP` with its timeout (default 3 hours), `loadBalancerSourceRanges`;
 //! - a node labelled `node.kubernetes.io/exclude-from-external-load-balancers` serves nothing;
 //! - health checks from the Service's annotations (`crate::health::spec::from_annotations`).
@@ -34,7 +37,7 @@ use k8s_openapi::api::{
 
 use crate::{
     health::spec::from_annotations,
-    model::{self, Backend, DesiredState, Frontend, Protocol},
+    model::{self, Backend, DesiredState, Frontend, Protocol, SourceNat},
 };
 
 /// weir's `spec.loadBalancerClass`.
@@ -58,6 +61,48 @@ pub struct Options {
     /// 0 is reserved in both).
     pub max_services: u32,
     pub max_backends: u32,
+    /// `node.source_nat`: the port range, and addresses that override the Node's.
+    pub source_nat: SourceNat,
+}
+
+/// Which endpoints a Service port gets, by `externalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    /// This node's endpoints only.
+    Local,
+    /// Every endpoint; other nodes' source-NATed.
+    ClusterSnat,
+    /// This node's endpoints while it has any, else every endpoint (no source NAT possible).
+    ClusterPreferLocal,
+}
+
+/// This node's source-NAT settings: the configured addresses, else the Node's first
+/// InternalIP of each family; `None` without any address.
+fn source_nat(node: Option<&Node>, configured: &SourceNat) -> Option<SourceNat> {
+    let internal: Vec<IpAddr> = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let nat = SourceNat {
+        ipv4: configured.ipv4.or_else(|| {
+            internal.iter().find_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+        }),
+        ipv6: configured.ipv6.or_else(|| {
+            internal.iter().find_map(|a| match a {
+                IpAddr::V6(a) => Some(*a),
+                IpAddr::V4(_) => None,
+            })
+        }),
+        ports: configured.ports,
+    };
+    (nat.ipv4.is_some() || nat.ipv6.is_some()).then_some(nat)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -113,17 +158,14 @@ fn conditions(e: &k8s_openapi::api::discovery::v1::Endpoint) -> (bool, bool) {
 }
 
 /// The backends of Service port `(name, protocol)` in `slices`, for VIPs of the family of
-/// `v4`. `Local` policy keeps only `node`'s endpoints. `Cluster` policy prefers them too
-/// while there are any: a flow sent to another node's endpoint needs its replies to come back
-/// through this node (source NAT), which the data plane does not do yet; with no local
-/// endpoint, every endpoint is used.
+/// `v4`, by `policy` (an endpoint without a node name is another node's).
 fn backends(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: Protocol,
     v4: bool,
     node: &str,
-    policy_local: bool,
+    policy: Policy,
 ) -> Vec<Backend> {
     // (address, on this node)
     let mut ready = BTreeSet::new();
@@ -145,7 +187,7 @@ fn backends(
         };
         for e in &slice.endpoints {
             let here = e.node_name.as_deref() == Some(node);
-            if policy_local && !here {
+            if policy == Policy::Local && !here {
                 continue;
             }
             let (is_ready, is_fallback) = conditions(e);
@@ -169,8 +211,15 @@ fn backends(
     let any_here = chosen.iter().any(|(_, here)| *here);
     chosen
         .into_iter()
-        .filter(|(_, here)| *here || !any_here)
-        .map(|(a, _)| Backend::new(a, 1))
+        .filter(|(_, here)| *here || !any_here || policy != Policy::ClusterPreferLocal)
+        .map(|(a, here)| {
+            let b = Backend::new(a, 1);
+            if here || policy != Policy::ClusterSnat {
+                b
+            } else {
+                b.with_snat()
+            }
+        })
         .collect()
 }
 
@@ -185,6 +234,7 @@ pub fn translate(
     let this = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(opts.node.as_str()));
+    let nat = source_nat(this, &opts.source_nat);
     if this.is_some_and(|n| {
         n.metadata
             .labels
@@ -220,7 +270,14 @@ pub fn translate(
     for svc in sorted {
         let name = key(svc);
         let mut problems = Vec::new();
-        let services = service(svc, &name, by_service.get(&name), opts, &mut problems);
+        let services = service(
+            svc,
+            &name,
+            by_service.get(&name),
+            opts,
+            nat.as_ref(),
+            &mut problems,
+        );
         if let Some(spec) = &svc.spec
             && spec.external_traffic_policy.as_deref() == Some("Local")
             && let Some(port) = spec
@@ -254,6 +311,14 @@ pub fn translate(
         .services
         .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
     fit(&mut out, opts);
+    if out
+        .desired
+        .services
+        .iter()
+        .any(|s| s.backends.iter().any(|b| b.snat))
+    {
+        out.desired.source_nat = nat;
+    }
     out
 }
 
@@ -302,6 +367,7 @@ fn service(
     name: &str,
     slices: Option<&Vec<&EndpointSlice>>,
     opts: &Options,
+    nat: Option<&SourceNat>,
     problems: &mut Vec<String>,
 ) -> Vec<model::Service> {
     let Some(spec) = &svc.spec else {
@@ -413,7 +479,15 @@ fn service(
                     proto,
                     vip.is_ipv4(),
                     &opts.node,
-                    local,
+                    if local {
+                        Policy::Local
+                    } else if proto != Protocol::Sctp
+                        && nat.and_then(|n| n.address_for(*vip)).is_some()
+                    {
+                        Policy::ClusterSnat
+                    } else {
+                        Policy::ClusterPreferLocal
+                    },
                 ),
                 source_ranges: {
                     let mut r = ranges;

@@ -11,11 +11,15 @@ fn opts() -> Options {
         table_size: 13,
         max_services: 4096,
         max_backends: 65536,
+        source_nat: SourceNat::default(),
     }
 }
 
 fn nodes() -> Vec<Node> {
-    vec![node("node-a", false), node("node-b", false)]
+    vec![
+        node_at("node-a", &["198.18.0.2", "fd00:18::2"]),
+        node_at("node-b", &["198.18.0.3", "fd00:18::3"]),
+    ]
 }
 
 /// `vip:port/proto → backends` for each model service, one line each.
@@ -24,7 +28,11 @@ fn lines(t: &Translation) -> Vec<String> {
         .services
         .iter()
         .map(|s| {
-            let b: Vec<String> = s.backends.iter().map(|b| b.addr.to_string()).collect();
+            let b: Vec<String> = s
+                .backends
+                .iter()
+                .map(|b| format!("{}{}", b.addr, if b.snat { "(snat)" } else { "" }))
+                .collect();
             format!("{} {} -> {}", s.name, s.frontend, b.join(" "))
         })
         .collect()
@@ -184,29 +192,118 @@ fn local_policy_keeps_this_nodes_endpoints() {
 }
 
 #[test]
-fn cluster_policy_prefers_this_nodes_endpoints_while_it_has_any() {
+fn cluster_policy_uses_every_endpoint_and_source_nats_other_nodes() {
     let svc = Svc::lb("shop", "web")
         .port("http", 80, "TCP")
         .ingress("198.18.100.10")
         .build();
-    // node-a has 198.18.1.11: only it (replies from node-b's endpoint would not come back).
+    let mut slice = web_slice();
+    slice.endpoints.extend(
+        Slice::of("shop", "web", "x", "IPv4")
+            .endpoint_nowhere("198.18.1.13")
+            .build()
+            .endpoints,
+    );
     let t = translate(
         std::slice::from_ref(&svc),
-        &[web_slice()],
+        &[slice.clone()],
         &nodes(),
         &opts(),
     );
     assert_eq!(
         lines(&t),
+        [
+            "shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080 198.18.1.12:8080(snat) 198.18.1.13:8080(snat)"
+        ]
+    );
+    let nat = t.desired.source_nat.expect("source NAT settings");
+    assert_eq!(
+        nat.ipv4,
+        Some("198.18.0.2".parse().unwrap()),
+        "node-a's InternalIP"
+    );
+    assert_eq!(nat.ipv6, Some("fd00:18::2".parse().unwrap()));
+    assert_eq!(nat.ports, crate::config::DEFAULT_SOURCE_NAT_PORTS);
+
+    // Configured addresses and ports win over the Node's.
+    let mut o = opts();
+    o.source_nat = SourceNat {
+        ipv4: Some("198.18.7.7".parse().unwrap()),
+        ipv6: None,
+        ports: (62000, 62999),
+    };
+    let t = translate(std::slice::from_ref(&svc), &[slice.clone()], &nodes(), &o);
+    let nat = t.desired.source_nat.unwrap();
+    assert_eq!(nat.ipv4, Some("198.18.7.7".parse().unwrap()));
+    assert_eq!(nat.ipv6, Some("fd00:18::2".parse().unwrap()));
+    assert_eq!(nat.ports, (62000, 62999));
+
+    // Local policy: this node's endpoints, nothing source-NATed, no settings needed.
+    let local = Svc::lb("shop", "web")
+        .port("http", 80, "TCP")
+        .ingress("198.18.100.10")
+        .local()
+        .build();
+    let t = translate(&[local], &[slice], &nodes(), &opts());
+    assert_eq!(
+        lines(&t),
         ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080"]
     );
+    assert_eq!(t.desired.source_nat, None);
+}
+
+#[test]
+fn without_a_source_nat_address_cluster_policy_prefers_this_nodes_endpoints() {
+    let svc = Svc::lb("shop", "web")
+        .port("http", 80, "TCP")
+        .ingress("198.18.100.10")
+        .build();
+    let bare = vec![node("node-a", false), node("node-b", false)];
+    // node-a has 198.18.1.11: only it (replies from node-b's endpoint would not come back).
+    let t = translate(std::slice::from_ref(&svc), &[web_slice()], &bare, &opts());
+    assert_eq!(
+        lines(&t),
+        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080"]
+    );
+    assert_eq!(t.desired.source_nat, None);
     // node-c has none: every endpoint.
     let mut c = opts();
     c.node = "node-c".into();
-    let t = translate(&[svc], &[web_slice()], &nodes(), &c);
+    let t = translate(std::slice::from_ref(&svc), &[web_slice()], &bare, &c);
     assert_eq!(
         lines(&t),
         ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080 198.18.1.12:8080"]
+    );
+    // An IPv6 VIP on a node with only an IPv4 address: the same for that family.
+    let v6 = Svc::lb("shop", "web6")
+        .port("http", 80, "TCP")
+        .ingress("fd00:100::10")
+        .build();
+    let slice6 = Slice::of("shop", "web6", "web6-abc", "IPv6")
+        .port("http", 8080, "TCP")
+        .endpoint("fd00:1::11", "node-a", READY)
+        .endpoint("fd00:1::12", "node-b", READY)
+        .build();
+    let v4only = vec![node_at("node-a", &["198.18.0.2"])];
+    let t = translate(&[v6], &[slice6], &v4only, &opts());
+    assert_eq!(
+        lines(&t),
+        ["shop/web6 [fd00:100::10]:80/tcp -> [fd00:1::11]:8080"]
+    );
+    // SCTP is never source-NATed: local endpoints first, as without an address.
+    let sctp = Svc::lb("tel", "diameter")
+        .port("diameter", 3868, "SCTP")
+        .ingress("198.18.100.30")
+        .build();
+    let slice = Slice::of("tel", "diameter", "d-abc", "IPv4")
+        .port("diameter", 3868, "SCTP")
+        .endpoint("198.18.1.31", "node-a", READY)
+        .endpoint("198.18.1.32", "node-b", READY)
+        .build();
+    let t = translate(&[sctp], &[slice], &nodes(), &opts());
+    assert_eq!(
+        lines(&t),
+        ["tel/diameter 198.18.100.30:3868/sctp -> 198.18.1.31:3868"]
     );
 }
 
@@ -336,20 +433,25 @@ fn the_pipeline_programs_the_fake_data_plane() {
     let mut programmer = Programmer::new(&limits, 0);
     let mut maps = FakeMaps::default();
     programmer.apply(&t.desired, &mut maps).unwrap();
-    // On node-a: web (Cluster) keeps its local endpoint while it has one, dns (Local) its
-    // local one; node-b's endpoints (198.18.1.12, 198.18.1.22) are not programmed here.
+    // On node-a: web (Cluster) gets both endpoints, node-b's (198.18.1.12) source-NATed
+    // (flags=3: present + snat) to node-a's InternalIPs; dns (Local) only its local one.
     assert_eq!(
         maps.dump(),
         "\
-service 198.18.100.10:80 proto=6 id=1 size=13 flags=0 affinity=0s table 1:13
-service 198.18.100.20:53 proto=17 id=2 size=13 flags=0 affinity=0s table 2:13
+service 198.18.100.10:80 proto=6 id=1 size=13 flags=0 affinity=0s table 1:7 2:6
+service 198.18.100.20:53 proto=17 id=2 size=13 flags=0 affinity=0s table 3:13
 backend 1 198.18.1.11:8080 gen=1 flags=1
-backend 2 198.18.1.21:5353 gen=1 flags=1
+backend 2 198.18.1.12:8080 gen=1 flags=3
+backend 3 198.18.1.21:5353 gen=1 flags=1
 vip 198.18.100.10
 vip 198.18.100.20
 endpoint 198.18.1.11:8080 proto=6 -> 198.18.100.10:80 service=1 backend=1
-endpoint 198.18.1.21:5353 proto=17 -> 198.18.100.20:53 service=2 backend=2
+endpoint 198.18.1.12:8080 proto=6 -> 198.18.100.10:80 service=1 backend=2
+endpoint 198.18.1.21:5353 proto=17 -> 198.18.100.20:53 service=2 backend=3
+snat 198.18.0.2 fd00:18::2 ports=61000-65535
+vip_filter[22227]=1
 vip_filter[22689]=1
+vip_filter[27077]=1
 vip_filter[28321]=1
 "
     );
