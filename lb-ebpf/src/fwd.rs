@@ -48,7 +48,7 @@ const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 
 #[inline(always)]
-fn to_kernel() -> u32 {
+pub fn to_kernel() -> u32 {
     stats::datapath(datapath_stat::FWD_KERNEL);
     xdp_action::XDP_PASS
 }
@@ -65,10 +65,34 @@ pub fn forward(
     backend_id: u32,
     generation: u32,
 ) -> u32 {
+    match next_hop(ctx, l3, sport_be, dport_be, backend_id, generation) {
+        Some(hop) => send(ctx, l3, &hop),
+        None => to_kernel(),
+    }
+}
+
+/// Where a packet goes out: interface, source and destination MACs.
+pub struct Hop {
+    pub ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// The next hop of the packet described by `l3` (see `forward`), when XDP can send it
+/// itself: `None` for the kernel to route (tagged, expiring, no route or neighbour).
+#[inline(always)]
+pub fn next_hop(
+    ctx: &XdpContext,
+    l3: &L3,
+    sport_be: u16,
+    dport_be: u16,
+    backend_id: u32,
+    generation: u32,
+) -> Option<Hop> {
     // A tagged frame belongs to a VLAN device the FIB lookup does not see: let the kernel
     // route it.
     if l3.tagged {
-        return to_kernel();
+        return None;
     }
     let (data, end) = (ctx.data(), ctx.data_end());
     let ttl = if l3.family == family::V6 {
@@ -78,7 +102,7 @@ pub fn forward(
     };
     // The kernel answers an expiring packet with time-exceeded.
     if !matches!(ttl, Some(t) if t > 1) {
-        return to_kernel();
+        return None;
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let slot = if backend_id != 0 {
@@ -86,7 +110,7 @@ pub fn forward(
     } else {
         None
     };
-    let (ifindex, smac, dmac) = match slot {
+    match slot {
         Some(nh)
             if unsafe {
                 (*nh).generation == generation
@@ -94,11 +118,15 @@ pub fn forward(
                     && now < (*nh).expires_ns
                     && l3.len <= (*nh).checked_len
             } =>
-        unsafe { ((*nh).ifindex, (*nh).smac, (*nh).dmac) },
+        unsafe {
+            Some(Hop {
+                ifindex: (*nh).ifindex,
+                smac: (*nh).smac,
+                dmac: (*nh).dmac,
+            })
+        },
         cache => {
-            let Some(p) = fib_lookup(ctx, l3, sport_be, dport_be) else {
-                return to_kernel();
-            };
+            let p = fib_lookup(ctx, l3, sport_be, dport_be)?;
             if let Some(nh) = cache {
                 unsafe {
                     *nh = NextHop {
@@ -112,18 +140,35 @@ pub fn forward(
                     };
                 }
             }
-            (p.ifindex, p.smac, p.dmac)
+            Some(Hop {
+                ifindex: p.ifindex,
+                smac: p.smac,
+                dmac: p.dmac,
+            })
         }
-    };
+    }
+}
+
+/// Whether XDP may redirect to `ifindex` (weir runs there natively).
+#[inline(always)]
+pub fn can_redirect(ifindex: u32) -> bool {
+    TX_PORTS.get(ifindex).is_some()
+}
+
+/// Sends the packet to `hop` by XDP redirect (the kernel forwards it when the interface
+/// cannot take redirects).
+#[inline(always)]
+pub fn send(ctx: &XdpContext, l3: &L3, hop_to: &Hop) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
     let Some(eth) = ptr_at::<EthHdr>(data, end, 0) else {
         return to_kernel();
     };
     let eth = unsafe { &mut *eth };
     let (old_dst, old_src) = (eth.dst, eth.src);
-    eth.dst = dmac;
-    eth.src = smac;
+    eth.dst = hop_to.dmac;
+    eth.src = hop_to.smac;
     hop(data, end, l3, -1);
-    match TX_PORTS.redirect(ifindex, xdp_action::XDP_PASS as u64) {
+    match TX_PORTS.redirect(hop_to.ifindex, xdp_action::XDP_PASS as u64) {
         Ok(action) => {
             stats::datapath(datapath_stat::FWD_REDIRECT);
             action

@@ -127,15 +127,14 @@ pub fn program(ctx: &XdpContext) -> u32 {
         stats::drop(service_id, drop_reason::SNAT_FAILED);
         xdp_action::XDP_DROP
     };
-    sc.flow = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
-        sport_be: unsafe { (*ports).src },
-        dport_be: unsafe { (*ports).dst },
-        proto: l3.proto,
-        family: l3.family,
-        _pad: [0; 2],
-    };
+    // Field by field: a struct literal would be built on the stack first.
+    sc.flow.src = l3.src;
+    sc.flow.dst = l3.dst;
+    sc.flow.sport_be = unsafe { (*ports).src };
+    sc.flow.dport_be = unsafe { (*ports).dst };
+    sc.flow.proto = l3.proto;
+    sc.flow.family = l3.family;
+    sc.flow._pad = [0; 2];
     let (backend_id, generation) = (sc.backend_id, sc.backend_generation);
     let Some(backend) = BACKENDS.get(backend_id) else {
         return fail();
@@ -146,15 +145,13 @@ pub fn program(ctx: &XdpContext) -> u32 {
     let Some(node) = node_addr(l3.family) else {
         return fail();
     };
-    sc.key = FlowKey {
-        src: backend.addr,
-        dst: node,
-        sport_be: backend.port_be,
-        dport_be: sc.port_be,
-        proto: l3.proto,
-        family: l3.family,
-        _pad: [0; 2],
-    };
+    sc.key.src = backend.addr;
+    sc.key.dst = node;
+    sc.key.sport_be = backend.port_be;
+    sc.key.dport_be = sc.port_be;
+    sc.key.proto = l3.proto;
+    sc.key.family = l3.family;
+    sc.key._pad = [0; 2];
     let old_port = sc.port_be;
     let port = port_for(sc);
     if port == 0 {
@@ -163,14 +160,32 @@ pub fn program(ctx: &XdpContext) -> u32 {
     if port != old_port {
         lookup::set_snat_port(&sc.flow, port);
     }
-    if nat::rewrite(ctx, &l3, End::Dst, &backend.addr, backend.port_be).is_none()
-        || nat::rewrite(ctx, &l3, End::Src, &node, port).is_none()
-    {
+    if nat::rewrite(ctx, &l3, End::Dst, &backend.addr, backend.port_be).is_none() {
         stats::drop(service_id, drop_reason::MALFORMED);
         return xdp_action::XDP_DROP;
     }
     stats::packet_in(service_id, backend_id, l3.len);
-    fwd::forward(ctx, &l3, port, backend.port_be, backend_id, generation)
+    // A packet with the node's own address as its source is a martian to the kernel's input
+    // path: source NAT only what XDP sends itself. Without a known next hop (neighbour not
+    // resolved yet, or an egress interface weir does not run on) the packet goes to the
+    // kernel destination-NATed only: the kernel resolves the neighbour on the way, and the
+    // client's retransmission finds it.
+    let Some(hop) = fwd::next_hop(
+        ctx,
+        &l3,
+        sc.flow.sport_be,
+        backend.port_be,
+        backend_id,
+        generation,
+    )
+    .filter(|h| fwd::can_redirect(h.ifindex)) else {
+        return fwd::to_kernel();
+    };
+    if nat::rewrite(ctx, &l3, End::Src, &node, port).is_none() {
+        stats::drop(service_id, drop_reason::MALFORMED);
+        return xdp_action::XDP_DROP;
+    }
+    fwd::send(ctx, &l3, &hop)
 }
 
 #[inline(always)]
@@ -223,16 +238,15 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     let range = max - min + 1;
     let f = &sc.flow;
     let start = flow_hash(&f.src, &f.dst, f.sport_be, f.dport_be, f.proto).rotate_left(16);
-    sc.value = SnatValue {
-        client: sc.flow.src,
-        vip: sc.flow.dst,
-        client_port_be: sc.flow.sport_be,
-        vport_be: sc.flow.dport_be,
-        service_id: sc.service_id,
-        backend_id: sc.backend_id,
-        _pad: 0,
-        last_ns: now,
-    };
+    // Field by field: a struct literal would be built on the stack first.
+    sc.value.client = sc.flow.src;
+    sc.value.vip = sc.flow.dst;
+    sc.value.client_port_be = sc.flow.sport_be;
+    sc.value.vport_be = sc.flow.dport_be;
+    sc.value.service_id = sc.service_id;
+    sc.value.backend_id = sc.backend_id;
+    sc.value._pad = 0;
+    sc.value.last_ns = now;
     let idle = idle_ns(sc.flow.proto);
     // A bound the compiler cannot see through, so the loop stays a loop (unrolled, its copies
     // would not fit the stack); the verifier walks it as a bounded loop.

@@ -220,7 +220,10 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
                         let Ok(tls) = rustls::ServerConnection::new(config) else {
                             return;
                         };
-                        if let Ok(mut out) = http_conn(rustls::StreamOwned::new(tls, conn), &s) {
+                        let peer = conn.peer_addr().ok();
+                        if let Ok(mut out) =
+                            http_conn(rustls::StreamOwned::new(tls, conn), peer, &s)
+                        {
                             out.conn.send_close_notify();
                             let _ = out.flush();
                         }
@@ -437,8 +440,9 @@ fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 /// Serves one plain connection and closes it.
 fn http_close(conn: std::net::TcpStream, s: &Shared) {
+    let peer = conn.peer_addr().ok();
     if let Ok(c) = conn.try_clone()
-        && let Ok(mut out) = http_conn(conn, s)
+        && let Ok(mut out) = http_conn(conn, peer, s)
     {
         // The server closes first, so TIME_WAIT stays here and clients can reuse their ports.
         let _ = out.flush();
@@ -447,8 +451,8 @@ fn http_close(conn: std::net::TcpStream, s: &Shared) {
     }
 }
 
-/// Serves one connection; returns the stream for the caller to close.
-fn http_conn<S: Read + Write>(conn: S, s: &Shared) -> io::Result<S> {
+/// Serves one connection from `peer`; returns the stream for the caller to close.
+fn http_conn<S: Read + Write>(conn: S, peer: Option<SocketAddr>, s: &Shared) -> io::Result<S> {
     let c = &s.counters;
     c.connections.fetch_add(1, Ordering::Relaxed);
     let mut r = BufReader::new(conn);
@@ -485,6 +489,14 @@ fn http_conn<S: Read + Write>(conn: S, s: &Shared) -> io::Result<S> {
             Some(ok) => (200, ok.into_bytes()),
             None => (400, format!("unknown control {cmd}\n").into_bytes()),
         }
+    } else if path == "/whoami" {
+        // The connection's source as this backend sees it (the client, or the node that
+        // source-NATed it).
+        let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+        (
+            200,
+            format!("backend={} peer={peer}\n", s.name).into_bytes(),
+        )
     } else if path == "/healthz" {
         let code = s.control.healthz();
         (

@@ -130,6 +130,13 @@ fn desired() -> DesiredState {
             Tcp,
             &["[fd00:1::12]:8080"],
         )),
+        remote(service(
+            "remote-no-neighbour",
+            "198.18.100.21",
+            80,
+            Tcp,
+            &["198.18.1.14:8080"],
+        )),
     ];
     services.sort_by(|a, b| a.name.cmp(&b.name));
     DesiredState {
@@ -1186,6 +1193,14 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
             let frame = p.bytes();
             assert_eq!(env.xdp(&frame), (XDP_PASS, frame.clone()));
         }
+        // No neighbour known for the next hop: the kernel gets the packet destination-NATed
+        // only (with the node's address as its source it would be a martian), and resolves
+        // the neighbour on the way.
+        let p = Pkt::tcp(CLIENT4, 47100, "198.18.100.21", 80);
+        let want = dnat(&p, sock("198.18.1.14", 8080), env.b_mac, false);
+        let (v, out) = env.xdp(&p.bytes());
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(hex(&out), hex(&want.bytes()));
         // Ten ports for one backend endpoint: ten flows get ten different ports, the
         // eleventh is dropped and counted, and nothing else changes.
         let id = env.service(REMOTE4).id;

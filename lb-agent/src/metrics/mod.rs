@@ -302,7 +302,7 @@ struct TrafficCollector(watch::Receiver<Arc<Traffic>>);
 const DIRECTIONS: [&str; 2] = ["in", "out"];
 
 /// `DATAPATH_STATS` slots exported as `weir_dataplane_packets_total{path}`.
-const PATHS: [(usize, &str); 5] = [
+const PATHS: [(usize, &str); 6] = [
     (datapath_stat::FWD_REDIRECT, "redirect"),
     (datapath_stat::FWD_KERNEL, "kernel"),
     (datapath_stat::ICMP_ECHO_REPLY, "icmp_echo_reply"),
@@ -311,6 +311,7 @@ const PATHS: [(usize, &str); 5] = [
         "icmp_error_to_backend",
     ),
     (datapath_stat::REVNAT, "reverse_nat"),
+    (datapath_stat::SNAT_REPLY, "snat_reply"),
 ];
 
 fn counter<'a>(
@@ -471,8 +472,9 @@ impl Collector for TrafficCollector {
                 &mut encoder,
                 "dataplane_packets",
                 "Packets the data plane handled, by path (redirect: sent out by XDP; kernel: \
-                 handed to the kernel to route; reverse_nat: replies rewritten; icmp_*: ICMP \
-                 answered or sent on)",
+                 handed to the kernel to route; reverse_nat: replies rewritten; snat_reply: \
+                 replies of source-NATed flows translated back; icmp_*: ICMP answered or sent \
+                 on)",
             )?;
             for (slot, path) in PATHS {
                 ConstCounter::new(t.datapath[slot]).encode(m.encode_family(&[("path", path)])?)?;
