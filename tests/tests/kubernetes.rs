@@ -666,6 +666,241 @@ fn the_leader_fails_over_without_moving_addresses() {
     assert!(agent_a.stop().success());
 }
 
+/// `weir-lab serve` (HTTP on `ip`:8080) as backend `name` in `ns`, once it is listening.
+fn serve(ns: &Netns, name: &str, ip: &str) -> weir_lab::lab::Proc {
+    use std::io::BufRead as _;
+    let mut child = ns
+        .command(server_bin().to_str().unwrap())
+        .args([
+            "serve",
+            "--name",
+            name,
+            "--http",
+            &format!("{ip}:{HTTP_PORT}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    assert_eq!(line.trim(), "ready", "server {name}");
+    weir_lab::lab::Proc { child }
+}
+
+/// Two nodes, each with its agent; a client in front of node-a; a pod (backend) behind each:
+///
+/// ```text
+/// client 198.18.0.1 ── node-a ─────────────── node-b
+///                       │ 198.18.8.1/30   198.18.8.2/30 │
+///                       b1 198.18.1.11              b2 198.18.2.12
+/// ```
+/// node-a routes node-b's pod network (198.18.2.0/24) through node-b, as a CNI would; node-b
+/// has no route to the client at all, so a reply of b2 can only come back through node-a if
+/// node-a source-NATed the flow to its own address. `externalTrafficPolicy: Cluster` spreads
+/// flows over both pods: b1 sees the client's own address, b2 sees node-a's address and a port
+/// of the source-NAT range; `Local` keeps them on b1.
+#[test]
+fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
+    weir_lab::netns::require_root();
+    let client = Netns::new("client");
+    let (node_a, node_b) = (Netns::new("node-a"), Netns::new("node-b"));
+    let (b1, b2) = (Netns::new("b1"), Netns::new("b2"));
+    weir_lab::netns::veth(&client, "eth0", &node_a, "eth-c");
+    weir_lab::netns::veth(&node_a, "eth-b1", &b1, "eth0");
+    weir_lab::netns::veth(&node_a, "eth-n", &node_b, "eth-n");
+    weir_lab::netns::veth(&node_b, "eth-b2", &b2, "eth0");
+    client.ip("addr add 198.18.0.1/24 dev eth0");
+    client.ip("route add 198.18.100.0/24 via 198.18.0.254");
+    // Lab-only veth settings (see `weir_lab::lab`): complete checksums from the senders whose
+    // packets XDP rewrites, GRO on the receivers of XDP redirects.
+    for (ns, iface) in [(&client, "eth0"), (&b2, "eth0"), (&b1, "eth0")] {
+        ns.exec(&["ethtool", "-K", iface, "tx", "off"]);
+        ns.exec(&["ethtool", "-K", iface, "gro", "on"]);
+    }
+    for (ns, pod, gw) in [
+        (&b1, "198.18.1.11", "198.18.1.1"),
+        (&b2, "198.18.2.12", "198.18.2.1"),
+    ] {
+        ns.ip(&format!("addr add {pod}/24 dev eth0"));
+        ns.ip(&format!("route add default via {gw}"));
+    }
+    node_a.ip("addr add 198.18.0.254/24 dev eth-c");
+    node_a.ip("addr add 198.18.1.1/32 dev eth-b1");
+    node_a.ip("route add 198.18.1.11/32 dev eth-b1");
+    node_a.ip("addr add 198.18.8.1/30 dev eth-n");
+    node_a.ip("route add 198.18.2.0/24 via 198.18.8.2");
+    node_b.ip("addr add 198.18.8.2/30 dev eth-n");
+    node_b.ip("addr add 198.18.2.1/32 dev eth-b2");
+    node_b.ip("route add 198.18.2.12/32 dev eth-b2");
+    node_b.exec(&["ethtool", "-K", "eth-n", "gro", "on"]);
+    node_a.exec(&["ethtool", "-K", "eth-n", "gro", "on"]);
+    for n in [&node_a, &node_b] {
+        n.sysctl("net.ipv4.ip_forward", "1");
+        n.sysctl("net.ipv4.conf.all.rp_filter", "0");
+    }
+    let _servers = [
+        serve(&b1, "b1", "198.18.1.11"),
+        serve(&b2, "b2", "198.18.2.12"),
+    ];
+
+    // The API server on node-a: node-a's agent over loopback, node-b's over the node link
+    // (through node-a's XDP, to node-a's own address: the node's traffic must pass).
+    let api_a: SocketAddr = "127.0.0.1:6443".parse().unwrap();
+    let api_b: SocketAddr = "198.18.8.1:6443".parse().unwrap();
+    let _apiserver = weir_lab::lab::Proc {
+        child: node_a
+            .command(server_bin().to_str().unwrap())
+            .args(["fake-apiserver", "0.0.0.0:6443"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    wait_for(Duration::from_secs(10), "the fake API server", || {
+        node_a.run_in(|| clients::http_get(None, api_a, "/api/v1/nodes", T).ok())
+    });
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        let (code, v) = api_at(&node_a, api_a, method, path, body);
+        assert!((200..300).contains(&code), "{method} {path}: {code} {v}");
+        v
+    };
+    for (node, ip) in [("node-a", "198.18.8.1"), ("node-b", "198.18.8.2")] {
+        call(
+            "POST",
+            "/api/v1/nodes",
+            Some(json!({"metadata": {"name": node},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})),
+        );
+    }
+    call(
+        "POST",
+        "/apis/weir.dev/v1alpha1/ippools",
+        Some(
+            json!({"metadata": {"name": "pool"}, "spec": {"addresses": ["198.18.100.0/28"], "avoidBuggyIPs": true}}),
+        ),
+    );
+    let mut web_slice = slice(&[]);
+    web_slice["endpoints"] = json!([
+        {"addresses": ["198.18.1.11"], "nodeName": "node-a", "conditions": {"ready": true}},
+        {"addresses": ["198.18.2.12"], "nodeName": "node-b", "conditions": {"ready": true}},
+    ]);
+    call(
+        "POST",
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        Some(web_slice),
+    );
+    call(
+        "POST",
+        "/api/v1/namespaces/shop/services",
+        Some(service("web", json!({}))),
+    );
+
+    let dirs = [weir_lab::lab::Scratch::new(), weir_lab::lab::Scratch::new()];
+    let start = |i: usize, n: &Netns, api: SocketAddr, interfaces: &str| {
+        let kubeconfig = dirs[i].path.join("kubeconfig");
+        std::fs::write(&kubeconfig, fakeapi::kubeconfig(api)).unwrap();
+        let name = ["node-a", "node-b"][i];
+        let mut agent = Agent::start_with_chart_caps(
+            n,
+            &dirs[i].path,
+            Some(&format!(
+                "node:\n  interfaces: [{interfaces}]\nadmin:\n  listen: 127.0.0.1:9300\n"
+            )),
+            &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
+            &[
+                ("NODE_NAME", name),
+                ("POD_NAMESPACE", "weir-system"),
+                ("POD_NAME", &format!("agent-{name}")),
+            ],
+        );
+        agent.wait_ready(n);
+        agent
+    };
+    let agent_a = start(0, &node_a, api_a, "eth-c, eth-b1, eth-n");
+    let agent_b = start(1, &node_b, api_b, "eth-n, eth-b2");
+    let vip: SocketAddr = "198.18.100.1:80".parse().unwrap();
+    wait_for(Duration::from_secs(20), "web's address", || {
+        let v = call("GET", "/api/v1/namespaces/shop/services/web", None);
+        (v["status"]["loadBalancer"]["ingress"][0]["ip"] == "198.18.100.1").then_some(())
+    });
+    // Each agent programs both pods: its own directly, the other node's source-NATed.
+    for (agent, n) in [(&agent_a, &node_a), (&agent_b, &node_b)] {
+        wait_for(Duration::from_secs(10), "web on both nodes", || {
+            let s = agent.services(n);
+            (s["services"][0]["backends"].as_array().map(Vec::len) == Some(2)).then_some(())
+        });
+    }
+
+    // Clients reach both pods through node-a; b2 sees node-a's address and a source-NAT port.
+    let whoami = |port: u16| {
+        let r = client
+            .run_in(|| {
+                clients::http_get(
+                    Some(SocketAddr::new("198.18.0.1".parse().unwrap(), port)),
+                    vip,
+                    "/whoami",
+                    T,
+                )
+            })
+            .unwrap_or_else(|e| panic!("GET {vip} from port {port}: {e}"));
+        assert_eq!(r.status, 200);
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        let peer: SocketAddr = body
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("peer="))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no peer in {body:?}"));
+        (r.backend, peer)
+    };
+    let mut seen = BTreeSet::new();
+    for port in 47_000..47_040 {
+        let (backend, peer) = whoami(port);
+        match backend.as_str() {
+            "b1" => assert_eq!(peer, SocketAddr::new("198.18.0.1".parse().unwrap(), port)),
+            "b2" => {
+                assert_eq!(peer.ip().to_string(), "198.18.8.1", "node-a's address");
+                assert!((61_000..=65_535).contains(&peer.port()), "{peer}");
+            }
+            other => panic!("unexpected backend {other}"),
+        }
+        seen.insert(backend);
+    }
+    assert_eq!(seen, BTreeSet::from(["b1".into(), "b2".into()]));
+    // The counters as the agent samples them (once a second).
+    let value = |needle: &str| -> Option<f64> {
+        let metrics = agent_a.metrics(&node_a);
+        metrics
+            .lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    wait_for(
+        Duration::from_secs(5),
+        "replies translated back at node-a",
+        || value("weir_dataplane_packets_total{path=\"snat_reply\"}").filter(|v| *v > 0.0),
+    );
+    assert_eq!(
+        value(
+            "weir_service_drops_total{service=\"shop/web\",vip=\"198.18.100.1\",port=\"80\",protocol=\"tcp\",reason=\"snat_failed\"}"
+        ),
+        Some(0.0)
+    );
+
+    // Local policy: node-a keeps its own pod only.
+    let mut web = call("GET", "/api/v1/namespaces/shop/services/web", None);
+    web["spec"]["externalTrafficPolicy"] = json!("Local");
+    call("PUT", "/api/v1/namespaces/shop/services/web", Some(web));
+    wait_for(Duration::from_secs(10), "Local policy on node-a", || {
+        let s = agent_a.services(&node_a);
+        (s["services"][0]["backends"].as_array().map(Vec::len) == Some(1)).then_some(())
+    });
+    let only: BTreeSet<String> = (47_100..47_120).map(|p| whoami(p).0).collect();
+    assert_eq!(only, BTreeSet::from(["b1".into()]));
+    assert!(agent_b.stop().success());
+    assert!(agent_a.stop().success());
+}
+
 /// Against a real cluster, read-only, when `KUBECONFIG` is set: the agent's client lists
 /// Services, EndpointSlices and Nodes and translates them. No cluster here: skipped, saying so.
 #[test]
