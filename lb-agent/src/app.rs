@@ -495,6 +495,7 @@ impl Agent {
                             healthy: state.is_none_or(|h| h == Health::Up),
                             state,
                             in_rotation: b.share() > 0,
+                            source_nat: b.snat,
                             check: key.and_then(|k| self.monitor.shared(&k)),
                         }
                     })

@@ -148,6 +148,9 @@ fn backend_health(b: &BackendJson) -> String {
     if !b.in_rotation {
         h.push_str(", out");
     }
+    if b.source_nat {
+        h.push_str(", snat");
+    }
     h
 }
 

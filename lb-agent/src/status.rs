@@ -63,6 +63,8 @@ pub struct BackendStatus {
     pub state: Option<Health>,
     /// New flows may go to it (healthy with a weight, or failing open).
     pub in_rotation: bool,
+    /// Flows to it are source-NATed to the node (an endpoint on another node).
+    pub source_nat: bool,
     /// The live check, for its counters and last failure.
     pub check: Option<Arc<Shared>>,
 }
@@ -104,6 +106,9 @@ pub struct BackendJson {
     /// up | down | unknown | unchecked
     pub state: String,
     pub in_rotation: bool,
+    /// Flows to it leave with the node's source-NAT address (an endpoint on another node).
+    #[serde(default)]
+    pub source_nat: bool,
     /// RFC 3339, when the check entered its state.
     pub since: Option<String>,
     pub probes: Option<u64>,
@@ -191,6 +196,7 @@ fn backend_json(b: &BackendStatus, traffic: Option<&ServiceTraffic>) -> BackendJ
         healthy: b.healthy,
         state: b.state.map_or("unchecked", Health::as_str).to_string(),
         in_rotation: b.in_rotation,
+        source_nat: b.source_nat,
         since: live.as_ref().and_then(|l| l.since).map(rfc3339),
         probes: live.as_ref().map(|l| l.probes),
         last_probe_ms: live
@@ -225,6 +231,7 @@ pub mod fixtures {
             healthy: state.is_none_or(|h| h == Health::Up),
             state,
             in_rotation: state != Some(Health::Down),
+            source_nat: false,
             check: None,
         }
     }

@@ -5,7 +5,8 @@
 //! agent allocates an address from an IPPool and writes it into the Service's status → traffic
 //! through it reaches the endpoints in the backend namespaces → an endpoint removed from the
 //! EndpointSlice stops receiving new flows → a bad annotation becomes a condition and an Event.
-//! Needs root; the namespaces are the test's own and are removed afterwards.
+//! With two nodes, each running its agent, `externalTrafficPolicy: Cluster` reaches the other
+//! node's pod through source NAT. Needs root; the namespaces are the test's own and are removed afterwards.
 
 use std::{
     collections::BTreeSet,
@@ -831,6 +832,18 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         });
     }
 
+    let backends = &agent_a.services(&node_a)["services"][0]["backends"];
+    let nat_of = |ip: &str| {
+        backends
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == ip)
+            .map(|b| b["source_nat"].clone())
+    };
+    assert_eq!(nat_of("198.18.1.11"), Some(json!(false)), "{backends}");
+    assert_eq!(nat_of("198.18.2.12"), Some(json!(true)), "{backends}");
+
     // Clients reach both pods through node-a; b2 sees node-a's address and a source-NAT port.
     let whoami = |port: u16| {
         let r = client
@@ -887,15 +900,39 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         Some(0.0)
     );
 
+    // The other node's pod leaves the EndpointSlice: no new flow reaches it; back, it does.
+    let on_node_a = |n: usize| {
+        wait_for(Duration::from_secs(10), "node-a's backends", || {
+            let s = agent_a.services(&node_a);
+            (s["services"][0]["backends"].as_array().map(Vec::len) == Some(n)).then_some(())
+        })
+    };
+    let put_slice = |endpoints: Value| {
+        let path = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/web-1";
+        let mut current = call("GET", path, None);
+        current["endpoints"] = endpoints;
+        call("PUT", path, Some(current));
+    };
+    put_slice(json!([
+        {"addresses": ["198.18.1.11"], "nodeName": "node-a", "conditions": {"ready": true}},
+    ]));
+    on_node_a(1);
+    let only: BTreeSet<String> = (47_100..47_120).map(|p| whoami(p).0).collect();
+    assert_eq!(only, BTreeSet::from(["b1".into()]));
+    put_slice(json!([
+        {"addresses": ["198.18.1.11"], "nodeName": "node-a", "conditions": {"ready": true}},
+        {"addresses": ["198.18.2.12"], "nodeName": "node-b", "conditions": {"ready": true}},
+    ]));
+    on_node_a(2);
+    let both: BTreeSet<String> = (47_200..47_240).map(|p| whoami(p).0).collect();
+    assert_eq!(both, BTreeSet::from(["b1".into(), "b2".into()]));
+
     // Local policy: node-a keeps its own pod only.
     let mut web = call("GET", "/api/v1/namespaces/shop/services/web", None);
     web["spec"]["externalTrafficPolicy"] = json!("Local");
     call("PUT", "/api/v1/namespaces/shop/services/web", Some(web));
-    wait_for(Duration::from_secs(10), "Local policy on node-a", || {
-        let s = agent_a.services(&node_a);
-        (s["services"][0]["backends"].as_array().map(Vec::len) == Some(1)).then_some(())
-    });
-    let only: BTreeSet<String> = (47_100..47_120).map(|p| whoami(p).0).collect();
+    on_node_a(1);
+    let only: BTreeSet<String> = (47_300..47_320).map(|p| whoami(p).0).collect();
     assert_eq!(only, BTreeSet::from(["b1".into()]));
     assert!(agent_b.stop().success());
     assert!(agent_a.stop().success());
