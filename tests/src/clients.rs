@@ -36,6 +36,47 @@ pub fn connect(
     Ok(s)
 }
 
+/// Waits (up to `timeout`) until no TCP socket of this thread's network namespace holds a
+/// local port of `ports` in a state that keeps `bind` from reusing it (anything but
+/// TIME_WAIT, which SO_REUSEADDR overrides): a connection still closing — its last ACK or a
+/// retransmitted FIN on the way — finishes before its port is used again. Call it inside
+/// `Netns::run_in`.
+pub fn wait_ports_free(ports: std::ops::Range<u16>, timeout: Duration) -> io::Result<()> {
+    const TIME_WAIT: &str = "06";
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut busy = Vec::new();
+        for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+            let text = std::fs::read_to_string(table)?;
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let (Some(local), Some(state)) = (f.get(1), f.get(3)) else {
+                    continue;
+                };
+                let port = local
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok());
+                if let Some(p) = port
+                    && ports.contains(&p)
+                    && *state != TIME_WAIT
+                {
+                    busy.push((p, state.to_string()));
+                }
+            }
+        }
+        if busy.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "ports still held (port, TCP state): {busy:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `GET path` over a new connection.
 pub fn http_get(
     local: Option<SocketAddr>,

@@ -51,6 +51,9 @@ fn get_all(
     vip: SocketAddr,
 ) -> Vec<(u16, String)> {
     let client: IpAddr = client.parse().unwrap();
+    lab.client
+        .run_in(|| clients::wait_ports_free(ports.clone(), Duration::from_secs(10)))
+        .expect("the client's ports free");
     let ports: Vec<u16> = ports.collect();
     lab.client.run_in(|| {
         thread::scope(|s| {

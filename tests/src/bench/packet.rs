@@ -146,8 +146,20 @@ pub fn run(quick: bool) -> Report {
         let limits = DataplaneLimits::default();
         let mut dp = Datapath::load(&limits).expect("load weir");
         dp.add_redirect_port(bed.b_ifindex).expect("redirect port");
+        // The client's neighbour, so that translated replies are redirected too.
+        bed.ns
+            .ip("neigh add 198.18.0.1 lladdr 02:00:00:00:00:01 dev c0 nud permanent");
+        dp.add_redirect_port(bed.c_ifindex).expect("redirect port");
+        let mut remote = service("v4-remote", "198.18.100.11", &["198.18.1.11:8080"]);
+        remote.backends = remote.backends.into_iter().map(Backend::with_snat).collect();
         let desired = DesiredState {
+            source_nat: Some(lb_agent::model::SourceNat {
+                ipv4: Some("198.18.1.1".parse().expect("node")),
+                ipv6: None,
+                ports: (61000, 65535),
+            }),
             services: vec![
+                remote,
                 service(
                     "v4",
                     "198.18.100.10",
@@ -179,6 +191,25 @@ pub fn run(quick: bool) -> Report {
         let v4 = tcp("198.18.0.1", "198.18.100.10");
         let v6 = tcp("fd00:18::1", "fd00:100::10");
         let other = tcp("198.18.0.1", "198.18.50.50");
+        let snat = tcp("198.18.0.1", "198.18.100.11");
+        // The reply of that flow: its source-NAT port read from the rewritten request.
+        let snat_reply = {
+            let frame = padded(&snat);
+            let ctx = bed.xdp_ctx(frame.len());
+            let mut out = vec![0u8; FRAME + 256];
+            let r = dp
+                .xdp()
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..TestRunOptions::new()
+                })
+                .expect("test run");
+            assert_eq!(r.return_value, XDP_REDIRECT, "source-NATed request");
+            let port = u16::from_be_bytes([out[34], out[35]]);
+            Pkt::tcp("198.18.1.11", 8080, "198.18.1.1", port)
+        };
         let mut bad = padded(&v4);
         bad[16..18].copy_from_slice(&30u16.to_be_bytes()); // total length shorter than TCP
 
@@ -219,6 +250,18 @@ pub fn run(quick: bool) -> Report {
                 "new TCP flow, IPv6",
                 padded(&v6),
                 Some(mutation_offsets(&v6)),
+                XDP_REDIRECT,
+            ),
+            (
+                "source-NATed flow to another node, IPv4",
+                padded(&snat),
+                None,
+                XDP_REDIRECT,
+            ),
+            (
+                "source-NATed reply, IPv4",
+                padded(&snat_reply),
+                None,
                 XDP_REDIRECT,
             ),
             ("non-VIP packet (pass)", padded(&other), None, XDP_PASS),
