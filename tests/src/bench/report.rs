@@ -85,7 +85,10 @@ pub fn packet_section(m: &Machine, command: &str, packets: &[packet::Report]) ->
          measures the floor and the case back to back, and the table gives medians over the \
          rounds. Established flows have their connection-table entry and the next hop cached; \
          new flows insert into a full connection table (LRU eviction) and find their Maglev slot \
-         and hash bucket cold.\n"
+         and hash bucket cold. A source-NATed flow (an established one, to a backend on another \
+         node) adds a tail call and its source-NAT entry's lookup and refresh; its reply is \
+         looked up, translated and forwarded with a FIB lookup of its own (a client's next hop \
+         is not cached).\n"
     );
     let _ = write!(s, "| case |");
     for (i, _) in packets.iter().enumerate() {
