@@ -119,9 +119,13 @@ pub mod limits {
     pub const NEXTHOP_TTL_NS: u64 = 250_000_000;
     /// Source ports tried for a new source-NATed flow before it is dropped.
     pub const SNAT_TRIES: u32 = 16;
-    /// A source-NAT port idle this long may be given to another flow: TCP, and the rest.
+    /// A source-NAT port idle this long may be given to another flow: an open TCP
+    /// connection's (one that vanished without FIN or RST), a closed one's (FIN both ways, or
+    /// RST: time for the last ACK and retransmissions, like conntrack's TIME_WAIT/CLOSE), and
+    /// UDP's (conntrack's UDP timeout).
     pub const SNAT_TCP_IDLE_NS: u64 = 3600 * 1_000_000_000;
-    pub const SNAT_OTHER_IDLE_NS: u64 = 120 * 1_000_000_000;
+    pub const SNAT_TCP_CLOSED_IDLE_NS: u64 = 10 * 1_000_000_000;
+    pub const SNAT_OTHER_IDLE_NS: u64 = 30 * 1_000_000_000;
     /// How stale a source-NAT entry's last-used time may get before a packet refreshes it (so
     /// that busy flows write the shared entry about once a second, not on every packet).
     pub const SNAT_REFRESH_NS: u64 = 1_000_000_000;
@@ -285,10 +289,24 @@ pub struct SnatValue {
     pub vport_be: u16,
     pub service_id: u32,
     pub backend_id: u32,
-    pub _pad: u32,
+    /// TCP: `snat_tcp::*` bits seen on the flow (a SYN from the client clears them).
+    pub tcp_state: u32,
     /// `bpf_ktime_get_coarse_ns()` when a packet of the flow last passed (refreshed at most
-    /// every `limits::SNAT_REFRESH_NS`).
+    /// every `limits::SNAT_REFRESH_NS`, and when the TCP state changes).
     pub last_ns: u64,
+}
+
+/// `SnatValue::tcp_state`.
+pub mod snat_tcp {
+    /// FIN from the client.
+    pub const FIN_FORWARD: u32 = 1;
+    /// FIN from the backend.
+    pub const FIN_REPLY: u32 = 2;
+    pub const RST: u32 = 4;
+    /// The connection is over: its port may be given away after `SNAT_TCP_CLOSED_IDLE_NS`.
+    pub const fn closed(state: u32) -> bool {
+        state & RST != 0 || state & (FIN_FORWARD | FIN_REPLY) == FIN_FORWARD | FIN_REPLY
+    }
 }
 const _: () = assert!(core::mem::size_of::<SnatValue>() == 56);
 

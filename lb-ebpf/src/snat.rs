@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     FlowKey, SnatScratch, SnatValue, datapath_stat, drop_reason, family, hash::flow_hash, limits,
-    proto, snat_mode,
+    proto, snat_mode, snat_tcp,
 };
 
 use crate::{
@@ -160,6 +160,15 @@ pub fn program(ctx: &XdpContext) -> u32 {
     if port != old_port {
         lookup::set_snat_port(&sc.flow, port);
     }
+    let flags = tcp_flags(ctx, &l3);
+    if flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        sc.key.dport_be = port;
+        if let Some(v) = SNAT.get_ptr_mut(&sc.key) {
+            track(unsafe { &mut *v }, flags, true, unsafe {
+                bpf_ktime_get_coarse_ns()
+            });
+        }
+    }
     if nat::rewrite(ctx, &l3, End::Dst, &backend.addr, backend.port_be).is_none() {
         stats::drop(service_id, drop_reason::MALFORMED);
         return xdp_action::XDP_DROP;
@@ -188,12 +197,54 @@ pub fn program(ctx: &XdpContext) -> u32 {
     fwd::send(ctx, &l3, &hop)
 }
 
+/// How long an entry must have been idle before its port may go to another flow.
 #[inline(always)]
-fn idle_ns(l4_proto: u8) -> u64 {
-    if l4_proto == proto::TCP {
-        limits::SNAT_TCP_IDLE_NS
-    } else {
+fn idle_ns(l4_proto: u8, tcp_state: u32) -> u64 {
+    if l4_proto != proto::TCP {
         limits::SNAT_OTHER_IDLE_NS
+    } else if snat_tcp::closed(tcp_state) {
+        limits::SNAT_TCP_CLOSED_IDLE_NS
+    } else {
+        limits::SNAT_TCP_IDLE_NS
+    }
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// The TCP flags of `l3`'s packet (0 for other protocols).
+#[inline(always)]
+fn tcp_flags(ctx: &XdpContext, l3: &L3) -> u8 {
+    if l3.proto != proto::TCP {
+        return 0;
+    }
+    ptr_at::<u8>(ctx.data(), ctx.data_end(), l3.l4_off + 13).map_or(0, |f| unsafe { *f })
+}
+
+/// Records a client's (`forward`) or backend's TCP flags in entry `v`: FIN and RST mark the
+/// connection's end (its port is given away sooner), a client's SYN starts it over (the
+/// client reused its port).
+#[inline(always)]
+fn track(v: &mut SnatValue, flags: u8, forward: bool, now: u64) {
+    let mut state = v.tcp_state;
+    if forward && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        state = 0;
+    }
+    if flags & TCP_FIN != 0 {
+        state |= if forward {
+            snat_tcp::FIN_FORWARD
+        } else {
+            snat_tcp::FIN_REPLY
+        };
+    }
+    if flags & TCP_RST != 0 {
+        state |= snat_tcp::RST;
+    }
+    if state != v.tcp_state {
+        v.tcp_state = state;
+        v.last_ns = now;
     }
 }
 
@@ -245,9 +296,9 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     sc.value.vport_be = sc.flow.dport_be;
     sc.value.service_id = sc.service_id;
     sc.value.backend_id = sc.backend_id;
-    sc.value._pad = 0;
+    sc.value.tcp_state = 0;
     sc.value.last_ns = now;
-    let idle = idle_ns(sc.flow.proto);
+
     // A bound the compiler cannot see through, so the loop stays a loop (unrolled, its copies
     // would not fit the stack); the verifier walks it as a bounded loop.
     let tries = range.min(limits::SNAT_TRIES);
@@ -263,7 +314,8 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
         let old = unsafe { &*old };
         // This flow's own entry (its connection-table entry was lost), or one idle long
         // enough to give away: replaced in one update.
-        if (same_flow(old, &sc.flow) || now.wrapping_sub(old.last_ns) > idle)
+        if (same_flow(old, &sc.flow)
+            || now.wrapping_sub(old.last_ns) > idle_ns(sc.flow.proto, old.tcp_state))
             && SNAT.insert(&sc.key, &sc.value, BPF_ANY as u64).is_ok()
         {
             return port_be;
@@ -283,6 +335,10 @@ fn translate_reply(ctx: &XdpContext, sc: &mut SnatScratch, l3: &L3) -> u32 {
     let v = unsafe { &mut *v };
     if now.wrapping_sub(v.last_ns) > limits::SNAT_REFRESH_NS {
         v.last_ns = now;
+    }
+    let flags = tcp_flags(ctx, l3);
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        track(v, flags, false, now);
     }
     let (service_id, backend_id, vport, cport) =
         (v.service_id, v.backend_id, v.vport_be, v.client_port_be);

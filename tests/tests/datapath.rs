@@ -1205,10 +1205,12 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         // eleventh is dropped and counted, and nothing else changes.
         let id = env.service(REMOTE4).id;
         let mut ports = std::collections::BTreeSet::new();
+        let mut port_of = std::collections::BTreeMap::new();
         for i in 0..10u16 {
             let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, 48000 + i, REMOTE_VIP4, 80).bytes());
             assert_eq!(v, XDP_REDIRECT, "flow {i}");
             ports.insert(ends(&out).0.port());
+            port_of.insert(48000 + i, ends(&out).0.port());
         }
         assert_eq!(ports.len(), 10, "every flow its own port: {ports:?}");
         let drops = env.drops(id, drop_reason::SNAT_FAILED);
@@ -1220,5 +1222,64 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         assert_eq!(v, XDP_REDIRECT);
         let (v, _) = env.xdp(&Pkt::udp(CLIENT4, 48100, REMOTE_VIP4, 53, b"q").bytes());
         assert_eq!(v, XDP_REDIRECT);
+
+        // Closed connections give their ports back once idle for 10 s; an open one keeps its
+        // port for an hour. Flow 48003 closes with FIN both ways, 48004 with a client RST,
+        // 48005 stays open; then each entry is made 11 s older than it is.
+        let fin = tcp_flags(&Pkt::tcp(CLIENT4, 48003, REMOTE_VIP4, 80).bytes(), 0x11);
+        assert_eq!(env.xdp(&fin).0, XDP_REDIRECT);
+        let reply = Pkt::tcp("198.18.1.12", 8080, NODE4, port_of[&48003]).bytes();
+        assert_eq!(
+            env.xdp(&tcp_flags(&reply, 0x11)).0,
+            XDP_PASS,
+            "reply FIN forwarded"
+        );
+        let rst = tcp_flags(&Pkt::tcp(CLIENT4, 48004, REMOTE_VIP4, 80).bytes(), 0x04);
+        assert_eq!(env.xdp(&rst).0, XDP_REDIRECT);
+        for client_port in [48003, 48004, 48005] {
+            let key = lb_common::FlowKey {
+                src: lb_agent::dataplane::addr_words("198.18.1.12".parse().unwrap()).0,
+                dst: lb_agent::dataplane::addr_words(NODE4.parse().unwrap()).0,
+                sport_be: 8080u16.to_be(),
+                dport_be: port_of[&client_port].to_be(),
+                proto: 6,
+                family: lb_common::family::V4,
+                _pad: [0; 2],
+            };
+            let mut v = env.dp.maps.snat.get(&key, 0).expect("the flow's entry");
+            let closed = lb_common::snat_tcp::closed(v.tcp_state);
+            assert_eq!(closed, client_port != 48005, "{client_port}: {v:?}");
+            v.last_ns -= 11_000_000_000;
+            env.dp.maps.snat.insert(key, v, 0).unwrap();
+        }
+        let mut reused = std::collections::BTreeSet::new();
+        for client_port in [48200, 48201] {
+            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, client_port, REMOTE_VIP4, 80).bytes());
+            assert_eq!(v, XDP_REDIRECT, "{client_port} gets a closed flow's port");
+            reused.insert(ends(&out).0.port());
+        }
+        assert_eq!(
+            reused,
+            std::collections::BTreeSet::from([port_of[&48003], port_of[&48004]])
+        );
+        let (v, _) = env.xdp(&Pkt::tcp(CLIENT4, 48202, REMOTE_VIP4, 80).bytes());
+        assert_eq!(v, XDP_DROP, "the open flow keeps its port");
     });
+}
+
+/// `frame` (IPv4, TCP without options) with TCP flags `flags`, its checksum updated.
+fn tcp_flags(frame: &[u8], flags: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let at = 14 + 20 + 12;
+    let old = u16::from_be_bytes([f[at], f[at + 1]]);
+    f[at + 1] = flags;
+    let new = u16::from_be_bytes([f[at], f[at + 1]]);
+    let csum = u16::from_be_bytes([f[at + 4], f[at + 5]]);
+    // RFC 1624: HC' = ~(~HC + ~m + m').
+    let mut sum = (!csum as u32) + (!old as u32) + new as u32;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[at + 4..at + 6].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f
 }

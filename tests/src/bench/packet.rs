@@ -151,7 +151,11 @@ pub fn run(quick: bool) -> Report {
             .ip("neigh add 198.18.0.1 lladdr 02:00:00:00:00:01 dev c0 nud permanent");
         dp.add_redirect_port(bed.c_ifindex).expect("redirect port");
         let mut remote = service("v4-remote", "198.18.100.11", &["198.18.1.11:8080"]);
-        remote.backends = remote.backends.into_iter().map(Backend::with_snat).collect();
+        remote.backends = remote
+            .backends
+            .into_iter()
+            .map(Backend::with_snat)
+            .collect();
         let desired = DesiredState {
             source_nat: Some(lb_agent::model::SourceNat {
                 ipv4: Some("198.18.1.1".parse().expect("node")),
@@ -175,7 +179,6 @@ pub fn run(quick: bool) -> Report {
                     ],
                 ),
             ],
-            ..Default::default()
         };
         Programmer::new(&limits, 0)
             .apply(&desired, &mut dp.maps)
