@@ -691,8 +691,6 @@ fn log_mode(
     }
 }
 
-/// The first field that differs and can only change with a restart (the programs' attachment,
-/// map capacities, the admin listener, the Maglev hash and seed every node must share).
 /// Refuses a source-NAT port range that the node's own connections may use (read from this
 /// network namespace's sysctls).
 pub fn check_source_nat_ports(ports: (u16, u16)) -> anyhow::Result<()> {
@@ -718,6 +716,8 @@ pub fn check_source_nat_ports(ports: (u16, u16)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first field that differs and can only change with a restart (the programs' attachment,
+/// map capacities, the admin listener, the Maglev hash and seed every node must share).
 fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     if old.node.interfaces != new.node.interfaces {
         Some("node.interfaces")

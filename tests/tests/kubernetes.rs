@@ -1013,3 +1013,65 @@ fn a_bad_kubeconfig_is_refused_and_changes_nothing() {
     assert!(!link.contains("xdp"), "nothing attached: {link}");
     assert!(!err.contains("attached"), "{err}");
 }
+
+/// A source-NAT port range inside the node's ephemeral ports is refused before anything is
+/// attached: the node's own connections could take its ports. Reserving the range fixes it.
+#[test]
+fn a_source_nat_range_inside_the_ephemeral_ports_is_refused() {
+    weir_lab::netns::require_root();
+    let (a, b) = (Netns::new("sn-a"), Netns::new("sn-b"));
+    weir_lab::netns::veth(&a, "eth-x", &b, "eth-y");
+    a.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    let dir = weir_lab::lab::Scratch::new();
+    let config = dir.path.join("weir.yaml");
+    std::fs::write(
+        &config,
+        "node:\n  interfaces: [eth-x]\n  source_nat: {ports: 62000-62999}\nadmin:\n  listen: 127.0.0.1:9300\n",
+    )
+    .unwrap();
+    let kubeconfig = dir.path.join("kubeconfig");
+    std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
+    let run = || {
+        a.command(weir_lab::agent::agent_binary().to_str().unwrap())
+            .args(["run", "--kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .arg("--config")
+            .arg(&config)
+            .env("NODE_NAME", "sn-a")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("node.source_nat.ports 62000-62999 overlaps the node's ephemeral ports")
+            && err.contains("net.ipv4.ip_local_port_range 1024-65535"),
+        "{err}"
+    );
+    let link = a.ip("link show eth-x");
+    assert!(!link.contains("xdp"), "nothing attached: {link}");
+    // Reserved, the range passes: the agent goes on to start (and waits for the API server,
+    // which is not what this test is about, so it is stopped once it says it is starting).
+    a.sysctl("net.ipv4.ip_local_reserved_ports", "62000-62999");
+    let log = dir.path.join("agent.log");
+    let mut child = weir_lab::lab::Proc {
+        child: a
+            .command(weir_lab::agent::agent_binary().to_str().unwrap())
+            .args(["run", "--kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .arg("--config")
+            .arg(&config)
+            .env("NODE_NAME", "sn-a")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    wait_for(Duration::from_secs(20), "the agent to start", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!text.contains("overlaps"), "{text}");
+        text.contains("starting").then_some(())
+    });
+    child.kill();
+}
