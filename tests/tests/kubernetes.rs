@@ -866,6 +866,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         (r.backend, peer)
     };
     let mut seen = BTreeSet::new();
+    let mut natted = None;
     for port in 47_000..47_040 {
         let (backend, peer) = whoami(port);
         match backend.as_str() {
@@ -873,12 +874,26 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
             "b2" => {
                 assert_eq!(peer.ip().to_string(), "198.18.8.1", "node-a's address");
                 assert!((61_000..=65_535).contains(&peer.port()), "{peer}");
+                natted = Some((port, peer.port()));
             }
             other => panic!("unexpected backend {other}"),
         }
         seen.insert(backend);
     }
     assert_eq!(seen, BTreeSet::from(["b1".into(), "b2".into()]));
+    // The admin API's lookup reads the same port out of the kernel's tables.
+    let (client_port, nat_port) = natted.expect("a flow to b2");
+    let (code, body) = agent_a
+        .get(
+            &node_a,
+            &format!("/api/v1/lookup?client=198.18.0.1:{client_port}&vip={vip}&protocol=tcp"),
+        )
+        .expect("lookup");
+    assert_eq!(code, 200, "{body}");
+    let lookup: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(lookup["backend"], "198.18.2.12:8080", "{lookup}");
+    assert_eq!(lookup["via"], "connection", "{lookup}");
+    assert_eq!(lookup["source_nat_port"], nat_port, "{lookup}");
     // The counters as the agent samples them (once a second).
     let value = |needle: &str| -> Option<f64> {
         let metrics = agent_a.metrics(&node_a);

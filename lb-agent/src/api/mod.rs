@@ -181,6 +181,10 @@ pub struct LookupJson {
     pub slot: Option<u32>,
     /// The connection table held the flow on a backend that is gone.
     pub resteered: bool,
+    /// For a source-NATed backend (an endpoint on another node): the flow's source port at
+    /// the node's address, 0 when the next packet takes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_nat_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_healthy: Option<bool>,
 }
@@ -257,6 +261,7 @@ async fn lookup(
         via: None,
         slot: None,
         resteered: false,
+        source_nat_port: None,
         backend_healthy: None,
     };
     match trace {
@@ -279,6 +284,7 @@ async fn lookup(
             via,
             slot,
             resteered,
+            source_nat_port,
             ..
         } => {
             let svc = service(service_id);
@@ -288,6 +294,7 @@ async fn lookup(
             answer.via = Some(via);
             answer.slot = slot;
             answer.resteered = resteered;
+            answer.source_nat_port = source_nat_port;
             answer.backend_healthy = svc
                 .and_then(|s| s.backends.iter().find(|b| b.addr == backend))
                 .map(|b| b.healthy);

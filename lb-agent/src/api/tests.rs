@@ -184,6 +184,7 @@ async fn lookup_answers_which_backend_a_flow_goes_to() {
                 via: Via::Maglev,
                 slot: Some(77),
                 resteered: true,
+                source_nat_port: Some(61007),
             },
         ),
         (
@@ -208,6 +209,8 @@ async fn lookup_answers_which_backend_a_flow_goes_to() {
     assert_eq!(v.via, Some(Via::Maglev));
     assert_eq!(v.slot, Some(77));
     assert!(v.resteered);
+    assert_eq!(v.source_nat_port, Some(61007));
+    assert!(body.contains("\"source_nat_port\":61007"), "{body}");
     assert_eq!(v.backend_healthy, Some(false));
 
     let (_, body) = get(&s, &q(1001, "198.18.100.10:80")).await;

@@ -862,6 +862,8 @@ impl Inspect for EbpfInspector {
                         via: Via::Connection,
                         slot: None,
                         resteered: false,
+                        source_nat_port: (b.flags & backend_flags::SNAT != 0)
+                            .then(|| u16::from_be(ct.snat_port_be)),
                     });
                 }
                 None => resteered = true,
@@ -908,6 +910,7 @@ impl Inspect for EbpfInspector {
                     via: Via::Affinity,
                     slot: None,
                     resteered,
+                    source_nat_port: (b.flags & backend_flags::SNAT != 0).then_some(0),
                 });
             }
             lb_common::hash::client_hash(&flow.src)
@@ -928,6 +931,7 @@ impl Inspect for EbpfInspector {
                 via: Via::Maglev,
                 slot: Some(slot),
                 resteered,
+                source_nat_port: (b.flags & backend_flags::SNAT != 0).then_some(0),
             },
             None => Trace::Dropped {
                 service_id: svc.id,

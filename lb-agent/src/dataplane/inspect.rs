@@ -49,6 +49,9 @@ pub enum Trace {
         slot: Option<u32>,
         /// The connection table held the flow on a backend that is gone: it moves.
         resteered: bool,
+        /// The backend is source-NATed (on another node): the flow's port, or 0 when the
+        /// next packet takes one.
+        source_nat_port: Option<u16>,
     },
 }
 
