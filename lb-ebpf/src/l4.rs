@@ -4,8 +4,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    FlowKey, ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto,
-    service_flags,
+    ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto, service_flags,
 };
 
 use crate::{
@@ -51,15 +50,7 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
         return verdict;
     }
     let too_long = l3.proto == proto::SCTP && l4_len > limits::MAX_SCTP_LEN as usize;
-    let flow = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
-        sport_be: sport,
-        dport_be: dport,
-        proto: l3.proto,
-        family: l3.family,
-        _pad: [0; 2],
-    };
+    let flow = l3.flow(sport, dport);
     // An established flow needs one lookup; only new (or re-steered) flows look up the service.
     let (service_id, backend_id, backend, snat_port) = match lookup::established(&flow) {
         lookup::Established::Hit(s, b, backend, port) => {

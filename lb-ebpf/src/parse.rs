@@ -6,7 +6,7 @@
 
 use core::mem::size_of;
 
-use lb_common::{drop_reason, family, limits, v4_mapped};
+use lb_common::{FlowKey, drop_reason, family, limits, v4_mapped};
 
 use crate::lookup;
 
@@ -89,6 +89,22 @@ pub struct L3 {
     pub proto: u8,
     /// The frame carried 802.1Q/802.1ad tags.
     pub tagged: bool,
+}
+
+impl L3 {
+    /// The packet's 5-tuple with its ports `sport`, `dport` (as they stand in the packet).
+    #[inline(always)]
+    pub fn flow(&self, sport: u16, dport: u16) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            sport_be: sport,
+            dport_be: dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
 }
 
 pub enum L3Result {

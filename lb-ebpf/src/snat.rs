@@ -68,15 +68,7 @@ pub fn reply(ctx: &XdpContext, l3: &L3, sport: u16, dport: u16) -> Option<u32> {
         return None;
     }
     let sc = scratch()?;
-    sc.key = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
-        sport_be: sport,
-        dport_be: dport,
-        proto: l3.proto,
-        family: l3.family,
-        _pad: [0; 2],
-    };
+    sc.key = l3.flow(sport, dport);
     SNAT.get_ptr(&sc.key)?;
     sc.mode = snat_mode::REPLY;
     unsafe { XDP_TAILS.tail_call(ctx, SLOT) };
