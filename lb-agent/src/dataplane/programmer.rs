@@ -718,14 +718,11 @@ impl Programmer {
         let n = self.vips.get(&ip).copied().unwrap_or(0);
         if n == 0 {
             let key = vip_key(ip);
-            let index = vip_filter_index(&key.addr);
-            let count = self.filter.get(&index).copied().unwrap_or(0);
             maps.put_vip(&key, &VipValue { flags: 0 })?;
-            if let Err(e) = maps.set_vip_filter(index, count + 1) {
+            if let Err(e) = self.filter_add(ip, 1, maps) {
                 let _ = maps.delete_vip(&key);
                 return Err(e);
             }
-            self.filter.insert(index, count + 1);
         }
         self.vips.insert(ip, n + 1);
         Ok(())
@@ -738,23 +735,10 @@ impl Programmer {
             return Ok(());
         }
         self.vips.remove(&ip);
-        let key = vip_key(ip);
-        let index = vip_filter_index(&key.addr);
-        let count = self
-            .filter
-            .get(&index)
-            .copied()
-            .unwrap_or(1)
-            .saturating_sub(1);
-        if count == 0 {
-            self.filter.remove(&index);
-        } else {
-            self.filter.insert(index, count);
-        }
         // Filter first: a stale filter slot only costs a lookup, a missing VIP entry drops
         // nothing either, so either order is safe; this one leaves no slot pointing nowhere.
-        let r = maps.set_vip_filter(index, count);
-        maps.delete_vip(&key)?;
+        let r = self.filter_add(ip, -1, maps);
+        maps.delete_vip(&vip_key(ip))?;
         r
     }
 
