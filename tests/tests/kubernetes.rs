@@ -667,18 +667,17 @@ fn the_leader_fails_over_without_moving_addresses() {
     assert!(agent_a.stop().success());
 }
 
-/// `weir-lab serve` (HTTP on `ip`:8080) as backend `name` in `ns`, once it is listening.
-fn serve(ns: &Netns, name: &str, ip: &str) -> weir_lab::lab::Proc {
+/// `weir-lab serve` (HTTP on each of `ips`, port 8080) as backend `name` in `ns`, once it is
+/// listening.
+fn serve(ns: &Netns, name: &str, ips: &[&str]) -> weir_lab::lab::Proc {
     use std::io::BufRead as _;
-    let mut child = ns
-        .command(server_bin().to_str().unwrap())
-        .args([
-            "serve",
-            "--name",
-            name,
-            "--http",
-            &format!("{ip}:{HTTP_PORT}"),
-        ])
+    let mut cmd = ns.command(server_bin().to_str().unwrap());
+    cmd.args(["serve", "--name", name]);
+    for ip in ips {
+        let ip: IpAddr = ip.parse().unwrap();
+        cmd.args(["--http", &SocketAddr::new(ip, HTTP_PORT).to_string()]);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -689,18 +688,21 @@ fn serve(ns: &Netns, name: &str, ip: &str) -> weir_lab::lab::Proc {
     weir_lab::lab::Proc { child }
 }
 
-/// Two nodes, each with its agent; a client in front of node-a; a pod (backend) behind each:
+/// Two nodes, each with its agent; a client in front of node-a; a pod (backend) behind each;
+/// both address families:
 ///
 /// ```text
 /// client 198.18.0.1 ── node-a ─────────────── node-b
-///                       │ 198.18.8.1/30   198.18.8.2/30 │
+///        fd00:18::1     │ 198.18.8.1/30   198.18.8.2/30 │
+///                       │ fd00:8::1/64    fd00:8::2/64  │
 ///                       b1 198.18.1.11              b2 198.18.2.12
+///                          fd00:1::11                  fd00:2::12
 /// ```
-/// node-a routes node-b's pod network (198.18.2.0/24) through node-b, as a CNI would; node-b
-/// has no route to the client at all, so a reply of b2 can only come back through node-a if
-/// node-a source-NATed the flow to its own address. `externalTrafficPolicy: Cluster` spreads
-/// flows over both pods: b1 sees the client's own address, b2 sees node-a's address and a port
-/// of the source-NAT range; `Local` keeps them on b1.
+/// node-a routes node-b's pod networks through node-b, as a CNI would; node-b has no route to
+/// the client at all, so a reply of b2 can only come back through node-a if node-a
+/// source-NATed the flow to its own address. `externalTrafficPolicy: Cluster` spreads flows
+/// over both pods: b1 sees the client's own address, b2 sees node-a's address of the flow's
+/// family and a port of the source-NAT range; `Local` keeps them on b1.
 #[test]
 fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     weir_lab::netns::require_root();
@@ -713,18 +715,22 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     weir_lab::netns::veth(&node_b, "eth-b2", &b2, "eth0");
     client.ip("addr add 198.18.0.1/24 dev eth0");
     client.ip("route add 198.18.100.0/24 via 198.18.0.254");
+    client.ip("addr add fd00:18::1/64 dev eth0 nodad");
+    client.ip("-6 route add fd00:100::/64 via fd00:18::fe");
     // Lab-only veth settings (see `weir_lab::lab`): complete checksums from the senders whose
     // packets XDP rewrites, GRO on the receivers of XDP redirects.
     for (ns, iface) in [(&client, "eth0"), (&b2, "eth0"), (&b1, "eth0")] {
         ns.exec(&["ethtool", "-K", iface, "tx", "off"]);
         ns.exec(&["ethtool", "-K", iface, "gro", "on"]);
     }
-    for (ns, pod, gw) in [
-        (&b1, "198.18.1.11", "198.18.1.1"),
-        (&b2, "198.18.2.12", "198.18.2.1"),
+    for (ns, pod, gw, pod6, gw6) in [
+        (&b1, "198.18.1.11", "198.18.1.1", "fd00:1::11", "fd00:1::1"),
+        (&b2, "198.18.2.12", "198.18.2.1", "fd00:2::12", "fd00:2::1"),
     ] {
         ns.ip(&format!("addr add {pod}/24 dev eth0"));
         ns.ip(&format!("route add default via {gw}"));
+        ns.ip(&format!("addr add {pod6}/64 dev eth0 nodad"));
+        ns.ip(&format!("-6 route add default via {gw6}"));
     }
     node_a.ip("addr add 198.18.0.254/24 dev eth-c");
     node_a.ip("addr add 198.18.1.1/32 dev eth-b1");
@@ -734,15 +740,24 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     node_b.ip("addr add 198.18.8.2/30 dev eth-n");
     node_b.ip("addr add 198.18.2.1/32 dev eth-b2");
     node_b.ip("route add 198.18.2.12/32 dev eth-b2");
+    node_a.ip("addr add fd00:18::fe/64 dev eth-c nodad");
+    node_a.ip("addr add fd00:1::1/128 dev eth-b1 nodad");
+    node_a.ip("-6 route add fd00:1::11/128 dev eth-b1");
+    node_a.ip("addr add fd00:8::1/64 dev eth-n nodad");
+    node_a.ip("-6 route add fd00:2::/64 via fd00:8::2");
+    node_b.ip("addr add fd00:8::2/64 dev eth-n nodad");
+    node_b.ip("addr add fd00:2::1/128 dev eth-b2 nodad");
+    node_b.ip("-6 route add fd00:2::12/128 dev eth-b2");
     node_b.exec(&["ethtool", "-K", "eth-n", "gro", "on"]);
     node_a.exec(&["ethtool", "-K", "eth-n", "gro", "on"]);
     for n in [&node_a, &node_b] {
         n.sysctl("net.ipv4.ip_forward", "1");
+        n.sysctl("net.ipv6.conf.all.forwarding", "1");
         n.sysctl("net.ipv4.conf.all.rp_filter", "0");
     }
     let _servers = [
-        serve(&b1, "b1", "198.18.1.11"),
-        serve(&b2, "b2", "198.18.2.12"),
+        serve(&b1, "b1", &["198.18.1.11", "fd00:1::11"]),
+        serve(&b2, "b2", &["198.18.2.12", "fd00:2::12"]),
     ];
 
     // The API server on node-a: node-a's agent over loopback, node-b's over the node link
@@ -765,12 +780,16 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         assert!((200..300).contains(&code), "{method} {path}: {code} {v}");
         v
     };
-    for (node, ip) in [("node-a", "198.18.8.1"), ("node-b", "198.18.8.2")] {
+    for (node, ip, ip6) in [
+        ("node-a", "198.18.8.1", "fd00:8::1"),
+        ("node-b", "198.18.8.2", "fd00:8::2"),
+    ] {
         call(
             "POST",
             "/api/v1/nodes",
             Some(json!({"metadata": {"name": node},
-                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})),
+                "status": {"addresses": [{"type": "InternalIP", "address": ip},
+                                         {"type": "InternalIP", "address": ip6}]}})),
         );
     }
     call(
@@ -780,21 +799,36 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
             json!({"metadata": {"name": "pool"}, "spec": {"addresses": ["198.18.100.0/28"], "avoidBuggyIPs": true}}),
         ),
     );
+    call(
+        "POST",
+        "/apis/weir.dev/v1alpha1/ippools",
+        Some(
+            json!({"metadata": {"name": "pool6"}, "spec": {"addresses": ["fd00:100::10-fd00:100::1f"]}}),
+        ),
+    );
     let mut web_slice = slice(&[]);
     web_slice["endpoints"] = json!([
         {"addresses": ["198.18.1.11"], "nodeName": "node-a", "conditions": {"ready": true}},
         {"addresses": ["198.18.2.12"], "nodeName": "node-b", "conditions": {"ready": true}},
     ]);
-    call(
-        "POST",
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
-        Some(web_slice),
-    );
-    call(
-        "POST",
-        "/api/v1/namespaces/shop/services",
-        Some(service("web", json!({}))),
-    );
+    let mut web_slice6 = web_slice.clone();
+    web_slice6["metadata"]["name"] = json!("web-6");
+    web_slice6["addressType"] = json!("IPv6");
+    web_slice6["endpoints"] = json!([
+        {"addresses": ["fd00:1::11"], "nodeName": "node-a", "conditions": {"ready": true}},
+        {"addresses": ["fd00:2::12"], "nodeName": "node-b", "conditions": {"ready": true}},
+    ]);
+    for s in [web_slice, web_slice6] {
+        call(
+            "POST",
+            "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+            Some(s),
+        );
+    }
+    let mut web = service("web", json!({}));
+    web["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    web["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    call("POST", "/api/v1/namespaces/shop/services", Some(web));
 
     let dirs = [weir_lab::lab::Scratch::new(), weir_lab::lab::Scratch::new()];
     let start = |i: usize, n: &Netns, api: SocketAddr, interfaces: &str| {
@@ -820,15 +854,19 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     let agent_a = start(0, &node_a, api_a, "eth-c, eth-b1, eth-n");
     let agent_b = start(1, &node_b, api_b, "eth-n, eth-b2");
     let vip: SocketAddr = "198.18.100.1:80".parse().unwrap();
-    wait_for(Duration::from_secs(20), "web's address", || {
+    let vip6: SocketAddr = "[fd00:100::10]:80".parse().unwrap();
+    wait_for(Duration::from_secs(20), "web's addresses", || {
         let v = call("GET", "/api/v1/namespaces/shop/services/web", None);
-        (v["status"]["loadBalancer"]["ingress"][0]["ip"] == "198.18.100.1").then_some(())
+        let ingress = &v["status"]["loadBalancer"]["ingress"];
+        (ingress[0]["ip"] == "198.18.100.1" && ingress[1]["ip"] == "fd00:100::10").then_some(())
     });
-    // Each agent programs both pods: its own directly, the other node's source-NATed.
+    // Each agent programs both pods of both families: its own directly, the other node's
+    // source-NATed.
     for (agent, n) in [(&agent_a, &node_a), (&agent_b, &node_b)] {
         wait_for(Duration::from_secs(10), "web on both nodes", || {
             let s = agent.services(n);
-            (s["services"][0]["backends"].as_array().map(Vec::len) == Some(2)).then_some(())
+            let two = |i: usize| s["services"][i]["backends"].as_array().map(Vec::len) == Some(2);
+            (two(0) && two(1)).then_some(())
         });
     }
 
@@ -845,17 +883,10 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     assert_eq!(nat_of("198.18.2.12"), Some(json!(true)), "{backends}");
 
     // Clients reach both pods through node-a; b2 sees node-a's address and a source-NAT port.
-    let whoami = |port: u16| {
+    let whoami_at = |from: SocketAddr, vip: SocketAddr| {
         let r = client
-            .run_in(|| {
-                clients::http_get(
-                    Some(SocketAddr::new("198.18.0.1".parse().unwrap(), port)),
-                    vip,
-                    "/whoami",
-                    T,
-                )
-            })
-            .unwrap_or_else(|e| panic!("GET {vip} from port {port}: {e}"));
+            .run_in(|| clients::http_get(Some(from), vip, "/whoami", T))
+            .unwrap_or_else(|e| panic!("GET {vip} from {from}: {e}"));
         assert_eq!(r.status, 200);
         let body = String::from_utf8_lossy(&r.body).to_string();
         let peer: SocketAddr = body
@@ -865,6 +896,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
             .unwrap_or_else(|| panic!("no peer in {body:?}"));
         (r.backend, peer)
     };
+    let whoami = |port: u16| whoami_at(SocketAddr::new("198.18.0.1".parse().unwrap(), port), vip);
     let mut seen = BTreeSet::new();
     let mut natted = None;
     for port in 47_000..47_040 {
@@ -881,6 +913,22 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         seen.insert(backend);
     }
     assert_eq!(seen, BTreeSet::from(["b1".into(), "b2".into()]));
+    // IPv6: the same, with node-a's IPv6 address.
+    let mut seen6 = BTreeSet::new();
+    for port in 47_500..47_540 {
+        let from = SocketAddr::new("fd00:18::1".parse().unwrap(), port);
+        let (backend, peer) = whoami_at(from, vip6);
+        match backend.as_str() {
+            "b1" => assert_eq!(peer, from),
+            "b2" => {
+                assert_eq!(peer.ip().to_string(), "fd00:8::1", "node-a's IPv6 address");
+                assert!((61_000..=65_535).contains(&peer.port()), "{peer}");
+            }
+            other => panic!("unexpected backend {other}"),
+        }
+        seen6.insert(backend);
+    }
+    assert_eq!(seen6, BTreeSet::from(["b1".into(), "b2".into()]));
     // The admin API's lookup reads the same port out of the kernel's tables.
     let (client_port, nat_port) = natted.expect("a flow to b2");
     let (code, body) = agent_a
