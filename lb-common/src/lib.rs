@@ -294,6 +294,9 @@ pub struct SnatValue {
     /// `bpf_ktime_get_coarse_ns()` when a packet of the flow last passed (refreshed at most
     /// every `limits::SNAT_REFRESH_NS`, and when the TCP state changes).
     pub last_ns: u64,
+    /// The FIB's answer for the flow's replies (to the client), cached as `NEXTHOPS` caches
+    /// a backend's (valid while `ifindex` is set and it has not expired).
+    pub reply_hop: NextHop,
 }
 
 /// `SnatValue::tcp_state`.
@@ -308,7 +311,7 @@ pub mod snat_tcp {
         state & RST != 0 || state & (FIN_FORWARD | FIN_REPLY) == FIN_FORWARD | FIN_REPLY
     }
 }
-const _: () = assert!(core::mem::size_of::<SnatValue>() == 56);
+const _: () = assert!(core::mem::size_of::<SnatValue>() == 96);
 
 /// Per-CPU slot 0 of `SNAT_SCRATCH`: what `weir_xdp` hands to `weir_xdp_snat` across the tail
 /// call, and that program's working space (a source-NAT entry's key and value: the BPF stack
@@ -330,7 +333,7 @@ pub struct SnatScratch {
     pub port_be: u16,
     pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<SnatScratch>() == 160);
+const _: () = assert!(core::mem::size_of::<SnatScratch>() == 200);
 
 /// `SnatScratch::mode`.
 pub mod snat_mode {

@@ -54,8 +54,7 @@ pub fn to_kernel() -> u32 {
 }
 
 /// Forwards the packet described by `l3`, whose headers already carry the new destination:
-/// backend `backend_id` of generation `generation`, or, with id 0, a destination that is no
-/// backend (a translated reply) and asks the FIB every time.
+/// backend `backend_id` of generation `generation` (whose next hop is cached per CPU).
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
@@ -65,9 +64,26 @@ pub fn forward(
     backend_id: u32,
     generation: u32,
 ) -> u32 {
-    match next_hop(ctx, l3, sport_be, dport_be, backend_id, generation) {
+    match next_hop(
+        ctx,
+        l3,
+        sport_be,
+        dport_be,
+        cache_of(backend_id),
+        generation,
+    ) {
         Some(hop) => send(ctx, l3, &hop),
         None => to_kernel(),
+    }
+}
+
+/// Backend `backend_id`'s next-hop cache slot (none for id 0).
+#[inline(always)]
+pub fn cache_of(backend_id: u32) -> Option<*mut NextHop> {
+    if backend_id != 0 {
+        NEXTHOPS.get_ptr_mut(backend_id)
+    } else {
+        None
     }
 }
 
@@ -78,15 +94,18 @@ pub struct Hop {
     dmac: [u8; 6],
 }
 
-/// The next hop of the packet described by `l3` (see `forward`), when XDP can send it
-/// itself: `None` for the kernel to route (tagged, expiring, no route or neighbour).
+/// The next hop of the packet described by `l3`, whose headers already carry the new
+/// destination, when XDP can send it itself: `None` for the kernel to route (tagged,
+/// expiring, no route or neighbour). `cache` holds the FIB's last answer for this destination
+/// (valid for `generation`, for `NEXTHOP_TTL_NS`, and for packets no longer than the one it
+/// was asked for) and is refreshed when it does not.
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,
     l3: &L3,
     sport_be: u16,
     dport_be: u16,
-    backend_id: u32,
+    cache: Option<*mut NextHop>,
     generation: u32,
 ) -> Option<Hop> {
     // A tagged frame belongs to a VLAN device the FIB lookup does not see: let the kernel
@@ -105,12 +124,7 @@ pub fn next_hop(
         return None;
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let slot = if backend_id != 0 {
-        NEXTHOPS.get_ptr_mut(backend_id)
-    } else {
-        None
-    };
-    match slot {
+    match cache {
         Some(nh)
             if unsafe {
                 (*nh).generation == generation

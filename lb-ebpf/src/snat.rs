@@ -176,7 +176,7 @@ pub fn program(ctx: &XdpContext) -> u32 {
         &l3,
         sc.flow.sport_be,
         backend.port_be,
-        backend_id,
+        fwd::cache_of(backend_id),
         generation,
     )
     .filter(|h| fwd::can_redirect(h.ifindex)) else {
@@ -289,6 +289,7 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     sc.value.service_id = sc.service_id;
     sc.value.backend_id = sc.backend_id;
     sc.value.tcp_state = 0;
+    sc.value.reply_hop.ifindex = 0;
     sc.value.last_ns = now;
 
     // A bound the compiler cannot see through, so the loop stays a loop (unrolled, its copies
@@ -342,5 +343,11 @@ fn translate_reply(ctx: &XdpContext, sc: &mut SnatScratch, l3: &L3) -> u32 {
     }
     stats::packet_out(service_id, backend_id, l3.len);
     stats::datapath(datapath_stat::SNAT_REPLY);
-    fwd::forward(ctx, l3, vport, cport, 0, 0)
+    // The flow's own next-hop cache: its client does not change. The entry is shared by the
+    // CPUs, but one flow's replies come in on one receive queue, and a refresh rewrites the
+    // same answer unless the route changed.
+    match fwd::next_hop(ctx, l3, vport, cport, Some(&raw mut v.reply_hop), 0) {
+        Some(hop) => fwd::send(ctx, l3, &hop),
+        None => fwd::to_kernel(),
+    }
 }

@@ -1177,6 +1177,45 @@ fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_bac
                 "{name}: same port after the entry was lost"
             );
         }
+
+        // With the client's neighbour known, replies are redirected, and the flow's entry
+        // keeps the next hop for the replies after it.
+        env.bed
+            .ns
+            .ip("neigh add 198.18.0.1 lladdr 02:00:00:00:00:01 dev c0 nud permanent");
+        env.dp.add_redirect_port(env.bed.c_ifindex).unwrap();
+        let req = Pkt::tcp(CLIENT4, 47001, REMOTE_VIP4, 80);
+        let (_, out) = env.xdp(&req.bytes());
+        let port = ends(&out).0.port();
+        let reply = Pkt::tcp("198.18.1.12", 8080, NODE4, port);
+        let key = lb_common::FlowKey {
+            src: lb_agent::dataplane::addr_words("198.18.1.12".parse().unwrap()).0,
+            dst: lb_agent::dataplane::addr_words(NODE4.parse().unwrap()).0,
+            sport_be: 8080u16.to_be(),
+            dport_be: port.to_be(),
+            proto: 6,
+            family: lb_common::family::V4,
+            _pad: [0; 2],
+        };
+        for round in 0..2 {
+            let (v, out) = env.xdp(&reply.bytes());
+            assert_eq!(v, XDP_REDIRECT, "round {round}");
+            let c_mac = env.bed.ns.mac("c0");
+            let mut want = Pkt::tcp(REMOTE_VIP4, 80, CLIENT4, 47001);
+            want.src_mac = c_mac;
+            want.dst_mac = [0x02, 0, 0, 0, 0, 0x01];
+            want.ttl -= 1;
+            if let L4::Tcp { syn, .. } = &mut want.l4 {
+                *syn = true;
+            }
+            assert_eq!(
+                hex(&out),
+                hex(&want.bytes()),
+                "round {round}: reply redirected"
+            );
+            let entry = env.dp.maps.snat.get(&key, 0).unwrap();
+            assert_eq!(entry.reply_hop.ifindex, env.bed.c_ifindex, "next hop kept");
+        }
     });
 }
 

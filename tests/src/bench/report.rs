@@ -87,8 +87,8 @@ pub fn packet_section(m: &Machine, command: &str, packets: &[packet::Report]) ->
          new flows insert into a full connection table (LRU eviction) and find their Maglev slot \
          and hash bucket cold. A source-NATed flow (an established one, to a backend on another \
          node) adds a tail call and its source-NAT entry's lookup and refresh; its reply is \
-         looked up, translated and forwarded with a FIB lookup of its own (a client's next hop \
-         is not cached).\n"
+         looked up in the source-NAT table, translated, and forwarded with the next hop its \
+         entry caches.\n"
     );
     let _ = write!(s, "| case |");
     for (i, _) in packets.iter().enumerate() {
