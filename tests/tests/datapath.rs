@@ -18,7 +18,7 @@ use std::{
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::{
     config::DataplaneLimits,
-    dataplane::{Programmer, ebpf::Datapath, flow_slot},
+    dataplane::{Programmer, ebpf::Datapath, flow_slot, inspect::flow_key},
     model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
 };
 use lb_common::{datapath_stat, drop_reason};
@@ -1149,15 +1149,11 @@ fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_bac
             );
 
             // The flow's connection-table entry lost: the flow finds its own port again.
-            let key = lb_common::FlowKey {
-                src: lb_agent::dataplane::addr_words(client.ip()).0,
-                dst: lb_agent::dataplane::addr_words(req.dst).0,
-                sport_be: client.port().to_be(),
-                dport_be: svc.spec.frontend.port.to_be(),
-                proto: svc.spec.frontend.protocol.number(),
-                family: lb_agent::dataplane::addr_words(client.ip()).1,
-                _pad: [0; 2],
-            };
+            let key = flow_key(
+                client,
+                SocketAddr::new(req.dst, svc.spec.frontend.port),
+                svc.spec.frontend.protocol,
+            );
             let ct = env
                 .dp
                 .maps
@@ -1188,15 +1184,8 @@ fn flows_to_backends_on_other_nodes_are_source_natted_and_replies_translated_bac
         let (_, out) = env.xdp(&req.bytes());
         let port = ends(&out).0.port();
         let reply = Pkt::tcp("198.18.1.12", 8080, NODE4, port);
-        let key = lb_common::FlowKey {
-            src: lb_agent::dataplane::addr_words("198.18.1.12".parse().unwrap()).0,
-            dst: lb_agent::dataplane::addr_words(NODE4.parse().unwrap()).0,
-            sport_be: 8080u16.to_be(),
-            dport_be: port.to_be(),
-            proto: 6,
-            family: lb_common::family::V4,
-            _pad: [0; 2],
-        };
+        // The reply's key: backend → node address and port.
+        let key = flow_key(sock("198.18.1.12", 8080), sock(NODE4, port), Protocol::Tcp);
         for round in 0..2 {
             let (v, out) = env.xdp(&reply.bytes());
             assert_eq!(v, XDP_REDIRECT, "round {round}");
@@ -1276,15 +1265,11 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         let rst = tcp_flags(&Pkt::tcp(CLIENT4, 48004, REMOTE_VIP4, 80).bytes(), 0x04);
         assert_eq!(env.xdp(&rst).0, XDP_REDIRECT);
         for client_port in [48003, 48004, 48005] {
-            let key = lb_common::FlowKey {
-                src: lb_agent::dataplane::addr_words("198.18.1.12".parse().unwrap()).0,
-                dst: lb_agent::dataplane::addr_words(NODE4.parse().unwrap()).0,
-                sport_be: 8080u16.to_be(),
-                dport_be: port_of[&client_port].to_be(),
-                proto: 6,
-                family: lb_common::family::V4,
-                _pad: [0; 2],
-            };
+            let key = flow_key(
+                sock("198.18.1.12", 8080),
+                sock(NODE4, port_of[&client_port]),
+                Protocol::Tcp,
+            );
             let mut v = env.dp.maps.snat.get(&key, 0).expect("the flow's entry");
             let closed = lb_common::snat_tcp::closed(v.tcp_state);
             assert_eq!(closed, client_port != 48005, "{client_port}: {v:?}");
