@@ -65,6 +65,7 @@ pub mod maps {
     pub const SNAT: &str = "SNAT";
     pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
     pub const SNAT_SCRATCH: &str = "SNAT_SCRATCH";
+    pub const L2_PORTS: &str = "L2_PORTS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -81,6 +82,9 @@ pub mod programs {
     /// other nodes and the translation of their replies. A program of its own for the
     /// verifier's sake, like `XDP_SCTP`: its port search is a loop.
     pub const XDP_SNAT: &str = "weir_xdp_snat";
+    /// Tail-called by `weir_xdp` (slot 2 of `XDP_TAILS`): answers ARP requests and IPv6
+    /// Neighbor Solicitations for the VIPs this node announces on L2.
+    pub const XDP_NEIGH: &str = "weir_xdp_neigh";
 }
 
 /// Compile-time capacities of the eBPF object. The agent may lower or raise the run-time ones
@@ -389,6 +393,22 @@ pub struct VipKey {
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 
+/// `VipValue::flags`.
+pub mod vip_flags {
+    /// This node announces the VIP on L2: ARP requests and Neighbor Solicitations for it that
+    /// arrive on an `L2_PORTS` interface are answered with that interface's MAC.
+    pub const NEIGHBOR: u32 = 1;
+}
+
+/// Value of `L2_PORTS` (key: ifindex): an interface where weir answers for its VIPs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Port {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<L2Port>() == 8);
+
 /// Value of `VIPS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -541,7 +561,11 @@ pub mod datapath_stat {
     pub const REVNAT: usize = 6;
     /// Replies of source-NATed flows translated back in XDP.
     pub const SNAT_REPLY: usize = 7;
-    pub const SLOTS: usize = 8;
+    /// ARP requests for an announced VIP answered.
+    pub const ARP_REPLY: usize = 8;
+    /// Neighbor Solicitations for an announced VIP answered.
+    pub const NEIGHBOR_ADVERT: usize = 9;
+    pub const SLOTS: usize = 16;
 }
 
 #[repr(C)]
@@ -549,7 +573,7 @@ pub mod datapath_stat {
 pub struct DatapathStats {
     pub counters: [u64; datapath_stat::SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<DatapathStats>() == 64);
+const _: () = assert!(core::mem::size_of::<DatapathStats>() == 128);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -577,4 +601,5 @@ mod pod {
     unsafe impl aya::Pod for SnatConfig {}
     unsafe impl aya::Pod for SnatValue {}
     unsafe impl aya::Pod for SnatScratch {}
+    unsafe impl aya::Pod for L2Port {}
 }

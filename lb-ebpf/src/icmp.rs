@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{FlowKey, ServiceKey, datapath_stat, drop_reason, family, proto};
 
 use crate::{
-    csum, fwd, lookup, nat,
+    csum, fwd, lookup, nat, neigh,
     parse::{EthHdr, Ipv4Hdr, Ipv6Hdr, L3, Ports, ptr_at},
     stats,
 };
@@ -28,6 +28,7 @@ const ICMPV6_PKT_TOOBIG: u8 = 2;
 const ICMPV6_TIME_EXCEED: u8 = 3;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
+const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
 
 /// TTL / hop limit of the echo replies weir sends.
 const REPLY_TTL: u8 = 64;
@@ -52,6 +53,10 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> u32 {
         echo_reply(data, end, l3, reply);
         stats::datapath(datapath_stat::ICMP_ECHO_REPLY);
         return xdp_action::XDP_TX;
+    }
+    if v6 && kind == ICMPV6_NEIGHBOR_SOLICIT {
+        // Unicast (neighbour unreachability detection) to an announced VIP.
+        return neigh::hand_over(ctx);
     }
     let error = if v6 {
         matches!(

@@ -18,6 +18,7 @@ mod icmp;
 mod l4;
 mod lookup;
 mod nat;
+mod neigh;
 mod parse;
 mod revnat;
 mod sctp;
@@ -34,7 +35,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
-    EndpointValue, FlowKey, FlowValue, NextHop, SctpScratch, ServiceKey, ServiceStats,
+    EndpointValue, FlowKey, FlowValue, L2Port, NextHop, SctpScratch, ServiceKey, ServiceStats,
     ServiceValue, SnatConfig, SnatScratch, SnatValue, SourceRangeData, VipKey, VipValue, limits,
 };
 
@@ -108,9 +109,15 @@ static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 #[btf_map]
 static NEXTHOPS: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
 
-/// Tail-call targets of `weir_xdp` (slot 0: `weir_xdp_sctp`, slot 1: `weir_xdp_snat`).
+/// Tail-call targets of `weir_xdp` (slot 0: `weir_xdp_sctp`, slot 1: `weir_xdp_snat`, slot 2:
+/// `weir_xdp_neigh`).
 #[btf_map]
-static XDP_TAILS: ProgramArray<2> = ProgramArray::new();
+static XDP_TAILS: ProgramArray<3> = ProgramArray::new();
+
+/// Interfaces (ifindex) where weir answers ARP and Neighbor Solicitations for its announced
+/// VIPs, with their MACs.
+#[btf_map]
+static L2_PORTS: HashMap<u32, L2Port, { limits::MAX_TX_PORTS as usize }> = HashMap::new();
 
 /// Tail-call targets of `weir_tc_egress` (slot 0: `weir_tc_sctp`).
 #[btf_map]
@@ -142,6 +149,7 @@ pub fn weir_xdp(ctx: XdpContext) -> u32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
         parse::L3Result::Ip(l3) => l4::handle(&ctx, &l3),
         parse::L3Result::NotOurs => xdp_action::XDP_PASS,
+        parse::L3Result::Neighbor => neigh::hand_over(&ctx),
         parse::L3Result::Drop {
             dst,
             family,
@@ -163,6 +171,11 @@ pub fn weir_xdp_sctp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn weir_xdp_snat(ctx: XdpContext) -> u32 {
     snat::program(&ctx)
+}
+
+#[xdp]
+pub fn weir_xdp_neigh(ctx: XdpContext) -> u32 {
+    neigh::program(&ctx)
 }
 
 #[classifier]

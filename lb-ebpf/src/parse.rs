@@ -14,6 +14,10 @@ const ETH_P_IP: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
+const ETH_P_ARP: u16 = 0x0806u16.to_be();
+/// The first word of link-local multicast addresses (`ff02::/16`, where solicited-node
+/// addresses are), as it stands in the packet.
+const FF02: u32 = u32::from_ne_bytes([0xff, 0x02, 0, 0]);
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -111,6 +115,9 @@ pub enum L3Result {
     Ip(L3),
     /// Not IP, or (with the filter) not addressed to a VIP: none of weir's business.
     NotOurs,
+    /// An untagged ARP frame, or ICMPv6 to a link-local multicast address (a Neighbor
+    /// Solicitation, maybe): for `neigh` (XDP only).
+    Neighbor,
     /// Unusable (malformed, fragment, ...) and addressed to `dst`: dropped if that is a VIP.
     Drop {
         dst: [u32; 4],
@@ -162,6 +169,8 @@ fn parse<const FILTER: bool>(data: usize, end: usize) -> L3Result {
         v4::<FILTER>(data, end, off, tagged)
     } else if proto == ETH_P_IPV6 {
         v6::<FILTER>(data, end, off, tagged)
+    } else if FILTER && proto == ETH_P_ARP && !tagged {
+        L3Result::Neighbor
     } else {
         L3Result::NotOurs
     }
@@ -210,6 +219,9 @@ fn v6<const FILTER: bool>(data: usize, end: usize, off: usize, tagged: bool) -> 
     };
     let ip = unsafe { &*ip };
     let dst = ip.daddr;
+    if FILTER && dst[0] == FF02 && ip.nexthdr == lb_common::proto::ICMPV6 && !tagged {
+        return L3Result::Neighbor;
+    }
     if FILTER && !lookup::maybe_vip(&dst) {
         return L3Result::NotOurs;
     }

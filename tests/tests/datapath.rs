@@ -1307,3 +1307,160 @@ fn tcp_flags(frame: &[u8], flags: u8) -> Vec<u8> {
     f[at + 4..at + 6].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     f
 }
+
+/// An ARP request from the client for `target`, padded to the Ethernet minimum.
+fn arp_request(sender: &str, target: &str) -> Vec<u8> {
+    let ip = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
+    f.extend_from_slice(&ip(sender));
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip(target));
+    f.resize(60, 0);
+    f
+}
+
+/// A Neighbor Solicitation for `target` from `src` (`::` for duplicate address detection) to
+/// `dst` (the solicited-node group, or the target itself), with a source link-layer option
+/// unless it is DAD.
+fn neighbor_solicitation(src: &str, dst: &str, target: &str) -> Vec<u8> {
+    let ip6 = |a: &str| a.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let (src, dst, target) = (ip6(src), ip6(dst), ip6(target));
+    let mut body = vec![0u8; 4];
+    body.extend_from_slice(&target);
+    if src != [0; 16] {
+        body.extend_from_slice(&[1, 1]);
+        body.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
+    }
+    let ty = etherparse::Icmpv6Type::Unknown {
+        type_u8: 135,
+        code_u8: 0,
+        bytes5to8: [0; 4],
+    };
+    let csum = ty.calc_checksum(src, dst, &body[4..]).unwrap();
+    let mut icmp = vec![135, 0];
+    icmp.extend_from_slice(&csum.to_be_bytes());
+    icmp.extend_from_slice(&body);
+    let eth_dst = if dst[0] == 0xff {
+        [0x33, 0x33, dst[12], dst[13], dst[14], dst[15]]
+    } else {
+        LB_MAC
+    };
+    let mut f = Vec::new();
+    f.extend_from_slice(&eth_dst);
+    f.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Checks a Neighbor Advertisement frame: addresses, flags, target, option and checksum.
+fn check_advert(out: &[u8], eth_dst: [u8; 6], ip_dst: &str, flags: u8) {
+    assert_eq!(out.len(), 86, "{}", hex(out));
+    assert_eq!(out[0..6], eth_dst, "Ethernet destination");
+    assert_eq!(out[6..12], LB_MAC, "Ethernet source: the interface's MAC");
+    let p = etherparse::SlicedPacket::from_ethernet(out).expect("parse");
+    let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else {
+        panic!("not IPv6")
+    };
+    let h = ip.header();
+    assert_eq!(h.hop_limit(), 255);
+    assert_eq!(h.source_addr(), VIP6.parse::<std::net::Ipv6Addr>().unwrap());
+    assert_eq!(
+        h.destination_addr(),
+        ip_dst.parse::<std::net::Ipv6Addr>().unwrap()
+    );
+    let Some(etherparse::TransportSlice::Icmpv6(icmp)) = p.transport else {
+        panic!("not ICMPv6")
+    };
+    assert!(
+        icmp.is_checksum_valid(h.source_addr().octets(), h.destination_addr().octets()),
+        "ICMPv6 checksum"
+    );
+    let b = icmp.slice();
+    assert_eq!(b[0], 136, "a Neighbor Advertisement");
+    assert_eq!(b[4], flags, "flags (Solicited, Override)");
+    assert_eq!(
+        b[8..24],
+        VIP6.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        "target"
+    );
+    assert_eq!(b[24..26], [2, 1], "target link-layer address option");
+    assert_eq!(b[26..32], LB_MAC);
+}
+
+#[test]
+fn announced_vips_get_arp_replies_and_neighbor_advertisements() {
+    with_env(|env| {
+        let announced = [VIP4, VIP6]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect::<std::collections::BTreeSet<IpAddr>>();
+        env.prog
+            .set_announced(announced, &mut env.dp.maps)
+            .expect("announce");
+        // No L2 interface yet: nothing answered.
+        let request = arp_request(CLIENT4, VIP4);
+        assert_eq!(env.xdp(&request), (XDP_PASS, request.clone()));
+        env.dp.add_l2_port(env.bed.c_ifindex, LB_MAC).unwrap();
+
+        let arps = env.datapath(datapath_stat::ARP_REPLY);
+        let (v, out) = env.xdp(&request);
+        assert_eq!(v, XDP_TX);
+        let mut want = Vec::new();
+        want.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
+        want.extend_from_slice(&LB_MAC);
+        want.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 2]);
+        want.extend_from_slice(&LB_MAC);
+        want.extend_from_slice(&[198, 18, 100, 10]);
+        want.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
+        want.extend_from_slice(&[198, 18, 0, 1]);
+        want.resize(60, 0);
+        assert_eq!(hex(&out), hex(&want), "ARP reply");
+        assert_eq!(env.datapath(datapath_stat::ARP_REPLY) - arps, 1);
+        // Not announced (a VIP of another service), or a gratuitous ARP: the kernel's.
+        for f in [
+            arp_request(CLIENT4, "198.18.100.11"),
+            arp_request(CLIENT4, "198.18.0.77"),
+            arp_request(VIP4, VIP4),
+        ] {
+            assert_eq!(env.xdp(&f), (XDP_PASS, f.clone()));
+        }
+
+        let nas = env.datapath(datapath_stat::NEIGHBOR_ADVERT);
+        // To the solicited-node group, from the client: solicited advertisement back to it.
+        let ns = neighbor_solicitation(CLIENT6, "ff02::1:ff00:10", VIP6);
+        let (v, out) = env.xdp(&ns);
+        assert_eq!(v, XDP_TX, "{}", hex(&out));
+        check_advert(&out, weir_lab::packets::CLIENT_MAC, CLIENT6, 0x60);
+        // Unicast to the VIP (neighbour unreachability detection): the same.
+        let ns = neighbor_solicitation(CLIENT6, VIP6, VIP6);
+        let (v, out) = env.xdp(&ns);
+        assert_eq!(v, XDP_TX);
+        check_advert(&out, weir_lab::packets::CLIENT_MAC, CLIENT6, 0x60);
+        // Duplicate address detection: an unsolicited advertisement to all nodes defends it.
+        let ns = neighbor_solicitation("::", "ff02::1:ff00:10", VIP6);
+        let (v, out) = env.xdp(&ns);
+        assert_eq!(v, XDP_TX);
+        check_advert(&out, [0x33, 0x33, 0, 0, 0, 1], "ff02::1", 0x20);
+        assert_eq!(env.datapath(datapath_stat::NEIGHBOR_ADVERT) - nas, 3);
+        // Not announced: the kernel's.
+        let ns = neighbor_solicitation(CLIENT6, "ff02::1:ff00:99", "fd00:100::99");
+        assert_eq!(env.xdp(&ns), (XDP_PASS, ns.clone()));
+
+        // Handing the VIPs over (another node owns them now): no more answers.
+        env.prog
+            .set_announced(Default::default(), &mut env.dp.maps)
+            .unwrap();
+        assert_eq!(env.xdp(&request), (XDP_PASS, request.clone()));
+        let ns = neighbor_solicitation(CLIENT6, "ff02::1:ff00:10", VIP6);
+        assert_eq!(env.xdp(&ns), (XDP_PASS, ns.clone()));
+    });
+}

@@ -19,7 +19,7 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
-    EndpointValue, FlowKey, FlowValue, ServiceKey, ServiceStats, ServiceValue, SnatConfig,
+    EndpointValue, FlowKey, FlowValue, L2Port, ServiceKey, ServiceStats, ServiceValue, SnatConfig,
     SnatValue, SourceRangeData, VipKey, VipValue, backend_flags, drop_reason, maps, programs,
     service_flags,
 };
@@ -115,6 +115,7 @@ impl Datapath {
             programs::XDP_INGRESS,
             programs::XDP_SCTP,
             programs::XDP_SNAT,
+            programs::XDP_NEIGH,
         ] {
             let p: &mut Xdp = program_mut(&mut ebpf, name)?;
             p.load().map_err(load_err(name))?;
@@ -127,7 +128,7 @@ impl Datapath {
             tail_array(
                 &mut ebpf,
                 maps::XDP_TAILS,
-                &[programs::XDP_SCTP, programs::XDP_SNAT],
+                &[programs::XDP_SCTP, programs::XDP_SNAT, programs::XDP_NEIGH],
             )?,
             tail_array(&mut ebpf, maps::TC_TAILS, &[programs::TC_SCTP])?,
         ];
@@ -226,6 +227,18 @@ impl Datapath {
             })
     }
 
+    /// Answers ARP and Neighbor Solicitations for announced VIPs on interface `ifindex`, with
+    /// `mac` (the interface's address).
+    pub fn add_l2_port(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        self.maps
+            .l2_ports
+            .insert(ifindex, L2Port { mac, _pad: [0; 2] }, 0)
+            .map_err(|e| DataplaneError::Map {
+                name: maps::L2_PORTS,
+                detail: e.to_string(),
+            })
+    }
+
     /// How many instructions the verifier walked for each program (the kernel's budget is one
     /// million per program).
     pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
@@ -233,6 +246,7 @@ impl Datapath {
             programs::XDP_INGRESS,
             programs::XDP_SCTP,
             programs::XDP_SNAT,
+            programs::XDP_NEIGH,
             programs::TC_EGRESS,
             programs::TC_SCTP,
         ]
@@ -354,6 +368,7 @@ pub struct EbpfMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub snat: HashMap<MapData, FlowKey, SnatValue>,
     snat_config: Array<MapData, SnatConfig>,
+    l2_ports: HashMap<MapData, u32, L2Port>,
     tx_ports: DevMapHash<MapData>,
     ncpus: usize,
     /// Second handles on the table pages, shared with inspectors: reading a page through the
@@ -399,6 +414,7 @@ impl EbpfMaps {
             affinity: typed!(ebpf, maps::AFFINITY),
             snat: typed!(ebpf, maps::SNAT),
             snat_config: typed!(ebpf, maps::SNAT_CONFIG),
+            l2_ports: typed!(ebpf, maps::L2_PORTS),
             tx_ports: typed!(ebpf, maps::TX_PORTS),
             ncpus,
             shared_pages: SharedPages::default(),

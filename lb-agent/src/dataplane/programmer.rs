@@ -192,6 +192,8 @@ pub struct Programmer {
     endpoints: BTreeMap<(SocketAddr, Protocol), Vec<EndpointFrontend>>,
     /// The source-NAT settings as programmed.
     source_nat: Option<SourceNat>,
+    /// VIPs this node announces on L2 (answers ARP and Neighbor Solicitations for).
+    announced: std::collections::BTreeSet<IpAddr>,
 }
 
 impl Programmer {
@@ -215,7 +217,32 @@ impl Programmer {
             filter: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             source_nat: None,
+            announced: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Makes the data plane answer ARP and Neighbor Solicitations for exactly the VIPs of
+    /// `vips` (those programmed now and those that will be), on the interfaces given to
+    /// `Datapath::add_l2_port`. A VIP's flag is one map write: a takeover or a hand-over is
+    /// seen by the next request. On error the VIPs written so far keep their new flag.
+    pub fn set_announced(
+        &mut self,
+        vips: std::collections::BTreeSet<IpAddr>,
+        maps: &mut dyn MapWriter,
+    ) -> Result<(), MapError> {
+        for ip in self.vips.keys() {
+            let (was, is) = (self.announced.contains(ip), vips.contains(ip));
+            if was != is {
+                maps.put_vip(
+                    &vip_key(*ip),
+                    &VipValue {
+                        flags: vip_flags(is),
+                    },
+                )?;
+            }
+        }
+        self.announced = vips;
+        Ok(())
     }
 
     /// Programmed services, by frontend.
@@ -718,7 +745,8 @@ impl Programmer {
         let n = self.vips.get(&ip).copied().unwrap_or(0);
         if n == 0 {
             let key = vip_key(ip);
-            maps.put_vip(&key, &VipValue { flags: 0 })?;
+            let flags = vip_flags(self.announced.contains(&ip));
+            maps.put_vip(&key, &VipValue { flags })?;
             if let Err(e) = self.filter_add(ip, 1, maps) {
                 let _ = maps.delete_vip(&key);
                 return Err(e);
@@ -833,6 +861,15 @@ impl TablePages {
 enum PageError {
     Full,
     Map(MapError),
+}
+
+/// The flags of a VIP's `VIPS` entry.
+fn vip_flags(announced: bool) -> u32 {
+    if announced {
+        lb_common::vip_flags::NEIGHBOR
+    } else {
+        0
+    }
 }
 
 /// The flags of a backend's `BACKENDS` entry.

@@ -543,3 +543,35 @@ fn turning_source_nat_on_or_off_gives_the_backend_a_new_generation() {
     p.apply(&s, &mut m).unwrap();
     assert_eq!(generation(&m, 1), (3, 1));
 }
+
+#[test]
+fn announced_vips_carry_the_neighbor_flag_now_and_when_added() {
+    let (mut p, mut m) = setup();
+    let vip: IpAddr = "198.18.100.10".parse().unwrap();
+    let other: IpAddr = "198.18.100.20".parse().unwrap();
+    p.apply(&state(vec![web(&[("198.18.1.11:8080", 1)])]), &mut m)
+        .unwrap();
+    let flags = |m: &FakeMaps, ip: IpAddr| m.vips.get(&vip_key(ip)).map(|v| v.flags);
+    assert_eq!(flags(&m, vip), Some(0));
+    m.log.clear();
+    p.set_announced([vip, other].into(), &mut m).unwrap();
+    assert_eq!(flags(&m, vip), Some(lb_common::vip_flags::NEIGHBOR));
+    assert_eq!(m.log, ["vips put"], "only the programmed VIP is written");
+    // A VIP programmed later comes with its flag.
+    let mut second = web(&[("198.18.1.12:8080", 1)]);
+    second.name = "second".into();
+    second.frontend.vip = other;
+    p.apply(
+        &state(vec![second, web(&[("198.18.1.11:8080", 1)])]),
+        &mut m,
+    )
+    .unwrap();
+    assert_eq!(flags(&m, other), Some(lb_common::vip_flags::NEIGHBOR));
+    // Unchanged: nothing written; handed over: cleared.
+    m.log.clear();
+    p.set_announced([vip, other].into(), &mut m).unwrap();
+    assert!(m.log.is_empty(), "{:?}", m.log);
+    p.set_announced([other].into(), &mut m).unwrap();
+    assert_eq!(flags(&m, vip), Some(0));
+    assert_eq!(flags(&m, other), Some(lb_common::vip_flags::NEIGHBOR));
+}

@@ -302,7 +302,7 @@ struct TrafficCollector(watch::Receiver<Arc<Traffic>>);
 const DIRECTIONS: [&str; 2] = ["in", "out"];
 
 /// `DATAPATH_STATS` slots exported as `weir_dataplane_packets_total{path}`.
-const PATHS: [(usize, &str); 6] = [
+const PATHS: [(usize, &str); 8] = [
     (datapath_stat::FWD_REDIRECT, "redirect"),
     (datapath_stat::FWD_KERNEL, "kernel"),
     (datapath_stat::ICMP_ECHO_REPLY, "icmp_echo_reply"),
@@ -312,6 +312,8 @@ const PATHS: [(usize, &str); 6] = [
     ),
     (datapath_stat::REVNAT, "reverse_nat"),
     (datapath_stat::SNAT_REPLY, "snat_reply"),
+    (datapath_stat::ARP_REPLY, "arp_reply"),
+    (datapath_stat::NEIGHBOR_ADVERT, "neighbor_advert"),
 ];
 
 fn counter<'a>(
@@ -474,7 +476,7 @@ impl Collector for TrafficCollector {
                 "Packets the data plane handled, by path (redirect: sent out by XDP; kernel: \
                  handed to the kernel to route; reverse_nat: replies rewritten; snat_reply: \
                  replies of source-NATed flows translated back; icmp_*: ICMP answered or sent \
-                 on)",
+                 on; arp_reply, neighbor_advert: L2 announcement answers)",
             )?;
             for (slot, path) in PATHS {
                 ConstCounter::new(t.datapath[slot]).encode(m.encode_family(&[("path", path)])?)?;
