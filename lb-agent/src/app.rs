@@ -3,7 +3,7 @@
 //! changes (SIGHUP, or the file changing) and health changes until SIGTERM/SIGINT.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -70,6 +70,13 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
              file carries node settings only (remove the services list)"
         );
     }
+    if kube.is_some() && !config.announce.l2_interfaces.is_empty() {
+        anyhow::bail!(
+            "{source}: announce.l2: in Kubernetes mode every node would answer for every \
+             address; L2 announcement there needs the agents' gossip, which this version does \
+             not have yet (route the addresses to the nodes instead)"
+        );
+    }
     // Kubernetes mode source-NATs flows to other nodes' endpoints whenever the Node has an
     // address; standalone mode when a service asks for it.
     if kube.is_some() || config.desired.source_nat.is_some() {
@@ -122,6 +129,19 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
             })
             .set(1);
         info!(iface = %iface, mode = mode.as_str(), "XDP ingress and TC egress attached");
+    }
+    let mut l2_ports = Vec::new();
+    for iface in &config.announce.l2_interfaces {
+        let ifindex = crate::dataplane::ebpf::ifindex(iface)?;
+        let mac = crate::announce::l2::interface_mac(iface)
+            .with_context(|| format!("announce.l2.interfaces: {iface}: reading its MAC"))?;
+        datapath.add_l2_port(ifindex, mac)?;
+        info!(iface = %iface, mac = %mac_text(mac), "answering ARP and Neighbor Solicitations for the VIPs here");
+        l2_ports.push(L2Port {
+            iface: iface.clone(),
+            ifindex,
+            mac,
+        });
     }
     state.readiness.attached.store(true, Ordering::Release);
     let sampler = tokio::spawn(traffic::sample(inspector, snapshot.subscribe(), traffic));
@@ -218,6 +238,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         kubernetes: kube.is_some(),
         node_name: kube.as_ref().map(|k| k.node.clone()).unwrap_or_default(),
         events: events_sink,
+        l2_ports,
+        announced: BTreeSet::new(),
     };
     agent.first_state(&mut events).await?;
     state.readiness.programmed.store(true, Ordering::Release);
@@ -307,6 +329,21 @@ struct Agent {
     node_name: String,
     /// Events on Kubernetes Services (health transitions).
     events: Option<kube_runtime::EventSink>,
+    /// L2 announcement: where this node answers for its VIPs (empty: not announcing).
+    l2_ports: Vec<L2Port>,
+    /// The VIPs announced on L2.
+    announced: BTreeSet<std::net::IpAddr>,
+}
+
+/// An interface where this node answers ARP and Neighbor Solicitations.
+struct L2Port {
+    iface: String,
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 impl Agent {
@@ -368,8 +405,46 @@ impl Agent {
         self.programmed = effective;
         self.modes = modes;
         self.states = states;
+        self.announce_l2();
         self.publish();
         Ok(report)
+    }
+
+    /// L2 mode, one announcing node: every programmed VIP is answered for here, and a VIP new
+    /// to this node is announced with a gratuitous ARP / unsolicited Neighbor Advertisement on
+    /// each L2 interface, so that neighbours that cached another MAC for it move at once.
+    fn announce_l2(&mut self) {
+        if self.l2_ports.is_empty() {
+            return;
+        }
+        let vips: BTreeSet<std::net::IpAddr> = self
+            .programmed
+            .services
+            .iter()
+            .map(|s| s.frontend.vip)
+            .collect();
+        if let Err(e) = self
+            .programmer
+            .set_announced(vips.clone(), &mut self.datapath.maps)
+        {
+            error!(error = %e, "L2: could not mark the VIPs to answer for");
+            return;
+        }
+        for vip in vips.difference(&self.announced) {
+            for port in &self.l2_ports {
+                let frame = crate::announce::l2::announcement(port.mac, *vip);
+                match crate::announce::l2::send(port.ifindex, &frame) {
+                    Ok(()) => info!(vip = %vip, iface = %port.iface, "L2: announced"),
+                    Err(e) => {
+                        warn!(vip = %vip, iface = %port.iface, error = %e, "L2: gratuitous announcement not sent (ARP and Neighbor Solicitations are still answered)")
+                    }
+                }
+            }
+        }
+        for vip in self.announced.difference(&vips) {
+            info!(vip = %vip, "L2: no longer announced");
+        }
+        self.announced = vips;
     }
 
     /// Applies health changes (the first seen at `since`) to the current config.
@@ -729,6 +804,8 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         Some("dataplane")
     } else if old.maglev.hash != new.maglev.hash || old.maglev.seed != new.maglev.seed {
         Some("maglev.hash/maglev.seed")
+    } else if old.announce != new.announce {
+        Some("announce")
     } else {
         None
     }

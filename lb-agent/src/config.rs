@@ -43,6 +43,20 @@ struct RawConfig {
     dataplane: RawDataplane,
     #[serde(default)]
     services: Vec<RawService>,
+    announce: Option<RawAnnounce>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    node_name: Option<String>,
+    l2: Option<RawL2>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawL2 {
+    interfaces: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +205,17 @@ pub struct Config {
     pub maglev: MaglevConfig,
     pub dataplane: DataplaneLimits,
     pub desired: DesiredState,
+    pub announce: AnnounceConfig,
+}
+
+/// `announce`: how this node makes its VIPs reachable.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    /// This node's name among the announcing nodes (default: the host name).
+    pub node_name: Option<String>,
+    /// L2 mode: the interfaces where this node answers ARP and Neighbor Solicitations for
+    /// the VIPs it owns (empty: no L2 announcement).
+    pub l2_interfaces: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -746,6 +771,40 @@ impl RawConfig {
             c.fail("services", format!("{backend_count} backends do not fit dataplane.max_backends ({}; id 0 is reserved)", limits.max_backends));
         }
 
+        let mut announce = AnnounceConfig::default();
+        if let Some(a) = self.announce {
+            if let Some(name) = &a.node_name
+                && (name.is_empty() || name.len() > 253 || name.chars().any(char::is_whitespace))
+            {
+                c.fail(
+                    "announce.node_name",
+                    format!("{name:?} is not a valid node name"),
+                );
+            }
+            announce.node_name = a.node_name;
+            if let Some(l2) = a.l2 {
+                if l2.interfaces.is_empty() {
+                    c.fail("announce.l2.interfaces", "at least one interface is needed");
+                }
+                let mut seen = BTreeSet::new();
+                for (i, name) in l2.interfaces.iter().enumerate() {
+                    let at = format!("announce.l2.interfaces[{i}]");
+                    if !self.node.interfaces.contains(name) {
+                        c.fail(
+                            at,
+                            format!(
+                                "{name} is not in node.interfaces (weir answers ARP and \
+                                 Neighbor Solicitations where its XDP program runs)"
+                            ),
+                        );
+                    } else if !seen.insert(name) {
+                        c.fail(at, format!("{name} is listed twice"));
+                    }
+                }
+                announce.l2_interfaces = l2.interfaces;
+            }
+        }
+
         if !c.problems.is_empty() {
             return Err(c.problems);
         }
@@ -769,6 +828,7 @@ impl RawConfig {
                 services,
                 source_nat: uses_source_nat.then_some(source_nat),
             },
+            announce,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! in-memory fake). `status` is the published view of what is programmed, which `api` and
 //! `metrics` read; `app` runs it all.
 
+pub mod announce;
 pub mod api;
 pub mod app;
 pub mod cli;

@@ -16,7 +16,7 @@ use std::{
 
 use lb_agent::config::DEFAULT_CONFIG;
 use weir_lab::{
-    agent::Agent,
+    agent::{Agent, wait_for},
     clients::{self, Echo},
     lab::*,
     predict::Predictor,
@@ -486,4 +486,62 @@ fn the_lb_node_keeps_its_own_traffic_and_shutdown_detaches() {
     assert!(ping(&lab.client, VIP_V4).is_err());
     check_node(&lab);
     lab.kill_server(0);
+}
+
+/// L2 mode on one node: the client has the VIPs on its own link (no route through the LB
+/// node), resolves them by ARP and Neighbor Solicitation, which the LB node's XDP program
+/// answers with its interface's MAC, and reaches the services.
+#[test]
+fn l2_mode_answers_for_the_vips_on_the_link() {
+    let config = format!("{DEFAULT_CONFIG}\nannounce:\n  l2:\n    interfaces: [eth-c]\n");
+    let (lab, agent) = lab_with_agent(Some(&config));
+    lab.client.ip("route del 198.18.100.0/24");
+    lab.client.ip("route add 198.18.100.0/24 dev eth0");
+    lab.client.ip("-6 route del fd00:100::/64");
+    lab.client.ip("-6 route add fd00:100::/64 dev eth0");
+    let lb_mac = weir_lab::netns::parse_mac(
+        &lab.lb
+            .ip("link show eth-c")
+            .split("link/ether ")
+            .nth(1)
+            .expect("a MAC")[..17],
+    );
+    for vip in [sa(VIP_V4, 80), sa(VIP_V6, 80)] {
+        let r = lab
+            .client
+            .run_in(|| clients::http_get(None, vip, "/", T))
+            .unwrap_or_else(|e| panic!("GET {vip} on the link: {e}"));
+        assert_eq!(r.status, 200);
+        let neigh = lab.client.ip(&format!("neigh show {}", vip.ip()));
+        let mac = neigh
+            .split("lladdr ")
+            .nth(1)
+            .map(|m| weir_lab::netns::parse_mac(&m[..17]))
+            .unwrap_or_else(|| panic!("no neighbour entry for {}: {neigh}", vip.ip()));
+        assert_eq!(mac, lb_mac, "{} resolved to the LB node: {neigh}", vip.ip());
+    }
+    // A VIP nobody serves gets no answer.
+    let unserved = lab
+        .client
+        .run_in(|| clients::http_get(None, sa("198.18.100.99", 80), "/", Duration::from_secs(1)));
+    assert!(unserved.is_err());
+    let metrics = wait_for(Duration::from_secs(5), "the answers counted", || {
+        let m = agent.metrics(&lab.lb);
+        let count = |path: &str| {
+            m.lines()
+                .find(|l| {
+                    l.starts_with(&format!("weir_dataplane_packets_total{{path=\"{path}\"}}"))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (count("arp_reply") >= 1.0 && count("neighbor_advert") >= 1.0).then_some(m)
+    });
+    assert!(metrics.contains("weir_dataplane_packets_total{path=\"arp_reply\"}"));
+    let log = agent.log_text();
+    assert!(
+        log.contains("L2: announced") && log.contains("vip=198.18.100.10"),
+        "{log}"
+    );
 }

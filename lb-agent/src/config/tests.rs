@@ -419,3 +419,28 @@ fn source_nat_ports_must_avoid_the_nodes_ephemeral_ports() {
         Some(1024)
     );
 }
+
+#[test]
+fn announce_l2_interfaces_must_be_weirs() {
+    let text = format!("{MINIMAL}announce:\n  l2:\n    interfaces: [eth0]\n");
+    let c = Config::parse(&text, "t").unwrap();
+    assert_eq!(c.announce.l2_interfaces, ["eth0"]);
+    assert_eq!(c.announce.node_name, None);
+    assert_eq!(
+        problems(&format!(
+            "{MINIMAL}announce:\n  l2:\n    interfaces: [eth1, eth0, eth0]\n"
+        )),
+        [
+            "announce.l2.interfaces[0]: eth1 is not in node.interfaces (weir answers ARP and Neighbor Solicitations where its XDP program runs)",
+            "announce.l2.interfaces[2]: eth0 is listed twice",
+        ]
+    );
+    assert_eq!(
+        problems(&format!("{MINIMAL}announce:\n  l2:\n    interfaces: []\n")),
+        ["announce.l2.interfaces: at least one interface is needed"]
+    );
+    assert_eq!(
+        problems(&format!("{MINIMAL}announce:\n  node_name: \"a b\"\n")),
+        ["announce.node_name: \"a b\" is not a valid node name"]
+    );
+}
