@@ -1,0 +1,157 @@
+//! Agent-to-agent liveness for L2 ownership, over UDP: every `interval` each agent sends a
+//! heartbeat to every configured peer — its name, whether it can serve (eligible), and the
+//! VIPs it answers for now — and a peer is alive while one of its heartbeats arrived within
+//! `dead_after`. A full mesh among the announcing nodes (a handful): failure detection is
+//! bounded by `dead_after` without SWIM's indirect probes, which pay off for hundreds of
+//! members. The view is published only when it changes (a node comes or goes, or changes what
+//! it claims). Heartbeats are not authenticated: the gossip port belongs on the nodes'
+//! own network.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{net::UdpSocket, sync::watch, time::Instant};
+use tracing::{debug, info, warn};
+
+/// One heartbeat datagram (JSON).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub node: String,
+    /// This node can serve: data plane attached, announcing link up.
+    pub eligible: bool,
+    /// The VIPs it answers for now.
+    pub claims: BTreeSet<IpAddr>,
+}
+
+/// What this node tells its peers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Local {
+    pub eligible: bool,
+    pub claims: BTreeSet<IpAddr>,
+}
+
+/// The other nodes heard from within `dead_after`: name → (eligible, claims).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    pub alive: BTreeMap<String, (bool, BTreeSet<IpAddr>)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub node: String,
+    pub peers: Vec<SocketAddr>,
+    pub interval: Duration,
+    pub dead_after: Duration,
+}
+
+/// Runs the heartbeats on `socket` until `local`'s sender is dropped.
+pub async fn run(
+    socket: UdpSocket,
+    settings: Settings,
+    mut local: watch::Receiver<Local>,
+    view: watch::Sender<View>,
+) {
+    let mut heard: BTreeMap<String, (Instant, bool, BTreeSet<IpAddr>)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let me = local.borrow().clone();
+                let beat = Heartbeat { node: settings.node.clone(), eligible: me.eligible, claims: me.claims };
+                let bytes = serde_json::to_vec(&beat).expect("a heartbeat serializes");
+                for peer in &settings.peers {
+                    if let Err(e) = socket.send_to(&bytes, peer).await {
+                        debug!(peer = %peer, error = %e, "gossip: heartbeat not sent");
+                    }
+                }
+            }
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, from)) => match serde_json::from_slice::<Heartbeat>(&buf[..n]) {
+                    Ok(b) if b.node != settings.node => {
+                        if !heard.contains_key(&b.node) {
+                            info!(node = %b.node, from = %from, "gossip: peer alive");
+                        }
+                        heard.insert(b.node, (Instant::now(), b.eligible, b.claims));
+                    }
+                    Ok(_) => warn!(from = %from, "gossip: a heartbeat with this node's own name"),
+                    Err(e) => debug!(from = %from, error = %e, "gossip: not a heartbeat"),
+                },
+                Err(e) => debug!(error = %e, "gossip: receive failed"),
+            },
+            r = local.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let now = Instant::now();
+        heard.retain(|node, (at, _, _)| {
+            let alive = now.duration_since(*at) <= settings.dead_after;
+            if !alive {
+                info!(node = %node, "gossip: peer dead (no heartbeat within dead_after)");
+            }
+            alive
+        });
+        let next = View {
+            alive: heard
+                .iter()
+                .map(|(n, (_, e, c))| (n.clone(), (*e, c.clone())))
+                .collect(),
+        };
+        view.send_if_modified(|v| {
+            if *v == next {
+                false
+            } else {
+                *v = next;
+                true
+            }
+        });
+    }
+}
+
+/// The rendezvous rank of `node` for `vip`: the eligible node with the highest rank owns it
+/// (ties by name), so every node that sees the same members picks the same owner, and a node
+/// leaving or joining moves only the VIPs it owns or takes.
+pub fn rank(node: &str, vip: IpAddr) -> u64 {
+    let mut key = node.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(vip.to_string().as_bytes());
+    xxhash_rust::xxh3::xxh3_64(&key)
+}
+
+/// The VIPs of `vips` this node (`me`) answers for, given the others it hears from: those it
+/// ranks first for among the eligible nodes, except while another live node still claims one
+/// (that node stops within a heartbeat once it sees it is not the owner: the hand-over never
+/// has two nodes answering).
+pub fn owned(me: &str, eligible: bool, view: &View, vips: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+    if !eligible {
+        return BTreeSet::new();
+    }
+    vips.iter()
+        .copied()
+        .filter(|vip| {
+            let first = view
+                .alive
+                .iter()
+                .filter(|(_, (e, _))| *e)
+                .map(|(n, _)| n.as_str())
+                .chain(std::iter::once(me))
+                .max_by_key(|n| (rank(n, *vip), *n));
+            first == Some(me)
+                && !view
+                    .alive
+                    .iter()
+                    .any(|(n, (_, claims))| n != me && claims.contains(vip))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+use super::*;
+
+fn vips(n: u8) -> BTreeSet<IpAddr> {
+    (1..=n).map(|i| IpAddr::from([198, 18, 100, i])).collect()
+}
+
+fn view(nodes: &[(&str, bool, &[IpAddr])]) -> View {
+    View {
+        alive: nodes
+            .iter()
+            .map(|(n, e, c)| (n.to_string(), (*e, c.iter().copied().collect())))
+            .collect(),
+    }
+}
+
+#[test]
+fn every_vip_has_exactly_one_owner_and_a_leaving_node_moves_only_its_own() {
+    let all = vips(60);
+    let names = ["lb1", "lb2", "lb3"];
+    let owners = |alive: &[&str]| -> Vec<BTreeSet<IpAddr>> {
+        alive
+            .iter()
+            .map(|me| {
+                let others: Vec<(&str, bool, &[IpAddr])> = alive
+                    .iter()
+                    .filter(|n| *n != me)
+                    .map(|n| (*n, true, &[][..]))
+                    .collect();
+                owned(me, true, &view(&others), &all)
+            })
+            .collect()
+    };
+    let three = owners(&names);
+    for vip in &all {
+        assert_eq!(three.iter().filter(|o| o.contains(vip)).count(), 1, "{vip}");
+    }
+    assert!(three.iter().all(|o| o.len() >= 10), "spread: {three:?}");
+    // lb3 leaves: lb1 and lb2 keep theirs and share lb3's.
+    let two = owners(&names[..2]);
+    for i in 0..2 {
+        assert!(two[i].is_superset(&three[i]), "lb{} kept its VIPs", i + 1);
+    }
+    assert_eq!(&two[0] | &two[1], all);
+}
+
+#[test]
+fn a_vip_still_claimed_by_a_live_node_is_not_taken_and_ineligible_nodes_own_nothing() {
+    let all = vips(20);
+    let mine = owned("lb1", true, &view(&[("lb2", true, &[])]), &all);
+    let vip = *mine.iter().next().expect("lb1 owns some");
+    // lb2 still answers for it (it owned it before lb1 came back): lb1 waits.
+    let claims = [vip];
+    let waiting = owned("lb1", true, &view(&[("lb2", true, &claims)]), &all);
+    assert!(!waiting.contains(&vip));
+    assert_eq!(waiting.len(), mine.len() - 1);
+    // An ineligible peer is passed over; an ineligible node owns nothing.
+    let alone = owned("lb1", true, &view(&[("lb2", false, &[])]), &all);
+    assert_eq!(alone, all);
+    assert!(owned("lb1", false, &View::default(), &all).is_empty());
+}
+
+/// Three gossip instances on real UDP sockets on loopback: each hears the other two, and a
+/// stopped one is declared dead by the others once `dead_after` passes.
+#[tokio::test]
+async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
+    let sockets = [
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    ];
+    let addrs: Vec<SocketAddr> = sockets.iter().map(|s| s.local_addr().unwrap()).collect();
+    let mut locals = Vec::new();
+    let mut views = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let (local_tx, local_rx) = watch::channel(Local {
+            eligible: true,
+            claims: BTreeSet::new(),
+        });
+        let (view_tx, view_rx) = watch::channel(View::default());
+        let settings = Settings {
+            node: format!("lb{}", i + 1),
+            peers: addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, a)| *a)
+                .collect(),
+            interval: Duration::from_millis(50),
+            dead_after: Duration::from_millis(300),
+        };
+        tokio::spawn(run(socket, settings, local_rx, view_tx));
+        locals.push(local_tx);
+        views.push(view_rx);
+    }
+    let wait = |rx: &mut watch::Receiver<View>, n: usize| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.alive.len() == n))
+                .await
+                .expect("in time")
+                .expect("running")
+                .clone()
+        }
+    };
+    for v in views.iter_mut() {
+        wait(v, 2).await;
+    }
+    // lb1 claims a VIP: the others see it.
+    let vip = IpAddr::from([198, 18, 100, 1]);
+    locals[0].send_modify(|l| {
+        l.claims.insert(vip);
+    });
+    let mut rx = views[1].clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|v| v.alive.get("lb1").is_some_and(|(_, c)| c.contains(&vip))),
+    )
+    .await
+    .expect("the claim arrives")
+    .unwrap();
+    // lb3 stops: lb1 and lb2 drop it.
+    drop(locals.pop());
+    let started = std::time::Instant::now();
+    let v = wait(&mut views[0], 1).await;
+    assert!(v.alive.contains_key("lb2"), "{v:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "declared dead only after dead_after: {:?}",
+        started.elapsed()
+    );
+    wait(&mut views[1], 1).await;
+}
