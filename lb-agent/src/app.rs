@@ -143,6 +143,56 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
             mac,
         });
     }
+    let gossip = match &config.announce.gossip {
+        None => None,
+        Some(g) => {
+            let node = match &config.announce.node_name {
+                Some(n) => n.clone(),
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("announce.node_name not set and the host name unreadable")?
+                    .trim()
+                    .to_string(),
+            };
+            let socket = tokio::net::UdpSocket::bind(g.listen)
+                .await
+                .with_context(|| format!("announce.gossip.listen {}", g.listen))?;
+            let (local, local_rx) = watch::channel(crate::announce::gossip::Local::default());
+            let (view_tx, view) = watch::channel(crate::announce::gossip::View::default());
+            tokio::spawn(crate::announce::gossip::run(
+                socket,
+                crate::announce::gossip::Settings {
+                    node: node.clone(),
+                    peers: g.peers.clone(),
+                    interval: g.interval,
+                    dead_after: g.dead_after,
+                },
+                local_rx,
+                view_tx,
+            ));
+            info!(node = %node, listen = %g.listen, peers = ?g.peers, "gossip: heartbeats to the other announcing nodes");
+            Some(Gossip { node, local, view })
+        }
+    };
+    let mut gossip_view = gossip.as_ref().map(|g| g.view.clone());
+    if !l2_ports.is_empty() {
+        // The data plane answers for the VIPs only while this agent keeps its lease running:
+        // a node whose agent died stops answering when its peers declare it dead.
+        let (lease, refresh) = match &config.announce.gossip {
+            Some(g) => (g.dead_after, g.interval),
+            None => (Duration::from_secs(1), Duration::from_millis(250)),
+        };
+        let mut writer = datapath.l2_lease()?;
+        writer.extend(lease).context("starting the L2 lease")?;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh);
+            loop {
+                tick.tick().await;
+                if let Err(e) = writer.extend(lease) {
+                    warn!(error = %e, "L2: the lease was not extended; answers stop when it runs out");
+                }
+            }
+        });
+    }
     state.readiness.attached.store(true, Ordering::Release);
     let sampler = tokio::spawn(traffic::sample(inspector, snapshot.subscribe(), traffic));
 
@@ -240,6 +290,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         events: events_sink,
         l2_ports,
         announced: BTreeSet::new(),
+        gossip,
     };
     agent.first_state(&mut events).await?;
     state.readiness.programmed.store(true, Ordering::Release);
@@ -260,6 +311,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 if now.is_some() && now != agent.fingerprint {
                     agent.reload("config file changed");
                 }
+                // An L2 interface's link going down or up changes this node's eligibility.
+                agent.announce_l2();
             }
             Ok(()) = translations.changed(), if kube.is_some() => {
                 let t = translations.borrow_and_update().clone();
@@ -268,6 +321,9 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                     health_ports.sync(&t.health_node_ports).await;
                     agent.update_health_ports(&health_ports);
                 }
+            }
+            Ok(()) = async { gossip_view.as_mut().expect("guarded").changed().await }, if gossip_view.is_some() => {
+                agent.announce_l2();
             }
             Some(event) = events.recv() => {
                 let since = Instant::now();
@@ -333,6 +389,15 @@ struct Agent {
     l2_ports: Vec<L2Port>,
     /// The VIPs announced on L2.
     announced: BTreeSet<std::net::IpAddr>,
+    /// Liveness of the other announcing nodes (None: this node owns every VIP).
+    gossip: Option<Gossip>,
+}
+
+struct Gossip {
+    node: String,
+    /// What the heartbeats say about this node.
+    local: watch::Sender<crate::announce::gossip::Local>,
+    view: watch::Receiver<crate::announce::gossip::View>,
 }
 
 /// An interface where this node answers ARP and Neighbor Solicitations.
@@ -410,19 +475,33 @@ impl Agent {
         Ok(report)
     }
 
-    /// L2 mode, one announcing node: every programmed VIP is answered for here, and a VIP new
-    /// to this node is announced with a gratuitous ARP / unsolicited Neighbor Advertisement on
-    /// each L2 interface, so that neighbours that cached another MAC for it move at once.
+    /// L2 mode: the VIPs this node owns are answered for here — every programmed VIP without
+    /// gossip, else those it ranks first for among the live eligible nodes (once no other
+    /// live node still claims them) — and a VIP new to this node is announced with a
+    /// gratuitous ARP / unsolicited Neighbor Advertisement on each L2 interface, so that
+    /// neighbours that cached another MAC for it move at once. This node is eligible while
+    /// every L2 interface is up.
     fn announce_l2(&mut self) {
         if self.l2_ports.is_empty() {
             return;
         }
-        let vips: BTreeSet<std::net::IpAddr> = self
+        let all: BTreeSet<std::net::IpAddr> = self
             .programmed
             .services
             .iter()
             .map(|s| s.frontend.vip)
             .collect();
+        let eligible = self
+            .l2_ports
+            .iter()
+            .all(|p| crate::announce::l2::link_up(&p.iface));
+        let vips = match &self.gossip {
+            None => all,
+            Some(g) => {
+                let view = g.view.borrow().clone();
+                crate::announce::gossip::owned(&g.node, eligible, &view, &all)
+            }
+        };
         if let Err(e) = self
             .programmer
             .set_announced(vips.clone(), &mut self.datapath.maps)
@@ -443,6 +522,17 @@ impl Agent {
         }
         for vip in self.announced.difference(&vips) {
             info!(vip = %vip, "L2: no longer announced");
+        }
+        if let Some(g) = &self.gossip {
+            let next = crate::announce::gossip::Local {
+                eligible,
+                claims: vips.clone(),
+            };
+            g.local.send_if_modified(|l| {
+                let changed = *l != next;
+                *l = next;
+                changed
+            });
         }
         self.announced = vips;
     }

@@ -51,6 +51,26 @@ struct RawConfig {
 struct RawAnnounce {
     node_name: Option<String>,
     l2: Option<RawL2>,
+    gossip: Option<RawGossip>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGossip {
+    listen: SocketAddr,
+    peers: Vec<SocketAddr>,
+    #[serde(default = "default_gossip_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_gossip_dead_after", with = "humantime_serde")]
+    dead_after: Duration,
+}
+
+fn default_gossip_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_gossip_dead_after() -> Duration {
+    Duration::from_millis(400)
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +236,17 @@ pub struct AnnounceConfig {
     /// L2 mode: the interfaces where this node answers ARP and Neighbor Solicitations for
     /// the VIPs it owns (empty: no L2 announcement).
     pub l2_interfaces: Vec<String>,
+    /// Liveness between the announcing nodes, which decides who owns each VIP (none: this
+    /// node owns every VIP).
+    pub gossip: Option<GossipConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GossipConfig {
+    pub listen: SocketAddr,
+    pub peers: Vec<SocketAddr>,
+    pub interval: Duration,
+    pub dead_after: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -802,6 +833,40 @@ impl RawConfig {
                     }
                 }
                 announce.l2_interfaces = l2.interfaces;
+            }
+            if let Some(g) = a.gossip {
+                if announce.l2_interfaces.is_empty() {
+                    c.fail(
+                        "announce.gossip",
+                        "decides who answers on L2: it needs announce.l2",
+                    );
+                }
+                if g.peers.is_empty() {
+                    c.fail("announce.gossip.peers", "at least one peer is needed");
+                }
+                for (i, p) in g.peers.iter().enumerate() {
+                    if *p == g.listen {
+                        c.fail(
+                            format!("announce.gossip.peers[{i}]"),
+                            format!("{p} is this node's own listen address"),
+                        );
+                    }
+                }
+                if g.interval < Duration::from_millis(10) || g.interval > Duration::from_secs(10) {
+                    c.fail("announce.gossip.interval", "must be between 10ms and 10s");
+                }
+                if g.dead_after < g.interval * 2 {
+                    c.fail(
+                        "announce.gossip.dead_after",
+                        "must be at least twice the interval (one lost heartbeat must not kill a node)",
+                    );
+                }
+                announce.gossip = Some(GossipConfig {
+                    listen: g.listen,
+                    peers: g.peers,
+                    interval: g.interval,
+                    dead_after: g.dead_after,
+                });
             }
         }
 

@@ -66,6 +66,7 @@ pub mod maps {
     pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
     pub const SNAT_SCRATCH: &str = "SNAT_SCRATCH";
     pub const L2_PORTS: &str = "L2_PORTS";
+    pub const L2_LEASE: &str = "L2_LEASE";
 }
 
 /// Names of the programs in the eBPF object.

@@ -119,6 +119,12 @@ static XDP_TAILS: ProgramArray<3> = ProgramArray::new();
 #[btf_map]
 static L2_PORTS: HashMap<u32, L2Port, { limits::MAX_TX_PORTS as usize }> = HashMap::new();
 
+/// Until when (`bpf_ktime_get_ns`) this node may answer for its VIPs: the agent pushes it
+/// forward while it lives, so a node whose agent died stops answering when its peers take
+/// over, even though its data plane stays attached and keeps forwarding.
+#[btf_map]
+static L2_LEASE: Array<u64, 1> = Array::new();
+
 /// Tail-call targets of `weir_tc_egress` (slot 0: `weir_tc_sctp`).
 #[btf_map]
 static TC_TAILS: ProgramArray<1> = ProgramArray::new();

@@ -3,16 +3,22 @@
 //! (`XDP_TX`) with that interface's MAC: no kernel address, no user-space round trip, and a
 //! takeover is one map write. Untagged frames only; everything else goes on to the kernel.
 //!
+//! Answers stop when the agent's lease (`L2_LEASE`) runs out: a node whose agent died must not
+//! keep answering next to the node that took its VIPs over.
+//!
 //! A program of its own (`weir_xdp_neigh`, tail-called by `weir_xdp`), so that the non-VIP
 //! fast path pays one comparison for it.
 
 use aya_ebpf::{
-    EbpfContext, bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext,
+    EbpfContext,
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
+    programs::XdpContext,
 };
 use lb_common::{VipKey, datapath_stat, family, proto, v4_mapped, vip_flags};
 
 use crate::{
-    L2_PORTS, VIPS, XDP_TAILS,
+    L2_LEASE, L2_PORTS, VIPS, XDP_TAILS,
     parse::{EthHdr, Ipv6Hdr, ptr_at},
     stats,
 };
@@ -55,9 +61,14 @@ pub fn hand_over(ctx: &XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The MAC weir answers with on the frame's ingress interface, if it announces there.
+/// The MAC weir answers with on the frame's ingress interface, if it announces there (and
+/// its agent's lease runs).
 #[inline(always)]
 fn port_mac(ctx: &XdpContext) -> Option<[u8; 6]> {
+    let until = *L2_LEASE.get(0)?;
+    if unsafe { bpf_ktime_get_ns() } > until {
+        return None;
+    }
     let ifindex = ctx.ingress_ifindex() as u32;
     unsafe { L2_PORTS.get(ifindex) }.map(|p| p.mac)
 }

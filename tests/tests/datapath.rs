@@ -1410,6 +1410,10 @@ fn announced_vips_get_arp_replies_and_neighbor_advertisements() {
         let request = arp_request(CLIENT4, VIP4);
         assert_eq!(env.xdp(&request), (XDP_PASS, request.clone()));
         env.dp.add_l2_port(env.bed.c_ifindex, LB_MAC).unwrap();
+        // No lease (the agent's liveness) yet: nothing answered either.
+        assert_eq!(env.xdp(&request), (XDP_PASS, request.clone()));
+        let mut lease = env.dp.l2_lease().unwrap();
+        lease.extend(Duration::from_secs(60)).unwrap();
 
         let arps = env.datapath(datapath_stat::ARP_REPLY);
         let (v, out) = env.xdp(&request);
@@ -1455,6 +1459,12 @@ fn announced_vips_get_arp_replies_and_neighbor_advertisements() {
         let ns = neighbor_solicitation(CLIENT6, "ff02::1:ff00:99", "fd00:100::99");
         assert_eq!(env.xdp(&ns), (XDP_PASS, ns.clone()));
 
+        // The lease runs out (the agent died): no more answers, though the VIPs are still
+        // marked; renewed, answers resume.
+        lease.extend(Duration::ZERO).unwrap();
+        assert_eq!(env.xdp(&request), (XDP_PASS, request.clone()));
+        lease.extend(Duration::from_secs(60)).unwrap();
+        assert_eq!(env.xdp(&request).0, XDP_TX);
         // Handing the VIPs over (another node owns them now): no more answers.
         env.prog
             .set_announced(Default::default(), &mut env.dp.maps)

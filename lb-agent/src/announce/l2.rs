@@ -51,6 +51,28 @@ fn socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Resul
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether interface `name` is up with a carrier (`IFF_RUNNING`).
+pub fn link_up(name: &str) -> bool {
+    let Ok(fd) = socket(libc::AF_INET, libc::SOCK_DGRAM, 0) else {
+        return false;
+    };
+    // SAFETY: `ifreq` is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return false;
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into `req`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return false;
+    }
+    // SAFETY: the kernel filled `ifru_flags` for SIOCGIFFLAGS.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    flags as libc::c_int & libc::IFF_RUNNING != 0
+}
+
 /// The frame that tells the link `ip` is at `mac`: a gratuitous ARP for IPv4, an unsolicited
 /// Neighbor Advertisement for IPv6.
 pub fn announcement(mac: [u8; 6], ip: IpAddr) -> Vec<u8> {

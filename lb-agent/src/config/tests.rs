@@ -444,3 +444,32 @@ fn announce_l2_interfaces_must_be_weirs() {
         ["announce.node_name: \"a b\" is not a valid node name"]
     );
 }
+
+#[test]
+fn announce_gossip_settings_are_checked() {
+    let base = format!("{MINIMAL}announce:\n  node_name: lb1\n  l2:\n    interfaces: [eth0]\n");
+    let c = Config::parse(
+        &format!("{base}  gossip:\n    listen: 198.18.0.2:7946\n    peers: [198.18.0.3:7946]\n"),
+        "t",
+    )
+    .unwrap();
+    let g = c.announce.gossip.expect("gossip");
+    assert_eq!(g.interval, Duration::from_millis(100));
+    assert_eq!(g.dead_after, Duration::from_millis(400));
+    assert_eq!(
+        problems(&format!(
+            "{base}  gossip:\n    listen: 198.18.0.2:7946\n    peers: [198.18.0.2:7946]\n    interval: 1ms\n    dead_after: 1ms\n"
+        )),
+        [
+            "announce.gossip.peers[0]: 198.18.0.2:7946 is this node's own listen address",
+            "announce.gossip.interval: must be between 10ms and 10s",
+            "announce.gossip.dead_after: must be at least twice the interval (one lost heartbeat must not kill a node)",
+        ]
+    );
+    assert_eq!(
+        problems(&format!(
+            "{MINIMAL}announce:\n  gossip:\n    listen: 198.18.0.2:7946\n    peers: [198.18.0.3:7946]\n"
+        )),
+        ["announce.gossip: decides who answers on L2: it needs announce.l2"]
+    );
+}

@@ -227,6 +227,16 @@ impl Datapath {
             })
     }
 
+    /// A writer of the L2 lease with a file descriptor of its own, for a task that keeps it
+    /// running while the agent lives.
+    pub fn l2_lease(&self) -> Result<L2Lease, DataplaneError> {
+        let data = reopen(self.maps.l2_lease.map()).map_err(map_err(maps::L2_LEASE))?;
+        let map = Map::from_map_data(data)
+            .and_then(Array::try_from)
+            .map_err(map_err(maps::L2_LEASE))?;
+        Ok(L2Lease(map))
+    }
+
     /// Answers ARP and Neighbor Solicitations for announced VIPs on interface `ifindex`, with
     /// `mac` (the interface's address).
     pub fn add_l2_port(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
@@ -369,6 +379,7 @@ pub struct EbpfMaps {
     pub snat: HashMap<MapData, FlowKey, SnatValue>,
     snat_config: Array<MapData, SnatConfig>,
     l2_ports: HashMap<MapData, u32, L2Port>,
+    l2_lease: Array<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
     ncpus: usize,
     /// Second handles on the table pages, shared with inspectors: reading a page through the
@@ -415,6 +426,7 @@ impl EbpfMaps {
             snat: typed!(ebpf, maps::SNAT),
             snat_config: typed!(ebpf, maps::SNAT_CONFIG),
             l2_ports: typed!(ebpf, maps::L2_PORTS),
+            l2_lease: typed!(ebpf, maps::L2_LEASE),
             tx_ports: typed!(ebpf, maps::TX_PORTS),
             ncpus,
             shared_pages: SharedPages::default(),
@@ -796,6 +808,19 @@ fn backend_addr(b: &BackendValue) -> std::net::SocketAddr {
 }
 
 /// `bpf_ktime_get_ns()`'s clock.
+/// Lets the data plane answer ARP and Neighbor Solicitations for a while (see `L2_LEASE`).
+pub struct L2Lease(Array<MapData, u64>);
+
+impl L2Lease {
+    /// Answers may go on for `lease` from now.
+    pub fn extend(&mut self, lease: std::time::Duration) -> Result<(), MapError> {
+        let until = monotonic_ns() + lease.as_nanos() as u64;
+        self.0
+            .set(0, until, 0)
+            .map_err(|e| err(maps::L2_LEASE, "set", e))
+    }
+}
+
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
