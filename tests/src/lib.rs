@@ -7,6 +7,7 @@ pub mod chart;
 pub mod clients;
 pub mod demo;
 pub mod fakeapi;
+pub mod l2lab;
 pub mod lab;
 pub mod netns;
 pub mod packets;

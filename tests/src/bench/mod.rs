@@ -3,13 +3,14 @@
 //! machine and the command into `docs/benchmarks.md`. Nothing here asserts on time.
 
 pub mod health;
+pub mod l2;
 pub mod maglev;
 pub mod packet;
 pub mod report;
 pub mod throughput;
 
 /// The benchmarks `--only` can name.
-pub const NAMES: [&str; 5] = ["packet", "maglev", "throughput", "prune", "probes"];
+pub const NAMES: [&str; 6] = ["packet", "maglev", "throughput", "prune", "probes", "l2"];
 
 /// Runs the benchmarks (all, or the one named by `only`) and returns the report as Markdown:
 /// the whole document, or, with `only` and a `previous` document, that document with the
@@ -53,6 +54,10 @@ pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<
             command,
             &health::run_cpu(quick),
         ));
+    }
+    if wanted("l2") {
+        eprintln!("bench: L2 failover");
+        sections.push(report::l2_section(&m, command, &l2::run(quick)));
     }
     match (only, previous) {
         (Some(_), Some(doc)) => report::splice(doc, &sections),

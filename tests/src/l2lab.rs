@@ -1,0 +1,260 @@
+//! The L2 announcement lab: LB nodes, a client and a backend on one link (a bridge in a
+//! namespace of its own), each LB node running the real agent with gossip to the others:
+//!
+//! ```text
+//!                    [sw: br0]
+//!   client 198.18.0.1 ──┤├── lb1 198.18.0.11, lb2 198.18.0.12, ... (XDP on eth0)
+//!  backend 198.18.0.50 ──┘
+//! ```
+//! One service, `web` at 198.18.0.100:80, whose backend is on the same link, so the LB nodes
+//! source-NAT to their own address (one-arm). The client has the VIP on its link: it resolves
+//! it by ARP, which only the owner answers.
+
+use std::{
+    io,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    agent::{Agent, wait_for},
+    clients::{self, Response},
+    lab::{HTTP_PORT, Proc, Scratch},
+    netns::{Netns, parse_mac, veth},
+    xdp::LabXdp,
+};
+
+pub const VIP: &str = "198.18.0.100";
+pub const CLIENT: &str = "198.18.0.1";
+pub const BACKEND: &str = "198.18.0.50";
+
+pub fn lb_addr(i: usize) -> String {
+    format!("198.18.0.{}", 11 + i)
+}
+
+/// Node `i`'s config among `n`.
+pub fn config(i: usize, n: usize) -> String {
+    let peers: Vec<String> = (0..n)
+        .filter(|j| *j != i)
+        .map(|j| format!("{}:7946", lb_addr(j)))
+        .collect();
+    format!(
+        "node:
+  interfaces: [eth0]
+  source_nat: {{ipv4: {me}}}
+admin:
+  listen: 127.0.0.1:9300
+services:
+  - name: web
+    vip: {VIP}
+    port: 80
+    protocol: tcp
+    source_nat: true
+    backends: [{{address: {BACKEND}, port: {HTTP_PORT}}}]
+announce:
+  node_name: lb{n1}
+  l2:
+    interfaces: [eth0]
+  gossip:
+    listen: {me}:7946
+    peers: [{peers}]
+    interval: 100ms
+    dead_after: 400ms
+",
+        me = lb_addr(i),
+        n1 = i + 1,
+        peers = peers.join(", ")
+    )
+}
+
+/// Fields drop in order: agents and processes before the namespaces they run in.
+pub struct L2Lab {
+    pub agents: Vec<Option<Agent>>,
+    _server: Proc,
+    _ports: Vec<LabXdp>,
+    dirs: Vec<Scratch>,
+    /// The LB nodes' MACs on the link.
+    pub macs: Vec<[u8; 6]>,
+    pub lbs: Vec<Netns>,
+    pub client: Netns,
+    pub backend: Netns,
+    pub sw: Netns,
+}
+
+impl L2Lab {
+    /// `n` LB nodes with their agents ready; `bin` is the `weir-lab` binary (the backend's
+    /// server).
+    pub fn new(n: usize, bin: &Path) -> Self {
+        let sw = Netns::new("sw");
+        sw.ip("link add br0 type bridge");
+        sw.ip("link set br0 up");
+        let client = Netns::new("client");
+        let backend = Netns::new("backend");
+        let lbs: Vec<Netns> = (0..n)
+            .map(|i| Netns::new(&format!("lb{}", i + 1)))
+            .collect();
+        let mut ports = Vec::new();
+        let mut attach = |ns: &Netns, port: &str| {
+            veth(ns, "eth0", &sw, port);
+            sw.ip(&format!("link set {port} master br0"));
+            // Frames a node sends back with XDP_TX reach the bridge only through a peer that
+            // runs XDP itself (see `crate::lab`).
+            ports.push(LabXdp::attach(&sw, port, "lab_pass"));
+        };
+        attach(&client, "p-c");
+        attach(&backend, "p-b");
+        for (i, lb) in lbs.iter().enumerate() {
+            attach(lb, &format!("p-{}", i + 1));
+        }
+        client.ip(&format!("addr add {CLIENT}/24 dev eth0"));
+        backend.ip(&format!("addr add {BACKEND}/24 dev eth0"));
+        // Complete checksums from the stacks whose packets XDP rewrites.
+        for ns in [&client, &backend] {
+            ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+        }
+        let macs = lbs
+            .iter()
+            .enumerate()
+            .map(|(i, lb)| {
+                lb.ip(&format!("addr add {}/24 dev eth0", lb_addr(i)));
+                lb.sysctl("net.ipv4.ip_forward", "1");
+                lb.sysctl("net.ipv4.conf.all.rp_filter", "0");
+                lb.exec(&["ethtool", "-K", "eth0", "gro", "on"]);
+                // The backend's neighbour entry, so that the first flow is sent by XDP itself.
+                lb.exec(&["ping", "-c", "1", "-W", "2", BACKEND]);
+                lb.mac("eth0")
+            })
+            .collect();
+        let server = {
+            use std::io::BufRead as _;
+            let mut child = backend
+                .command(bin.to_str().expect("utf-8 path"))
+                .args([
+                    "serve",
+                    "--name",
+                    "b1",
+                    "--http",
+                    &format!("{BACKEND}:{HTTP_PORT}"),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("the backend's server");
+            let mut line = String::new();
+            let _ =
+                std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+            assert_eq!(line.trim(), "ready", "the backend's server");
+            Proc { child }
+        };
+        let mut lab = Self {
+            agents: (0..n).map(|_| None).collect(),
+            _server: server,
+            _ports: ports,
+            dirs: (0..n).map(|_| Scratch::new()).collect(),
+            macs,
+            lbs,
+            client,
+            backend,
+            sw,
+        };
+        for i in 0..n {
+            lab.start_agent(i);
+        }
+        lab
+    }
+
+    /// Starts node `i`'s agent and waits until it is ready.
+    pub fn start_agent(&mut self, i: usize) {
+        let n = self.lbs.len();
+        let mut a = Agent::start(&self.lbs[i], &self.dirs[i].path, Some(&config(i, n)));
+        a.wait_ready(&self.lbs[i]);
+        self.agents[i] = Some(a);
+    }
+
+    /// SIGKILLs node `i`'s agent (its data plane stays attached).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(a) = self.agents[i].take() {
+            a.signal(libc::SIGKILL);
+        }
+    }
+
+    /// Whether node `i`'s agent says it announces the VIP now (its log's last L2 line).
+    pub fn announcing(&self, i: usize) -> bool {
+        self.agents[i].as_ref().is_some_and(|a| {
+            a.log_text()
+                .lines()
+                .rev()
+                .find(|l| l.contains("L2: announced") || l.contains("L2: no longer announced"))
+                .is_some_and(|l| l.contains("L2: announced"))
+        })
+    }
+
+    /// The one node whose agent announces the VIP, once there is exactly one.
+    pub fn owner(&self) -> usize {
+        wait_for(
+            Duration::from_secs(10),
+            "one node announcing the VIP",
+            || {
+                let on: Vec<usize> = (0..self.lbs.len())
+                    .filter(|i| self.announcing(*i))
+                    .collect();
+                (on.len() == 1).then(|| on[0])
+            },
+        )
+    }
+
+    /// GET http://VIP/ from the client.
+    pub fn get(&self, timeout: Duration) -> io::Result<Response> {
+        let vip = format!("{VIP}:80").parse().expect("vip");
+        self.client
+            .run_in(|| clients::http_get(None, vip, "/", timeout))
+    }
+
+    /// The MAC the client's neighbour table has for the VIP.
+    pub fn vip_mac(&self) -> Option<[u8; 6]> {
+        let neigh = self.client.ip(&format!("neigh show {VIP}"));
+        neigh.split("lladdr ").nth(1).map(|m| parse_mac(&m[..17]))
+    }
+
+    /// The node with MAC `mac`.
+    pub fn node_of(&self, mac: [u8; 6]) -> Option<usize> {
+        self.macs.iter().position(|m| *m == mac)
+    }
+
+    /// Node `i`'s ARP answers so far (`weir_dataplane_packets_total{path="arp_reply"}`).
+    pub fn arp_replies(&self, i: usize) -> f64 {
+        let a = self.agents[i].as_ref().expect("a running agent");
+        a.metrics(&self.lbs[i])
+            .lines()
+            .find(|l| l.starts_with("weir_dataplane_packets_total{path=\"arp_reply\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Kills the owner's agent and measures the time to the client's first success through
+    /// another node: (old owner, new owner, time).
+    pub fn failover(&mut self) -> (usize, usize, Duration) {
+        let owner = self.owner();
+        // The client's neighbour entry on the owner, as the clients of a steady VIP have it.
+        self.client.ip(&format!("neigh flush {VIP}"));
+        self.get(Duration::from_secs(2))
+            .expect("GET through the owner");
+        let owner_mac = self.macs[owner];
+        assert_eq!(self.vip_mac(), Some(owner_mac), "resolved to the owner");
+        self.kill_agent(owner);
+        let killed = Instant::now();
+        let new_mac = wait_for(
+            Duration::from_secs(10),
+            "the client moved to another node",
+            || {
+                let mac = self.vip_mac().filter(|m| *m != owner_mac)?;
+                self.get(Duration::from_millis(200)).ok().map(|_| mac)
+            },
+        );
+        let took = killed.elapsed();
+        let new_owner = self.node_of(new_mac).expect("an LB node's MAC");
+        (owner, new_owner, took)
+    }
+}
