@@ -523,6 +523,7 @@ impl Agent {
         for vip in self.announced.difference(&vips) {
             info!(vip = %vip, "L2: no longer announced");
         }
+        let changed = vips != self.announced;
         if let Some(g) = &self.gossip {
             let next = crate::announce::gossip::Local {
                 eligible,
@@ -535,6 +536,9 @@ impl Agent {
             });
         }
         self.announced = vips;
+        if changed {
+            self.publish();
+        }
     }
 
     /// Applies health changes (the first seen at `since`) to the current config.
@@ -642,6 +646,8 @@ impl Agent {
                     .get(&s.frontend)
                     .copied()
                     .unwrap_or(HealthMode::Unchecked),
+                announced: (!self.l2_ports.is_empty())
+                    .then(|| self.announced.contains(&s.frontend.vip)),
                 backends: s
                     .backends
                     .iter()

@@ -39,6 +39,8 @@ pub struct ServiceStatus {
     pub check: Option<&'static str>,
     pub mode: HealthMode,
     pub backends: Vec<BackendStatus>,
+    /// L2 mode: whether this node answers ARP/NDP for the VIP now (None: no L2 announcement).
+    pub announced: Option<bool>,
 }
 
 impl ServiceStatus {
@@ -95,6 +97,9 @@ pub struct ServiceJson {
     /// From the last traffic sample (absent before the first).
     #[serde(default)]
     pub traffic: Option<TrafficJson>,
+    /// L2 mode: this node answers ARP/NDP for the VIP now (absent without L2 announcement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -170,6 +175,7 @@ impl Snapshot {
                         protocol: s.protocol,
                         health_check: s.check.map(str::to_string),
                         health: s.mode,
+                        announced: s.announced,
                         traffic: t.map(|t| TrafficJson {
                             totals: t.totals,
                             rates: t.rates,
@@ -252,6 +258,7 @@ pub mod fixtures {
             check,
             mode,
             backends,
+            announced: None,
         }
     }
 

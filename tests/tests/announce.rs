@@ -19,6 +19,27 @@ fn l2_failover_moves_the_vip_to_a_live_node() {
     const N: usize = 3;
     let mut lab = L2Lab::new(N, server_bin());
     let owner = lab.owner();
+    // The admin API and the metrics say who answers: the owner, and no other node.
+    for i in 0..N {
+        let agent = lab.agents[i].as_ref().unwrap();
+        let mine = i == owner;
+        let s = wait_for(
+            Duration::from_secs(5),
+            "the announcement in the API",
+            || {
+                let s = agent.services(&lab.lbs[i]);
+                (s["services"][0]["announced"] == mine).then_some(s)
+            },
+        );
+        assert_eq!(s["services"][0]["vip"], weir_lab::l2lab::VIP);
+        let metrics = agent.metrics(&lab.lbs[i]);
+        let want = format!(
+            "weir_l2_announced{{vip=\"{}\"}} {}",
+            weir_lab::l2lab::VIP,
+            u8::from(mine)
+        );
+        assert!(metrics.contains(&want), "node {}: no {want:?}", i + 1);
+    }
 
     // Only the owner answers: a fresh resolution moves its counter and no other's, and the
     // client reaches the service through it.

@@ -115,7 +115,8 @@ impl HealthMetrics {
     }
 }
 
-/// Gauges read from the status snapshot: `weir_backend_healthy`, `weir_service_fail_open`.
+/// Gauges read from the status snapshot: `weir_backend_healthy`, `weir_service_fail_open`,
+/// `weir_l2_announced`.
 #[derive(Debug)]
 struct SnapshotGauges(watch::Receiver<Arc<Snapshot>>);
 
@@ -156,6 +157,22 @@ impl Collector for SnapshotGauges {
         }
         for (service, open) in open {
             ConstGauge::new(i64::from(open)).encode(m.encode_family(&[("service", service)])?)?;
+        }
+        drop(m);
+        let mut m = encoder.encode_descriptor(
+            "l2_announced",
+            "1 while this node answers ARP/NDP for the VIP (L2 announcement), 0 while another node does",
+            None,
+            MetricType::Gauge,
+        )?;
+        let mut vips: BTreeMap<String, bool> = BTreeMap::new();
+        for s in &snapshot.services {
+            if let Some(a) = s.announced {
+                *vips.entry(s.vip.to_string()).or_insert(false) |= a;
+            }
+        }
+        for (vip, on) in &vips {
+            ConstGauge::new(i64::from(*on)).encode(m.encode_family(&[("vip", vip.as_str())])?)?;
         }
         Ok(())
     }
