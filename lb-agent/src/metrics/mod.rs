@@ -158,7 +158,6 @@ impl Collector for SnapshotGauges {
         for (service, open) in open {
             ConstGauge::new(i64::from(open)).encode(m.encode_family(&[("service", service)])?)?;
         }
-        drop(m);
         let mut m = encoder.encode_descriptor(
             "l2_announced",
             "1 while this node answers ARP/NDP for the VIP (L2 announcement), 0 while another node does",
