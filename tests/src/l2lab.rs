@@ -233,9 +233,13 @@ impl L2Lab {
             .unwrap_or(0.0)
     }
 
-    /// Kills the owner's agent and measures the time to the client's first success through
-    /// another node: (old owner, new owner, time).
+    /// Kills the owner's agent (`link_down` false) or takes its link down, and measures the
+    /// time to the client's first success through another node: (old owner, new owner, time).
     pub fn failover(&mut self) -> (usize, usize, Duration) {
+        self.fail_owner(false)
+    }
+
+    pub fn fail_owner(&mut self, link_down: bool) -> (usize, usize, Duration) {
         let owner = self.owner();
         // The client's neighbour entry on the owner, as the clients of a steady VIP have it.
         self.client.ip(&format!("neigh flush {VIP}"));
@@ -243,7 +247,11 @@ impl L2Lab {
             .expect("GET through the owner");
         let owner_mac = self.macs[owner];
         assert_eq!(self.vip_mac(), Some(owner_mac), "resolved to the owner");
-        self.kill_agent(owner);
+        if link_down {
+            self.lbs[owner].ip("link set eth0 down");
+        } else {
+            self.kill_agent(owner);
+        }
         let killed = Instant::now();
         let new_mac = wait_for(
             Duration::from_secs(10),

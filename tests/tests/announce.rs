@@ -2,7 +2,7 @@
 //! link, a client and a backend beside them, each LB node running the real agent with gossip
 //! between them. Exactly one node answers ARP for the VIP; SIGKILL its agent and the client's
 //! traffic moves to another node, which took the VIP over with a gratuitous ARP, and the dead
-//! node no longer answers. Needs root; the namespaces are the test's own and are removed
+//! node no longer answers; take the owner's link down and the same happens. Needs root; the namespaces are the test's own and are removed
 //! afterwards.
 
 use std::time::Duration;
@@ -93,6 +93,15 @@ fn l2_failover_moves_the_vip_to_a_live_node() {
         .ip(&format!("neigh flush {}", weir_lab::l2lab::VIP));
     assert_eq!(lab.get(Duration::from_secs(2)).expect("GET").status, 200);
     assert_eq!(lab.vip_mac(), Some(lab.macs[back]));
+    // The owner's link goes down (its agent lives on): the others stop hearing it and take
+    // the VIP over.
+    let (old, new, took) = lab.fail_owner(true);
+    assert_ne!(old, new);
+    eprintln!(
+        "L2 failover after the owner's link went down: {} ms",
+        took.as_millis()
+    );
+    lab.lbs[old].ip("link set eth0 up");
     for a in lab.agents.iter_mut().filter_map(Option::take) {
         assert!(a.stop().success());
     }
