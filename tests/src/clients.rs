@@ -232,6 +232,16 @@ pub fn udp_request(
 ) -> io::Result<(String, Vec<u8>, SocketAddr)> {
     let s = UdpSocket::bind(local)?;
     s.set_read_timeout(Some(timeout))?;
+    udp_exchange(&s, dst, payload)
+}
+
+/// One datagram to `dst` on an open socket (one flow for several exchanges) and its echo:
+/// as [`udp_request`].
+pub fn udp_exchange(
+    s: &UdpSocket,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> io::Result<(String, Vec<u8>, SocketAddr)> {
     s.send_to(payload, dst)?;
     let mut buf = [0u8; 65536];
     let (n, from) = s.recv_from(&mut buf)?;

@@ -131,15 +131,18 @@ fn known_traffic_shows_up_exactly_in_metrics_api_and_status() {
     const K: u64 = 25;
     const PAYLOAD: usize = 100;
     let name = lab_name(expected.ip());
-    for i in 0..K {
-        let payload = vec![b'a' + (i % 26) as u8; PAYLOAD];
-        let (backend, echoed, _) = lab
-            .client
-            .run_in(|| clients::udp_request(client, vip, &payload, T))
-            .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
-        assert_eq!(backend, name);
-        assert_eq!(echoed, payload);
-    }
+    // One socket for the whole flow.
+    lab.client.run_in(|| {
+        let s = std::net::UdpSocket::bind(client).expect("the client's socket");
+        s.set_read_timeout(Some(T)).unwrap();
+        for i in 0..K {
+            let payload = vec![b'a' + (i % 26) as u8; PAYLOAD];
+            let (backend, echoed, _) = clients::udp_exchange(&s, vip, &payload)
+                .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+            assert_eq!(backend, name);
+            assert_eq!(echoed, payload);
+        }
+    });
     // Three datagrams to a VIP port nobody serves: dropped, charged to no service.
     for port in 0..3u16 {
         lab.client.run_in(|| {

@@ -13,21 +13,26 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ICMPV6: u8 = 58;
 
-/// The hardware address of interface `name` (in this network namespace).
-pub fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
+/// An `ifreq` naming interface `name`, and a socket to ask about it with.
+fn ifreq(name: &str) -> io::Result<(OwnedFd, libc::ifreq)> {
     let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
     // SAFETY: `ifreq` is plain data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes();
-    if bytes.len() >= req.ifr_name.len() {
+    if name.len() >= req.ifr_name.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "interface name too long",
         ));
     }
-    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
         *d = *s as libc::c_char;
     }
+    Ok((fd, req))
+}
+
+/// The hardware address of interface `name` (in this network namespace).
+pub fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
+    let (fd, mut req) = ifreq(name)?;
     // SAFETY: SIOCGIFHWADDR reads the name and writes the address into `req`.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
@@ -53,17 +58,9 @@ fn socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Resul
 
 /// Whether interface `name` is up with a carrier (`IFF_RUNNING`).
 pub fn link_up(name: &str) -> bool {
-    let Ok(fd) = socket(libc::AF_INET, libc::SOCK_DGRAM, 0) else {
+    let Ok((fd, mut req)) = ifreq(name) else {
         return false;
     };
-    // SAFETY: `ifreq` is plain data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() >= req.ifr_name.len() {
-        return false;
-    }
-    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *d = *s as libc::c_char;
-    }
     // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into `req`.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
         return false;
@@ -196,8 +193,10 @@ mod tests {
     }
 
     #[test]
-    fn the_loopback_interface_has_a_hardware_address() {
+    fn the_loopback_interface_has_a_hardware_address_and_is_up() {
         assert_eq!(interface_mac("lo").unwrap(), [0; 6]);
         assert!(interface_mac("no-such-if0").is_err());
+        assert!(link_up("lo"));
+        assert!(!link_up("no-such-if0"));
     }
 }
