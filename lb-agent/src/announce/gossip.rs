@@ -38,6 +38,10 @@ pub struct Local {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct View {
     pub alive: BTreeMap<String, (bool, BTreeSet<IpAddr>)>,
+    /// `dead_after` has passed since this node started listening: a peer not heard by now is
+    /// dead, not just unheard yet. Until then this node takes nothing (a restarting node
+    /// would otherwise answer next to the owner for the first heartbeat).
+    pub settled: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -56,6 +60,7 @@ pub async fn run(
     view: watch::Sender<View>,
 ) {
     let mut heard: BTreeMap<String, (Instant, bool, BTreeSet<IpAddr>)> = BTreeMap::new();
+    let settles = Instant::now() + settings.dead_after;
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 65536];
@@ -104,6 +109,7 @@ pub async fn run(
                 .iter()
                 .map(|(n, (_, e, c))| (n.clone(), (*e, c.clone())))
                 .collect(),
+            settled: now >= settles,
         };
         view.send_if_modified(|v| {
             if *v == next {
@@ -129,9 +135,9 @@ pub fn rank(node: &str, vip: IpAddr) -> u64 {
 /// The VIPs of `vips` this node (`me`) answers for, given the others it hears from: those it
 /// ranks first for among the eligible nodes, except while another live node still claims one
 /// (that node stops within a heartbeat once it sees it is not the owner: the hand-over never
-/// has two nodes answering).
+/// has two nodes answering), and nothing before the view has settled.
 pub fn owned(me: &str, eligible: bool, view: &View, vips: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
-    if !eligible {
+    if !eligible || !view.settled {
         return BTreeSet::new();
     }
     vips.iter()

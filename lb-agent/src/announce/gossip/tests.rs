@@ -10,6 +10,7 @@ fn view(nodes: &[(&str, bool, &[IpAddr])]) -> View {
             .iter()
             .map(|(n, e, c)| (n.to_string(), (*e, c.iter().copied().collect())))
             .collect(),
+        settled: true,
     }
 }
 
@@ -56,7 +57,10 @@ fn a_vip_still_claimed_by_a_live_node_is_not_taken_and_ineligible_nodes_own_noth
     // An ineligible peer is passed over; an ineligible node owns nothing.
     let alone = owned("lb1", true, &view(&[("lb2", false, &[])]), &all);
     assert_eq!(alone, all);
-    assert!(owned("lb1", false, &View::default(), &all).is_empty());
+    assert!(owned("lb1", false, &view(&[]), &all).is_empty());
+    // Before the view settles (just started: peers not heard yet are not dead yet), nothing.
+    assert!(owned("lb1", true, &View::default(), &all).is_empty());
+    assert_eq!(owned("lb1", true, &view(&[]), &all), all);
 }
 
 /// Three gossip instances on real UDP sockets on loopback: each hears the other two, and a
