@@ -274,6 +274,14 @@ impl Agent {
     }
 }
 
+/// The value of the sample `name{labels}` in a `/metrics` text (labels exactly as the agent
+/// writes them).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
 /// The capabilities of `charts/weir`'s DaemonSet, as `setpriv` spells them.
 pub const CHART_CAPS: &str = "-all,+bpf,+perfmon,+net_admin,+net_raw";
 

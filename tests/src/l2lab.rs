@@ -13,7 +13,6 @@
 use std::{
     io,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -126,27 +125,7 @@ impl L2Lab {
                 lb.mac("eth0")
             })
             .collect();
-        let server = {
-            use std::io::BufRead as _;
-            let mut child = backend
-                .command(bin.to_str().expect("utf-8 path"))
-                .args([
-                    "serve",
-                    "--name",
-                    "b1",
-                    "--http",
-                    &format!("{BACKEND}:{HTTP_PORT}"),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("the backend's server");
-            let mut line = String::new();
-            let _ =
-                std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
-            assert_eq!(line.trim(), "ready", "the backend's server");
-            Proc { child }
-        };
+        let server = crate::lab::serve_http(&backend, bin, "b1", &[BACKEND.parse().expect("ip")]);
         let mut lab = Self {
             agents: (0..n).map(|_| None).collect(),
             _server: server,
@@ -179,20 +158,16 @@ impl L2Lab {
         }
     }
 
-    /// Whether node `i`'s agent says it announces the VIP now (its log's last L2 line).
+    /// Whether node `i`'s agent says (in `/api/v1/services`) it answers for the VIP now.
     pub fn announcing(&self, i: usize) -> bool {
-        self.agents[i].as_ref().is_some_and(|a| {
-            a.log_text()
-                .lines()
-                .rev()
-                .find(|l| l.contains("L2: announced") || l.contains("L2: no longer announced"))
-                .is_some_and(|l| l.contains("L2: announced"))
-        })
+        self.agents[i]
+            .as_ref()
+            .is_some_and(|a| a.services(&self.lbs[i])["services"][0]["announced"] == true)
     }
 
     /// The one node whose agent announces the VIP, once there is exactly one and the client,
     /// resolving the VIP afresh, reaches the service through it (a hand-over may be under
-    /// way when the logs are read).
+    /// way when the agents are asked).
     pub fn owner(&self) -> usize {
         wait_for(
             Duration::from_secs(10),
@@ -232,12 +207,11 @@ impl L2Lab {
     /// Node `i`'s ARP answers so far (`weir_dataplane_packets_total{path="arp_reply"}`).
     pub fn arp_replies(&self, i: usize) -> f64 {
         let a = self.agents[i].as_ref().expect("a running agent");
-        a.metrics(&self.lbs[i])
-            .lines()
-            .find(|l| l.starts_with("weir_dataplane_packets_total{path=\"arp_reply\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        crate::agent::sample(
+            &a.metrics(&self.lbs[i]),
+            "weir_dataplane_packets_total{path=\"arp_reply\"}",
+        )
+        .unwrap_or(0.0)
     }
 
     /// Kills the owner's agent (`link_down` false) or takes its link down, and measures the

@@ -45,6 +45,21 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Spawns `cmd` and waits for the `ready` line a `weir-lab serve` prints once its sockets
+    /// are bound (`what` names it in the panic).
+    pub fn spawn_ready(cmd: &mut std::process::Command, what: &str) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        assert_eq!(line.trim(), "ready", "{what} did not start");
+        Self { child }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -106,6 +121,17 @@ impl Drop for Scratch {
             let _ = std::fs::remove_dir_all(&self.path);
         }
     }
+}
+
+/// `weir-lab serve` (`bin`) as backend `name` in `ns`, HTTP on port 8080 of each of `ips`,
+/// once it is listening.
+pub fn serve_http(ns: &Netns, bin: &Path, name: &str, ips: &[IpAddr]) -> Proc {
+    let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
+    cmd.args(["serve", "--name", name]);
+    for ip in ips {
+        cmd.args(["--http", &SocketAddr::new(*ip, HTTP_PORT).to_string()]);
+    }
+    Proc::spawn_ready(&mut cmd, &format!("server {name}"))
 }
 
 /// Fields drop in order: servers (inside `backends`) before the namespaces they run in.
@@ -194,17 +220,7 @@ impl Lab {
             cmd.args(["--udp", &SocketAddr::new(ip, UDP_PORT).to_string()]);
             cmd.args(["--sctp", &SocketAddr::new(ip, SCTP_PORT).to_string()]);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {bin} serve: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        assert_eq!(line.trim(), "ready", "server {} did not start", b.name);
-        b.server = Some(Proc { child });
+        b.server = Some(Proc::spawn_ready(&mut cmd, &format!("server {}", b.name)));
     }
 
     /// Sends `GET /_control/<command>` to backend `i`'s server, from inside its namespace.

@@ -667,25 +667,10 @@ fn the_leader_fails_over_without_moving_addresses() {
     assert!(agent_a.stop().success());
 }
 
-/// `weir-lab serve` (HTTP on each of `ips`, port 8080) as backend `name` in `ns`, once it is
-/// listening.
+/// `weir-lab serve` as backend `name` in `ns`, HTTP on each of `ips`.
 fn serve(ns: &Netns, name: &str, ips: &[&str]) -> weir_lab::lab::Proc {
-    use std::io::BufRead as _;
-    let mut cmd = ns.command(server_bin().to_str().unwrap());
-    cmd.args(["serve", "--name", name]);
-    for ip in ips {
-        let ip: IpAddr = ip.parse().unwrap();
-        cmd.args(["--http", &SocketAddr::new(ip, HTTP_PORT).to_string()]);
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
-    assert_eq!(line.trim(), "ready", "server {name}");
-    weir_lab::lab::Proc { child }
+    let ips: Vec<IpAddr> = ips.iter().map(|a| a.parse().unwrap()).collect();
+    weir_lab::lab::serve_http(ns, server_bin(), name, &ips)
 }
 
 /// Two nodes, each with its agent; a client in front of node-a; a pod (backend) behind each;
@@ -943,14 +928,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     assert_eq!(lookup["via"], "connection", "{lookup}");
     assert_eq!(lookup["source_nat_port"], nat_port, "{lookup}");
     // The counters as the agent samples them (once a second).
-    let value = |needle: &str| -> Option<f64> {
-        let metrics = agent_a.metrics(&node_a);
-        metrics
-            .lines()
-            .find(|l| l.starts_with(needle))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    };
+    let value = |series: &str| weir_lab::agent::sample(&agent_a.metrics(&node_a), series);
     wait_for(
         Duration::from_secs(5),
         "replies translated back at node-a",

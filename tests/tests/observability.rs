@@ -36,11 +36,9 @@ fn lab_with_agent() -> (Lab, Agent) {
     (lab, agent)
 }
 
-/// The value of the sample `name{labels}` (labels exactly as the agent writes them).
+/// The value of the sample `name{labels}`, a count.
 fn sample(text: &str, series: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.parse::<f64>().expect("sample value") as u64)
+    weir_lab::agent::sample(text, series).map(|v| v as u64)
 }
 
 /// Waits until every `(series, value)` is in `/metrics`; returns the text.

@@ -391,18 +391,8 @@ impl Farm {
             "--udp",
             "0.0.0.0:7007",
         ]);
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("farm server");
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-            &mut line,
-        );
-        assert_eq!(line.trim(), "ready");
         Self {
-            _server: Proc { child },
+            _server: Proc::spawn_ready(&mut cmd, "farm server"),
             addrs,
             _farm: farm,
             lb,
