@@ -291,8 +291,22 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         l2_ports,
         announced: BTreeSet::new(),
         gossip,
+        bgp: None,
     };
     agent.first_state(&mut events).await?;
+    // BGP once the first state is programmed: the first routes are the VIPs that can be served.
+    if let Some(b) = &agent.current.announce.bgp {
+        match crate::announce::bgp::Speaker::start(b, metrics.bgp.clone()).await {
+            Ok(speaker) => {
+                agent.bgp = Some(speaker);
+                agent.announce_bgp();
+            }
+            Err(e) => {
+                agent.datapath.detach_all();
+                return Err(e.context("announce.bgp"));
+            }
+        }
+    }
     state.readiness.programmed.store(true, Ordering::Release);
     state.note_config(Ok(()));
 
@@ -341,6 +355,10 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     }
 
     state.readiness.attached.store(false, Ordering::Release);
+    // Routes go before the data plane does: the peers stop sending here first.
+    if let Some(speaker) = agent.bgp.take() {
+        speaker.shutdown(Duration::from_secs(3)).await;
+    }
     sampler.abort();
     for t in &kube_tasks {
         t.abort();
@@ -391,6 +409,8 @@ struct Agent {
     announced: BTreeSet<std::net::IpAddr>,
     /// Liveness of the other announcing nodes (None: this node owns every VIP).
     gossip: Option<Gossip>,
+    /// BGP mode's speaker.
+    bgp: Option<crate::announce::bgp::Speaker>,
 }
 
 struct Gossip {
@@ -471,8 +491,38 @@ impl Agent {
         self.modes = modes;
         self.states = states;
         self.announce_l2();
+        self.announce_bgp();
         self.publish();
         Ok(report)
+    }
+
+    /// The VIPs this node can serve: at least one of its services sends new flows to a
+    /// backend (with health checks: a healthy one; a service whose backends all failed —
+    /// fail-open or fail-closed — or that waits for its first results does not count). In
+    /// Kubernetes mode a Local-policy Service's backends are this node's endpoints only, so
+    /// a node without a healthy local endpoint does not serve it.
+    fn servable_vips(&self) -> BTreeSet<std::net::IpAddr> {
+        self.programmed
+            .services
+            .iter()
+            .filter(|s| {
+                matches!(
+                    self.modes
+                        .get(&s.frontend)
+                        .copied()
+                        .unwrap_or(HealthMode::Unchecked),
+                    HealthMode::Unchecked | HealthMode::Checked
+                ) && s.backends.iter().any(|b| b.share() > 0)
+            })
+            .map(|s| s.frontend.vip)
+            .collect()
+    }
+
+    /// BGP mode: advertise what this node can serve, withdraw the rest.
+    fn announce_bgp(&self) {
+        if let Some(speaker) = &self.bgp {
+            speaker.advertise(self.servable_vips());
+        }
     }
 
     /// L2 mode: the VIPs this node owns are answered for here — every programmed VIP without

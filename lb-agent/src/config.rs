@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -52,6 +52,81 @@ struct RawAnnounce {
     node_name: Option<String>,
     l2: Option<RawL2>,
     gossip: Option<RawGossip>,
+    bgp: Option<RawBgp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBgp {
+    local_as: u32,
+    router_id: Ipv4Addr,
+    #[serde(default)]
+    communities: Vec<String>,
+    #[serde(default)]
+    large_communities: Vec<String>,
+    local_pref: Option<u32>,
+    #[serde(default = "default_bgp_port")]
+    listen_port: u16,
+    #[serde(default)]
+    bfd: RawBfdTimers,
+    peers: Vec<RawBgpPeer>,
+}
+
+fn default_bgp_port() -> u16 {
+    179
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBfdTimers {
+    #[serde(default = "default_bfd_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_bfd_multiplier")]
+    multiplier: u8,
+}
+
+impl Default for RawBfdTimers {
+    fn default() -> Self {
+        Self {
+            interval: default_bfd_interval(),
+            multiplier: default_bfd_multiplier(),
+        }
+    }
+}
+
+fn default_bfd_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_bfd_multiplier() -> u8 {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBgpPeer {
+    address: IpAddr,
+    remote_as: u32,
+    #[serde(default = "default_bgp_port")]
+    port: u16,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_hold_time", with = "humantime_serde")]
+    hold_time: Duration,
+    #[serde(default = "default_connect_retry", with = "humantime_serde")]
+    connect_retry: Duration,
+    #[serde(default)]
+    bfd: bool,
+    multihop: Option<u8>,
+    #[serde(default)]
+    passive: bool,
+}
+
+fn default_hold_time() -> Duration {
+    Duration::from_secs(9)
+}
+
+fn default_connect_retry() -> Duration {
+    Duration::from_secs(2)
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +314,63 @@ pub struct AnnounceConfig {
     /// Liveness between the announcing nodes, which decides who owns each VIP (none: this
     /// node owns every VIP).
     pub gossip: Option<GossipConfig>,
+    /// BGP mode (none: no BGP speaker).
+    pub bgp: Option<BgpConfig>,
+}
+
+/// `announce.bgp`: a BGP speaker that advertises the VIPs this node can serve as /32 and
+/// /128 routes with this node as the next hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpConfig {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    /// RFC 1997 communities (high 16 bits the AS, low 16 the value).
+    pub communities: Vec<u32>,
+    /// RFC 8092 large communities (global administrator, local data 1, local data 2).
+    pub large_communities: Vec<(u32, u32, u32)>,
+    /// LOCAL_PREF sent to internal peers (external peers never get it).
+    pub local_pref: Option<u32>,
+    /// Where passive peers connect to.
+    pub listen_port: u16,
+    pub bfd: BfdTimers,
+    pub peers: Vec<BgpPeerConfig>,
+}
+
+/// BFD (RFC 5880) timers: the interval this node sends at and wants to receive at once up,
+/// and how many missed packets declare the peer down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BfdTimers {
+    pub interval: Duration,
+    pub multiplier: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpPeerConfig {
+    pub address: IpAddr,
+    pub remote_as: u32,
+    pub port: u16,
+    /// TCP MD5 signature key (RFC 2385), read from `password_file`.
+    pub password: Option<Secret>,
+    /// Proposed hold time (0: no keepalives; else 3 s to 65535 s); the lower of both
+    /// sides' applies.
+    pub hold_time: Duration,
+    /// Wait between connection attempts.
+    pub connect_retry: Duration,
+    pub bfd: bool,
+    /// eBGP multihop: the TTL of the session's packets (external peers default to 1).
+    pub multihop: Option<u8>,
+    /// Wait for the peer to connect instead of connecting to it.
+    pub passive: bool,
+}
+
+/// A password: compared and cloned like a string, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -482,6 +614,147 @@ impl Checker {
 }
 
 impl Checker {
+    /// Checks `announce.bgp`; passwords are read now, so that `lb-agent check` finds an
+    /// unreadable one.
+    fn bgp(&mut self, b: RawBgp) -> Option<BgpConfig> {
+        let before = self.problems.len();
+        if b.local_as == 0 || b.local_as == 23456 {
+            self.fail(
+                "announce.bgp.local_as",
+                format!("{} is not a usable AS number", b.local_as),
+            );
+        }
+        if b.router_id.is_unspecified() {
+            self.fail("announce.bgp.router_id", "0.0.0.0 is not a router id");
+        }
+        let mut communities = Vec::new();
+        for (i, text) in b.communities.iter().enumerate() {
+            match parse_community(text) {
+                Some(c) => communities.push(c),
+                None => self.fail(
+                    format!("announce.bgp.communities[{i}]"),
+                    format!("{text:?} is not a community: AS:VALUE with both parts 0-65535, or no-export, no-advertise, no-export-subconfed"),
+                ),
+            }
+        }
+        let mut large_communities = Vec::new();
+        for (i, text) in b.large_communities.iter().enumerate() {
+            let parts: Vec<Option<u32>> = text.split(':').map(|p| p.parse().ok()).collect();
+            match parts.as_slice() {
+                [Some(a), Some(b), Some(c)] => large_communities.push((*a, *b, *c)),
+                _ => self.fail(
+                    format!("announce.bgp.large_communities[{i}]"),
+                    format!(
+                        "{text:?} is not a large community: three numbers 0-4294967295 as A:B:C"
+                    ),
+                ),
+            }
+        }
+        if b.peers.is_empty() {
+            self.fail("announce.bgp.peers", "at least one peer is needed");
+        }
+        if b.bfd.interval < Duration::from_millis(10) || b.bfd.interval > Duration::from_secs(10) {
+            self.fail("announce.bgp.bfd.interval", "must be between 10ms and 10s");
+        }
+        if !(2..=50).contains(&b.bfd.multiplier) {
+            self.fail("announce.bgp.bfd.multiplier", "must be between 2 and 50");
+        }
+        let mut seen = BTreeSet::new();
+        let mut peers = Vec::new();
+        for (i, p) in b.peers.into_iter().enumerate() {
+            let at = |f: &str| format!("announce.bgp.peers[{i}].{f}");
+            if !seen.insert(p.address) {
+                self.fail(at("address"), format!("{} is listed twice", p.address));
+            }
+            if p.address.is_unspecified() || p.address.is_multicast() {
+                self.fail(
+                    at("address"),
+                    format!("{} is not a peer address", p.address),
+                );
+            }
+            if p.remote_as == 0 || p.remote_as == 23456 {
+                self.fail(
+                    at("remote_as"),
+                    format!("{} is not a usable AS number", p.remote_as),
+                );
+            }
+            if p.port == 0 {
+                self.fail(at("port"), "0 is not a port");
+            }
+            let hold = p.hold_time;
+            if hold.subsec_nanos() != 0
+                || (hold != Duration::ZERO
+                    && (hold < Duration::from_secs(3) || hold > Duration::from_secs(65535)))
+            {
+                self.fail(
+                    at("hold_time"),
+                    "must be 0 (no keepalives) or whole seconds from 3s to 65535s",
+                );
+            }
+            if p.connect_retry < Duration::from_millis(100)
+                || p.connect_retry > Duration::from_secs(600)
+            {
+                self.fail(at("connect_retry"), "must be between 100ms and 10m");
+            }
+            if p.multihop == Some(0) {
+                self.fail(at("multihop"), "is a TTL: 1 to 255");
+            }
+            if p.bfd && p.multihop.is_some_and(|h| h > 1) {
+                self.fail(
+                    at("bfd"),
+                    "BFD here is single-hop (RFC 5881): not with multihop above 1",
+                );
+            }
+            let password = p
+                .password_file
+                .as_ref()
+                .and_then(|path| match std::fs::read_to_string(path) {
+                    Ok(text) => {
+                        let key = text.trim_end_matches(['\n', '\r']).to_string();
+                        if key.is_empty() || key.len() > 80 {
+                            self.fail(
+                                at("password_file"),
+                                format!(
+                                    "{}: a TCP MD5 key has 1 to 80 bytes, this one {}",
+                                    path.display(),
+                                    key.len()
+                                ),
+                            );
+                        }
+                        Some(Secret(key))
+                    }
+                    Err(e) => {
+                        self.fail(at("password_file"), format!("{}: {e}", path.display()));
+                        None
+                    }
+                });
+            peers.push(BgpPeerConfig {
+                address: p.address,
+                remote_as: p.remote_as,
+                port: p.port,
+                password,
+                hold_time: p.hold_time,
+                connect_retry: p.connect_retry,
+                bfd: p.bfd,
+                multihop: p.multihop,
+                passive: p.passive,
+            });
+        }
+        (self.problems.len() == before).then_some(BgpConfig {
+            local_as: b.local_as,
+            router_id: b.router_id,
+            communities,
+            large_communities,
+            local_pref: b.local_pref,
+            listen_port: b.listen_port,
+            bfd: BfdTimers {
+                interval: b.bfd.interval,
+                multiplier: b.bfd.multiplier,
+            },
+            peers,
+        })
+    }
+
     /// Checks a `health_check` block; a CA bundle must be readable and hold a certificate now,
     /// not at the first probe.
     fn health_check(&mut self, at: &str, raw: RawHealthCheck) -> Option<HealthCheck> {
@@ -868,6 +1141,10 @@ impl RawConfig {
                     dead_after: g.dead_after,
                 });
             }
+
+            if let Some(b) = a.bgp {
+                announce.bgp = c.bgp(b);
+            }
         }
 
         if !c.problems.is_empty() {
@@ -896,6 +1173,20 @@ impl RawConfig {
             announce,
         })
     }
+}
+
+/// An RFC 1997 community: `AS:VALUE` or a well-known name.
+fn parse_community(text: &str) -> Option<u32> {
+    match text.to_ascii_lowercase().as_str() {
+        "no-export" => return Some(0xFFFF_FF01),
+        "no-advertise" => return Some(0xFFFF_FF02),
+        "no-export-subconfed" => return Some(0xFFFF_FF03),
+        _ => {}
+    }
+    let (a, v) = text.split_once(':')?;
+    let a: u16 = a.parse().ok()?;
+    let v: u16 = v.parse().ok()?;
+    Some((u32::from(a) << 16) | u32::from(v))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bgplab;
 pub mod chart;
 pub mod clients;
 pub mod demo;

@@ -3,5 +3,7 @@
 //! module finds each L2 interface's MAC and sends the gratuitous ARP / unsolicited Neighbor
 //! Advertisement that moves a VIP's neighbour entries to this node when it takes the VIP.
 
+pub mod bfd;
+pub mod bgp;
 pub mod gossip;
 pub mod l2;

@@ -140,6 +140,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/services", get(services))
         .route("/api/v1/lookup", get(lookup))
+        .route("/api/v1/bgp", get(bgp))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -148,6 +149,22 @@ async fn services(State(s): State<ApiState>) -> Json<ServicesJson> {
     let snapshot = s.snapshot.borrow().clone();
     let traffic = s.traffic.borrow().clone();
     Json(snapshot.to_json(&traffic))
+}
+
+/// `/api/v1/bgp`: every configured peer's session (an empty list without BGP).
+#[derive(Debug, Serialize)]
+struct BgpJson {
+    peers: Vec<crate::announce::bgp::PeerStatus>,
+}
+
+async fn bgp(State(s): State<ApiState>) -> Json<BgpJson> {
+    let peers = s
+        .metrics
+        .bgp
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    Json(BgpJson { peers })
 }
 
 /// `/api/v1/lookup?client=IP:PORT&vip=IP:PORT&protocol=tcp|udp|sctp`.

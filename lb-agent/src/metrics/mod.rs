@@ -531,6 +531,72 @@ pub struct Metrics {
     pub registry: Registry,
     pub health: Arc<HealthMetrics>,
     pub agent: Arc<AgentMetrics>,
+    /// The BGP speaker's peers (empty without BGP), read at scrape time.
+    pub bgp: crate::announce::bgp::Peers,
+}
+
+/// `weir_bgp_session_up`, `weir_bgp_routes_advertised`, `weir_bgp_sessions_established_total`,
+/// `weir_bfd_session_up`: one series per configured peer.
+#[derive(Debug)]
+struct BgpCollector(crate::announce::bgp::Peers);
+
+impl Collector for BgpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let peers = self
+            .0
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        if peers.is_empty() {
+            return Ok(());
+        }
+        let label = |p: &crate::announce::bgp::PeerStatus| p.address.to_string();
+        let mut m = encoder.encode_descriptor(
+            "bgp_session_up",
+            "1 while the BGP session with the peer is Established, else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &peers {
+            let up = p.state == crate::announce::bgp::State::Established;
+            ConstGauge::new(i64::from(up))
+                .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "bgp_routes_advertised",
+            "VIP routes (/32, /128) advertised to the peer and not withdrawn",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &peers {
+            ConstGauge::new(p.advertised.len() as i64)
+                .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "bgp_sessions_established",
+            "Times the BGP session with the peer reached Established",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &peers {
+            ConstCounter::new(p.established)
+                .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "bfd_session_up",
+            "1 while the BFD session with the peer is Up, else 0 (peers with BFD only)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &peers {
+            if let Some(state) = p.bfd {
+                let up = state == crate::announce::bfd::State::Up;
+                ConstGauge::new(i64::from(up))
+                    .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Metrics {
@@ -545,10 +611,13 @@ impl Metrics {
         agent.register(&mut registry);
         registry.register_collector(Box::new(SnapshotGauges(snapshot)));
         registry.register_collector(Box::new(TrafficCollector(traffic)));
+        let bgp = crate::announce::bgp::Peers::default();
+        registry.register_collector(Box::new(BgpCollector(bgp.clone())));
         Self {
             registry,
             health,
             agent,
+            bgp,
         }
     }
 
