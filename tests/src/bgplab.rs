@@ -245,8 +245,8 @@ impl BgpLab {
             ports.push(LabXdp::attach(&rt, port, "lab_pass"));
         };
         attach(&backend, "p-b");
-        for i in 0..n {
-            attach(&lbs[i], &format!("p-{}", i + 1));
+        for (i, lb) in lbs.iter().enumerate() {
+            attach(lb, &format!("p-{}", i + 1));
         }
         for (a4, a6) in BACKENDS4.iter().zip(BACKENDS6) {
             backend.ip(&format!("addr add {a4}/24 dev eth0"));
