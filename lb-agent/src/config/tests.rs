@@ -473,3 +473,64 @@ fn announce_gossip_settings_are_checked() {
         ["announce.gossip: decides who answers on L2: it needs announce.l2"]
     );
 }
+
+#[test]
+fn announce_bgp_is_checked_and_reads_the_password_file() {
+    let dir = std::env::temp_dir().join(format!("weir-bgp-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pw = dir.join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let text = format!(
+        "{MINIMAL}announce:\n  bgp:\n    local_as: 4200000001\n    router_id: 198.18.0.2\n    communities: [\"64512:100\", no-export]\n    large_communities: [\"64512:1:2\"]\n    peers:\n      - address: 198.18.0.254\n        remote_as: 64513\n        password_file: {}\n        bfd: true\n      - address: fd00::fe\n        remote_as: 64513\n        passive: true\n        multihop: 3\n        hold_time: 0s\n",
+        pw.display()
+    );
+    let c = Config::parse(&text, "test.yaml").unwrap();
+    let b = c.announce.bgp.expect("bgp");
+    assert_eq!(b.local_as, 4_200_000_001);
+    assert_eq!(b.communities, [(64512 << 16) | 100, 0xFFFF_FF01]);
+    assert_eq!(b.large_communities, [(64512, 1, 2)]);
+    assert_eq!(b.listen_port, 179);
+    assert_eq!(b.peers[0].password, Some(Secret("s3cret".into())));
+    assert_eq!(
+        format!("{:?}", b.peers[0].password),
+        "Some(Secret(..))",
+        "never printed"
+    );
+    assert_eq!(b.peers[0].hold_time, Duration::from_secs(9));
+    assert!(b.peers[1].passive && b.peers[1].hold_time.is_zero());
+
+    let bad = format!(
+        "{MINIMAL}announce:\n  bgp:\n    local_as: 23456\n    router_id: 0.0.0.0\n    communities: [\"70000:1\"]\n    large_communities: [\"1:2\"]\n    bfd: {{interval: 1ms, multiplier: 1}}\n    peers:\n      - address: 198.18.0.254\n        remote_as: 0\n        password_file: {}\n        hold_time: 2s\n        multihop: 0\n      - address: 198.18.0.254\n        remote_as: 64513\n        bfd: true\n        multihop: 2\n        connect_retry: 1ms\n",
+        dir.join("missing").display()
+    );
+    let p = problems(&bad);
+    let want = [
+        "announce.bgp.local_as: 23456 is not a usable AS number",
+        "announce.bgp.router_id: 0.0.0.0 is not a router id",
+        "announce.bgp.communities[0]: \"70000:1\" is not a community",
+        "announce.bgp.large_communities[0]: \"1:2\" is not a large community",
+        "announce.bgp.bfd.interval: must be between 10ms and 10s",
+        "announce.bgp.bfd.multiplier: must be between 2 and 50",
+        "announce.bgp.peers[0].remote_as: 0 is not a usable AS number",
+        "announce.bgp.peers[0].hold_time: must be 0",
+        "announce.bgp.peers[0].multihop: is a TTL",
+        "announce.bgp.peers[0].password_file:",
+        "announce.bgp.peers[1].address: 198.18.0.254 is listed twice",
+        "announce.bgp.peers[1].connect_retry: must be between 100ms and 10m",
+        "announce.bgp.peers[1].bfd: BFD here is single-hop",
+    ];
+    for w in want {
+        assert!(
+            p.iter().any(|x| x.starts_with(w)),
+            "missing {w:?} in {p:#?}"
+        );
+    }
+    assert_eq!(p.len(), want.len(), "{p:#?}");
+    assert_eq!(
+        problems(&format!(
+            "{MINIMAL}announce:\n  bgp:\n    local_as: 64512\n    router_id: 198.18.0.2\n    peers: []\n"
+        )),
+        ["announce.bgp.peers: at least one peer is needed"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
