@@ -339,6 +339,16 @@ impl BgpLab {
         });
     }
 
+    /// Whether BFD between node `i` and the router (FRR) is up on both sides.
+    pub fn bfd_up(&self, i: usize) -> bool {
+        let ours = self.bgp(i).first().is_some_and(|p| p["bfd"] == "up");
+        let theirs = self
+            .router()
+            .query(&format!("show bfd peer {} json", lb4(i)))
+            .contains("\"status\":\"up\"");
+        ours && theirs
+    }
+
     /// Stops (SIGKILL) backend `b`'s server, or starts it again.
     pub fn set_backend(&mut self, b: usize, up: bool) {
         if up {

@@ -26,7 +26,7 @@ fn gobgp_path(lab: &BgpLab, prefix: &str) -> Option<Value> {
     rib.get(prefix)?.as_array()?.first().cloned()
 }
 
-fn attr<'a>(path: &'a Value, kind: u64) -> Option<&'a Value> {
+fn attr(path: &Value, kind: u64) -> Option<&Value> {
     path["attrs"].as_array()?.iter().find(|a| a["type"] == kind)
 }
 
@@ -291,12 +291,7 @@ fn frr_with_bfd_drops_a_frozen_node_before_the_hold_time() {
     lab.start_agent(0);
     lab.wait_established(0);
     wait_for(Duration::from_secs(10), "BFD up on both sides", || {
-        let ours = lab.bgp(0)[0]["bfd"] == "up";
-        let theirs = lab
-            .router()
-            .query("show bfd peers json")
-            .contains("\"status\":\"up\"");
-        (ours && theirs).then_some(())
+        lab.bfd_up(0).then_some(())
     });
     wait_for(Duration::from_secs(10), "the VIP route", || {
         (lab.fib(VIP4).len() == 1).then_some(())

@@ -2,6 +2,7 @@
 //! baseline side by side in one run, on this machine, and `report` writes the figures with the
 //! machine and the command into `docs/benchmarks.md`. Nothing here asserts on time.
 
+pub mod bgp;
 pub mod health;
 pub mod l2;
 pub mod maglev;
@@ -10,7 +11,15 @@ pub mod report;
 pub mod throughput;
 
 /// The benchmarks `--only` can name.
-pub const NAMES: [&str; 6] = ["packet", "maglev", "throughput", "prune", "probes", "l2"];
+pub const NAMES: [&str; 7] = [
+    "packet",
+    "maglev",
+    "throughput",
+    "prune",
+    "probes",
+    "l2",
+    "bgp",
+];
 
 /// Runs the benchmarks (all, or the one named by `only`) and returns the report as Markdown:
 /// the whole document, or, with `only` and a `previous` document, that document with the
@@ -58,6 +67,10 @@ pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<
     if wanted("l2") {
         eprintln!("bench: L2 failover");
         sections.push(report::l2_section(&m, command, &l2::run(quick)));
+    }
+    if wanted("bgp") {
+        eprintln!("bench: BGP failover");
+        sections.push(report::bgp_section(&m, command, &bgp::run(quick)));
     }
     match (only, previous) {
         (Some(_), Some(doc)) => report::splice(doc, &sections),
