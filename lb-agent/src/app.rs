@@ -545,11 +545,14 @@ impl Agent {
             .l2_ports
             .iter()
             .all(|p| crate::announce::l2::link_up(&p.iface));
+        // With other nodes to take over, a VIP goes to a node that can serve it; alone, this
+        // node keeps answering (fail-open still forwards).
+        let serving = self.servable_vips();
         let vips = match &self.gossip {
             None => all,
             Some(g) => {
                 let view = g.view.borrow().clone();
-                crate::announce::gossip::owned(&g.node, eligible, &view, &all)
+                crate::announce::gossip::owned(&g.node, eligible, &serving, &view, &all)
             }
         };
         if let Err(e) = self
@@ -578,6 +581,7 @@ impl Agent {
             let next = crate::announce::gossip::Local {
                 eligible,
                 claims: vips.clone(),
+                serving,
             };
             g.local.send_if_modified(|l| {
                 let changed = *l != next;

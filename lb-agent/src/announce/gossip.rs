@@ -25,6 +25,9 @@ pub struct Heartbeat {
     pub eligible: bool,
     /// The VIPs it answers for now.
     pub claims: BTreeSet<IpAddr>,
+    /// The VIPs it can serve (a backend in rotation); absent: every VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<BTreeSet<IpAddr>>,
 }
 
 /// What this node tells its peers.
@@ -32,12 +35,15 @@ pub struct Heartbeat {
 pub struct Local {
     pub eligible: bool,
     pub claims: BTreeSet<IpAddr>,
+    pub serving: BTreeSet<IpAddr>,
 }
 
 /// The other nodes heard from within `dead_after`: name → (eligible, claims).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct View {
     pub alive: BTreeMap<String, (bool, BTreeSet<IpAddr>)>,
+    /// What each live node said it can serve (a node not listed serves every VIP).
+    pub serving: BTreeMap<String, BTreeSet<IpAddr>>,
     /// `dead_after` has passed since this node started listening: a peer not heard by now is
     /// dead, not just unheard yet. Until then this node takes nothing (a restarting node
     /// would otherwise answer next to the owner for the first heartbeat).
@@ -59,7 +65,8 @@ pub async fn run(
     mut local: watch::Receiver<Local>,
     view: watch::Sender<View>,
 ) {
-    let mut heard: BTreeMap<String, (Instant, bool, BTreeSet<IpAddr>)> = BTreeMap::new();
+    type Heard = (Instant, bool, BTreeSet<IpAddr>, Option<BTreeSet<IpAddr>>);
+    let mut heard: BTreeMap<String, Heard> = BTreeMap::new();
     let settles = Instant::now() + settings.dead_after;
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -68,7 +75,7 @@ pub async fn run(
         tokio::select! {
             _ = tick.tick() => {
                 let me = local.borrow().clone();
-                let beat = Heartbeat { node: settings.node.clone(), eligible: me.eligible, claims: me.claims };
+                let beat = Heartbeat { node: settings.node.clone(), eligible: me.eligible, claims: me.claims, serving: Some(me.serving) };
                 let bytes = serde_json::to_vec(&beat).expect("a heartbeat serializes");
                 for peer in &settings.peers {
                     if let Err(e) = socket.send_to(&bytes, peer).await {
@@ -82,7 +89,7 @@ pub async fn run(
                         if !heard.contains_key(&b.node) {
                             info!(node = %b.node, from = %from, "gossip: peer alive");
                         }
-                        heard.insert(b.node, (Instant::now(), b.eligible, b.claims));
+                        heard.insert(b.node, (Instant::now(), b.eligible, b.claims, b.serving));
                     }
                     Ok(_) => warn!(from = %from, "gossip: a heartbeat with this node's own name"),
                     Err(e) => debug!(from = %from, error = %e, "gossip: not a heartbeat"),
@@ -97,7 +104,7 @@ pub async fn run(
             }
         }
         let now = Instant::now();
-        heard.retain(|node, (at, _, _)| {
+        heard.retain(|node, (at, _, _, _)| {
             let alive = now.duration_since(*at) <= settings.dead_after;
             if !alive {
                 info!(node = %node, "gossip: peer dead (no heartbeat within dead_after)");
@@ -107,7 +114,11 @@ pub async fn run(
         let next = View {
             alive: heard
                 .iter()
-                .map(|(n, (_, e, c))| (n.clone(), (*e, c.clone())))
+                .map(|(n, (_, e, c, _))| (n.clone(), (*e, c.clone())))
+                .collect(),
+            serving: heard
+                .iter()
+                .filter_map(|(n, (_, _, _, s))| Some((n.clone(), s.clone()?)))
                 .collect(),
             settled: now >= settles,
         };
@@ -133,20 +144,30 @@ pub fn rank(node: &str, vip: IpAddr) -> u64 {
 }
 
 /// The VIPs of `vips` this node (`me`) answers for, given the others it hears from: those it
-/// ranks first for among the eligible nodes, except while another live node still claims one
-/// (that node stops within a heartbeat once it sees it is not the owner: the hand-over never
-/// has two nodes answering), and nothing before the view has settled.
-pub fn owned(me: &str, eligible: bool, view: &View, vips: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+/// ranks first for among the eligible nodes that can serve them (`serving`: this node's), except
+/// while another live node still claims one (that node stops within a heartbeat once it sees
+/// it is not the owner: the hand-over never has two nodes answering), and nothing before the
+/// view has settled.
+pub fn owned(
+    me: &str,
+    eligible: bool,
+    serving: &BTreeSet<IpAddr>,
+    view: &View,
+    vips: &BTreeSet<IpAddr>,
+) -> BTreeSet<IpAddr> {
     if !eligible || !view.settled {
         return BTreeSet::new();
     }
     vips.iter()
         .copied()
         .filter(|vip| {
+            if !serving.contains(vip) {
+                return false;
+            }
             let first = view
                 .alive
                 .iter()
-                .filter(|(_, (e, _))| *e)
+                .filter(|(n, (e, _))| *e && view.serving.get(*n).is_none_or(|s| s.contains(vip)))
                 .map(|(n, _)| n.as_str())
                 .chain(std::iter::once(me))
                 .max_by_key(|n| (rank(n, *vip), *n));

@@ -11,6 +11,7 @@ fn view(nodes: &[(&str, bool, &[IpAddr])]) -> View {
             .map(|(n, e, c)| (n.to_string(), (*e, c.iter().copied().collect())))
             .collect(),
         settled: true,
+        serving: BTreeMap::new(),
     }
 }
 
@@ -27,7 +28,7 @@ fn every_vip_has_exactly_one_owner_and_a_leaving_node_moves_only_its_own() {
                     .filter(|n| *n != me)
                     .map(|n| (*n, true, &[][..]))
                     .collect();
-                owned(me, true, &view(&others), &all)
+                owned(me, true, &all, &view(&others), &all)
             })
             .collect()
     };
@@ -47,20 +48,20 @@ fn every_vip_has_exactly_one_owner_and_a_leaving_node_moves_only_its_own() {
 #[test]
 fn a_vip_still_claimed_by_a_live_node_is_not_taken_and_ineligible_nodes_own_nothing() {
     let all = vips(20);
-    let mine = owned("lb1", true, &view(&[("lb2", true, &[])]), &all);
+    let mine = owned("lb1", true, &all, &view(&[("lb2", true, &[])]), &all);
     let vip = *mine.iter().next().expect("lb1 owns some");
     // lb2 still answers for it (it owned it before lb1 came back): lb1 waits.
     let claims = [vip];
-    let waiting = owned("lb1", true, &view(&[("lb2", true, &claims)]), &all);
+    let waiting = owned("lb1", true, &all, &view(&[("lb2", true, &claims)]), &all);
     assert!(!waiting.contains(&vip));
     assert_eq!(waiting.len(), mine.len() - 1);
     // An ineligible peer is passed over; an ineligible node owns nothing.
-    let alone = owned("lb1", true, &view(&[("lb2", false, &[])]), &all);
+    let alone = owned("lb1", true, &all, &view(&[("lb2", false, &[])]), &all);
     assert_eq!(alone, all);
-    assert!(owned("lb1", false, &view(&[]), &all).is_empty());
+    assert!(owned("lb1", false, &all, &view(&[]), &all).is_empty());
     // Before the view settles (just started: peers not heard yet are not dead yet), nothing.
-    assert!(owned("lb1", true, &View::default(), &all).is_empty());
-    assert_eq!(owned("lb1", true, &view(&[]), &all), all);
+    assert!(owned("lb1", true, &all, &View::default(), &all).is_empty());
+    assert_eq!(owned("lb1", true, &all, &view(&[]), &all), all);
 }
 
 /// Three gossip instances on real UDP sockets on loopback: each hears the other two, and a
@@ -79,6 +80,7 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
         let (local_tx, local_rx) = watch::channel(Local {
             eligible: true,
             claims: BTreeSet::new(),
+            serving: vips(3),
         });
         let (view_tx, view_rx) = watch::channel(View::default());
         let settings = Settings {
@@ -109,7 +111,7 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
     for v in views.iter_mut() {
         wait(v, 2).await;
     }
-    // lb1 claims a VIP: the others see it.
+    // lb1 claims a VIP: the others see it, and what it can serve.
     let vip = IpAddr::from([198, 18, 100, 1]);
     locals[0].send_modify(|l| {
         l.claims.insert(vip);
@@ -117,7 +119,10 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
     let mut rx = views[1].clone();
     tokio::time::timeout(
         Duration::from_secs(5),
-        rx.wait_for(|v| v.alive.get("lb1").is_some_and(|(_, c)| c.contains(&vip))),
+        rx.wait_for(|v| {
+            v.alive.get("lb1").is_some_and(|(_, c)| c.contains(&vip))
+                && v.serving.get("lb1") == Some(&vips(3))
+        }),
     )
     .await
     .expect("the claim arrives")
@@ -133,4 +138,37 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
         started.elapsed()
     );
     wait(&mut views[1], 1).await;
+}
+
+#[test]
+fn a_vip_goes_only_to_nodes_that_can_serve_it() {
+    let all = vips(30);
+    let some: BTreeSet<IpAddr> = all.iter().copied().take(10).collect();
+    // lb2 serves only the first ten: lb1 owns every other VIP, and the ten by rank.
+    let mut v = view(&[("lb2", true, &[])]);
+    v.serving.insert("lb2".into(), some.clone());
+    let mine = owned("lb1", true, &all, &v, &all);
+    let theirs: BTreeSet<IpAddr> = all.difference(&mine).copied().collect();
+    assert!(theirs.is_subset(&some), "{theirs:?}");
+    let mut v1 = view(&[("lb1", true, &[])]);
+    v1.serving.insert("lb1".into(), all.clone());
+    assert_eq!(
+        owned("lb2", true, &some, &v1, &all),
+        theirs,
+        "both sides agree"
+    );
+    // A node that can serve nothing owns nothing, and the other takes everything.
+    assert!(
+        owned(
+            "lb1",
+            true,
+            &BTreeSet::new(),
+            &view(&[("lb2", true, &[])]),
+            &all
+        )
+        .is_empty()
+    );
+    let mut v2 = view(&[("lb1", true, &[])]);
+    v2.serving.insert("lb1".into(), BTreeSet::new());
+    assert_eq!(owned("lb2", true, &all, &v2, &all), all);
 }
