@@ -313,7 +313,11 @@ impl Bfd {
             };
             let sock = match bind(SocketAddr::new(any, PORT), true) {
                 Ok(s) => s,
-                Err(e) if !v4 && e.kind() == std::io::ErrorKind::AddrNotAvailable => continue,
+                Err(e) if !v4 => {
+                    // A host without IPv6: BFD runs over IPv4 only.
+                    warn!(error = %e, "BFD: no IPv6 receive socket");
+                    continue;
+                }
                 Err(e) => {
                     return Err(e)
                         .with_context(|| format!("binding UDP {}", SocketAddr::new(any, PORT)));

@@ -364,6 +364,29 @@ fn describe(n: &NotificationMessage) -> String {
     text
 }
 
+/// FSM error (RFC 6608): an unexpected message in OpenSent (1), OpenConfirm (2) or
+/// Established (3).
+fn fsm_error(subcode: u8) -> NotificationMessage {
+    NotificationMessage::new(NotificationCode::FsmError, subcode, Bytes::new())
+}
+
+/// The peer's next message during the OPEN exchange: a NOTIFICATION, a malformed message
+/// or silence past `OPEN_WAIT` ends the session.
+async fn handshake(r: &mut Reader, w: &mut OwnedWriteHalf) -> Result<Message, Error> {
+    match tokio::time::timeout(OPEN_WAIT, r.next()).await {
+        Err(_) => Err(notify(
+            w,
+            NotificationMessage::new(NotificationCode::HoldTimerExpired, 0, Bytes::new()),
+        )
+        .await),
+        Ok(m) => match m? {
+            Ok(Message::Notification(n)) => Err(Error::Notified(describe(&n))),
+            Ok(m) => Ok(m),
+            Err(n) => Err(notify(w, n).await),
+        },
+    }
+}
+
 /// Runs the session until an error or the speaker's stop.
 pub(super) async fn run(
     ctx: &Context,
@@ -382,26 +405,9 @@ pub(super) async fn run(
     };
     send(&mut w, &Message::Open(ctx.open())).await?;
     slot.set_state(State::OpenSent);
-    let open = match tokio::time::timeout(OPEN_WAIT, r.next()).await {
-        Err(_) => {
-            return Err(notify(
-                &mut w,
-                NotificationMessage::new(NotificationCode::HoldTimerExpired, 0, Bytes::new()),
-            )
-            .await);
-        }
-        Ok(m) => match m? {
-            Ok(Message::Open(o)) => o,
-            Ok(Message::Notification(n)) => return Err(Error::Notified(describe(&n))),
-            Ok(_) => {
-                return Err(notify(
-                    &mut w,
-                    NotificationMessage::new(NotificationCode::FsmError, 1, Bytes::new()),
-                )
-                .await);
-            }
-            Err(n) => return Err(notify(&mut w, n).await),
-        },
+    let open = match handshake(&mut r, &mut w).await? {
+        Message::Open(o) => o,
+        _ => return Err(notify(&mut w, fsm_error(1)).await),
     };
     let families = match negotiate(ctx, &open) {
         Ok(f) => f,
@@ -409,26 +415,8 @@ pub(super) async fn run(
     };
     send(&mut w, &Message::Keepalive).await?;
     slot.set_state(State::OpenConfirm);
-    match tokio::time::timeout(OPEN_WAIT, r.next()).await {
-        Err(_) => {
-            return Err(notify(
-                &mut w,
-                NotificationMessage::new(NotificationCode::HoldTimerExpired, 0, Bytes::new()),
-            )
-            .await);
-        }
-        Ok(m) => match m? {
-            Ok(Message::Keepalive) => {}
-            Ok(Message::Notification(n)) => return Err(Error::Notified(describe(&n))),
-            Ok(_) => {
-                return Err(notify(
-                    &mut w,
-                    NotificationMessage::new(NotificationCode::FsmError, 2, Bytes::new()),
-                )
-                .await);
-            }
-            Err(n) => return Err(notify(&mut w, n).await),
-        },
+    if !matches!(handshake(&mut r, &mut w).await?, Message::Keepalive) {
+        return Err(notify(&mut w, fsm_error(2)).await);
     }
     slot.set_state(State::Established);
     slot.update(|p| {
@@ -502,7 +490,7 @@ pub(super) async fn run(
                 }
                 Ok(Message::RouteRefresh(_)) => resend = true,
                 Ok(Message::Notification(n)) => return Err(Error::Notified(describe(&n))),
-                Ok(_) => return Err(notify(&mut w, NotificationMessage::new(NotificationCode::FsmError, 3, Bytes::new())).await),
+                Ok(_) => return Err(notify(&mut w, fsm_error(3)).await),
                 Err(n) => return Err(notify(&mut w, n).await),
             },
             _ = keepalive.tick(), if !hold.is_zero() => send(&mut w, &Message::Keepalive).await?,
