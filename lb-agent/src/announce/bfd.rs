@@ -488,13 +488,6 @@ fn source_socket(peer: IpAddr) -> std::io::Result<UdpSocket> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
-/// 75–100% of `d` (RFC 5880 §6.8.7).
-fn jittered(d: Duration) -> Duration {
-    use std::hash::BuildHasher as _;
-    let r = std::hash::RandomState::new().hash_one(Instant::now()) % 250;
-    d.mul_f64(0.75 + r as f64 / 1000.0)
-}
-
 async fn session(
     mut m: Machine,
     sock: UdpSocket,
@@ -511,7 +504,7 @@ async fn session(
         tokio::select! {
             _ = tokio::time::sleep_until(next_tx) => {
                 let _ = sock.send_to(&m.packet().encode(), peer).await;
-                next_tx = Instant::now() + jittered(m.tx_interval());
+                next_tx = Instant::now() + super::jitter(m.tx_interval());
             }
             _ = async { tokio::time::sleep_until(detect.expect("guarded")).await }, if detect.is_some() => {
                 m.expire();
@@ -526,7 +519,7 @@ async fn session(
                 if changed || m.send_final {
                     // Answer a Poll, and tell the peer of a new state, without waiting.
                     let _ = sock.send_to(&m.packet().encode(), peer).await;
-                    next_tx = Instant::now() + jittered(m.tx_interval());
+                    next_tx = Instant::now() + super::jitter(m.tx_interval());
                 }
             }
             _ = stop.changed() => {

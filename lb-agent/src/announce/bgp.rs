@@ -325,13 +325,6 @@ async fn accept_loop(
     }
 }
 
-/// A random factor in [0.75, 1.0] for connect-retry jitter (RFC 4271 §10).
-fn jitter(d: Duration) -> Duration {
-    use std::hash::BuildHasher as _;
-    let r = std::hash::RandomState::new().hash_one(SystemTime::now()) % 1000;
-    d.mul_f64(0.75 + 0.25 * (r as f64 / 1000.0))
-}
-
 /// One peer's life: connect (or wait to be connected to), run the session, wait the
 /// connect-retry time, again, until the speaker stops.
 async fn peer_loop(
@@ -366,7 +359,7 @@ async fn peer_loop(
                         debug!(peer = %peer, error = %e, "BGP: connect failed");
                         slot.update(|p| p.last_error = Some(format!("connect: {e}")));
                         slot.set_state(State::Active);
-                        if wait(jitter(ctx.peer.connect_retry), &mut stop).await { return; }
+                        if wait(super::jitter(ctx.peer.connect_retry), &mut stop).await { return; }
                         continue;
                     }
                     Err(_) => {
@@ -390,7 +383,7 @@ async fn peer_loop(
                 slot.update(|p| p.last_error = Some(e.to_string()));
             }
         }
-        if wait(jitter(ctx.peer.connect_retry), &mut stop).await {
+        if wait(super::jitter(ctx.peer.connect_retry), &mut stop).await {
             return;
         }
     }

@@ -7,3 +7,11 @@ pub mod bfd;
 pub mod bgp;
 pub mod gossip;
 pub mod l2;
+
+/// 75–100 % of `d`: the jitter of BGP's connect retry (RFC 4271 §10) and of BFD's
+/// transmissions (RFC 5880 §6.8.7), so that peers do not fall into step.
+pub(crate) fn jitter(d: std::time::Duration) -> std::time::Duration {
+    use std::hash::BuildHasher as _;
+    let r = std::hash::RandomState::new().hash_one(std::time::Instant::now()) % 250;
+    d.mul_f64(0.75 + r as f64 / 1000.0)
+}
