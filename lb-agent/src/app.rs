@@ -77,6 +77,12 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
              not have yet (route the addresses to the nodes instead)"
         );
     }
+    if kube.is_some() && config.announce.bgp.is_some() {
+        anyhow::bail!(
+            "{source}: announce.bgp: in Kubernetes mode BGP comes from the BGPPeer and \
+             BGPAdvertisement resources (weir.dev/v1alpha1); remove it from the node config"
+        );
+    }
     // Kubernetes mode source-NATs flows to other nodes' endpoints whenever the Node has an
     // address; standalone mode when a service asks for it.
     if kube.is_some() || config.desired.source_nat.is_some() {
@@ -206,7 +212,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
             let client = kube_client
                 .clone()
                 .context("the Kubernetes client was made above")?;
-            let watches = kube_runtime::watch_all(&client);
+            let watches = kube_runtime::watch_all(&client, &k.namespace);
             let opts = translate::Options {
                 node: k.node.clone(),
                 default_class: k.default_class,
@@ -246,6 +252,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 leader.clone(),
                 sink,
                 metrics.agent.clone(),
+                metrics.bgp_problems.clone(),
             )));
             kube_tasks.push(tokio::spawn(kube_runtime::address_loop(
                 client,
@@ -294,8 +301,13 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         bgp: None,
     };
     agent.first_state(&mut events).await?;
-    // BGP once the first state is programmed: the first routes are the VIPs that can be served.
-    if let Some(b) = &agent.current.announce.bgp {
+    // BGP once the first state is programmed: the first routes are the VIPs that can be
+    // served. From the config file a speaker that cannot start stops the agent; from
+    // Kubernetes it is logged and retried at the next change.
+    if let Some(t) = translations.borrow().clone() {
+        agent.current.announce.bgp = t.bgp.clone();
+        agent.sync_bgp().await;
+    } else if let Some(b) = &agent.current.announce.bgp {
         match crate::announce::bgp::Speaker::start(b, metrics.bgp.clone()).await {
             Ok(speaker) => {
                 agent.bgp = Some(speaker);
@@ -319,11 +331,15 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = hup.recv() => agent.reload("SIGHUP"),
+            _ = hup.recv() => {
+                agent.reload("SIGHUP");
+                agent.sync_bgp().await;
+            }
             _ = poll.tick() => {
                 let now = agent.source.fingerprint();
                 if now.is_some() && now != agent.fingerprint {
                     agent.reload("config file changed");
+                    agent.sync_bgp().await;
                 }
                 // An L2 interface's link going down or up changes this node's eligibility.
                 agent.announce_l2();
@@ -332,6 +348,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 let t = translations.borrow_and_update().clone();
                 if let Some(t) = t {
                     agent.apply_kubernetes(&t);
+                    agent.sync_bgp().await;
                     health_ports.sync(&t.health_node_ports).await;
                     agent.update_health_ports(&health_ports);
                 }
@@ -519,10 +536,48 @@ impl Agent {
     }
 
     /// BGP mode: advertise what this node can serve, withdraw the rest.
-    fn announce_bgp(&self) {
-        if let Some(speaker) = &self.bgp {
-            speaker.advertise(self.servable_vips());
+    fn announce_bgp(&mut self) {
+        let servable = self.servable_vips();
+        if let (Some(speaker), Some(config)) = (&mut self.bgp, &self.current.announce.bgp) {
+            speaker.advertise(crate::announce::bgp::routes(config, &servable));
         }
+    }
+
+    /// Brings the BGP speaker in line with `current.announce.bgp` (changed by a reload or,
+    /// in Kubernetes mode, by the BGPPeer and BGPAdvertisement resources): peers are added
+    /// and removed one by one; a new AS, router id, listen port or BFD timers restart it.
+    /// What cannot start is logged and shown in the peers' status; the rest runs.
+    async fn sync_bgp(&mut self) {
+        let wanted = self.current.announce.bgp.clone();
+        let running = self.bgp.as_ref().map(|s| s.config().clone());
+        if wanted == running {
+            return;
+        }
+        match (wanted, self.bgp.take()) {
+            (None, Some(speaker)) => {
+                info!("BGP: no peers any more; stopping the speaker");
+                speaker.shutdown(Duration::from_secs(3)).await;
+            }
+            (Some(config), Some(mut speaker)) if speaker.reconcilable(&config) => {
+                speaker.reconcile(&config).await;
+                self.bgp = Some(speaker);
+            }
+            (Some(config), old) => {
+                if let Some(speaker) = old {
+                    info!(
+                        "BGP: AS, router id, listen port or BFD timers changed; restarting the speaker"
+                    );
+                    speaker.shutdown(Duration::from_secs(3)).await;
+                }
+                match crate::announce::bgp::Speaker::start(&config, self.metrics.bgp.clone()).await
+                {
+                    Ok(speaker) => self.bgp = Some(speaker),
+                    Err(e) => error!(error = format!("{e:#}"), "BGP: the speaker did not start"),
+                }
+            }
+            (None, None) => {}
+        }
+        self.announce_bgp();
     }
 
     /// L2 mode: the VIPs this node owns are answered for here — every programmed VIP without
@@ -771,8 +826,9 @@ impl Agent {
                 ));
                 return;
             }
-            // The services come from Kubernetes; the file carries node settings only.
+            // The services and BGP come from Kubernetes; the file carries node settings only.
             new.desired = self.current.desired.clone();
+            new.announce.bgp = self.current.announce.bgp.clone();
         } else if let Some(nat) = new.desired.source_nat
             && let Err(e) = check_source_nat_ports(nat.ports)
         {
@@ -803,9 +859,11 @@ impl Agent {
         });
     }
 
-    /// Applies a new translation of the Kubernetes stores.
+    /// Applies a new translation of the Kubernetes stores (the BGP part takes effect with
+    /// [`Agent::sync_bgp`]).
     fn apply_kubernetes(&mut self, t: &Translation) {
         let started = std::time::Instant::now();
+        self.current.announce.bgp = t.bgp.clone();
         let mut new = self.current.clone();
         new.desired = t.desired.clone();
         if new.desired == self.current.desired {
@@ -954,7 +1012,11 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         Some("dataplane")
     } else if old.maglev.hash != new.maglev.hash || old.maglev.seed != new.maglev.seed {
         Some("maglev.hash/maglev.seed")
-    } else if old.announce != new.announce {
+    } else if old.announce.node_name != new.announce.node_name
+        || old.announce.l2_interfaces != new.announce.l2_interfaces
+        || old.announce.gossip != new.announce.gossip
+    {
+        // BGP changes apply peer by peer (`Agent::sync_bgp`).
         Some("announce")
     } else {
         None

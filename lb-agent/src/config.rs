@@ -107,6 +107,7 @@ fn default_bfd_multiplier() -> u8 {
 struct RawBgpPeer {
     address: IpAddr,
     remote_as: u32,
+    local_as: Option<u32>,
     #[serde(default = "default_bgp_port")]
     port: u16,
     password_file: Option<PathBuf>,
@@ -322,18 +323,52 @@ pub struct AnnounceConfig {
 /// /128 routes with this node as the next hop.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BgpConfig {
+    /// The AS of the peers without their own `local_as`.
     pub local_as: u32,
     pub router_id: Ipv4Addr,
-    /// RFC 1997 communities (high 16 bits the AS, low 16 the value).
-    pub communities: Vec<u32>,
-    /// RFC 8092 large communities (global administrator, local data 1, local data 2).
-    pub large_communities: Vec<(u32, u32, u32)>,
-    /// LOCAL_PREF sent to internal peers (external peers never get it).
-    pub local_pref: Option<u32>,
     /// Where passive peers connect to.
     pub listen_port: u16,
     pub bfd: BfdTimers,
     pub peers: Vec<BgpPeerConfig>,
+    /// Which VIPs go to which peers, with which attributes (the standalone config has one:
+    /// every VIP to every peer, with `communities`, `large_communities` and `local_pref`).
+    pub advertisements: Vec<Advertisement>,
+}
+
+/// Which of the VIPs this node can serve are advertised to which peers, with which path
+/// attributes. A VIP and peer that several advertisements cover get their attributes merged
+/// ([`RouteAttrs::merge`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Advertisement {
+    /// None: every VIP.
+    pub vips: Option<BTreeSet<IpAddr>>,
+    /// Peer addresses; None: every peer.
+    pub peers: Option<BTreeSet<IpAddr>>,
+    pub attrs: RouteAttrs,
+}
+
+/// The path attributes a route carries beyond ORIGIN, AS_PATH and NEXT_HOP.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteAttrs {
+    /// RFC 1997 communities (high 16 bits the AS, low 16 the value), sorted.
+    pub communities: Vec<u32>,
+    /// RFC 8092 large communities (global administrator, local data 1, local data 2), sorted.
+    pub large_communities: Vec<(u32, u32, u32)>,
+    /// LOCAL_PREF sent to internal peers (external peers never get it; default 100).
+    pub local_pref: Option<u32>,
+}
+
+impl RouteAttrs {
+    /// Both sets of communities, and the higher LOCAL_PREF.
+    pub fn merge(&mut self, other: &Self) {
+        self.communities.extend(&other.communities);
+        self.communities.sort_unstable();
+        self.communities.dedup();
+        self.large_communities.extend(&other.large_communities);
+        self.large_communities.sort_unstable();
+        self.large_communities.dedup();
+        self.local_pref = self.local_pref.max(other.local_pref);
+    }
 }
 
 /// BFD (RFC 5880) timers: the interval this node sends at and wants to receive at once up,
@@ -348,6 +383,8 @@ pub struct BfdTimers {
 pub struct BgpPeerConfig {
     pub address: IpAddr,
     pub remote_as: u32,
+    /// This node's AS towards this peer (None: `announce.bgp.local_as`).
+    pub local_as: Option<u32>,
     pub port: u16,
     /// TCP MD5 signature key (RFC 2385), read from `password_file`.
     pub password: Option<Secret>,
@@ -639,10 +676,9 @@ impl Checker {
         }
         let mut large_communities = Vec::new();
         for (i, text) in b.large_communities.iter().enumerate() {
-            let parts: Vec<Option<u32>> = text.split(':').map(|p| p.parse().ok()).collect();
-            match parts.as_slice() {
-                [Some(a), Some(b), Some(c)] => large_communities.push((*a, *b, *c)),
-                _ => self.fail(
+            match parse_large_community(text) {
+                Some(c) => large_communities.push(c),
+                None => self.fail(
                     format!("announce.bgp.large_communities[{i}]"),
                     format!(
                         "{text:?} is not a large community: three numbers 0-4294967295 as A:B:C"
@@ -666,71 +702,21 @@ impl Checker {
             if !seen.insert(p.address) {
                 self.fail(at("address"), format!("{} is listed twice", p.address));
             }
-            if p.address.is_unspecified() || p.address.is_multicast() {
-                self.fail(
-                    at("address"),
-                    format!("{} is not a peer address", p.address),
-                );
-            }
-            if p.remote_as == 0 || p.remote_as == 23456 {
-                self.fail(
-                    at("remote_as"),
-                    format!("{} is not a usable AS number", p.remote_as),
-                );
-            }
-            if p.port == 0 {
-                self.fail(at("port"), "0 is not a port");
-            }
-            let hold = p.hold_time;
-            if hold.subsec_nanos() != 0
-                || (hold != Duration::ZERO
-                    && (hold < Duration::from_secs(3) || hold > Duration::from_secs(65535)))
-            {
-                self.fail(
-                    at("hold_time"),
-                    "must be 0 (no keepalives) or whole seconds from 3s to 65535s",
-                );
-            }
-            if p.connect_retry < Duration::from_millis(100)
-                || p.connect_retry > Duration::from_secs(600)
-            {
-                self.fail(at("connect_retry"), "must be between 100ms and 10m");
-            }
-            if p.multihop == Some(0) {
-                self.fail(at("multihop"), "is a TTL: 1 to 255");
-            }
-            if p.bfd && p.multihop.is_some_and(|h| h > 1) {
-                self.fail(
-                    at("bfd"),
-                    "BFD here is single-hop (RFC 5881): not with multihop above 1",
-                );
-            }
+            let mut password_problem = None;
             let password = p
                 .password_file
                 .as_ref()
                 .and_then(|path| match std::fs::read_to_string(path) {
-                    Ok(text) => {
-                        let key = text.trim_end_matches(['\n', '\r']).to_string();
-                        if key.is_empty() || key.len() > 80 {
-                            self.fail(
-                                at("password_file"),
-                                format!(
-                                    "{}: a TCP MD5 key has 1 to 80 bytes, this one {}",
-                                    path.display(),
-                                    key.len()
-                                ),
-                            );
-                        }
-                        Some(Secret(key))
-                    }
+                    Ok(text) => Some(Secret(text.trim_end_matches(['\n', '\r']).to_string())),
                     Err(e) => {
-                        self.fail(at("password_file"), format!("{}: {e}", path.display()));
+                        password_problem = Some(format!("{}: {e}", path.display()));
                         None
                     }
                 });
-            peers.push(BgpPeerConfig {
+            let peer = BgpPeerConfig {
                 address: p.address,
                 remote_as: p.remote_as,
+                local_as: p.local_as,
                 port: p.port,
                 password,
                 hold_time: p.hold_time,
@@ -738,14 +724,40 @@ impl Checker {
                 bfd: p.bfd,
                 multihop: p.multihop,
                 passive: p.passive,
-            });
+            };
+            for (field, message) in peer.problems() {
+                let message = match (field, &p.password_file) {
+                    ("password", Some(path)) => format!("{}: {message}", path.display()),
+                    _ => message,
+                };
+                let field = if field == "password" {
+                    "password_file"
+                } else {
+                    field
+                };
+                self.fail(at(field), message);
+            }
+            if let Some(m) = password_problem {
+                self.fail(at("password_file"), m);
+            }
+            peers.push(peer);
         }
+        communities.sort_unstable();
+        communities.dedup();
+        large_communities.sort_unstable();
+        large_communities.dedup();
         (self.problems.len() == before).then_some(BgpConfig {
             local_as: b.local_as,
             router_id: b.router_id,
-            communities,
-            large_communities,
-            local_pref: b.local_pref,
+            advertisements: vec![Advertisement {
+                vips: None,
+                peers: None,
+                attrs: RouteAttrs {
+                    communities,
+                    large_communities,
+                    local_pref: b.local_pref,
+                },
+            }],
             listen_port: b.listen_port,
             bfd: BfdTimers {
                 interval: b.bfd.interval,
@@ -1176,7 +1188,74 @@ impl RawConfig {
 }
 
 /// An RFC 1997 community: `AS:VALUE` or a well-known name.
-fn parse_community(text: &str) -> Option<u32> {
+/// A large community `A:B:C` (RFC 8092).
+pub fn parse_large_community(text: &str) -> Option<(u32, u32, u32)> {
+    let parts: Vec<Option<u32>> = text.split(':').map(|p| p.parse().ok()).collect();
+    match parts.as_slice() {
+        [Some(a), Some(b), Some(c)] => Some((*a, *b, *c)),
+        _ => None,
+    }
+}
+
+impl BgpPeerConfig {
+    /// What is wrong with this peer: (field, message); the field names are the config's
+    /// (`password` is the key itself).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let usable_as = |a: u32| a != 0 && a != 23456;
+        if self.address.is_unspecified() || self.address.is_multicast() {
+            out.push(("address", format!("{} is not a peer address", self.address)));
+        }
+        if !usable_as(self.remote_as) {
+            out.push((
+                "remote_as",
+                format!("{} is not a usable AS number", self.remote_as),
+            ));
+        }
+        if let Some(a) = self.local_as.filter(|a| !usable_as(*a)) {
+            out.push(("local_as", format!("{a} is not a usable AS number")));
+        }
+        if self.port == 0 {
+            out.push(("port", "0 is not a port".into()));
+        }
+        let hold = self.hold_time;
+        if hold.subsec_nanos() != 0
+            || (hold != Duration::ZERO
+                && (hold < Duration::from_secs(3) || hold > Duration::from_secs(65535)))
+        {
+            out.push((
+                "hold_time",
+                "must be 0 (no keepalives) or whole seconds from 3s to 65535s".into(),
+            ));
+        }
+        if self.connect_retry < Duration::from_millis(100)
+            || self.connect_retry > Duration::from_secs(600)
+        {
+            out.push(("connect_retry", "must be between 100ms and 10m".into()));
+        }
+        if self.multihop == Some(0) {
+            out.push(("multihop", "is a TTL: 1 to 255".into()));
+        }
+        if self.bfd && self.multihop.is_some_and(|h| h > 1) {
+            out.push((
+                "bfd",
+                "BFD here is single-hop (RFC 5881): not with multihop above 1".into(),
+            ));
+        }
+        if let Some(Secret(key)) = &self.password
+            && (key.is_empty() || key.len() > 80)
+        {
+            out.push((
+                "password",
+                format!("a TCP MD5 key has 1 to 80 bytes, this one {}", key.len()),
+            ));
+        }
+        out
+    }
+}
+
+/// A community `AS:VALUE` or a well-known name (RFC 1997).
+pub fn parse_community(text: &str) -> Option<u32> {
     match text.to_ascii_lowercase().as_str() {
         "no-export" => return Some(0xFFFF_FF01),
         "no-advertise" => return Some(0xFFFF_FF02),

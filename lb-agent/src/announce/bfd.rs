@@ -295,13 +295,15 @@ pub struct Bfd {
     by_disc: Arc<Mutex<HashMap<u32, Inbox>>>,
     by_addr: Arc<Mutex<HashMap<IpAddr, Inbox>>>,
     receivers: Vec<JoinHandle<()>>,
-    sessions: Vec<(JoinHandle<()>, watch::Sender<bool>)>,
+    /// By peer address: the task, its stop, its local discriminator.
+    sessions: HashMap<IpAddr, (JoinHandle<()>, watch::Sender<bool>, u32)>,
     next_disc: u32,
 }
 
 impl Bfd {
-    /// Binds the receive sockets of both families (IPv6 where the host has it).
-    pub async fn start(timers: BfdTimers) -> anyhow::Result<Self> {
+    /// Binds the receive sockets of both families (IPv6 where the host has it); runs on the
+    /// current tokio runtime.
+    pub fn bind(timers: BfdTimers) -> anyhow::Result<Self> {
         let by_disc: Arc<Mutex<HashMap<u32, Inbox>>> = Arc::default();
         let by_addr: Arc<Mutex<HashMap<IpAddr, Inbox>>> = Arc::default();
         let mut receivers = Vec::new();
@@ -366,7 +368,7 @@ impl Bfd {
             by_disc,
             by_addr,
             receivers,
-            sessions: Vec::new(),
+            sessions: HashMap::new(),
             next_disc: {
                 use std::hash::BuildHasher as _;
                 (std::hash::RandomState::new().hash_one(std::process::id()) as u32 & 0x7fff_ffff)
@@ -397,27 +399,57 @@ impl Bfd {
         let (state_tx, state_rx) = watch::channel(State::Down);
         let (stop_tx, stop_rx) = watch::channel(false);
         let machine = Machine::new(disc, self.timers);
-        self.sessions.push((
-            tokio::spawn(session(
-                machine,
-                sock,
-                SocketAddr::new(peer, PORT),
-                rx,
-                state_tx,
-                stop_rx,
-                slot,
-            )),
-            stop_tx,
-        ));
+        if let Some((task, stop, old)) = self.sessions.remove(&peer) {
+            // A peer added again: the old session goes first.
+            let _ = stop.send(true);
+            task.abort();
+            self.by_disc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&old);
+        }
+        self.sessions.insert(
+            peer,
+            (
+                tokio::spawn(session(
+                    machine,
+                    sock,
+                    SocketAddr::new(peer, PORT),
+                    rx,
+                    state_tx,
+                    stop_rx,
+                    slot,
+                )),
+                stop_tx,
+                disc,
+            ),
+        );
         Ok(state_rx)
+    }
+
+    /// Ends the session with `peer` (AdminDown sent).
+    pub async fn remove(&mut self, peer: IpAddr) {
+        let Some((task, stop, disc)) = self.sessions.remove(&peer) else {
+            return;
+        };
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        self.by_disc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&disc);
+        self.by_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
     }
 
     /// Tells every peer this node goes administratively down, then stops.
     pub async fn shutdown(self) {
-        for (_, stop) in &self.sessions {
+        for (_, stop, _) in self.sessions.values() {
             let _ = stop.send(true);
         }
-        for (task, _) in self.sessions {
+        for (task, _, _) in self.sessions.into_values() {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         for r in self.receivers {

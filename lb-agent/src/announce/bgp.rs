@@ -19,7 +19,7 @@ mod socket;
 mod tests;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     announce::bfd,
-    config::{BgpConfig, BgpPeerConfig},
+    config::{BgpConfig, BgpPeerConfig, RouteAttrs},
 };
 
 pub use session::{End, Families};
@@ -98,17 +98,17 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A peer's slot in [`Peers`].
+/// A peer's slot in [`Peers`] (found by address: peers come and go).
 #[derive(Clone)]
 pub(crate) struct Slot {
     peers: Peers,
-    index: usize,
+    address: IpAddr,
 }
 
 impl Slot {
     pub(crate) fn update(&self, f: impl FnOnce(&mut PeerStatus)) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = peers.get_mut(self.index) {
+        if let Some(p) = peers.iter_mut().find(|p| p.address == self.address) {
             f(p);
         }
     }
@@ -130,114 +130,82 @@ impl Slot {
     }
 }
 
-/// The speaker: one task per peer, one listener per family with passive peers.
-pub struct Speaker {
-    routes: watch::Sender<BTreeSet<IpAddr>>,
+/// The routes for one peer: VIP → the attributes it carries.
+pub type Routes = BTreeMap<IpAddr, RouteAttrs>;
+
+/// Every peer's routes: the VIPs of `servable` that an advertisement gives it, with the
+/// advertisements' attributes merged.
+pub fn routes(config: &BgpConfig, servable: &BTreeSet<IpAddr>) -> BTreeMap<IpAddr, Routes> {
+    let mut out: BTreeMap<IpAddr, Routes> = BTreeMap::new();
+    for peer in &config.peers {
+        let mine = out.entry(peer.address).or_default();
+        for a in &config.advertisements {
+            if a.peers.as_ref().is_some_and(|p| !p.contains(&peer.address)) {
+                continue;
+            }
+            for vip in servable {
+                if a.vips.as_ref().is_none_or(|v| v.contains(vip)) {
+                    mine.entry(*vip).or_default().merge(&a.attrs);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One running peer.
+struct Peer {
+    config: BgpPeerConfig,
+    routes: watch::Sender<Routes>,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    listeners: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
+}
+
+/// A listener for passive peers, shared with its accept loop (MD5 keys are added and
+/// removed on it as passive peers come and go).
+struct Listener {
+    socket: Arc<TcpListener>,
+    task: JoinHandle<()>,
+}
+
+/// Where each passive peer's accepted connections go.
+type Inboxes = Arc<Mutex<BTreeMap<IpAddr, mpsc::Sender<TcpStream>>>>;
+
+/// The speaker: one task per peer, one listener per family with passive peers. Peers are
+/// added and removed one by one ([`Speaker::reconcile`]): a change to one peer leaves the
+/// other sessions alone.
+pub struct Speaker {
+    config: BgpConfig,
+    status: Peers,
+    peers: BTreeMap<IpAddr, Peer>,
+    listeners: BTreeMap<bool, Listener>,
+    inboxes: Inboxes,
     bfd: Option<bfd::Bfd>,
+    /// The last routes given, by peer.
+    routes: BTreeMap<IpAddr, Routes>,
 }
 
 impl Speaker {
-    /// Binds the listeners (when a peer is passive) and starts every peer's session. Errors
-    /// only for what makes the speaker unusable: a listener port in use, a BFD port in use.
-    pub async fn start(config: &BgpConfig, peers: Peers) -> anyhow::Result<Self> {
-        let (routes, routes_rx) = watch::channel(BTreeSet::new());
-        let (stop, stop_rx) = watch::channel(false);
-        {
-            let mut table = peers.lock().unwrap_or_else(|p| p.into_inner());
-            *table = config
-                .peers
-                .iter()
-                .map(|p| PeerStatus {
-                    address: p.address,
-                    remote_as: p.remote_as,
-                    passive: p.passive,
-                    state: State::Idle,
-                    since: unix_now(),
-                    established: 0,
-                    hold_time: None,
-                    advertised: Vec::new(),
-                    updates_received: 0,
-                    last_error: None,
-                    bfd: p.bfd.then_some(bfd::State::Down),
-                })
-                .collect();
-        }
-        let mut bfd = if config.peers.iter().any(|p| p.bfd) {
-            Some(bfd::Bfd::start(config.bfd).await.context("BFD")?)
-        } else {
-            None
+    /// Starts every peer's session (binding the listeners when a peer is passive). Errors for
+    /// what makes the speaker unusable: a listener port in use, a BFD port in use.
+    pub async fn start(config: &BgpConfig, status: Peers) -> anyhow::Result<Self> {
+        status.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut speaker = Self {
+            config: BgpConfig {
+                peers: Vec::new(),
+                ..config.clone()
+            },
+            status,
+            peers: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            inboxes: Arc::default(),
+            bfd: None,
+            routes: BTreeMap::new(),
         };
-
-        // Passive peers' connections arrive through the listeners.
-        let mut inboxes = Vec::new();
-        let mut listeners = Vec::new();
-        for family_v4 in [true, false] {
-            let passive: Vec<&BgpPeerConfig> = config
-                .peers
-                .iter()
-                .filter(|p| p.passive && p.address.is_ipv4() == family_v4)
-                .collect();
-            if passive.is_empty() {
-                continue;
-            }
-            let listener = socket::listen(family_v4, config.listen_port, &passive)
-                .with_context(|| format!("announce.bgp.listen_port {}", config.listen_port))?;
-            let (tx, rx) = mpsc::channel::<(IpAddr, TcpStream)>(8);
-            inboxes.push(rx);
-            listeners.push(tokio::spawn(accept_loop(
-                listener,
-                passive.iter().map(|p| p.address).collect(),
-                tx,
-            )));
-        }
-        let mut inbox = merge(inboxes);
-
-        let mut tasks = Vec::new();
-        let mut passive_inbox: Vec<(IpAddr, mpsc::Sender<TcpStream>)> = Vec::new();
-        for (index, peer) in config.peers.iter().enumerate() {
-            let slot = Slot {
-                peers: peers.clone(),
-                index,
-            };
-            let (conn_tx, conn_rx) = mpsc::channel(1);
-            if peer.passive {
-                passive_inbox.push((peer.address, conn_tx));
-            }
-            let bfd_state = match &mut bfd {
-                Some(b) if peer.bfd => Some(b.add(peer.address, slot.clone())?),
-                _ => None,
-            };
-            let ctx = session::Context {
-                local_as: config.local_as,
-                router_id: config.router_id,
-                communities: config.communities.clone(),
-                large_communities: config.large_communities.clone(),
-                local_pref: config.local_pref,
-                peer: peer.clone(),
-            };
-            tasks.push(tokio::spawn(peer_loop(
-                ctx,
-                slot,
-                conn_rx,
-                routes_rx.clone(),
-                stop_rx.clone(),
-                bfd_state,
-            )));
-        }
-        // Hand each accepted connection to its peer's task.
-        if !passive_inbox.is_empty() {
-            listeners.push(tokio::spawn(async move {
-                while let Some((from, stream)) = inbox.recv().await {
-                    if let Some((_, tx)) = passive_inbox.iter().find(|(a, _)| *a == from) {
-                        // A session already running keeps its connection: the new one is
-                        // dropped (closed) when the peer's task is busy.
-                        let _ = tx.try_send(stream);
-                    }
-                }
-            }));
+        let problems = speaker.reconcile(config).await;
+        if let Some((peer, e)) = problems.into_iter().next() {
+            speaker.shutdown(Duration::from_secs(1)).await;
+            return Err(e.context(format!("peer {peer}")));
         }
         info!(
             local_as = config.local_as,
@@ -245,35 +213,218 @@ impl Speaker {
             peers = config.peers.len(),
             "BGP: speaker started"
         );
-        Ok(Self {
-            routes,
-            stop,
-            tasks,
-            listeners,
-            bfd,
-        })
+        Ok(speaker)
     }
 
-    /// The VIPs to advertise from now on (each to the peers of its family).
-    pub fn advertise(&self, vips: BTreeSet<IpAddr>) {
-        self.routes.send_if_modified(|now| {
-            if *now == vips {
-                false
-            } else {
-                *now = vips;
-                true
+    /// The configuration running.
+    pub fn config(&self) -> &BgpConfig {
+        &self.config
+    }
+
+    /// Whether `config` differs from the running one only in its peers and advertisements
+    /// (which [`Speaker::reconcile`] applies peer by peer); otherwise the speaker has to
+    /// be restarted.
+    pub fn reconcilable(&self, config: &BgpConfig) -> bool {
+        self.config.local_as == config.local_as
+            && self.config.router_id == config.router_id
+            && self.config.listen_port == config.listen_port
+            && self.config.bfd == config.bfd
+    }
+
+    /// Brings the sessions in line with `config.peers`: removed or changed peers are closed
+    /// (routes withdrawn, Cease sent), new or changed ones started; the others keep running.
+    /// Returns the peers that could not be started, with why (the rest is applied).
+    pub async fn reconcile(&mut self, config: &BgpConfig) -> Vec<(IpAddr, anyhow::Error)> {
+        debug_assert!(self.reconcilable(config));
+        let wanted: BTreeMap<IpAddr, &BgpPeerConfig> =
+            config.peers.iter().map(|p| (p.address, p)).collect();
+        let gone: Vec<IpAddr> = self
+            .peers
+            .iter()
+            .filter(|(a, p)| wanted.get(a).is_none_or(|w| **w != p.config))
+            .map(|(a, _)| *a)
+            .collect();
+        for address in gone {
+            self.remove(address).await;
+        }
+        let mut problems = Vec::new();
+        for (address, peer) in wanted {
+            if self.peers.contains_key(&address) {
+                continue;
             }
+            if let Err(e) = self.add(peer) {
+                warn!(peer = %address, error = format!("{e:#}"), "BGP: peer not started");
+                self.status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|s| s.address != address);
+                problems.push((address, e));
+            }
+        }
+        // Listeners without passive peers close.
+        let inboxes = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.listeners.retain(|v4, l| {
+            let used = inboxes.keys().any(|a| a.is_ipv4() == *v4);
+            if !used {
+                l.task.abort();
+            }
+            used
         });
+        // Peers that failed are left out, so that the next change tries them again.
+        self.config = config.clone();
+        self.config
+            .peers
+            .retain(|p| !problems.iter().any(|(a, _)| *a == p.address));
+        let routes = std::mem::take(&mut self.routes);
+        self.advertise(routes);
+        problems
+    }
+
+    fn add(&mut self, peer: &BgpPeerConfig) -> anyhow::Result<()> {
+        let slot = Slot {
+            peers: self.status.clone(),
+            address: peer.address,
+        };
+        {
+            let mut table = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            table.retain(|s| s.address != peer.address);
+            table.push(PeerStatus {
+                address: peer.address,
+                remote_as: peer.remote_as,
+                passive: peer.passive,
+                state: State::Idle,
+                since: unix_now(),
+                established: 0,
+                hold_time: None,
+                advertised: Vec::new(),
+                updates_received: 0,
+                last_error: None,
+                bfd: peer.bfd.then_some(bfd::State::Down),
+            });
+            table.sort_by_key(|s| s.address);
+        }
+        let (conn_tx, conn_rx) = mpsc::channel(1);
+        if peer.passive {
+            let v4 = peer.address.is_ipv4();
+            match self.listeners.get(&v4) {
+                Some(l) => {
+                    if let Some(key) = &peer.password {
+                        socket::set_md5(&*l.socket, peer.address, key.0.as_bytes())
+                            .context("setting the TCP MD5 key on the listener")?;
+                    }
+                }
+                None => {
+                    let listener = socket::listen(v4, self.config.listen_port, &[peer])
+                        .with_context(|| {
+                            format!("announce.bgp.listen_port {}", self.config.listen_port)
+                        })?;
+                    let socket = Arc::new(listener);
+                    let task = tokio::spawn(accept_loop(socket.clone(), self.inboxes.clone()));
+                    self.listeners.insert(v4, Listener { socket, task });
+                }
+            }
+        }
+        let bfd_state = if peer.bfd {
+            if self.bfd.is_none() {
+                // Synchronous bind inside: ready at once.
+                self.bfd = Some(bfd::Bfd::bind(self.config.bfd).context("BFD")?);
+            }
+            let b = self.bfd.as_mut().expect("just set");
+            Some(b.add(peer.address, slot.clone())?)
+        } else {
+            None
+        };
+        if peer.passive {
+            self.inboxes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(peer.address, conn_tx);
+        }
+        let ctx = session::Context {
+            local_as: peer.local_as.unwrap_or(self.config.local_as),
+            router_id: self.config.router_id,
+            peer: peer.clone(),
+        };
+        let (routes, routes_rx) = watch::channel(Routes::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(peer_loop(ctx, slot, conn_rx, routes_rx, stop_rx, bfd_state));
+        info!(peer = %peer.address, remote_as = peer.remote_as, passive = peer.passive, "BGP: peer added");
+        self.peers.insert(
+            peer.address,
+            Peer {
+                config: peer.clone(),
+                routes,
+                stop,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// Closes one peer's session (routes withdrawn, Cease sent) and forgets the peer.
+    async fn remove(&mut self, address: IpAddr) {
+        let Some(peer) = self.peers.remove(&address) else {
+            return;
+        };
+        let _ = peer.stop.send(true);
+        if tokio::time::timeout(Duration::from_secs(3), peer.task)
+            .await
+            .is_err()
+        {
+            warn!(peer = %address, "BGP: session did not close in time");
+        }
+        if peer.config.passive {
+            self.inboxes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&address);
+            if let Some(l) = self.listeners.get(&address.is_ipv4())
+                && peer.config.password.is_some()
+            {
+                let _ = socket::set_md5(&*l.socket, address, &[]);
+            }
+        }
+        if let Some(b) = &mut self.bfd {
+            b.remove(address).await;
+        }
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.address != address);
+        info!(peer = %address, "BGP: peer removed");
+    }
+
+    /// The routes to advertise from now on, by peer (see [`routes`]); a peer left out gets
+    /// none.
+    pub fn advertise(&mut self, routes: BTreeMap<IpAddr, Routes>) {
+        for (address, peer) in &self.peers {
+            let want = routes.get(address).cloned().unwrap_or_default();
+            peer.routes.send_if_modified(|now| {
+                if *now == want {
+                    false
+                } else {
+                    *now = want;
+                    true
+                }
+            });
+        }
+        self.routes = routes;
     }
 
     /// Withdraws every route, closes every session with a Cease NOTIFICATION, and waits (up
     /// to `timeout`) for the peers' tasks to end.
     pub async fn shutdown(self, timeout: Duration) {
-        let _ = self.stop.send(true);
-        for l in &self.listeners {
-            l.abort();
+        for p in self.peers.values() {
+            let _ = p.stop.send(true);
         }
-        let all = futures_util::future::join_all(self.tasks);
+        for l in self.listeners.values() {
+            l.task.abort();
+        }
+        let all = futures_util::future::join_all(self.peers.into_values().map(|p| p.task));
         if tokio::time::timeout(timeout, all).await.is_err() {
             warn!("BGP: sessions did not close in time; leaving them to the kernel");
         }
@@ -283,38 +434,25 @@ impl Speaker {
     }
 }
 
-/// Merges the per-family listeners' channels into one.
-fn merge(inboxes: Vec<mpsc::Receiver<(IpAddr, TcpStream)>>) -> mpsc::Receiver<(IpAddr, TcpStream)> {
-    let (tx, rx) = mpsc::channel(8);
-    for mut inbox in inboxes {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Some(c) = inbox.recv().await {
-                if tx.send(c).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    rx
-}
-
-/// Accepts connections from the passive peers; others are closed at once.
-async fn accept_loop(
-    listener: TcpListener,
-    passive: Vec<IpAddr>,
-    tx: mpsc::Sender<(IpAddr, TcpStream)>,
-) {
+/// Accepts connections from the passive peers and hands each to its peer's task (a session
+/// already running keeps its connection: the new one is closed); others are closed at once.
+async fn accept_loop(listener: Arc<TcpListener>, inboxes: Inboxes) {
     loop {
         match listener.accept().await {
             Ok((stream, from)) => {
                 let ip = from.ip().to_canonical();
-                if passive.contains(&ip) {
-                    if tx.send((ip, stream)).await.is_err() {
-                        return;
+                let inbox = inboxes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&ip)
+                    .cloned();
+                match inbox {
+                    Some(tx) => {
+                        let _ = tx.try_send(stream);
                     }
-                } else {
-                    debug!(from = %from, "BGP: connection from an address that is not a passive peer, closed");
+                    None => {
+                        debug!(from = %from, "BGP: connection from an address that is not a passive peer, closed");
+                    }
                 }
             }
             Err(e) => {
@@ -331,7 +469,7 @@ async fn peer_loop(
     ctx: session::Context,
     slot: Slot,
     mut incoming: mpsc::Receiver<TcpStream>,
-    mut routes: watch::Receiver<BTreeSet<IpAddr>>,
+    mut routes: watch::Receiver<Routes>,
     mut stop: watch::Receiver<bool>,
     mut bfd: Option<watch::Receiver<bfd::State>>,
 ) {

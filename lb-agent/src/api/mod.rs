@@ -155,6 +155,8 @@ async fn services(State(s): State<ApiState>) -> Json<ServicesJson> {
 #[derive(Debug, Serialize)]
 struct BgpJson {
     peers: Vec<crate::announce::bgp::PeerStatus>,
+    /// Kubernetes mode: the BGPPeers and BGPAdvertisements left out, and why.
+    problems: Vec<String>,
 }
 
 async fn bgp(State(s): State<ApiState>) -> Json<BgpJson> {
@@ -164,7 +166,13 @@ async fn bgp(State(s): State<ApiState>) -> Json<BgpJson> {
         .lock()
         .map(|p| p.clone())
         .unwrap_or_else(|p| p.into_inner().clone());
-    Json(BgpJson { peers })
+    let problems = s
+        .metrics
+        .bgp_problems
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    Json(BgpJson { peers, problems })
 }
 
 /// `/api/v1/lookup?client=IP:PORT&vip=IP:PORT&protocol=tcp|udp|sctp`.

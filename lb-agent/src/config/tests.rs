@@ -487,8 +487,14 @@ fn announce_bgp_is_checked_and_reads_the_password_file() {
     let c = Config::parse(&text, "test.yaml").unwrap();
     let b = c.announce.bgp.expect("bgp");
     assert_eq!(b.local_as, 4_200_000_001);
-    assert_eq!(b.communities, [(64512 << 16) | 100, 0xFFFF_FF01]);
-    assert_eq!(b.large_communities, [(64512, 1, 2)]);
+    // One advertisement: every VIP to every peer, with the configured attributes.
+    let [a] = b.advertisements.as_slice() else {
+        panic!("{:?}", b.advertisements)
+    };
+    assert_eq!((a.vips.as_ref(), a.peers.as_ref()), (None, None));
+    assert_eq!(a.attrs.communities, [(64512 << 16) | 100, 0xFFFF_FF01]);
+    assert_eq!(a.attrs.large_communities, [(64512, 1, 2)]);
+    assert_eq!(a.attrs.local_pref, None);
     assert_eq!(b.listen_port, 179);
     assert_eq!(b.peers[0].password, Some(Secret("s3cret".into())));
     assert_eq!(
@@ -500,7 +506,7 @@ fn announce_bgp_is_checked_and_reads_the_password_file() {
     assert!(b.peers[1].passive && b.peers[1].hold_time.is_zero());
 
     let bad = format!(
-        "{MINIMAL}announce:\n  bgp:\n    local_as: 23456\n    router_id: 0.0.0.0\n    communities: [\"70000:1\"]\n    large_communities: [\"1:2\"]\n    bfd: {{interval: 1ms, multiplier: 1}}\n    peers:\n      - address: 198.18.0.254\n        remote_as: 0\n        password_file: {}\n        hold_time: 2s\n        multihop: 0\n      - address: 198.18.0.254\n        remote_as: 64513\n        bfd: true\n        multihop: 2\n        connect_retry: 1ms\n",
+        "{MINIMAL}announce:\n  bgp:\n    local_as: 23456\n    router_id: 0.0.0.0\n    communities: [\"70000:1\"]\n    large_communities: [\"1:2\"]\n    bfd: {{interval: 1ms, multiplier: 1}}\n    peers:\n      - address: 198.18.0.254\n        remote_as: 0\n        local_as: 0\n        password_file: {}\n        hold_time: 2s\n        multihop: 0\n      - address: 198.18.0.254\n        remote_as: 64513\n        bfd: true\n        multihop: 2\n        connect_retry: 1ms\n",
         dir.join("missing").display()
     );
     let p = problems(&bad);
@@ -512,6 +518,7 @@ fn announce_bgp_is_checked_and_reads_the_password_file() {
         "announce.bgp.bfd.interval: must be between 10ms and 10s",
         "announce.bgp.bfd.multiplier: must be between 2 and 50",
         "announce.bgp.peers[0].remote_as: 0 is not a usable AS number",
+        "announce.bgp.peers[0].local_as: 0 is not a usable AS number",
         "announce.bgp.peers[0].hold_time: must be 0",
         "announce.bgp.peers[0].multihop: is a TTL",
         "announce.bgp.peers[0].password_file:",

@@ -533,12 +533,18 @@ pub struct Metrics {
     pub agent: Arc<AgentMetrics>,
     /// The BGP speaker's peers (empty without BGP), read at scrape time.
     pub bgp: crate::announce::bgp::Peers,
+    /// Kubernetes mode: the BGP resources left out, and why.
+    pub bgp_problems: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// `weir_bgp_session_up`, `weir_bgp_routes_advertised`, `weir_bgp_sessions_established_total`,
-/// `weir_bfd_session_up`: one series per configured peer.
+/// `weir_bfd_session_up`: one series per configured peer; `weir_bgp_resource_problems`:
+/// the BGP resources left out (Kubernetes mode).
 #[derive(Debug)]
-struct BgpCollector(crate::announce::bgp::Peers);
+struct BgpCollector(
+    crate::announce::bgp::Peers,
+    Arc<std::sync::Mutex<Vec<String>>>,
+);
 
 impl Collector for BgpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -547,6 +553,16 @@ impl Collector for BgpCollector {
             .lock()
             .map(|p| p.clone())
             .unwrap_or_else(|p| p.into_inner().clone());
+        let problems = self.1.lock().map_or(0, |p| p.len());
+        if problems > 0 || !peers.is_empty() {
+            let m = encoder.encode_descriptor(
+                "bgp_resource_problems",
+                "BGPPeers and BGPAdvertisements left out for a problem in their spec (see the agent's log and /api/v1/bgp)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(problems as i64).encode(m)?;
+        }
         if peers.is_empty() {
             return Ok(());
         }
@@ -612,12 +628,17 @@ impl Metrics {
         registry.register_collector(Box::new(SnapshotGauges(snapshot)));
         registry.register_collector(Box::new(TrafficCollector(traffic)));
         let bgp = crate::announce::bgp::Peers::default();
-        registry.register_collector(Box::new(BgpCollector(bgp.clone())));
+        let bgp_problems = Arc::default();
+        registry.register_collector(Box::new(BgpCollector(
+            bgp.clone(),
+            Arc::clone(&bgp_problems),
+        )));
         Self {
             registry,
             health,
             agent,
             bgp,
+            bgp_problems,
         }
     }
 

@@ -2,7 +2,7 @@
 //! hold timers, UPDATEs that follow the wanted routes, NOTIFICATION on every error.
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
@@ -26,8 +26,11 @@ use tokio::{
 };
 use tracing::info;
 
-use super::{Slot, State};
-use crate::{announce::bfd, config::BgpPeerConfig};
+use super::{Routes, Slot, State};
+use crate::{
+    announce::bfd,
+    config::{BgpPeerConfig, RouteAttrs},
+};
 
 /// AS_TRANS (RFC 6793): the 2-octet stand-in for a 4-octet AS number in OPEN.
 const AS_TRANS: u16 = 23456;
@@ -45,11 +48,9 @@ const CEASE_OUT_OF_RESOURCES: u8 = 8;
 /// What a session needs to know; one per peer.
 #[derive(Clone, Debug)]
 pub struct Context {
+    /// This node's AS towards the peer.
     pub local_as: u32,
     pub router_id: Ipv4Addr,
-    pub communities: Vec<u32>,
-    pub large_communities: Vec<(u32, u32, u32)>,
-    pub local_pref: Option<u32>,
     pub peer: BgpPeerConfig,
 }
 
@@ -165,8 +166,13 @@ pub fn negotiate(ctx: &Context, open: &OpenMessage) -> Result<Families, Notifica
     })
 }
 
-/// The path attributes of every route this node advertises.
-pub fn attributes(ctx: &Context, next_hop: IpAddr, vips: &[IpAddr]) -> Vec<PathAttribute> {
+/// The path attributes of routes to `vips` carrying `extra`.
+pub fn attributes(
+    ctx: &Context,
+    extra: &RouteAttrs,
+    next_hop: IpAddr,
+    vips: &[IpAddr],
+) -> Vec<PathAttribute> {
     let mut attrs = vec![
         PathAttribute::Origin(Origin::Igp),
         PathAttribute::AsPath(AsPath {
@@ -195,14 +201,15 @@ pub fn attributes(ctx: &Context, next_hop: IpAddr, vips: &[IpAddr]) -> Vec<PathA
     }
     if ctx.internal() {
         // LOCAL_PREF is for internal peers only (RFC 4271 §5.1.5).
-        attrs.push(PathAttribute::LocalPref(ctx.local_pref.unwrap_or(100)));
+        attrs.push(PathAttribute::LocalPref(extra.local_pref.unwrap_or(100)));
     }
-    if !ctx.communities.is_empty() {
-        attrs.push(PathAttribute::Communities(ctx.communities.clone()));
+    if !extra.communities.is_empty() {
+        attrs.push(PathAttribute::Communities(extra.communities.clone()));
     }
-    if !ctx.large_communities.is_empty() {
+    if !extra.large_communities.is_empty() {
         attrs.push(PathAttribute::LargeCommunities(
-            ctx.large_communities
+            extra
+                .large_communities
                 .iter()
                 .map(|(a, b, c)| LargeCommunity::new(*a, *b, *c))
                 .collect(),
@@ -233,10 +240,11 @@ fn nlri_v4(vips: &[IpAddr]) -> Vec<Ipv4NlriEntry> {
         .collect()
 }
 
-/// The UPDATEs that announce `vips` (all of the next hop's family).
+/// The UPDATEs that announce `vips` (all of the next hop's family) with `extra`.
 pub fn announcements(
     ctx: &Context,
     f: &Families,
+    extra: &RouteAttrs,
     next_hop: IpAddr,
     vips: &[IpAddr],
 ) -> Vec<Message> {
@@ -247,7 +255,7 @@ pub fn announcements(
     };
     vips.chunks(per)
         .map(|chunk| {
-            let attrs = attributes(ctx, next_hop, chunk);
+            let attrs = attributes(ctx, extra, next_hop, chunk);
             let announced = if next_hop.is_ipv4() {
                 nlri_v4(chunk)
             } else {
@@ -392,7 +400,7 @@ pub(super) async fn run(
     ctx: &Context,
     slot: &Slot,
     stream: TcpStream,
-    routes: &mut watch::Receiver<BTreeSet<IpAddr>>,
+    routes: &mut watch::Receiver<Routes>,
     stop: &mut watch::Receiver<bool>,
     mut bfd: Option<&mut watch::Receiver<bfd::State>>,
 ) -> Result<End, Error> {
@@ -449,35 +457,44 @@ pub(super) async fn run(
         hold / 3
     });
     keepalive.reset();
-    let mut advertised: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut advertised = Routes::new();
     let mut resend = true;
     loop {
-        // Bring the peer up to date: withdrawals first, then announcements.
-        let wanted: BTreeSet<IpAddr> = routes
+        // Bring the peer up to date: withdrawals first, then announcements (a route whose
+        // attributes changed is announced again: the new path replaces the old).
+        let wanted: Routes = routes
             .borrow_and_update()
             .iter()
-            .copied()
-            .filter(carries)
+            .filter(|(v, _)| carries(v))
+            .map(|(v, a)| (*v, a.clone()))
             .collect();
         if resend || wanted != advertised {
-            let gone: Vec<IpAddr> = advertised.difference(&wanted).copied().collect();
-            let new: Vec<IpAddr> = if resend {
-                wanted.iter().copied().collect()
-            } else {
-                wanted.difference(&advertised).copied().collect()
-            };
+            let gone: Vec<IpAddr> = advertised
+                .keys()
+                .filter(|v| !wanted.contains_key(v))
+                .copied()
+                .collect();
+            let mut by_attrs: BTreeMap<&RouteAttrs, Vec<IpAddr>> = BTreeMap::new();
+            for (vip, attrs) in &wanted {
+                if resend || advertised.get(vip) != Some(attrs) {
+                    by_attrs.entry(attrs).or_default().push(*vip);
+                }
+            }
+            let new: Vec<IpAddr> = by_attrs.values().flatten().copied().collect();
             for m in withdrawals(&families, &gone) {
                 send(&mut w, &m).await?;
             }
-            for m in announcements(ctx, &families, local, &new) {
-                send(&mut w, &m).await?;
+            for (attrs, vips) in &by_attrs {
+                for m in announcements(ctx, &families, attrs, local, vips) {
+                    send(&mut w, &m).await?;
+                }
             }
             if !gone.is_empty() || !new.is_empty() {
                 info!(peer = %ctx.peer.address, advertised = ?new, withdrawn = ?gone, "BGP: routes updated");
             }
             advertised = wanted;
             resend = false;
-            let list: Vec<IpAddr> = advertised.iter().copied().collect();
+            let list: Vec<IpAddr> = advertised.keys().copied().collect();
             slot.update(|p| p.advertised = list);
             keepalive.reset();
         }
@@ -503,7 +520,7 @@ pub(super) async fn run(
                 return Err(Error::BfdDown);
             }
             _ = stop.changed() => {
-                let gone: Vec<IpAddr> = advertised.iter().copied().collect();
+                let gone: Vec<IpAddr> = advertised.keys().copied().collect();
                 for m in withdrawals(&families, &gone) {
                     send(&mut w, &m).await?;
                 }

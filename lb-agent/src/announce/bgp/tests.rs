@@ -6,18 +6,16 @@ use rustbgpd_wire::{
 };
 
 use super::session::{Context, Families, announcements, negotiate, withdrawals};
-use crate::config::{BgpPeerConfig, Secret};
+use crate::config::{BgpPeerConfig, RouteAttrs, Secret};
 
 fn ctx(local_as: u32, remote_as: u32) -> Context {
     Context {
         local_as,
         router_id: Ipv4Addr::new(198, 18, 2, 11),
-        communities: vec![(64512 << 16) | 100],
-        large_communities: vec![(64512, 1, 2)],
-        local_pref: Some(200),
         peer: BgpPeerConfig {
             address: "198.18.2.254".parse().unwrap(),
             remote_as,
+            local_as: None,
             port: 179,
             password: Some(Secret("x".into())),
             hold_time: std::time::Duration::from_secs(9),
@@ -26,6 +24,14 @@ fn ctx(local_as: u32, remote_as: u32) -> Context {
             multihop: None,
             passive: false,
         },
+    }
+}
+
+fn attrs() -> RouteAttrs {
+    RouteAttrs {
+        communities: vec![(64512 << 16) | 100],
+        large_communities: vec![(64512, 1, 2)],
+        local_pref: Some(200),
     }
 }
 
@@ -153,7 +159,13 @@ fn external_ipv4_routes_have_next_hop_self_our_as_and_communities_but_no_local_p
         "198.18.100.10".parse().unwrap(),
         "198.18.100.11".parse().unwrap(),
     ];
-    let msgs = announcements(&c, &families(), "198.18.2.11".parse().unwrap(), &vips);
+    let msgs = announcements(
+        &c,
+        &families(),
+        &attrs(),
+        "198.18.2.11".parse().unwrap(),
+        &vips,
+    );
     assert_eq!(msgs.len(), 1);
     let u = parsed(&msgs[0]);
     let announced: Vec<String> = u.announced.iter().map(|e| e.prefix.to_string()).collect();
@@ -177,7 +189,15 @@ fn external_ipv4_routes_have_next_hop_self_our_as_and_communities_but_no_local_p
 fn internal_ipv6_routes_go_in_mp_reach_with_local_pref_and_an_empty_as_path() {
     let c = ctx(64512, 64512);
     let vips: Vec<IpAddr> = vec!["fd00:100::10".parse().unwrap()];
-    let u = parsed(&announcements(&c, &families(), "fd00:2::11".parse().unwrap(), &vips)[0]);
+    let u = parsed(
+        &announcements(
+            &c,
+            &families(),
+            &attrs(),
+            "fd00:2::11".parse().unwrap(),
+            &vips,
+        )[0],
+    );
     assert!(u.announced.is_empty(), "IPv6 goes in MP_REACH_NLRI");
     let reach = u
         .attributes
@@ -213,7 +233,7 @@ fn many_vips_are_split_into_updates_under_4096_octets() {
         .map(|i| IpAddr::from(std::net::Ipv6Addr::from((0xfd00u128 << 112) + i)))
         .collect();
     for (nh, vips) in [("198.18.2.11", &v4), ("fd00:2::11", &v6)] {
-        let msgs = announcements(&c, &families(), nh.parse().unwrap(), vips);
+        let msgs = announcements(&c, &families(), &attrs(), nh.parse().unwrap(), vips);
         let mut count = 0;
         for m in msgs.iter().chain(&withdrawals(&families(), vips)) {
             let b = rustbgpd_wire::encode_message(m).unwrap();

@@ -150,7 +150,7 @@ impl Selector {
     }
 
     /// Refuses operators the API server would refuse too.
-    fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), String> {
         for e in self.0.match_expressions.iter().flatten() {
             let n = e.values.as_ref().map_or(0, Vec::len);
             match (e.operator.as_str(), n) {

@@ -10,7 +10,7 @@ use futures_util::StreamExt as _;
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::{Node, ObjectReference, Service},
+        core::v1::{Node, ObjectReference, Secret, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use super::{
     addresses::{self, CONDITION, Outcome},
-    crd::IPPool,
+    crd::{BGPAdvertisement, BGPPeer, IPPool},
     ipam::Allocator,
     translate::{self, Options, Translation},
 };
@@ -76,6 +76,10 @@ pub struct Stores {
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
     pub pools: Store<IPPool>,
+    pub bgp_peers: Store<BGPPeer>,
+    pub bgp_advertisements: Store<BGPAdvertisement>,
+    /// The agents' namespace's (BGP passwords).
+    pub secrets: Store<Secret>,
 }
 
 /// The watchers; dropped, they stop.
@@ -127,22 +131,30 @@ where
     (store, task)
 }
 
-/// Starts watching everything weir needs, cluster-wide.
-pub fn watch_all(client: &Client) -> Watches {
+/// Starts watching everything weir needs: cluster-wide, and the Secrets of `namespace`
+/// (the agents').
+pub fn watch_all(client: &Client, namespace: &str) -> Watches {
     let (tx, changed) = watch::channel(0u64);
     let (services, a) = spawn_reflector(Api::<Service>::all(client.clone()), tx.clone());
     let (slices, b) = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), tx.clone());
     let (nodes, c) = spawn_reflector(Api::<Node>::all(client.clone()), tx.clone());
-    let (pools, d) = spawn_reflector(Api::<IPPool>::all(client.clone()), tx);
+    let (pools, d) = spawn_reflector(Api::<IPPool>::all(client.clone()), tx.clone());
+    let (bgp_peers, e) = spawn_reflector(Api::<BGPPeer>::all(client.clone()), tx.clone());
+    let (bgp_advertisements, f) =
+        spawn_reflector(Api::<BGPAdvertisement>::all(client.clone()), tx.clone());
+    let (secrets, g) = spawn_reflector(Api::<Secret>::namespaced(client.clone(), namespace), tx);
     Watches {
         stores: Stores {
             services,
             slices,
             nodes,
             pools,
+            bgp_peers,
+            bgp_advertisements,
+            secrets,
         },
         changed,
-        tasks: vec![a, b, c, d],
+        tasks: vec![a, b, c, d, e, f, g],
     }
 }
 
@@ -157,16 +169,29 @@ impl Stores {
         self.slices.wait_until_ready().await?;
         self.nodes.wait_until_ready().await?;
         self.pools.wait_until_ready().await?;
+        self.bgp_peers.wait_until_ready().await?;
+        self.bgp_advertisements.wait_until_ready().await?;
+        self.secrets.wait_until_ready().await?;
         Ok(())
     }
 
     pub fn translate(&self, opts: &Options) -> Translation {
-        translate::translate(
-            &owned(self.services.state()),
-            &owned(self.slices.state()),
-            &owned(self.nodes.state()),
-            opts,
-        )
+        let services = owned(self.services.state());
+        let nodes = owned(self.nodes.state());
+        let mut t = translate::translate(&services, &owned(self.slices.state()), &nodes, opts);
+        let (bgp, problems) = super::bgp::config(&super::bgp::Inputs {
+            node: &opts.node,
+            nodes: &nodes,
+            peers: &owned(self.bgp_peers.state()),
+            advertisements: &owned(self.bgp_advertisements.state()),
+            pools: &owned(self.pools.state()),
+            services: &services,
+            secrets: &owned(self.secrets.state()),
+            default_class: opts.default_class,
+        });
+        t.bgp = bgp;
+        t.bgp_problems = problems;
+        t
     }
 }
 
@@ -180,6 +205,7 @@ pub async fn translate_loop(
     leader: watch::Receiver<bool>,
     events: EventSink,
     metrics: Arc<crate::metrics::AgentMetrics>,
+    bgp_problems: Arc<std::sync::Mutex<Vec<String>>>,
 ) {
     tracing::debug!("translate loop: waiting for the stores");
     if let Err(e) = stores.ready().await {
@@ -190,6 +216,7 @@ pub async fn translate_loop(
     let mut reported: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut last: Option<crate::model::DesiredState> = None;
     let mut excluded = false;
+    let mut bgp_reported: Vec<String> = Vec::new();
     loop {
         let t = stores.translate(&opts);
         if last.as_ref() != Some(&t.desired) {
@@ -221,6 +248,16 @@ pub async fn translate_loop(
         }
         metrics.set_service_problems(&t.problems);
         reported = t.problems.clone();
+        if t.bgp_problems != bgp_reported {
+            for p in &t.bgp_problems {
+                warn!(problem = %p, "BGP resource left out");
+            }
+            if t.bgp_problems.is_empty() && !bgp_reported.is_empty() {
+                info!("every BGP resource applies again");
+            }
+            bgp_reported = t.bgp_problems.clone();
+        }
+        *bgp_problems.lock().unwrap_or_else(|p| p.into_inner()) = t.bgp_problems.clone();
         if t.excluded != excluded {
             excluded = t.excluded;
             if excluded {

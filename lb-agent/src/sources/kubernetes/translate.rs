@@ -115,6 +115,10 @@ pub struct Translation {
     /// `spec.healthCheckNodePort` of the Local-policy Services served here: port →
     /// `namespace/name`.
     pub health_node_ports: BTreeMap<u16, String>,
+    /// BGP mode: this node's peers and advertisements (None: no BGPPeer selects it).
+    pub bgp: Option<crate::config::BgpConfig>,
+    /// The BGPPeers and BGPAdvertisements left out, and why.
+    pub bgp_problems: Vec<String>,
 }
 
 /// `namespace/name`.
