@@ -251,8 +251,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 translations_tx,
                 leader.clone(),
                 sink,
-                metrics.agent.clone(),
-                metrics.bgp_problems.clone(),
+                metrics.clone(),
             )));
             kube_tasks.push(tokio::spawn(kube_runtime::address_loop(
                 client,

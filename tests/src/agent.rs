@@ -86,8 +86,8 @@ impl Agent {
     }
 
     /// As [`Agent::start_with`], with only the capabilities the Helm chart grants
-    /// (`BPF`, `PERFMON`, `NET_ADMIN`, `NET_RAW`): `setpriv` empties the bounding set of the
-    /// rest, so even as root the agent cannot use them.
+    /// (`BPF`, `PERFMON`, `NET_ADMIN`, `NET_RAW`, `NET_BIND_SERVICE`): `setpriv` empties the
+    /// bounding set of the rest, so even as root the agent cannot use them.
     pub fn start_with_chart_caps(
         ns: &Netns,
         dir: &Path,
@@ -283,7 +283,7 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 /// The capabilities of `charts/weir`'s DaemonSet, as `setpriv` spells them.
-pub const CHART_CAPS: &str = "-all,+bpf,+perfmon,+net_admin,+net_raw";
+pub const CHART_CAPS: &str = "-all,+bpf,+perfmon,+net_admin,+net_raw,+net_bind_service";
 
 /// Backend `addr` of `service` in an `/api/v1/services` answer.
 pub fn backend_entry(

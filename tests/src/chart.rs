@@ -212,10 +212,17 @@ fn run(ctx: &Ctx, dot: &Value, nodes: &[Node], out: &mut String) -> Result<(), S
 /// Renders every template of the chart at `chart` (sorted by file name) with its
 /// `values.yaml`, in `namespace`; the CRDs of `crds/` first, as Helm installs them.
 pub fn render(chart: &Path, namespace: &str) -> Result<String, String> {
-    let values: Value = serde_yaml::from_str(
+    render_with(chart, namespace, &Value::Null)
+}
+
+/// Renders with `overrides` merged over `values.yaml` (objects key by key, the rest replaced),
+/// like `helm template -f overrides.yaml`.
+pub fn render_with(chart: &Path, namespace: &str, overrides: &Value) -> Result<String, String> {
+    let mut values: Value = serde_yaml::from_str(
         &std::fs::read_to_string(chart.join("values.yaml")).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("values.yaml: {e}"))?;
+    merge(&mut values, overrides);
     let meta: Value = serde_yaml::from_str(
         &std::fs::read_to_string(chart.join("Chart.yaml")).map_err(|e| e.to_string())?,
     )
@@ -278,4 +285,16 @@ pub fn render(chart: &Path, namespace: &str) -> Result<String, String> {
         }
     }
     Ok(manifest)
+}
+
+fn merge(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (_, Value::Null) => {}
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                merge(b.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
 }

@@ -357,3 +357,285 @@ fn bird_internal_peer_connects_to_passive_nodes_and_gets_local_pref() {
         (lab.fib(VIP4).is_empty() && lab.fib(VIP6).is_empty()).then_some(())
     });
 }
+
+/// A request to the fake Kubernetes API (in the router's namespace) from node 1's.
+fn kube(lab: &BgpLab, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    try_kube(lab, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+fn try_kube(
+    lab: &BgpLab,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> std::io::Result<(u16, Value)> {
+    let body = body.map(|b| b.to_string());
+    let api: std::net::SocketAddr = format!("{}:6443", bgplab::RT4).parse().unwrap();
+    let r = lab.lbs[0].run_in(|| {
+        weir_lab::clients::http_request(
+            None,
+            api,
+            method,
+            path,
+            body.as_deref(),
+            Duration::from_secs(3),
+        )
+    })?;
+    Ok((
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    ))
+}
+
+fn kube_create(lab: &BgpLab, path: &str, body: Value) {
+    let (code, v) = kube(lab, "POST", path, Some(body));
+    assert_eq!(code, 201, "POST {path}: {v}");
+}
+
+/// FRR's paths to `prefix`: (next hop, communities as FRR prints them).
+fn frr_paths(lab: &BgpLab, prefix: &str) -> Vec<(String, String)> {
+    let out = lab
+        .router()
+        .query(&format!("show bgp ipv4 unicast {prefix} json"));
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let mut paths: Vec<(String, String)> = v["paths"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["nexthops"][0]["ip"].as_str().unwrap_or("").to_string(),
+                p["community"]["string"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// How many times FRR's session with neighbor `n` reached Established.
+fn frr_established(lab: &BgpLab, n: &str) -> u64 {
+    let out = lab.router().query(&format!("show bgp neighbors {n} json"));
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    v[n]["connectionsEstablished"].as_u64().unwrap_or(0)
+}
+
+const PEERS: &str = "/apis/weir.dev/v1alpha1/bgppeers";
+const ADVERTS: &str = "/apis/weir.dev/v1alpha1/bgpadvertisements";
+
+/// Kubernetes mode: the peers, passwords and advertisements come from BGPPeer,
+/// BGPAdvertisement and Secret objects in the fake API server (`weir_lab::fakeapi`, the one
+/// mock: no kube-apiserver runs here) served to the real agents; FRR is the real router.
+#[test]
+fn kubernetes_resources_choose_peers_and_advertisements_per_node_without_flapping_sessions() {
+    weir_lab::netns::require_root();
+    let peering = Peering {
+        ipv6: false,
+        password: Some("k8s-md5-key".into()),
+        ..Peering::default()
+    };
+    let mut lab = BgpLab::new(2, server_bin(), peering);
+    lab.start_frr();
+    let _apiserver = weir_lab::lab::Proc {
+        child: lab
+            .rt
+            .command(server_bin().to_str().unwrap())
+            .args(["fake-apiserver", "0.0.0.0:6443"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    wait_for(Duration::from_secs(10), "the fake API server", || {
+        let (code, _) = try_kube(&lab, "GET", "/api/v1/nodes", None).ok()?;
+        (code == 200).then_some(())
+    });
+    for (i, rack) in ["a", "b"].iter().enumerate() {
+        kube_create(
+            &lab,
+            "/api/v1/nodes",
+            serde_json::json!({
+                "metadata": {"name": format!("lb{}", i + 1), "labels": {"rack": rack}},
+                "status": {"addresses": [{"type": "InternalIP", "address": bgplab::lb4(i)}]},
+            }),
+        );
+    }
+    for (name, cidr) in [
+        ("public", "198.18.100.10/32"),
+        ("other", "198.18.100.20/32"),
+    ] {
+        kube_create(
+            &lab,
+            "/apis/weir.dev/v1alpha1/ippools",
+            serde_json::json!({"metadata": {"name": name}, "spec": {"addresses": [cidr]}}),
+        );
+    }
+    for (name, ip) in [("web", VIP4), ("db", "198.18.100.20")] {
+        kube_create(
+            &lab,
+            "/api/v1/namespaces/shop/services",
+            serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {
+                    "type": "LoadBalancer", "loadBalancerClass": "weir.dev/lb",
+                    "loadBalancerIP": ip, "ipFamilies": ["IPv4"],
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}],
+                },
+            }),
+        );
+        kube_create(
+            &lab,
+            "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+            serde_json::json!({
+                "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": weir_lab::lab::HTTP_PORT, "protocol": "TCP"}],
+                "endpoints": bgplab::BACKENDS4.iter().map(|a| serde_json::json!({
+                    "addresses": [a], "nodeName": "elsewhere", "conditions": {"ready": true}
+                })).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    // The password as a Secret in the agents' namespace ("k8s-md5-key", base64).
+    kube_create(
+        &lab,
+        "/api/v1/namespaces/weir-system/secrets",
+        serde_json::json!({"metadata": {"name": "bgp"}, "data": {"password": "azhzLW1kNS1rZXk="}}),
+    );
+    // Rack a peers with the router; rack b not yet.
+    let peer = |selector: Value| {
+        serde_json::json!({
+            "metadata": {"name": "rt"},
+            "spec": {
+                "address": bgplab::RT4, "remoteAS": 64513, "localAS": LOCAL_AS,
+                "connectRetry": "500ms", "passwordSecret": {"name": "bgp"},
+                "nodeSelector": selector,
+            },
+        })
+    };
+    kube_create(
+        &lab,
+        PEERS,
+        peer(serde_json::json!({"matchLabels": {"rack": "a"}})),
+    );
+    kube_create(
+        &lab,
+        ADVERTS,
+        serde_json::json!({"metadata": {"name": "public"}, "spec": {"ipPools": ["public"], "communities": ["64512:300"]}}),
+    );
+
+    let dirs = [weir_lab::lab::Scratch::new(), weir_lab::lab::Scratch::new()];
+    let start = |lab: &mut BgpLab, i: usize| {
+        let kubeconfig = dirs[i].path.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            weir_lab::fakeapi::kubeconfig(format!("{}:6443", bgplab::RT4).parse().unwrap()),
+        )
+        .unwrap();
+        let name = format!("lb{}", i + 1);
+        let mut agent = weir_lab::agent::Agent::start_with_chart_caps(
+            &lab.lbs[i],
+            &dirs[i].path,
+            Some("node:\n  interfaces: [eth0]\nadmin:\n  listen: 127.0.0.1:9300\n"),
+            &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
+            &[
+                ("NODE_NAME", &name),
+                ("POD_NAMESPACE", "weir-system"),
+                ("POD_NAME", &format!("agent-{name}")),
+            ],
+        );
+        agent.wait_ready(&lab.lbs[i]);
+        lab.agents[i] = Some(agent);
+    };
+    start(&mut lab, 0);
+    start(&mut lab, 1);
+    lab.wait_established(0);
+    assert!(
+        lab.bgp(1).is_empty(),
+        "rack b has no peer: {:?}",
+        lab.bgp(1)
+    );
+
+    // Only the public pool is advertised, with the advertisement's community, by rack a.
+    let web = format!("{VIP4}/32");
+    wait_for(Duration::from_secs(10), "web's route at FRR", || {
+        (frr_paths(&lab, &web) == [(bgplab::lb4(0), "64512:300".to_string())]).then_some(())
+    });
+    assert!(frr_paths(&lab, "198.18.100.20/32").is_empty());
+    assert_eq!(lab.fib(VIP4), [bgplab::lb4(0)]);
+    let r = lab
+        .get(VIP4, None, Duration::from_secs(3))
+        .expect("GET web");
+    assert_eq!(r.status, 200);
+
+    // Every node peers now: rack b's session comes up; rack a's is left alone.
+    let (_, current) = kube(&lab, "GET", &format!("{PEERS}/rt"), None);
+    let mut replaced = peer(Value::Null);
+    replaced["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+    let (code, v) = kube(&lab, "PUT", &format!("{PEERS}/rt"), Some(replaced));
+    assert_eq!(code, 200, "{v}");
+    lab.wait_established(1);
+    wait_for(Duration::from_secs(10), "two next hops for web", || {
+        (lab.fib(VIP4).len() == 2).then_some(())
+    });
+    // A second advertisement for the other pool, with its own community: added beside the
+    // first without touching the sessions.
+    kube_create(
+        &lab,
+        ADVERTS,
+        serde_json::json!({"metadata": {"name": "other"}, "spec": {"ipPools": ["other"], "communities": ["64512:400"]}}),
+    );
+    wait_for(Duration::from_secs(10), "db's routes at FRR", || {
+        (frr_paths(&lab, "198.18.100.20/32")
+            == [
+                (bgplab::lb4(0), "64512:400".to_string()),
+                (bgplab::lb4(1), "64512:400".to_string()),
+            ])
+        .then_some(())
+    });
+    wait_for(Duration::from_secs(10), "db's route in the kernel", || {
+        (lab.fib("198.18.100.20").len() == 2).then_some(())
+    });
+    assert_eq!(
+        frr_established(&lab, &bgplab::lb4(0)),
+        1,
+        "rack a's session never restarted"
+    );
+    let r = lab
+        .get("198.18.100.20", None, Duration::from_secs(3))
+        .expect("GET db");
+    assert_eq!(r.status, 200);
+
+    // A bad BGPPeer is left out with a message naming it and its field; the rest runs on.
+    kube_create(
+        &lab,
+        PEERS,
+        serde_json::json!({"metadata": {"name": "broken"}, "spec": {"address": "not-an-ip", "remoteAS": 64513, "localAS": LOCAL_AS}}),
+    );
+    let agent = lab.agents[0].as_ref().unwrap();
+    let problems = wait_for(Duration::from_secs(10), "the problem reported", || {
+        let (_, body) = agent.get(&lab.lbs[0], "/api/v1/bgp")?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (!v["problems"].as_array()?.is_empty()).then_some(v["problems"].clone())
+    });
+    assert_eq!(
+        problems,
+        serde_json::json!(["BGPPeer broken: spec.address: \"not-an-ip\" is not an IP address"])
+    );
+    let metrics = agent.metrics(&lab.lbs[0]);
+    assert_eq!(sample(&metrics, "weir_bgp_resource_problems"), Some(1.0));
+    assert_eq!(lab.bgp(0).len(), 1);
+    assert_eq!(frr_established(&lab, &bgplab::lb4(0)), 1);
+
+    // The peer deleted: both nodes withdraw and close; the router's table empties.
+    let (code, v) = kube(&lab, "DELETE", &format!("{PEERS}/rt"), None);
+    assert_eq!(code, 200, "{v}");
+    wait_for(Duration::from_secs(10), "the routes gone from FRR", || {
+        (frr_paths(&lab, &web).is_empty() && lab.fib(VIP4).is_empty()).then_some(())
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "no peer left on either node",
+        || (lab.bgp(0).is_empty() && lab.bgp(1).is_empty()).then_some(()),
+    );
+    assert_ne!(frr_state(&lab, &bgplab::lb4(0)), "Established");
+}

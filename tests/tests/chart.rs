@@ -125,3 +125,58 @@ fn the_chart_ships_the_dashboards() {
         );
     }
 }
+
+#[test]
+fn bgp_values_render_as_resources_the_agent_reads() {
+    use lb_agent::sources::kubernetes::crd::{BGPAdvertisement, BGPPeer};
+    let overrides = serde_json::json!({"bgp": {
+        "peers": [{"name": "tor", "spec": {
+            "address": "198.18.0.254", "remoteAS": 64513, "localAS": 64512, "bfd": true,
+            "passwordSecret": {"name": "bgp-tor"},
+            "nodeSelector": {"matchLabels": {"rack": "a"}},
+        }}],
+        "advertisements": [{"name": "default", "spec": {
+            "ipPools": ["default"], "communities": ["64512:100"], "localPref": 150,
+        }}],
+    }});
+    let rendered =
+        weir_lab::chart::render_with(&root().join("charts/weir"), "weir-system", &overrides)
+            .expect("render");
+    let (mut peers, mut adverts) = (Vec::new(), Vec::new());
+    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+        match v["kind"].as_str() {
+            Some("BGPPeer") => peers.push(serde_json::from_value::<BGPPeer>(v).expect("BGPPeer")),
+            Some("BGPAdvertisement") => adverts
+                .push(serde_json::from_value::<BGPAdvertisement>(v).expect("BGPAdvertisement")),
+            _ => {}
+        }
+    }
+    let [peer] = peers.as_slice() else {
+        panic!("{peers:?}")
+    };
+    assert_eq!(peer.metadata.name.as_deref(), Some("tor"));
+    assert_eq!(
+        (
+            peer.spec.address.as_str(),
+            peer.spec.remote_as,
+            peer.spec.local_as,
+            peer.spec.bfd
+        ),
+        ("198.18.0.254", 64513, 64512, true)
+    );
+    assert_eq!(peer.spec.password_secret.as_ref().unwrap().name, "bgp-tor");
+    let sel = peer.spec.node_selector.as_ref().unwrap();
+    assert_eq!(sel.match_labels.as_ref().unwrap()["rack"], "a");
+    let [a] = adverts.as_slice() else {
+        panic!("{adverts:?}")
+    };
+    assert_eq!(a.spec.ip_pools, ["default"]);
+    assert_eq!(a.spec.communities, ["64512:100"]);
+    assert_eq!(a.spec.local_pref, Some(150));
+    // The default values create none.
+    let default = weir_lab::chart::render(&root().join("charts/weir"), "weir-system").unwrap();
+    assert!(
+        !default.contains("\nkind: BGPPeer\n") && !default.contains("\nkind: BGPAdvertisement\n")
+    );
+}

@@ -431,6 +431,10 @@ impl Speaker {
         if let Some(b) = self.bfd {
             b.shutdown().await;
         }
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 

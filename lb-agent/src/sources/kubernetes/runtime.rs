@@ -204,8 +204,7 @@ pub async fn translate_loop(
     out: watch::Sender<Option<Arc<Translation>>>,
     leader: watch::Receiver<bool>,
     events: EventSink,
-    metrics: Arc<crate::metrics::AgentMetrics>,
-    bgp_problems: Arc<std::sync::Mutex<Vec<String>>>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     tracing::debug!("translate loop: waiting for the stores");
     if let Err(e) = stores.ready().await {
@@ -246,7 +245,7 @@ pub async fn translate_loop(
                 }
             }
         }
-        metrics.set_service_problems(&t.problems);
+        metrics.agent.set_service_problems(&t.problems);
         reported = t.problems.clone();
         if t.bgp_problems != bgp_reported {
             for p in &t.bgp_problems {
@@ -257,7 +256,10 @@ pub async fn translate_loop(
             }
             bgp_reported = t.bgp_problems.clone();
         }
-        *bgp_problems.lock().unwrap_or_else(|p| p.into_inner()) = t.bgp_problems.clone();
+        *metrics
+            .bgp_problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = t.bgp_problems.clone();
         if t.excluded != excluded {
             excluded = t.excluded;
             if excluded {
