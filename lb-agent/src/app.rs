@@ -70,11 +70,23 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
              file carries node settings only (remove the services list)"
         );
     }
-    if kube.is_some() && !config.announce.l2_interfaces.is_empty() {
+    if kube.is_some()
+        && !config.announce.l2_interfaces.is_empty()
+        && config.announce.gossip.is_none()
+    {
         anyhow::bail!(
             "{source}: announce.l2: in Kubernetes mode every node would answer for every \
-             address; L2 announcement there needs the agents' gossip, which this version does \
-             not have yet (route the addresses to the nodes instead)"
+             address; add announce.gossip (its peers default to the Nodes the \
+             L2Advertisements select)"
+        );
+    }
+    if kube.is_none()
+        && let Some(g) = &config.announce.gossip
+        && g.peers.is_none()
+    {
+        anyhow::bail!(
+            "{source}: announce.gossip.peers: needed in standalone mode (only Kubernetes mode \
+             finds the other nodes by itself)"
         );
     }
     if kube.is_some() && config.announce.bgp.is_some() {
@@ -152,9 +164,10 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     let gossip = match &config.announce.gossip {
         None => None,
         Some(g) => {
-            let node = match &config.announce.node_name {
-                Some(n) => n.clone(),
-                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            let node = match (&config.announce.node_name, &kube) {
+                (Some(n), _) => n.clone(),
+                (None, Some(k)) => k.node.clone(),
+                (None, None) => std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .context("announce.node_name not set and the host name unreadable")?
                     .trim()
                     .to_string(),
@@ -164,11 +177,12 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 .with_context(|| format!("announce.gossip.listen {}", g.listen))?;
             let (local, local_rx) = watch::channel(crate::announce::gossip::Local::default());
             let (view_tx, view) = watch::channel(crate::announce::gossip::View::default());
+            let (peers, peers_rx) = watch::channel(g.peers.clone().unwrap_or_default());
             tokio::spawn(crate::announce::gossip::run(
                 socket,
                 crate::announce::gossip::Settings {
                     node: node.clone(),
-                    peers: g.peers.clone(),
+                    peers: peers_rx,
                     interval: g.interval,
                     dead_after: g.dead_after,
                 },
@@ -176,7 +190,14 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
                 view_tx,
             ));
             info!(node = %node, listen = %g.listen, peers = ?g.peers, "gossip: heartbeats to the other announcing nodes");
-            Some(Gossip { node, local, view })
+            Some(Gossip {
+                node,
+                local,
+                view,
+                peers,
+                from_nodes: g.peers.is_none(),
+                listen: g.listen,
+            })
         }
     };
     let mut gossip_view = gossip.as_ref().map(|g| g.view.clone());
@@ -297,6 +318,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         l2_ports,
         announced: BTreeSet::new(),
         gossip,
+        // Kubernetes mode: nothing until the L2Advertisements say what.
+        l2_vips: kube.is_some().then(BTreeSet::new),
         bgp: None,
     };
     agent.first_state(&mut events).await?;
@@ -305,6 +328,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     // Kubernetes it is logged and retried at the next change.
     if let Some(t) = translations.borrow().clone() {
         agent.current.announce.bgp = t.bgp.clone();
+        agent.sync_l2(&t.l2);
         agent.sync_bgp().await;
     } else if let Some(b) = &agent.current.announce.bgp {
         match crate::announce::bgp::Speaker::start(b, metrics.bgp.clone()).await {
@@ -425,12 +449,21 @@ struct Agent {
     announced: BTreeSet<std::net::IpAddr>,
     /// Liveness of the other announcing nodes (None: this node owns every VIP).
     gossip: Option<Gossip>,
+    /// The VIPs this node may answer for on L2 (None: every VIP; Kubernetes mode: what the
+    /// L2Advertisements selecting this node give it).
+    l2_vips: Option<BTreeSet<std::net::IpAddr>>,
     /// BGP mode's speaker.
     bgp: Option<crate::announce::bgp::Speaker>,
 }
 
 struct Gossip {
     node: String,
+    /// Where the heartbeats go.
+    peers: watch::Sender<Vec<std::net::SocketAddr>>,
+    /// The peers are the Nodes the L2Advertisements select (Kubernetes mode without
+    /// `announce.gossip.peers`).
+    from_nodes: bool,
+    listen: std::net::SocketAddr,
     /// What the heartbeats say about this node.
     local: watch::Sender<crate::announce::gossip::Local>,
     view: watch::Receiver<crate::announce::gossip::View>,
@@ -589,11 +622,13 @@ impl Agent {
         if self.l2_ports.is_empty() {
             return;
         }
+        let mine = |v: &std::net::IpAddr| self.l2_vips.as_ref().is_none_or(|l| l.contains(v));
         let all: BTreeSet<std::net::IpAddr> = self
             .programmed
             .services
             .iter()
             .map(|s| s.frontend.vip)
+            .filter(mine)
             .collect();
         let eligible = self
             .l2_ports
@@ -601,7 +636,8 @@ impl Agent {
             .all(|p| crate::announce::l2::link_up(&p.iface));
         // With other nodes to take over, a VIP goes to a node that can serve it; alone, this
         // node keeps answering (fail-open still forwards).
-        let serving = self.servable_vips();
+        let serving: BTreeSet<std::net::IpAddr> =
+            self.servable_vips().into_iter().filter(mine).collect();
         let vips = match &self.gossip {
             None => all,
             Some(g) => {
@@ -646,6 +682,37 @@ impl Agent {
         self.announced = vips;
         if changed {
             self.publish();
+        }
+    }
+
+    /// Kubernetes mode: the VIPs the L2Advertisements give this node, and the other selected
+    /// Nodes as gossip peers (unless the node config lists them).
+    fn sync_l2(&mut self, plan: &crate::sources::kubernetes::announce::L2Plan) {
+        if self.l2_ports.is_empty() {
+            return;
+        }
+        if let Some(g) = &self.gossip
+            && g.from_nodes
+        {
+            let peers: Vec<std::net::SocketAddr> = plan
+                .peers
+                .iter()
+                .filter(|ip| ip.is_ipv4() == g.listen.is_ipv4())
+                .map(|ip| std::net::SocketAddr::new(*ip, g.listen.port()))
+                .collect();
+            g.peers.send_if_modified(|now| {
+                if *now == peers {
+                    return false;
+                }
+                info!(peers = ?peers, "gossip: peers from the Nodes the L2Advertisements select");
+                *now = peers;
+                true
+            });
+        }
+        if self.l2_vips != plan.vips {
+            info!(vips = ?plan.vips, "L2: the addresses the L2Advertisements give this node");
+            self.l2_vips = plan.vips.clone();
+            self.announce_l2();
         }
     }
 
@@ -863,6 +930,7 @@ impl Agent {
     fn apply_kubernetes(&mut self, t: &Translation) {
         let started = std::time::Instant::now();
         self.current.announce.bgp = t.bgp.clone();
+        self.sync_l2(&t.l2);
         let mut new = self.current.clone();
         new.desired = t.desired.clone();
         if new.desired == self.current.desired {

@@ -134,7 +134,7 @@ fn default_connect_retry() -> Duration {
 #[serde(deny_unknown_fields)]
 struct RawGossip {
     listen: SocketAddr,
-    peers: Vec<SocketAddr>,
+    peers: Option<Vec<SocketAddr>>,
     #[serde(default = "default_gossip_interval", with = "humantime_serde")]
     interval: Duration,
     #[serde(default = "default_gossip_dead_after", with = "humantime_serde")]
@@ -413,7 +413,10 @@ impl fmt::Debug for Secret {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GossipConfig {
     pub listen: SocketAddr,
-    pub peers: Vec<SocketAddr>,
+    /// The other announcing nodes' gossip addresses; None (Kubernetes mode only): every
+    /// Node an L2Advertisement selects, at its InternalIP of `listen`'s family and
+    /// `listen`'s port.
+    pub peers: Option<Vec<SocketAddr>>,
     pub interval: Duration,
     pub dead_after: Duration,
 }
@@ -1126,10 +1129,10 @@ impl RawConfig {
                         "decides who answers on L2: it needs announce.l2",
                     );
                 }
-                if g.peers.is_empty() {
+                if g.peers.as_ref().is_some_and(Vec::is_empty) {
                     c.fail("announce.gossip.peers", "at least one peer is needed");
                 }
-                for (i, p) in g.peers.iter().enumerate() {
+                for (i, p) in g.peers.iter().flatten().enumerate() {
                     if *p == g.listen {
                         c.fail(
                             format!("announce.gossip.peers[{i}]"),

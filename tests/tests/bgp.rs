@@ -622,7 +622,10 @@ fn kubernetes_resources_choose_peers_and_advertisements_per_node_without_flappin
         serde_json::json!(["BGPPeer broken: spec.address: \"not-an-ip\" is not an IP address"])
     );
     let metrics = agent.metrics(&lab.lbs[0]);
-    assert_eq!(sample(&metrics, "weir_bgp_resource_problems"), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "weir_announce_resource_problems"),
+        Some(1.0)
+    );
     assert_eq!(lab.bgp(0).len(), 1);
     assert_eq!(frr_established(&lab, &bgplab::lb4(0)), 1);
 

@@ -127,8 +127,8 @@ fn the_chart_ships_the_dashboards() {
 }
 
 #[test]
-fn bgp_values_render_as_resources_the_agent_reads() {
-    use lb_agent::sources::kubernetes::crd::{BGPAdvertisement, BGPPeer};
+fn announce_values_render_as_resources_and_node_config_the_agent_reads() {
+    use lb_agent::sources::kubernetes::crd::{BGPAdvertisement, BGPPeer, L2Advertisement};
     let overrides = serde_json::json!({"bgp": {
         "peers": [{"name": "tor", "spec": {
             "address": "198.18.0.254", "remoteAS": 64513, "localAS": 64512, "bfd": true,
@@ -138,14 +138,26 @@ fn bgp_values_render_as_resources_the_agent_reads() {
         "advertisements": [{"name": "default", "spec": {
             "ipPools": ["default"], "communities": ["64512:100"], "localPref": 150,
         }}],
+    }, "l2": {
+        "interfaces": ["eth0"],
+        "advertisements": [{"name": "edge", "spec": {
+            "ipPools": ["default"], "nodeSelector": {"matchLabels": {"edge": "true"}},
+        }}],
     }});
     let rendered =
         weir_lab::chart::render_with(&root().join("charts/weir"), "weir-system", &overrides)
             .expect("render");
-    let (mut peers, mut adverts) = (Vec::new(), Vec::new());
+    let (mut peers, mut adverts, mut l2) = (Vec::new(), Vec::new(), Vec::new());
+    let mut node_config = None;
     for doc in serde_yaml::Deserializer::from_str(&rendered) {
         let v: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+        if v["kind"] == "ConfigMap" && v["metadata"]["name"] == "weir-config" {
+            node_config = v["data"]["weir.yaml"].as_str().map(str::to_string);
+        }
         match v["kind"].as_str() {
+            Some("L2Advertisement") => {
+                l2.push(serde_json::from_value::<L2Advertisement>(v).expect("L2Advertisement"))
+            }
             Some("BGPPeer") => peers.push(serde_json::from_value::<BGPPeer>(v).expect("BGPPeer")),
             Some("BGPAdvertisement") => adverts
                 .push(serde_json::from_value::<BGPAdvertisement>(v).expect("BGPAdvertisement")),
@@ -174,9 +186,22 @@ fn bgp_values_render_as_resources_the_agent_reads() {
     assert_eq!(a.spec.ip_pools, ["default"]);
     assert_eq!(a.spec.communities, ["64512:100"]);
     assert_eq!(a.spec.local_pref, Some(150));
-    // The default values create none.
+    let [edge] = l2.as_slice() else {
+        panic!("{l2:?}")
+    };
+    assert_eq!(edge.spec.ip_pools, ["default"]);
+    assert!(edge.spec.node_selector.is_some());
+    // The node config turns L2 mode on with gossip whose peers come from the Nodes.
+    let c = lb_agent::config::Config::parse(&node_config.expect("weir-config"), "weir.yaml")
+        .unwrap_or_else(|e| panic!("the chart's node config: {e:?}"));
+    assert_eq!(c.announce.l2_interfaces, ["eth0"]);
+    let g = c.announce.gossip.expect("gossip");
+    assert_eq!(g.listen, "0.0.0.0:7946".parse().unwrap());
+    assert_eq!(g.peers, None);
+    // The default values create none, and no announce section.
     let default = weir_lab::chart::render(&root().join("charts/weir"), "weir-system").unwrap();
-    assert!(
-        !default.contains("\nkind: BGPPeer\n") && !default.contains("\nkind: BGPAdvertisement\n")
-    );
+    for kind in ["BGPPeer", "BGPAdvertisement", "L2Advertisement"] {
+        assert!(!default.contains(&format!("\nkind: {kind}\n")), "{kind}");
+    }
+    assert!(!default.contains("announce:"));
 }

@@ -53,7 +53,8 @@ pub struct View {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub node: String,
-    pub peers: Vec<SocketAddr>,
+    /// Where the heartbeats go (changes as nodes come and go in Kubernetes mode).
+    pub peers: watch::Receiver<Vec<SocketAddr>>,
     pub interval: Duration,
     pub dead_after: Duration,
 }
@@ -77,7 +78,8 @@ pub async fn run(
                 let me = local.borrow().clone();
                 let beat = Heartbeat { node: settings.node.clone(), eligible: me.eligible, claims: me.claims, serving: Some(me.serving) };
                 let bytes = serde_json::to_vec(&beat).expect("a heartbeat serializes");
-                for peer in &settings.peers {
+                let peers = settings.peers.borrow().clone();
+                for peer in &peers {
                     if let Err(e) = socket.send_to(&bytes, peer).await {
                         debug!(peer = %peer, error = %e, "gossip: heartbeat not sent");
                     }

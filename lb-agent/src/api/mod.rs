@@ -155,7 +155,8 @@ async fn services(State(s): State<ApiState>) -> Json<ServicesJson> {
 #[derive(Debug, Serialize)]
 struct BgpJson {
     peers: Vec<crate::announce::bgp::PeerStatus>,
-    /// Kubernetes mode: the BGPPeers and BGPAdvertisements left out, and why.
+    /// Kubernetes mode: the BGPPeers, BGPAdvertisements and L2Advertisements left out, and
+    /// why.
     problems: Vec<String>,
 }
 
@@ -168,7 +169,7 @@ async fn bgp(State(s): State<ApiState>) -> Json<BgpJson> {
         .unwrap_or_else(|p| p.into_inner().clone());
     let problems = s
         .metrics
-        .bgp_problems
+        .announce_problems
         .lock()
         .map(|p| p.clone())
         .unwrap_or_else(|p| p.into_inner().clone());

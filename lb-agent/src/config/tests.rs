@@ -454,7 +454,17 @@ fn announce_gossip_settings_are_checked() {
     )
     .unwrap();
     let g = c.announce.gossip.expect("gossip");
+    assert_eq!(g.peers, Some(vec!["198.18.0.3:7946".parse().unwrap()]));
     assert_eq!(g.interval, Duration::from_millis(100));
+    // Without peers (Kubernetes mode finds them; standalone `run` refuses it) and with none.
+    let c = Config::parse(&format!("{base}  gossip:\n    listen: 0.0.0.0:7946\n"), "t").unwrap();
+    assert_eq!(c.announce.gossip.expect("gossip").peers, None);
+    assert_eq!(
+        problems(&format!(
+            "{base}  gossip:\n    listen: 0.0.0.0:7946\n    peers: []\n"
+        )),
+        ["announce.gossip.peers: at least one peer is needed"]
+    );
     assert_eq!(g.dead_after, Duration::from_millis(400));
     assert_eq!(
         problems(&format!(

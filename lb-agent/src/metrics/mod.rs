@@ -533,13 +533,13 @@ pub struct Metrics {
     pub agent: Arc<AgentMetrics>,
     /// The BGP speaker's peers (empty without BGP), read at scrape time.
     pub bgp: crate::announce::bgp::Peers,
-    /// Kubernetes mode: the BGP resources left out, and why.
-    pub bgp_problems: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Kubernetes mode: the announcement resources left out, and why.
+    pub announce_problems: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// `weir_bgp_session_up`, `weir_bgp_routes_advertised`, `weir_bgp_sessions_established_total`,
-/// `weir_bfd_session_up`: one series per configured peer; `weir_bgp_resource_problems`:
-/// the BGP resources left out (Kubernetes mode).
+/// `weir_bfd_session_up`: one series per configured peer; `weir_announce_resource_problems`:
+/// the announcement resources left out (Kubernetes mode).
 #[derive(Debug)]
 struct BgpCollector(
     crate::announce::bgp::Peers,
@@ -556,8 +556,8 @@ impl Collector for BgpCollector {
         let problems = self.1.lock().map_or(0, |p| p.len());
         if problems > 0 || !peers.is_empty() {
             let m = encoder.encode_descriptor(
-                "bgp_resource_problems",
-                "BGPPeers and BGPAdvertisements left out for a problem in their spec (see the agent's log and /api/v1/bgp)",
+                "announce_resource_problems",
+                "BGPPeers, BGPAdvertisements and L2Advertisements left out for a problem in their spec (see the agent's log and /api/v1/bgp)",
                 None,
                 MetricType::Gauge,
             )?;
@@ -628,17 +628,17 @@ impl Metrics {
         registry.register_collector(Box::new(SnapshotGauges(snapshot)));
         registry.register_collector(Box::new(TrafficCollector(traffic)));
         let bgp = crate::announce::bgp::Peers::default();
-        let bgp_problems = Arc::default();
+        let announce_problems = Arc::default();
         registry.register_collector(Box::new(BgpCollector(
             bgp.clone(),
-            Arc::clone(&bgp_problems),
+            Arc::clone(&announce_problems),
         )));
         Self {
             registry,
             health,
             agent,
             bgp,
-            bgp_problems,
+            announce_problems,
         }
     }
 

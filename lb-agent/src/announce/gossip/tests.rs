@@ -76,6 +76,7 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
     let addrs: Vec<SocketAddr> = sockets.iter().map(|s| s.local_addr().unwrap()).collect();
     let mut locals = Vec::new();
     let mut views = Vec::new();
+    let mut peer_lists = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let (local_tx, local_rx) = watch::channel(Local {
             eligible: true,
@@ -83,14 +84,18 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
             serving: vips(3),
         });
         let (view_tx, view_rx) = watch::channel(View::default());
+        let others: Vec<SocketAddr> = addrs
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, a)| *a)
+            .collect();
+        // lb3 learns its peers later (as from the Kubernetes Nodes).
+        let (peers_tx, peers) = watch::channel(if i == 2 { Vec::new() } else { others.clone() });
+        peer_lists.push((peers_tx, others));
         let settings = Settings {
             node: format!("lb{}", i + 1),
-            peers: addrs
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, a)| *a)
-                .collect(),
+            peers,
             interval: Duration::from_millis(50),
             dead_after: Duration::from_millis(300),
         };
@@ -108,6 +113,11 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
                 .clone()
         }
     };
+    // lb3 hears both; nobody hears lb3 until it has peers.
+    wait(&mut views[2], 2).await;
+    assert!(!views[0].borrow().alive.contains_key("lb3"));
+    let (tx, others) = &peer_lists[2];
+    tx.send_replace(others.clone());
     for v in views.iter_mut() {
         wait(v, 2).await;
     }

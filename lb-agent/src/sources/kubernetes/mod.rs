@@ -4,7 +4,7 @@
 
 pub mod addresses;
 pub mod annotations;
-pub mod bgp;
+pub mod announce;
 pub mod crd;
 pub mod healthport;
 pub mod ipam;

@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use super::{
     addresses::{self, CONDITION, Outcome},
-    crd::{BGPAdvertisement, BGPPeer, IPPool},
+    crd::{BGPAdvertisement, BGPPeer, IPPool, L2Advertisement},
     ipam::Allocator,
     translate::{self, Options, Translation},
 };
@@ -78,6 +78,7 @@ pub struct Stores {
     pub pools: Store<IPPool>,
     pub bgp_peers: Store<BGPPeer>,
     pub bgp_advertisements: Store<BGPAdvertisement>,
+    pub l2_advertisements: Store<L2Advertisement>,
     /// The agents' namespace's (BGP passwords).
     pub secrets: Store<Secret>,
 }
@@ -142,6 +143,8 @@ pub fn watch_all(client: &Client, namespace: &str) -> Watches {
     let (bgp_peers, e) = spawn_reflector(Api::<BGPPeer>::all(client.clone()), tx.clone());
     let (bgp_advertisements, f) =
         spawn_reflector(Api::<BGPAdvertisement>::all(client.clone()), tx.clone());
+    let (l2_advertisements, h) =
+        spawn_reflector(Api::<L2Advertisement>::all(client.clone()), tx.clone());
     let (secrets, g) = spawn_reflector(Api::<Secret>::namespaced(client.clone(), namespace), tx);
     Watches {
         stores: Stores {
@@ -151,10 +154,11 @@ pub fn watch_all(client: &Client, namespace: &str) -> Watches {
             pools,
             bgp_peers,
             bgp_advertisements,
+            l2_advertisements,
             secrets,
         },
         changed,
-        tasks: vec![a, b, c, d, e, f, g],
+        tasks: vec![a, b, c, d, e, f, g, h],
     }
 }
 
@@ -171,6 +175,7 @@ impl Stores {
         self.pools.wait_until_ready().await?;
         self.bgp_peers.wait_until_ready().await?;
         self.bgp_advertisements.wait_until_ready().await?;
+        self.l2_advertisements.wait_until_ready().await?;
         self.secrets.wait_until_ready().await?;
         Ok(())
     }
@@ -179,18 +184,23 @@ impl Stores {
         let services = owned(self.services.state());
         let nodes = owned(self.nodes.state());
         let mut t = translate::translate(&services, &owned(self.slices.state()), &nodes, opts);
-        let (bgp, problems) = super::bgp::config(&super::bgp::Inputs {
+        let inputs = super::announce::Inputs {
             node: &opts.node,
             nodes: &nodes,
             peers: &owned(self.bgp_peers.state()),
             advertisements: &owned(self.bgp_advertisements.state()),
+            l2_advertisements: &owned(self.l2_advertisements.state()),
             pools: &owned(self.pools.state()),
             services: &services,
             secrets: &owned(self.secrets.state()),
             default_class: opts.default_class,
-        });
+        };
+        let (bgp, mut problems) = super::announce::config(&inputs);
+        let (l2, l2_problems) = super::announce::l2(&inputs);
+        problems.extend(l2_problems);
         t.bgp = bgp;
-        t.bgp_problems = problems;
+        t.l2 = l2;
+        t.announce_problems = problems;
         t
     }
 }
@@ -215,7 +225,7 @@ pub async fn translate_loop(
     let mut reported: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut last: Option<crate::model::DesiredState> = None;
     let mut excluded = false;
-    let mut bgp_reported: Vec<String> = Vec::new();
+    let mut announce_reported: Vec<String> = Vec::new();
     loop {
         let t = stores.translate(&opts);
         if last.as_ref() != Some(&t.desired) {
@@ -247,19 +257,19 @@ pub async fn translate_loop(
         }
         metrics.agent.set_service_problems(&t.problems);
         reported = t.problems.clone();
-        if t.bgp_problems != bgp_reported {
-            for p in &t.bgp_problems {
-                warn!(problem = %p, "BGP resource left out");
+        if t.announce_problems != announce_reported {
+            for p in &t.announce_problems {
+                warn!(problem = %p, "announcement resource left out");
             }
-            if t.bgp_problems.is_empty() && !bgp_reported.is_empty() {
-                info!("every BGP resource applies again");
+            if t.announce_problems.is_empty() && !announce_reported.is_empty() {
+                info!("every announcement resource applies again");
             }
-            bgp_reported = t.bgp_problems.clone();
+            announce_reported = t.announce_problems.clone();
         }
         *metrics
-            .bgp_problems
+            .announce_problems
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = t.bgp_problems.clone();
+            .unwrap_or_else(|p| p.into_inner()) = t.announce_problems.clone();
         if t.excluded != excluded {
             excluded = t.excluded;
             if excluded {

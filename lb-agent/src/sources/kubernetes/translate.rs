@@ -117,8 +117,10 @@ pub struct Translation {
     pub health_node_ports: BTreeMap<u16, String>,
     /// BGP mode: this node's peers and advertisements (None: no BGPPeer selects it).
     pub bgp: Option<crate::config::BgpConfig>,
-    /// The BGPPeers and BGPAdvertisements left out, and why.
-    pub bgp_problems: Vec<String>,
+    /// L2 mode: the addresses this node may answer for and the gossip peers.
+    pub l2: super::announce::L2Plan,
+    /// The BGPPeers, BGPAdvertisements and L2Advertisements left out, and why.
+    pub announce_problems: Vec<String>,
 }
 
 /// `namespace/name`.

@@ -10,14 +10,14 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 
-use super::{Inputs, config, router_id};
+use super::{Inputs, L2Plan, config, l2, router_id};
 use crate::{
     announce::bgp::routes,
     config::{RouteAttrs, Secret as Password},
     sources::kubernetes::{
         crd::{
             BGPAdvertisement, BGPAdvertisementSpec, BGPPeer, BGPPeerSpec, IPPool, IPPoolSpec,
-            SecretKeyRef,
+            L2Advertisement, L2AdvertisementSpec, SecretKeyRef,
         },
         fixtures::{Svc, node_at},
     },
@@ -107,6 +107,7 @@ struct World {
     nodes: Vec<Node>,
     peers: Vec<BGPPeer>,
     adverts: Vec<BGPAdvertisement>,
+    l2: Vec<L2Advertisement>,
     pools: Vec<IPPool>,
     services: Vec<Service>,
     secrets: Vec<Secret>,
@@ -121,6 +122,7 @@ impl World {
             ],
             peers: Vec::new(),
             adverts: Vec::new(),
+            l2: Vec::new(),
             pools: vec![
                 pool("public", &["198.18.100.0/28"]),
                 pool("internal", &["198.18.101.0/28", "fd00:100::/120"]),
@@ -134,17 +136,26 @@ impl World {
         }
     }
 
-    fn on(&self, node: &str) -> (Option<crate::config::BgpConfig>, Vec<String>) {
-        config(&Inputs {
+    fn inputs<'a>(&'a self, node: &'a str) -> Inputs<'a> {
+        Inputs {
             node,
             nodes: &self.nodes,
             peers: &self.peers,
             advertisements: &self.adverts,
+            l2_advertisements: &self.l2,
             pools: &self.pools,
             services: &self.services,
             secrets: &self.secrets,
             default_class: false,
-        })
+        }
+    }
+
+    fn on(&self, node: &str) -> (Option<crate::config::BgpConfig>, Vec<String>) {
+        config(&self.inputs(node))
+    }
+
+    fn l2_on(&self, node: &str) -> (L2Plan, Vec<String>) {
+        l2(&self.inputs(node))
     }
 }
 
@@ -409,4 +420,68 @@ fn the_router_id_is_the_nodes_ipv4_address_or_a_number_from_its_name() {
     let b = router_id(None, "node-b");
     assert!(!a.is_unspecified() && !b.is_unspecified() && a != b);
     assert_eq!(a, router_id(None, "node-a"), "stable");
+}
+
+#[test]
+fn l2_advertisements_give_each_selected_node_its_addresses_and_its_gossip_peers() {
+    let mut w = World::new();
+    w.nodes
+        .push(labelled("n3", "198.18.2.13", &[("rack", "a")]));
+    // Nothing without an L2Advertisement.
+    assert_eq!(
+        w.l2_on("n1"),
+        (
+            L2Plan {
+                vips: Some(BTreeSet::new()),
+                peers: Vec::new()
+            },
+            Vec::new()
+        )
+    );
+    w.l2.push(L2Advertisement::new(
+        "rack-a-public",
+        L2AdvertisementSpec {
+            ip_pools: vec!["public".into()],
+            node_selector: selector(&[("rack", "a")]),
+            ..L2AdvertisementSpec::default()
+        },
+    ));
+    let (p1, problems) = w.l2_on("n1");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(p1.vips, Some(BTreeSet::from([ip("198.18.100.1")])));
+    assert_eq!(p1.peers, [ip("198.18.2.13")], "the other rack-a node");
+    // n2 is not selected: it answers for nothing, and does not gossip with anyone.
+    let (p2, _) = w.l2_on("n2");
+    assert_eq!(p2.vips, Some(BTreeSet::new()));
+    assert_eq!(p2.peers, [ip("198.18.2.11"), ip("198.18.2.13")]);
+    // An unselective one adds every address, on every node.
+    w.l2.push(L2Advertisement::new("all", L2AdvertisementSpec::default()));
+    let (p1, _) = w.l2_on("n1");
+    assert_eq!(p1.vips, None, "every address");
+    assert_eq!(p1.peers, [ip("198.18.2.12"), ip("198.18.2.13")]);
+    // Services by label, and bad ones left out with their name.
+    w.l2.clear();
+    w.l2.push(L2Advertisement::new(
+        "front",
+        L2AdvertisementSpec {
+            service_selector: selector(&[("tier", "front")]),
+            ..L2AdvertisementSpec::default()
+        },
+    ));
+    w.l2.push(L2Advertisement::new(
+        "typo",
+        L2AdvertisementSpec {
+            ip_pools: vec!["publik".into()],
+            ..L2AdvertisementSpec::default()
+        },
+    ));
+    let (p2, problems) = w.l2_on("n2");
+    assert_eq!(
+        p2.vips,
+        Some(BTreeSet::from([ip("198.18.100.1"), ip("fd00:100::1")]))
+    );
+    assert_eq!(
+        problems,
+        ["L2Advertisement typo: spec.ipPools[0]: no valid IPPool \"publik\""]
+    );
 }

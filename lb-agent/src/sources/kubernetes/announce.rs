@@ -1,9 +1,11 @@
-//! BGP mode in Kubernetes: the BGPPeers and BGPAdvertisements that select this node, made
-//! into the same [`BgpConfig`] the config file gives (one model, two sources).
+//! VIP announcement in Kubernetes. BGP: the BGPPeers and BGPAdvertisements that select this
+//! node, made into the same [`BgpConfig`] the config file gives (one model, two sources); the
+//! node's router id is its IPv4 InternalIP (else ExternalIP, else a number derived from its
+//! name); passive peers connect to port 179. L2: the addresses the L2Advertisements that
+//! select this node give it, and the other selected nodes (the gossip peers).
 //!
 //! A resource with a problem is left out whole, with a message naming it and its field; the
-//! rest applies. The node's router id is its IPv4 InternalIP (else ExternalIP, else a number
-//! derived from its name); passive peers connect to port 179.
+//! rest applies.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,12 +13,15 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::{Node, Secret, Service};
-use kube::ResourceExt as _;
+use k8s_openapi::{
+    api::core::v1::{Node, Secret, Service},
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::ResourceExt;
 
 use super::{
     addresses,
-    crd::{BGPAdvertisement, BGPPeer, IPPool},
+    crd::{BGPAdvertisement, BGPPeer, IPPool, L2Advertisement},
     ipam::Selector,
     translate,
 };
@@ -31,6 +36,7 @@ pub struct Inputs<'a> {
     pub nodes: &'a [Node],
     pub peers: &'a [BGPPeer],
     pub advertisements: &'a [BGPAdvertisement],
+    pub l2_advertisements: &'a [L2Advertisement],
     pub pools: &'a [IPPool],
     pub services: &'a [Service],
     /// The Secrets of the agents' namespace (passwords).
@@ -38,16 +44,15 @@ pub struct Inputs<'a> {
     pub default_class: bool,
 }
 
-/// This node's BGP config (None: no BGPPeer selects it) and the problems of the resources
-/// left out.
-pub fn config(i: &Inputs) -> (Option<BgpConfig>, Vec<String>) {
-    let mut problems = Vec::new();
-    let this = i.nodes.iter().find(|n| n.name_any() == i.node);
-    let empty = BTreeMap::new();
-    let labels = this.map_or(&empty, |n| n.labels());
-    let selects = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
-                   what: &str,
-                   problems: &mut Vec<String>| match s {
+/// Whether `selector` (a resource's `spec.nodeSelector`; absent: every node) selects a node
+/// with `labels`; a malformed one selects nothing and says why in `problems`.
+fn selects(
+    selector: Option<&LabelSelector>,
+    labels: &BTreeMap<String, String>,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> bool {
+    match selector {
         None => true,
         Some(s) => {
             let s = Selector(s.clone());
@@ -59,6 +64,26 @@ pub fn config(i: &Inputs) -> (Option<BgpConfig>, Vec<String>) {
                 }
             }
         }
+    }
+}
+
+/// The labels of node `name` (none while the API does not know it).
+fn labels_of<'a>(nodes: &'a [Node], name: &str) -> &'a BTreeMap<String, String> {
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+    nodes
+        .iter()
+        .find(|n| n.name_any() == name)
+        .map_or(&EMPTY, |n| n.labels())
+}
+
+/// This node's BGP config (None: no BGPPeer selects it) and the problems of the resources
+/// left out.
+pub fn config(i: &Inputs) -> (Option<BgpConfig>, Vec<String>) {
+    let mut problems = Vec::new();
+    let this = i.nodes.iter().find(|n| n.name_any() == i.node);
+    let labels = labels_of(i.nodes, i.node);
+    let selects = |s: &Option<LabelSelector>, what: &str, problems: &mut Vec<String>| {
+        selects(s.as_ref(), labels, what, problems)
     };
 
     let mut peers: Vec<BgpPeerConfig> = Vec::new();
@@ -270,14 +295,43 @@ fn advertisement(
         }
     }
     attrs.merge(&RouteAttrs::default());
+    let vips = selected_vips(&s.ip_pools, s.service_selector.as_ref(), pools, i)
+        .map_err(|e| problems.push(e));
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let vips = vips.unwrap_or_default();
+    // Named peers that do not select this node are not this node's to advertise to.
+    let peer_set = (!s.peers.is_empty()).then(|| {
+        s.peers
+            .iter()
+            .filter_map(|n| peers.get(n).copied())
+            .collect::<BTreeSet<IpAddr>>()
+    });
+    Ok(Advertisement {
+        vips,
+        peers: peer_set,
+        attrs,
+    })
+}
+
+/// The addresses of the Services weir serves that `ip_pools` (by name; empty: any) and
+/// `service_selector` (absent: any) select; None when neither narrows anything.
+fn selected_vips(
+    ip_pools: &[String],
+    service_selector: Option<&LabelSelector>,
+    pools: &[super::ipam::Pool],
+    i: &Inputs,
+) -> Result<Option<BTreeSet<IpAddr>>, String> {
+    let mut problems = Vec::new();
     let mut in_pools = Vec::new();
-    for (n, name) in s.ip_pools.iter().enumerate() {
+    for (n, name) in ip_pools.iter().enumerate() {
         match pools.iter().find(|p| &p.name == name) {
             Some(p) => in_pools.push(p),
             None => problems.push(format!("spec.ipPools[{n}]: no valid IPPool {name:?}")),
         }
     }
-    let services = match &s.service_selector {
+    let services = match service_selector {
         None => None,
         Some(sel) => {
             let sel = Selector(sel.clone());
@@ -293,7 +347,10 @@ fn advertisement(
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
-    let vips = (!s.ip_pools.is_empty() || services.is_some()).then(|| {
+    if ip_pools.is_empty() && services.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(
         i.services
             .iter()
             .filter(|svc| translate::wanted(svc, i.default_class))
@@ -303,21 +360,83 @@ fn advertisement(
                     .is_none_or(|sel| sel.matches(svc.labels()))
             })
             .flat_map(addresses::status_ips)
-            .filter(|ip| s.ip_pools.is_empty() || in_pools.iter().any(|p| p.contains(*ip)))
-            .collect::<BTreeSet<IpAddr>>()
-    });
-    // Named peers that do not select this node are not this node's to advertise to.
-    let peer_set = (!s.peers.is_empty()).then(|| {
-        s.peers
+            .filter(|ip| ip_pools.is_empty() || in_pools.iter().any(|p| p.contains(*ip)))
+            .collect(),
+    ))
+}
+
+/// L2 mode in Kubernetes: what the L2Advertisements give this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L2Plan {
+    /// The addresses this node may answer for (None: every address).
+    pub vips: Option<BTreeSet<IpAddr>>,
+    /// The InternalIPs of the other nodes an L2Advertisement selects: the gossip peers.
+    pub peers: Vec<IpAddr>,
+}
+
+/// This node's L2 plan and the problems of the L2Advertisements left out. No
+/// L2Advertisement selecting this node: it answers for nothing.
+pub fn l2(i: &Inputs) -> (L2Plan, Vec<String>) {
+    let mut problems = Vec::new();
+    let (pools, _) = addresses::pools(i.pools);
+    let mut sorted: Vec<&L2Advertisement> = i.l2_advertisements.iter().collect();
+    sorted.sort_by_key(|a| a.name_any());
+    let mut mine: Option<BTreeSet<IpAddr>> = Some(BTreeSet::new());
+    let mut nodes: BTreeSet<String> = BTreeSet::new();
+    for a in sorted {
+        let what = format!("L2Advertisement {}", a.name_any());
+        let vips = match selected_vips(
+            &a.spec.ip_pools,
+            a.spec.service_selector.as_ref(),
+            &pools,
+            i,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        let mut bad = Vec::new();
+        let selected: Vec<String> = i
+            .nodes
             .iter()
-            .filter_map(|n| peers.get(n).copied())
-            .collect::<BTreeSet<IpAddr>>()
-    });
-    Ok(Advertisement {
-        vips,
-        peers: peer_set,
-        attrs,
-    })
+            .filter(|n| selects(a.spec.node_selector.as_ref(), n.labels(), &what, &mut bad))
+            .map(ResourceExt::name_any)
+            .collect();
+        if let Some(b) = bad.into_iter().next() {
+            problems.push(b);
+            continue;
+        }
+        nodes.extend(selected);
+        let here = selects(
+            a.spec.node_selector.as_ref(),
+            labels_of(i.nodes, i.node),
+            &what,
+            &mut Vec::new(),
+        );
+        if here {
+            mine = match (mine, vips) {
+                (Some(m), Some(v)) => Some(&m | &v),
+                _ => None,
+            };
+        }
+    }
+    let peers = i
+        .nodes
+        .iter()
+        .filter(|n| nodes.contains(&n.name_any()) && n.name_any() != i.node)
+        .flat_map(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        })
+        .collect();
+    (L2Plan { vips: mine, peers }, problems)
 }
 
 #[cfg(test)]
