@@ -642,7 +642,17 @@ impl Agent {
             None => all,
             Some(g) => {
                 let view = g.view.borrow().clone();
-                crate::announce::gossip::owned(&g.node, eligible, &serving, &view, &all)
+                let vips = crate::announce::gossip::owned(&g.node, eligible, &serving, &view, &all);
+                let status = crate::announce::gossip::Status {
+                    node: g.node.clone(),
+                    peers: g.peers.borrow().clone(),
+                    settled: view.settled,
+                    alive: view.members(),
+                    allowed: self.l2_vips.clone(),
+                    announced: vips.clone(),
+                };
+                *self.metrics.l2.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                vips
             }
         };
         if let Err(e) = self

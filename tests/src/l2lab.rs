@@ -67,9 +67,34 @@ announce:
     )
 }
 
+/// Node `i`'s node config in Kubernetes mode: the services come from the API, the gossip
+/// peers from the Nodes the L2Advertisements select.
+pub fn kube_config(i: usize) -> String {
+    format!(
+        "node:
+  interfaces: [eth0]
+admin:
+  listen: 127.0.0.1:9300
+announce:
+  l2:
+    interfaces: [eth0]
+  gossip:
+    listen: {me}:7946
+    interval: 100ms
+    dead_after: 400ms
+",
+        me = lb_addr(i),
+    )
+}
+
+/// Where the fake Kubernetes API listens in Kubernetes mode (on the switch's bridge).
+pub const API: &str = "198.18.0.254:6443";
+
 /// Fields drop in order: agents and processes before the namespaces they run in.
 pub struct L2Lab {
     pub agents: Vec<Option<Agent>>,
+    /// Kubernetes mode: the fake API server.
+    pub apiserver: Option<Proc>,
     _server: Proc,
     _ports: Vec<LabXdp>,
     dirs: Vec<Scratch>,
@@ -85,6 +110,39 @@ impl L2Lab {
     /// `n` LB nodes with their agents ready; `bin` is the `weir-lab` binary (the backend's
     /// server).
     pub fn new(n: usize, bin: &Path) -> Self {
+        let mut lab = Self::without_agents(n, bin);
+        for i in 0..n {
+            lab.start_agent(i);
+        }
+        lab
+    }
+
+    /// Kubernetes mode: the fake API server (`crate::fakeapi`) on the switch at [`API`] and `n`
+    /// LB nodes without agents (the test fills the API first, then
+    /// [`L2Lab::start_agent`]).
+    pub fn kubernetes(n: usize, bin: &Path) -> Self {
+        let mut lab = Self::without_agents(n, bin);
+        lab.sw.ip("addr add 198.18.0.254/24 dev br0");
+        lab.apiserver = Some(Proc {
+            child: lab
+                .sw
+                .command(bin.to_str().expect("utf-8"))
+                .args(["fake-apiserver", API])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("the fake API server"),
+        });
+        for d in &lab.dirs {
+            std::fs::write(
+                d.path.join("kubeconfig"),
+                crate::fakeapi::kubeconfig(API.parse().expect("addr")),
+            )
+            .expect("kubeconfig");
+        }
+        lab
+    }
+
+    fn without_agents(n: usize, bin: &Path) -> Self {
         let sw = Netns::new("sw");
         sw.ip("link add br0 type bridge");
         sw.ip("link set br0 up");
@@ -126,8 +184,9 @@ impl L2Lab {
             })
             .collect();
         let server = crate::lab::serve_http(&backend, bin, "b1", &[BACKEND.parse().expect("ip")]);
-        let mut lab = Self {
+        Self {
             agents: (0..n).map(|_| None).collect(),
+            apiserver: None,
             _server: server,
             _ports: ports,
             dirs: (0..n).map(|_| Scratch::new()).collect(),
@@ -136,17 +195,35 @@ impl L2Lab {
             client,
             backend,
             sw,
-        };
-        for i in 0..n {
-            lab.start_agent(i);
         }
-        lab
     }
 
-    /// Starts node `i`'s agent and waits until it is ready.
+    /// Starts node `i`'s agent and waits until it is ready (in Kubernetes mode as node
+    /// `lb{i+1}`, with only the chart's capabilities).
     pub fn start_agent(&mut self, i: usize) {
         let n = self.lbs.len();
-        let mut a = Agent::start(&self.lbs[i], &self.dirs[i].path, Some(&config(i, n)));
+        let dir = &self.dirs[i].path;
+        let mut a = if self.apiserver.is_some() {
+            let name = format!("lb{}", i + 1);
+            let kubeconfig = dir.join("kubeconfig");
+            Agent::start_with_chart_caps(
+                &self.lbs[i],
+                dir,
+                Some(&kube_config(i)),
+                &[
+                    "--kubernetes",
+                    "--kubeconfig",
+                    kubeconfig.to_str().expect("utf-8"),
+                ],
+                &[
+                    ("NODE_NAME", &name),
+                    ("POD_NAMESPACE", "weir-system"),
+                    ("POD_NAME", &format!("agent-{name}")),
+                ],
+            )
+        } else {
+            Agent::start(&self.lbs[i], dir, Some(&config(i, n)))
+        };
         a.wait_ready(&self.lbs[i]);
         self.agents[i] = Some(a);
     }
@@ -160,9 +237,13 @@ impl L2Lab {
 
     /// Whether node `i`'s agent says (in `/api/v1/services`) it answers for the VIP now.
     pub fn announcing(&self, i: usize) -> bool {
-        self.agents[i]
-            .as_ref()
-            .is_some_and(|a| a.services(&self.lbs[i])["services"][0]["announced"] == true)
+        self.agents[i].as_ref().is_some_and(|a| {
+            a.services(&self.lbs[i])["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["vip"] == VIP && s["announced"] == true)
+        })
     }
 
     /// The one node whose agent announces the VIP, once there is exactly one and the client,

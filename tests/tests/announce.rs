@@ -106,3 +106,183 @@ fn l2_failover_moves_the_vip_to_a_live_node() {
         assert!(a.stop().success());
     }
 }
+
+/// A request to the fake Kubernetes API from node 1's namespace.
+fn kube(lab: &L2Lab, method: &str, path: &str, body: Option<serde_json::Value>) -> u16 {
+    let body = body.map(|b| b.to_string());
+    let api = weir_lab::l2lab::API.parse().unwrap();
+    let r = lab.lbs[0].run_in(|| {
+        weir_lab::clients::http_request(
+            None,
+            api,
+            method,
+            path,
+            body.as_deref(),
+            Duration::from_secs(3),
+        )
+    });
+    match r {
+        Ok(r) => r.status,
+        Err(_) => 0,
+    }
+}
+
+fn create(lab: &L2Lab, path: &str, body: serde_json::Value) {
+    assert_eq!(
+        kube(lab, "POST", path, Some(body.clone())),
+        201,
+        "POST {path} {body}"
+    );
+}
+
+/// Kubernetes mode: the real agents read the Service, its EndpointSlice, the Nodes and an
+/// L2Advertisement from the fake API server (`weir_lab::fakeapi`, the one mock: no
+/// kube-apiserver runs here). Without an L2Advertisement nobody answers; with one selecting
+/// two of the three nodes, exactly one of those two answers (the gossip peers come from the
+/// Nodes), and when its agent dies the other one takes over — never the unselected node.
+#[test]
+fn l2_in_kubernetes_mode_follows_the_l2advertisement_and_fails_over_within_its_nodes() {
+    weir_lab::netns::require_root();
+    use serde_json::json;
+    use weir_lab::l2lab::{BACKEND, VIP, lb_addr};
+    const N: usize = 3;
+    let mut lab = L2Lab::kubernetes(N, server_bin());
+    wait_for(Duration::from_secs(10), "the fake API server", || {
+        (kube(&lab, "GET", "/api/v1/nodes", None) == 200).then_some(())
+    });
+    for i in 0..N {
+        // lb1 and lb2 are edge nodes; lb3 is not.
+        let labels = if i < 2 {
+            json!({"edge": "true"})
+        } else {
+            json!({})
+        };
+        create(
+            &lab,
+            "/api/v1/nodes",
+            json!({
+                "metadata": {"name": format!("lb{}", i + 1), "labels": labels},
+                "status": {"addresses": [{"type": "InternalIP", "address": lb_addr(i)}]},
+            }),
+        );
+    }
+    create(
+        &lab,
+        "/apis/weir.dev/v1alpha1/ippools",
+        json!({"metadata": {"name": "lan"}, "spec": {"addresses": [format!("{VIP}/32")]}}),
+    );
+    create(
+        &lab,
+        "/api/v1/namespaces/shop/services",
+        json!({
+            "metadata": {"name": "web"},
+            "spec": {
+                "type": "LoadBalancer", "loadBalancerClass": "weir.dev/lb", "ipFamilies": ["IPv4"],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}],
+            },
+        }),
+    );
+    create(
+        &lab,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        json!({
+            "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": weir_lab::lab::HTTP_PORT, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [BACKEND], "nodeName": "elsewhere", "conditions": {"ready": true}}],
+        }),
+    );
+    for i in 0..N {
+        lab.start_agent(i);
+    }
+    // Every node serves the VIP (its address written by the leader), none answers for it.
+    for i in 0..N {
+        let agent = lab.agents[i].as_ref().unwrap();
+        wait_for(Duration::from_secs(20), "the VIP programmed", || {
+            let s = agent.services(&lab.lbs[i]);
+            (s["services"][0]["vip"] == VIP).then_some(())
+        });
+    }
+    // Once every node's gossip has settled (it would take a VIP from then on), still nobody
+    // answers: no L2Advertisement gives anyone the VIP.
+    let l2 = |lab: &L2Lab, i: usize| -> serde_json::Value {
+        let (_, body) = lab.agents[i]
+            .as_ref()
+            .unwrap()
+            .get(&lab.lbs[i], "/api/v1/l2")
+            .expect("/api/v1/l2");
+        serde_json::from_str(&body).expect("json")
+    };
+    for i in 0..N {
+        let v = wait_for(Duration::from_secs(5), "the gossip settled", || {
+            let v = l2(&lab, i);
+            (v["settled"] == true).then_some(v)
+        });
+        assert_eq!(v["enabled"], true);
+        assert_eq!(v["allowed"], json!([]), "{v}");
+        assert_eq!(
+            v["peers"],
+            json!([]),
+            "no L2Advertisement selects a node: {v}"
+        );
+    }
+    assert!(
+        (0..N).all(|i| !lab.announcing(i)),
+        "no L2Advertisement, no answer"
+    );
+    lab.client.ip(&format!("neigh flush {VIP}"));
+    assert!(
+        lab.get(Duration::from_millis(500)).is_err(),
+        "nobody answers ARP"
+    );
+
+    create(
+        &lab,
+        "/apis/weir.dev/v1alpha1/l2advertisements",
+        json!({"metadata": {"name": "edge"}, "spec": {"ipPools": ["lan"], "nodeSelector": {"matchLabels": {"edge": "true"}}}}),
+    );
+    // Both edge nodes have the VIP and hear each other (their gossip peers are the Nodes
+    // the L2Advertisement selects).
+    for (i, other) in [(0, 1), (1, 0)] {
+        wait_for(Duration::from_secs(10), "the edge nodes gossiping", || {
+            let v = l2(&lab, i);
+            (v["allowed"] == json!([VIP]) && v["alive"][format!("lb{}", other + 1)].is_object())
+                .then_some(())
+        });
+    }
+    let owner = lab.owner();
+    assert!(owner < 2, "an edge node owns the VIP, not lb{}", owner + 1);
+    // The edge nodes gossip with each other (their peers are the selected Nodes); lb3 may
+    // answer for nothing.
+    let other = 1 - owner;
+    let v = l2(&lab, owner);
+    assert_eq!(
+        v["peers"],
+        json!([format!("{}:7946", lb_addr(other))]),
+        "{v}"
+    );
+    assert_eq!(v["allowed"], json!([VIP]), "{v}");
+    assert_eq!(v["announced"], json!([VIP]), "{v}");
+    assert_eq!(
+        v["alive"][format!("lb{}", other + 1)]["claims"],
+        json!([]),
+        "{v}"
+    );
+    assert_eq!(l2(&lab, 2)["allowed"], json!([]));
+    let metrics = lab.agents[owner].as_ref().unwrap().metrics(&lab.lbs[owner]);
+    assert!(
+        weir_lab::agent::sample(&metrics, "weir_gossip_members_alive").is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    let r = lab
+        .get(Duration::from_secs(2))
+        .expect("GET through the owner");
+    assert_eq!((r.status, r.backend.as_str()), (200, "b1"));
+
+    // The owner's agent dies: the other edge node takes over, lb3 never does.
+    let (old, new, took) = lab.failover();
+    assert_eq!(old, owner);
+    assert_eq!(new, other, "the other edge node");
+    eprintln!("L2 failover in Kubernetes mode: {} ms", took.as_millis());
+    assert!(!lab.announcing(2));
+}

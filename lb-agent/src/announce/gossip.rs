@@ -50,6 +50,55 @@ pub struct View {
     pub settled: bool,
 }
 
+/// L2 mode as the admin API (`/api/v1/l2`) shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    /// This node's name among the announcing nodes.
+    pub node: String,
+    /// Where the heartbeats go.
+    pub peers: Vec<SocketAddr>,
+    /// Whether the first `dead_after` has passed (before it this node takes nothing).
+    pub settled: bool,
+    /// The other nodes heard from, by name.
+    pub alive: BTreeMap<String, Member>,
+    /// The VIPs this node may answer for (absent: every VIP; Kubernetes mode: what the
+    /// L2Advertisements give it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<BTreeSet<IpAddr>>,
+    /// The VIPs this node answers for now.
+    pub announced: BTreeSet<IpAddr>,
+}
+
+/// Another node as its heartbeats describe it.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Member {
+    pub eligible: bool,
+    /// The VIPs it answers for.
+    pub claims: BTreeSet<IpAddr>,
+    /// The VIPs it can serve (absent: every VIP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving: Option<BTreeSet<IpAddr>>,
+}
+
+impl View {
+    /// The members as [`Status`] lists them.
+    pub fn members(&self) -> BTreeMap<String, Member> {
+        self.alive
+            .iter()
+            .map(|(n, (eligible, claims))| {
+                (
+                    n.clone(),
+                    Member {
+                        eligible: *eligible,
+                        claims: claims.clone(),
+                        serving: self.serving.get(n).cloned(),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub node: String,

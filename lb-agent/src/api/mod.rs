@@ -141,6 +141,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/services", get(services))
         .route("/api/v1/lookup", get(lookup))
         .route("/api/v1/bgp", get(bgp))
+        .route("/api/v1/l2", get(l2))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -174,6 +175,27 @@ async fn bgp(State(s): State<ApiState>) -> Json<BgpJson> {
         .map(|p| p.clone())
         .unwrap_or_else(|p| p.into_inner().clone());
     Json(BgpJson { peers, problems })
+}
+
+/// `/api/v1/l2`: L2 mode with gossip (`enabled` false otherwise).
+#[derive(Debug, Serialize)]
+struct L2Json {
+    enabled: bool,
+    #[serde(flatten)]
+    status: Option<crate::announce::gossip::Status>,
+}
+
+async fn l2(State(s): State<ApiState>) -> Json<L2Json> {
+    let status = s
+        .metrics
+        .l2
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    Json(L2Json {
+        enabled: status.is_some(),
+        status,
+    })
 }
 
 /// `/api/v1/lookup?client=IP:PORT&vip=IP:PORT&protocol=tcp|udp|sctp`.

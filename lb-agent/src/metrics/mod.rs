@@ -533,8 +533,34 @@ pub struct Metrics {
     pub agent: Arc<AgentMetrics>,
     /// The BGP speaker's peers (empty without BGP), read at scrape time.
     pub bgp: crate::announce::bgp::Peers,
+    /// L2 mode with gossip: who is alive, what this node may and does answer for.
+    pub l2: Arc<std::sync::Mutex<Option<crate::announce::gossip::Status>>>,
     /// Kubernetes mode: the announcement resources left out, and why.
     pub announce_problems: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// `weir_gossip_members_alive`: in L2 mode with gossip, the other nodes heard from.
+#[derive(Debug)]
+struct L2Collector(Arc<std::sync::Mutex<Option<crate::announce::gossip::Status>>>);
+
+impl Collector for L2Collector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let alive = self
+            .0
+            .lock()
+            .map(|s| s.as_ref().map(|s| s.alive.len()))
+            .unwrap_or(None);
+        if let Some(n) = alive {
+            let m = encoder.encode_descriptor(
+                "gossip_members_alive",
+                "Other announcing nodes whose heartbeats arrive (L2 mode)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(n as i64).encode(m)?;
+        }
+        Ok(())
+    }
 }
 
 /// `weir_bgp_session_up`, `weir_bgp_routes_advertised`, `weir_bgp_sessions_established_total`,
@@ -629,6 +655,8 @@ impl Metrics {
         registry.register_collector(Box::new(TrafficCollector(traffic)));
         let bgp = crate::announce::bgp::Peers::default();
         let announce_problems = Arc::default();
+        let l2: Arc<std::sync::Mutex<Option<crate::announce::gossip::Status>>> = Arc::default();
+        registry.register_collector(Box::new(L2Collector(l2.clone())));
         registry.register_collector(Box::new(BgpCollector(
             bgp.clone(),
             Arc::clone(&announce_problems),
@@ -639,6 +667,7 @@ impl Metrics {
             agent,
             bgp,
             announce_problems,
+            l2,
         }
     }
 
