@@ -100,6 +100,46 @@ fn gobgp_gets_the_vips_with_attributes_and_loses_them_on_failure_and_stop() {
         Some(1.0)
     );
 
+    // A reload with other communities and without the IPv6 peer: the IPv4 route is
+    // announced again with them, the IPv6 session closes (its route withdrawn).
+    let config = bgplab::config(0, &lab.peering, None).replace(
+        "communities: [\"64512:100\", no-export]",
+        "communities: [\"64512:999\"]",
+    );
+    let v6_peer = format!(
+        "      - address: \"{}\"\n        remote_as: 64513\n        hold_time: 9s\n        connect_retry: 500ms\n",
+        bgplab::RT6
+    );
+    assert!(config.contains(&v6_peer), "{config}");
+    let config = config.replace(&v6_peer, "");
+    lab.agents[0]
+        .as_ref()
+        .unwrap()
+        .reload(&lab.lbs[0], &config)
+        .expect("reload");
+    wait_for(
+        Duration::from_secs(10),
+        "the new community at GoBGP",
+        || {
+            let p = gobgp_path(&lab, &format!("{VIP4}/32"))?;
+            (attr(&p, 8)?["communities"] == serde_json::json!([64512u32 * 65536 + 999]))
+                .then_some(())
+        },
+    );
+    wait_for(Duration::from_secs(10), "the IPv6 route withdrawn", || {
+        gobgp_path(&lab, &format!("{VIP6}/128"))
+            .is_none()
+            .then_some(())
+    });
+    let peers = lab.bgp(0);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0]["state"], "established");
+    let neighbor = lab.router().query(&format!("neighbor {}", bgplab::lb4(0)));
+    assert!(
+        neighbor.contains("BGP state = ESTABLISHED") && neighbor.contains("Flops = 0"),
+        "the IPv4 session was left alone: {neighbor}"
+    );
+
     // Both backends fail their checks: the node cannot serve the VIPs, the routes go.
     lab.set_backend(0, false);
     lab.set_backend(1, false);
@@ -118,8 +158,8 @@ fn gobgp_gets_the_vips_with_attributes_and_loses_them_on_failure_and_stop() {
     );
     // One backend back: the routes come back.
     lab.set_backend(1, true);
-    wait_for(Duration::from_secs(10), "the VIPs advertised again", || {
-        gobgp_path(&lab, &format!("{VIP4}/32")).and(gobgp_path(&lab, &format!("{VIP6}/128")))
+    wait_for(Duration::from_secs(10), "the VIP advertised again", || {
+        gobgp_path(&lab, &format!("{VIP4}/32"))
     });
 
     // The agent stops: routes withdrawn and the sessions closed with a Cease.
