@@ -412,6 +412,31 @@ fn watch(fake: Fake, t: Target, from: u64, timeout: Duration) -> Response {
         .expect("response")
 }
 
+/// A request to the fake API at `api` from namespace `ns`: (status, JSON body or null).
+pub fn request(
+    ns: &crate::netns::Netns,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, Value)> {
+    let body = body.map(Value::to_string);
+    let r = ns.run_in(|| {
+        crate::clients::http_request(
+            None,
+            api,
+            method,
+            path,
+            body.as_deref(),
+            Duration::from_secs(3),
+        )
+    })?;
+    Ok((
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    ))
+}
+
 /// Serves the fake API on `addr` until the process ends (`weir-lab fake-apiserver ADDR`).
 pub fn serve(addr: SocketAddr) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -107,24 +107,10 @@ fn l2_failover_moves_the_vip_to_a_live_node() {
     }
 }
 
-/// A request to the fake Kubernetes API from node 1's namespace.
+/// A request to the fake Kubernetes API from node 1's namespace (0: no answer).
 fn kube(lab: &L2Lab, method: &str, path: &str, body: Option<serde_json::Value>) -> u16 {
-    let body = body.map(|b| b.to_string());
     let api = weir_lab::l2lab::API.parse().unwrap();
-    let r = lab.lbs[0].run_in(|| {
-        weir_lab::clients::http_request(
-            None,
-            api,
-            method,
-            path,
-            body.as_deref(),
-            Duration::from_secs(3),
-        )
-    });
-    match r {
-        Ok(r) => r.status,
-        Err(_) => 0,
-    }
+    weir_lab::fakeapi::request(&lab.lbs[0], api, method, path, body.as_ref()).map_or(0, |r| r.0)
 }
 
 fn create(lab: &L2Lab, path: &str, body: serde_json::Value) {

@@ -409,22 +409,8 @@ fn try_kube(
     path: &str,
     body: Option<Value>,
 ) -> std::io::Result<(u16, Value)> {
-    let body = body.map(|b| b.to_string());
-    let api: std::net::SocketAddr = format!("{}:6443", bgplab::RT4).parse().unwrap();
-    let r = lab.lbs[0].run_in(|| {
-        weir_lab::clients::http_request(
-            None,
-            api,
-            method,
-            path,
-            body.as_deref(),
-            Duration::from_secs(3),
-        )
-    })?;
-    Ok((
-        r.status,
-        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-    ))
+    let api = format!("{}:6443", bgplab::RT4).parse().unwrap();
+    weir_lab::fakeapi::request(&lab.lbs[0], api, method, path, body.as_ref())
 }
 
 fn kube_create(lab: &BgpLab, path: &str, body: Value) {

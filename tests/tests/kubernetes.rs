@@ -44,12 +44,8 @@ fn api_at(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let body = body.map(|b| b.to_string());
-    let r = ns
-        .run_in(|| clients::http_request(None, addr, method, path, body.as_deref(), T))
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-    (r.status, v)
+    fakeapi::request(ns, addr, method, path, body.as_ref())
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 fn create(ns: &Netns, path: &str, body: Value) {

@@ -99,7 +99,8 @@ fn lookup(
 fn known_traffic_shows_up_exactly_in_metrics_api_and_status() {
     weir_lab::netns::require_root();
     let (lab, agent) = lab_with_agent();
-    // The agent really holds only BPF (39), PERFMON (38), NET_RAW (13) and NET_ADMIN (12).
+    // The agent really holds only BPF (39), PERFMON (38), NET_RAW (13), NET_ADMIN (12) and
+    // NET_BIND_SERVICE (10).
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let eff = status
         .lines()
@@ -108,7 +109,7 @@ fn known_traffic_shows_up_exactly_in_metrics_api_and_status() {
         .unwrap();
     assert_eq!(
         eff,
-        (1 << 39) | (1 << 38) | (1 << 13) | (1 << 12),
+        (1 << 39) | (1 << 38) | (1 << 13) | (1 << 12) | (1 << 10),
         "CapEff {eff:#x}"
     );
     let predictor = Predictor::new(DEFAULT_CONFIG);
