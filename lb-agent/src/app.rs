@@ -578,7 +578,8 @@ impl Agent {
     /// Brings the BGP speaker in line with `current.announce.bgp` (changed by a reload or,
     /// in Kubernetes mode, by the BGPPeer and BGPAdvertisement resources): peers are added
     /// and removed one by one; a new AS, router id, listen port or BFD timers restart it.
-    /// What cannot start is logged and shown in the peers' status; the rest runs.
+    /// A peer that cannot start is logged and listed in `/api/v1/bgp` with why; the rest runs,
+    /// and the next change tries it again.
     async fn sync_bgp(&mut self) {
         let wanted = self.current.announce.bgp.clone();
         let running = self.bgp.as_ref().map(|s| s.config().clone());
@@ -591,6 +592,7 @@ impl Agent {
                 speaker.shutdown(Duration::from_secs(3)).await;
             }
             (Some(config), Some(mut speaker)) if speaker.reconcilable(&config) => {
+                // Peers that cannot start are logged and listed with the reason.
                 speaker.reconcile(&config).await;
                 self.bgp = Some(speaker);
             }
@@ -601,11 +603,10 @@ impl Agent {
                     );
                     speaker.shutdown(Duration::from_secs(3)).await;
                 }
-                match crate::announce::bgp::Speaker::start(&config, self.metrics.bgp.clone()).await
-                {
-                    Ok(speaker) => self.bgp = Some(speaker),
-                    Err(e) => error!(error = format!("{e:#}"), "BGP: the speaker did not start"),
-                }
+                let mut speaker =
+                    crate::announce::bgp::Speaker::without_peers(&config, self.metrics.bgp.clone());
+                speaker.reconcile(&config).await;
+                self.bgp = Some(speaker);
             }
             (None, None) => {}
         }

@@ -189,8 +189,26 @@ impl Speaker {
     /// Starts every peer's session (binding the listeners when a peer is passive). Errors for
     /// what makes the speaker unusable: a listener port in use, a BFD port in use.
     pub async fn start(config: &BgpConfig, status: Peers) -> anyhow::Result<Self> {
+        let mut speaker = Self::without_peers(config, status);
+        let problems = speaker.reconcile(config).await;
+        if let Some((peer, e)) = problems.into_iter().next() {
+            speaker.shutdown(Duration::from_secs(1)).await;
+            return Err(e.context(format!("peer {peer}")));
+        }
+        Ok(speaker)
+    }
+
+    /// A speaker with `config`'s AS, router id, listen port and BFD timers and no peer yet
+    /// ([`Speaker::reconcile`] adds them, and tells which could not start).
+    pub fn without_peers(config: &BgpConfig, status: Peers) -> Self {
         status.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        let mut speaker = Self {
+        info!(
+            local_as = config.local_as,
+            router_id = %config.router_id,
+            peers = config.peers.len(),
+            "BGP: speaker started"
+        );
+        Self {
             config: BgpConfig {
                 peers: Vec::new(),
                 ..config.clone()
@@ -201,19 +219,7 @@ impl Speaker {
             inboxes: Arc::default(),
             bfd: None,
             routes: BTreeMap::new(),
-        };
-        let problems = speaker.reconcile(config).await;
-        if let Some((peer, e)) = problems.into_iter().next() {
-            speaker.shutdown(Duration::from_secs(1)).await;
-            return Err(e.context(format!("peer {peer}")));
         }
-        info!(
-            local_as = config.local_as,
-            router_id = %config.router_id,
-            peers = config.peers.len(),
-            "BGP: speaker started"
-        );
-        Ok(speaker)
     }
 
     /// The configuration running.
@@ -244,20 +250,21 @@ impl Speaker {
             .filter(|(a, p)| wanted.get(a).is_none_or(|w| **w != p.config))
             .map(|(a, _)| *a)
             .collect();
-        for address in gone {
-            self.remove(address).await;
-        }
+        self.remove(&gone).await;
         let mut problems = Vec::new();
         for (address, peer) in wanted {
             if self.peers.contains_key(&address) {
                 continue;
             }
             if let Err(e) = self.add(peer) {
-                warn!(peer = %address, error = format!("{e:#}"), "BGP: peer not started");
-                self.status
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|s| s.address != address);
+                let why = format!("{e:#}");
+                warn!(peer = %address, error = %why, "BGP: peer not started");
+                // The peer stays listed, with why it is not running.
+                Slot {
+                    peers: self.status.clone(),
+                    address,
+                }
+                .update(|p| p.last_error = Some(format!("not started: {why}")));
                 problems.push((address, e));
             }
         }
@@ -365,25 +372,43 @@ impl Speaker {
         Ok(())
     }
 
-    /// Closes one peer's session (routes withdrawn, Cease sent) and forgets the peer.
-    async fn remove(&mut self, address: IpAddr) {
-        let Some(peer) = self.peers.remove(&address) else {
-            return;
-        };
-        let _ = peer.stop.send(true);
-        if tokio::time::timeout(Duration::from_secs(3), peer.task)
-            .await
-            .is_err()
-        {
-            warn!(peer = %address, "BGP: session did not close in time");
+    /// Closes these peers' sessions together (routes withdrawn, Cease sent; at most 3 s) and
+    /// forgets the peers.
+    async fn remove(&mut self, addresses: &[IpAddr]) {
+        let gone: Vec<(IpAddr, Peer)> = addresses
+            .iter()
+            .filter_map(|a| Some((*a, self.peers.remove(a)?)))
+            .collect();
+        let mut tasks = Vec::new();
+        let mut configs = Vec::new();
+        for (address, peer) in gone {
+            let _ = peer.stop.send(true);
+            tasks.push(peer.task);
+            configs.push((address, peer.config));
         }
-        if peer.config.passive {
+        if tokio::time::timeout(
+            Duration::from_secs(3),
+            futures_util::future::join_all(tasks),
+        )
+        .await
+        .is_err()
+        {
+            warn!("BGP: a removed peer's session did not close in time");
+        }
+        for (address, config) in configs {
+            self.forget(address, &config).await;
+        }
+    }
+
+    /// A removed peer's listener entry, MD5 key, BFD session and status.
+    async fn forget(&mut self, address: IpAddr, config: &BgpPeerConfig) {
+        if config.passive {
             self.inboxes
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&address);
             if let Some(l) = self.listeners.get(&address.is_ipv4())
-                && peer.config.password.is_some()
+                && config.password.is_some()
             {
                 let _ = socket::set_md5(&*l.socket, address, &[]);
             }

@@ -243,3 +243,88 @@ fn many_vips_are_split_into_updates_under_4096_octets() {
         assert!(count >= 2);
     }
 }
+
+fn peer_config(address: &str, port: u16, passive: bool) -> BgpPeerConfig {
+    BgpPeerConfig {
+        address: address.parse().unwrap(),
+        remote_as: 64513,
+        local_as: None,
+        port,
+        password: None,
+        hold_time: std::time::Duration::from_secs(9),
+        connect_retry: std::time::Duration::from_millis(200),
+        bfd: false,
+        multihop: None,
+        passive,
+    }
+}
+
+/// Real sockets: a passive peer whose listen port is taken does not start, is listed with
+/// why, and the active peer beside it connects all the same; once the port is free, the next
+/// reconcile starts it; stopping forgets every peer.
+#[tokio::test]
+async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
+    use super::{Peers, Speaker, State};
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let router = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = crate::config::BgpConfig {
+        local_as: 64512,
+        router_id: Ipv4Addr::new(198, 18, 2, 11),
+        listen_port: port,
+        bfd: crate::config::BfdTimers {
+            interval: std::time::Duration::from_millis(100),
+            multiplier: 3,
+        },
+        peers: vec![
+            peer_config("127.0.0.1", router.local_addr().unwrap().port(), false),
+            peer_config("127.0.0.2", 179, true),
+        ],
+        advertisements: Vec::new(),
+    };
+    let status = Peers::default();
+    let mut speaker = Speaker::without_peers(&config, status.clone());
+    let problems = speaker.reconcile(&config).await;
+    let passive: IpAddr = "127.0.0.2".parse().unwrap();
+    assert_eq!(
+        problems.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        [passive]
+    );
+    let table = status.lock().unwrap().clone();
+    assert_eq!(table.len(), 2, "{table:?}");
+    let bad = table.iter().find(|p| p.address == passive).unwrap();
+    let why = bad.last_error.clone().unwrap_or_default();
+    assert!(
+        why.starts_with(&format!("not started: announce.bgp.listen_port {port}")),
+        "{why}"
+    );
+    // The active peer runs: it connects to the router.
+    tokio::time::timeout(std::time::Duration::from_secs(5), router.accept())
+        .await
+        .expect("the active peer connects")
+        .unwrap();
+    // The port freed, the next reconcile starts the passive peer.
+    drop(taken);
+    assert!(speaker.reconcile(&config).await.is_empty());
+    // Its task waits for the router to connect (Active), without an error.
+    let waiting = async {
+        loop {
+            let table = status.lock().unwrap().clone();
+            let p = table
+                .iter()
+                .find(|p| p.address == passive)
+                .cloned()
+                .unwrap();
+            if p.state == State::Active {
+                return p;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let p = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .expect("the passive peer waiting");
+    assert_eq!(p.last_error, None);
+    speaker.shutdown(std::time::Duration::from_secs(1)).await;
+    assert!(status.lock().unwrap().is_empty());
+}
