@@ -605,6 +605,7 @@ fn kubernetes_resources_choose_peers_and_advertisements_per_node_without_flappin
     });
     // A second advertisement for the other pool, with its own community: added beside the
     // first without touching the sessions.
+    let created = std::time::Instant::now();
     kube_create(
         &lab,
         ADVERTS,
@@ -621,6 +622,10 @@ fn kubernetes_resources_choose_peers_and_advertisements_per_node_without_flappin
     wait_for(Duration::from_secs(10), "db's route in the kernel", || {
         (lab.fib("198.18.100.20").len() == 2).then_some(())
     });
+    eprintln!(
+        "BGPAdvertisement created → both nodes' routes in the router's kernel: {} ms",
+        created.elapsed().as_millis()
+    );
     assert_eq!(
         frr_established(&lab, &bgplab::lb4(0)),
         1,
