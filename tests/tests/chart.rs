@@ -183,14 +183,14 @@ fn announce_values_render_as_resources_and_node_config_the_agent_reads() {
     let [a] = adverts.as_slice() else {
         panic!("{adverts:?}")
     };
-    assert_eq!(a.spec.ip_pools, ["default"]);
+    assert_eq!(a.spec.selection.ip_pools, ["default"]);
     assert_eq!(a.spec.communities, ["64512:100"]);
     assert_eq!(a.spec.local_pref, Some(150));
     let [edge] = l2.as_slice() else {
         panic!("{l2:?}")
     };
-    assert_eq!(edge.spec.ip_pools, ["default"]);
-    assert!(edge.spec.node_selector.is_some());
+    assert_eq!(edge.spec.selection.ip_pools, ["default"]);
+    assert!(edge.spec.selection.node_selector.is_some());
     // The node config turns L2 mode on with gossip whose peers come from the Nodes.
     let c = lb_agent::config::Config::parse(&node_config.expect("weir-config"), "weir.yaml")
         .unwrap_or_else(|e| panic!("the chart's node config: {e:?}"));

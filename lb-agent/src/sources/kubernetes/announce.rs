@@ -21,7 +21,7 @@ use kube::ResourceExt;
 
 use super::{
     addresses,
-    crd::{BGPAdvertisement, BGPPeer, IPPool, L2Advertisement},
+    crd::{BGPAdvertisement, BGPPeer, IPPool, L2Advertisement, Selection},
     ipam::Selector,
     translate,
 };
@@ -126,7 +126,7 @@ pub fn config(i: &Inputs) -> (Option<BgpConfig>, Vec<String>) {
     sorted.sort_by_key(|a| a.name_any());
     for a in sorted {
         let what = format!("BGPAdvertisement {}", a.name_any());
-        if !selects(&a.spec.node_selector, &what, &mut problems) {
+        if !selects(&a.spec.selection.node_selector, &what, &mut problems) {
             continue;
         }
         match advertisement(a, &pools, &names, i) {
@@ -295,8 +295,7 @@ fn advertisement(
         }
     }
     attrs.merge(&RouteAttrs::default());
-    let vips = selected_vips(&s.ip_pools, s.service_selector.as_ref(), pools, i)
-        .map_err(|e| problems.push(e));
+    let vips = selected_vips(&s.selection, pools, i).map_err(|e| problems.push(e));
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
@@ -315,14 +314,14 @@ fn advertisement(
     })
 }
 
-/// The addresses of the Services weir serves that `ip_pools` (by name; empty: any) and
-/// `service_selector` (absent: any) select; None when neither narrows anything.
+/// The addresses of the Services weir serves that `ipPools` (by name; empty: any) and
+/// `serviceSelector` (absent: any) select; None when neither narrows anything.
 fn selected_vips(
-    ip_pools: &[String],
-    service_selector: Option<&LabelSelector>,
+    selection: &Selection,
     pools: &[super::ipam::Pool],
     i: &Inputs,
 ) -> Result<Option<BTreeSet<IpAddr>>, String> {
+    let ip_pools = &selection.ip_pools;
     let mut problems = Vec::new();
     let mut in_pools = Vec::new();
     for (n, name) in ip_pools.iter().enumerate() {
@@ -331,7 +330,7 @@ fn selected_vips(
             None => problems.push(format!("spec.ipPools[{n}]: no valid IPPool {name:?}")),
         }
     }
-    let services = match service_selector {
+    let services = match &selection.service_selector {
         None => None,
         Some(sel) => {
             let sel = Selector(sel.clone());
@@ -385,12 +384,7 @@ pub fn l2(i: &Inputs) -> (L2Plan, Vec<String>) {
     let mut nodes: BTreeSet<String> = BTreeSet::new();
     for a in sorted {
         let what = format!("L2Advertisement {}", a.name_any());
-        let vips = match selected_vips(
-            &a.spec.ip_pools,
-            a.spec.service_selector.as_ref(),
-            &pools,
-            i,
-        ) {
+        let vips = match selected_vips(&a.spec.selection, &pools, i) {
             Ok(v) => v,
             Err(e) => {
                 problems.push(format!("{what}: {e}"));
@@ -401,7 +395,14 @@ pub fn l2(i: &Inputs) -> (L2Plan, Vec<String>) {
         let selected: Vec<String> = i
             .nodes
             .iter()
-            .filter(|n| selects(a.spec.node_selector.as_ref(), n.labels(), &what, &mut bad))
+            .filter(|n| {
+                selects(
+                    a.spec.selection.node_selector.as_ref(),
+                    n.labels(),
+                    &what,
+                    &mut bad,
+                )
+            })
             .map(ResourceExt::name_any)
             .collect();
         if let Some(b) = bad.into_iter().next() {
@@ -410,7 +411,7 @@ pub fn l2(i: &Inputs) -> (L2Plan, Vec<String>) {
         }
         nodes.extend(selected);
         let here = selects(
-            a.spec.node_selector.as_ref(),
+            a.spec.selection.node_selector.as_ref(),
             labels_of(i.nodes, i.node),
             &what,
             &mut Vec::new(),

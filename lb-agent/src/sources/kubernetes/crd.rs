@@ -132,15 +132,9 @@ pub struct SecretKeyRef {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BGPAdvertisementSpec {
-    /// The IPPools whose addresses are advertised (every address, when empty).
-    #[serde(default, rename = "ipPools", skip_serializing_if = "Vec::is_empty")]
-    pub ip_pools: Vec<String>,
-    /// The Services whose addresses are advertised, by label (every Service, when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_selector: Option<LabelSelector>,
-    /// The nodes that advertise (every node, when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<LabelSelector>,
+    /// The addresses, and the nodes that advertise them.
+    #[serde(flatten)]
+    pub selection: Selection,
     /// The BGPPeers, by name, that get the routes (every peer of the node, when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
@@ -169,13 +163,22 @@ pub struct BGPAdvertisementSpec {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct L2AdvertisementSpec {
-    /// The IPPools whose addresses are announced (every address, when empty).
+    /// The addresses, and the nodes that may answer for them.
+    #[serde(flatten)]
+    pub selection: Selection,
+}
+
+/// Which addresses an advertisement gives, and to which nodes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Selection {
+    /// The IPPools whose addresses are given (every address, when empty).
     #[serde(default, rename = "ipPools", skip_serializing_if = "Vec::is_empty")]
     pub ip_pools: Vec<String>,
-    /// The Services whose addresses are announced, by label (every Service, when absent).
+    /// The Services whose addresses are given, by label (every Service, when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_selector: Option<LabelSelector>,
-    /// The nodes that may answer (every node, when absent).
+    /// The nodes the advertisement applies to (every node, when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
 }

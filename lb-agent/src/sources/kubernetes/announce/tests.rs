@@ -17,7 +17,7 @@ use crate::{
     sources::kubernetes::{
         crd::{
             BGPAdvertisement, BGPAdvertisementSpec, BGPPeer, BGPPeerSpec, IPPool, IPPoolSpec,
-            L2Advertisement, L2AdvertisementSpec, SecretKeyRef,
+            L2Advertisement, L2AdvertisementSpec, SecretKeyRef, Selection,
         },
         fixtures::{Svc, node_at},
     },
@@ -222,7 +222,10 @@ fn node_selectors_choose_the_peers_and_the_advertisements_of_each_node() {
     w.adverts.push(advert(
         "rack-a-only",
         BGPAdvertisementSpec {
-            node_selector: selector(&[("rack", "a")]),
+            selection: Selection {
+                node_selector: selector(&[("rack", "a")]),
+                ..Selection::default()
+            },
             communities: vec!["64512:1".into()],
             ..BGPAdvertisementSpec::default()
         },
@@ -249,7 +252,10 @@ fn pools_services_and_peers_narrow_an_advertisement_and_attributes_merge() {
     w.adverts.push(advert(
         "public",
         BGPAdvertisementSpec {
-            ip_pools: vec!["public".into()],
+            selection: Selection {
+                ip_pools: vec!["public".into()],
+                ..Selection::default()
+            },
             communities: vec!["64512:100".into(), "no-export".into()],
             local_pref: Some(150),
             ..BGPAdvertisementSpec::default()
@@ -258,18 +264,23 @@ fn pools_services_and_peers_narrow_an_advertisement_and_attributes_merge() {
     w.adverts.push(advert(
         "front",
         BGPAdvertisementSpec {
-            service_selector: selector(&[("tier", "front")]),
+            selection: Selection {
+                service_selector: selector(&[("tier", "front")]),
+                ..Selection::default()
+            },
             peers: vec!["tor".into(), "tor6".into()],
             communities: vec!["64512:200".into()],
             large_communities: vec!["64512:1:2".into()],
             local_pref: Some(120),
-            ..BGPAdvertisementSpec::default()
         },
     ));
     w.adverts.push(advert(
         "internal-to-tor6",
         BGPAdvertisementSpec {
-            ip_pools: vec!["internal".into()],
+            selection: Selection {
+                ip_pools: vec!["internal".into()],
+                ..Selection::default()
+            },
             peers: vec!["tor6".into()],
             ..BGPAdvertisementSpec::default()
         },
@@ -374,7 +385,10 @@ fn a_bad_resource_is_left_out_whole_with_a_message_and_the_rest_applies() {
     w.adverts.push(advert(
         "bad",
         BGPAdvertisementSpec {
-            ip_pools: vec!["nope".into()],
+            selection: Selection {
+                ip_pools: vec!["nope".into()],
+                ..Selection::default()
+            },
             communities: vec!["70000:1".into()],
             large_communities: vec!["1:2".into()],
             ..BGPAdvertisementSpec::default()
@@ -441,9 +455,11 @@ fn l2_advertisements_give_each_selected_node_its_addresses_and_its_gossip_peers(
     w.l2.push(L2Advertisement::new(
         "rack-a-public",
         L2AdvertisementSpec {
-            ip_pools: vec!["public".into()],
-            node_selector: selector(&[("rack", "a")]),
-            ..L2AdvertisementSpec::default()
+            selection: Selection {
+                ip_pools: vec!["public".into()],
+                node_selector: selector(&[("rack", "a")]),
+                ..Selection::default()
+            },
         },
     ));
     let (p1, problems) = w.l2_on("n1");
@@ -464,15 +480,19 @@ fn l2_advertisements_give_each_selected_node_its_addresses_and_its_gossip_peers(
     w.l2.push(L2Advertisement::new(
         "front",
         L2AdvertisementSpec {
-            service_selector: selector(&[("tier", "front")]),
-            ..L2AdvertisementSpec::default()
+            selection: Selection {
+                service_selector: selector(&[("tier", "front")]),
+                ..Selection::default()
+            },
         },
     ));
     w.l2.push(L2Advertisement::new(
         "typo",
         L2AdvertisementSpec {
-            ip_pools: vec!["publik".into()],
-            ..L2AdvertisementSpec::default()
+            selection: Selection {
+                ip_pools: vec!["publik".into()],
+                ..Selection::default()
+            },
         },
     ));
     let (p2, problems) = w.l2_on("n2");
