@@ -577,7 +577,8 @@ impl Agent {
 
     /// Brings the BGP speaker in line with `current.announce.bgp` (changed by a reload or,
     /// in Kubernetes mode, by the BGPPeer and BGPAdvertisement resources): peers are added
-    /// and removed one by one; a new AS, router id, listen port or BFD timers restart it.
+    /// and removed one by one (a new `local_as` restarts the peers that use it); a new router
+    /// id, listen port or BFD timers restart the speaker.
     /// A peer that cannot start is logged and listed in `/api/v1/bgp` with why; the rest runs,
     /// and the next change tries it again.
     async fn sync_bgp(&mut self) {
@@ -599,7 +600,7 @@ impl Agent {
             (Some(config), old) => {
                 if let Some(speaker) = old {
                     info!(
-                        "BGP: AS, router id, listen port or BFD timers changed; restarting the speaker"
+                        "BGP: router id, listen port or BFD timers changed; restarting the speaker"
                     );
                     speaker.shutdown(Duration::from_secs(3)).await;
                 }

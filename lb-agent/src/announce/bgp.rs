@@ -227,12 +227,11 @@ impl Speaker {
         &self.config
     }
 
-    /// Whether `config` differs from the running one only in its peers and advertisements
-    /// (which [`Speaker::reconcile`] applies peer by peer); otherwise the speaker has to
-    /// be restarted.
+    /// Whether `config` differs from the running one only in its peers, its AS (which only
+    /// the peers without their own use) and advertisements, which [`Speaker::reconcile`]
+    /// applies peer by peer; otherwise the speaker has to be restarted.
     pub fn reconcilable(&self, config: &BgpConfig) -> bool {
-        self.config.local_as == config.local_as
-            && self.config.router_id == config.router_id
+        self.config.router_id == config.router_id
             && self.config.listen_port == config.listen_port
             && self.config.bfd == config.bfd
     }
@@ -242,29 +241,45 @@ impl Speaker {
     /// Returns the peers that could not be started, with why (the rest is applied).
     pub async fn reconcile(&mut self, config: &BgpConfig) -> Vec<(IpAddr, anyhow::Error)> {
         debug_assert!(self.reconcilable(config));
-        let wanted: BTreeMap<IpAddr, &BgpPeerConfig> =
-            config.peers.iter().map(|p| (p.address, p)).collect();
+        // Each peer with the AS it uses: a new `local_as` changes the peers that use it.
+        let wanted: BTreeMap<IpAddr, BgpPeerConfig> = config
+            .peers
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.local_as = Some(p.local_as.unwrap_or(config.local_as));
+                (p.address, p)
+            })
+            .collect();
         let gone: Vec<IpAddr> = self
             .peers
             .iter()
-            .filter(|(a, p)| wanted.get(a).is_none_or(|w| **w != p.config))
+            .filter(|(a, p)| wanted.get(a).is_none_or(|w| *w != p.config))
             .map(|(a, _)| *a)
             .collect();
         self.remove(&gone).await;
         let mut problems = Vec::new();
-        for (address, peer) in wanted {
+        for (address, peer) in &wanted {
+            let address = *address;
             if self.peers.contains_key(&address) {
                 continue;
             }
+            let slot = Slot {
+                peers: self.status.clone(),
+                address,
+            };
+            let mut before = None;
+            slot.update(|p| before = p.last_error.clone());
             if let Err(e) = self.add(peer) {
-                let why = format!("{e:#}");
-                warn!(peer = %address, error = %why, "BGP: peer not started");
-                // The peer stays listed, with why it is not running.
-                Slot {
-                    peers: self.status.clone(),
-                    address,
+                let why = format!("not started: {e:#}");
+                // Retried at every change: said again only when the reason changes.
+                if before.as_deref() == Some(why.as_str()) {
+                    debug!(peer = %address, error = %why, "BGP: peer still not started");
+                } else {
+                    warn!(peer = %address, error = %why, "BGP: peer not started");
                 }
-                .update(|p| p.last_error = Some(format!("not started: {why}")));
+                // The peer stays listed, with why it is not running.
+                slot.update(|p| p.last_error = Some(why));
                 problems.push((address, e));
             }
         }
@@ -352,6 +367,7 @@ impl Speaker {
                 .insert(peer.address, conn_tx);
         }
         let ctx = session::Context {
+            // Set by `reconcile`.
             local_as: peer.local_as.unwrap_or(self.config.local_as),
             router_id: self.config.router_id,
             peer: peer.clone(),

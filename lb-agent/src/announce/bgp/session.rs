@@ -413,7 +413,15 @@ pub(super) async fn run(
     };
     send(&mut w, &Message::Open(ctx.open())).await?;
     slot.set_state(State::OpenSent);
-    let open = match handshake(&mut r, &mut w).await? {
+    // The speaker may stop (or drop this peer) during the OPEN exchange too.
+    let first = tokio::select! {
+        m = handshake(&mut r, &mut w) => Some(m),
+        _ = stop.changed() => None,
+    };
+    let Some(first) = first else {
+        return Ok(cease(&mut w).await);
+    };
+    let open = match first? {
         Message::Open(o) => o,
         _ => return Err(notify(&mut w, fsm_error(1)).await),
     };
@@ -423,7 +431,14 @@ pub(super) async fn run(
     };
     send(&mut w, &Message::Keepalive).await?;
     slot.set_state(State::OpenConfirm);
-    if !matches!(handshake(&mut r, &mut w).await?, Message::Keepalive) {
+    let second = tokio::select! {
+        m = handshake(&mut r, &mut w) => Some(m),
+        _ = stop.changed() => None,
+    };
+    let Some(second) = second else {
+        return Ok(cease(&mut w).await);
+    };
+    if !matches!(second?, Message::Keepalive) {
         return Err(notify(&mut w, fsm_error(2)).await);
     }
     slot.set_state(State::Established);
@@ -525,17 +540,23 @@ pub(super) async fn run(
                     send(&mut w, &m).await?;
                 }
                 slot.update(|p| p.advertised.clear());
-                let n = NotificationMessage::new(
-                    NotificationCode::Cease,
-                    CEASE_ADMIN_SHUTDOWN,
-                    notification::encode_shutdown_communication("weir agent stopping"),
-                );
-                let _ = send(&mut w, &Message::Notification(n)).await;
-                let _ = w.shutdown().await;
-                return Ok(End::Stopped);
+                return Ok(cease(&mut w).await);
             }
         }
     }
+}
+
+/// Closes the session for the speaker's stop: Cease, administrative shutdown (RFC 9003
+/// message).
+async fn cease(w: &mut OwnedWriteHalf) -> End {
+    let n = NotificationMessage::new(
+        NotificationCode::Cease,
+        CEASE_ADMIN_SHUTDOWN,
+        notification::encode_shutdown_communication("weir agent stopping"),
+    );
+    let _ = send(w, &Message::Notification(n)).await;
+    let _ = w.shutdown().await;
+    End::Stopped
 }
 
 /// BFD only ends a session it has seen up: a session comes up before BFD does.

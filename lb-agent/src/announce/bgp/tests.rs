@@ -299,9 +299,20 @@ async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
         "{why}"
     );
     // The active peer runs: it connects to the router.
-    tokio::time::timeout(std::time::Duration::from_secs(5), router.accept())
+    let (_first, _) = tokio::time::timeout(std::time::Duration::from_secs(5), router.accept())
         .await
         .expect("the active peer connects")
+        .unwrap();
+    // A new AS for the peers without their own: the active peer's session starts again.
+    let config = crate::config::BgpConfig {
+        local_as: 64520,
+        ..config
+    };
+    assert!(speaker.reconcilable(&config));
+    speaker.reconcile(&config).await;
+    tokio::time::timeout(std::time::Duration::from_secs(5), router.accept())
+        .await
+        .expect("the active peer connects again")
         .unwrap();
     // The port freed, the next reconcile starts the passive peer.
     drop(taken);
