@@ -29,6 +29,10 @@ fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 /// for a loaded CI machine: a healthy backend answers in about a millisecond, and a spurious
 /// timeout would count as a failure the test did not make.
 const FAST: &str = "interval: 200ms, timeout: 200ms, rise: 2, fall: 2";
+/// For tests that count on a healthy backend staying healthy while they send traffic: four
+/// missed answers in a row (not two) before a backend is down, so that a check delayed on a
+/// loaded machine does not take the only healthy backend of a fail-closed service away.
+const STEADY: &str = "interval: 200ms, timeout: 200ms, rise: 2, fall: 4";
 
 /// A service block: `name`, VIP and port, protocol, backend port, and the check's fields.
 fn service(
@@ -516,7 +520,7 @@ fn with_every_backend_down_a_service_fails_open_unless_fail_closed() {
                 80,
                 "tcp",
                 HTTP_PORT,
-                &format!("type: http, path: /healthz, {FAST}"),
+                &format!("type: http, path: /healthz, {STEADY}"),
             ),
             service(
                 lab,
@@ -525,7 +529,7 @@ fn with_every_backend_down_a_service_fails_open_unless_fail_closed() {
                 81,
                 "tcp",
                 HTTP_PORT,
-                &format!("type: http, path: /healthz, fail_closed: true, {FAST}"),
+                &format!("type: http, path: /healthz, fail_closed: true, {STEADY}"),
             ),
         ]
     });

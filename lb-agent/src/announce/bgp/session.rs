@@ -546,13 +546,15 @@ pub(super) async fn run(
     }
 }
 
-/// Closes the session for the speaker's stop: Cease, administrative shutdown (RFC 9003
-/// message).
+/// Closes the session because the agent stops or the peer left the configuration: Cease,
+/// administrative shutdown, with an RFC 9003 message for the peer's operator.
 async fn cease(w: &mut OwnedWriteHalf) -> End {
     let n = NotificationMessage::new(
         NotificationCode::Cease,
         CEASE_ADMIN_SHUTDOWN,
-        notification::encode_shutdown_communication("weir agent stopping"),
+        notification::encode_shutdown_communication(
+            "weir: agent stopping or peer removed from its configuration",
+        ),
     );
     let _ = send(w, &Message::Notification(n)).await;
     let _ = w.shutdown().await;
