@@ -2,6 +2,7 @@
 //! data plane from the config and the checks' results, serve the admin API, and apply config
 //! changes (SIGHUP, or the file changing) and health changes until SIGTERM/SIGINT.
 
+use crate::LockExt as _;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, atomic::Ordering},
@@ -653,7 +654,7 @@ impl Agent {
                     allowed: self.l2_vips.clone(),
                     announced: vips.clone(),
                 };
-                *self.metrics.l2.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                *self.metrics.l2.locked() = Some(status);
                 vips
             }
         };

@@ -21,3 +21,16 @@ pub mod model;
 pub mod sources;
 pub mod status;
 pub mod traffic;
+
+/// A lock that outlives a panic elsewhere: the guard even when another thread panicked while
+/// holding it (the shared tables here hold plain status, never half-made invariants).
+pub trait LockExt<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T> LockExt<T> for std::sync::Mutex<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

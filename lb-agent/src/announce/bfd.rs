@@ -8,6 +8,7 @@
 //! TTL is below 255 (IP_MINTTL, the GTSM check of RFC 5881 §5). Until a session is up it
 //! sends once a second (RFC 5880 §6.8.3); once up, at the configured interval.
 
+use crate::LockExt as _;
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -345,17 +346,9 @@ impl Bfd {
                         }
                     };
                     let inbox = if p.your_disc != 0 {
-                        by_disc
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get(&p.your_disc)
-                            .cloned()
+                        by_disc.locked().get(&p.your_disc).cloned()
                     } else {
-                        by_addr
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get(&from.ip().to_canonical())
-                            .cloned()
+                        by_addr.locked().get(&from.ip().to_canonical()).cloned()
                     };
                     if let Some(inbox) = inbox {
                         let _ = inbox.try_send(p);
@@ -388,14 +381,8 @@ impl Bfd {
         self.next_disc = self.next_disc.wrapping_add(1).max(1);
         let sock = source_socket(peer).with_context(|| format!("BFD: a source port for {peer}"))?;
         let (tx, rx) = mpsc::channel(16);
-        self.by_disc
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(disc, tx.clone());
-        self.by_addr
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, tx);
+        self.by_disc.locked().insert(disc, tx.clone());
+        self.by_addr.locked().insert(peer, tx);
         let (state_tx, state_rx) = watch::channel(State::Down);
         let (stop_tx, stop_rx) = watch::channel(false);
         let machine = Machine::new(disc, self.timers);
@@ -403,10 +390,7 @@ impl Bfd {
             // A peer added again: the old session goes first.
             let _ = stop.send(true);
             task.abort();
-            self.by_disc
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&old);
+            self.by_disc.locked().remove(&old);
         }
         self.sessions.insert(
             peer,
@@ -434,14 +418,8 @@ impl Bfd {
         };
         let _ = stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
-        self.by_disc
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&disc);
-        self.by_addr
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&peer);
+        self.by_disc.locked().remove(&disc);
+        self.by_addr.locked().remove(&peer);
     }
 
     /// Tells every peer this node goes administratively down, then stops.

@@ -18,6 +18,7 @@ mod socket;
 #[cfg(test)]
 mod tests;
 
+use crate::LockExt as _;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -107,7 +108,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     pub(crate) fn update(&self, f: impl FnOnce(&mut PeerStatus)) {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = self.peers.locked();
         if let Some(p) = peers.iter_mut().find(|p| p.address == self.address) {
             f(p);
         }
@@ -201,7 +202,7 @@ impl Speaker {
     /// A speaker with `config`'s AS, router id, listen port and BFD timers and no peer yet
     /// ([`Speaker::reconcile`] adds them, and tells which could not start).
     pub fn without_peers(config: &BgpConfig, status: Peers) -> Self {
-        status.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        status.locked().clear();
         info!(
             local_as = config.local_as,
             router_id = %config.router_id,
@@ -284,11 +285,7 @@ impl Speaker {
             }
         }
         // Listeners without passive peers close.
-        let inboxes = self
-            .inboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let inboxes = self.inboxes.locked().clone();
         self.listeners.retain(|v4, l| {
             let used = inboxes.keys().any(|a| a.is_ipv4() == *v4);
             if !used {
@@ -312,7 +309,7 @@ impl Speaker {
             address: peer.address,
         };
         {
-            let mut table = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            let mut table = self.status.locked();
             table.retain(|s| s.address != peer.address);
             table.push(PeerStatus {
                 address: peer.address,
@@ -361,10 +358,7 @@ impl Speaker {
             None
         };
         if peer.passive {
-            self.inboxes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(peer.address, conn_tx);
+            self.inboxes.locked().insert(peer.address, conn_tx);
         }
         let ctx = session::Context {
             // Set by `reconcile`.
@@ -419,10 +413,7 @@ impl Speaker {
     /// A removed peer's listener entry, MD5 key, BFD session and status.
     async fn forget(&mut self, address: IpAddr, config: &BgpPeerConfig) {
         if config.passive {
-            self.inboxes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&address);
+            self.inboxes.locked().remove(&address);
             if let Some(l) = self.listeners.get(&address.is_ipv4())
                 && config.password.is_some()
             {
@@ -432,10 +423,7 @@ impl Speaker {
         if let Some(b) = &mut self.bfd {
             b.remove(address).await;
         }
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|s| s.address != address);
+        self.status.locked().retain(|s| s.address != address);
         info!(peer = %address, "BGP: peer removed");
     }
 
@@ -472,10 +460,7 @@ impl Speaker {
         if let Some(b) = self.bfd {
             b.shutdown().await;
         }
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.status.locked().clear();
     }
 }
 
@@ -486,11 +471,7 @@ async fn accept_loop(listener: Arc<TcpListener>, inboxes: Inboxes) {
         match listener.accept().await {
             Ok((stream, from)) => {
                 let ip = from.ip().to_canonical();
-                let inbox = inboxes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&ip)
-                    .cloned();
+                let inbox = inboxes.locked().get(&ip).cloned();
                 match inbox {
                     Some(tx) => {
                         let _ = tx.try_send(stream);

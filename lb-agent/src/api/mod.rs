@@ -1,6 +1,7 @@
 //! The admin HTTP API. The router is a plain function of its state, so tests call it without
 //! sockets; `serve` binds it with graceful shutdown.
 
+use crate::LockExt as _;
 use std::{
     net::SocketAddr,
     sync::{
@@ -116,7 +117,7 @@ impl ApiState {
     /// Records the outcome of loading a config: a new generation, or a failure. Every call
     /// after the first is a reload, counted in the metrics.
     pub fn note_config(&self, result: Result<(), String>) {
-        let mut c = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.config.locked();
         if c.generation > 0 || c.reload_failures > 0 {
             self.metrics.agent.reload(result.is_ok());
         }
@@ -162,18 +163,8 @@ struct BgpJson {
 }
 
 async fn bgp(State(s): State<ApiState>) -> Json<BgpJson> {
-    let peers = s
-        .metrics
-        .bgp
-        .lock()
-        .map(|p| p.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
-    let problems = s
-        .metrics
-        .announce_problems
-        .lock()
-        .map(|p| p.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
+    let peers = s.metrics.bgp.locked().clone();
+    let problems = s.metrics.announce_problems.locked().clone();
     Json(BgpJson { peers, problems })
 }
 
@@ -186,12 +177,7 @@ struct L2Json {
 }
 
 async fn l2(State(s): State<ApiState>) -> Json<L2Json> {
-    let status = s
-        .metrics
-        .l2
-        .lock()
-        .map(|p| p.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
+    let status = s.metrics.l2.locked().clone();
     Json(L2Json {
         enabled: status.is_some(),
         status,
@@ -376,11 +362,7 @@ struct Status {
 }
 
 async fn status(State(s): State<ApiState>) -> Json<Status> {
-    let config = s
-        .config
-        .lock()
-        .map(|c| c.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
+    let config = s.config.locked().clone();
     Json(Status {
         ready: s.readiness.is_ready(),
         config,

@@ -13,6 +13,7 @@
 //! Results go to each check's rise/fall tracker and to a shared status the API reads; only state
 //! changes go to the agent's main loop, as [`CheckEvent`]s.
 
+use crate::LockExt as _;
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BinaryHeap, HashMap},
@@ -99,21 +100,15 @@ pub struct Shared {
 
 impl Shared {
     pub fn status(&self) -> CheckStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.locked().clone()
     }
 
     fn services(&self) -> Arc<[String]> {
-        self.services
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.services.locked().clone()
     }
 
     fn set_services(&self, services: Arc<[String]>) {
-        *self.services.lock().unwrap_or_else(|p| p.into_inner()) = services;
+        *self.services.locked() = services;
         self.services_version.fetch_add(1, Ordering::Release);
     }
 }
@@ -462,11 +457,7 @@ impl Scheduler {
         }
         let now = SystemTime::now();
         let event = {
-            let mut s = check
-                .shared
-                .status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut s = check.shared.status.locked();
             s.probes += 1;
             s.last_probe = Some(now);
             s.last_duration = took;

@@ -5,6 +5,7 @@
 //! sets: configured services and backends, interfaces, and fixed lists (directions, drop
 //! reasons, paths, check types and results).
 
+use crate::LockExt as _;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prometheus_client::{
@@ -545,11 +546,7 @@ struct L2Collector(Arc<std::sync::Mutex<Option<crate::announce::gossip::Status>>
 
 impl Collector for L2Collector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let alive = self
-            .0
-            .lock()
-            .map(|s| s.as_ref().map(|s| s.alive.len()))
-            .unwrap_or(None);
+        let alive = self.0.locked().as_ref().map(|s| s.alive.len());
         if let Some(n) = alive {
             let m = encoder.encode_descriptor(
                 "gossip_members_alive",
@@ -574,12 +571,8 @@ struct BgpCollector(
 
 impl Collector for BgpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let peers = self
-            .0
-            .lock()
-            .map(|p| p.clone())
-            .unwrap_or_else(|p| p.into_inner().clone());
-        let problems = self.1.lock().map_or(0, |p| p.len());
+        let peers = self.0.locked().clone();
+        let problems = self.1.locked().len();
         if problems > 0 || !peers.is_empty() {
             let m = encoder.encode_descriptor(
                 "announce_resource_problems",

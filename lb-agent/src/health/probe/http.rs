@@ -4,6 +4,7 @@
 //! "is it who it claims": the backend's address already came from a trusted source); with
 //! `ca_file` the chain and the name are verified.
 
+use crate::LockExt as _;
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -166,14 +167,14 @@ type FileStamp = (Option<SystemTime>, u64);
 impl TlsConfigs {
     pub fn get(&self, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, Failure> {
         let Some(path) = ca_file else {
-            let mut any = self.any.lock().unwrap_or_else(|p| p.into_inner());
+            let mut any = self.any.locked();
             return Ok(any.get_or_insert_with(accept_any).clone());
         };
         let meta = std::fs::metadata(path).map_err(|e| {
             Failure::new(FailureKind::Tls, format!("CA file {}: {e}", path.display()))
         })?;
         let stamp = (meta.modified().ok(), meta.len());
-        let mut cache = self.by_ca.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.by_ca.locked();
         if let Some((s, config)) = cache.get(path)
             && *s == stamp
         {

@@ -2,6 +2,7 @@
 //! carried as the echo identifier and sequence number and again in the payload; the reader task
 //! matches replies (and destination-unreachable errors quoting our echo) to waiting probes.
 
+use crate::LockExt as _;
 use std::{
     collections::HashMap,
     io,
@@ -37,7 +38,7 @@ impl Drop for Pinger {
 }
 
 fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
+    w.locked()
 }
 
 impl Pinger {

@@ -3,6 +3,7 @@
 //! kernel's SCTP, which many nodes do not load. Every probe uses its own source port and a
 //! random initiate tag; answers are matched on (peer, port, tag) and their CRC32c checked.
 
+use crate::LockExt as _;
 use std::{
     collections::HashMap,
     hash::BuildHasher as _,
@@ -48,7 +49,7 @@ impl Drop for Initiator {
 }
 
 fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
+    w.locked()
 }
 
 impl Initiator {

@@ -3,6 +3,7 @@
 //! every change; and, on the one agent holding the `weir` Lease, the address work written to
 //! the Services' status (server-side apply, field manager `weir`) with Events for failures.
 
+use crate::LockExt as _;
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -266,10 +267,7 @@ pub async fn translate_loop(
             }
             announce_reported = t.announce_problems.clone();
         }
-        *metrics
-            .announce_problems
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = t.announce_problems.clone();
+        *metrics.announce_problems.locked() = t.announce_problems.clone();
         if t.excluded != excluded {
             excluded = t.excluded;
             if excluded {
