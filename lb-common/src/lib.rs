@@ -118,6 +118,8 @@ pub mod limits {
     pub const MAX_TX_PORTS: u32 = 64;
     /// IPv6 extension headers skipped before giving up.
     pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
+    /// Datagrams whose fragments reverse NAT follows at once (`REVNAT_FRAGS`).
+    pub const MAX_REVNAT_FRAGS: u32 = 8192;
     /// Longest SCTP packet (common header and chunks) whose CRC32c the data plane recomputes.
     pub const MAX_SCTP_LEN: u32 = 1480;
     /// How long a cached FIB result for a backend is used before the FIB is asked again.
@@ -226,6 +228,31 @@ pub struct FlowValue {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+
+/// Key of `REVNAT_FRAGS`: a datagram that a backend's stack fragmented (backend → client,
+/// its IP identification; 16 bits for IPv4, 32 for IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Value of `REVNAT_FRAGS`: what the datagram's first fragment was translated to, for the
+/// fragments after it (which carry no ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragValue {
+    pub vip: [u32; 4],
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 24);
 
 /// Key of `ENDPOINTS`: a backend endpoint as its replies carry it (source address, port and
 /// protocol).
@@ -566,7 +593,29 @@ pub mod datapath_stat {
     pub const ARP_REPLY: usize = 8;
     /// Neighbor Solicitations for an announced VIP answered.
     pub const NEIGHBOR_ADVERT: usize = 9;
+    /// IP fragments of replies rewritten by reverse NAT (the first one of each datagram is
+    /// also counted in `REVNAT`).
+    pub const REVNAT_FRAGMENT: usize = 10;
+    /// Untranslated (`UNTRANSLATED_*`): packets that may belong to a flow and left with the
+    /// backend's address, or the node's source-NAT address, as they came. Every one of them is
+    /// a reply the client cannot match to its connection, so each should stay at 0.
+    ///
+    /// Reverse NAT could not read the packet's headers: the kernel refused to pull them
+    /// into the skb's linear area. Whether it was a flow's reply is unknown.
+    pub const UNTRANSLATED_UNREADABLE: usize = 11;
+    /// A fragment of a flow's reply that reverse NAT cannot rewrite: SCTP (its CRC32c covers
+    /// every fragment), or a later fragment whose first fragment went out untranslated.
+    pub const UNTRANSLATED_FRAGMENT: usize = 12;
+    /// A reply of a source-NATed flow whose entry went away between the lookup and the
+    /// rewrite (evicted or taken by another flow).
+    pub const UNTRANSLATED_SNAT_GONE: usize = 13;
     pub const SLOTS: usize = 16;
+    /// The `UNTRANSLATED_*` slots with their metric label.
+    pub const UNTRANSLATED: [(usize, &str); 3] = [
+        (UNTRANSLATED_UNREADABLE, "unreadable"),
+        (UNTRANSLATED_FRAGMENT, "fragment"),
+        (UNTRANSLATED_SNAT_GONE, "snat_entry_gone"),
+    ];
 }
 
 #[repr(C)]
@@ -586,6 +635,8 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointFrontend {}
     unsafe impl aya::Pod for EndpointValue {}

@@ -5,7 +5,8 @@
 //!   backend on another node, source-NATed to the node) and forwarded; replies of source-NATed
 //!   flows are translated back here.
 //! - `weir_tc_egress` (TC egress, on the same interfaces): backend → client replies get the
-//!   VIP and port back as their source (reverse NAT).
+//!   VIP and port back as their source (reverse NAT), whatever shape the kernel gives the skb
+//!   (non-linear, GSO, fragmented; see `revnat`).
 //!
 //! Every map type is defined in `lb-common`; the capacities below are defaults that the agent
 //! overrides at load time.
@@ -35,8 +36,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
-    EndpointValue, FlowKey, FlowValue, L2Port, NextHop, SctpScratch, ServiceKey, ServiceStats,
-    ServiceValue, SnatConfig, SnatScratch, SnatValue, SourceRangeData, VipKey, VipValue, limits,
+    EndpointValue, FlowKey, FlowValue, FragKey, FragValue, L2Port, NextHop, SctpScratch,
+    ServiceKey, ServiceStats, ServiceValue, SnatConfig, SnatScratch, SnatValue, SourceRangeData,
+    VipKey, VipValue, limits,
 };
 
 const MAX_SERVICES: usize = limits::MAX_SERVICES as usize;
@@ -125,6 +127,16 @@ static L2_PORTS: HashMap<u32, L2Port, { limits::MAX_TX_PORTS as usize }> = HashM
 #[btf_map]
 static L2_LEASE: Array<u64, 1> = Array::new();
 
+/// A fragmented reply's datagram (backend → client, identification) → what its first
+/// fragment was translated to (see `revnat`).
+#[btf_map]
+static REVNAT_FRAGS: LruHashMap<FragKey, FragValue, { limits::MAX_REVNAT_FRAGS as usize }> =
+    LruHashMap::new();
+
+/// Working space of `revnat`'s fragment path: the key, kept off the stack.
+#[btf_map]
+static REVNAT_FRAG_KEY: PerCpuArray<FragKey, 1> = PerCpuArray::new();
+
 /// Tail-call targets of `weir_tc_egress` (slot 0: `weir_tc_sctp`).
 #[btf_map]
 static TC_TAILS: ProgramArray<1> = ProgramArray::new();
@@ -154,7 +166,10 @@ static TX_PORTS: DevMapHash<{ limits::MAX_TX_PORTS as usize }> = DevMapHash::new
 pub fn weir_xdp(ctx: XdpContext) -> u32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
         parse::L3Result::Ip(l3) => l4::handle(&ctx, &l3),
-        parse::L3Result::NotOurs => xdp_action::XDP_PASS,
+        // `Short` and `Fragment` come from the skb parse only.
+        parse::L3Result::NotOurs | parse::L3Result::Short(_) | parse::L3Result::Fragment { .. } => {
+            xdp_action::XDP_PASS
+        }
         parse::L3Result::Neighbor => neigh::hand_over(&ctx),
         parse::L3Result::Drop {
             dst,

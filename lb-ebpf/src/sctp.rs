@@ -12,7 +12,7 @@ use lb_common::{SctpScratch, drop_reason, proto};
 
 use crate::{
     SCTP_SCRATCH, TC_TAILS, XDP_TAILS, csum, fwd,
-    parse::{self, L3, Ports, ptr_at},
+    parse::{self, L3, L3Result, Ports, ptr_at},
     stats,
 };
 
@@ -43,10 +43,10 @@ pub fn tc_checksum(ctx: &TcContext, service_id: u32) -> i32 {
     TC_ACT_SHOT
 }
 
-/// The packet's headers and the CRC32c of its SCTP part (checksum field already zeroed).
+/// The CRC32c of the SCTP part of `l3`'s packet (checksum field already zeroed).
 #[inline(always)]
-fn crc_of<C: csum::LoadBytes>(ctx: &C, data: usize, end: usize) -> Option<(L3, u32)> {
-    let l3 = parse::l3_any(data, end)?;
+fn crc_of<C: csum::LoadBytes>(ctx: &C, l3: Option<L3>) -> Option<(L3, u32)> {
+    let l3 = l3?;
     if l3.proto != proto::SCTP {
         return None;
     }
@@ -66,7 +66,7 @@ pub fn xdp_program(ctx: &XdpContext) -> u32 {
         return fail();
     };
     let s = unsafe { *s };
-    let Some((l3, crc)) = crc_of(ctx, ctx.data(), ctx.data_end()) else {
+    let Some((l3, crc)) = crc_of(ctx, parse::l3_any(ctx.data(), ctx.data_end())) else {
         return fail();
     };
     let (data, end) = (ctx.data(), ctx.data_end());
@@ -81,14 +81,19 @@ pub fn xdp_program(ctx: &XdpContext) -> u32 {
     fwd::forward(ctx, &l3, sport, dport, s.backend_id, s.backend_generation)
 }
 
-/// `weir_tc_sctp`: the CRC32c of the (already rewritten) reply.
+/// `weir_tc_sctp`: the CRC32c of the (already rewritten) reply, which may be non-linear
+/// (the checksum is read through `bpf_skb_load_bytes`).
 #[inline(always)]
 pub fn tc_program(ctx: &TcContext) -> i32 {
     let fail = || {
         stats::drop(0, drop_reason::SCTP_CHECKSUM);
         TC_ACT_SHOT
     };
-    let Some((l3, crc)) = crc_of(ctx, ctx.data(), ctx.data_end()) else {
+    let l3 = match parse::l3_skb(ctx.data(), ctx.data_end(), ctx.len()) {
+        L3Result::Ip(l3) => Some(l3),
+        _ => None,
+    };
+    let Some((l3, crc)) = crc_of(ctx, l3) else {
         return fail();
     };
     if ctx.store(l3.l4_off + 8, &crc, 0).is_err() {

@@ -322,6 +322,7 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
 fn translate_reply(ctx: &XdpContext, sc: &mut SnatScratch, l3: &L3) -> u32 {
     let Some(v) = SNAT.get_ptr_mut(&sc.key) else {
         // Gone since (evicted or taken): the kernel has it as it is.
+        stats::datapath(datapath_stat::UNTRANSLATED_SNAT_GONE);
         return xdp_action::XDP_PASS;
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };

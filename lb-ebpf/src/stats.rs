@@ -33,16 +33,22 @@ pub fn packet_in(service_id: u32, backend_id: u32, bytes: u32) {
 /// A backend → client reply of `bytes` (IP length) after reverse NAT.
 #[inline(always)]
 pub fn packet_out(service_id: u32, backend_id: u32, bytes: u32) {
+    packets_out(service_id, backend_id, 1, bytes as u64);
+}
+
+/// `packets` backend → client replies of `bytes` (IP lengths) in all (a GSO super-packet).
+#[inline(always)]
+pub fn packets_out(service_id: u32, backend_id: u32, packets: u32, bytes: u64) {
     if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {
         unsafe {
-            (*s).packets_out += 1;
-            (*s).bytes_out += bytes as u64;
+            (*s).packets_out += packets as u64;
+            (*s).bytes_out += bytes;
         }
     }
     if let Some(b) = BACKEND_STATS.get_ptr_mut(backend_id) {
         unsafe {
-            (*b).packets_out += 1;
-            (*b).bytes_out += bytes as u64;
+            (*b).packets_out += packets as u64;
+            (*b).bytes_out += bytes;
         }
     }
 }

@@ -96,19 +96,53 @@ pub fn http_request(
     json: Option<&str>,
     timeout: Duration,
 ) -> io::Result<Response> {
+    let body = json.map(|b| ("application/json", b.as_bytes()));
+    http_send(local, dst, method, path, body, timeout)
+}
+
+/// `POST path` with `body` (`application/octet-stream`) over a new connection.
+pub fn http_post(
+    local: Option<SocketAddr>,
+    dst: SocketAddr,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> io::Result<Response> {
+    http_send(
+        local,
+        dst,
+        "POST",
+        path,
+        Some(("application/octet-stream", body)),
+        timeout,
+    )
+}
+
+/// `method path` with an optional (content type, body) over a new connection.
+fn http_send(
+    local: Option<SocketAddr>,
+    dst: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+) -> io::Result<Response> {
     let mut s = connect(local, dst, timeout)?;
     let local = s.local_addr()?;
-    match json {
+    match body {
         None => write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: weir-lab\r\nConnection: close\r\n\r\n"
         )?,
-        Some(body) => write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: weir-lab\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?,
+        Some((kind, body)) => {
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nHost: weir-lab\r\nConnection: close\r\n\
+                 Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )?;
+            s.write_all(body)?;
+        }
     }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

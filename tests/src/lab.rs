@@ -1,21 +1,35 @@
-//! The standalone lab: a client namespace, an LB node and N backend namespaces.
+//! The standalone lab: a client namespace, an LB node and N backend namespaces, in one of three
+//! topologies ([`Topology`]).
 //!
 //! ```text
-//!  client (198.18.0.1, fd00:18::1)                 backend i (198.18.1.1<i>, fd00:1::1<i>)
-//!    eth0 ──── eth-c  [LB node: XDP in, TC out]  eth-b<i> ──── eth0   (one veth per backend)
-//!          198.18.0.254                         198.18.1.1/32, fd00:1::1/128 on each eth-b<i>
+//!  client (198.18.0.1, fd00:18::1)                   backend i (198.18.1.1<i>, fd00:1::1<i>)
+//!    eth0 ──── eth-c  [LB node: weir's XDP in, TC out]
+//!          198.18.0.254      │
+//!                            ├─ Bridge (default): br-pods (198.18.1.1/24, fd00:1::1/64)
+//!                            │     └ veth-b<i> ──── eth0          (as pods on a CNI bridge)
+//!                            ├─ Routed: veth-b<i> (198.18.1.1/32, a /32 route) ── eth0
+//!                            │                                    (as pods on routed veths)
+//!                            └─ WeirPorts: eth-b<i>, one of weir's interfaces ── eth0
 //! ```
 //! The client routes the VIPs (198.18.100.0/24, fd00:100::/64) to the LB node; the LB node is
-//! every backend's gateway and routes each backend's /32 and /128 to its veth. The addresses
-//! match `examples/standalone.yaml`, the agent's embedded default.
+//! every backend's gateway. The addresses match `examples/standalone.yaml`, the agent's
+//! embedded default, whose `node.interfaces` is `[eth-c]`: in the bridge and routed
+//! topologies the backends are reached through the kernel, as pods are on a real node, with
+//! every backend-side interface at the kernel's defaults (scatter-gather, TSO, GRO, checksum
+//! offload), so replies reach weir's TC program as GSO super-packets with their payload in
+//! page fragments and partial checksums. In `WeirPorts` the backends' veths run weir's XDP
+//! too, which lets XDP redirect to them (and makes the kernel hand them linear skbs).
 //!
-//! Two lab-only settings, because veth is not a NIC: the client's veth computes checksums in
-//! software (`tx off`: a real NIC delivers complete checksums, a veth hands partial ones from
-//! a local stack, which XDP cannot fix up); the backends' veths have GRO on, which gives them
-//! the NAPI context that receiving XDP redirects needs; and the client's veth runs `lab_pass`,
-//! because a veth picks up frames sent back with XDP_TX only when it runs XDP itself. The
-//! backends send ICMP errors without rate limit, so that UDP health checks see every port
-//! unreachable.
+//! Lab-only settings, because a veth is not a NIC:
+//! - the client's veth computes checksums in software (`tx off`): it stands in for a NIC,
+//!   which delivers complete checksums; a veth hands over the partial ones of a local stack,
+//!   which no XDP program can fix up (and weir's XDP runs on the LB end of that link);
+//! - the client's veth runs `lab_pass`: it stands in for a NIC's receive path, which picks up
+//!   frames sent back with XDP_TX (ICMP echo replies); a veth does so only when it runs XDP;
+//! - in `WeirPorts`, the backends' veths have GRO on: it stands in for a NIC driver's NAPI
+//!   context, which a veth needs to receive XDP redirects.
+//! The backends send ICMP errors without rate limit, so that UDP health checks see every port
+//! unreachable (health checks of a real node see them at the kernel's rate).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -134,6 +148,23 @@ pub fn serve_http(ns: &Netns, bin: &Path, name: &str, ips: &[IpAddr]) -> Proc {
     Proc::spawn_ready(&mut cmd, &format!("server {name}"))
 }
 
+/// How the LB node reaches its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Behind a Linux bridge on the LB node (`br-pods`, ports `veth-b<i>`), as pods behind a
+    /// CNI bridge: weir runs on `eth-c` only.
+    Bridge,
+    /// Each on a veth the LB node routes a /32 and /128 to (`veth-b<i>`), as pods of a
+    /// routed CNI: weir runs on `eth-c` only.
+    Routed,
+    /// Each on a veth that is one of weir's interfaces (`eth-b<i>`), so XDP redirects to it.
+    WeirPorts,
+}
+
+impl Topology {
+    pub const ALL: [Topology; 3] = [Topology::Bridge, Topology::Routed, Topology::WeirPorts];
+}
+
 /// Fields drop in order: servers (inside `backends`) before the namespaces they run in.
 pub struct Lab {
     /// `lab_pass` on the client's veth, so that it receives the frames weir sends back with
@@ -143,11 +174,17 @@ pub struct Lab {
     pub client: Netns,
     pub lb: Netns,
     pub dir: Scratch,
+    pub topology: Topology,
 }
 
 impl Lab {
-    /// The lab with `n` backends (1..=9), no servers yet.
+    /// The lab with `n` backends (1..=9) behind a bridge, no servers yet.
     pub fn new(n: usize) -> Self {
+        Self::with_topology(n, Topology::Bridge)
+    }
+
+    /// The lab with `n` backends (1..=9) in `topology`, no servers yet.
+    pub fn with_topology(n: usize, topology: Topology) -> Self {
         assert!((1..=9).contains(&n));
         let client = Netns::new("client");
         let lb = Netns::new("lb");
@@ -163,11 +200,17 @@ impl Lab {
         lb.sysctl("net.ipv6.conf.all.forwarding", "1");
         lb.sysctl("net.ipv4.conf.all.rp_filter", "0");
 
+        if topology == Topology::Bridge {
+            lb.ip("link add br-pods type bridge");
+            lb.ip("link set br-pods up");
+            lb.ip("addr add 198.18.1.1/24 dev br-pods");
+            lb.ip("addr add fd00:1::1/64 dev br-pods nodad");
+        }
         let mut backends = Vec::new();
         for i in 1..=n {
             let name = format!("b{i}");
             let ns = Netns::new(&name);
-            let lb_if = format!("eth-b{i}");
+            let lb_if = Self::backend_port(topology, i);
             veth(&lb, &lb_if, &ns, "eth0");
             let v4 = format!("198.18.1.{}", 10 + i);
             let v6 = format!("fd00:1::{}", 10 + i);
@@ -175,15 +218,24 @@ impl Lab {
             ns.ip(&format!("addr add {v6}/64 dev eth0 nodad"));
             ns.ip("route add default via 198.18.1.1");
             ns.ip("-6 route add default via fd00:1::1");
-            ns.exec(&["ethtool", "-K", "eth0", "gro", "on"]);
             // No ICMP rate limit (by default one error a second per destination after a small
             // burst): health checks tell a closed UDP port by its port unreachable.
             ns.sysctl("net.ipv4.icmp_ratelimit", "0");
             ns.sysctl("net.ipv6.icmp.ratelimit", "0");
-            lb.ip(&format!("addr add 198.18.1.1/32 dev {lb_if}"));
-            lb.ip(&format!("addr add fd00:1::1/128 dev {lb_if} nodad"));
-            lb.ip(&format!("route add {v4}/32 dev {lb_if}"));
-            lb.ip(&format!("-6 route add {v6}/128 dev {lb_if}"));
+            match topology {
+                Topology::Bridge => lb.ip(&format!("link set {lb_if} master br-pods")),
+                Topology::Routed | Topology::WeirPorts => {
+                    lb.ip(&format!("addr add 198.18.1.1/32 dev {lb_if}"));
+                    lb.ip(&format!("addr add fd00:1::1/128 dev {lb_if} nodad"));
+                    lb.ip(&format!("route add {v4}/32 dev {lb_if}"));
+                    lb.ip(&format!("-6 route add {v6}/128 dev {lb_if}"))
+                }
+            };
+            if topology == Topology::WeirPorts {
+                // Stands in for a NIC driver's NAPI context, which a veth needs to receive
+                // XDP redirects.
+                ns.exec(&["ethtool", "-K", "eth0", "gro", "on"]);
+            }
             backends.push(Backend {
                 name,
                 v4: v4.parse().expect("v4"),
@@ -198,6 +250,15 @@ impl Lab {
             client,
             lb,
             dir: Scratch::new(),
+            topology,
+        }
+    }
+
+    /// The LB node's interface towards backend `i` (1-based) in `topology`.
+    pub fn backend_port(topology: Topology, i: usize) -> String {
+        match topology {
+            Topology::WeirPorts => format!("eth-b{i}"),
+            Topology::Bridge | Topology::Routed => format!("veth-b{i}"),
         }
     }
 
@@ -273,10 +334,24 @@ impl Lab {
             .unwrap_or_else(|| panic!("no backend {name}"))
     }
 
-    /// The LB interfaces, as `node.interfaces` lists them.
+    /// The LB interfaces weir runs on, as `node.interfaces` lists them.
     pub fn interfaces(&self) -> Vec<String> {
         let mut v = vec!["eth-c".to_string()];
-        v.extend((1..=self.backends.len()).map(|i| format!("eth-b{i}")));
+        if self.topology == Topology::WeirPorts {
+            v.extend((1..=self.backends.len()).map(|i| Self::backend_port(self.topology, i)));
+        }
         v
+    }
+
+    /// `config` (a standalone config with `node.interfaces: [eth-c]`, as the embedded
+    /// default) with the interfaces of this lab's topology.
+    pub fn config_for(&self, config: &str) -> String {
+        let line = "interfaces: [eth-c]";
+        assert!(config.contains(line), "a config with `{line}`");
+        config.replacen(
+            line,
+            &format!("interfaces: [{}]", self.interfaces().join(", ")),
+            1,
+        )
     }
 }

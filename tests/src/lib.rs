@@ -17,4 +17,5 @@ pub mod prometheus;
 pub mod sctp;
 pub mod servers;
 pub mod testbed;
+pub mod transfers;
 pub mod xdp;

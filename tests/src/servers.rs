@@ -260,7 +260,12 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
                     UDP_GARBAGE => b"garbage".to_vec(),
                     _ => {
                         let mut r = format!("backend={} ", s.name).into_bytes();
-                        r.extend_from_slice(&buf[..n]);
+                        match udp_send_request(&buf[..n]) {
+                            // `SEND <n>`: n bytes of `pattern` (larger than the MTU: the
+                            // stack fragments the reply).
+                            Some(len) => r.extend((0..len).map(pattern)),
+                            None => r.extend_from_slice(&buf[..n]),
+                        }
                         r
                     }
                 };
@@ -288,6 +293,16 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// The length asked for by a UDP `SEND <n>` request (at most 60000).
+fn udp_send_request(payload: &[u8]) -> Option<usize> {
+    let n: usize = std::str::from_utf8(payload.strip_prefix(b"SEND ")?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(n.min(60000))
 }
 
 /// IPv4 UDP on a wildcard address: receive with the destination address (IP_PKTINFO) and
@@ -471,12 +486,15 @@ fn http_conn<S: Read + Write>(conn: S, peer: Option<SocketAddr>, s: &Shared) -> 
         }
     }
     let mut check = false;
+    let mut content_length = 0usize;
     let mut h = String::new();
     while r.read_line(&mut h)? > 2 {
-        if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("user-agent")
-        {
-            check = v.trim().starts_with("weir-health-check");
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("user-agent") {
+                check = v.trim().starts_with("weir-health-check");
+            } else if k.eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
         }
         h.clear();
     }
@@ -502,6 +520,19 @@ fn http_conn<S: Read + Write>(conn: S, peer: Option<SocketAddr>, s: &Shared) -> 
         (
             code,
             format!("backend={} healthz={code}\n", s.name).into_bytes(),
+        )
+    } else if path == "/upload" {
+        // A body of `pattern` bytes: how many arrived, and how many differ from the pattern.
+        let mut body = vec![0u8; content_length.min(1 << 24)];
+        r.read_exact(&mut body)?;
+        let wrong = body
+            .iter()
+            .enumerate()
+            .filter(|(i, b)| **b != pattern(*i))
+            .count();
+        (
+            200,
+            format!("backend={} received={} wrong={wrong}\n", s.name, body.len()).into_bytes(),
         )
     } else if let Some(n) = path.strip_prefix("/bytes/") {
         let n: usize = n.parse().unwrap_or(0).min(1 << 24);

@@ -669,21 +669,26 @@ fn serve(ns: &Netns, name: &str, ips: &[&str]) -> weir_lab::lab::Proc {
     weir_lab::lab::serve_http(ns, server_bin(), name, &ips)
 }
 
-/// Two nodes, each with its agent; a client in front of node-a; a pod (backend) behind each;
-/// both address families:
+/// Two nodes, each with its agent; a client in front of node-a; a pod (backend) behind each
+/// node's pod bridge; both address families:
 ///
 /// ```text
 /// client 198.18.0.1 ── node-a ─────────────── node-b
 ///        fd00:18::1     │ 198.18.8.1/30   198.18.8.2/30 │
 ///                       │ fd00:8::1/64    fd00:8::2/64  │
+///                    br-pods                         br-pods
 ///                       b1 198.18.1.11              b2 198.18.2.12
 ///                          fd00:1::11                  fd00:2::12
 /// ```
 /// node-a routes node-b's pod networks through node-b, as a CNI would; node-b has no route to
 /// the client at all, so a reply of b2 can only come back through node-a if node-a
-/// source-NATed the flow to its own address. `externalTrafficPolicy: Cluster` spreads flows
-/// over both pods: b1 sees the client's own address, b2 sees node-a's address of the flow's
-/// family and a port of the source-NAT range; `Local` keeps them on b1.
+/// source-NATed the flow to its own address. weir runs on the nodes' links (`eth-c`, `eth-n`)
+/// only: the pods' interfaces are the CNI's, at the kernel's default offloads, so b1's
+/// replies reach node-a's TC program as GSO super-packets with their payload in page
+/// fragments. `externalTrafficPolicy: Cluster` spreads flows over both pods: b1 sees the
+/// client's own address, b2 sees node-a's address of the flow's family and a port of the
+/// source-NAT range; 1 MB downloads and uploads through both are byte-checked; `Local`
+/// keeps flows on b1.
 #[test]
 fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     weir_lab::netns::require_root();
@@ -691,16 +696,20 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     let (node_a, node_b) = (Netns::new("node-a"), Netns::new("node-b"));
     let (b1, b2) = (Netns::new("b1"), Netns::new("b2"));
     weir_lab::netns::veth(&client, "eth0", &node_a, "eth-c");
-    weir_lab::netns::veth(&node_a, "eth-b1", &b1, "eth0");
+    weir_lab::netns::veth(&node_a, "veth-b1", &b1, "eth0");
     weir_lab::netns::veth(&node_a, "eth-n", &node_b, "eth-n");
-    weir_lab::netns::veth(&node_b, "eth-b2", &b2, "eth0");
+    weir_lab::netns::veth(&node_b, "veth-b2", &b2, "eth0");
     client.ip("addr add 198.18.0.1/24 dev eth0");
     client.ip("route add 198.18.100.0/24 via 198.18.0.254");
     client.ip("addr add fd00:18::1/64 dev eth0 nodad");
     client.ip("-6 route add fd00:100::/64 via fd00:18::fe");
-    // Lab-only veth settings (see `weir_lab::lab`): complete checksums from the senders whose
-    // packets XDP rewrites, GRO on the receivers of XDP redirects.
-    for (ns, iface) in [(&client, "eth0"), (&b2, "eth0"), (&b1, "eth0")] {
+    // Lab-only veth settings (see `weir_lab::lab`), on the links that stand in for wires
+    // between NICs (client ── node-a, node-a ── node-b), whose receiving ends run weir's XDP:
+    // complete checksums from their senders (a frame on a wire has one; a veth would hand
+    // over a local stack's partial one, which XDP cannot fix up), GRO on their receivers (a
+    // NIC driver's NAPI context, which receiving XDP redirects needs). The pods keep the
+    // kernel's defaults.
+    for (ns, iface) in [(&client, "eth0"), (&node_a, "eth-n"), (&node_b, "eth-n")] {
         ns.exec(&["ethtool", "-K", iface, "tx", "off"]);
         ns.exec(&["ethtool", "-K", iface, "gro", "on"]);
     }
@@ -713,24 +722,25 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         ns.ip(&format!("addr add {pod6}/64 dev eth0 nodad"));
         ns.ip(&format!("-6 route add default via {gw6}"));
     }
+    // Each node's pods behind a bridge, as a CNI bridge plugin sets them up.
+    for (n, port, gw, gw6) in [
+        (&node_a, "veth-b1", "198.18.1.1/24", "fd00:1::1/64"),
+        (&node_b, "veth-b2", "198.18.2.1/24", "fd00:2::1/64"),
+    ] {
+        n.ip("link add br-pods type bridge");
+        n.ip("link set br-pods up");
+        n.ip(&format!("link set {port} master br-pods"));
+        n.ip(&format!("addr add {gw} dev br-pods"));
+        n.ip(&format!("addr add {gw6} dev br-pods nodad"));
+    }
     node_a.ip("addr add 198.18.0.254/24 dev eth-c");
-    node_a.ip("addr add 198.18.1.1/32 dev eth-b1");
-    node_a.ip("route add 198.18.1.11/32 dev eth-b1");
     node_a.ip("addr add 198.18.8.1/30 dev eth-n");
     node_a.ip("route add 198.18.2.0/24 via 198.18.8.2");
     node_b.ip("addr add 198.18.8.2/30 dev eth-n");
-    node_b.ip("addr add 198.18.2.1/32 dev eth-b2");
-    node_b.ip("route add 198.18.2.12/32 dev eth-b2");
     node_a.ip("addr add fd00:18::fe/64 dev eth-c nodad");
-    node_a.ip("addr add fd00:1::1/128 dev eth-b1 nodad");
-    node_a.ip("-6 route add fd00:1::11/128 dev eth-b1");
     node_a.ip("addr add fd00:8::1/64 dev eth-n nodad");
     node_a.ip("-6 route add fd00:2::/64 via fd00:8::2");
     node_b.ip("addr add fd00:8::2/64 dev eth-n nodad");
-    node_b.ip("addr add fd00:2::1/128 dev eth-b2 nodad");
-    node_b.ip("-6 route add fd00:2::12/128 dev eth-b2");
-    node_b.exec(&["ethtool", "-K", "eth-n", "gro", "on"]);
-    node_a.exec(&["ethtool", "-K", "eth-n", "gro", "on"]);
     for n in [&node_a, &node_b] {
         n.sysctl("net.ipv4.ip_forward", "1");
         n.sysctl("net.ipv6.conf.all.forwarding", "1");
@@ -832,8 +842,8 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         agent.wait_ready(n);
         agent
     };
-    let agent_a = start(0, &node_a, api_a, "eth-c, eth-b1, eth-n");
-    let agent_b = start(1, &node_b, api_b, "eth-n, eth-b2");
+    let agent_a = start(0, &node_a, api_a, "eth-c, eth-n");
+    let agent_b = start(1, &node_b, api_b, "eth-n");
     let vip: SocketAddr = "198.18.100.1:80".parse().unwrap();
     let vip6: SocketAddr = "[fd00:100::10]:80".parse().unwrap();
     wait_for(Duration::from_secs(20), "web's addresses", || {
@@ -935,6 +945,40 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
             "weir_service_drops_total{service=\"shop/web\",vip=\"198.18.100.1\",port=\"80\",protocol=\"tcp\",reason=\"snat_failed\"}"
         ),
         Some(0.0)
+    );
+
+    // Real sizes through both pods: the local one's replies reverse-NATed at node-a's TC
+    // egress, the other node's source-NATed and translated back in node-a's XDP.
+    for v in [vip, vip6] {
+        let mut downloads = BTreeSet::new();
+        let mut uploads = BTreeSet::new();
+        for _ in 0..24 {
+            if downloads.len() == 2 && uploads.len() == 2 {
+                break;
+            }
+            downloads.insert(weir_lab::transfers::download(
+                &client,
+                v,
+                weir_lab::transfers::MB,
+            ));
+            uploads.insert(weir_lab::transfers::upload(
+                &client,
+                v,
+                weir_lab::transfers::MB,
+            ));
+        }
+        let both = BTreeSet::from(["b1".to_string(), "b2".to_string()]);
+        assert_eq!(
+            downloads, both,
+            "1 MB downloads through {v} reached both pods"
+        );
+        assert_eq!(uploads, both, "1 MB uploads through {v} reached both pods");
+    }
+    weir_lab::transfers::assert_all_translated(&agent_a, &node_a, 100.0);
+    let untranslated = weir_lab::transfers::untranslated(&agent_b.metrics(&node_b));
+    assert!(
+        untranslated.iter().all(|(_, v)| *v == 0.0),
+        "node-b: {untranslated:?}"
     );
 
     // The other node's pod leaves the EndpointSlice: no new flow reaches it; back, it does.

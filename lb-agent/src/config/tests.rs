@@ -32,7 +32,7 @@ fn edit(from: &str, to: &str) -> String {
 #[test]
 fn embedded_default_config_is_valid() {
     let c = Config::default_config().expect("default config");
-    assert_eq!(c.node.interfaces, ["eth-c", "eth-b1", "eth-b2", "eth-b3"]);
+    assert_eq!(c.node.interfaces, ["eth-c"]);
     assert_eq!(c.admin.listen, "127.0.0.1:9300".parse().unwrap());
     assert_eq!(c.desired.services.len(), 5);
     let sticky = c

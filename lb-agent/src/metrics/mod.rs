@@ -319,7 +319,7 @@ struct TrafficCollector(watch::Receiver<Arc<Traffic>>);
 const DIRECTIONS: [&str; 2] = ["in", "out"];
 
 /// `DATAPATH_STATS` slots exported as `weir_dataplane_packets_total{path}`.
-const PATHS: [(usize, &str); 8] = [
+const PATHS: [(usize, &str); 9] = [
     (datapath_stat::FWD_REDIRECT, "redirect"),
     (datapath_stat::FWD_KERNEL, "kernel"),
     (datapath_stat::ICMP_ECHO_REPLY, "icmp_echo_reply"),
@@ -329,6 +329,7 @@ const PATHS: [(usize, &str); 8] = [
     ),
     (datapath_stat::REVNAT, "reverse_nat"),
     (datapath_stat::SNAT_REPLY, "snat_reply"),
+    (datapath_stat::REVNAT_FRAGMENT, "reverse_nat_fragment"),
     (datapath_stat::ARP_REPLY, "arp_reply"),
     (datapath_stat::NEIGHBOR_ADVERT, "neighbor_advert"),
 ];
@@ -491,12 +492,28 @@ impl Collector for TrafficCollector {
                 &mut encoder,
                 "dataplane_packets",
                 "Packets the data plane handled, by path (redirect: sent out by XDP; kernel: \
-                 handed to the kernel to route; reverse_nat: replies rewritten; snat_reply: \
-                 replies of source-NATed flows translated back; icmp_*: ICMP answered or sent \
-                 on; arp_reply, neighbor_advert: L2 announcement answers)",
+                 handed to the kernel to route; reverse_nat: replies rewritten; \
+                 reverse_nat_fragment: fragments of replies rewritten; snat_reply: replies of \
+                 source-NATed flows translated back; icmp_*: ICMP answered or sent on; \
+                 arp_reply, neighbor_advert: L2 announcement answers)",
             )?;
             for (slot, path) in PATHS {
                 ConstCounter::new(t.datapath[slot]).encode(m.encode_family(&[("path", path)])?)?;
+            }
+        }
+        {
+            let mut m = counter(
+                &mut encoder,
+                "dataplane_untranslated",
+                "Packets that may be a flow's reply and left without their address translated \
+                 back (the client cannot match them to its connection): by reason \
+                 (unreadable: headers the kernel would not pull; fragment: a fragment that \
+                 cannot be rewritten; snat_entry_gone: a source-NATed reply whose entry went \
+                 away). Each should stay at 0",
+            )?;
+            for (slot, reason) in datapath_stat::UNTRANSLATED {
+                ConstCounter::new(t.datapath[slot])
+                    .encode(m.encode_family(&[("reason", reason)])?)?;
             }
         }
         ConstCounter::new(t.datapath[datapath_stat::FLOW_RESTEERED]).encode(counter(
