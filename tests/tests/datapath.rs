@@ -1474,3 +1474,110 @@ fn announced_vips_get_arp_replies_and_neighbor_advertisements() {
         assert_eq!(env.xdp(&ns), (XDP_PASS, ns.clone()));
     });
 }
+
+/// The IPv4 packet of `frame` (Ethernet, no tags, no options) cut into fragments at `at`
+/// (a multiple of 8 bytes of IP payload), with identification `id`: each fragment a frame.
+fn ipv4_fragments(frame: &[u8], id: u16, at: usize) -> Vec<Vec<u8>> {
+    let (eth, ip) = frame.split_at(14);
+    let (header, data) = ip.split_at(20);
+    assert_eq!(at % 8, 0);
+    let mut out = Vec::new();
+    for (i, part) in data.chunks(at).enumerate() {
+        let mut h = header.to_vec();
+        h[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        let more = if (i + 1) * at < data.len() { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&(more | (i * at / 8) as u16).to_be_bytes());
+        h[10..12].copy_from_slice(&[0, 0]);
+        let sum = h
+            .chunks(2)
+            .fold(0u32, |s, w| s + u16::from_be_bytes([w[0], w[1]]) as u32);
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        h[10..12].copy_from_slice(&sum.to_be_bytes());
+        out.push([eth, &h, part].concat());
+    }
+    out
+}
+
+/// What a linear skb can show of replies that the kernel hands over in other shapes (the
+/// lab shows non-linear and GSO ones): a UDP reply the backend's stack fragmented gets the
+/// VIP and port in its first fragment (checksum updated for the whole datagram) and the VIP
+/// in the later one, from the entry the first left; a later fragment of a datagram whose
+/// first fragment was no flow's leaves as it is; an SCTP reply whose CRC32c is left to the
+/// device (field 0) gets its port and keeps the 0; nothing is counted as untranslated.
+#[test]
+fn fragmented_replies_and_pending_sctp_checksums_are_translated() {
+    with_env(|env| {
+        let req = Pkt::udp(CLIENT4, 42101, VIP4, 53, b"q");
+        assert_eq!(env.xdp(&req.bytes()).0, XDP_REDIRECT, "request");
+        let client = SocketAddr::new(req.src, 42101);
+        let backend = env.expected_backend("udp4", client);
+        let payload: Vec<u8> = (0..3000).map(weir_lab::servers::pattern).collect();
+        let udp = |sport| L4::Udp {
+            sport,
+            dport: 42101,
+            payload: payload.clone(),
+            no_checksum: false,
+        };
+        let mut reply = Pkt::new(backend.ip(), client.ip(), udp(backend.port()));
+        reply.src_mac = LB_MAC;
+        reply.dst_mac = [0x02, 0, 0, 0, 0, 0x01];
+        let mut want = reply.clone();
+        want.src = req.dst;
+        want.l4 = udp(53);
+        let frags = ipv4_fragments(&reply.bytes(), 0x4242, 1480);
+        let wanted = ipv4_fragments(&want.bytes(), 0x4242, 1480);
+        assert_eq!(frags.len(), 3);
+        let before = env.datapath(datapath_stat::REVNAT_FRAGMENT);
+        for (i, (f, w)) in frags.iter().zip(&wanted).enumerate() {
+            let (v, out) = env.tc(f);
+            assert_eq!(v, TC_ACT_OK, "fragment {i}");
+            assert_eq!(hex(&out), hex(w), "fragment {i} rewritten");
+        }
+        assert_eq!(env.datapath(datapath_stat::REVNAT_FRAGMENT) - before, 3);
+        // A later fragment of a datagram whose first fragment was nobody's flow.
+        let stray = ipv4_fragments(&reply.bytes(), 0x4343, 1480).remove(1);
+        assert_eq!(env.tc(&stray), (TC_ACT_OK, stray.clone()));
+
+        // SCTP with its CRC32c pending (CHECKSUM_PARTIAL): the port changes, the field stays 0.
+        let req = Pkt::new(
+            CLIENT4.parse().unwrap(),
+            VIP4.parse().unwrap(),
+            L4::Sctp {
+                sport: 42102,
+                dport: 3868,
+                vtag: 0,
+                chunks: sctp_init_chunk(9),
+            },
+        );
+        assert_eq!(env.xdp(&req.bytes()).0, XDP_REDIRECT, "SCTP request");
+        let client = SocketAddr::new(req.src, 42102);
+        let backend = env.expected_backend("sctp4", client);
+        let sctp = |sport| L4::Sctp {
+            sport,
+            dport: 42102,
+            vtag: 9,
+            chunks: vec![2, 0, 0, 20, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1],
+        };
+        let mut reply = Pkt::new(backend.ip(), client.ip(), sctp(backend.port()));
+        reply.src_mac = LB_MAC;
+        reply.dst_mac = [0x02, 0, 0, 0, 0, 0x01];
+        let mut want = reply.clone();
+        want.src = req.dst;
+        want.l4 = sctp(3868);
+        let (mut frame, mut wanted) = (reply.bytes(), want.bytes());
+        frame[14 + 20 + 8..14 + 20 + 12].fill(0);
+        wanted[14 + 20 + 8..14 + 20 + 12].fill(0);
+        let (v, out) = env.tc(&frame);
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(
+            hex(&out),
+            hex(&wanted),
+            "SCTP reply: port rewritten, CRC32c left at 0"
+        );
+        for (slot, reason) in datapath_stat::UNTRANSLATED {
+            assert_eq!(env.datapath(slot), 0, "untranslated ({reason})");
+        }
+    });
+}
