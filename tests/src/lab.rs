@@ -28,6 +28,7 @@
 //!   frames sent back with XDP_TX (ICMP echo replies); a veth does so only when it runs XDP;
 //! - in `WeirPorts`, the backends' veths have GRO on: it stands in for a NIC driver's NAPI
 //!   context, which a veth needs to receive XDP redirects.
+//!
 //! The backends send ICMP errors without rate limit, so that UDP health checks see every port
 //! unreachable (health checks of a real node see them at the kernel's rate).
 
