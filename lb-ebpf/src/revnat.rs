@@ -110,6 +110,10 @@ fn reply(ctx: &TcContext, l3: &L3) -> i32 {
 /// reply and leaves an entry for the others, which get the VIP from it. Rare, so a function
 /// of its own with its own stack frame.
 #[inline(never)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is passed by reference into its per-CPU slot: by value it would be copied onto the stack"
+)]
 fn fragment(ctx: &TcContext, l3: &L3, id: u32, first: bool) -> i32 {
     // The key in a per-CPU slot: on the stack it would push this frame and the caller's past
     // the verifier's 512 bytes.
