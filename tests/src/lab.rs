@@ -195,6 +195,10 @@ impl Lab {
         client.ip(&format!("route add 198.18.100.0/24 via {LB_V4}"));
         client.ip(&format!("route add fd00:100::/64 via {LB_V6}"));
         client.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+        // Tests bind fixed client ports below 50000 (to predict Maglev's choice); the kernel's
+        // own choice of ports for other connections stays above them, or a long-lived
+        // connection could hold a port a test waits for.
+        client.sysctl("net.ipv4.ip_local_port_range", "50000 60999");
         lb.ip(&format!("addr add {LB_V4}/24 dev eth-c"));
         lb.ip(&format!("addr add {LB_V6}/64 dev eth-c nodad"));
         lb.sysctl("net.ipv4.ip_forward", "1");
