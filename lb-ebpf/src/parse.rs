@@ -362,7 +362,7 @@ fn v6<const FILTER: bool, const SKB: bool>(b: &Bounds, off: usize, tagged: bool)
         }
     }
     match next {
-        IPPROTO_FRAGMENT if SKB => return v6_fragment::<SKB>(b, l4_off, total, ip, tagged),
+        IPPROTO_FRAGMENT if SKB => return v6_fragment(b, l4_off, total, ip, tagged),
         IPPROTO_FRAGMENT => return drop(drop_reason::FRAGMENT),
         IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
             return drop(drop_reason::IPV6_EXT_HEADERS);
@@ -396,15 +396,9 @@ struct Ipv6Frag {
 
 /// (skb parse) An IPv6 fragment whose Fragment header is at `frag_off`.
 #[inline(always)]
-fn v6_fragment<const SKB: bool>(
-    b: &Bounds,
-    frag_off: usize,
-    total: usize,
-    ip: &Ipv6Hdr,
-    tagged: bool,
-) -> L3Result {
+fn v6_fragment(b: &Bounds, frag_off: usize, total: usize, ip: &Ipv6Hdr, tagged: bool) -> L3Result {
     let off = frag_off - size_of::<Ipv6Hdr>();
-    let frag = match b.at::<Ipv6Frag, SKB>(frag_off) {
+    let frag = match b.at::<Ipv6Frag, true>(frag_off) {
         Ok(f) => unsafe { &*f },
         Err(Some(n)) => return L3Result::Short(n),
         Err(None) => return L3Result::NotOurs,
