@@ -434,6 +434,40 @@ pub struct NodeConfig {
 /// ephemeral range (`net.ipv4.ip_local_port_range`, which also governs IPv6) and not listed
 /// in `net.ipv4.ip_local_reserved_ports` (`reserved`, as the kernel prints it: `a-b,c,...`).
 /// A reply to such a connection would be taken for a source-NATed flow's.
+/// This network namespace's ephemeral port range and its reserved ports (the text of
+/// `ip_local_reserved_ports`; empty when unreadable).
+pub fn ephemeral_ports() -> Result<(u16, u16, String), ConfigError> {
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let text = std::fs::read_to_string(RANGE).map_err(|source| ConfigError::Host {
+        what: RANGE,
+        source,
+    })?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
+        return Err(ConfigError::Host {
+            what: RANGE,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected contents {text:?}"),
+            ),
+        });
+    };
+    let reserved = std::fs::read_to_string(RESERVED).unwrap_or_default();
+    Ok((lo, hi, reserved))
+}
+
+/// This host's name (the default node name among the announcing nodes).
+pub fn host_name() -> Result<String, ConfigError> {
+    const HOSTNAME: &str = "/proc/sys/kernel/hostname";
+    std::fs::read_to_string(HOSTNAME)
+        .map(|n| n.trim().to_string())
+        .map_err(|source| ConfigError::Host {
+            what: HOSTNAME,
+            source,
+        })
+}
+
 pub fn ephemeral_overlap(range: (u16, u16), ephemeral: (u16, u16), reserved: &str) -> Option<u16> {
     let reserved: Vec<(u16, u16)> = reserved
         .split(',')
@@ -526,12 +560,22 @@ pub enum ConfigError {
         file: String,
         problems: Vec<Problem>,
     },
+    /// A valid config that does not fit here (the mode, the node's sysctls).
+    #[error("{0}")]
+    Refused(String),
+    /// A fact of the host that could not be read.
+    #[error("{what}: {source}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ConfigError {
     pub fn problems(&self) -> &[Problem] {
         match self {
-            Self::Read { .. } => &[],
+            Self::Read { .. } | Self::Refused(_) | Self::Host { .. } => &[],
             Self::Invalid { problems, .. } => problems,
         }
     }

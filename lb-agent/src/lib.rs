@@ -18,6 +18,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod reconcile;
 pub mod sources;
 pub mod status;
 pub mod traffic;

@@ -25,6 +25,31 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<ServiceStatus>,
+    /// L2, gossip and BGP as announced.
+    pub announce: crate::announce::Status,
+}
+
+impl Snapshot {
+    /// What the announcers need: every VIP, and those this node can serve — at least one of
+    /// its services sends new flows to a backend (with health checks: a healthy one; a
+    /// service whose backends all failed — fail-open or fail-closed — or that waits for its
+    /// first results does not count). In Kubernetes mode a Local-policy Service's backends
+    /// are this node's endpoints only, so a node without a healthy local endpoint does not
+    /// serve it.
+    pub fn serving(&self) -> crate::announce::Serving {
+        crate::announce::Serving {
+            all: self.services.iter().map(|s| s.vip).collect(),
+            servable: self
+                .services
+                .iter()
+                .filter(|s| {
+                    matches!(s.mode, HealthMode::Unchecked | HealthMode::Checked)
+                        && s.backends.iter().any(|b| b.in_rotation)
+                })
+                .map(|s| s.vip)
+                .collect(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -287,6 +312,7 @@ pub mod fixtures {
                 ),
                 plain,
             ],
+            ..Snapshot::default()
         }
     }
 

@@ -11,11 +11,13 @@
 //! entries on `b0` (redirect), 198.18.1.14 has none (handed to the kernel).
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
+use lb_agent::dataplane::L2LeaseWriter as _;
 use lb_agent::{
     config::DataplaneLimits,
     dataplane::{Programmer, ebpf::Datapath, flow_slot, inspect::flow_key},
@@ -285,17 +287,60 @@ fn sock(ip: &str, port: u16) -> SocketAddr {
 struct Case {
     name: &'static str,
     input: Pkt,
-    /// Service whose new flow this is (None: not forwarded).
-    service: Option<&'static str>,
     verdict: u32,
     /// Expected output; None: the input unchanged.
     output: Option<Pkt>,
+    /// Every counter the packet moves, by how much (every other counter stays).
+    counters: Vec<(Counter, u64)>,
+}
+
+/// A counter of the data plane (service ids as programmed; 0: no service).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Counter {
+    PacketsIn(u32),
+    NewFlows(u32),
+    Drop(u32, u32),
+    Datapath(usize),
+}
+
+impl Env<'_> {
+    /// Every service's packet, new-flow and drop counters, and the datapath's.
+    fn counters(&self) -> BTreeMap<Counter, u64> {
+        let mut all = BTreeMap::new();
+        let ids = std::iter::once(0).chain(self.prog.services().map(|s| s.id));
+        for id in ids {
+            let s = self.dp.maps.service_stats(id).unwrap();
+            all.insert(Counter::PacketsIn(id), s.packets_in);
+            all.insert(Counter::NewFlows(id), s.new_flows);
+            for (reason, n) in s.drops.iter().enumerate() {
+                all.insert(Counter::Drop(id, reason as u32), *n);
+            }
+        }
+        let d = self.dp.maps.datapath_stats().unwrap();
+        for (slot, n) in d.counters.iter().enumerate() {
+            all.insert(Counter::Datapath(slot), *n);
+        }
+        all
+    }
 }
 
 fn check(env: &Env, cases: Vec<Case>) {
     for c in cases {
         let input = c.input.bytes();
+        let before = env.counters();
         let (verdict, out) = env.xdp(&input);
+        let after = env.counters();
+        let moved: BTreeMap<Counter, u64> = after
+            .iter()
+            .filter(|(k, n)| before.get(*k) != Some(*n))
+            .map(|(k, n)| (*k, n - before.get(k).copied().unwrap_or(0)))
+            .collect();
+        assert_eq!(
+            moved,
+            c.counters.iter().copied().collect::<BTreeMap<_, _>>(),
+            "{}: counters moved (got, want)",
+            c.name
+        );
         let expected = c.output.as_ref().map_or(input.clone(), Pkt::bytes);
         assert_eq!(
             verdict,
@@ -312,7 +357,6 @@ fn check(env: &Env, cases: Vec<Case>) {
             "{}: output bytes (got, want)",
             c.name
         );
-        let _ = c.service;
     }
 }
 
@@ -335,12 +379,22 @@ fn new_flows_are_dnated_and_redirected_with_correct_checksums() {
             let client = SocketAddr::new(p.src, sport(&p));
             let backend = env.expected_backend(service, client);
             let output = dnat(&p, backend, b_mac, redirected);
+            let id = env.service(service).id;
+            let path = if redirected {
+                datapath_stat::FWD_REDIRECT
+            } else {
+                datapath_stat::FWD_KERNEL
+            };
             cases.push(Case {
                 name,
                 input: p,
-                service: Some(service),
                 verdict: if redirected { XDP_REDIRECT } else { XDP_PASS },
                 output: Some(output),
+                counters: vec![
+                    (Counter::PacketsIn(id), 1),
+                    (Counter::NewFlows(id), 1),
+                    (Counter::Datapath(path), 1),
+                ],
             });
         };
         add("tcp4 syn", Pkt::tcp(CLIENT4, 40001, VIP4, 80), "tcp4", true);
@@ -505,16 +559,16 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
             Case {
                 name: "tcp4 to the LB node itself",
                 input: Pkt::tcp(CLIENT4, 40100, "198.18.0.254", 22),
-                service: None,
                 verdict: XDP_PASS,
                 output: None,
+                counters: vec![],
             },
             Case {
                 name: "tcp6 to another host",
                 input: Pkt::tcp(CLIENT6, 40101, "fd00:99::1", 443),
-                service: None,
                 verdict: XDP_PASS,
                 output: None,
+                counters: vec![],
             },
             Case {
                 name: "ping to the LB node",
@@ -528,9 +582,9 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
                         payload: b"ping".to_vec(),
                     },
                 ),
-                service: None,
                 verdict: XDP_PASS,
                 output: None,
+                counters: vec![],
             },
             Case {
                 name: "fragment of a non-VIP packet",
@@ -542,9 +596,9 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
                     };
                     p
                 },
-                service: None,
                 verdict: XDP_PASS,
                 output: None,
+                counters: vec![],
             },
         ];
         check(env, cases);

@@ -51,7 +51,7 @@ pub struct View {
 }
 
 /// L2 mode as the admin API (`/api/v1/l2`) shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Status {
     /// This node's name among the announcing nodes.
     pub node: String,

@@ -163,8 +163,9 @@ struct BgpJson {
 }
 
 async fn bgp(State(s): State<ApiState>) -> Json<BgpJson> {
-    let peers = s.metrics.bgp.locked().clone();
-    let problems = s.metrics.announce_problems.locked().clone();
+    let announce = s.snapshot.borrow().announce.clone();
+    let peers = announce.bgp.locked().clone();
+    let problems = announce.problems;
     Json(BgpJson { peers, problems })
 }
 
@@ -177,7 +178,7 @@ struct L2Json {
 }
 
 async fn l2(State(s): State<ApiState>) -> Json<L2Json> {
-    let status = s.metrics.l2.locked().clone();
+    let status = s.snapshot.borrow().announce.l2.clone();
     Json(L2Json {
         enabled: status.is_some(),
         status,
@@ -394,6 +395,33 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The admin API served by a task of its own.
+pub struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Serves `state` on `listener` until [`Running::stop`].
+pub fn spawn(listener: TcpListener, state: ApiState) -> Running {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    Running { stop, task }
+}
+
+impl Running {
+    /// Stops serving (letting requests in flight finish), logging an error it ended with.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin API stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "admin API task failed"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use lb_common::{
 use tracing::{info, warn};
 
 use super::{
-    MapError, MapWriter,
+    AttachedMode, Dataplane, L2LeaseWriter, MapError, MapWriter,
     inspect::{self, Inspect, RawCounters, Trace, Via},
 };
 use crate::config::{DataplaneLimits, XdpMode};
@@ -51,22 +51,6 @@ pub enum DataplaneError {
     Map { name: &'static str, detail: String },
     #[error("interface {iface}: {detail}")]
     Interface { iface: String, detail: String },
-}
-
-/// How XDP ended up attached to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachedMode {
-    Native,
-    Generic,
-}
-
-impl AttachedMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Native => "native",
-            Self::Generic => "generic",
-        }
-    }
 }
 
 struct Attachment {
@@ -297,6 +281,37 @@ impl Datapath {
                 }
             }
         }
+    }
+}
+
+impl Dataplane for Datapath {
+    fn maps(&mut self) -> &mut dyn MapWriter {
+        &mut self.maps
+    }
+
+    fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError> {
+        Datapath::attach(self, iface, mode)
+    }
+
+    fn detach_all(&mut self) {
+        Datapath::detach_all(self);
+    }
+
+    fn add_l2_port(
+        &mut self,
+        _iface: &str,
+        ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), DataplaneError> {
+        Datapath::add_l2_port(self, ifindex, mac)
+    }
+
+    fn l2_lease(&self) -> Result<Box<dyn L2LeaseWriter>, DataplaneError> {
+        Ok(Box::new(Datapath::l2_lease(self)?))
+    }
+
+    fn inspector(&self) -> Result<std::sync::Arc<dyn Inspect>, DataplaneError> {
+        Ok(std::sync::Arc::new(self.maps.inspector()?))
     }
 }
 
@@ -811,9 +826,8 @@ fn backend_addr(b: &BackendValue) -> std::net::SocketAddr {
 /// Lets the data plane answer ARP and Neighbor Solicitations for a while (see `L2_LEASE`).
 pub struct L2Lease(Array<MapData, u64>);
 
-impl L2Lease {
-    /// Answers may go on for `lease` from now.
-    pub fn extend(&mut self, lease: std::time::Duration) -> Result<(), MapError> {
+impl L2LeaseWriter for L2Lease {
+    fn extend(&mut self, lease: std::time::Duration) -> Result<(), MapError> {
         let until = monotonic_ns() + lease.as_nanos() as u64;
         self.0
             .set(0, until, 0)

@@ -1,14 +1,129 @@
-//! An in-memory [`MapWriter`] for tests: it keeps what the kernel maps would hold, counts the
-//! writes, can be told to fail, and dumps its contents as stable text.
+//! The data plane in memory, for tests: [`FakeMaps`] keeps what the kernel maps would hold,
+//! logs the writes, can be told to fail, and dumps its contents as stable text;
+//! [`FakeDataplane`] adds attachments, L2 ports and the lease around it.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use lb_common::{
     BackendValue, EndpointKey, EndpointValue, ServiceKey, ServiceValue, SnatConfig,
     SourceRangeData, VipKey, VipValue,
 };
 
-use super::{MapError, MapWriter, words_addr};
+use super::{
+    AttachedMode, Dataplane, DataplaneError, L2LeaseWriter, MapError, MapWriter,
+    inspect::{Inspect, RawCounters, Trace},
+    words_addr,
+};
+use crate::{LockExt as _, config::XdpMode};
+
+/// A [`Dataplane`] in memory. Attaching "succeeds" in the mode asked for (auto: native) unless
+/// the interface is listed in `refuse`.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    pub maps: FakeMaps,
+    /// Attached interfaces, in order.
+    pub attached: Vec<(String, AttachedMode)>,
+    /// Interfaces that refuse an attach.
+    pub refuse: Vec<String>,
+    /// L2 ports: interface → MAC.
+    pub l2_ports: BTreeMap<String, [u8; 6]>,
+    /// The last lease written, shared with the writers handed out.
+    pub lease: Arc<Mutex<Option<Duration>>>,
+}
+
+impl FakeDataplane {
+    /// The maps' dump, then the attachments and L2 ports.
+    pub fn dump(&self) -> String {
+        let mut out = self.maps.dump();
+        for (iface, mode) in &self.attached {
+            let _ = writeln!(out, "attached {iface} {}", mode.as_str());
+        }
+        for (iface, mac) in &self.l2_ports {
+            let mac = mac.map(|b| format!("{b:02x}")).join(":");
+            let _ = writeln!(out, "l2_port {iface} {mac}");
+        }
+        out
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    fn maps(&mut self) -> &mut dyn MapWriter {
+        &mut self.maps
+    }
+
+    fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError> {
+        if self.refuse.iter().any(|r| r == iface) {
+            return Err(DataplaneError::Interface {
+                iface: iface.to_string(),
+                detail: "refused (fake)".into(),
+            });
+        }
+        let mode = match mode {
+            XdpMode::Generic => AttachedMode::Generic,
+            XdpMode::Native | XdpMode::Auto => AttachedMode::Native,
+        };
+        self.attached.push((iface.to_string(), mode));
+        Ok(mode)
+    }
+
+    fn detach_all(&mut self) {
+        self.attached.clear();
+    }
+
+    fn add_l2_port(
+        &mut self,
+        iface: &str,
+        _ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), DataplaneError> {
+        self.l2_ports.insert(iface.to_string(), mac);
+        Ok(())
+    }
+
+    fn l2_lease(&self) -> Result<Box<dyn L2LeaseWriter>, DataplaneError> {
+        Ok(Box::new(FakeLease(self.lease.clone())))
+    }
+
+    fn inspector(&self) -> Result<Arc<dyn Inspect>, DataplaneError> {
+        Ok(Arc::new(EmptyInspector))
+    }
+}
+
+struct FakeLease(Arc<Mutex<Option<Duration>>>);
+
+impl L2LeaseWriter for FakeLease {
+    fn extend(&mut self, lease: Duration) -> Result<(), MapError> {
+        *self.0.locked() = Some(lease);
+        Ok(())
+    }
+}
+
+/// Reads nothing: zero counters, no flows.
+struct EmptyInspector;
+
+impl Inspect for EmptyInspector {
+    fn counters(&self, services: u32, backends: u32) -> Result<RawCounters, MapError> {
+        Ok(RawCounters {
+            services: vec![Default::default(); services as usize],
+            backends: vec![Default::default(); backends as usize],
+            datapath: Default::default(),
+        })
+    }
+
+    fn conntrack_entries(&self) -> Result<u64, MapError> {
+        Ok(0)
+    }
+
+    fn trace(&self, _flow: &lb_common::FlowKey) -> Result<Trace, MapError> {
+        Ok(Trace::NoService)
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct FakeMaps {
@@ -26,14 +141,32 @@ pub struct FakeMaps {
     pub log: Vec<String>,
     /// Fail the write whose log line starts with this (once), to test error paths.
     pub fail_on: Option<String>,
+    /// Fail every write once the log holds this many (maps that stay broken).
+    pub fail_after: Option<usize>,
+    /// Sees every write's log line before it is carried out.
+    pub observer: Option<Observer>,
+}
+
+/// A test's hook into the writes (to check what readers saw while they happened).
+pub struct Observer(pub Box<dyn FnMut(&str) + Send>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl FakeMaps {
     fn record(&mut self, map: &'static str, line: String) -> Result<(), MapError> {
-        if let Some(prefix) = &self.fail_on
-            && line.starts_with(prefix.as_str())
-        {
-            self.fail_on = None;
+        if let Some(o) = &mut self.observer {
+            (o.0)(&line);
+        }
+        let fails = |p: &Option<String>| p.as_ref().is_some_and(|p| line.starts_with(p.as_str()));
+        let broken = self.fail_after.is_some_and(|n| self.log.len() >= n);
+        if fails(&self.fail_on) || broken {
+            if fails(&self.fail_on) {
+                self.fail_on = None;
+            }
             return Err(MapError {
                 map,
                 op: line,
@@ -104,8 +237,13 @@ impl FakeMaps {
             let bits = len - 32 - if fam == lb_common::family::V4 { 96 } else { 0 };
             let _ = writeln!(out, "source_range service={sid} {ip}/{bits}");
         }
-        for k in self.vips.keys() {
-            let _ = writeln!(out, "vip {}", words_addr(&k.addr, k.family));
+        for (k, v) in &self.vips {
+            let l2 = if v.flags & lb_common::vip_flags::NEIGHBOR != 0 {
+                " l2"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "vip {}{l2}", words_addr(&k.addr, k.family));
         }
         for (k, v) in &self.endpoints {
             let addr = SocketAddr::new(words_addr(&k.addr, k.family), u16::from_be(k.port_be));

@@ -1,8 +1,10 @@
-//! The data plane seam. [`Programmer`] turns a desired state into map writes (diffing against
-//! what it programmed before); a [`MapWriter`] carries them out: [`ebpf::EbpfMaps`] on the
-//! kernel's maps, [`fake::FakeMaps`] in memory for tests. This module is the one place where
-//! `IpAddr`/`SocketAddr` become the word-and-byte-order forms of `lb-common` and back; only
-//! `ebpf` imports aya.
+//! The data plane seam. [`Dataplane`] is everything the agent does to the data plane: attach
+//! and detach the programs, add L2 ports, keep the L2 lease running, write the maps (a
+//! [`MapWriter`]) and read them (an [`Inspect`]). [`ebpf::Datapath`] is the kernel's;
+//! [`fake::FakeDataplane`] keeps it all in memory for tests. [`Programmer`] turns a desired
+//! state into map writes (diffing against what it programmed before). This module is the one
+//! place where `IpAddr`/`SocketAddr` become the word-and-byte-order forms of `lb-common` and
+//! back; only `ebpf` imports aya.
 
 pub mod ebpf;
 pub mod fake;
@@ -19,7 +21,54 @@ pub use programmer::{
     ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer, TableRef,
 };
 
-use crate::model::Frontend;
+use crate::{config::XdpMode, model::Frontend};
+pub use ebpf::DataplaneError;
+use inspect::Inspect;
+
+/// How XDP ended up attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl AttachedMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+/// The data plane as the agent drives it.
+pub trait Dataplane: Send {
+    /// Where the programmer writes.
+    fn maps(&mut self) -> &mut dyn MapWriter;
+    /// Attaches XDP (ingress) and TC (egress) to `iface`. On error nothing stays attached to
+    /// `iface`.
+    fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError>;
+    /// Detaches from every interface, logging each.
+    fn detach_all(&mut self);
+    /// Answers ARP and Neighbor Solicitations for announced VIPs on `iface` (whose index and
+    /// MAC are given), while the L2 lease runs.
+    fn add_l2_port(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), DataplaneError>;
+    /// A writer of the L2 lease that a task of its own can hold.
+    fn l2_lease(&self) -> Result<Box<dyn L2LeaseWriter>, DataplaneError>;
+    /// A reader of the maps with handles of its own (readers never wait for the writer).
+    fn inspector(&self) -> Result<std::sync::Arc<dyn Inspect>, DataplaneError>;
+}
+
+/// Keeps the data plane's L2 answers going (see `L2_LEASE`).
+pub trait L2LeaseWriter: Send {
+    /// Answers may go on for `lease` from now.
+    fn extend(&mut self, lease: std::time::Duration) -> Result<(), MapError>;
+}
 
 /// A failed map operation.
 #[derive(Debug, thiserror::Error)]

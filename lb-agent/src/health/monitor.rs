@@ -184,6 +184,43 @@ pub struct Monitor {
     _runtime: ProbeThread,
 }
 
+/// The running checks as the reconciler sees them: [`Monitor`] probes for real; tests give
+/// results by hand.
+pub trait Checks {
+    /// Starts the checks of `wanted` that are not running (see [`Monitor::start`]).
+    fn start(&mut self, wanted: &BTreeMap<CheckKey, Vec<CheckUser>>) -> SyncReport;
+    /// Stops the checks that are not in `wanted`; returns how many.
+    fn retain(&mut self, wanted: &BTreeMap<CheckKey, Vec<CheckUser>>) -> usize;
+    /// Every check's state now.
+    fn states(&self) -> HashMap<CheckKey, Health>;
+    /// The live check, for its counters and last failure.
+    fn shared(&self, key: &CheckKey) -> Option<Arc<Shared>>;
+    /// The longest timeout among the checks.
+    fn max_timeout(&self) -> Duration;
+}
+
+impl Checks for Monitor {
+    fn start(&mut self, wanted: &BTreeMap<CheckKey, Vec<CheckUser>>) -> SyncReport {
+        Monitor::start(self, wanted)
+    }
+
+    fn retain(&mut self, wanted: &BTreeMap<CheckKey, Vec<CheckUser>>) -> usize {
+        Monitor::retain(self, wanted)
+    }
+
+    fn states(&self) -> HashMap<CheckKey, Health> {
+        Monitor::states(self)
+    }
+
+    fn shared(&self, key: &CheckKey) -> Option<Arc<Shared>> {
+        Monitor::shared(self, key)
+    }
+
+    fn max_timeout(&self) -> Duration {
+        Monitor::max_timeout(self)
+    }
+}
+
 impl Monitor {
     /// Starts the probe thread and its scheduler, which runs at most `max_concurrent` probes at
     /// once; errors when the thread or its runtime cannot be made.

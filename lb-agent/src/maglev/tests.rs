@@ -1,4 +1,4 @@
-use super::*;
+use super::{reference::*, *};
 
 fn keys(n: usize) -> Vec<String> {
     (0..n)

@@ -5,7 +5,6 @@
 //! sets: configured services and backends, interfaces, and fixed lists (directions, drop
 //! reasons, paths, check types and results).
 
-use crate::LockExt as _;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prometheus_client::{
@@ -549,106 +548,6 @@ pub struct Metrics {
     pub registry: Registry,
     pub health: Arc<HealthMetrics>,
     pub agent: Arc<AgentMetrics>,
-    /// The BGP speaker's peers (empty without BGP), read at scrape time.
-    pub bgp: crate::announce::bgp::Peers,
-    /// L2 mode with gossip: who is alive, what this node may and does answer for.
-    pub l2: Arc<std::sync::Mutex<Option<crate::announce::gossip::Status>>>,
-    /// Kubernetes mode: the announcement resources left out, and why.
-    pub announce_problems: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-/// `weir_gossip_members_alive`: in L2 mode with gossip, the other nodes heard from.
-#[derive(Debug)]
-struct L2Collector(Arc<std::sync::Mutex<Option<crate::announce::gossip::Status>>>);
-
-impl Collector for L2Collector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let alive = self.0.locked().as_ref().map(|s| s.alive.len());
-        if let Some(n) = alive {
-            let m = encoder.encode_descriptor(
-                "gossip_members_alive",
-                "Other announcing nodes whose heartbeats arrive (L2 mode)",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(n as i64).encode(m)?;
-        }
-        Ok(())
-    }
-}
-
-/// `weir_bgp_session_up`, `weir_bgp_routes_advertised`, `weir_bgp_sessions_established_total`,
-/// `weir_bfd_session_up`: one series per configured peer; `weir_announce_resource_problems`:
-/// the announcement resources left out (Kubernetes mode).
-#[derive(Debug)]
-struct BgpCollector(
-    crate::announce::bgp::Peers,
-    Arc<std::sync::Mutex<Vec<String>>>,
-);
-
-impl Collector for BgpCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let peers = self.0.locked().clone();
-        let problems = self.1.locked().len();
-        if problems > 0 || !peers.is_empty() {
-            let m = encoder.encode_descriptor(
-                "announce_resource_problems",
-                "BGPPeers, BGPAdvertisements and L2Advertisements left out for a problem in their spec (see the agent's log and /api/v1/bgp)",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(problems as i64).encode(m)?;
-        }
-        if peers.is_empty() {
-            return Ok(());
-        }
-        let label = |p: &crate::announce::bgp::PeerStatus| p.address.to_string();
-        let mut m = encoder.encode_descriptor(
-            "bgp_session_up",
-            "1 while the BGP session with the peer is Established, else 0",
-            None,
-            MetricType::Gauge,
-        )?;
-        for p in &peers {
-            let up = p.state == crate::announce::bgp::State::Established;
-            ConstGauge::new(i64::from(up))
-                .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "bgp_routes_advertised",
-            "VIP routes (/32, /128) advertised to the peer and not withdrawn",
-            None,
-            MetricType::Gauge,
-        )?;
-        for p in &peers {
-            ConstGauge::new(p.advertised.len() as i64)
-                .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "bgp_sessions_established",
-            "Times the BGP session with the peer reached Established",
-            None,
-            MetricType::Counter,
-        )?;
-        for p in &peers {
-            ConstCounter::new(p.established)
-                .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "bfd_session_up",
-            "1 while the BFD session with the peer is Up, else 0 (peers with BFD only)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for p in &peers {
-            if let Some(state) = p.bfd {
-                let up = state == crate::announce::bfd::State::Up;
-                ConstGauge::new(i64::from(up))
-                    .encode(m.encode_family(&[("peer", label(p).as_str())])?)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Metrics {
@@ -661,23 +560,16 @@ impl Metrics {
         health.register(&mut registry);
         let agent = Arc::new(AgentMetrics::default());
         agent.register(&mut registry);
+        let announce = snapshot.clone();
+        crate::announce::metrics::register(&mut registry, move || {
+            announce.borrow().announce.clone()
+        });
         registry.register_collector(Box::new(SnapshotGauges(snapshot)));
         registry.register_collector(Box::new(TrafficCollector(traffic)));
-        let bgp = crate::announce::bgp::Peers::default();
-        let announce_problems = Arc::default();
-        let l2: Arc<std::sync::Mutex<Option<crate::announce::gossip::Status>>> = Arc::default();
-        registry.register_collector(Box::new(L2Collector(l2.clone())));
-        registry.register_collector(Box::new(BgpCollector(
-            bgp.clone(),
-            Arc::clone(&announce_problems),
-        )));
         Self {
             registry,
             health,
             agent,
-            bgp,
-            announce_problems,
-            l2,
         }
     }
 

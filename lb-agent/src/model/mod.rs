@@ -1,5 +1,5 @@
 //! The desired state: what the data plane should do, whatever source it came from (the
-//! standalone config file now, Kubernetes later). Pure data; validated when built.
+//! standalone config file or Kubernetes). Pure data; validated when built.
 
 use std::{
     fmt,

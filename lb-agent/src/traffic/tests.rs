@@ -179,6 +179,7 @@ async fn a_removed_service_starts_again_from_zero() {
     );
     let without = Snapshot {
         services: snap.services[1..].to_vec(),
+        ..Snapshot::default()
     };
     let s = acc.update(
         &without,

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use lb_agent::maglev::{self, Builder, Entry};
+use lb_agent::maglev::{self, Entry, reference::Builder};
 
 pub struct Row {
     pub table_size: u32,
@@ -36,7 +36,7 @@ fn median_ms(build: Builder, e: &[Entry<'_>], m: u32, runs: usize) -> f64 {
 
 fn worst_disruption(build: Builder, e: &[Entry<'_>], m: u32, samples: usize) -> f64 {
     (0..samples)
-        .map(|s| maglev::disruption(build, e, m, s * e.len() / samples))
+        .map(|s| maglev::reference::disruption(build, e, m, s * e.len() / samples))
         .fold(0.0, f64::max)
 }
 
@@ -62,9 +62,9 @@ pub fn run(quick: bool) -> Vec<Row> {
             table_size: m,
             backends: n,
             weir_ms: median_ms(maglev::build, &e, m, runs),
-            paper_ms: median_ms(maglev::paper_fill, &e, m, runs),
+            paper_ms: median_ms(maglev::reference::paper_fill, &e, m, runs),
             weir_disruption: worst_disruption(maglev::build, &e, m, samples),
-            paper_disruption: worst_disruption(maglev::paper_fill, &e, m, samples),
+            paper_disruption: worst_disruption(maglev::reference::paper_fill, &e, m, samples),
         });
     }
     rows

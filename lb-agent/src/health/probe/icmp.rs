@@ -37,10 +37,6 @@ impl Drop for Pinger {
     }
 }
 
-fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
-    w.locked()
-}
-
 impl Pinger {
     /// Opens the raw socket (needs CAP_NET_RAW) and starts its reader.
     pub fn open(v4: bool) -> io::Result<Arc<Self>> {
@@ -71,7 +67,7 @@ impl Pinger {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let key = (ip, token);
-        lock(&self.waiting).insert(key, tx);
+        self.waiting.locked().insert(key, tx);
         let _waiting = super::Waiting {
             waiters: &self.waiting,
             key,
@@ -241,7 +237,7 @@ fn parse(v4: bool, from: IpAddr, data: &[u8]) -> Option<Matched> {
 async fn read_loop(socket: Arc<AsyncFd<Socket>>, v4: bool, waiting: Arc<Waiters>) {
     super::raw_recv_loop(socket, "ICMP", |data, from| {
         if let Some((target, token, result)) = parse(v4, from, data)
-            && let Some(tx) = lock(&waiting).remove(&(target, token))
+            && let Some(tx) = waiting.locked().remove(&(target, token))
         {
             let _ = tx.send(result);
         }

@@ -48,10 +48,6 @@ impl Drop for Initiator {
     }
 }
 
-fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, WaiterMap> {
-    w.locked()
-}
-
 impl Initiator {
     pub fn open(v4: bool) -> io::Result<Arc<Self>> {
         let domain = if v4 { Domain::IPV4 } else { Domain::IPV6 };
@@ -75,7 +71,7 @@ impl Initiator {
         let ip = target.ip();
         // A source port no other probe of this target is using.
         let (port, tag, rx, key) = {
-            let mut w = lock(&self.waiting);
+            let mut w = self.waiting.locked();
             let mut attempt = 0;
             loop {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -223,7 +219,7 @@ async fn read_loop(socket: Arc<AsyncFd<Socket>>, v4: bool, waiting: Arc<Waiters>
         let Some((port, sport, vtag, chunk)) = parse(sctp) else {
             return;
         };
-        let mut w = lock(&waiting);
+        let mut w = waiting.locked();
         let Some((dport, tag, _)) = w.get(&(from, port)) else {
             return;
         };

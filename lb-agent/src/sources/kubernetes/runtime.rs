@@ -3,7 +3,6 @@
 //! every change; and, on the one agent holding the `weir` Lease, the address work written to
 //! the Services' status (server-side apply, field manager `weir`) with Events for failures.
 
-use crate::LockExt as _;
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -267,7 +266,6 @@ pub async fn translate_loop(
             }
             announce_reported = t.announce_problems.clone();
         }
-        *metrics.announce_problems.locked() = t.announce_problems.clone();
         if t.excluded != excluded {
             excluded = t.excluded;
             if excluded {

@@ -1,0 +1,293 @@
+//! The main loop's state: the reconciler and the announcer, the config they came from, and
+//! what each kind of change (a reload, a Kubernetes translation, health results, gossip)
+//! does to them.
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::checks;
+use crate::{
+    announce::Announcer,
+    api::ApiState,
+    config::{Config, Source},
+    dataplane::Dataplane,
+    health::{
+        CheckUser,
+        monitor::{CheckEvent, Checks},
+        state::Health,
+    },
+    metrics::Metrics,
+    model::DesiredState,
+    reconcile::{self, Reconciler},
+    sources::kubernetes::{
+        healthport::HealthPorts,
+        runtime::{EventSink, ServiceEvent},
+        translate::Translation,
+    },
+    status::Snapshot,
+};
+
+pub struct Agent<D, C> {
+    pub api: ApiState,
+    pub source: Source,
+    /// The node settings in force (and, standalone, the services).
+    pub current: Config,
+    /// The config file's contents last loaded.
+    pub fingerprint: Option<Vec<u8>>,
+    pub reconciler: Reconciler<D, C>,
+    pub announcer: Announcer,
+    pub snapshot: watch::Sender<Arc<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    /// The services come from Kubernetes, not from the config file.
+    pub kubernetes: bool,
+    pub node_name: String,
+    /// Events on Kubernetes Services (health transitions).
+    pub events: Option<EventSink>,
+}
+
+impl<D: Dataplane, C: Checks> Agent<D, C> {
+    /// Has the announcers follow the snapshot just published, then publishes their status.
+    pub fn announce(&mut self) {
+        let serving = self.snapshot.borrow().serving();
+        let reconciler = &mut self.reconciler;
+        self.announcer
+            .update(&serving, |vips| reconciler.set_announced(vips));
+        let status = self.announcer.status();
+        self.snapshot.send_if_modified(|s| {
+            let same = s.announce.l2 == status.l2
+                && s.announce.problems == status.problems
+                && Arc::ptr_eq(&s.announce.bgp, &status.bgp);
+            if !same {
+                Arc::make_mut(s).announce = status;
+            }
+            !same
+        });
+    }
+
+    /// Brings BGP in line with what is wanted now, advertising what can be served.
+    pub async fn sync_bgp(&mut self) {
+        let serving = self.snapshot.borrow().serving();
+        self.announcer.sync_bgp(&serving).await;
+    }
+
+    /// Applies health changes (the first seen at `since`).
+    pub fn health_changed(&mut self, since: tokio::time::Instant) {
+        let started = Instant::now();
+        match self.reconciler.reprogram() {
+            Ok(r) if r.changed() => {
+                self.metrics.agent.observe_sync("health", since.elapsed());
+                info!(
+                    reason = "health change",
+                    updated = ?r.updated,
+                    took = ?started.elapsed(),
+                    "data plane updated"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => reconcile::log_refused("health change", &e),
+        }
+        self.announce();
+    }
+
+    /// Logs and counts a check's result for every service backend it covers (and sends an
+    /// Event on each Kubernetes Service).
+    pub fn note_event(&self, e: &CheckEvent) {
+        note_event(
+            &self.metrics,
+            self.events.as_ref(),
+            &self.node_name,
+            self.reconciler.users(&e.key),
+            e,
+        );
+    }
+
+    /// Loads the config again and applies the difference; a refused config changes nothing.
+    pub fn reload(&mut self, why: &str) {
+        let started = Instant::now();
+        let mut new = match self.source.load_with_fingerprint() {
+            Ok((c, fingerprint)) => {
+                self.fingerprint = fingerprint;
+                c
+            }
+            Err(e) => {
+                // Do not retry the same broken file every second; wait for it to change.
+                self.fingerprint = self.source.fingerprint();
+                error!(
+                    reason = why,
+                    "config reload refused; the previous config stays:\n{e}"
+                );
+                self.api.note_config(Err(e.to_string()));
+                return;
+            }
+        };
+        if let Some(field) = checks::restart_only_change(&self.current, &new) {
+            error!(
+                reason = why,
+                field,
+                "config reload refused: this field only changes with a restart; the previous config stays"
+            );
+            self.api
+                .note_config(Err(format!("{field} only changes with a restart")));
+            return;
+        }
+        if self.kubernetes {
+            if new.node.source_nat != self.current.node.source_nat {
+                error!(
+                    reason = why,
+                    field = "node.source_nat",
+                    "config reload refused: in Kubernetes mode this field only changes with a restart; the previous config stays"
+                );
+                self.api.note_config(Err(
+                    "node.source_nat only changes with a restart in Kubernetes mode".into(),
+                ));
+                return;
+            }
+            // The services and BGP come from Kubernetes; the file carries node settings only.
+            new.desired = self.reconciler.desired().clone();
+            new.announce.bgp = self.announcer.bgp_config().cloned();
+        } else if let Some(nat) = new.desired.source_nat
+            && let Err(e) = checks::source_nat_ports(nat.ports)
+        {
+            error!(
+                reason = why,
+                "config reload refused: {e}; the previous config stays"
+            );
+            self.api.note_config(Err(e.to_string()));
+            return;
+        }
+        let desired = new.desired.clone();
+        self.announcer.set_bgp(new.announce.bgp.clone());
+        match self.apply(desired, why) {
+            Ok(()) => {
+                self.metrics.agent.observe_sync("config", started.elapsed());
+                self.current = new;
+                self.api.note_config(Ok(()));
+            }
+            Err(e) => {
+                // The BGP configuration stays with the config in force.
+                self.announcer.set_bgp(self.current.announce.bgp.clone());
+                self.api.note_config(Err(e));
+            }
+        }
+    }
+
+    /// Applies a new translation of the Kubernetes stores (the BGP part takes effect with
+    /// [`Agent::sync_bgp`]).
+    pub fn apply_kubernetes(&mut self, t: &Translation) {
+        let started = Instant::now();
+        self.announcer.set_bgp(t.bgp.clone());
+        self.announcer.set_problems(t.announce_problems.clone());
+        self.announcer.set_l2_plan(t.l2.vips.as_ref(), &t.l2.peers);
+        if t.desired == *self.reconciler.desired() {
+            // The announcement resources may have changed alone.
+            self.announce();
+            return;
+        }
+        // A refused translation is logged; the next one tries again.
+        let _ = self.apply(t.desired.clone(), "Kubernetes change");
+        self.metrics
+            .agent
+            .observe_sync("kubernetes", started.elapsed());
+    }
+
+    /// Programs `desired` or rolls back (the error: why it did not land).
+    fn apply(&mut self, desired: DesiredState, why: &str) -> Result<(), String> {
+        let started = Instant::now();
+        let landed = match self.reconciler.apply(desired) {
+            Ok(a) => {
+                info!(
+                    reason = why,
+                    added = ?a.report.added,
+                    updated = ?a.report.updated,
+                    removed = ?a.report.removed,
+                    unchanged = a.report.unchanged,
+                    checks_started = a.checks_started,
+                    checks_stopped = a.checks_stopped,
+                    took = ?started.elapsed(),
+                    "applied"
+                );
+                for e in &a.report.cleanup_errors {
+                    warn!("{e}");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                reconcile::log_refused(why, &e);
+                Err(e.cause().to_string())
+            }
+        };
+        self.announce();
+        landed
+    }
+
+    /// Tells each health-check node port how many of its Service's endpoints are in rotation
+    /// here (distinct addresses over the Service's frontends).
+    pub fn update_health_ports(&self, ports: &HealthPorts) {
+        let programmed = self.reconciler.programmed();
+        ports.update(|service| {
+            let mut live = std::collections::BTreeSet::new();
+            for s in programmed.services.iter().filter(|s| s.name == service) {
+                live.extend(s.backends.iter().filter(|b| b.share() > 0).map(|b| b.addr));
+            }
+            live.len()
+        });
+    }
+}
+
+/// Logs and counts a check's result for every service backend it covers.
+pub fn note_event(
+    metrics: &Metrics,
+    events: Option<&EventSink>,
+    node: &str,
+    users: &[CheckUser],
+    e: &CheckEvent,
+) {
+    for u in users {
+        let backend = u.backend.to_string();
+        let check = e.key.probe.kind.as_str();
+        match e.to {
+            Health::Up => {
+                metrics.health.transition(&u.service, &backend, true);
+                if let Some(ev) = events {
+                    ev.send(ServiceEvent {
+                        service: u.service.clone(),
+                        warning: false,
+                        reason: "BackendHealthy",
+                        note: format!("node {node}: backend {backend} passes its {check} check"),
+                    });
+                }
+                info!(service = %u.service, backend, check, from = %e.from, "backend is healthy");
+            }
+            Health::Down => {
+                metrics.health.transition(&u.service, &backend, false);
+                let (reason, detail) = e
+                    .failure
+                    .as_ref()
+                    .map_or(("", ""), |f| (f.kind.as_str(), f.detail.as_str()));
+                if let Some(ev) = events {
+                    ev.send(ServiceEvent {
+                        service: u.service.clone(),
+                        warning: true,
+                        reason: "BackendUnhealthy",
+                        note: format!(
+                            "node {node}: backend {backend} failed its {check} check ({reason}: {detail}); no new flows go to it from this node"
+                        ),
+                    });
+                }
+                warn!(
+                    service = %u.service,
+                    backend,
+                    check,
+                    from = %e.from,
+                    reason,
+                    detail,
+                    failures = if e.from == Health::Unknown { 1 } else { e.key.probe.fall },
+                    "backend is unhealthy"
+                );
+            }
+            Health::Unknown => {}
+        }
+    }
+}

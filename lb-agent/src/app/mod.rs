@@ -1,0 +1,254 @@
+//! The agent process: wiring only. It loads and attaches the data plane, sets up announcing,
+//! starts Kubernetes mode's tasks, programs the first state, serves the admin API, then feeds
+//! every change (SIGHUP or the file changing, a Kubernetes translation, health results,
+//! gossip) to the [`agent::Agent`] until SIGTERM/SIGINT.
+//!
+//! - [`checks`]: what is refused before anything changes;
+//! - [`kubernetes`]: Kubernetes mode's tasks;
+//! - [`agent`]: the main loop's state and what each change does to it;
+//! - [`signals`]: SIGHUP, SIGTERM, SIGINT.
+
+mod agent;
+mod checks;
+mod kubernetes;
+mod signals;
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{sync::watch, time::Instant};
+use tracing::info;
+
+pub use self::kubernetes::KubeMode;
+use self::{agent::Agent, kubernetes::Kubernetes, signals::Signals};
+use crate::{
+    announce::Announcer,
+    api::{self, ApiState},
+    config::{Config, Source},
+    dataplane::{Dataplane, ebpf::Datapath},
+    health::monitor::{CheckEvent, MAX_CONCURRENT_PROBES, Monitor},
+    metrics::{AttachLabels, Metrics},
+    reconcile::Reconciler,
+    sources::kubernetes::{healthport::HealthPorts, runtime as kube_runtime},
+    status::Snapshot,
+    traffic::{self, Traffic},
+};
+
+/// How often the config file is compared with what was last loaded.
+const FILE_POLL: Duration = Duration::from_secs(1);
+
+pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGHUP or SIGTERM sent as soon as /readyz answers must be seen.
+    let mut signals = Signals::new()?;
+    let (config, fingerprint) = source.load_with_fingerprint()?;
+    checks::mode(&source, &config, kube.is_some())?;
+    let mode = if kube.is_some() {
+        "kubernetes"
+    } else {
+        "standalone"
+    };
+    info!(config = %source, mode, services = config.desired.services.len(), interfaces = ?config.node.interfaces, "starting");
+
+    // The admin port and the Kubernetes client before the data plane: a port conflict or a
+    // bad kubeconfig changes nothing.
+    let listener = api::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen {}", config.admin.listen))?;
+    let kube_client = match &kube {
+        Some(k) => Some(kube_runtime::client(k.kubeconfig.as_deref()).await?),
+        None => None,
+    };
+    let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
+    let traffic = watch::Sender::new(Arc::new(Traffic::default()));
+    let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
+    let mut state = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
+    let mut datapath = Datapath::load(&config.dataplane).context("loading the data plane")?;
+    let inspector = datapath
+        .inspector()
+        .context("opening the data plane's maps for reading")?;
+    state.inspector = Some(inspector.clone());
+    let api = api::spawn(listener, state.clone());
+    info!(listen = %config.admin.listen, "admin API listening");
+    attach(&mut datapath, &config, &metrics)?;
+    let node = match (&config.announce.node_name, &kube) {
+        (Some(n), _) => n.clone(),
+        (None, Some(k)) => k.node.clone(),
+        (None, None) if config.announce.gossip.is_some() => {
+            crate::config::host_name().context("announce.node_name not set")?
+        }
+        (None, None) => String::new(),
+    };
+    let announcer = Announcer::start(&config.announce, node, kube.is_some(), &mut datapath).await?;
+    state.readiness.attached.store(true, Ordering::Release);
+    let sampler = tokio::spawn(traffic::sample(inspector, snapshot.subscribe(), traffic));
+
+    let mut k8s = match (kube, kube_client) {
+        (Some(mode), Some(client)) => {
+            let stop = signals.stop.stopped(" before the first state");
+            match kubernetes::start(mode, client, &config, metrics.clone(), stop).await? {
+                Some(k) => Some(k),
+                None => return Ok(()),
+            }
+        }
+        _ => None,
+    };
+    let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES)
+        .context("starting the health-check thread")?;
+    let reconciler = Reconciler::new(
+        datapath,
+        monitor,
+        &config.dataplane,
+        config.maglev.seed,
+        snapshot.clone(),
+        announcer.l2(),
+    );
+    let mut agent = Agent {
+        api: state.clone(),
+        source,
+        current: config,
+        fingerprint,
+        reconciler,
+        announcer,
+        snapshot,
+        metrics: metrics.clone(),
+        kubernetes: k8s.is_some(),
+        node_name: k8s
+            .as_ref()
+            .map(|k| k.mode.node.clone())
+            .unwrap_or_default(),
+        events: k8s.as_ref().map(|k| k.events.clone()),
+    };
+    first_state(&mut agent, k8s.as_mut(), &mut events).await?;
+    state.readiness.programmed.store(true, Ordering::Release);
+    state.note_config(Ok(()));
+
+    serve(&mut agent, &mut signals, k8s.as_mut(), &mut events).await;
+
+    state.readiness.attached.store(false, Ordering::Release);
+    // Routes go before the data plane does: the peers stop sending here first.
+    agent.announcer.shutdown().await;
+    sampler.abort();
+    if let Some(k) = k8s {
+        k.stop().await;
+    }
+    agent.reconciler.into_dataplane().detach_all();
+    metrics.agent.attached.clear();
+    api.stop().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Attaches the programs to every `node.interfaces` entry (on error, dropping the data plane
+/// detaches what was attached so far).
+fn attach(dataplane: &mut dyn Dataplane, config: &Config, metrics: &Metrics) -> anyhow::Result<()> {
+    for iface in &config.node.interfaces {
+        let mode = dataplane.attach(iface, config.node.xdp_mode)?;
+        let labels = AttachLabels {
+            interface: iface.clone(),
+            mode: mode.as_str(),
+        };
+        metrics.agent.attached.get_or_create(&labels).set(1);
+        info!(iface = %iface, mode = mode.as_str(), "XDP ingress and TC egress attached");
+    }
+    Ok(())
+}
+
+/// Programs the first state (after the checks' first results), then starts BGP: its first
+/// routes are the VIPs that can be served. From the config file a speaker that cannot start
+/// stops the agent; from Kubernetes it is logged and retried at the next change.
+async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
+    agent: &mut Agent<D, C>,
+    k8s: Option<&mut Kubernetes>,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
+) -> anyhow::Result<()> {
+    let translation = k8s.and_then(|k| k.latest());
+    let desired = translation
+        .as_ref()
+        .map_or_else(|| agent.current.desired.clone(), |t| t.desired.clone());
+    let started = std::time::Instant::now();
+    let (metrics, sink, node) = (
+        agent.metrics.clone(),
+        agent.events.clone(),
+        agent.node_name.clone(),
+    );
+    let report = agent
+        .reconciler
+        .first_state(desired, events, |users, e| {
+            agent::note_event(&metrics, sink.as_ref(), &node, users, e);
+        })
+        .await
+        .context("programming the first state")?;
+    metrics.agent.observe_sync("start", started.elapsed());
+    info!(services = report.added.len(), took = ?started.elapsed(), "data plane programmed; ready");
+    if let Some(t) = translation {
+        agent.apply_kubernetes(&t);
+        agent.sync_bgp().await;
+    } else {
+        agent.announce();
+        if let Some(b) = agent.current.announce.bgp.clone() {
+            agent.announcer.start_bgp(&b).await?;
+            agent.announce();
+        }
+    }
+    Ok(())
+}
+
+/// The main loop: every change goes to the agent until SIGTERM/SIGINT.
+async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
+    agent: &mut Agent<D, C>,
+    signals: &mut Signals,
+    mut k8s: Option<&mut Kubernetes>,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
+) {
+    let mut health_ports = HealthPorts::default();
+    if let Some(t) = k8s.as_mut().and_then(|k| k.latest()) {
+        health_ports.sync(&t.health_node_ports).await;
+        agent.update_health_ports(&health_ports);
+    }
+    let mut gossip_view = agent.announcer.gossip_view();
+    let mut poll = tokio::time::interval(FILE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = signals.hup.recv() => {
+                agent.reload("SIGHUP");
+                agent.sync_bgp().await;
+            }
+            _ = poll.tick() => {
+                let now = agent.source.fingerprint();
+                if now.is_some() && now != agent.fingerprint {
+                    agent.reload("config file changed");
+                    agent.sync_bgp().await;
+                }
+                // An L2 interface's link going down or up changes this node's eligibility.
+                agent.announce();
+            }
+            Some(t) = async { k8s.as_mut()?.translations.changed().await.ok()?; k8s.as_mut()?.latest() }, if k8s.is_some() => {
+                agent.apply_kubernetes(&t);
+                agent.sync_bgp().await;
+                health_ports.sync(&t.health_node_ports).await;
+                agent.update_health_ports(&health_ports);
+            }
+            Some(()) = async { gossip_view.as_mut()?.changed().await.ok() }, if gossip_view.is_some() => {
+                agent.announce();
+            }
+            Some(event) = events.recv() => {
+                let since = Instant::now();
+                agent.note_event(&event);
+                // Take every change that is already waiting, then program once.
+                while let Ok(event) = events.try_recv() {
+                    agent.note_event(&event);
+                }
+                agent.health_changed(since);
+                agent.update_health_ports(&health_ports);
+            }
+            () = signals.stop.stopped("") => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+//! The agent's reload path on the in-memory data plane: a real config file, no root.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use super::agent::Agent;
+use crate::{
+    LockExt as _,
+    announce::Announcer,
+    api::ApiState,
+    config::Source,
+    dataplane::fake::FakeDataplane,
+    health::{
+        CheckUser,
+        monitor::{CheckKey, Checks, Shared, SyncReport},
+        state::Health,
+    },
+    metrics::Metrics,
+    reconcile::Reconciler,
+    status::Snapshot,
+};
+
+/// No checks run (the services here have none).
+struct NoChecks;
+
+impl Checks for NoChecks {
+    fn start(&mut self, _: &BTreeMap<CheckKey, Vec<CheckUser>>) -> SyncReport {
+        SyncReport::default()
+    }
+    fn retain(&mut self, _: &BTreeMap<CheckKey, Vec<CheckUser>>) -> usize {
+        0
+    }
+    fn states(&self) -> HashMap<CheckKey, Health> {
+        HashMap::new()
+    }
+    fn shared(&self, _: &CheckKey) -> Option<Arc<Shared>> {
+        None
+    }
+    fn max_timeout(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+const CONFIG: &str = "
+node:
+  interfaces: [eth0]
+services:
+  - name: web
+    vip: 198.18.100.10
+    port: 80
+    protocol: tcp
+    backends:
+      - {address: 198.18.1.11, port: 8080}
+";
+
+/// A config file of its own for each test, removed at the end.
+struct File(std::path::PathBuf);
+
+impl File {
+    fn new(name: &str, text: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("weir-{}-{name}.yaml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        Self(path)
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).unwrap();
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn agent(file: &File) -> Agent<FakeDataplane, NoChecks> {
+    let source = Source::File(file.0.clone());
+    let (config, fingerprint) = source.load_with_fingerprint().expect("valid");
+    let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
+    let traffic = watch::Sender::new(Arc::default());
+    let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
+    let api = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
+    let mut dataplane = FakeDataplane::default();
+    let announcer = Announcer::start(&config.announce, "node".into(), false, &mut dataplane)
+        .await
+        .expect("nothing to announce");
+    let mut reconciler = Reconciler::new(
+        dataplane,
+        NoChecks,
+        &config.dataplane,
+        config.maglev.seed,
+        snapshot.clone(),
+        false,
+    );
+    reconciler.apply(config.desired.clone()).expect("applies");
+    api.note_config(Ok(()));
+    Agent {
+        api,
+        source,
+        current: config,
+        fingerprint,
+        reconciler,
+        announcer,
+        snapshot,
+        metrics,
+        kubernetes: false,
+        node_name: String::new(),
+        events: None,
+    }
+}
+
+fn last_error(a: &Agent<FakeDataplane, NoChecks>) -> Option<String> {
+    a.api.config.locked().last_error.clone()
+}
+
+#[tokio::test]
+async fn reloads_apply_whole_or_are_refused_without_a_change() {
+    let file = File::new("reload", CONFIG);
+    let mut a = agent(&file).await;
+    let start = a.reconciler.dataplane().dump();
+
+    // A field that only changes with a restart: refused, even with a valid service change.
+    file.write(
+        &CONFIG
+            .replace("[eth0]", "[eth1]")
+            .replace("198.18.1.11", "198.18.1.12"),
+    );
+    a.reload("test");
+    assert_eq!(
+        last_error(&a).as_deref(),
+        Some("node.interfaces only changes with a restart")
+    );
+    assert_eq!(a.reconciler.dataplane().dump(), start, "maps unchanged");
+
+    // A file that does not parse: refused with the problem, nothing changed.
+    file.write(&CONFIG.replace("port: 80", "port: eighty"));
+    a.reload("test");
+    let e = last_error(&a).expect("refused");
+    assert!(e.contains("port"), "{e}");
+    assert_eq!(a.reconciler.dataplane().dump(), start, "maps unchanged");
+
+    // A valid change: applied whole, the status clean, the snapshot follows.
+    file.write(&CONFIG.replace("198.18.1.11", "198.18.1.12"));
+    a.reload("test");
+    assert_eq!(last_error(&a), None);
+    let snap = a.snapshot.borrow().clone();
+    assert_eq!(snap.services.len(), 1);
+    assert_eq!(
+        snap.services[0].backends[0].addr,
+        "198.18.1.12:8080".parse().unwrap()
+    );
+    assert_eq!(a.api.config.locked().generation, 2);
+    assert_eq!(a.api.config.locked().reload_failures, 2);
+}

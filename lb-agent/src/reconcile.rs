@@ -1,0 +1,407 @@
+//! The reconciler: desired state + health-check results → the data plane → one published
+//! snapshot.
+//!
+//! It owns the [`Dataplane`], the running [`Checks`] and the [`Programmer`], and keeps three
+//! things in step: the desired state it was last given, what is programmed (the desired state
+//! with health applied) and the [`Snapshot`] the admin API, the metrics and the announcers
+//! read. Invariants:
+//! - a snapshot is published only after the maps it describes are written, so no reader ever
+//!   sees a state the data plane does not have yet;
+//! - a change either lands whole or is rolled back to what was programmed before (new checks
+//!   start before the change is programmed and old ones stop only after it is, so a rollback
+//!   finds the old checks still running with their state);
+//! - the first state waits (a bounded time) for the first check results, so that no backend
+//!   gets traffic before it has answered.
+//!
+//! It reads no file, no clock but tokio's and no socket: its tests run on the in-memory fakes
+//! with a paused clock.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::DataplaneLimits,
+    dataplane::{ApplyError, ApplyReport, Dataplane, MapError, ProgrammedService, Programmer},
+    health::{
+        self, CheckUser, HealthMode,
+        monitor::{CheckEvent, CheckKey, Checks},
+        state::Health,
+    },
+    model::{DesiredState, Frontend},
+    status::{BackendStatus, ServiceStatus, Snapshot},
+};
+
+/// How long the first state waits for the first health-check results beyond the longest
+/// check timeout.
+pub const FIRST_RESULTS_GRACE: Duration = Duration::from_secs(1);
+
+/// A change that did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The data plane is back as it was before the change.
+    #[error("{0}")]
+    RolledBack(#[source] Box<ApplyError>),
+    /// Rolling back failed too: the data plane may be partly updated.
+    #[error("{error}; rolling back failed too ({rollback}): the data plane may be partly updated")]
+    RollbackFailed {
+        #[source]
+        error: ApplyError,
+        rollback: Box<ApplyError>,
+    },
+}
+
+impl ReconcileError {
+    /// What made the change fail.
+    pub fn cause(&self) -> &ApplyError {
+        match self {
+            Self::RolledBack(e) => e,
+            Self::RollbackFailed { error, .. } => error,
+        }
+    }
+}
+
+/// What [`Reconciler::apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub report: ApplyReport,
+    pub checks_started: usize,
+    pub checks_stopped: usize,
+}
+
+pub struct Reconciler<D, C> {
+    dataplane: D,
+    checks: C,
+    programmer: Programmer,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The desired state last applied.
+    desired: DesiredState,
+    /// The checks `desired` needs, with the service backends each covers.
+    wanted: BTreeMap<CheckKey, Vec<CheckUser>>,
+    /// What is in the maps: `desired` with health applied.
+    programmed: DesiredState,
+    /// Each service's health mode as programmed.
+    modes: BTreeMap<Frontend, HealthMode>,
+    /// The check states `programmed` was computed from.
+    states: HashMap<CheckKey, Health>,
+    /// L2 mode: the VIPs answered for on L2 (None: no L2 announcement).
+    announced: Option<BTreeSet<IpAddr>>,
+}
+
+impl<D: Dataplane, C: Checks> Reconciler<D, C> {
+    /// A reconciler that has programmed nothing yet. `l2`: this node announces VIPs on L2
+    /// (the snapshot then says, per service, whether it does now).
+    pub fn new(
+        dataplane: D,
+        checks: C,
+        limits: &DataplaneLimits,
+        seed: u64,
+        snapshot: watch::Sender<Arc<Snapshot>>,
+        l2: bool,
+    ) -> Self {
+        Self {
+            dataplane,
+            checks,
+            programmer: Programmer::new(limits, seed),
+            snapshot,
+            desired: DesiredState::default(),
+            wanted: BTreeMap::new(),
+            programmed: DesiredState::default(),
+            modes: BTreeMap::new(),
+            states: HashMap::new(),
+            announced: l2.then(BTreeSet::new),
+        }
+    }
+
+    /// Starts the checks of `desired`, waits until each has a result or the longest timeout
+    /// (plus [`FIRST_RESULTS_GRACE`]) has passed, then programs it. `on_event` sees every
+    /// check result that arrives meanwhile. On error the maps may hold part of it (the caller
+    /// stops: nothing was serving before).
+    pub async fn first_state(
+        &mut self,
+        desired: DesiredState,
+        events: &mut mpsc::UnboundedReceiver<CheckEvent>,
+        mut on_event: impl FnMut(&[CheckUser], &CheckEvent),
+    ) -> Result<ApplyReport, ApplyError> {
+        self.wanted = health::wanted_checks(&desired);
+        self.checks.start(&self.wanted);
+        if !self.wanted.is_empty() {
+            let began = Instant::now();
+            let deadline = began + self.checks.max_timeout() + FIRST_RESULTS_GRACE;
+            let unknown = |c: &C| {
+                c.states()
+                    .values()
+                    .filter(|h| **h == Health::Unknown)
+                    .count()
+            };
+            while unknown(&self.checks) > 0 {
+                tokio::select! {
+                    Some(event) = events.recv() => on_event(self.users(&event.key), &event),
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let states = self.checks.states();
+            let count = |h: Health| states.values().filter(|s| **s == h).count();
+            info!(
+                checks = states.len(),
+                up = count(Health::Up),
+                down = count(Health::Down),
+                unknown = count(Health::Unknown),
+                took = ?began.elapsed(),
+                "first health-check results"
+            );
+        }
+        let report = self.program(&desired)?;
+        self.desired = desired;
+        self.publish();
+        Ok(report)
+    }
+
+    /// Brings the data plane to `desired` (with the checks' current results): the new checks
+    /// start first, the ones it drops stop once it is programmed. On error everything goes
+    /// back to the previous desired state.
+    pub fn apply(&mut self, desired: DesiredState) -> Result<Applied, ReconcileError> {
+        let wanted = health::wanted_checks(&desired);
+        let started = self.checks.start(&wanted);
+        match self.program(&desired) {
+            Ok(report) => {
+                let stopped = self.checks.retain(&wanted);
+                self.desired = desired;
+                self.wanted = wanted;
+                self.publish();
+                Ok(Applied {
+                    report,
+                    checks_started: started.started,
+                    checks_stopped: stopped,
+                })
+            }
+            Err(error) => {
+                self.checks.retain(&self.wanted);
+                let previous = self.desired.clone();
+                let result = match self.program(&previous) {
+                    Ok(_) => Err(ReconcileError::RolledBack(Box::new(error))),
+                    Err(rollback) => Err(ReconcileError::RollbackFailed {
+                        error,
+                        rollback: Box::new(rollback),
+                    }),
+                };
+                self.publish();
+                result
+            }
+        }
+    }
+
+    /// Programs the current desired state with the checks' results as they are now (after
+    /// health changes). On error the previous programmed state is written again.
+    pub fn reprogram(&mut self) -> Result<ApplyReport, ReconcileError> {
+        let desired = self.desired.clone();
+        let before = self.programmed.clone();
+        match self.program(&desired) {
+            Ok(report) => {
+                self.publish();
+                Ok(report)
+            }
+            Err(error) => {
+                let result = match self.programmer.apply(&before, self.dataplane.maps()) {
+                    Ok(_) => Err(ReconcileError::RolledBack(Box::new(error))),
+                    Err(rollback) => Err(ReconcileError::RollbackFailed {
+                        error,
+                        rollback: Box::new(rollback),
+                    }),
+                };
+                self.publish();
+                result
+            }
+        }
+    }
+
+    /// Makes the data plane answer ARP and Neighbor Solicitations for exactly `vips` (L2
+    /// mode), and publishes the change.
+    pub fn set_announced(&mut self, vips: BTreeSet<IpAddr>) -> Result<(), MapError> {
+        self.programmer
+            .set_announced(vips.clone(), self.dataplane.maps())?;
+        if self.announced.as_ref() != Some(&vips) {
+            self.announced = Some(vips);
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// The service backends a check covers (empty for a check that was just stopped).
+    pub fn users(&self, key: &CheckKey) -> &[CheckUser] {
+        self.wanted.get(key).map_or(&[], Vec::as_slice)
+    }
+
+    /// The desired state last applied.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// What is programmed: the desired state with health applied.
+    pub fn programmed(&self) -> &DesiredState {
+        &self.programmed
+    }
+
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dataplane
+    }
+
+    /// Stops the checks and hands back the data plane (to detach it).
+    pub fn into_dataplane(self) -> D {
+        drop(self.checks);
+        self.dataplane
+    }
+
+    fn mode(&self, frontend: &Frontend) -> HealthMode {
+        self.modes
+            .get(frontend)
+            .copied()
+            .unwrap_or(HealthMode::Unchecked)
+    }
+
+    /// Programs `desired` with the checks' current results. On error the maps may be partly
+    /// changed; the caller rolls back.
+    fn program(&mut self, desired: &DesiredState) -> Result<ApplyReport, ApplyError> {
+        let states = self.checks.states();
+        let (effective, modes) = health::effective(desired, |k| {
+            states.get(k).copied().unwrap_or(Health::Unknown)
+        });
+        let report = self.programmer.apply(&effective, self.dataplane.maps())?;
+        for (frontend, mode) in &modes {
+            let before = self.modes.get(frontend).copied();
+            if before != Some(*mode) {
+                log_mode(*frontend, before, *mode, &effective);
+            }
+        }
+        self.programmed = effective;
+        self.modes = modes;
+        self.states = states;
+        Ok(report)
+    }
+
+    /// Publishes what is programmed, for the API, the metrics and the announcers.
+    fn publish(&self) {
+        let ids: HashMap<Frontend, &ProgrammedService> = self
+            .programmer
+            .services()
+            .map(|p| (p.spec.frontend, p))
+            .collect();
+        let services = self
+            .programmed
+            .services
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.name.clone(),
+                id: ids.get(&s.frontend).map_or(0, |p| p.id),
+                vip: s.frontend.vip,
+                port: s.frontend.port,
+                protocol: s.frontend.protocol,
+                check: s.health_check.as_ref().map(|h| h.probe.kind.as_str()),
+                mode: self.mode(&s.frontend),
+                announced: self.announced.as_ref().map(|a| a.contains(&s.frontend.vip)),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let key = health::check_key(s, b);
+                        let state = key
+                            .as_ref()
+                            .map(|k| self.states.get(k).copied().unwrap_or(Health::Unknown));
+                        BackendStatus {
+                            addr: b.addr,
+                            id: ids
+                                .get(&s.frontend)
+                                .and_then(|p| p.backends.get(&b.addr))
+                                .map_or(0, |pb| pb.id),
+                            weight: b.weight,
+                            healthy: state.is_none_or(|h| h == Health::Up),
+                            state,
+                            in_rotation: b.share() > 0,
+                            source_nat: b.snat,
+                            check: key.and_then(|k| self.checks.shared(&k)),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        // The announcers' part stays as they last published it.
+        self.snapshot
+            .send_modify(|s| Arc::make_mut(s).services = services);
+    }
+}
+
+fn log_mode(
+    frontend: Frontend,
+    before: Option<HealthMode>,
+    mode: HealthMode,
+    state: &DesiredState,
+) {
+    let Some(s) = state.services.iter().find(|s| s.frontend == frontend) else {
+        return;
+    };
+    let name = s.name.as_str();
+    let frontend = frontend.to_string();
+    let frontend = frontend.as_str();
+    let backends = s.backends.iter().filter(|b| b.share() > 0).count();
+    match mode {
+        HealthMode::FailOpen => warn!(
+            service = name,
+            frontend,
+            backends,
+            "every backend failed its health check: failing open, new flows go to all of them \
+             (set health_check.fail_closed to drop them instead)"
+        ),
+        HealthMode::FailClosed => warn!(
+            service = name,
+            frontend,
+            "every backend failed its health check: fail_closed is set, new flows are dropped"
+        ),
+        HealthMode::Pending => info!(
+            service = name,
+            frontend, "no backend has answered its first health check yet: new flows wait"
+        ),
+        HealthMode::Checked
+            if matches!(
+                before,
+                Some(HealthMode::FailOpen | HealthMode::FailClosed | HealthMode::Pending)
+            ) =>
+        {
+            info!(
+                service = name,
+                backends, "healthy backends again: back to normal"
+            );
+        }
+        _ => {}
+    }
+}
+
+/// Logs a rolled-back change.
+pub fn log_refused(why: &str, e: &ReconcileError) {
+    match e {
+        ReconcileError::RolledBack(cause) => {
+            error!(reason = why, error = %cause, "applying the change failed; rolled back");
+        }
+        ReconcileError::RollbackFailed {
+            error: cause,
+            rollback,
+        } => {
+            error!(reason = why, error = %cause, rollback = %rollback, "applying the change failed and rolling back failed too; the data plane may be partly updated");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
