@@ -1,12 +1,32 @@
 //! weir's agent: it loads the XDP/TC data plane, probes the backends, programs the data plane
-//! from a desired state (the standalone config file) and the probes' results, and serves the
-//! admin API.
+//! from a desired state (the standalone config file or Kubernetes) and the probes' results,
+//! announces the VIPs, and serves the admin API and the metrics.
 //!
-//! The pipeline: `config` (the one place that reads config files) → `model` (pure desired
-//! state) → `health` (checkers and their scheduler; `health::effective` applies their results
-//! to the model) → `maglev` (pure table builder) → `dataplane` (diffing programmer, aya maps,
-//! in-memory fake). `status` is the published view of what is programmed, which `api` and
-//! `metrics` read; `app` runs it all.
+//! The pipeline: a source (`config` or `sources::kubernetes`) builds a `model::DesiredState`;
+//! `reconcile` applies `health`'s results to it, has `dataplane` program it (Maglev tables from
+//! `maglev`) and publishes one `status::Snapshot`, which `announce`, `api` and `metrics` read;
+//! `app` wires it all. `docs/architecture.md` draws it.
+//!
+//! # Layers
+//!
+//! Lowest first. A module uses only the modules listed before it (the `layers` test reads this
+//! list and checks every `crate::` path outside test code against it):
+//!
+//! 1. `model`: the desired state, pure data (services, backends, health-check specs).
+//! 2. `maglev`: the pure table builder.
+//! 3. `health`: checkers, the rise/fall state machine, the scheduler, their metrics.
+//! 4. `dataplane`: the `Dataplane` trait, the diffing programmer, aya, the in-memory fake.
+//! 5. `announce`: L2, gossip, BGP and BFD, driven by what can be served.
+//! 6. `status`: the published snapshot and the traffic sampled from the data plane.
+//! 7. `sources`: Kubernetes watchers and translation into the model.
+//! 8. `config`: the config file, the environment and `/proc` into checked settings.
+//! 9. `reconcile`: desired state + health → data plane → snapshot, with rollback.
+//! 10. `metrics`: the registry, each subsystem's metrics registered in it.
+//! 11. `api`: the admin API.
+//! 12. `app`: the process: wiring, signals, the main loop.
+//! 13. `cli`: the command line's client side.
+//!
+//! The crate root's helpers (`LockExt`) are below every layer.
 
 pub mod announce;
 pub mod api;
@@ -21,7 +41,6 @@ pub mod model;
 pub mod reconcile;
 pub mod sources;
 pub mod status;
-pub mod traffic;
 
 /// A lock that outlives a panic elsewhere: the guard even when another thread panicked while
 /// holding it (the shared tables here hold plain status, never half-made invariants).
@@ -35,3 +54,6 @@ impl<T> LockExt<T> for std::sync::Mutex<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod layers;

@@ -30,7 +30,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::DataplaneLimits,
+    dataplane::DataplaneLimits,
     dataplane::{ApplyError, ApplyReport, Dataplane, MapError, ProgrammedService, Programmer},
     health::{
         self, CheckUser, HealthMode,

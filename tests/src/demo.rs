@@ -178,7 +178,7 @@ pub fn run(hold: bool) -> Result<(), String> {
     );
 
     // What the agent counted, as an operator sees it (the counters are sampled every second).
-    std::thread::sleep(lb_agent::traffic::SAMPLE_EVERY * 2);
+    std::thread::sleep(lb_agent::status::traffic::SAMPLE_EVERY * 2);
     let bin = crate::agent::agent_binary();
     let bin = bin.to_str().ok_or("agent path")?;
     let status = lab.lb.try_exec(&[bin, "status"])?;

@@ -19,7 +19,7 @@ use std::{
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::dataplane::L2LeaseWriter as _;
 use lb_agent::{
-    config::DataplaneLimits,
+    dataplane::DataplaneLimits,
     dataplane::{Programmer, ebpf::Datapath, flow_slot, inspect::flow_key},
     model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
 };

@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{announce::bgp::Slot, config::BfdTimers};
+use crate::{announce::BfdTimers, announce::bgp::Slot};
 
 /// Where single-hop control packets are received.
 pub const PORT: u16 = 3784;

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     announce::bfd,
-    config::{BgpConfig, BgpPeerConfig, RouteAttrs},
+    announce::{BgpConfig, BgpPeerConfig, RouteAttrs},
 };
 
 pub use session::{End, Families};

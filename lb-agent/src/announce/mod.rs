@@ -12,12 +12,16 @@ pub mod bgp;
 pub mod gossip;
 pub mod l2;
 pub mod metrics;
+mod spec;
 
 use std::{collections::BTreeSet, net::IpAddr};
 
 pub use announcer::{AnnounceError, Announcer};
 
-pub use crate::config::{AnnounceConfig, BgpConfig};
+pub use spec::{
+    Advertisement, AnnounceConfig, BfdTimers, BgpConfig, BgpPeerConfig, GossipConfig, RouteAttrs,
+    Secret, parse_community, parse_large_community,
+};
 
 /// What this node programs and can serve, as the published snapshot says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

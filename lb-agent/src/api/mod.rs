@@ -24,8 +24,8 @@ use crate::{
     dataplane::inspect::{self, Inspect, Trace, Via},
     metrics::Metrics,
     model::Protocol,
+    status::traffic::Traffic,
     status::{ServicesJson, Snapshot},
-    traffic::Traffic,
 };
 
 /// Readiness latches: ready only when every one is set (linkerd's pattern).

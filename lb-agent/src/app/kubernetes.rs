@@ -34,7 +34,7 @@ pub struct KubeMode {
 /// The running Kubernetes side.
 pub struct Kubernetes {
     pub mode: KubeMode,
-    client: kube::Client,
+    client: kube_runtime::Client,
     /// Each new translation of the stores.
     pub translations: watch::Receiver<Option<Arc<Translation>>>,
     /// Events on Kubernetes Services (health transitions).
@@ -48,7 +48,7 @@ pub struct Kubernetes {
 /// out addresses, and waits for the first translation.
 pub async fn start(
     mode: KubeMode,
-    client: kube::Client,
+    client: kube_runtime::Client,
     config: &Config,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
@@ -93,7 +93,7 @@ pub async fn start(
         translations_tx,
         leader.clone(),
         sink.clone(),
-        metrics,
+        metrics.kubernetes.clone(),
     )));
     tasks.push(tokio::spawn(kube_runtime::address_loop(
         client.clone(),

@@ -34,7 +34,7 @@ use crate::{
     reconcile::Reconciler,
     sources::kubernetes::{healthport::HealthPorts, runtime as kube_runtime},
     status::Snapshot,
-    traffic::{self, Traffic},
+    status::traffic::{self, Traffic},
 };
 
 /// How often the config file is compared with what was last loaded.

@@ -1,4 +1,9 @@
+use std::path::Path;
+
+use ipnet::IpNet;
+
 use super::*;
+use crate::{announce::*, dataplane::XdpMode, model::check::CheckKind};
 
 const MINIMAL: &str = "
 node:

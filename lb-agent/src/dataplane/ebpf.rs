@@ -29,7 +29,7 @@ use super::{
     AttachedMode, Dataplane, L2LeaseWriter, MapError, MapWriter,
     inspect::{self, Inspect, RawCounters, Trace, Via},
 };
-use crate::config::{DataplaneLimits, XdpMode};
+use crate::dataplane::{DataplaneLimits, XdpMode};
 
 /// The eBPF object, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -20,7 +20,7 @@ use super::{
     inspect::{Inspect, RawCounters, Trace},
     words_addr,
 };
-use crate::{LockExt as _, config::XdpMode};
+use crate::{LockExt as _, dataplane::XdpMode};
 
 /// A [`Dataplane`] in memory. Attaching "succeeds" in the mode asked for (auto: native) unless
 /// the interface is listed in `refuse`.

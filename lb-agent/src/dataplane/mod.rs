@@ -9,6 +9,7 @@
 pub mod ebpf;
 pub mod fake;
 pub mod inspect;
+mod limits;
 mod programmer;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -21,7 +22,9 @@ pub use programmer::{
     ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer, TableRef,
 };
 
-use crate::{config::XdpMode, model::Frontend};
+pub use limits::{DataplaneLimits, XdpMode};
+
+use crate::model::Frontend;
 pub use ebpf::DataplaneError;
 use inspect::Inspect;
 

@@ -35,7 +35,7 @@ use super::{
     MapError, MapWriter, addr_words, backend_value, endpoint_key, maglev_key, service_key, vip_key,
 };
 use crate::{
-    config::DataplaneLimits,
+    dataplane::DataplaneLimits,
     maglev,
     model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
 };

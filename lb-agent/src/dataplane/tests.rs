@@ -2,7 +2,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use super::{fake::FakeMaps, *};
 use crate::{
-    config::{Config, DataplaneLimits},
+    config::Config,
+    dataplane::DataplaneLimits,
     model::{Backend, DesiredState, Protocol, Service},
 };
 

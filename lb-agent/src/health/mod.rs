@@ -1,22 +1,24 @@
 //! Active health checks: weir probes every backend of a checked service itself and takes a
 //! dead one out of that service's Maglev table within about `interval × fall`.
 //!
-//! - [`spec`]: what a check is, from the config block or from Service annotations (pure);
+//! - what a check is (from the config block or from Service annotations) is part of the
+//!   desired state: [`crate::model::check`];
 //! - [`state`]: the rise/fall state machine and failure reasons (pure);
 //! - [`probe`]: the checkers (ping, tcp, udp, sctp, http, https) on real sockets;
 //! - [`monitor`]: the scheduler, one task per distinct check;
 //! - [`effective`]: desired state + check results → what the data plane gets (pure).
 
+pub mod metrics;
 pub mod monitor;
 pub mod probe;
-pub mod spec;
 pub mod state;
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::Serialize;
 
-use self::{monitor::CheckKey, spec::CheckKind, state::Health};
+use self::{monitor::CheckKey, state::Health};
+use crate::model::check::CheckKind;
 use crate::model::{Backend, DesiredState, Frontend, Service};
 
 /// How a service's backends are chosen, given their checks.

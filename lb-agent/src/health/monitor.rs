@@ -14,6 +14,7 @@
 //! changes go to the agent's main loop, as [`CheckEvent`]s.
 
 use crate::LockExt as _;
+use crate::model::check::Probe;
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BinaryHeap, HashMap},
@@ -33,13 +34,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use tokio::{sync::mpsc, time::Instant};
 
+use super::metrics::HealthMetrics;
 use super::{
     CheckUser,
     probe::Prober,
-    spec::Probe,
     state::{Failure, FailureKind, Health, Tracker},
 };
-use crate::metrics::HealthMetrics;
 
 /// Probes in flight at most; the rest wait their turn (their timeout starts when they run).
 pub const MAX_CONCURRENT_PROBES: usize = 1024;

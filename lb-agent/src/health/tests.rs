@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
-use super::{spec::HealthCheck, *};
+use super::*;
+use crate::model::check::{self as spec, HealthCheck};
 use crate::model::{Frontend, Protocol};
 
 fn check(kind: CheckKind, port: Option<u16>, fail_closed: bool) -> HealthCheck {

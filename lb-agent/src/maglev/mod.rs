@@ -27,6 +27,7 @@
 //!
 //! Backends with weight 0 get no slots (draining).
 
+use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Name of the permutation hash, as shown in docs and the admin API.
@@ -268,6 +269,21 @@ pub fn is_prime(n: u32) -> bool {
         d += 2;
     }
     true
+}
+
+/// The Maglev permutation hash, named so that a future change is explicit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum MaglevHash {
+    #[default]
+    #[serde(rename = "xxh3-64")]
+    Xxh3_64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaglevConfig {
+    pub table_size: u32,
+    pub hash: MaglevHash,
+    pub seed: u64,
 }
 
 #[cfg(any(test, feature = "reference"))]

@@ -24,96 +24,13 @@ use tokio::sync::watch;
 use lb_common::{datapath_stat, drop_reason};
 
 use crate::{
+    health::metrics::HealthMetrics,
+    sources::kubernetes::metrics::KubernetesMetrics,
     status::Snapshot,
-    traffic::{Counters, Traffic},
+    status::traffic::{Counters, Traffic},
 };
 
-/// Probe durations: 250 µs to 10 s.
-const PROBE_BUCKETS: [f64; 15] = [
-    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProbeLabels {
-    pub service: String,
-    pub r#type: &'static str,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TransitionLabels {
-    pub service: String,
-    pub backend: String,
-    pub to: &'static str,
-}
-
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
-/// `weir_health_check_duration_seconds`, `weir_health_transitions_total`.
-#[derive(Debug)]
-pub struct HealthMetrics {
-    pub check_duration: HistogramFamily<ProbeLabels>,
-    pub transitions: Family<TransitionLabels, Counter>,
-}
-
-impl Default for HealthMetrics {
-    fn default() -> Self {
-        Self {
-            check_duration: Family::new_with_constructor(|| Histogram::new(PROBE_BUCKETS)),
-            transitions: Family::default(),
-        }
-    }
-}
-
-impl HealthMetrics {
-    fn register(&self, r: &mut Registry) {
-        r.register(
-            "health_check_duration_seconds",
-            "Duration of health-check probes, by service, check type and result (ok or the failure reason)",
-            self.check_duration.clone(),
-        );
-        r.register(
-            "health_transitions",
-            "Backend health changes seen by a service's checks (to: healthy or unhealthy)",
-            self.transitions.clone(),
-        );
-    }
-
-    /// The histogram of one (service, type, result): a handle to keep and observe.
-    pub fn histogram(&self, service: &str, kind: &'static str, result: &'static str) -> Histogram {
-        self.check_duration.get_or_create_owned(&ProbeLabels {
-            service: service.to_string(),
-            r#type: kind,
-            result,
-        })
-    }
-
-    pub fn observe_probe(
-        &self,
-        service: &str,
-        kind: &'static str,
-        result: &'static str,
-        took: Duration,
-    ) {
-        self.check_duration
-            .get_or_create(&ProbeLabels {
-                service: service.to_string(),
-                r#type: kind,
-                result,
-            })
-            .observe(took.as_secs_f64());
-    }
-
-    pub fn transition(&self, service: &str, backend: &str, healthy: bool) {
-        self.transitions
-            .get_or_create(&TransitionLabels {
-                service: service.to_string(),
-                backend: backend.to_string(),
-                to: if healthy { "healthy" } else { "unhealthy" },
-            })
-            .inc();
-    }
-}
 
 /// Gauges read from the status snapshot: `weir_backend_healthy`, `weir_service_fail_open`,
 /// `weir_l2_announced`.
@@ -213,14 +130,7 @@ pub struct AgentMetrics {
     pub last_reload_ok: Gauge,
     /// `weir_dataplane_attached`: 1 per interface the programs are attached to.
     pub attached: Family<AttachLabels, Gauge>,
-    /// `weir_kubernetes_service_problems`: problems per Service (bad annotations, ...).
-    pub service_problems: Family<ServiceLabel, Gauge>,
     build: Family<BuildLabels, Gauge>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ServiceLabel {
-    pub service: String,
 }
 
 impl Default for AgentMetrics {
@@ -231,7 +141,6 @@ impl Default for AgentMetrics {
             reload_failures: Counter::default(),
             last_reload_ok: Gauge::default(),
             attached: Family::default(),
-            service_problems: Family::default(),
             build: Family::default(),
         };
         m.last_reload_ok.set(1);
@@ -272,11 +181,6 @@ impl AgentMetrics {
             self.attached.clone(),
         );
         r.register(
-            "kubernetes_service_problems",
-            "Problems that keep part of a Kubernetes Service from being served (bad annotations, source ranges, conflicts); see its Events",
-            self.service_problems.clone(),
-        );
-        r.register(
             "build_info",
             "The agent's version; always 1",
             self.build.clone(),
@@ -289,18 +193,6 @@ impl AgentMetrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Sets the problem gauge of every Service with problems (and drops the others').
-    pub fn set_service_problems(&self, problems: &BTreeMap<String, Vec<String>>) {
-        self.service_problems.clear();
-        for (service, p) in problems {
-            self.service_problems
-                .get_or_create(&ServiceLabel {
-                    service: service.clone(),
-                })
-                .set(p.len() as i64);
-        }
-    }
-
     /// Counts a config reload attempt.
     pub fn reload(&self, ok: bool) {
         self.reloads.inc();
@@ -311,7 +203,7 @@ impl AgentMetrics {
     }
 }
 
-/// The traffic counters of the last sample (see [`crate::traffic`]).
+/// The traffic counters of the last sample (see [`crate::status::traffic`]).
 #[derive(Debug)]
 struct TrafficCollector(watch::Receiver<Arc<Traffic>>);
 
@@ -547,6 +439,8 @@ impl Collector for TrafficCollector {
 pub struct Metrics {
     pub registry: Registry,
     pub health: Arc<HealthMetrics>,
+    /// Kubernetes mode's.
+    pub kubernetes: Arc<KubernetesMetrics>,
     pub agent: Arc<AgentMetrics>,
 }
 
@@ -566,10 +460,13 @@ impl Metrics {
         });
         registry.register_collector(Box::new(SnapshotGauges(snapshot)));
         registry.register_collector(Box::new(TrafficCollector(traffic)));
+        let kubernetes = Arc::new(KubernetesMetrics::default());
+        kubernetes.register(&mut registry);
         Self {
             registry,
             health,
             agent,
+            kubernetes,
         }
     }
 

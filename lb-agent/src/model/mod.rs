@@ -1,6 +1,8 @@
 //! The desired state: what the data plane should do, whatever source it came from (the
 //! standalone config file or Kubernetes). Pure data; validated when built.
 
+pub mod check;
+
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
@@ -10,7 +12,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::health::spec::HealthCheck;
+use self::check::HealthCheck;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +121,10 @@ pub struct Service {
     pub health_check: Option<HealthCheck>,
 }
 
+/// The source-NAT port range when none is configured: above Linux's default ephemeral range
+/// (32768-60999), so that the node's own connections never use these ports.
+pub const DEFAULT_SOURCE_NAT_PORTS: (u16, u16) = (61000, 65535);
+
 /// Everything the data plane should carry, as one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
@@ -144,7 +150,7 @@ impl Default for SourceNat {
         Self {
             ipv4: None,
             ipv6: None,
-            ports: crate::config::DEFAULT_SOURCE_NAT_PORTS,
+            ports: crate::model::DEFAULT_SOURCE_NAT_PORTS,
         }
     }
 }

@@ -14,7 +14,7 @@ use aya::{
     programs::{ProgramFd, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_agent::{
-    config::DataplaneLimits,
+    dataplane::DataplaneLimits,
     dataplane::{Programmer, ebpf::Datapath},
     model::{Backend, DesiredState, Frontend, Protocol, Service},
 };

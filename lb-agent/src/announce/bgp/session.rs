@@ -29,7 +29,7 @@ use tracing::info;
 use super::{Routes, Slot, State};
 use crate::{
     announce::bfd,
-    config::{BgpPeerConfig, RouteAttrs},
+    announce::{BgpPeerConfig, RouteAttrs},
 };
 
 /// AS_TRANS (RFC 6793): the 2-octet stand-in for a 4-octet AS number in OPEN.

@@ -10,7 +10,7 @@ use std::{
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use crate::config::BgpPeerConfig;
+use crate::announce::BgpPeerConfig;
 
 /// `struct tcp_md5sig` of linux/tcp.h.
 #[repr(C)]

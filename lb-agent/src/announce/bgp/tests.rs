@@ -6,7 +6,7 @@ use rustbgpd_wire::{
 };
 
 use super::session::{Context, Families, announcements, negotiate, withdrawals};
-use crate::config::{BgpPeerConfig, RouteAttrs, Secret};
+use crate::announce::{BgpPeerConfig, RouteAttrs, Secret};
 
 fn ctx(local_as: u32, remote_as: u32) -> Context {
     Context {
@@ -268,11 +268,11 @@ async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
     let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let router = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = crate::config::BgpConfig {
+    let config = crate::announce::BgpConfig {
         local_as: 64512,
         router_id: Ipv4Addr::new(198, 18, 2, 11),
         listen_port: port,
-        bfd: crate::config::BfdTimers {
+        bfd: crate::announce::BfdTimers {
             interval: std::time::Duration::from_millis(100),
             multiplier: 3,
         },
@@ -304,7 +304,7 @@ async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
         .expect("the active peer connects")
         .unwrap();
     // A new AS for the peers without their own: the active peer's session starts again.
-    let config = crate::config::BgpConfig {
+    let config = crate::announce::BgpConfig {
         local_as: 64520,
         ..config
     };

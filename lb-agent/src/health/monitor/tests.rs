@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use tokio::net::TcpListener;
 
 use super::*;
-use crate::health::spec::RawHealthCheck;
+use crate::model::check::RawHealthCheck;
 
 fn probe(yaml: &str) -> Probe {
     let raw: RawHealthCheck = serde_yaml::from_str(yaml).expect("YAML");

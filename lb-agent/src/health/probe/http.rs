@@ -5,6 +5,7 @@
 //! `ca_file` the chain and the name are verified.
 
 use crate::LockExt as _;
+use crate::model::check::Probe;
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -22,10 +23,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::tcp::{connect, preview};
-use crate::health::{
-    spec::Probe,
-    state::{Failure, FailureKind},
-};
+use crate::health::state::{Failure, FailureKind};
 
 pub const USER_AGENT_VALUE: &str = concat!("weir-health-check/", env!("CARGO_PKG_VERSION"));
 

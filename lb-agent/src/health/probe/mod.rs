@@ -10,14 +10,12 @@ mod udp;
 
 pub use http::{USER_AGENT_VALUE, load_ca};
 
+use crate::model::check::{CheckKind, Probe};
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::sync::OnceCell;
 
-use super::{
-    spec::{CheckKind, Probe},
-    state::{Failure, FailureKind},
-};
+use super::state::{Failure, FailureKind};
 
 /// Runs probes; holds the shared sockets and TLS settings.
 #[derive(Default)]

@@ -1,5 +1,6 @@
 //! `tcp`: connect; optionally send `request` and wait for a reply containing `response`.
 
+use crate::model::check::Probe;
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
@@ -7,10 +8,7 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use crate::health::{
-    spec::Probe,
-    state::{Failure, FailureKind},
-};
+use crate::health::state::{Failure, FailureKind};
 
 /// Largest reply read while looking for `response`.
 const MAX_REPLY: usize = 64 * 1024;

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::*;
-use crate::health::spec::RawHealthCheck;
+use crate::model::check::RawHealthCheck;
 
 fn probe(yaml: &str) -> Probe {
     let raw: RawHealthCheck = serde_yaml::from_str(yaml).expect("YAML");

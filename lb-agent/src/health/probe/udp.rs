@@ -2,15 +2,13 @@
 //! `response` when one is set; an ICMP port unreachable fails at once (the connected socket
 //! reports it as ECONNREFUSED); silence is a timeout, so a black-holed backend is down.
 
+use crate::model::check::Probe;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::net::UdpSocket;
 
 use super::tcp::{contains, preview};
-use crate::health::{
-    spec::Probe,
-    state::{Failure, FailureKind},
-};
+use crate::health::state::{Failure, FailureKind};
 
 pub async fn probe(target: SocketAddr, probe: &Probe) -> Result<(), Failure> {
     let local: SocketAddr = if target.is_ipv4() {

@@ -1,7 +1,7 @@
 //! Address annotations of a Service: `weir.dev/load-balancer-ips`, `weir.dev/ip-pool`,
 //! `weir.dev/allow-shared-ip`, with MetalLB's names (`metallb.io/…` and the legacy
 //! `metallb.universe.tf/…`) accepted as aliases so that Services move over unchanged;
-//! `weir.dev/*` wins when both are present. (Health-check annotations: `crate::health::spec`.)
+//! `weir.dev/*` wins when both are present. (Health-check annotations: `crate::model::check`.)
 
 use std::{collections::BTreeMap, net::IpAddr};
 

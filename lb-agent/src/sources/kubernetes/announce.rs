@@ -25,7 +25,7 @@ use super::{
     ipam::Selector,
     translate,
 };
-use crate::config::{
+use crate::announce::{
     Advertisement, BfdTimers, BgpConfig, BgpPeerConfig, RouteAttrs, parse_community,
     parse_large_community,
 };
@@ -224,7 +224,7 @@ fn peer(p: &BGPPeer, secrets: &[Secret]) -> Result<BgpPeerConfig, String> {
                     r.name
                 )
             })?;
-            Some(crate::config::Secret(
+            Some(crate::announce::Secret(
                 text.trim_end_matches(['\n', '\r']).to_string(),
             ))
         }

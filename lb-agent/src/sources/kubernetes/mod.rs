@@ -8,6 +8,7 @@ pub mod announce;
 pub mod crd;
 pub mod healthport;
 pub mod ipam;
+pub mod metrics;
 pub mod runtime;
 pub mod translate;
 

@@ -3,6 +3,8 @@
 //! every change; and, on the one agent holding the `weir` Lease, the address work written to
 //! the Services' status (server-side apply, field manager `weir`) with Events for failures.
 
+/// The API client (the one kube type the rest of the agent holds).
+pub use kube::Client;
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -17,7 +19,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Config, Resource, ResourceExt as _,
+    Api, Config, Resource, ResourceExt as _,
     api::{Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
@@ -214,7 +216,7 @@ pub async fn translate_loop(
     out: watch::Sender<Option<Arc<Translation>>>,
     leader: watch::Receiver<bool>,
     events: EventSink,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<super::metrics::KubernetesMetrics>,
 ) {
     tracing::debug!("translate loop: waiting for the stores");
     if let Err(e) = stores.ready().await {
@@ -255,7 +257,7 @@ pub async fn translate_loop(
                 }
             }
         }
-        metrics.agent.set_service_problems(&t.problems);
+        metrics.set_service_problems(&t.problems);
         reported = t.problems.clone();
         if t.announce_problems != announce_reported {
             for p in &t.announce_problems {

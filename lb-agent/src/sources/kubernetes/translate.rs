@@ -19,7 +19,7 @@
 //!   endpoint, as before;
 //! - `sessionAffinity: ClientIP` with its timeout (default 3 hours), `loadBalancerSourceRanges`;
 //! - a node labelled `node.kubernetes.io/exclude-from-external-load-balancers` serves nothing;
-//! - health checks from the Service's annotations (`crate::health::spec::from_annotations`).
+//! - health checks from the Service's annotations (`crate::model::check::from_annotations`).
 //!
 //! A problem with one Service (a bad annotation, a bad source range, a VIP another Service
 //! already serves on that port) is reported for it and never affects another Service.
@@ -36,7 +36,7 @@ use k8s_openapi::api::{
 };
 
 use crate::{
-    health::spec::from_annotations,
+    model::check::from_annotations,
     model::{self, Backend, DesiredState, Frontend, Protocol, SourceNat},
 };
 
@@ -116,7 +116,7 @@ pub struct Translation {
     /// `namespace/name`.
     pub health_node_ports: BTreeMap<u16, String>,
     /// BGP mode: this node's peers and advertisements (None: no BGPPeer selects it).
-    pub bgp: Option<crate::config::BgpConfig>,
+    pub bgp: Option<crate::announce::BgpConfig>,
     /// L2 mode: the addresses this node may answer for and the gossip peers.
     pub l2: super::announce::L2Plan,
     /// The BGPPeers, BGPAdvertisements and L2Advertisements left out, and why.
@@ -432,7 +432,7 @@ fn service(
     let empty = Vec::new();
     let slices = slices.unwrap_or(&empty);
     let mut out = Vec::new();
-    let mut checks: BTreeMap<Protocol, Option<crate::health::spec::HealthCheck>> = BTreeMap::new();
+    let mut checks: BTreeMap<Protocol, Option<crate::model::check::HealthCheck>> = BTreeMap::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let proto = match protocol(p.protocol.as_deref()) {
             Ok(proto) => proto,

@@ -13,7 +13,7 @@ use k8s_openapi::{
 use super::{Inputs, L2Plan, config, l2, router_id};
 use crate::{
     announce::bgp::routes,
-    config::{RouteAttrs, Secret as Password},
+    announce::{RouteAttrs, Secret as Password},
     sources::kubernetes::{
         crd::{
             BGPAdvertisement, BGPAdvertisementSpec, BGPPeer, BGPPeerSpec, IPPool, IPPoolSpec,
@@ -150,7 +150,7 @@ impl World {
         }
     }
 
-    fn on(&self, node: &str) -> (Option<crate::config::BgpConfig>, Vec<String>) {
+    fn on(&self, node: &str) -> (Option<crate::announce::BgpConfig>, Vec<String>) {
         config(&self.inputs(node))
     }
 

@@ -223,7 +223,7 @@ fn cluster_policy_uses_every_endpoint_and_source_nats_other_nodes() {
         "node-a's InternalIP"
     );
     assert_eq!(nat.ipv6, Some("fd00:18::2".parse().unwrap()));
-    assert_eq!(nat.ports, crate::config::DEFAULT_SOURCE_NAT_PORTS);
+    assert_eq!(nat.ports, crate::model::DEFAULT_SOURCE_NAT_PORTS);
 
     // Configured addresses and ports win over the Node's.
     let mut o = opts();
@@ -429,7 +429,7 @@ fn the_pipeline_programs_the_fake_data_plane() {
             .build(),
     ];
     let t = translate(&services, &slices, &nodes(), &opts());
-    let limits = crate::config::DataplaneLimits::default();
+    let limits = crate::dataplane::DataplaneLimits::default();
     let mut programmer = Programmer::new(&limits, 0);
     let mut maps = FakeMaps::default();
     programmer.apply(&t.desired, &mut maps).unwrap();

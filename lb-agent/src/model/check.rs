@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use crate::model::Protocol;
+use super::Protocol;
 
 /// The defaults: interval 1 s, timeout 500 ms, rise 2, fall 2.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);

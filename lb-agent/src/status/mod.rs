@@ -3,6 +3,10 @@
 //! programmed and publishes it whole (a `watch` channel); the admin API and the metrics read
 //! it, so they never show a state the data plane does not have yet.
 
+pub mod traffic;
+
+use self::traffic::{Counters, Rates, ServiceTraffic, Traffic};
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -19,7 +23,6 @@ use crate::{
         state::Health,
     },
     model::Protocol,
-    traffic::{Counters, Rates, ServiceTraffic, Traffic},
 };
 
 #[derive(Clone, Debug, Default)]
@@ -252,7 +255,7 @@ fn backend_json(b: &BackendStatus, traffic: Option<&ServiceTraffic>) -> BackendJ
 #[cfg(test)]
 pub mod fixtures {
     use super::*;
-    use crate::traffic::{BackendTraffic, Counters, Rates, ServiceTraffic, Traffic};
+    use crate::status::traffic::{BackendTraffic, Counters, Rates, ServiceTraffic, Traffic};
 
     pub fn backend(addr: &str, id: u32, state: Option<Health>) -> BackendStatus {
         BackendStatus {

@@ -1,0 +1,111 @@
+//! The agent's configuration: the one place that reads config files, the environment and
+//! `/proc`. Three steps, one module each:
+//! - [`raw`]: the file as written (YAML, unknown fields rejected);
+//! - [`check`]: one conversion into a checked [`Config`] built of each subsystem's own types
+//!   (`model`, `dataplane`, `maglev`, `announce`); an error names the file, the field path and
+//!   what is wrong, and nothing is applied;
+//! - [`source`]: where a config comes from, and the host's facts.
+
+mod check;
+mod raw;
+mod source;
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+pub use self::{
+    check::{ephemeral_overlap, parse_port_range},
+    source::{Source, ephemeral_ports, host_name},
+};
+use crate::{
+    announce::AnnounceConfig,
+    dataplane::{DataplaneLimits, XdpMode},
+    maglev::MaglevConfig,
+    model::{DesiredState, SourceNat},
+};
+
+/// The example configuration, also what `lb-agent run` uses when no `--config` is given: the
+/// standalone lab's addresses (see `weir-lab demo`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../../examples/standalone.yaml");
+pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
+
+/// Largest weight a backend may have.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Longest ClientIP affinity timeout (Kubernetes' limit for `timeoutSeconds`).
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// Affinity timeout when the block is given without one (Kubernetes' default).
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+
+/// A checked configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub admin: AdminConfig,
+    pub maglev: MaglevConfig,
+    pub dataplane: DataplaneLimits,
+    pub desired: DesiredState,
+    pub announce: AnnounceConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    /// `node.source_nat`: the port range given to source-NATed flows and the node's addresses
+    /// they leave with (in Kubernetes mode, by default this Node's InternalIP of each family).
+    pub source_nat: SourceNat,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// One thing wrong with a config, at a field path such as `services[1].backends[0].port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join(&format!("\n{file}: ")))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+    /// A valid config that does not fit here (the mode, the node's sysctls).
+    #[error("{0}")]
+    Refused(String),
+    /// A fact of the host that could not be read.
+    #[error("{what}: {source}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Read { .. } | Self::Refused(_) | Self::Host { .. } => &[],
+            Self::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,135 @@
+//! Where a config comes from — a file or the embedded default — and the facts of the host the
+//! agent reads (its sysctls, its name): the one place that reads files and `/proc`.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use super::{raw::RawConfig, *};
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// The embedded default configuration.
+    pub fn default_config() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_CONFIG, DEFAULT_CONFIG_NAME)
+    }
+
+    /// Parses and checks `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            file: file.to_string(),
+            problems,
+        };
+        let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+            text,
+        ))
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            };
+            // serde_yaml already starts its message with the path (of the map, for an
+            // unknown field, where the path names the field).
+            let message = e.into_inner().to_string();
+            let message = match message.split_once(": ") {
+                Some((prefix, rest)) if path.starts_with(prefix) => rest.to_string(),
+                _ => message,
+            };
+            invalid(vec![Problem { path, message }])
+        })?;
+        raw.check().map_err(invalid)
+    }
+}
+
+/// Where a config came from: a file path, or the embedded default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+impl Source {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_with_fingerprint().map(|(c, _)| c)
+    }
+
+    /// The config and the bytes it was parsed from (what [`fingerprint`](Self::fingerprint)
+    /// compares), read once so that the two always match.
+    pub fn load_with_fingerprint(&self) -> Result<(Config, Option<Vec<u8>>), ConfigError> {
+        match self {
+            Self::File(p) => {
+                let file = p.display().to_string();
+                let bytes = std::fs::read(p).map_err(|source| ConfigError::Read {
+                    file: file.clone(),
+                    source,
+                })?;
+                let text = String::from_utf8_lossy(&bytes);
+                Ok((Config::parse(&text, &file)?, Some(bytes)))
+            }
+            Self::Embedded => Ok((Config::default_config()?, None)),
+        }
+    }
+
+    /// The file's current bytes, to notice changes (the embedded default never changes).
+    pub fn fingerprint(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::File(p) => std::fs::read(p).ok(),
+            Self::Embedded => None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::Embedded => f.write_str(DEFAULT_CONFIG_NAME),
+        }
+    }
+}
+
+/// This network namespace's ephemeral port range and its reserved ports (the text of
+/// `ip_local_reserved_ports`; empty when unreadable).
+pub fn ephemeral_ports() -> Result<(u16, u16, String), ConfigError> {
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let text = std::fs::read_to_string(RANGE).map_err(|source| ConfigError::Host {
+        what: RANGE,
+        source,
+    })?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
+        return Err(ConfigError::Host {
+            what: RANGE,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected contents {text:?}"),
+            ),
+        });
+    };
+    let reserved = std::fs::read_to_string(RESERVED).unwrap_or_default();
+    Ok((lo, hi, reserved))
+}
+
+/// This host's name (the default node name among the announcing nodes).
+pub fn host_name() -> Result<String, ConfigError> {
+    const HOSTNAME: &str = "/proc/sys/kernel/hostname";
+    std::fs::read_to_string(HOSTNAME)
+        .map(|n| n.trim().to_string())
+        .map_err(|source| ConfigError::Host {
+            what: HOSTNAME,
+            source,
+        })
+}

@@ -1,0 +1,97 @@
+//! The health checks' metrics: `weir_health_check_duration_seconds`,
+//! `weir_health_transitions_total`.
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Probe durations: 250 µs to 10 s.
+const PROBE_BUCKETS: [f64; 15] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub service: String,
+    pub r#type: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub service: String,
+    pub backend: String,
+    pub to: &'static str,
+}
+
+/// `weir_health_check_duration_seconds`, `weir_health_transitions_total`.
+#[derive(Debug)]
+pub struct HealthMetrics {
+    pub check_duration: HistogramFamily<ProbeLabels>,
+    pub transitions: Family<TransitionLabels, Counter>,
+}
+
+impl Default for HealthMetrics {
+    fn default() -> Self {
+        Self {
+            check_duration: Family::new_with_constructor(|| Histogram::new(PROBE_BUCKETS)),
+            transitions: Family::default(),
+        }
+    }
+}
+
+impl HealthMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "health_check_duration_seconds",
+            "Duration of health-check probes, by service, check type and result (ok or the failure reason)",
+            self.check_duration.clone(),
+        );
+        r.register(
+            "health_transitions",
+            "Backend health changes seen by a service's checks (to: healthy or unhealthy)",
+            self.transitions.clone(),
+        );
+    }
+
+    /// The histogram of one (service, type, result): a handle to keep and observe.
+    pub fn histogram(&self, service: &str, kind: &'static str, result: &'static str) -> Histogram {
+        self.check_duration.get_or_create_owned(&ProbeLabels {
+            service: service.to_string(),
+            r#type: kind,
+            result,
+        })
+    }
+
+    pub fn observe_probe(
+        &self,
+        service: &str,
+        kind: &'static str,
+        result: &'static str,
+        took: Duration,
+    ) {
+        self.check_duration
+            .get_or_create(&ProbeLabels {
+                service: service.to_string(),
+                r#type: kind,
+                result,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn transition(&self, service: &str, backend: &str, healthy: bool) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                service: service.to_string(),
+                backend: backend.to_string(),
+                to: if healthy { "healthy" } else { "unhealthy" },
+            })
+            .inc();
+    }
+}
