@@ -119,16 +119,16 @@ fn main() -> ExitCode {
         } => {
             init_logging();
             let kube = kubernetes.then(|| {
-                let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                let env = config::KubeEnv::read();
                 let node = node_name
-                    .or_else(|| env("NODE_NAME"))
-                    .or_else(hostname)
+                    .or(env.node_name)
+                    .or_else(|| config::host_name().ok().filter(|h| !h.is_empty()))
                     .unwrap_or_else(|| "unknown-node".into());
                 lb_agent::app::KubeMode {
                     kubeconfig,
-                    identity: env("POD_NAME").unwrap_or_else(|| node.clone()),
+                    identity: env.pod_name.unwrap_or_else(|| node.clone()),
                     namespace: namespace
-                        .or_else(|| env("POD_NAMESPACE"))
+                        .or(env.pod_namespace)
                         .unwrap_or_else(|| "weir-system".into()),
                     node,
                     default_class,
@@ -161,13 +161,6 @@ fn runtime(agent: bool) -> Option<tokio::runtime::Runtime> {
         .build()
         .map_err(|e| eprintln!("cannot start the runtime: {e}"))
         .ok()
-}
-
-fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
 }
 
 fn init_logging() {

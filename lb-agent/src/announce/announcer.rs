@@ -37,8 +37,8 @@ pub enum AnnounceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("announce.bgp: {0:#}")]
-    Bgp(anyhow::Error),
+    #[error("announce.bgp: {0}")]
+    Bgp(#[source] bgp::BgpError),
 }
 
 /// An interface where this node answers ARP and Neighbor Solicitations.

@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{
     net::UdpSocket,
@@ -301,10 +300,27 @@ pub struct Bfd {
     next_disc: u32,
 }
 
+/// A BFD socket that could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BfdError {
+    #[error("binding UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("BFD: a source port for {peer}: {source}")]
+    SourcePort {
+        peer: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl Bfd {
     /// Binds the receive sockets of both families (IPv6 where the host has it); runs on the
     /// current tokio runtime.
-    pub fn bind(timers: BfdTimers) -> anyhow::Result<Self> {
+    pub fn bind(timers: BfdTimers) -> Result<Self, BfdError> {
         let by_disc: Arc<Mutex<HashMap<u32, Inbox>>> = Arc::default();
         let by_addr: Arc<Mutex<HashMap<IpAddr, Inbox>>> = Arc::default();
         let mut receivers = Vec::new();
@@ -321,9 +337,11 @@ impl Bfd {
                     warn!(error = %e, "BFD: no IPv6 receive socket");
                     continue;
                 }
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("binding UDP {}", SocketAddr::new(any, PORT)));
+                Err(source) => {
+                    return Err(BfdError::Bind {
+                        addr: SocketAddr::new(any, PORT),
+                        source,
+                    });
                 }
             };
             let (by_disc, by_addr) = (by_disc.clone(), by_addr.clone());
@@ -376,10 +394,10 @@ impl Bfd {
         &mut self,
         peer: IpAddr,
         slot: Slot,
-    ) -> anyhow::Result<watch::Receiver<State>> {
+    ) -> Result<watch::Receiver<State>, BfdError> {
         let disc = self.next_disc;
         self.next_disc = self.next_disc.wrapping_add(1).max(1);
-        let sock = source_socket(peer).with_context(|| format!("BFD: a source port for {peer}"))?;
+        let sock = source_socket(peer).map_err(|source| BfdError::SourcePort { peer, source })?;
         let (tx, rx) = mpsc::channel(16);
         self.by_disc.locked().insert(disc, tx.clone());
         self.by_addr.locked().insert(peer, tx);

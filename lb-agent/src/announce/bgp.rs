@@ -26,7 +26,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -186,15 +185,39 @@ pub struct Speaker {
     routes: BTreeMap<IpAddr, Routes>,
 }
 
+/// A peer that could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum BgpError {
+    #[error("setting the TCP MD5 key on the listener: {0}")]
+    ListenerMd5(#[source] std::io::Error),
+    #[error("announce.bgp.listen_port {port}: {source}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("BFD: {0}")]
+    Bfd(#[from] bfd::BfdError),
+    #[error("peer {peer}: {source}")]
+    Peer {
+        peer: IpAddr,
+        #[source]
+        source: Box<BgpError>,
+    },
+}
+
 impl Speaker {
     /// Starts every peer's session (binding the listeners when a peer is passive). Errors for
     /// what makes the speaker unusable: a listener port in use, a BFD port in use.
-    pub async fn start(config: &BgpConfig, status: Peers) -> anyhow::Result<Self> {
+    pub async fn start(config: &BgpConfig, status: Peers) -> Result<Self, BgpError> {
         let mut speaker = Self::without_peers(config, status);
         let problems = speaker.reconcile(config).await;
         if let Some((peer, e)) = problems.into_iter().next() {
             speaker.shutdown(Duration::from_secs(1)).await;
-            return Err(e.context(format!("peer {peer}")));
+            return Err(BgpError::Peer {
+                peer,
+                source: Box::new(e),
+            });
         }
         Ok(speaker)
     }
@@ -240,7 +263,7 @@ impl Speaker {
     /// Brings the sessions in line with `config.peers`: removed or changed peers are closed
     /// (routes withdrawn, Cease sent), new or changed ones started; the others keep running.
     /// Returns the peers that could not be started, with why (the rest is applied).
-    pub async fn reconcile(&mut self, config: &BgpConfig) -> Vec<(IpAddr, anyhow::Error)> {
+    pub async fn reconcile(&mut self, config: &BgpConfig) -> Vec<(IpAddr, BgpError)> {
         debug_assert!(self.reconcilable(config));
         // Each peer with the AS it uses: a new `local_as` changes the peers that use it.
         let wanted: BTreeMap<IpAddr, BgpPeerConfig> = config
@@ -303,7 +326,7 @@ impl Speaker {
         problems
     }
 
-    fn add(&mut self, peer: &BgpPeerConfig) -> anyhow::Result<()> {
+    fn add(&mut self, peer: &BgpPeerConfig) -> Result<(), BgpError> {
         let slot = Slot {
             peers: self.status.clone(),
             address: peer.address,
@@ -333,13 +356,16 @@ impl Speaker {
                 Some(l) => {
                     if let Some(key) = &peer.password {
                         socket::set_md5(&*l.socket, peer.address, key.0.as_bytes())
-                            .context("setting the TCP MD5 key on the listener")?;
+                            .map_err(BgpError::ListenerMd5)?;
                     }
                 }
                 None => {
-                    let listener = socket::listen(v4, self.config.listen_port, &[peer])
-                        .with_context(|| {
-                            format!("announce.bgp.listen_port {}", self.config.listen_port)
+                    let listener =
+                        socket::listen(v4, self.config.listen_port, &[peer]).map_err(|source| {
+                            BgpError::Listen {
+                                port: self.config.listen_port,
+                                source,
+                            }
                         })?;
                     let socket = Arc::new(listener);
                     let task = tokio::spawn(accept_loop(socket.clone(), self.inboxes.clone()));
@@ -350,7 +376,7 @@ impl Speaker {
         let bfd_state = if peer.bfd {
             if self.bfd.is_none() {
                 // Synchronous bind inside: ready at once.
-                self.bfd = Some(bfd::Bfd::bind(self.config.bfd).context("BFD")?);
+                self.bfd = Some(bfd::Bfd::bind(self.config.bfd)?);
             }
             let b = self.bfd.as_mut().expect("just set");
             Some(b.add(peer.address, slot.clone())?)

@@ -116,7 +116,7 @@ impl ApiState {
 
     /// Records the outcome of loading a config: a new generation, or a failure. Every call
     /// after the first is a reload, counted in the metrics.
-    pub fn note_config(&self, result: Result<(), String>) {
+    pub fn note_config<E: std::fmt::Display>(&self, result: Result<(), E>) {
         let mut c = self.config.locked();
         if c.generation > 0 || c.reload_failures > 0 {
             self.metrics.agent.reload(result.is_ok());
@@ -128,7 +128,7 @@ impl ApiState {
             }
             Err(e) => {
                 c.reload_failures += 1;
-                c.last_error = Some(e);
+                c.last_error = Some(e.to_string());
             }
         }
     }

@@ -130,9 +130,9 @@ async fn metrics_are_negotiated_and_reloads_are_counted() {
         "{text}"
     );
     assert!(!text.contains("# EOF"));
-    s.note_config(Ok(())); // the first load is not a reload
-    s.note_config(Err("bad".into()));
-    s.note_config(Ok(()));
+    s.note_config(Ok::<(), &str>(())); // the first load is not a reload
+    s.note_config(Err("bad"));
+    s.note_config(Ok::<(), &str>(()));
     let (_, text) = get(&s, "/metrics").await;
     for line in [
         "weir_backend_healthy{service=\"web\",backend=\"198.18.1.12:8080\"} 0",

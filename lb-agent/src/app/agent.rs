@@ -11,7 +11,7 @@ use super::checks;
 use crate::{
     announce::Announcer,
     api::ApiState,
-    config::{Config, Source},
+    config::{Config, ConfigError, Source},
     dataplane::Dataplane,
     health::{
         CheckUser,
@@ -20,7 +20,7 @@ use crate::{
     },
     metrics::Metrics,
     model::DesiredState,
-    reconcile::{self, Reconciler},
+    reconcile::{self, ReconcileError, Reconciler},
     sources::kubernetes::{
         healthport::HealthPorts,
         runtime::{EventSink, ServiceEvent},
@@ -28,6 +28,20 @@ use crate::{
     },
     status::Snapshot,
 };
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0} only changes with a restart")]
+    RestartOnly(&'static str),
+    #[error("node.source_nat only changes with a restart in Kubernetes mode")]
+    SourceNatInKubernetes,
+    /// Rolled back (the message is the cause's: the API shows what to fix).
+    #[error("{}", .0.cause())]
+    Apply(ReconcileError),
+}
 
 pub struct Agent<D, C> {
     pub api: ApiState,
@@ -106,71 +120,48 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
     /// Loads the config again and applies the difference; a refused config changes nothing.
     pub fn reload(&mut self, why: &str) {
         let started = Instant::now();
-        let mut new = match self.source.load_with_fingerprint() {
-            Ok((c, fingerprint)) => {
-                self.fingerprint = fingerprint;
-                c
-            }
-            Err(e) => {
-                // Do not retry the same broken file every second; wait for it to change.
-                self.fingerprint = self.source.fingerprint();
-                error!(
-                    reason = why,
-                    "config reload refused; the previous config stays:\n{e}"
-                );
-                self.api.note_config(Err(e.to_string()));
-                return;
-            }
-        };
-        if let Some(field) = checks::restart_only_change(&self.current, &new) {
-            error!(
+        let result = self.try_reload(why);
+        match &result {
+            Ok(()) => self.metrics.agent.observe_sync("config", started.elapsed()),
+            // Logged where it was rolled back.
+            Err(ReloadError::Apply(_)) => {}
+            Err(e) => error!(
                 reason = why,
-                field,
-                "config reload refused: this field only changes with a restart; the previous config stays"
-            );
-            self.api
-                .note_config(Err(format!("{field} only changes with a restart")));
-            return;
+                "config reload refused; the previous config stays:\n{e}"
+            ),
+        }
+        self.api.note_config(result);
+    }
+
+    fn try_reload(&mut self, why: &str) -> Result<(), ReloadError> {
+        let loaded = self.source.load_with_fingerprint();
+        // A broken file is not tried again every second: only once it changes.
+        self.fingerprint = match &loaded {
+            Ok((_, fingerprint)) => fingerprint.clone(),
+            Err(_) => self.source.fingerprint(),
+        };
+        let mut new = loaded?.0;
+        if let Some(field) = checks::restart_only_change(&self.current, &new) {
+            return Err(ReloadError::RestartOnly(field));
         }
         if self.kubernetes {
             if new.node.source_nat != self.current.node.source_nat {
-                error!(
-                    reason = why,
-                    field = "node.source_nat",
-                    "config reload refused: in Kubernetes mode this field only changes with a restart; the previous config stays"
-                );
-                self.api.note_config(Err(
-                    "node.source_nat only changes with a restart in Kubernetes mode".into(),
-                ));
-                return;
+                return Err(ReloadError::SourceNatInKubernetes);
             }
             // The services and BGP come from Kubernetes; the file carries node settings only.
             new.desired = self.reconciler.desired().clone();
             new.announce.bgp = self.announcer.bgp_config().cloned();
-        } else if let Some(nat) = new.desired.source_nat
-            && let Err(e) = checks::source_nat_ports(nat.ports)
-        {
-            error!(
-                reason = why,
-                "config reload refused: {e}; the previous config stays"
-            );
-            self.api.note_config(Err(e.to_string()));
-            return;
+        } else if let Some(nat) = new.desired.source_nat {
+            checks::source_nat_ports(nat.ports)?;
         }
-        let desired = new.desired.clone();
         self.announcer.set_bgp(new.announce.bgp.clone());
-        match self.apply(desired, why) {
-            Ok(()) => {
-                self.metrics.agent.observe_sync("config", started.elapsed());
-                self.current = new;
-                self.api.note_config(Ok(()));
-            }
-            Err(e) => {
-                // The BGP configuration stays with the config in force.
-                self.announcer.set_bgp(self.current.announce.bgp.clone());
-                self.api.note_config(Err(e));
-            }
+        if let Err(e) = self.apply(new.desired.clone(), why) {
+            // The BGP configuration stays with the config in force.
+            self.announcer.set_bgp(self.current.announce.bgp.clone());
+            return Err(ReloadError::Apply(e));
         }
+        self.current = new;
+        Ok(())
     }
 
     /// Applies a new translation of the Kubernetes stores (the BGP part takes effect with
@@ -192,8 +183,8 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
             .observe_sync("kubernetes", started.elapsed());
     }
 
-    /// Programs `desired` or rolls back (the error: why it did not land).
-    fn apply(&mut self, desired: DesiredState, why: &str) -> Result<(), String> {
+    /// Programs `desired` or rolls back (logging either).
+    fn apply(&mut self, desired: DesiredState, why: &str) -> Result<(), ReconcileError> {
         let started = Instant::now();
         let landed = match self.reconciler.apply(desired) {
             Ok(a) => {
@@ -215,7 +206,7 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
             }
             Err(e) => {
                 reconcile::log_refused(why, &e);
-                Err(e.cause().to_string())
+                Err(e)
             }
         };
         self.announce();

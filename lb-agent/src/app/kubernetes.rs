@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
 
@@ -52,7 +51,7 @@ pub async fn start(
     config: &Config,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<Option<Kubernetes>> {
+) -> Result<Option<Kubernetes>, super::AppError> {
     tokio::pin!(stop);
     let watches = kube_runtime::watch_all(&client, &mode.namespace);
     let opts = translate::Options {
@@ -105,8 +104,7 @@ pub async fn start(
     )));
     tokio::select! {
         r = translations.wait_for(Option::is_some) => {
-            r.map_err(|_| anyhow::anyhow!("the Kubernetes watchers stopped"))
-                .context("waiting for the first translation")?;
+            r.map_err(|_| super::AppError::KubernetesStopped)?;
         }
         () = &mut stop => { abort(&tasks); return Ok(None); }
     }

@@ -18,29 +18,70 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use tokio::{sync::watch, time::Instant};
 use tracing::info;
 
 pub use self::kubernetes::KubeMode;
 use self::{agent::Agent, kubernetes::Kubernetes, signals::Signals};
 use crate::{
+    announce::AnnounceError,
     announce::Announcer,
     api::{self, ApiState},
-    config::{Config, Source},
-    dataplane::{Dataplane, ebpf::Datapath},
+    config::{Config, ConfigError, Source},
+    dataplane::{ApplyError, Dataplane, DataplaneError, ebpf::Datapath},
     health::monitor::{CheckEvent, MAX_CONCURRENT_PROBES, Monitor},
     metrics::{AttachLabels, Metrics},
     reconcile::Reconciler,
-    sources::kubernetes::{healthport::HealthPorts, runtime as kube_runtime},
+    sources::kubernetes::{
+        healthport::HealthPorts,
+        runtime::{self as kube_runtime, KubeError},
+    },
     status::Snapshot,
     status::traffic::{self, Traffic},
 };
 
+/// Why the agent could not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("installing the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin.listen {addr}: {source}")]
+    AdminListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
+    #[error("the Kubernetes watchers stopped before the first translation")]
+    KubernetesStopped,
+    #[error("loading the data plane: {0}")]
+    Load(#[source] DataplaneError),
+    #[error("opening the data plane's maps for reading: {0}")]
+    Inspector(#[source] DataplaneError),
+    /// Says which interface.
+    #[error(transparent)]
+    Attach(DataplaneError),
+    #[error("announce.node_name not set: {0}")]
+    NodeName(#[source] ConfigError),
+    #[error(transparent)]
+    Announce(#[from] AnnounceError),
+    #[error("starting the health-check thread: {0}")]
+    HealthThread(#[source] std::io::Error),
+    #[error("programming the first state: {0}")]
+    FirstState(#[source] ApplyError),
+}
+
 /// How often the config file is compared with what was last loaded.
 const FILE_POLL: Duration = Duration::from_secs(1);
 
-pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
+pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError> {
     // Signal handlers first: a SIGHUP or SIGTERM sent as soon as /readyz answers must be seen.
     let mut signals = Signals::new()?;
     let (config, fingerprint) = source.load_with_fingerprint()?;
@@ -54,9 +95,13 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
 
     // The admin port and the Kubernetes client before the data plane: a port conflict or a
     // bad kubeconfig changes nothing.
-    let listener = api::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("admin.listen {}", config.admin.listen))?;
+    let listener =
+        api::bind(config.admin.listen)
+            .await
+            .map_err(|source| AppError::AdminListen {
+                addr: config.admin.listen,
+                source,
+            })?;
     let kube_client = match &kube {
         Some(k) => Some(kube_runtime::client(k.kubeconfig.as_deref()).await?),
         None => None,
@@ -65,10 +110,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     let traffic = watch::Sender::new(Arc::new(Traffic::default()));
     let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
     let mut state = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
-    let mut datapath = Datapath::load(&config.dataplane).context("loading the data plane")?;
-    let inspector = datapath
-        .inspector()
-        .context("opening the data plane's maps for reading")?;
+    let mut datapath = Datapath::load(&config.dataplane).map_err(AppError::Load)?;
+    let inspector = datapath.inspector().map_err(AppError::Inspector)?;
     state.inspector = Some(inspector.clone());
     let api = api::spawn(listener, state.clone());
     info!(listen = %config.admin.listen, "admin API listening");
@@ -77,7 +120,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         (Some(n), _) => n.clone(),
         (None, Some(k)) => k.node.clone(),
         (None, None) if config.announce.gossip.is_some() => {
-            crate::config::host_name().context("announce.node_name not set")?
+            crate::config::host_name().map_err(AppError::NodeName)?
         }
         (None, None) => String::new(),
     };
@@ -96,7 +139,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
         _ => None,
     };
     let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES)
-        .context("starting the health-check thread")?;
+        .map_err(AppError::HealthThread)?;
     let reconciler = Reconciler::new(
         datapath,
         monitor,
@@ -123,7 +166,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
     };
     first_state(&mut agent, k8s.as_mut(), &mut events).await?;
     state.readiness.programmed.store(true, Ordering::Release);
-    state.note_config(Ok(()));
+    state.note_config(Ok::<(), &str>(()));
 
     serve(&mut agent, &mut signals, k8s.as_mut(), &mut events).await;
 
@@ -143,9 +186,15 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> anyhow::Result<()> {
 
 /// Attaches the programs to every `node.interfaces` entry (on error, dropping the data plane
 /// detaches what was attached so far).
-fn attach(dataplane: &mut dyn Dataplane, config: &Config, metrics: &Metrics) -> anyhow::Result<()> {
+fn attach(
+    dataplane: &mut dyn Dataplane,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(), AppError> {
     for iface in &config.node.interfaces {
-        let mode = dataplane.attach(iface, config.node.xdp_mode)?;
+        let mode = dataplane
+            .attach(iface, config.node.xdp_mode)
+            .map_err(AppError::Attach)?;
         let labels = AttachLabels {
             interface: iface.clone(),
             mode: mode.as_str(),
@@ -163,7 +212,7 @@ async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
     agent: &mut Agent<D, C>,
     k8s: Option<&mut Kubernetes>,
     events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     let translation = k8s.and_then(|k| k.latest());
     let desired = translation
         .as_ref()
@@ -180,7 +229,7 @@ async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
             agent::note_event(&metrics, sink.as_ref(), &node, users, e);
         })
         .await
-        .context("programming the first state")?;
+        .map_err(AppError::FirstState)?;
     metrics.agent.observe_sync("start", started.elapsed());
     info!(services = report.added.len(), took = ?started.elapsed(), "data plane programmed; ready");
     if let Some(t) = translation {

@@ -1,6 +1,5 @@
 //! The signals the agent answers: SIGHUP reloads the config, SIGTERM and SIGINT stop it.
 
-use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::info;
 
@@ -18,12 +17,18 @@ pub struct Stop {
 impl Signals {
     /// Installs the handlers (before anything else: a signal sent as soon as `/readyz`
     /// answers must be seen).
-    pub fn new() -> anyhow::Result<Self> {
+    pub fn new() -> Result<Self, super::AppError> {
+        let handler = |kind, name| {
+            signal(kind).map_err(|source| super::AppError::Signal {
+                signal: name,
+                source,
+            })
+        };
         Ok(Self {
-            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            hup: handler(SignalKind::hangup(), "SIGHUP")?,
             stop: Stop {
-                term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
-                int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+                term: handler(SignalKind::terminate(), "SIGTERM")?,
+                int: handler(SignalKind::interrupt(), "SIGINT")?,
             },
         })
     }

@@ -99,7 +99,7 @@ async fn agent(file: &File) -> Agent<FakeDataplane, NoChecks> {
         false,
     );
     reconciler.apply(config.desired.clone()).expect("applies");
-    api.note_config(Ok(()));
+    api.note_config(Ok::<(), &str>(()));
     Agent {
         api,
         source,

@@ -246,7 +246,7 @@ impl RawConfig {
                 None => DEFAULT_SOURCE_NAT_PORTS,
                 Some(Ok(r)) => r,
                 Some(Err(e)) => {
-                    c.fail("node.source_nat.ports", e);
+                    c.fail("node.source_nat.ports", e.to_string());
                     DEFAULT_SOURCE_NAT_PORTS
                 }
             },
@@ -602,19 +602,28 @@ pub fn ephemeral_overlap(range: (u16, u16), ephemeral: (u16, u16), reserved: &st
     (lo..=hi).find(|p| !reserved.iter().any(|(a, b)| (*a..=*b).contains(p)))
 }
 
+/// A port range that is not one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PortRangeError {
+    #[error("{0:?} is not a port range such as 61000-65535")]
+    Syntax(String),
+    #[error("{0}: ports below 1024 are the node's own services'")]
+    Privileged(String),
+    #[error("{0}: the first port is above the last")]
+    Reversed(String),
+}
+
 /// Parses `first-last` (inclusive, 1024..=65535, first <= last).
-pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let bad = || format!("{text:?} is not a port range such as 61000-65535");
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), PortRangeError> {
+    let bad = || PortRangeError::Syntax(text.to_string());
     let (a, b) = text.trim().split_once('-').ok_or_else(bad)?;
     let a: u16 = a.trim().parse().map_err(|_| bad())?;
     let b: u16 = b.trim().parse().map_err(|_| bad())?;
     if a < 1024 {
-        return Err(format!(
-            "{text}: ports below 1024 are the node's own services'"
-        ));
+        return Err(PortRangeError::Privileged(text.to_string()));
     }
     if a > b {
-        return Err(format!("{text}: the first port is above the last"));
+        return Err(PortRangeError::Reversed(text.to_string()));
     }
     Ok((a, b))
 }

@@ -13,8 +13,8 @@ mod source;
 use std::{fmt, net::SocketAddr, time::Duration};
 
 pub use self::{
-    check::{ephemeral_overlap, parse_port_range},
-    source::{Source, ephemeral_ports, host_name},
+    check::{PortRangeError, ephemeral_overlap, parse_port_range},
+    source::{KubeEnv, Source, ephemeral_ports, host_name},
 };
 use crate::{
     announce::AnnounceConfig,

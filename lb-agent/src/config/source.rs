@@ -133,3 +133,23 @@ pub fn host_name() -> Result<String, ConfigError> {
             source,
         })
 }
+
+/// Kubernetes mode's settings from the environment (the chart sets them from the Downward
+/// API): `NODE_NAME`, `POD_NAME`, `POD_NAMESPACE`; an empty variable counts as unset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeEnv {
+    pub node_name: Option<String>,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+}
+
+impl KubeEnv {
+    pub fn read() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            node_name: var("NODE_NAME"),
+            pod_name: var("POD_NAME"),
+            pod_namespace: var("POD_NAMESPACE"),
+        }
+    }
+}

@@ -63,6 +63,15 @@ impl fmt::Display for CheckKind {
 }
 
 /// Accepted HTTP status ranges, e.g. `200-399` or `200,204,300-399`.
+/// An `expect_status` value that is not a list of HTTP status codes and ranges.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StatusRangeError {
+    #[error("{0:?} is not an HTTP status code (100-599)")]
+    NotAStatus(String),
+    #[error("{lo}-{hi} is an empty range")]
+    Empty { lo: u16, hi: u16 },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StatusRanges(pub Vec<(u16, u16)>);
 
@@ -75,7 +84,7 @@ impl StatusRanges {
         self.0.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status))
     }
 
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, StatusRangeError> {
         let mut v = Vec::new();
         for part in s.split(',').map(str::trim) {
             let (lo, hi) = match part.split_once('-') {
@@ -86,11 +95,11 @@ impl StatusRanges {
                 x.parse::<u16>()
                     .ok()
                     .filter(|c| (100..=599).contains(c))
-                    .ok_or_else(|| format!("{x:?} is not an HTTP status code (100-599)"))
+                    .ok_or_else(|| StatusRangeError::NotAStatus(x.to_string()))
             };
             let (lo, hi) = (code(lo)?, code(hi)?);
             if lo > hi {
-                return Err(format!("{lo}-{hi} is an empty range"));
+                return Err(StatusRangeError::Empty { lo, hi });
             }
             v.push((lo, hi));
         }
@@ -377,10 +386,10 @@ impl RawHealthCheck {
         let mut early = Vec::new();
         let expect_status = match self.expect_status.as_deref().map(StatusRanges::parse) {
             Some(Ok(r)) => Some(r),
-            Some(Err(message)) => {
+            Some(Err(e)) => {
                 early.push(SpecProblem {
                     key: "expect_status".into(),
-                    message,
+                    message: e.to_string(),
                 });
                 None
             }
@@ -551,7 +560,7 @@ pub fn from_annotations(
     if let Some(v) = annotations.get(ANNOTATION_NAMES.expect_status) {
         match StatusRanges::parse(v) {
             Ok(r) => f.expect_status = Some(r),
-            Err(m) => fail(ANNOTATION_NAMES.expect_status, m),
+            Err(e) => fail(ANNOTATION_NAMES.expect_status, e.to_string()),
         }
     }
     if let Some((key, v)) = get(ANNOTATION_NAMES.request, Some(loxilb::REQUEST)) {

@@ -47,7 +47,7 @@ pub fn pools(pools: &[IPPool]) -> (Vec<Pool>, BTreeMap<String, String>) {
         match Pool::from_spec(&name, &p.spec) {
             Ok(pool) => ok.push(pool),
             Err(e) => {
-                bad.insert(name, e);
+                bad.insert(name, e.to_string());
             }
         }
     }

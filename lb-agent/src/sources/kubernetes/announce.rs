@@ -7,6 +7,7 @@
 //! A resource with a problem is left out whole, with a message naming it and its field; the
 //! rest applies.
 
+use super::SpecError;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
@@ -172,21 +173,23 @@ pub fn router_id(node: Option<&Node>, name: &str) -> Ipv4Addr {
     Ipv4Addr::from(h.max(1))
 }
 
-fn duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, String> {
+fn duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, SpecError> {
     match text {
         None => Ok(default),
         Some(t) => humantime::parse_duration(t)
-            .map_err(|e| format!("spec.{field}: {t:?} is not a duration ({e})")),
+            .map_err(|e| SpecError::new(format!("spec.{field}: {t:?} is not a duration ({e})"))),
     }
 }
 
 /// One BGPPeer as a peer of this node.
-fn peer(p: &BGPPeer, secrets: &[Secret]) -> Result<BgpPeerConfig, String> {
+fn peer(p: &BGPPeer, secrets: &[Secret]) -> Result<BgpPeerConfig, SpecError> {
     let s = &p.spec;
-    let address: IpAddr = s
-        .address
-        .parse()
-        .map_err(|_| format!("spec.address: {:?} is not an IP address", s.address))?;
+    let address: IpAddr = s.address.parse().map_err(|_| {
+        SpecError::new(format!(
+            "spec.address: {:?} is not an IP address",
+            s.address
+        ))
+    })?;
     let password = match &s.password_secret {
         None => None,
         Some(r) => {
@@ -195,10 +198,10 @@ fn peer(p: &BGPPeer, secrets: &[Secret]) -> Result<BgpPeerConfig, String> {
                 .iter()
                 .find(|x| x.name_any() == r.name)
                 .ok_or_else(|| {
-                    format!(
+                    SpecError::new(format!(
                         "spec.passwordSecret: no Secret {:?} in the agents' namespace",
                         r.name
-                    )
+                    ))
                 })?;
             let value = secret
                 .data
@@ -213,16 +216,16 @@ fn peer(p: &BGPPeer, secrets: &[Secret]) -> Result<BgpPeerConfig, String> {
                         .map(|t| t.clone().into_bytes())
                 })
                 .ok_or_else(|| {
-                    format!(
+                    SpecError::new(format!(
                         "spec.passwordSecret: Secret {:?} has no key {key:?}",
                         r.name
-                    )
+                    ))
                 })?;
             let text = String::from_utf8(value).map_err(|_| {
-                format!(
+                SpecError::new(format!(
                     "spec.passwordSecret: Secret {:?} key {key:?} is not text",
                     r.name
-                )
+                ))
             })?;
             Some(crate::announce::Secret(
                 text.trim_end_matches(['\n', '\r']).to_string(),
@@ -263,7 +266,7 @@ fn peer(p: &BGPPeer, secrets: &[Secret]) -> Result<BgpPeerConfig, String> {
     if problems.is_empty() {
         Ok(c)
     } else {
-        Err(problems.join("; "))
+        Err(SpecError(problems))
     }
 }
 
@@ -273,7 +276,7 @@ fn advertisement(
     pools: &[super::ipam::Pool],
     peers: &BTreeMap<String, IpAddr>,
     i: &Inputs,
-) -> Result<Advertisement, String> {
+) -> Result<Advertisement, SpecError> {
     let s = &a.spec;
     let mut problems = Vec::new();
     let mut attrs = RouteAttrs {
@@ -295,9 +298,9 @@ fn advertisement(
         }
     }
     attrs.merge(&RouteAttrs::default());
-    let vips = selected_vips(&s.selection, pools, i).map_err(|e| problems.push(e));
+    let vips = selected_vips(&s.selection, pools, i).map_err(|e| problems.extend(e.0));
     if !problems.is_empty() {
-        return Err(problems.join("; "));
+        return Err(SpecError(problems));
     }
     let vips = vips.unwrap_or_default();
     // Named peers that do not select this node are not this node's to advertise to.
@@ -320,7 +323,7 @@ fn selected_vips(
     selection: &Selection,
     pools: &[super::ipam::Pool],
     i: &Inputs,
-) -> Result<Option<BTreeSet<IpAddr>>, String> {
+) -> Result<Option<BTreeSet<IpAddr>>, SpecError> {
     let ip_pools = &selection.ip_pools;
     let mut problems = Vec::new();
     let mut in_pools = Vec::new();
@@ -344,7 +347,7 @@ fn selected_vips(
         }
     };
     if !problems.is_empty() {
-        return Err(problems.join("; "));
+        return Err(SpecError(problems));
     }
     if ip_pools.is_empty() && services.is_none() {
         return Ok(None);

@@ -10,6 +10,7 @@
 //!   Services' status says first);
 //! - a failed request changes nothing; a released Service's addresses are free again.
 
+use super::SpecError;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -66,23 +67,25 @@ fn from_int(family: Family, n: u128) -> IpAddr {
 
 impl AddrRange {
     /// `198.18.100.0/28`, `fd00::/120`, `198.18.100.10-198.18.100.20`, or one address.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
         let text = text.trim();
         if let Some((a, b)) = text.split_once('-') {
             let (a, b): (IpAddr, IpAddr) = (
                 a.trim()
                     .parse()
-                    .map_err(|_| format!("{a:?} is not an address"))?,
+                    .map_err(|_| SpecError::new(format!("{a:?} is not an address")))?,
                 b.trim()
                     .parse()
-                    .map_err(|_| format!("{b:?} is not an address"))?,
+                    .map_err(|_| SpecError::new(format!("{b:?} is not an address")))?,
             );
             if Family::of(a) != Family::of(b) {
-                return Err(format!("{text:?} mixes IPv4 and IPv6"));
+                return Err(SpecError::new(format!("{text:?} mixes IPv4 and IPv6")));
             }
             let (first, last) = (to_int(a), to_int(b));
             if first > last {
-                return Err(format!("{text:?}: the first address is after the last"));
+                return Err(SpecError::new(format!(
+                    "{text:?}: the first address is after the last"
+                )));
             }
             return Ok(Self {
                 family: Family::of(a),
@@ -92,10 +95,10 @@ impl AddrRange {
         }
         if let Ok(net) = text.parse::<ipnet::IpNet>() {
             if net.network() != net.addr() {
-                return Err(format!(
+                return Err(SpecError::new(format!(
                     "{text:?} has host bits set (did you mean {}?)",
                     net.trunc()
-                ));
+                )));
             }
             return Ok(Self {
                 family: Family::of(net.addr()),
@@ -103,9 +106,11 @@ impl AddrRange {
                 last: to_int(net.broadcast()),
             });
         }
-        let ip: IpAddr = text
-            .parse()
-            .map_err(|_| format!("{text:?} is neither a CIDR, a range (A-B) nor an address"))?;
+        let ip: IpAddr = text.parse().map_err(|_| {
+            SpecError::new(format!(
+                "{text:?} is neither a CIDR, a range (A-B) nor an address"
+            ))
+        })?;
         Ok(Self {
             family: Family::of(ip),
             first: to_int(ip),
@@ -150,21 +155,29 @@ impl Selector {
     }
 
     /// Refuses operators the API server would refuse too.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), SpecError> {
         for e in self.0.match_expressions.iter().flatten() {
             let n = e.values.as_ref().map_or(0, Vec::len);
             match (e.operator.as_str(), n) {
                 ("In" | "NotIn", 1..) | ("Exists" | "DoesNotExist", 0) => {}
                 ("In" | "NotIn", 0) => {
-                    return Err(format!("selector {} {}: needs values", e.key, e.operator));
+                    return Err(SpecError::new(format!(
+                        "selector {} {}: needs values",
+                        e.key, e.operator
+                    )));
                 }
                 ("Exists" | "DoesNotExist", _) => {
-                    return Err(format!(
+                    return Err(SpecError::new(format!(
                         "selector {} {}: takes no values",
                         e.key, e.operator
-                    ));
+                    )));
                 }
-                (op, _) => return Err(format!("selector {}: unknown operator {op:?}", e.key)),
+                (op, _) => {
+                    return Err(SpecError::new(format!(
+                        "selector {}: unknown operator {op:?}",
+                        e.key
+                    )));
+                }
             }
         }
         Ok(())
@@ -185,21 +198,21 @@ pub struct Pool {
 
 impl Pool {
     /// Validates an `IPPool`'s spec; the error names the field.
-    pub fn from_spec(name: &str, spec: &IPPoolSpec) -> Result<Self, String> {
+    pub fn from_spec(name: &str, spec: &IPPoolSpec) -> Result<Self, SpecError> {
         if spec.addresses.is_empty() {
-            return Err("spec.addresses: empty".into());
+            return Err(SpecError::new("spec.addresses: empty"));
         }
         let ranges = spec
             .addresses
             .iter()
             .enumerate()
-            .map(|(i, a)| AddrRange::parse(a).map_err(|e| format!("spec.addresses[{i}]: {e}")))
+            .map(|(i, a)| AddrRange::parse(a).map_err(|e| e.at(&format!("spec.addresses[{i}]"))))
             .collect::<Result<Vec<_>, _>>()?;
         let alloc = spec.service_allocation.clone().unwrap_or_default();
         let selector = alloc.service_selector.map(Selector);
         if let Some(s) = &selector {
             s.check()
-                .map_err(|e| format!("spec.serviceAllocation.serviceSelector: {e}"))?;
+                .map_err(|e| e.at("spec.serviceAllocation.serviceSelector"))?;
         }
         Ok(Self {
             name: name.to_string(),

@@ -7,7 +7,6 @@
 pub use kube::Client;
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, path::Path, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use k8s_openapi::{
     api::{
@@ -54,21 +53,47 @@ pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 /// Changes arriving this close together are translated once.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
+/// Kubernetes mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source}")]
+    ReadKubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no --kubeconfig and no in-cluster credentials: {0}")]
+    NoCredentials(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error("waiting for the first full lists: {0}")]
+    Lists(#[source] kube::runtime::reflector::store::WriterDropped),
+}
+
 /// A client from `kubeconfig`, or the in-cluster credentials.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
     let config = match kubeconfig {
         Some(path) => {
-            let k = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let k = Kubeconfig::read_from(path).map_err(|source| KubeError::ReadKubeconfig {
+                path: path.to_path_buf(),
+                source,
+            })?;
             Config::from_custom_kubeconfig(k, &KubeConfigOptions::default())
                 .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.to_path_buf(),
+                    source,
+                })?
         }
-        None => Config::infer()
-            .await
-            .context("no --kubeconfig and no in-cluster credentials")?,
+        None => Config::infer().await.map_err(KubeError::NoCredentials)?,
     };
-    Client::try_from(config).context("building the Kubernetes client")
+    Client::try_from(config).map_err(KubeError::Client)
 }
 
 /// The watched objects.
@@ -170,15 +195,22 @@ fn owned<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
 
 impl Stores {
     /// Waits until every store has its first full list.
-    pub async fn ready(&self) -> anyhow::Result<()> {
-        self.services.wait_until_ready().await?;
-        self.slices.wait_until_ready().await?;
-        self.nodes.wait_until_ready().await?;
-        self.pools.wait_until_ready().await?;
-        self.bgp_peers.wait_until_ready().await?;
-        self.bgp_advertisements.wait_until_ready().await?;
-        self.l2_advertisements.wait_until_ready().await?;
-        self.secrets.wait_until_ready().await?;
+    pub async fn ready(&self) -> Result<(), KubeError> {
+        let lists = KubeError::Lists;
+        self.services.wait_until_ready().await.map_err(lists)?;
+        self.slices.wait_until_ready().await.map_err(lists)?;
+        self.nodes.wait_until_ready().await.map_err(lists)?;
+        self.pools.wait_until_ready().await.map_err(lists)?;
+        self.bgp_peers.wait_until_ready().await.map_err(lists)?;
+        self.bgp_advertisements
+            .wait_until_ready()
+            .await
+            .map_err(lists)?;
+        self.l2_advertisements
+            .wait_until_ready()
+            .await
+            .map_err(lists)?;
+        self.secrets.wait_until_ready().await.map_err(lists)?;
         Ok(())
     }
 

@@ -144,12 +144,14 @@ pub fn wanted(svc: &Service, default_class: bool) -> bool {
         }
 }
 
-fn protocol(p: Option<&str>) -> Result<Protocol, String> {
+fn protocol(p: Option<&str>) -> Result<Protocol, super::SpecError> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
         "SCTP" => Ok(Protocol::Sctp),
-        other => Err(format!("protocol {other:?} is not supported")),
+        other => Err(super::SpecError::new(format!(
+            "protocol {other:?} is not supported"
+        ))),
     }
 }
 

@@ -52,7 +52,7 @@ fn ranges_parse_and_refuse_clearly() {
         ("198.18.100.1-fd00::1", "mixes IPv4 and IPv6"),
         ("pool", "neither a CIDR"),
     ] {
-        let e = AddrRange::parse(text).unwrap_err();
+        let e = AddrRange::parse(text).unwrap_err().to_string();
         assert!(e.contains(message), "{text}: {e}");
     }
     let e = Pool::from_spec(
@@ -62,7 +62,8 @@ fn ranges_parse_and_refuse_clearly() {
             ..IPPoolSpec::default()
         },
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(e.starts_with("spec.addresses[1]: "), "{e}");
 }
 
