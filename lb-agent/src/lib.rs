@@ -26,7 +26,11 @@
 //! 12. `app`: the process: wiring, signals, the main loop.
 //! 13. `cli`: the command line's client side.
 //!
-//! The crate root's helpers (`LockExt`) are below every layer.
+//! Below every layer: the crate root's helpers (`LockExt`) and `sys`, the sockets and
+//! interfaces calls that need `unsafe`. `unsafe` is denied everywhere else but in
+//! `dataplane::sys` (the `bpf()` calls).
+
+#![deny(unsafe_code)]
 
 pub mod announce;
 pub mod api;
@@ -41,6 +45,7 @@ pub mod model;
 pub mod reconcile;
 pub mod sources;
 pub mod status;
+mod sys;
 
 /// A lock that outlives a panic elsewhere: the guard even when another thread panicked while
 /// holding it (the shared tables here hold plain status, never half-made invariants).

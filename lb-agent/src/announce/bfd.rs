@@ -466,25 +466,7 @@ fn bind(addr: SocketAddr, receive: bool) -> std::io::Result<UdpSocket> {
     }
     if receive {
         // GTSM: only packets sent with TTL 255 (from a directly connected peer) get here.
-        let (level, name) = if addr.is_ipv4() {
-            (libc::IPPROTO_IP, libc::IP_MINTTL)
-        } else {
-            (libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT)
-        };
-        let v: libc::c_int = 255;
-        // SAFETY: a valid fd and an int option.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                level,
-                name,
-                (&raw const v).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        crate::sys::set_min_ttl(&s, addr.is_ipv4(), 255)?;
     } else if addr.is_ipv4() {
         s.set_ttl_v4(255)?;
         s.set_tos_v4(0xc0)?;

@@ -6,68 +6,20 @@
 use std::{
     io,
     net::{IpAddr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ICMPV6: u8 = 58;
 
-/// An `ifreq` naming interface `name`, and a socket to ask about it with.
-fn ifreq(name: &str) -> io::Result<(OwnedFd, libc::ifreq)> {
-    let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
-    // SAFETY: `ifreq` is plain data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() >= req.ifr_name.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *d = *s as libc::c_char;
-    }
-    Ok((fd, req))
-}
-
 /// The hardware address of interface `name` (in this network namespace).
 pub fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
-    let (fd, mut req) = ifreq(name)?;
-    // SAFETY: SIOCGIFHWADDR reads the name and writes the address into `req`.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel filled `ifru_hwaddr` for SIOCGIFHWADDR.
-    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
-    let mut mac = [0u8; 6];
-    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
-        *d = *s as u8;
-    }
-    Ok(mac)
-}
-
-fn socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned from here on.
-    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::sys::interface_mac(name)
 }
 
 /// Whether interface `name` is up with a carrier (`IFF_RUNNING`).
 pub fn link_up(name: &str) -> bool {
-    let Ok((fd, mut req)) = ifreq(name) else {
-        return false;
-    };
-    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into `req`.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
-        return false;
-    }
-    // SAFETY: the kernel filled `ifru_flags` for SIOCGIFFLAGS.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    flags as libc::c_int & libc::IFF_RUNNING != 0
+    crate::sys::interface_flags(name).is_ok_and(|f| f & libc::IFF_RUNNING != 0)
 }
 
 /// The frame that tells the link `ip` is at `mac`: a gratuitous ARP for IPv4, an unsolicited
@@ -132,28 +84,7 @@ fn icmpv6_checksum(src: &Ipv6Addr, dst: &Ipv6Addr, msg: &[u8]) -> u16 {
 
 /// Sends `frame` out of interface `ifindex` as it is.
 pub fn send(ifindex: u32, frame: &[u8]) -> io::Result<()> {
-    let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
-    // SAFETY: `sockaddr_ll` is plain data; zeroed is a valid value.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = ifindex as i32;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: `frame` and `addr` are valid for the lengths given.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::send_frame(ifindex, frame)
 }
 
 #[cfg(test)]

@@ -1,10 +1,7 @@
 //! The kernel data plane: weir's eBPF object loaded with aya, its programs attached to the
 //! configured interfaces, and its maps behind [`MapWriter`].
 
-use std::{
-    ffi::CString,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
-};
+use std::os::fd::AsFd as _;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -28,6 +25,7 @@ use tracing::{info, warn};
 use super::{
     AttachedMode, Dataplane, L2LeaseWriter, MapError, MapWriter,
     inspect::{self, Inspect, RawCounters, Trace, Via},
+    sys,
 };
 use crate::dataplane::{DataplaneLimits, XdpMode};
 
@@ -366,13 +364,10 @@ pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
         iface: iface.to_string(),
         detail: detail.to_string(),
     };
-    let c = CString::new(iface).map_err(|_| err("invalid name"))?;
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        return Err(err("no such interface"));
-    }
-    Ok(i)
+    crate::sys::if_nametoindex(iface).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => err("invalid name"),
+        _ => err("no such interface"),
+    })
 }
 
 /// The maps, typed.
@@ -515,69 +510,6 @@ fn err(map: &'static str, op: &str, e: impl std::fmt::Display) -> MapError {
     }
 }
 
-/// `bpf_attr` of the `BPF_MAP_*_BATCH` commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// Runs batch command `cmd` on `attr`.
-///
-/// # Safety
-/// `attr`'s pointers must be valid for the command: `keys` and `values` sized for `count`
-/// entries of the map's key and value sizes, the batch cursors for a key (or null), all
-/// outliving the call.
-unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
-    // SAFETY: the caller's contract; `attr` is a valid bpf_attr of its size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// `BPF_MAP_UPDATE_BATCH` of `values` at keys `first..`, one syscall (aya has no batch call).
-fn update_batch(fd: BorrowedFd<'_>, first: u32, values: &[u32]) -> std::io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: values.len() as u32,
-        map_fd: fd.as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: `keys` and `values` hold `count` u32s each (the map's key and value size) and
-    // outlive the call.
-    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr)? };
-    if attr.count as usize != values.len() {
-        return Err(std::io::Error::other(format!(
-            "wrote {} of {} entries",
-            attr.count,
-            values.len()
-        )));
-    }
-    Ok(())
-}
-
 impl MapWriter for EbpfMaps {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
         self.services
@@ -620,7 +552,7 @@ impl MapWriter for EbpfMaps {
             op: "write table".into(),
             detail: format!("no page {page}"),
         })?;
-        update_batch(IterableMap::map(inner).fd().as_fd(), offset, slots)
+        sys::update_batch(IterableMap::map(inner), offset, slots)
             .map_err(|e| err(maps::MAGLEV, "write table", e))
     }
 
@@ -745,22 +677,13 @@ impl EbpfInspector {
         let mut keys = vec![0u8; count as usize * 4];
         let mut values = vec![0u8; count as usize * stride * self.ncpus];
         let mut token = 0u32;
-        let (got, _) = lookup_batch(
-            map.fd().as_fd(),
-            None,
-            &mut token,
-            &mut keys,
-            &mut values,
-            count,
-        )
-        .map_err(|e| err(name, "lookup batch", e))?;
+        let (got, _) = sys::lookup_batch(map, None, &mut token, &mut keys, &mut values, count)
+            .map_err(|e| err(name, "lookup batch", e))?;
         let mut out = Vec::with_capacity(got as usize);
         for i in 0..got as usize {
             let mut cpus = (0..self.ncpus).map(|c| {
                 let at = (i * self.ncpus + c) * stride;
-                // SAFETY: `values` holds `got × ncpus` values of `stride ≥ size_of::<T>()`
-                // bytes; T is Pod (any bit pattern is valid); the read is unaligned-safe.
-                unsafe { std::ptr::read_unaligned(values[at..].as_ptr().cast::<T>()) }
+                sys::read_value::<T>(&values[at..])
             });
             out.push(sum(&mut cpus));
         }
@@ -828,21 +751,11 @@ pub struct L2Lease(Array<MapData, u64>);
 
 impl L2LeaseWriter for L2Lease {
     fn extend(&mut self, lease: std::time::Duration) -> Result<(), MapError> {
-        let until = monotonic_ns() + lease.as_nanos() as u64;
+        let until = sys::monotonic_ns() + lease.as_nanos() as u64;
         self.0
             .set(0, until, 0)
             .map_err(|e| err(maps::L2_LEASE, "set", e))
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn found<V>(r: Result<V, aya::maps::MapError>, map: &'static str) -> Result<Option<V>, MapError> {
@@ -879,7 +792,7 @@ impl Inspect for EbpfInspector {
     }
 
     fn conntrack_entries(&self) -> Result<u64, MapError> {
-        let fd = IterableMap::map(&self.conntrack).fd().as_fd();
+        let map = IterableMap::map(&self.conntrack);
         let mut keys = vec![0u8; WALK_CHUNK * std::mem::size_of::<FlowKey>()];
         let mut values = vec![0u8; WALK_CHUNK * std::mem::size_of::<FlowValue>()];
         let mut total = 0u64;
@@ -887,8 +800,8 @@ impl Inspect for EbpfInspector {
         let mut first = true;
         loop {
             let cursor = (!first).then_some(token);
-            let (got, done) = lookup_batch(
-                fd,
+            let (got, done) = sys::lookup_batch(
+                map,
                 cursor,
                 &mut token,
                 &mut keys,
@@ -954,7 +867,7 @@ impl Inspect for EbpfInspector {
                 service_id: svc.id,
             };
             if let Some(a) = found(self.affinity.get(&key, 0), maps::AFFINITY)?
-                && monotonic_ns().wrapping_sub(a.last_used_ns)
+                && sys::monotonic_ns().wrapping_sub(a.last_used_ns)
                     <= u64::from(svc.affinity_timeout_s) * 1_000_000_000
                 && let Some(b) = self.live_backend(a.backend_id, a.backend_generation)?
             {
@@ -993,42 +906,5 @@ impl Inspect for EbpfInspector {
                 reason: drop_reason::NO_BACKEND,
             },
         })
-    }
-}
-
-/// `BPF_MAP_LOOKUP_BATCH`: up to `count` entries after the cursor `in_batch` (from the start
-/// when `None`) into `keys` and `values`; the next cursor goes to `out_batch`. Returns how
-/// many entries came and whether the map has no more.
-fn lookup_batch(
-    fd: BorrowedFd<'_>,
-    in_batch: Option<u32>,
-    out_batch: &mut u32,
-    keys: &mut [u8],
-    values: &mut [u8],
-    count: u32,
-) -> std::io::Result<(u32, bool)> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    let cursor = in_batch.unwrap_or(0);
-    let mut attr = BatchAttr {
-        in_batch: if in_batch.is_some() {
-            (&raw const cursor) as u64
-        } else {
-            0
-        },
-        out_batch: (out_batch as *mut u32) as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count,
-        map_fd: fd.as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: the caller sized `keys` and `values` for `count` entries of the map's key and
-    // value sizes; the cursors are u32s (the batch token of arrays and hash maps alike).
-    match unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
-        Ok(()) => Ok((attr.count, false)),
-        // ENOENT: the walk reached the end (`count` says how many came before it).
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr.count, true)),
-        Err(e) => Err(e),
     }
 }

@@ -11,6 +11,7 @@ pub mod fake;
 pub mod inspect;
 mod limits;
 mod programmer;
+mod sys;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

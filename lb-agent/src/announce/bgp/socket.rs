@@ -12,54 +12,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::announce::BgpPeerConfig;
 
-/// `struct tcp_md5sig` of linux/tcp.h.
-#[repr(C)]
-struct TcpMd5Sig {
-    addr: libc::sockaddr_storage,
-    flags: u8,
-    prefixlen: u8,
-    keylen: u16,
-    ifindex: libc::c_int,
-    key: [u8; 80],
-}
-
 /// Signs (and requires signatures on) this socket's segments with `peer`: an empty key
 /// removes the signature.
 pub fn set_md5(fd: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> io::Result<()> {
-    if key.len() > 80 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "TCP MD5 keys have at most 80 bytes",
-        ));
-    }
-    // SAFETY: all-zero is a valid value of this plain C struct.
-    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
-    let addr = socket2::SockAddr::from(SocketAddr::new(peer, 0));
-    // SAFETY: SockAddr's storage is a sockaddr_storage of `len` valid bytes.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            addr.as_ptr().cast::<u8>(),
-            (&raw mut sig.addr).cast::<u8>(),
-            addr.len() as usize,
-        );
-    }
-    sig.keylen = key.len() as u16;
-    sig.key[..key.len()].copy_from_slice(key);
-    // SAFETY: a valid fd and a pointer to a struct of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MD5SIG,
-            (&raw const sig).cast(),
-            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sys::set_tcp_md5(fd, peer, key)
 }
 
 /// Connects to an active peer with its password, TTL and the network-control DSCP.

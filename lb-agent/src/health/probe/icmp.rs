@@ -47,8 +47,7 @@ impl Pinger {
         };
         socket.set_nonblocking(true)?;
         filter(&socket, v4)?;
-        // SAFETY: the socket owns its descriptor, which stays open as long as the AsyncFd.
-        let socket = Arc::new(unsafe { AsyncFd::register(socket) }?);
+        let socket = Arc::new(crate::sys::async_fd(socket)?);
         let waiting: Arc<Waiters> = Arc::default();
         let reader = tokio::spawn(read_loop(socket.clone(), v4, waiting.clone())).abort_handle();
         // Start the tokens somewhere unpredictable, so that two agents on one host (or a
@@ -95,43 +94,17 @@ impl Pinger {
 
 /// Lets only echo replies and the errors that quote an echo through to this socket.
 fn filter(socket: &Socket, v4: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let fd = socket.as_raw_fd();
-    let r = if v4 {
-        // ICMP_FILTER: a set bit drops that type.
+    if v4 {
+        // A set bit drops that type: pass echo reply, unreachable, time exceeded.
         let pass: u32 = (1 << 0) | (1 << 3) | (1 << 11);
-        let mask: u32 = !pass;
-        // SAFETY: setsockopt with a u32 option value of the right size.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_RAW,
-                1, // ICMP_FILTER
-                (&raw const mask).cast(),
-                size_of::<u32>() as libc::socklen_t,
-            )
-        }
+        crate::sys::set_icmp_filter(socket, !pass)
     } else {
-        // ICMP6_FILTER: 256 bits, a set bit blocks that type.
+        // A set bit blocks that type: pass unreachable, time exceeded, echo reply.
         let mut bits = [u32::MAX; 8];
         for t in [1u8, 3, 129] {
             bits[(t >> 5) as usize] &= !(1 << (t & 31));
         }
-        // SAFETY: setsockopt with the 32-byte icmp6_filter structure.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_ICMPV6,
-                1, // ICMP6_FILTER
-                bits.as_ptr().cast(),
-                size_of_val(&bits) as libc::socklen_t,
-            )
-        }
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        crate::sys::set_icmp6_filter(socket, bits)
     }
 }
 

@@ -123,8 +123,7 @@ async fn raw_recv_loop(
                 }
                 Err(_would_block) => break,
             };
-            // SAFETY: recv_from initialised the first n bytes.
-            let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
+            let data = crate::sys::received(&buf, n);
             if let Some(from) = from.as_socket().map(|a| a.ip()) {
                 on_packet(data, from);
             }

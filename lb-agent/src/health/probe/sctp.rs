@@ -53,8 +53,7 @@ impl Initiator {
         let domain = if v4 { Domain::IPV4 } else { Domain::IPV6 };
         let socket = Socket::new(domain, Type::RAW, Some(Protocol::from(132)))?;
         socket.set_nonblocking(true)?;
-        // SAFETY: the socket owns its descriptor, which stays open as long as the AsyncFd.
-        let socket = Arc::new(unsafe { AsyncFd::register(socket) }?);
+        let socket = Arc::new(crate::sys::async_fd(socket)?);
         let waiting: Arc<Waiters> = Arc::default();
         let reader = tokio::spawn(read_loop(socket.clone(), v4, waiting.clone())).abort_handle();
         let random = std::hash::RandomState::new();

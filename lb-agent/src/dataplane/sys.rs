@@ -1,0 +1,175 @@
+//! The `bpf()` calls aya does not make (batch update and lookup), reading per-CPU values out
+//! of a batch buffer, and the clock the data plane's timestamps use. With `crate::sys`, the
+//! only `unsafe` of the agent; every block says why it is sound.
+#![allow(
+    unsafe_code,
+    reason = "the one module of the data plane that makes raw bpf() calls"
+)]
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::maps::{MapData, MapType};
+
+/// `bpf_attr` of the `BPF_MAP_*_BATCH` commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Runs batch command `cmd` on `attr`.
+///
+/// # Safety
+/// `attr`'s pointers must be valid for the command: `keys` and `values` sized for `count`
+/// entries of the map's key and value sizes, the batch cursors for a `u32` (or null), all
+/// outliving the call.
+unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: the caller's contract; `attr` is a valid bpf_attr of its size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The bytes one entry takes in a batch buffer: (key, value). Per-CPU maps hold one value
+/// per possible CPU, each rounded up to 8 bytes.
+fn entry_sizes(map: &MapData) -> io::Result<(usize, usize)> {
+    let info = map.info().map_err(io::Error::other)?;
+    let per_cpu = matches!(
+        info.map_type(),
+        Ok(MapType::PerCpuArray | MapType::PerCpuHash | MapType::LruPerCpuHash)
+    );
+    let value = info.value_size() as usize;
+    let value = if per_cpu {
+        let cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| io::Error::other(format!("{what}: {e}")))?;
+        value.next_multiple_of(8) * cpus
+    } else {
+        value
+    };
+    Ok((info.key_size() as usize, value))
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `values` at keys `first..` of a `u32 → u32` map, in one call.
+pub fn update_batch(map: &MapData, first: u32, values: &[u32]) -> io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    if entry_sizes(map)? != (4, 4) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "update_batch writes u32 → u32 maps only",
+        ));
+    }
+    let keys: Vec<u32> = (first..).take(values.len()).collect();
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: values.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` and `values` hold `count` u32s each, the map's key and value size
+    // (checked above), and outlive the call.
+    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr)? };
+    if attr.count as usize != values.len() {
+        return Err(io::Error::other(format!(
+            "wrote {} of {} entries",
+            attr.count,
+            values.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `BPF_MAP_LOOKUP_BATCH`: up to `count` entries after the cursor `in_batch` (from the start
+/// when `None`) into `keys` and `values` (per-CPU maps: every CPU's value of an entry in a
+/// row); the next cursor goes to `out_batch`. Returns how many entries came and whether the
+/// map has no more. Buffers too small for `count` entries are refused.
+pub fn lookup_batch(
+    map: &MapData,
+    in_batch: Option<u32>,
+    out_batch: &mut u32,
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: u32,
+) -> io::Result<(u32, bool)> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let (key_size, value_size) = entry_sizes(map)?;
+    let n = count as usize;
+    if keys.len() < n * key_size || values.len() < n * value_size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "batch buffers of {} and {} bytes cannot hold {count} entries of {key_size} and {value_size}",
+                keys.len(),
+                values.len()
+            ),
+        ));
+    }
+    let cursor = in_batch.unwrap_or(0);
+    let mut attr = BatchAttr {
+        in_batch: if in_batch.is_some() {
+            (&raw const cursor) as u64
+        } else {
+            0
+        },
+        out_batch: std::ptr::from_mut(out_batch) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` and `values` hold `count` entries of the map's key and value sizes
+    // (checked above against the kernel's own sizes); the cursors are u32s (the batch token
+    // of arrays and hash maps alike); all outlive the call.
+    match unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+        Ok(()) => Ok((attr.count, false)),
+        // ENOENT: the walk reached the end (`count` says how many came before it).
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr.count, true)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The `T` at the start of `bytes` (a value out of a batch buffer).
+///
+/// # Panics
+/// When `bytes` is shorter than a `T`.
+pub fn read_value<T: aya::Pod>(bytes: &[u8]) -> T {
+    let bytes = &bytes[..std::mem::size_of::<T>()];
+    // SAFETY: `bytes` holds size_of::<T>() bytes; T is Pod (every bit pattern is a valid
+    // T); read_unaligned needs no alignment.
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: `bpf_ktime_get_ns()`'s clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,237 @@
+//! Sockets and interfaces: the system calls that std, tokio and socket2 do not cover, as safe
+//! functions. With `dataplane::sys` (the `bpf()` batch calls), this is the only place where
+//! the agent writes `unsafe`; every block says why it is sound.
+#![allow(
+    unsafe_code,
+    reason = "the one module (with dataplane::sys) that wraps raw system calls"
+)]
+
+use std::{
+    io,
+    mem::MaybeUninit,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+/// A plain C value the kernel reads as bytes: no padding bytes, no pointers. Implemented for
+/// the option values this module passes.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` (or primitive) with every byte initialised.
+unsafe trait OptionValue: Copy {}
+
+// SAFETY: integers and arrays of them have no padding.
+unsafe impl OptionValue for libc::c_int {}
+// SAFETY: as above.
+unsafe impl OptionValue for u32 {}
+// SAFETY: as above.
+unsafe impl OptionValue for [u32; 8] {}
+
+fn setsockopt<T: OptionValue>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` points at `size_of::<T>()` initialised bytes (OptionValue), which the
+    // kernel only reads during the call; a bad descriptor or option is an error, not UB.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Drops received packets that were not sent with a TTL / hop limit of at least `min`
+/// (`IP_MINTTL`, `IPV6_MINHOPCOUNT`: GTSM, RFC 5082).
+pub fn set_min_ttl(fd: &impl AsRawFd, v4: bool, min: u8) -> io::Result<()> {
+    let (level, name) = if v4 {
+        (libc::IPPROTO_IP, libc::IP_MINTTL)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT)
+    };
+    setsockopt(fd, level, name, &libc::c_int::from(min))
+}
+
+/// `ICMP_FILTER` of a raw ICMPv4 socket: a set bit drops that type.
+pub fn set_icmp_filter(fd: &impl AsRawFd, blocked: u32) -> io::Result<()> {
+    const ICMP_FILTER: libc::c_int = 1;
+    setsockopt(fd, libc::SOL_RAW, ICMP_FILTER, &blocked)
+}
+
+/// `ICMP6_FILTER` of a raw ICMPv6 socket: 256 bits, a set bit blocks that type.
+pub fn set_icmp6_filter(fd: &impl AsRawFd, blocked: [u32; 8]) -> io::Result<()> {
+    const ICMP6_FILTER: libc::c_int = 1;
+    setsockopt(fd, libc::IPPROTO_ICMPV6, ICMP6_FILTER, &blocked)
+}
+
+/// `struct tcp_md5sig` of linux/tcp.h.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: libc::c_int,
+    key: [u8; 80],
+}
+
+// SAFETY: repr(C); sockaddr_storage (128 bytes, 8-aligned) is followed by 1+1+2+4+80 bytes:
+// no padding anywhere, and the value is built from zeroes.
+unsafe impl OptionValue for TcpMd5Sig {}
+
+/// Signs (and requires signatures on) this socket's TCP segments with `peer` (TCP MD5, RFC
+/// 2385): an empty key removes the signature.
+pub fn set_tcp_md5(fd: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> io::Result<()> {
+    const _: () = assert!(std::mem::size_of::<TcpMd5Sig>() == 128 + 8 + 80);
+    if key.len() > 80 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "TCP MD5 keys have at most 80 bytes",
+        ));
+    }
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    let addr = socket2::SockAddr::from(SocketAddr::new(peer, 0));
+    // SAFETY: SockAddr's storage is a sockaddr_storage of which `len` bytes are valid, and
+    // `sig.addr` is a sockaddr_storage too.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            addr.as_ptr().cast::<u8>(),
+            (&raw mut sig.addr).cast::<u8>(),
+            addr.len() as usize,
+        );
+    }
+    sig.keylen = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key);
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &sig)
+}
+
+fn socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned from here on.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `ifreq` naming interface `name`, and a socket to ask about it with.
+fn ifreq(name: &str) -> io::Result<(OwnedFd, libc::ifreq)> {
+    let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+    // SAFETY: `ifreq` is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    Ok((fd, req))
+}
+
+/// The hardware address of interface `name` (in this network namespace).
+pub fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
+    let (fd, mut req) = ifreq(name)?;
+    // SAFETY: SIOCGIFHWADDR reads the name and writes the address into `req`, which lives
+    // through the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled `ifru_hwaddr` for SIOCGIFHWADDR.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(mac)
+}
+
+/// The flags of interface `name` (`IFF_*`).
+pub fn interface_flags(name: &str) -> io::Result<libc::c_int> {
+    let (fd, mut req) = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into `req`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled `ifru_flags` for SIOCGIFFLAGS.
+    Ok(libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags }))
+}
+
+/// The index of interface `name` (in this network namespace).
+pub fn if_nametoindex(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(i)
+    }
+}
+
+/// Sends `frame` (an Ethernet frame: destination MAC first) out of interface `ifindex` as it
+/// is, on an `AF_PACKET` socket (`CAP_NET_RAW`).
+pub fn send_frame(ifindex: u32, frame: &[u8]) -> io::Result<()> {
+    if frame.len() < 14 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "shorter than an Ethernet header",
+        ));
+    }
+    let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
+    // SAFETY: `sockaddr_ll` is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: `frame` and `addr` are valid for the lengths given and outlive the call.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The first `n` bytes of `buf`, which a receive call reported as written.
+///
+/// # Panics
+/// When `n` is larger than the buffer (a receive call never reports that).
+pub fn received(buf: &[MaybeUninit<u8>], n: usize) -> &[u8] {
+    let init = &buf[..n];
+    // SAFETY: the receive call initialised these `n` bytes; MaybeUninit<u8> and u8 have the
+    // same layout.
+    unsafe { std::slice::from_raw_parts(init.as_ptr().cast(), n) }
+}
+
+/// `socket` registered with tokio's reactor.
+pub fn async_fd(socket: socket2::Socket) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: the `Socket` owns its descriptor and moves into the AsyncFd, so the descriptor
+    // stays open (and is not reused) for as long as it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(io::Error::from)
+}
