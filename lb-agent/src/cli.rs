@@ -160,7 +160,7 @@ fn row(first: [String; TEXT_COLUMNS], traffic: Option<&TrafficJson>) -> Vec<Stri
 
 /// The table `lb-agent status` prints.
 pub fn render(services: &ServicesJson) -> String {
-    let mut rows: Vec<Vec<String>> = vec![HEADER.iter().map(|h| h.to_string()).collect()];
+    let mut rows: Vec<Vec<String>> = vec![HEADER.iter().map(ToString::to_string).collect()];
     for s in &services.services {
         let vip = SocketAddr::new(s.vip, s.port);
         rows.push(row(

@@ -1,5 +1,7 @@
 //! `lb-agent`: weir's agent binary.
 
+#![forbid(unsafe_code)]
+
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};

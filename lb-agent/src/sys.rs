@@ -41,7 +41,7 @@ fn setsockopt<T: OptionValue>(
             level,
             name,
             std::ptr::from_ref(value).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
+            size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -93,7 +93,7 @@ unsafe impl OptionValue for TcpMd5Sig {}
 /// Signs (and requires signatures on) this socket's TCP segments with `peer` (TCP MD5, RFC
 /// 2385): an empty key removes the signature.
 pub fn set_tcp_md5(fd: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> io::Result<()> {
-    const _: () = assert!(std::mem::size_of::<TcpMd5Sig>() == 128 + 8 + 80);
+    const _: () = assert!(size_of::<TcpMd5Sig>() == 128 + 8 + 80);
     if key.len() > 80 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -209,7 +209,7 @@ pub fn send_frame(ifindex: u32, frame: &[u8]) -> io::Result<()> {
             frame.len(),
             0,
             (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            size_of::<libc::sockaddr_ll>() as u32,
         )
     };
     if n < 0 {

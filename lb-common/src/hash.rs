@@ -93,7 +93,7 @@ mod tests {
         // The standard check value: CRC32c("123456789") = 0xE3069283.
         let mut crc = !0u32;
         for b in b"123456789" {
-            crc = CRC32C_TABLE[((crc ^ *b as u32) & 0xff) as usize] ^ (crc >> 8);
+            crc = CRC32C_TABLE[((crc ^ u32::from(*b)) & 0xff) as usize] ^ (crc >> 8);
         }
         assert_eq!(!crc, 0xE306_9283);
     }

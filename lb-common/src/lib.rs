@@ -147,7 +147,7 @@ pub struct ServiceKey {
     pub proto: u8,
     pub family: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceKey>() == 20);
 
 /// `ServiceValue::flags`.
 pub mod service_flags {
@@ -173,7 +173,7 @@ pub struct ServiceValue {
     pub flags: u32,
     pub affinity_timeout_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
+const _: () = assert!(size_of::<ServiceValue>() == 24);
 
 /// `BackendValue::flags`.
 pub mod backend_flags {
@@ -198,7 +198,7 @@ pub struct BackendValue {
     /// generation it was steered with, so a reused id never inherits old flows.
     pub generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
+const _: () = assert!(size_of::<BackendValue>() == 24);
 
 /// A flow's 5-tuple as the client sends it (client → VIP): key of `CONNTRACK`.
 #[repr(C)]
@@ -212,7 +212,7 @@ pub struct FlowKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// Value of `CONNTRACK`: where the flow goes. The service id lets an established packet skip
 /// the service lookup: a removed service clears its backends, which sends its flows back to
@@ -227,7 +227,7 @@ pub struct FlowValue {
     pub snat_port_be: u16,
     pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(size_of::<FlowValue>() == 16);
 
 /// Key of `REVNAT_FRAGS`: a datagram that a backend's stack fragmented (backend → client,
 /// its IP identification; 16 bits for IPv4, 32 for IPv6).
@@ -241,7 +241,7 @@ pub struct FragKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+const _: () = assert!(size_of::<FragKey>() == 40);
 
 /// Value of `REVNAT_FRAGS`: what the datagram's first fragment was translated to, for the
 /// fragments after it (which carry no ports).
@@ -252,7 +252,7 @@ pub struct FragValue {
     pub service_id: u32,
     pub backend_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<FragValue>() == 24);
+const _: () = assert!(size_of::<FragValue>() == 24);
 
 /// Key of `ENDPOINTS`: a backend endpoint as its replies carry it (source address, port and
 /// protocol).
@@ -264,7 +264,7 @@ pub struct EndpointKey {
     pub proto: u8,
     pub family: u8,
 }
-const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
+const _: () = assert!(size_of::<EndpointKey>() == 20);
 
 /// A frontend an endpoint serves: what a reply's source becomes, and the ids that flows to it
 /// carry.
@@ -277,7 +277,7 @@ pub struct EndpointFrontend {
     pub service_id: u32,
     pub backend_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<EndpointFrontend>() == 28);
+const _: () = assert!(size_of::<EndpointFrontend>() == 28);
 
 /// Value of `ENDPOINTS`, written by the agent with the services (no per-flow state): reverse NAT
 /// rewrites a reply of endpoint E to client C when C's flow to one of E's frontends is in the
@@ -290,8 +290,7 @@ pub struct EndpointValue {
     pub _pad: u32,
     pub frontends: [EndpointFrontend; limits::MAX_ENDPOINT_FRONTENDS],
 }
-const _: () =
-    assert!(core::mem::size_of::<EndpointValue>() == 8 + 28 * limits::MAX_ENDPOINT_FRONTENDS);
+const _: () = assert!(size_of::<EndpointValue>() == 8 + 28 * limits::MAX_ENDPOINT_FRONTENDS);
 
 /// Value of `SNAT_CONFIG` (one entry): the node's addresses that source-NATed flows leave
 /// with, and the port range given out (host byte order, inclusive). A zero address: no source
@@ -307,7 +306,7 @@ pub struct SnatConfig {
     pub port_max: u16,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SnatConfig>() == 40);
+const _: () = assert!(size_of::<SnatConfig>() == 40);
 
 /// Value of `SNAT`, whose key is the `FlowKey` of a reply as it arrives: backend endpoint →
 /// node address and source-NAT port. One entry per source-NATed flow, written when the flow is
@@ -343,7 +342,7 @@ pub mod snat_tcp {
         state & RST != 0 || state & (FIN_FORWARD | FIN_REPLY) == FIN_FORWARD | FIN_REPLY
     }
 }
-const _: () = assert!(core::mem::size_of::<SnatValue>() == 96);
+const _: () = assert!(size_of::<SnatValue>() == 96);
 
 /// Per-CPU slot 0 of `SNAT_SCRATCH`: what `weir_xdp` hands to `weir_xdp_snat` across the tail
 /// call, and that program's working space (a source-NAT entry's key and value: the BPF stack
@@ -365,7 +364,7 @@ pub struct SnatScratch {
     pub port_be: u16,
     pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<SnatScratch>() == 200);
+const _: () = assert!(size_of::<SnatScratch>() == 200);
 
 /// `SnatScratch::mode`.
 pub mod snat_mode {
@@ -382,7 +381,7 @@ pub struct AffinityKey {
     pub client: [u32; 4],
     pub service_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
+const _: () = assert!(size_of::<AffinityKey>() == 20);
 
 /// Value of `AFFINITY`.
 #[repr(C)]
@@ -393,7 +392,7 @@ pub struct AffinityValue {
     /// `bpf_ktime_get_ns()` of the last new flow steered by this entry.
     pub last_used_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(size_of::<AffinityValue>() == 16);
 
 /// Data part of the `SOURCE_RANGES` LPM key. The prefix length counts the 32 bits of the
 /// service id first, so one trie holds every service's allow-list.
@@ -404,7 +403,7 @@ pub struct SourceRangeData {
     pub service_id_be: u32,
     pub addr: [u32; 4],
 }
-const _: () = assert!(core::mem::size_of::<SourceRangeData>() == 20);
+const _: () = assert!(size_of::<SourceRangeData>() == 20);
 
 /// LPM prefix length of a source range of `bits` bits (over the 128-bit mapped address).
 pub const fn source_range_prefix(bits_in_128: u32) -> u32 {
@@ -419,7 +418,7 @@ pub struct VipKey {
     pub family: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipKey>() == 20);
 
 /// `VipValue::flags`.
 pub mod vip_flags {
@@ -435,7 +434,7 @@ pub struct L2Port {
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<L2Port>() == 8);
+const _: () = assert!(size_of::<L2Port>() == 8);
 
 /// Value of `VIPS`.
 #[repr(C)]
@@ -443,7 +442,7 @@ const _: () = assert!(core::mem::size_of::<L2Port>() == 8);
 pub struct VipValue {
     pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<VipValue>() == 4);
+const _: () = assert!(size_of::<VipValue>() == 4);
 
 /// Per-CPU value of `NEXTHOPS`, indexed by backend id: the FIB's answer for the backend, so
 /// that established traffic does not ask the FIB for every packet. Valid while `generation`
@@ -460,7 +459,7 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+const _: () = assert!(size_of::<NextHop>() == 40);
 
 /// Per-CPU slot 0 of `SCTP_SCRATCH`: what `weir_xdp` hands to `weir_xdp_sctp` across the tail
 /// call (the rest it reads from the packet again).
@@ -470,7 +469,7 @@ pub struct SctpScratch {
     pub backend_id: u32,
     pub backend_generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<SctpScratch>() == 8);
+const _: () = assert!(size_of::<SctpScratch>() == 8);
 
 /// Index of `addr` in `VIP_FILTER`, a counting pre-filter that lets non-VIP packets pass after
 /// one inlined array read instead of a hash lookup. Fibonacci hashing of the folded address:
@@ -557,7 +556,7 @@ pub struct ServiceStats {
     pub new_flows: u64,
     pub drops: [u64; drop_reason::SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<ServiceStats>() == 8 * (5 + drop_reason::SLOTS));
+const _: () = assert!(size_of::<ServiceStats>() == 8 * (5 + drop_reason::SLOTS));
 
 /// Per-CPU value of `BACKEND_STATS`, indexed by backend id.
 #[repr(C)]
@@ -569,7 +568,7 @@ pub struct BackendStats {
     pub bytes_out: u64,
     pub new_flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendStats>() == 40);
+const _: () = assert!(size_of::<BackendStats>() == 40);
 
 /// Slots of the single per-CPU `DATAPATH_STATS` entry: what the data plane did, by path.
 pub mod datapath_stat {
@@ -623,7 +622,7 @@ pub mod datapath_stat {
 pub struct DatapathStats {
     pub counters: [u64; datapath_stat::SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<DatapathStats>() == 128);
+const _: () = assert!(size_of::<DatapathStats>() == 128);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -109,7 +109,7 @@ impl Agent {
     }
 
     fn spawn(
-        mut cmd: std::process::Command,
+        mut cmd: Command,
         dir: &Path,
         config: Option<&str>,
         args: &[&str],

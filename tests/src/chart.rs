@@ -135,7 +135,7 @@ fn eval(ctx: &Ctx, dot: &Value, expr: &str) -> Result<String, String> {
     let mut value: String = match stages[0] {
         s if s.starts_with("toYaml ") => {
             let v = lookup(ctx, dot, s["toYaml ".len()..].trim())?;
-            serde_yaml::to_string(&v).map_err(|e| e.to_string())?
+            serde_saphyr::to_string(&v).map_err(|e| e.to_string())?
         }
         s if s.starts_with("(.Files.Glob ") && s.ends_with(").AsConfig") => {
             let pattern = s["(.Files.Glob ".len()..s.len() - ").AsConfig".len()]
@@ -218,12 +218,12 @@ pub fn render(chart: &Path, namespace: &str) -> Result<String, String> {
 /// Renders with `overrides` merged over `values.yaml` (objects key by key, the rest replaced),
 /// like `helm template -f overrides.yaml`.
 pub fn render_with(chart: &Path, namespace: &str, overrides: &Value) -> Result<String, String> {
-    let mut values: Value = serde_yaml::from_str(
+    let mut values: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(chart.join("values.yaml")).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("values.yaml: {e}"))?;
     merge(&mut values, overrides);
-    let meta: Value = serde_yaml::from_str(
+    let meta: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(chart.join("Chart.yaml")).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("Chart.yaml: {e}"))?;

@@ -395,7 +395,7 @@ fn watch(fake: Fake, t: Target, from: u64, timeout: Duration) -> Response {
                         let rv = c.rv;
                         return Some((Ok::<_, std::io::Error>(line(&c)), (rx, rv)));
                     }
-                    Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                    Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => {}
                     Ok(Err(broadcast::error::RecvError::Closed)) => return None,
                 }
             }

@@ -18,12 +18,11 @@ static SWEEP: Once = Once::new();
 /// Panics with a clear message unless the process runs as root (namespaces, veth, eBPF).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "this test needs root (it creates network namespaces and loads eBPF programs); \
-             run the suite as root: sudo scripts/test"
-        );
-    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root (it creates network namespaces and loads eBPF programs); \
+         run the suite as root: sudo scripts/test"
+    );
 }
 
 /// Runs a command, panicking with its output when it fails; returns stdout.

@@ -192,8 +192,10 @@ impl Pkt {
             .expect("echo"),
             L4::TooBig { mtu, quoted } => {
                 if v6 {
-                    b.icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: *mtu as u32 })
-                        .write(&mut out, quoted)
+                    b.icmpv6(etherparse::Icmpv6Type::PacketTooBig {
+                        mtu: u32::from(*mtu),
+                    })
+                    .write(&mut out, quoted)
                 } else {
                     b.icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
                         etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {

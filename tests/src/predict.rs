@@ -53,7 +53,7 @@ impl Predictor {
 /// `b<i>` for the lab's backend addresses 198.18.1.1<i> / fd00:1::1<i>.
 pub fn lab_name(ip: IpAddr) -> String {
     let last = match ip {
-        IpAddr::V4(a) => a.octets()[3] as u32,
+        IpAddr::V4(a) => u32::from(a.octets()[3]),
         // fd00:1::1<i> is hex text: 0x11 → "11".
         IpAddr::V6(a) => format!("{:x}", a.segments()[7]).parse().unwrap_or(0),
     };

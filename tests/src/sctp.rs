@@ -179,7 +179,7 @@ pub fn init(
     timeout: Duration,
 ) -> io::Result<InitAck> {
     let s = raw_socket(local)?;
-    let tag = 0x5eed_0000 | local_port as u32;
+    let tag = 0x5eed_0000 | u32::from(local_port);
     let init = Packet {
         sport: local_port,
         dport: dst.port(),

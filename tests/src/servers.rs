@@ -74,7 +74,10 @@ impl Default for Control {
 
 impl Control {
     fn healthz(&self) -> u16 {
-        let codes = self.healthz.lock().unwrap_or_else(|p| p.into_inner());
+        let codes = self
+            .healthz
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let i = self.turn.fetch_add(1, Ordering::Relaxed);
         codes.get(i % codes.len().max(1)).copied().unwrap_or(200)
     }
@@ -91,7 +94,10 @@ impl Control {
                 if codes.is_empty() {
                     return None;
                 }
-                *self.healthz.lock().unwrap_or_else(|p| p.into_inner()) = codes;
+                *self
+                    .healthz
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = codes;
                 self.turn.store(0, Ordering::Relaxed);
             }
             "udp" => self.udp.store(
@@ -145,7 +151,7 @@ impl ServeArgs {
                     .map_err(|e| format!("{flag} {value}: {e}"))
             };
             match flag.as_str() {
-                "--name" => a.name = value.clone(),
+                "--name" => a.name.clone_from(value),
                 "--http" => a.http.push(addr()?),
                 "--https" => a.https.push(addr()?),
                 "--http-pool" => a.http_pool.push(addr()?),

@@ -65,8 +65,7 @@ fn the_default_rendering_is_committed_and_valid() {
          WEIR_UPDATE_MANIFEST=1 cargo test -p weir-lab --test chart"
     );
     let mut kinds = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&committed) {
-        let v: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+    for v in serde_saphyr::from_multiple::<Value>(&committed).expect("YAML") {
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
         let name = v["metadata"]["name"]
             .as_str()
@@ -149,14 +148,13 @@ fn announce_values_render_as_resources_and_node_config_the_agent_reads() {
             .expect("render");
     let (mut peers, mut adverts, mut l2) = (Vec::new(), Vec::new(), Vec::new());
     let mut node_config = None;
-    for doc in serde_yaml::Deserializer::from_str(&rendered) {
-        let v: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+    for v in serde_saphyr::from_multiple::<Value>(&rendered).expect("YAML") {
         if v["kind"] == "ConfigMap" && v["metadata"]["name"] == "weir-config" {
             node_config = v["data"]["weir.yaml"].as_str().map(str::to_string);
         }
         match v["kind"].as_str() {
             Some("L2Advertisement") => {
-                l2.push(serde_json::from_value::<L2Advertisement>(v).expect("L2Advertisement"))
+                l2.push(serde_json::from_value::<L2Advertisement>(v).expect("L2Advertisement"));
             }
             Some("BGPPeer") => peers.push(serde_json::from_value::<BGPPeer>(v).expect("BGPPeer")),
             Some("BGPAdvertisement") => adverts

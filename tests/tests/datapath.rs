@@ -74,7 +74,7 @@ fn desired() -> DesiredState {
         Tcp,
         &["198.18.1.11:8080", "198.18.1.12:8080", "198.18.1.13:8080"],
     );
-    sticky.affinity_timeout = Some(Duration::from_secs(60));
+    sticky.affinity_timeout = Some(Duration::from_mins(1));
     let mut services = vec![
         service(
             "tcp4",
@@ -1287,7 +1287,7 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         // eleventh is dropped and counted, and nothing else changes.
         let id = env.service(REMOTE4).id;
         let mut ports = std::collections::BTreeSet::new();
-        let mut port_of = std::collections::BTreeMap::new();
+        let mut port_of = BTreeMap::new();
         for i in 0..10u16 {
             let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, 48000 + i, REMOTE_VIP4, 80).bytes());
             assert_eq!(v, XDP_REDIRECT, "flow {i}");
@@ -1354,7 +1354,7 @@ fn tcp_flags(frame: &[u8], flags: u8) -> Vec<u8> {
     let new = u16::from_be_bytes([f[at], f[at + 1]]);
     let csum = u16::from_be_bytes([f[at + 4], f[at + 5]]);
     // RFC 1624: HC' = ~(~HC + ~m + m').
-    let mut sum = (!csum as u32) + (!old as u32) + new as u32;
+    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -1467,7 +1467,7 @@ fn announced_vips_get_arp_replies_and_neighbor_advertisements() {
         // No lease (the agent's liveness) yet: nothing answered either.
         assert_eq!(env.xdp(&request), (XDP_PASS, request.clone()));
         let mut lease = env.dp.l2_lease().unwrap();
-        lease.extend(Duration::from_secs(60)).unwrap();
+        lease.extend(Duration::from_mins(1)).unwrap();
 
         let arps = env.datapath(datapath_stat::ARP_REPLY);
         let (v, out) = env.xdp(&request);
@@ -1517,7 +1517,7 @@ fn announced_vips_get_arp_replies_and_neighbor_advertisements() {
         // marked; renewed, answers resume.
         lease.extend(Duration::ZERO).unwrap();
         assert_eq!(env.xdp(&request), (XDP_PASS, request.clone()));
-        lease.extend(Duration::from_secs(60)).unwrap();
+        lease.extend(Duration::from_mins(1)).unwrap();
         assert_eq!(env.xdp(&request).0, XDP_TX);
         // Handing the VIPs over (another node owns them now): no more answers.
         env.prog
@@ -1545,7 +1545,7 @@ fn ipv4_fragments(frame: &[u8], id: u16, at: usize) -> Vec<Vec<u8>> {
         h[10..12].copy_from_slice(&[0, 0]);
         let sum = h
             .chunks(2)
-            .fold(0u32, |s, w| s + u16::from_be_bytes([w[0], w[1]]) as u32);
+            .fold(0u32, |s, w| s + u32::from(u16::from_be_bytes([w[0], w[1]])));
         let sum = (sum & 0xffff) + (sum >> 16);
         let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
         h[10..12].copy_from_slice(&sum.to_be_bytes());

@@ -129,7 +129,7 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     weir_lab::netns::require_root();
     let mut lab = Lab::new(3);
     lab.start_servers(server_bin());
-    let mut apiserver = weir_lab::lab::Proc {
+    let mut apiserver = Proc {
         child: lab
             .lb
             .command(server_bin().to_str().unwrap())
@@ -496,7 +496,7 @@ fn the_leader_fails_over_without_moving_addresses() {
         n.ip(&format!("addr add 198.18.9.{}/30 dev eth-api", base + 2));
         servers.push(SocketAddr::from(([198, 18, 9, base + 1], 6443)));
     }
-    let _apiserver = weir_lab::lab::Proc {
+    let _apiserver = Proc {
         child: api_ns
             .command(server_bin().to_str().unwrap())
             .args(["fake-apiserver", "0.0.0.0:6443"])
@@ -557,7 +557,7 @@ fn the_leader_fails_over_without_moving_addresses() {
         v.as_str().expect("a Lease time").parse().expect("RFC 3339")
     };
 
-    let dirs = [weir_lab::lab::Scratch::new(), weir_lab::lab::Scratch::new()];
+    let dirs = [Scratch::new(), Scratch::new()];
     let start = |i: usize| {
         let n = &nodes[i];
         let kubeconfig = dirs[i].path.join("kubeconfig");
@@ -664,9 +664,9 @@ fn the_leader_fails_over_without_moving_addresses() {
 }
 
 /// `weir-lab serve` as backend `name` in `ns`, HTTP on each of `ips`.
-fn serve(ns: &Netns, name: &str, ips: &[&str]) -> weir_lab::lab::Proc {
+fn serve(ns: &Netns, name: &str, ips: &[&str]) -> Proc {
     let ips: Vec<IpAddr> = ips.iter().map(|a| a.parse().unwrap()).collect();
-    weir_lab::lab::serve_http(ns, server_bin(), name, &ips)
+    serve_http(ns, server_bin(), name, &ips)
 }
 
 /// Two nodes, each with its agent; a client in front of node-a; a pod (backend) behind each
@@ -755,7 +755,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     // (through node-a's XDP, to node-a's own address: the node's traffic must pass).
     let api_a: SocketAddr = "127.0.0.1:6443".parse().unwrap();
     let api_b: SocketAddr = "198.18.8.1:6443".parse().unwrap();
-    let _apiserver = weir_lab::lab::Proc {
+    let _apiserver = Proc {
         child: node_a
             .command(server_bin().to_str().unwrap())
             .args(["fake-apiserver", "0.0.0.0:6443"])
@@ -821,7 +821,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     web["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
     call("POST", "/api/v1/namespaces/shop/services", Some(web));
 
-    let dirs = [weir_lab::lab::Scratch::new(), weir_lab::lab::Scratch::new()];
+    let dirs = [Scratch::new(), Scratch::new()];
     let start = |i: usize, n: &Netns, api: SocketAddr, interfaces: &str| {
         let kubeconfig = dirs[i].path.join("kubeconfig");
         std::fs::write(&kubeconfig, fakeapi::kubeconfig(api)).unwrap();
@@ -986,7 +986,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         wait_for(Duration::from_secs(10), "node-a's backends", || {
             let s = agent_a.services(&node_a);
             (s["services"][0]["backends"].as_array().map(Vec::len) == Some(n)).then_some(())
-        })
+        });
     };
     let put_slice = |endpoints: Value| {
         let path = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/web-1";
@@ -1061,7 +1061,7 @@ fn a_bad_kubeconfig_is_refused_and_changes_nothing() {
     weir_lab::netns::require_root();
     let (a, b) = (Netns::new("kc-a"), Netns::new("kc-b"));
     weir_lab::netns::veth(&a, "eth-x", &b, "eth-y");
-    let dir = weir_lab::lab::Scratch::new();
+    let dir = Scratch::new();
     let config = dir.path.join("weir.yaml");
     std::fs::write(
         &config,
@@ -1100,7 +1100,7 @@ fn a_source_nat_range_inside_the_ephemeral_ports_is_refused() {
     let (a, b) = (Netns::new("sn-a"), Netns::new("sn-b"));
     weir_lab::netns::veth(&a, "eth-x", &b, "eth-y");
     a.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
-    let dir = weir_lab::lab::Scratch::new();
+    let dir = Scratch::new();
     let config = dir.path.join("weir.yaml");
     std::fs::write(
         &config,
@@ -1133,7 +1133,7 @@ fn a_source_nat_range_inside_the_ephemeral_ports_is_refused() {
     // which is not what this test is about, so it is stopped once it says it is starting).
     a.sysctl("net.ipv4.ip_local_reserved_ports", "62000-62999");
     let log = dir.path.join("agent.log");
-    let mut child = weir_lab::lab::Proc {
+    let mut child = Proc {
         child: a
             .command(weir_lab::agent::agent_binary().to_str().unwrap())
             .args(["run", "--kubernetes", "--kubeconfig"])

@@ -606,11 +606,10 @@ fn l2_mode_answers_for_the_vips_on_the_link() {
             .unwrap_or_else(|e| panic!("GET {vip} on the link: {e}"));
         assert_eq!(r.status, 200);
         let neigh = lab.client.ip(&format!("neigh show {}", vip.ip()));
-        let mac = neigh
-            .split("lladdr ")
-            .nth(1)
-            .map(|m| weir_lab::netns::parse_mac(&m[..17]))
-            .unwrap_or_else(|| panic!("no neighbour entry for {}: {neigh}", vip.ip()));
+        let mac = neigh.split("lladdr ").nth(1).map_or_else(
+            || panic!("no neighbour entry for {}: {neigh}", vip.ip()),
+            |m| weir_lab::netns::parse_mac(&m[..17]),
+        );
         assert_eq!(mac, lb_mac, "{} resolved to the LB node: {neigh}", vip.ip());
     }
     // A VIP nobody serves gets no answer.

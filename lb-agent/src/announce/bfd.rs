@@ -512,11 +512,11 @@ async fn session(
     loop {
         let detect = m.detection_time().map(|d| last_rx + d);
         tokio::select! {
-            _ = tokio::time::sleep_until(next_tx) => {
+            () = tokio::time::sleep_until(next_tx) => {
                 let _ = sock.send_to(&m.packet().encode(), peer).await;
                 next_tx = Instant::now() + super::jitter(m.tx_interval());
             }
-            _ = async { tokio::time::sleep_until(detect.expect("guarded")).await }, if detect.is_some() => {
+            () = async { tokio::time::sleep_until(detect.expect("guarded")).await }, if detect.is_some() => {
                 m.expire();
                 publish(&m, &state, &slot, peer);
             }

@@ -293,7 +293,7 @@ impl Speaker {
                 address,
             };
             let mut before = None;
-            slot.update(|p| before = p.last_error.clone());
+            slot.update(|p| before.clone_from(&p.last_error));
             if let Err(e) = self.add(peer) {
                 let why = format!("not started: {e:#}");
                 // Retried at every change: said again only when the reason changes.
@@ -352,25 +352,22 @@ impl Speaker {
         let (conn_tx, conn_rx) = mpsc::channel(1);
         if peer.passive {
             let v4 = peer.address.is_ipv4();
-            match self.listeners.get(&v4) {
-                Some(l) => {
-                    if let Some(key) = &peer.password {
-                        socket::set_md5(&*l.socket, peer.address, key.0.as_bytes())
-                            .map_err(BgpError::ListenerMd5)?;
-                    }
+            if let Some(l) = self.listeners.get(&v4) {
+                if let Some(key) = &peer.password {
+                    socket::set_md5(&*l.socket, peer.address, key.0.as_bytes())
+                        .map_err(BgpError::ListenerMd5)?;
                 }
-                None => {
-                    let listener =
-                        socket::listen(v4, self.config.listen_port, &[peer]).map_err(|source| {
-                            BgpError::Listen {
-                                port: self.config.listen_port,
-                                source,
-                            }
-                        })?;
-                    let socket = Arc::new(listener);
-                    let task = tokio::spawn(accept_loop(socket.clone(), self.inboxes.clone()));
-                    self.listeners.insert(v4, Listener { socket, task });
-                }
+            } else {
+                let listener =
+                    socket::listen(v4, self.config.listen_port, &[peer]).map_err(|source| {
+                        BgpError::Listen {
+                            port: self.config.listen_port,
+                            source,
+                        }
+                    })?;
+                let socket = Arc::new(listener);
+                let task = tokio::spawn(accept_loop(socket.clone(), self.inboxes.clone()));
+                self.listeners.insert(v4, Listener { socket, task });
             }
         }
         let bfd_state = if peer.bfd {
@@ -582,7 +579,7 @@ async fn peer_loop(
 /// Sleeps `d`; true when the speaker stopped meanwhile.
 async fn wait(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep(d) => *stop.borrow(),
+        () = tokio::time::sleep(d) => *stop.borrow(),
         _ = stop.changed() => true,
     }
 }

@@ -166,7 +166,7 @@ impl BgpPeerConfig {
             ));
         }
         if self.connect_retry < Duration::from_millis(100)
-            || self.connect_retry > Duration::from_secs(600)
+            || self.connect_retry > Duration::from_mins(10)
         {
             out.push(("connect_retry", "must be between 100ms and 10m".into()));
         }

@@ -50,7 +50,7 @@ pub async fn start(
     client: kube_runtime::Client,
     config: &Config,
     metrics: Arc<Metrics>,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl Future<Output = ()>,
 ) -> Result<Option<Kubernetes>, super::AppError> {
     tokio::pin!(stop);
     let watches = kube_runtime::watch_all(&client, &mode.namespace);

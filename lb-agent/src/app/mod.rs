@@ -213,7 +213,7 @@ async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
     k8s: Option<&mut Kubernetes>,
     events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
 ) -> Result<(), AppError> {
-    let translation = k8s.and_then(|k| k.latest());
+    let translation = k8s.and_then(Kubernetes::latest);
     let desired = translation
         .as_ref()
         .map_or_else(|| agent.current.desired.clone(), |t| t.desired.clone());

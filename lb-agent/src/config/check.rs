@@ -412,7 +412,7 @@ impl RawConfig {
             backends.sort();
             backend_count += backends.len();
             let active = backends.iter().filter(|b| b.weight > 0).count();
-            if active as u64 > table_size as u64 {
+            if active as u64 > u64::from(table_size) {
                 c.fail(
                     at("backends"),
                     format!("{active} backends do not fit a Maglev table of {table_size} slots (use a table at least 100 times the number of backends)"),
@@ -468,7 +468,7 @@ impl RawConfig {
                 health_check,
             });
         }
-        if services.len() as u64 >= limits.max_services as u64 {
+        if services.len() as u64 >= u64::from(limits.max_services) {
             c.fail(
                 "services",
                 format!(
@@ -478,7 +478,7 @@ impl RawConfig {
                 ),
             );
         }
-        if backend_count as u64 >= limits.max_backends as u64 {
+        if backend_count as u64 >= u64::from(limits.max_backends) {
             c.fail("services", format!("{backend_count} backends do not fit dataplane.max_backends ({}; id 0 is reserved)", limits.max_backends));
         }
 

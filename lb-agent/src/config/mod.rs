@@ -31,9 +31,9 @@ pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
 /// Largest weight a backend may have.
 pub const MAX_WEIGHT: u32 = 1_000_000;
 /// Longest ClientIP affinity timeout (Kubernetes' limit for `timeoutSeconds`).
-pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_hours(24);
 /// Affinity timeout when the block is given without one (Kubernetes' default).
-pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_hours(3);
 
 /// A checked configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]

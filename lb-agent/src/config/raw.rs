@@ -156,7 +156,7 @@ pub(super) struct RawNode {
 pub(super) struct RawSourceNat {
     /// `first-last`.
     pub(super) ports: Option<String>,
-    pub(super) ipv4: Option<std::net::Ipv4Addr>,
+    pub(super) ipv4: Option<Ipv4Addr>,
     pub(super) ipv6: Option<std::net::Ipv6Addr>,
 }
 

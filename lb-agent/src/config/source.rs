@@ -30,26 +30,38 @@ impl Config {
             file: file.to_string(),
             problems,
         };
-        let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
-            text,
-        ))
+        // The field path of a bad value, as serde_path_to_error tracks it.
+        let mut at = None;
+        let raw: RawConfig = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                at = Some(e.path().to_string());
+                e.into_inner()
+            })
+        })
         .map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." {
-                "(top level)".into()
-            } else {
-                path
+            let path = match at.as_deref() {
+                None | Some(".") => "(top level)".to_string(),
+                Some(p) => p.to_string(),
             };
-            // serde_yaml already starts its message with the path (of the map, for an
-            // unknown field, where the path names the field).
-            let message = e.into_inner().to_string();
-            let message = match message.split_once(": ") {
-                Some((prefix, rest)) if path.starts_with(prefix) => rest.to_string(),
-                _ => message,
-            };
-            invalid(vec![Problem { path, message }])
+            invalid(vec![Problem {
+                path,
+                message: yaml_message(&e),
+            }])
         })?;
         raw.check().map_err(invalid)
+    }
+}
+
+/// A YAML error's message on one line, with its place in the file: `what (line L column C)`.
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    let text = e.without_snippet().to_string();
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    match text
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((place, message)) => format!("{message} (line {place})"),
+        None => text.to_string(),
     }
 }
 

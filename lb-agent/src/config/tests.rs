@@ -46,7 +46,7 @@ fn embedded_default_config_is_valid() {
         .iter()
         .find(|s| s.name == "web-sticky")
         .unwrap();
-    assert_eq!(sticky.affinity_timeout, Some(Duration::from_secs(600)));
+    assert_eq!(sticky.affinity_timeout, Some(Duration::from_mins(10)));
     assert_eq!(sticky.table_size, 1021);
     assert_eq!(
         sticky.source_ranges,
@@ -236,7 +236,7 @@ fn error_message_names_the_file() {
     .unwrap_err();
     let text = e.to_string();
     assert!(
-        text.starts_with("/etc/weir.yaml: services: invalid type"),
+        text.starts_with("/etc/weir.yaml: services: expected sequence start"),
         "{text}"
     );
     let e = Config::load(Path::new("/nonexistent/weir.yaml")).unwrap_err();

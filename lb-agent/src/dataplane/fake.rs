@@ -132,7 +132,7 @@ pub struct FakeMaps {
     /// Maglev table pages.
     pub pages: BTreeMap<u32, Vec<u32>>,
     /// (prefix length, service id, address words).
-    pub source_ranges: BTreeMap<(u32, u32, [u32; 4]), ()>,
+    pub source_ranges: std::collections::BTreeSet<(u32, u32, [u32; 4])>,
     pub vips: BTreeMap<VipKey, VipValue>,
     pub vip_filter: BTreeMap<u32, u32>,
     pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
@@ -227,7 +227,7 @@ impl FakeMaps {
                 b.generation, b.flags
             );
         }
-        for (len, sid, addr) in self.source_ranges.keys() {
+        for (len, sid, addr) in &self.source_ranges {
             let fam = if addr[..3] == lb_common::V4_MAPPED_PREFIX {
                 lb_common::family::V4
             } else {
@@ -339,7 +339,7 @@ impl MapWriter for FakeMaps {
         data: &SourceRangeData,
     ) -> Result<(), MapError> {
         self.record("SOURCE_RANGES", format!("source_ranges put {prefix_len}"))?;
-        self.source_ranges.insert(range_key(prefix_len, data), ());
+        self.source_ranges.insert(range_key(prefix_len, data));
         Ok(())
     }
 

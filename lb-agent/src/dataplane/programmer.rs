@@ -120,7 +120,7 @@ impl ProgrammedService {
             affinity_timeout_s: self
                 .spec
                 .affinity_timeout
-                .map_or(0, |t| t.as_secs().min(u32::MAX as u64) as u32),
+                .map_or(0, |t| t.as_secs().min(u64::from(u32::MAX)) as u32),
         }
     }
 }
@@ -896,8 +896,8 @@ fn endpoint_value(refs: &[EndpointFrontend]) -> EndpointValue {
 fn source_range(service_id: u32, net: &IpNet) -> (u32, SourceRangeData) {
     let (addr, _) = addr_words(net.network());
     let bits = match net {
-        IpNet::V4(n) => 96 + n.prefix_len() as u32,
-        IpNet::V6(n) => n.prefix_len() as u32,
+        IpNet::V4(n) => 96 + u32::from(n.prefix_len()),
+        IpNet::V6(n) => u32::from(n.prefix_len()),
     };
     (
         source_range_prefix(bits),

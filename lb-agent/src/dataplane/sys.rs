@@ -39,7 +39,7 @@ unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
             libc::SYS_bpf,
             cmd,
             std::ptr::from_mut(attr),
-            std::mem::size_of::<BatchAttr>(),
+            size_of::<BatchAttr>(),
         )
     };
     if r < 0 {
@@ -157,7 +157,7 @@ pub fn lookup_batch(
 /// # Panics
 /// When `bytes` is shorter than a `T`.
 pub fn read_value<T: aya::Pod>(bytes: &[u8]) -> T {
-    let bytes = &bytes[..std::mem::size_of::<T>()];
+    let bytes = &bytes[..size_of::<T>()];
     // SAFETY: `bytes` holds size_of::<T>() bytes; T is Pod (every bit pattern is a valid
     // T); read_unaligned needs no alignment.
     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }

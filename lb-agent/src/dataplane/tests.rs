@@ -49,7 +49,7 @@ fn address_forms_round_trip() {
     }
     // IPv4 is stored mapped, bytes in packet order.
     let (w, f) = addr_words("198.18.1.11".parse().unwrap());
-    assert_eq!(f, lb_common::family::V4);
+    assert_eq!(f, family::V4);
     assert_eq!(w[3].to_ne_bytes(), [198, 18, 1, 11]);
     assert_eq!(&w[..3], &lb_common::V4_MAPPED_PREFIX);
 }
@@ -254,7 +254,7 @@ fn a_failed_update_leaves_the_service_as_it_was() {
     p.apply(&state(vec![old.clone()]), &mut m).unwrap();
     let before = m.dump();
     let mut new = web(&[("198.18.1.11:80", 1), ("198.18.1.13:80", 1)]);
-    new.affinity_timeout = Some(Duration::from_secs(60));
+    new.affinity_timeout = Some(Duration::from_mins(1));
     for step in ["backends put", "maglev write", "services put"] {
         m.fail_on = Some(step.into());
         p.apply(&state(vec![new.clone()]), &mut m).unwrap_err();
@@ -505,7 +505,7 @@ fn source_nat_settings_are_written_first_and_join_the_vip_filter() {
     none.source_nat = None;
     none.services[0].backends[0].snat = false;
     p.apply(&none, &mut m).unwrap();
-    assert_eq!(m.snat_config, lb_common::SnatConfig::default());
+    assert_eq!(m.snat_config, SnatConfig::default());
     assert_eq!(m.vip_filter.values().filter(|n| **n > 0).count(), 1);
 }
 

@@ -532,7 +532,7 @@ impl Scheduler {
 }
 
 /// Far enough to mean "nothing due".
-const IDLE: Duration = Duration::from_secs(3600);
+const IDLE: Duration = Duration::from_hours(1);
 
 /// Probes due this soon start with the ones due now: the thread wakes for batches of probes,
 /// not for each one (at thousands of probes a second, wake-ups cost more than probes).

@@ -6,7 +6,7 @@ use crate::model::{Frontend, Protocol};
 
 fn check(kind: CheckKind, port: Option<u16>, fail_closed: bool) -> HealthCheck {
     let raw: spec::RawHealthCheck =
-        serde_yaml::from_str(&format!("{{type: {kind}}}")).expect("block");
+        serde_saphyr::from_str(&format!("{{type: {kind}}}")).expect("block");
     let mut hc = raw.check().expect("valid");
     hc.port = port;
     hc.fail_closed = fail_closed;
@@ -198,7 +198,7 @@ fn services_share_one_check_per_target_and_spec() {
             )
         })
         .collect();
-    let s = |a: &str, b: &[&str]| (a.to_string(), b.iter().map(|x| x.to_string()).collect());
+    let s = |a: &str, b: &[&str]| (a.to_string(), b.iter().map(ToString::to_string).collect());
     let expected = std::collections::BTreeSet::from([
         s(
             "tcp 198.18.1.11:8080",

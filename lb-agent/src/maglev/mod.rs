@@ -61,8 +61,8 @@ impl Walk {
     /// The backend's permutation: `offset = xxh3_64(key, seed) % m`,
     /// `skip = xxh3_64(key, seed + 1) % (m - 1) + 1` (m prime, at least 2).
     fn new(key: &[u8], m: u32, seed: u64) -> Self {
-        let start = (xxh3_64_with_seed(key, seed) % m as u64) as u32;
-        let skip = (xxh3_64_with_seed(key, seed.wrapping_add(1)) % (m as u64 - 1) + 1) as u32;
+        let start = (xxh3_64_with_seed(key, seed) % u64::from(m)) as u32;
+        let skip = (xxh3_64_with_seed(key, seed.wrapping_add(1)) % (u64::from(m) - 1) + 1) as u32;
         Self {
             next: start,
             skip,
@@ -98,7 +98,10 @@ pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
     order.sort_by(|&a, &b| entries[a].key.cmp(entries[b].key));
     let n = order.len();
     let quota = quotas(entries, &order, m);
-    let weights: Vec<u64> = order.iter().map(|&i| entries[i].weight as u64).collect();
+    let weights: Vec<u64> = order
+        .iter()
+        .map(|&i| u64::from(entries[i].weight))
+        .collect();
     let max_weight = weights.iter().copied().max().unwrap_or(1);
     let mut walks: Vec<Walk> = order
         .iter()
@@ -107,11 +110,11 @@ pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
 
     // Phase 1: first reach. `table` holds positions in `order` while building. The loops
     // are branch-free on "was the slot free", which is a coin toss the CPU cannot predict.
-    let rounds = (PHASE1_ROUNDS * m as u64).div_ceil(n as u64);
+    let rounds = (PHASE1_ROUNDS * u64::from(m)).div_ceil(n as u64);
     // Every claim in order (a slot at most once), to find each backend's latest ones.
     let mut log = vec![0u32; m as usize + 1];
     let mut logged = 0usize;
-    let mut free = m as u64;
+    let mut free = u64::from(m);
     let equal = weights.iter().all(|&w| w == max_weight);
     let mut credit = vec![0u64; if equal { 0 } else { n }];
     for _ in 0..rounds {
@@ -128,9 +131,9 @@ pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
             let take = cur == EMPTY;
             table[x as usize] = if take { k as u32 } else { cur };
             log[logged] = x;
-            logged += take as usize;
+            logged += usize::from(take);
         }
-        free = m as u64 - logged as u64;
+        free = u64::from(m) - logged as u64;
         if free == 0 {
             break;
         }
@@ -167,10 +170,10 @@ pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
         for (k, l) in hungry.iter().zip(left.iter_mut()) {
             let x = walks[*k as usize].step(m);
             let cur = table[x as usize];
-            let take = (cur == EMPTY) & (*l > 0);
+            let take = (cur == EMPTY) && (*l > 0);
             table[x as usize] = if take { *k } else { cur };
-            free -= take as u64;
-            *l -= take as u32;
+            free -= u64::from(take);
+            *l -= u32::from(take);
             done |= *l == 0;
         }
         if done {
@@ -203,10 +206,10 @@ fn assign_directly(table: &mut [u32], walks: &[Walk], hungry: &[u32], left: &[u3
     let mut pairs = Vec::with_capacity(free.len() * hungry.len());
     for (i, &k) in hungry.iter().enumerate() {
         let w = walks[k as usize];
-        let inv = inverse_mod(w.skip, m) as u64;
+        let inv = u64::from(inverse_mod(w.skip, m));
         for &x in &free {
             let dist = (x + m - w.next) % m;
-            let steps = (dist as u64 * inv % m as u64) as u32;
+            let steps = (u64::from(dist) * inv % u64::from(m)) as u32;
             pairs.push((steps, i as u32, x));
         }
     }
@@ -222,12 +225,12 @@ fn assign_directly(table: &mut [u32], walks: &[Walk], hungry: &[u32], left: &[u3
 
 /// `a⁻¹ mod m` for prime `m` and `0 < a < m` (Fermat: a^(m-2)).
 fn inverse_mod(a: u32, m: u32) -> u32 {
-    let (mut base, mut exp, mut acc) = (a as u64, m as u64 - 2, 1u64);
+    let (mut base, mut exp, mut acc) = (u64::from(a), u64::from(m) - 2, 1u64);
     while exp > 0 {
         if exp & 1 == 1 {
-            acc = acc * base % m as u64;
+            acc = acc * base % u64::from(m);
         }
-        base = base * base % m as u64;
+        base = base * base % u64::from(m);
         exp >>= 1;
     }
     acc as u32
@@ -236,11 +239,11 @@ fn inverse_mod(a: u32, m: u32) -> u32 {
 /// Exact slot counts per backend (in `order`), summing to `m`: floor(m·w/W) each, and the
 /// leftover slots to the largest remainders.
 fn quotas(entries: &[Entry<'_>], order: &[usize], m: u32) -> Vec<u32> {
-    let total: u64 = order.iter().map(|&i| entries[i].weight as u64).sum();
+    let total: u64 = order.iter().map(|&i| u64::from(entries[i].weight)).sum();
     let mut quota = Vec::with_capacity(order.len());
     let mut rest = Vec::with_capacity(order.len());
     for (k, &i) in order.iter().enumerate() {
-        let share = m as u64 * entries[i].weight as u64;
+        let share = u64::from(m) * u64::from(entries[i].weight);
         quota.push((share / total) as u32);
         rest.push((share % total, k));
     }
@@ -262,7 +265,7 @@ pub fn is_prime(n: u32) -> bool {
         return n == 2;
     }
     let mut d = 3u32;
-    while (d as u64) * (d as u64) <= n as u64 {
+    while u64::from(d) * u64::from(d) <= u64::from(n) {
         if n.is_multiple_of(d) {
             return false;
         }

@@ -465,8 +465,8 @@ impl Metrics {
         Self {
             registry,
             health,
-            agent,
             kubernetes,
+            agent,
         }
     }
 

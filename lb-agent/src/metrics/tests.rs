@@ -42,7 +42,7 @@ fn health_metrics_have_the_documented_names() {
 
 #[test]
 fn traffic_metrics_have_the_documented_names_and_labels() {
-    let traffic = watch::Sender::new(Arc::new(crate::status::traffic::Traffic::default()));
+    let traffic = watch::Sender::new(Arc::new(Traffic::default()));
     let m = Metrics::new(watch::Sender::default().subscribe(), traffic.subscribe());
     // Before the first sample there is no traffic series (rather than zeros that would lie).
     assert!(!m.encode().contains("weir_service_packets_total"));

@@ -14,7 +14,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 2;
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
-pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MAX_INTERVAL: Duration = Duration::from_hours(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -460,16 +460,17 @@ pub fn from_annotations(
     // The type: weir.dev/health-check, else loxilb.io/probetype, else liveness → protocol.
     let kind = match get(ANNOTATION_NAMES.kind, Some(loxilb::TYPE)).map(|(k, v)| (k, v.trim())) {
         Some((_, "none" | "")) => return Ok(None),
-        Some((key, v)) => match CheckKind::parse(&v.to_ascii_lowercase()) {
-            Some(k) => Some(k),
-            None => {
+        Some((key, v)) => {
+            if let Some(k) = CheckKind::parse(&v.to_ascii_lowercase()) {
+                Some(k)
+            } else {
                 fail(
                     key,
                     format!("{v:?} is not one of ping, tcp, udp, sctp, http, https, none"),
                 );
                 None
             }
-        },
+        }
         None => match annotations.get(loxilb::LIVENESS).map(|v| v.trim()) {
             Some("yes" | "true") => Some(match protocol {
                 Protocol::Tcp => CheckKind::Tcp,
@@ -526,7 +527,7 @@ pub fn from_annotations(
         (None, Some(v)) => match number(v) {
             Ok(s) => {
                 names.interval = loxilb::INTERVAL;
-                f.interval = Some(Duration::from_secs(s as u64));
+                f.interval = Some(Duration::from_secs(u64::from(s)));
             }
             Err(m) => fail(loxilb::INTERVAL, format!("{m} (seconds)")),
         },

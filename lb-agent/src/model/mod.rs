@@ -150,7 +150,7 @@ impl Default for SourceNat {
         Self {
             ipv4: None,
             ipv6: None,
-            ports: crate::model::DEFAULT_SOURCE_NAT_PORTS,
+            ports: DEFAULT_SOURCE_NAT_PORTS,
         }
     }
 }

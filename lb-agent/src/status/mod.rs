@@ -331,8 +331,8 @@ pub mod fixtures {
 
     /// Traffic for [`snapshot`]: web's b1 carried everything.
     pub fn traffic() -> Traffic {
-        let mut drops = [0; lb_common::drop_reason::SLOTS];
-        drops[lb_common::drop_reason::NO_BACKEND as usize] = 2;
+        let mut drops = [0; drop_reason::SLOTS];
+        drops[drop_reason::NO_BACKEND as usize] = 2;
         let rates = Rates {
             packets_in: 12.5,
             bytes_in: 750.0,

@@ -17,8 +17,10 @@ impl Machine {
         let cpu = cpuinfo
             .lines()
             .find_map(|l| l.strip_prefix("model name"))
-            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            .unwrap_or_else(|| "unknown".into());
+            .map_or_else(
+                || "unknown".into(),
+                |v| v.trim_start_matches([' ', '\t', ':']).to_string(),
+            );
         let cores = cpuinfo
             .lines()
             .filter(|l| l.starts_with("processor"))

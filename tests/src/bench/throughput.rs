@@ -325,7 +325,7 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
     let mut got: Vec<(f64, f64)> = (0..runs)
         .map(|_| {
             let (n, secs) = generate(&t, &generator, count);
-            (n as f64 / secs, count as f64 / secs)
+            (n as f64 / secs, f64::from(count) / secs)
         })
         .collect();
     got.sort_by(|a, b| a.0.total_cmp(&b.0));

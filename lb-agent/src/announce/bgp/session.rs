@@ -421,9 +421,8 @@ pub(super) async fn run(
     let Some(first) = first else {
         return Ok(cease(&mut w).await);
     };
-    let open = match first? {
-        Message::Open(o) => o,
-        _ => return Err(notify(&mut w, fsm_error(1)).await),
+    let Message::Open(open) = first? else {
+        return Err(notify(&mut w, fsm_error(1)).await);
     };
     let families = match negotiate(ctx, &open) {
         Ok(f) => f,
@@ -467,7 +466,7 @@ pub(super) async fn run(
     let hold = Duration::from_secs(u64::from(families.hold_time));
     let mut hold_deadline = Instant::now() + hold;
     let mut keepalive = tokio::time::interval(if hold.is_zero() {
-        Duration::from_secs(3600)
+        Duration::from_hours(1)
     } else {
         hold / 3
     });
@@ -526,7 +525,7 @@ pub(super) async fn run(
                 Err(n) => return Err(notify(&mut w, n).await),
             },
             _ = keepalive.tick(), if !hold.is_zero() => send(&mut w, &Message::Keepalive).await?,
-            _ = tokio::time::sleep_until(hold_deadline), if !hold.is_zero() => {
+            () = tokio::time::sleep_until(hold_deadline), if !hold.is_zero() => {
                 return Err(notify(&mut w, NotificationMessage::new(NotificationCode::HoldTimerExpired, 0, Bytes::new())).await);
             }
             Ok(()) = routes.changed() => {}

@@ -118,7 +118,7 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
     assert!(!views[0].borrow().alive.contains_key("lb3"));
     let (tx, others) = &peer_lists[2];
     tx.send_replace(others.clone());
-    for v in views.iter_mut() {
+    for v in &mut views {
         wait(v, 2).await;
     }
     // lb1 claims a VIP: the others see it, and what it can serve.

@@ -47,7 +47,7 @@ impl EbpfInspector {
         if count == 0 {
             return Ok(Vec::new());
         }
-        let stride = std::mem::size_of::<T>().next_multiple_of(8);
+        let stride = size_of::<T>().next_multiple_of(8);
         let mut keys = vec![0u8; count as usize * 4];
         let mut values = vec![0u8; count as usize * stride * self.ncpus];
         let mut token = 0u32;
@@ -154,8 +154,8 @@ impl Inspect for EbpfInspector {
 
     fn conntrack_entries(&self) -> Result<u64, MapError> {
         let map = IterableMap::map(&self.conntrack);
-        let mut keys = vec![0u8; WALK_CHUNK * std::mem::size_of::<FlowKey>()];
-        let mut values = vec![0u8; WALK_CHUNK * std::mem::size_of::<FlowValue>()];
+        let mut keys = vec![0u8; WALK_CHUNK * size_of::<FlowKey>()];
+        let mut values = vec![0u8; WALK_CHUNK * size_of::<FlowValue>()];
         let mut total = 0u64;
         let mut token = 0u32;
         let mut first = true;

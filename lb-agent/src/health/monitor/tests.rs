@@ -6,7 +6,7 @@ use super::*;
 use crate::model::check::RawHealthCheck;
 
 fn probe(yaml: &str) -> Probe {
-    let raw: RawHealthCheck = serde_yaml::from_str(yaml).expect("YAML");
+    let raw: RawHealthCheck = serde_saphyr::from_str(yaml).expect("YAML");
     raw.check().expect("valid").probe
 }
 

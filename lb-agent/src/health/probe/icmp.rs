@@ -82,7 +82,7 @@ impl Pinger {
             match guard.try_io(|s| s.get_ref().send_to(&packet, &to)) {
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) => return Err(Failure::io("sending the echo request", &e)),
-                Err(_would_block) => continue,
+                Err(_would_block) => {}
             }
         }
         match rx.await {

@@ -119,7 +119,7 @@ impl Initiator {
             match guard.try_io(|s| s.get_ref().send_to(bytes, &to)) {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => return Err(Failure::io("sending SCTP", &e)),
-                Err(_would_block) => continue,
+                Err(_would_block) => {}
             }
         }
     }

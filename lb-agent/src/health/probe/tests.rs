@@ -20,7 +20,7 @@ use super::*;
 use crate::model::check::RawHealthCheck;
 
 fn probe(yaml: &str) -> Probe {
-    let raw: RawHealthCheck = serde_yaml::from_str(yaml).expect("YAML");
+    let raw: RawHealthCheck = serde_saphyr::from_str(yaml).expect("YAML");
     raw.check().expect("valid check").probe
 }
 
@@ -52,7 +52,7 @@ async fn tcp_server(f: fn(&[u8]) -> Option<Vec<u8>>) -> SocketAddr {
                     Some(reply) => {
                         let _ = s.write_all(&reply).await;
                     }
-                    None => tokio::time::sleep(Duration::from_secs(3600)).await,
+                    None => tokio::time::sleep(Duration::from_hours(1)).await,
                 }
             });
         }
@@ -302,7 +302,7 @@ fn pki(names: &[&str]) -> Pki {
         .push(rcgen::DnType::CommonName, "weir test CA");
     let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let names: Vec<String> = names.iter().map(ToString::to_string).collect();
     let cert = CertificateParams::new(names)
         .unwrap()
         .signed_by(&key, &ca)
@@ -416,6 +416,6 @@ fn a_probe_future_stays_small() {
     let prober = Prober::new();
     let p = probe("type: ping");
     let target: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let size = std::mem::size_of_val(&prober.probe(target, &p));
+    let size = size_of_val(&prober.probe(target, &p));
     assert!(size <= 1024, "{size} bytes");
 }

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use super::*;
 
 fn block(yaml: &str) -> Result<HealthCheck, Vec<SpecProblem>> {
-    let raw: RawHealthCheck = serde_yaml::from_str(yaml).expect("YAML");
+    let raw: RawHealthCheck = serde_saphyr::from_str(yaml).expect("YAML");
     raw.check()
 }
 
@@ -97,8 +97,8 @@ fn bad_values_name_their_key() {
         assert_eq!(keys(r), ["expect_status"], "{bad}");
     }
     // Unknown fields and types are refused by the parser itself.
-    assert!(serde_yaml::from_str::<RawHealthCheck>("{type: tcp, intervall: 1s}").is_err());
-    assert!(serde_yaml::from_str::<RawHealthCheck>("{type: icmp6}").is_err());
+    assert!(serde_saphyr::from_str::<RawHealthCheck>("{type: tcp, intervall: 1s}").is_err());
+    assert!(serde_saphyr::from_str::<RawHealthCheck>("{type: icmp6}").is_err());
     let p = block("{type: tcp, interval: 5ms}").unwrap_err();
     assert_eq!(p[0].to_string(), "interval: 5ms is outside 10ms..1h");
 }

@@ -158,7 +158,7 @@ pub fn reconcile(alloc: &mut Allocator, services: &[Service], default_class: boo
             Err(e) => Outcome {
                 service: k.clone(),
                 // Keep whatever it has; nothing new until the annotation is fixed.
-                ingress: alloc.held(k).map(<[IpAddr]>::to_vec).unwrap_or(previous),
+                ingress: alloc.held(k).map_or(previous, <[IpAddr]>::to_vec),
                 condition: Some(AddressCondition {
                     ok: false,
                     reason: "InvalidAnnotation",
@@ -209,7 +209,7 @@ mod tests {
                 ..ObjectMeta::default()
             },
             spec: IPPoolSpec {
-                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                addresses: addresses.iter().map(ToString::to_string).collect(),
                 auto_assign: true,
                 ..IPPoolSpec::default()
             },

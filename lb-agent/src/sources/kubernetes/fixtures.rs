@@ -96,7 +96,7 @@ impl Svc {
 
     pub fn source_ranges(mut self, ranges: &[&str]) -> Self {
         self.spec().load_balancer_source_ranges =
-            Some(ranges.iter().map(|r| r.to_string()).collect());
+            Some(ranges.iter().map(ToString::to_string).collect());
         self
     }
 

@@ -107,7 +107,7 @@ impl HealthPorts {
                     );
                 }
                 Err(e) => {
-                    warn!(port, service = %service, error = %e, "cannot serve the health-check node port")
+                    warn!(port, service = %service, error = %e, "cannot serve the health-check node port");
                 }
             }
         }

@@ -47,7 +47,7 @@ pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-b
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// kube-proxy's default ClientIP affinity timeout.
-pub const DEFAULT_AFFINITY: Duration = Duration::from_secs(10_800);
+pub const DEFAULT_AFFINITY: Duration = Duration::from_hours(3);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -389,9 +389,10 @@ fn service(
         .into_iter()
         .flatten()
         .filter_map(|i| i.ip.as_deref())
-        .filter_map(|ip| match ip.parse() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
+        .filter_map(|ip| {
+            if let Ok(ip) = ip.parse() {
+                Some(ip)
+            } else {
                 problems.push(format!(
                     "status.loadBalancer.ingress: {ip:?} is not an IP address"
                 ));
@@ -409,15 +410,14 @@ fn service(
         .flatten()
         .enumerate()
     {
-        match r.trim().parse::<ipnet::IpNet>() {
-            Ok(net) => source_ranges.push(net.trunc()),
-            Err(_) => {
-                // Refusing the Service is safer than serving it to everyone.
-                problems.push(format!(
-                    "spec.loadBalancerSourceRanges[{i}]: {r:?} is not a CIDR; the Service is not served until it is fixed"
-                ));
-                return Vec::new();
-            }
+        if let Ok(net) = r.trim().parse::<ipnet::IpNet>() {
+            source_ranges.push(net.trunc());
+        } else {
+            // Refusing the Service is safer than serving it to everyone.
+            problems.push(format!(
+                "spec.loadBalancerSourceRanges[{i}]: {r:?} is not a CIDR; the Service is not served until it is fixed"
+            ));
+            return Vec::new();
         }
     }
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -434,7 +434,7 @@ fn service(
     let empty = Vec::new();
     let slices = slices.unwrap_or(&empty);
     let mut out = Vec::new();
-    let mut checks: BTreeMap<Protocol, Option<crate::model::check::HealthCheck>> = BTreeMap::new();
+    let mut checks: BTreeMap<Protocol, Option<model::check::HealthCheck>> = BTreeMap::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let proto = match protocol(p.protocol.as_deref()) {
             Ok(proto) => proto,

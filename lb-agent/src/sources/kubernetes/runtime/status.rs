@@ -59,8 +59,7 @@ pub(super) fn status_patch(svc: &Service, o: &Outcome, now: Timestamp) -> serde_
             .into_iter()
             .flatten()
             .find(|x| x.type_ == CONDITION && same)
-            .map(|x| x.last_transition_time.0.to_string())
-            .unwrap_or_else(|| now.to_string());
+            .map_or_else(|| now.to_string(), |x| x.last_transition_time.0.to_string());
         status["conditions"] = serde_json::json!([{
             "type": CONDITION,
             "status": state,
@@ -144,10 +143,10 @@ pub async fn address_loop(
                     .await
                 {
                     Ok(_) => {
-                        info!(service = %o.service, ingress = ?want, condition = ?want_cond, "Service status written")
+                        info!(service = %o.service, ingress = ?want, condition = ?want_cond, "Service status written");
                     }
                     Err(e) => {
-                        warn!(service = %o.service, error = %e, "writing the Service status failed; retried on the next change")
+                        warn!(service = %o.service, error = %e, "writing the Service status failed; retried on the next change");
                     }
                 }
                 if let Some(c) = o.condition.as_ref().filter(|c| !c.ok) {

@@ -223,7 +223,7 @@ fn cluster_policy_uses_every_endpoint_and_source_nats_other_nodes() {
         "node-a's InternalIP"
     );
     assert_eq!(nat.ipv6, Some("fd00:18::2".parse().unwrap()));
-    assert_eq!(nat.ports, crate::model::DEFAULT_SOURCE_NAT_PORTS);
+    assert_eq!(nat.ports, model::DEFAULT_SOURCE_NAT_PORTS);
 
     // Configured addresses and ports win over the Node's.
     let mut o = opts();
@@ -337,7 +337,7 @@ fn affinity_and_source_ranges() {
     let t = translate(&[timed], &[], &nodes(), &opts());
     assert_eq!(
         t.desired.services[0].affinity_timeout,
-        Some(Duration::from_secs(60))
+        Some(Duration::from_mins(1))
     );
 }
 
