@@ -106,48 +106,37 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
         Some(k) => Some(kube_runtime::client(k.kubeconfig.as_deref()).await?),
         None => None,
     };
-    let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
-    let traffic = watch::Sender::new(Arc::new(Traffic::default()));
-    let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
-    let mut state = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
+    let out = Outputs::new();
     let mut datapath = Datapath::load(&config.dataplane).map_err(AppError::Load)?;
     let inspector = datapath.inspector().map_err(AppError::Inspector)?;
+    let mut state = out.api.clone();
     state.inspector = Some(inspector.clone());
     let api = api::spawn(listener, state.clone());
     info!(listen = %config.admin.listen, "admin API listening");
-    attach(&mut datapath, &config, &metrics)?;
-    let node = match (&config.announce.node_name, &kube) {
-        (Some(n), _) => n.clone(),
-        (None, Some(k)) => k.node.clone(),
-        (None, None) if config.announce.gossip.is_some() => {
-            crate::config::host_name().map_err(AppError::NodeName)?
-        }
-        (None, None) => String::new(),
-    };
+    attach(&mut datapath, &config, &out.metrics)?;
+    let node = node_name(&config, kube.as_ref())?;
     let announcer = Announcer::start(&config.announce, node, kube.is_some(), &mut datapath).await?;
     state.readiness.attached.store(true, Ordering::Release);
-    let sampler = tokio::spawn(traffic::sample(inspector, snapshot.subscribe(), traffic));
+    let sampler = tokio::spawn(traffic::sample(
+        inspector,
+        out.snapshot.subscribe(),
+        out.traffic,
+    ));
 
     let mut k8s = match (kube, kube_client) {
         (Some(mode), Some(client)) => {
             let stop = signals.stop.stopped(" before the first state");
-            match kubernetes::start(mode, client, &config, metrics.clone(), stop).await? {
+            match kubernetes::start(mode, client, &config, out.metrics.clone(), stop).await? {
                 Some(k) => Some(k),
                 None => return Ok(()),
             }
         }
         _ => None,
     };
-    let (monitor, mut events) = Monitor::new(metrics.health.clone(), MAX_CONCURRENT_PROBES)
+    let (monitor, mut events) = Monitor::new(out.metrics.health.clone(), MAX_CONCURRENT_PROBES)
         .map_err(AppError::HealthThread)?;
-    let reconciler = Reconciler::new(
-        datapath,
-        monitor,
-        &config.dataplane,
-        config.maglev.seed,
-        snapshot.clone(),
-        announcer.l2(),
-    );
+    let (limits, seed, l2) = (config.dataplane, config.maglev.seed, announcer.l2());
+    let reconciler = Reconciler::new(datapath, monitor, &limits, seed, out.snapshot.clone(), l2);
     let mut agent = Agent {
         api: state.clone(),
         source,
@@ -155,8 +144,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
         fingerprint,
         reconciler,
         announcer,
-        snapshot,
-        metrics: metrics.clone(),
+        snapshot: out.snapshot,
+        metrics: out.metrics,
         kubernetes: k8s.is_some(),
         node_name: k8s
             .as_ref()
@@ -170,18 +159,66 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
 
     serve(&mut agent, &mut signals, k8s.as_mut(), &mut events).await;
 
+    stop(agent, &state, sampler, k8s, api).await;
+    Ok(())
+}
+
+/// Stops in the order that loses no traffic: routes and L2 answers first (the peers stop
+/// sending here), then the tasks, then the data plane, the API last.
+async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
+    agent: Agent<D, C>,
+    state: &ApiState,
+    sampler: tokio::task::JoinHandle<()>,
+    k8s: Option<Kubernetes>,
+    api: api::Running,
+) {
     state.readiness.attached.store(false, Ordering::Release);
-    // Routes go before the data plane does: the peers stop sending here first.
     agent.announcer.shutdown().await;
     sampler.abort();
     if let Some(k) = k8s {
         k.stop().await;
     }
     agent.reconciler.into_dataplane().detach_all();
-    metrics.agent.attached.clear();
+    agent.metrics.agent.attached.clear();
     api.stop().await;
     info!("stopped");
-    Ok(())
+}
+
+/// What the agent publishes: the status snapshot, the traffic sample, the metrics and the
+/// admin API's view of them.
+struct Outputs {
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    traffic: watch::Sender<Arc<Traffic>>,
+    metrics: Arc<Metrics>,
+    api: ApiState,
+}
+
+impl Outputs {
+    fn new() -> Self {
+        let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
+        let traffic = watch::Sender::new(Arc::new(Traffic::default()));
+        let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
+        let api = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
+        Self {
+            snapshot,
+            traffic,
+            metrics,
+            api,
+        }
+    }
+}
+
+/// This node's name among the announcing nodes: `announce.node_name`, else the Kubernetes
+/// node's, else (with gossip) the host name.
+fn node_name(config: &Config, kube: Option<&KubeMode>) -> Result<String, AppError> {
+    Ok(match (&config.announce.node_name, kube) {
+        (Some(n), _) => n.clone(),
+        (None, Some(k)) => k.node.clone(),
+        (None, None) if config.announce.gossip.is_some() => {
+            crate::config::host_name().map_err(AppError::NodeName)?
+        }
+        (None, None) => String::new(),
+    })
 }
 
 /// Attaches the programs to every `node.interfaces` entry (on error, dropping the data plane
