@@ -338,8 +338,12 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             })
             .collect();
         // The announcers' part stays as they last published it.
-        self.snapshot
-            .send_modify(|s| Arc::make_mut(s).services = services);
+        self.snapshot.send_modify(|s| {
+            *s = Arc::new(Snapshot {
+                services,
+                announce: s.announce.clone(),
+            });
+        });
     }
 }
 

@@ -154,10 +154,11 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
         } else if let Some(nat) = new.desired.source_nat {
             checks::source_nat_ports(nat.ports)?;
         }
+        let bgp_before = self.announcer.bgp_config().cloned();
         self.announcer.set_bgp(new.announce.bgp.clone());
         if let Err(e) = self.apply(new.desired.clone(), why) {
-            // The BGP configuration stays with the config in force.
-            self.announcer.set_bgp(self.current.announce.bgp.clone());
+            // The BGP configuration in force stays.
+            self.announcer.set_bgp(bgp_before);
             return Err(ReloadError::Apply(e));
         }
         self.current = new;
