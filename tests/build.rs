@@ -14,27 +14,9 @@ fn main() -> anyhow::Result<()> {
             root_dir: root,
             ..Default::default()
         }],
-        aya_build::Toolchain::Custom(&toolchain()?),
+        aya_build::Toolchain::Custom(&ebpf_toolchain()?),
     )
 }
 
-/// The pinned eBPF toolchain, as the eBPF crate's `rust-toolchain.toml` names it.
-fn toolchain() -> anyhow::Result<String> {
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ebpf/rust-toolchain.toml");
-    println!("cargo:rerun-if-changed={}", file.display());
-    let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
-    let name = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("channel = "))
-        .map(|v| v.trim_matches('"').to_string())
-        .with_context(|| format!("{}: no channel", file.display()))?;
-    let installed = std::process::Command::new("rustc")
-        .args([&format!("+{name}"), "-V"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    anyhow::ensure!(
-        installed,
-        "the eBPF toolchain {name} is not installed: run scripts/bootstrap"
-    );
-    Ok(name)
-}
+// `ebpf_toolchain`: the pinned toolchain's name (shared with the agent's build script).
+include!("../lb-ebpf/toolchain.rs");

@@ -61,6 +61,17 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// `error`, and how writing the previous state again went.
+    fn after(error: ApplyError, rollback: Result<ApplyReport, ApplyError>) -> Self {
+        match rollback {
+            Ok(_) => Self::RolledBack(Box::new(error)),
+            Err(rollback) => Self::RollbackFailed {
+                error,
+                rollback: Box::new(rollback),
+            },
+        }
+    }
+
     /// What made the change fail.
     pub fn cause(&self) -> &ApplyError {
         match self {
@@ -187,15 +198,9 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             Err(error) => {
                 self.checks.retain(&self.wanted);
                 let previous = self.desired.clone();
-                let result = match self.program(&previous) {
-                    Ok(_) => Err(ReconcileError::RolledBack(Box::new(error))),
-                    Err(rollback) => Err(ReconcileError::RollbackFailed {
-                        error,
-                        rollback: Box::new(rollback),
-                    }),
-                };
+                let rollback = self.program(&previous);
                 self.publish();
-                result
+                Err(ReconcileError::after(error, rollback))
             }
         }
     }
@@ -211,15 +216,9 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
                 Ok(report)
             }
             Err(error) => {
-                let result = match self.programmer.apply(&before, self.dataplane.maps()) {
-                    Ok(_) => Err(ReconcileError::RolledBack(Box::new(error))),
-                    Err(rollback) => Err(ReconcileError::RollbackFailed {
-                        error,
-                        rollback: Box::new(rollback),
-                    }),
-                };
+                let rollback = self.programmer.apply(&before, self.dataplane.maps());
                 self.publish();
-                result
+                Err(ReconcileError::after(error, rollback))
             }
         }
     }

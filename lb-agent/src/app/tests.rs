@@ -1,50 +1,15 @@
 //! The agent's reload path on the in-memory data plane: a real config file, no root.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::Duration,
-};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use super::agent::Agent;
 use crate::{
-    LockExt as _,
-    announce::Announcer,
-    api::ApiState,
-    config::Source,
-    dataplane::fake::FakeDataplane,
-    health::{
-        CheckUser,
-        monitor::{CheckKey, Checks, Shared, SyncReport},
-        state::Health,
-    },
-    metrics::Metrics,
-    reconcile::Reconciler,
-    status::Snapshot,
+    LockExt as _, announce::Announcer, api::ApiState, config::Source,
+    dataplane::fake::FakeDataplane, health::fake::FakeChecks, metrics::Metrics,
+    reconcile::Reconciler, status::Snapshot,
 };
-
-/// No checks run (the services here have none).
-struct NoChecks;
-
-impl Checks for NoChecks {
-    fn start(&mut self, _: &BTreeMap<CheckKey, Vec<CheckUser>>) -> SyncReport {
-        SyncReport::default()
-    }
-    fn retain(&mut self, _: &BTreeMap<CheckKey, Vec<CheckUser>>) -> usize {
-        0
-    }
-    fn states(&self) -> HashMap<CheckKey, Health> {
-        HashMap::new()
-    }
-    fn shared(&self, _: &CheckKey) -> Option<Arc<Shared>> {
-        None
-    }
-    fn max_timeout(&self) -> Duration {
-        Duration::ZERO
-    }
-}
 
 const CONFIG: &str = "
 node:
@@ -79,7 +44,7 @@ impl Drop for File {
     }
 }
 
-async fn agent(file: &File) -> Agent<FakeDataplane, NoChecks> {
+async fn agent(file: &File) -> Agent<FakeDataplane, FakeChecks> {
     let source = Source::File(file.0.clone());
     let (config, fingerprint) = source.load_with_fingerprint().expect("valid");
     let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
@@ -92,7 +57,7 @@ async fn agent(file: &File) -> Agent<FakeDataplane, NoChecks> {
         .expect("nothing to announce");
     let mut reconciler = Reconciler::new(
         dataplane,
-        NoChecks,
+        FakeChecks::default(),
         &config.dataplane,
         config.maglev.seed,
         snapshot.clone(),
@@ -115,7 +80,7 @@ async fn agent(file: &File) -> Agent<FakeDataplane, NoChecks> {
     }
 }
 
-fn last_error(a: &Agent<FakeDataplane, NoChecks>) -> Option<String> {
+fn last_error(a: &Agent<FakeDataplane, FakeChecks>) -> Option<String> {
     a.api.config.locked().last_error.clone()
 }
 

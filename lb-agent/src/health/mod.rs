@@ -8,6 +8,8 @@
 //! - [`monitor`]: the scheduler, one task per distinct check;
 //! - [`effective`]: desired state + check results → what the data plane gets (pure).
 
+#[cfg(test)]
+pub mod fake;
 pub mod metrics;
 pub mod monitor;
 pub mod probe;

@@ -2,7 +2,7 @@
 //! clock: no root, no sockets, no real time.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -12,74 +12,8 @@ use crate::{
     LockExt as _,
     config::Config,
     dataplane::fake::{FakeDataplane, Observer},
-    health::monitor::{Shared, SyncReport},
+    health::fake::FakeChecks,
 };
-
-/// Check results set by hand, by target; a check without one is unknown.
-#[derive(Clone, Default)]
-struct FakeChecks(Arc<Mutex<Inner>>);
-
-#[derive(Default)]
-struct Inner {
-    running: BTreeSet<CheckKey>,
-    results: HashMap<SocketAddr, Health>,
-}
-
-impl FakeChecks {
-    fn set(&self, target: &str, h: Health) {
-        self.0.locked().results.insert(target.parse().unwrap(), h);
-    }
-
-    fn running(&self) -> Vec<String> {
-        let i = self.0.locked();
-        i.running
-            .iter()
-            .map(|k| format!("{} {}", k.probe.kind.as_str(), k.target))
-            .collect()
-    }
-}
-
-impl Checks for FakeChecks {
-    fn start(&mut self, wanted: &BTreeMap<CheckKey, Vec<CheckUser>>) -> SyncReport {
-        let mut i = self.0.locked();
-        let mut report = SyncReport::default();
-        for k in wanted.keys() {
-            report.started += usize::from(i.running.insert(k.clone()));
-        }
-        report
-    }
-
-    fn retain(&mut self, wanted: &BTreeMap<CheckKey, Vec<CheckUser>>) -> usize {
-        let mut i = self.0.locked();
-        let before = i.running.len();
-        i.running.retain(|k| wanted.contains_key(k));
-        before - i.running.len()
-    }
-
-    fn states(&self) -> HashMap<CheckKey, Health> {
-        let i = self.0.locked();
-        i.running
-            .iter()
-            .map(|k| {
-                let h = i.results.get(&k.target).copied().unwrap_or(Health::Unknown);
-                (k.clone(), h)
-            })
-            .collect()
-    }
-
-    fn shared(&self, _key: &CheckKey) -> Option<Arc<Shared>> {
-        None
-    }
-
-    fn max_timeout(&self) -> Duration {
-        let i = self.0.locked();
-        i.running
-            .iter()
-            .map(|k| k.probe.timeout)
-            .max()
-            .unwrap_or_default()
-    }
-}
 
 type Fixture = (
     Reconciler<FakeDataplane, FakeChecks>,
@@ -402,14 +336,7 @@ async fn the_first_state_waits_for_the_first_results_but_not_forever() {
         ] {
             tokio::time::sleep(Duration::from_millis(200)).await;
             checks.set(target, h);
-            let key = checks
-                .0
-                .locked()
-                .running
-                .iter()
-                .find(|k| k.target.to_string() == target)
-                .cloned()
-                .expect("started");
+            let key = checks.running_key(target).expect("started");
             let _ = events_tx.send(CheckEvent {
                 key,
                 from: Health::Unknown,
