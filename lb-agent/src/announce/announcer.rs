@@ -100,7 +100,7 @@ impl Announcer {
                 iface: iface.clone(),
                 source,
             };
-            let ifindex = crate::dataplane::ebpf::ifindex(iface)?;
+            let ifindex = crate::sys::if_nametoindex(iface).map_err(io_err)?;
             let mac = l2::interface_mac(iface).map_err(io_err)?;
             dataplane.add_l2_port(iface, ifindex, mac)?;
             info!(iface = %iface, mac = %mac_text(mac), "answering ARP and Neighbor Solicitations for the VIPs here");

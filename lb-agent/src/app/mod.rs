@@ -273,11 +273,10 @@ async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
         agent.apply_kubernetes(&t);
         agent.sync_bgp().await;
     } else {
-        agent.announce();
         if let Some(b) = agent.current.announce.bgp.clone() {
             agent.announcer.start_bgp(&b).await?;
-            agent.announce();
         }
+        agent.announce();
     }
     Ok(())
 }

@@ -1,14 +1,9 @@
 //! The agent's reload path on the in-memory data plane: a real config file, no root.
 
-use std::sync::Arc;
-
-use tokio::sync::watch;
-
 use super::agent::Agent;
 use crate::{
-    LockExt as _, announce::Announcer, api::ApiState, config::Source,
-    dataplane::fake::FakeDataplane, health::fake::FakeChecks, metrics::Metrics,
-    reconcile::Reconciler, status::Snapshot,
+    LockExt as _, announce::Announcer, config::Source, dataplane::fake::FakeDataplane,
+    health::fake::FakeChecks, reconcile::Reconciler,
 };
 
 const CONFIG: &str = "
@@ -47,10 +42,7 @@ impl Drop for File {
 async fn agent(file: &File) -> Agent<FakeDataplane, FakeChecks> {
     let source = Source::File(file.0.clone());
     let (config, fingerprint) = source.load_with_fingerprint().expect("valid");
-    let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
-    let traffic = watch::Sender::new(Arc::default());
-    let metrics = Arc::new(Metrics::new(snapshot.subscribe(), traffic.subscribe()));
-    let api = ApiState::new(snapshot.subscribe(), traffic.subscribe(), metrics.clone());
+    let out = super::Outputs::new();
     let mut dataplane = FakeDataplane::default();
     let announcer = Announcer::start(&config.announce, "node".into(), false, &mut dataplane)
         .await
@@ -60,20 +52,20 @@ async fn agent(file: &File) -> Agent<FakeDataplane, FakeChecks> {
         FakeChecks::default(),
         &config.dataplane,
         config.maglev.seed,
-        snapshot.clone(),
+        out.snapshot.clone(),
         false,
     );
     reconciler.apply(config.desired.clone()).expect("applies");
-    api.note_config(Ok::<(), &str>(()));
+    out.api.note_config(Ok::<(), &str>(()));
     Agent {
-        api,
+        api: out.api,
         source,
         current: config,
         fingerprint,
         reconciler,
         announcer,
-        snapshot,
-        metrics,
+        snapshot: out.snapshot,
+        metrics: out.metrics,
         kubernetes: false,
         node_name: String::new(),
         events: None,

@@ -21,7 +21,8 @@ type Fixture = (
     watch::Receiver<Arc<Snapshot>>,
 );
 
-fn setup() -> Fixture {
+/// A reconciler on the fakes; `l2`: the node announces its VIPs on L2.
+fn setup_l2(l2: bool) -> Fixture {
     let checks = FakeChecks::default();
     let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
     let rx = snapshot.subscribe();
@@ -31,9 +32,13 @@ fn setup() -> Fixture {
         &DataplaneLimits::default(),
         0,
         snapshot,
-        false,
+        l2,
     );
     (r, checks, rx)
+}
+
+fn setup() -> Fixture {
+    setup_l2(false)
 }
 
 /// A desired state from config-file services (YAML list items).
@@ -54,16 +59,13 @@ const WEB: &str = "
       - {address: 198.18.1.12, port: 8080}
 ";
 
-const WEB_CHECKED: &str = "
-  - name: web
-    vip: 198.18.100.10
-    port: 80
-    protocol: tcp
-    health_check: {type: tcp, interval: 1s, timeout: 500ms}
-    backends:
-      - {address: 198.18.1.11, port: 8080}
-      - {address: 198.18.1.12, port: 8080}
-";
+/// `WEB` with a TCP check (timeout 500 ms).
+fn web_checked() -> String {
+    WEB.replace(
+        "    backends:",
+        "    health_check: {type: tcp, interval: 1s, timeout: 500ms}\n    backends:",
+    )
+}
 
 const API: &str = "
   - name: api
@@ -178,7 +180,7 @@ fn a_failed_change_rolls_back_maps_checks_and_snapshot() {
     let (mut r, checks, rx) = setup();
     checks.set("198.18.1.11:8080", Health::Up);
     checks.set("198.18.1.12:8080", Health::Up);
-    r.apply(desired(WEB_CHECKED)).expect("first state");
+    r.apply(desired(&web_checked())).expect("first state");
     let before_tables = tables_by_address(&r);
     let before_published = published(&rx);
     let before_checks = checks.running();
@@ -188,7 +190,7 @@ fn a_failed_change_rolls_back_maps_checks_and_snapshot() {
     );
 
     // web loses a backend and api arrives; publishing api fails: web has changed by then.
-    let one_backend = WEB_CHECKED.replace("      - {address: 198.18.1.12, port: 8080}\n", "");
+    let one_backend = web_checked().replace("      - {address: 198.18.1.12, port: 8080}\n", "");
     r.dataplane_mut().maps.fail_on = Some("services put id=2".into());
     let e = r
         .apply(desired(&format!("{one_backend}{API}")))
@@ -209,7 +211,7 @@ fn a_failed_change_rolls_back_maps_checks_and_snapshot() {
         before_checks,
         "api's check stopped again, web's kept"
     );
-    assert_eq!(r.desired(), &desired(WEB_CHECKED));
+    assert_eq!(r.desired(), &desired(&web_checked()));
 
     // The same change goes through once the map takes writes again.
     let a = r
@@ -254,7 +256,7 @@ fn health_flaps_move_backends_out_of_and_back_into_rotation() {
     let (mut r, checks, rx) = setup();
     checks.set("198.18.1.11:8080", Health::Up);
     checks.set("198.18.1.12:8080", Health::Up);
-    r.apply(desired(WEB_CHECKED)).expect("applies");
+    r.apply(desired(&web_checked())).expect("applies");
     let both = table_lines(&r);
     assert_eq!(
         published(&rx),
@@ -289,12 +291,12 @@ fn every_backend_down_fails_open_or_closed() {
     let (mut r, checks, rx) = setup();
     checks.set("198.18.1.11:8080", Health::Down);
     checks.set("198.18.1.12:8080", Health::Down);
-    r.apply(desired(WEB_CHECKED)).expect("applies");
+    r.apply(desired(&web_checked())).expect("applies");
     assert_eq!(
         published(&rx),
         ["web fail_open 198.18.1.11:8080:1 198.18.1.12:8080:1"]
     );
-    let closed = WEB_CHECKED.replace("timeout: 500ms}", "timeout: 500ms, fail_closed: true}");
+    let closed = web_checked().replace("timeout: 500ms}", "timeout: 500ms, fail_closed: true}");
     r.apply(desired(&closed)).expect("applies");
     assert_eq!(
         published(&rx),
@@ -314,7 +316,7 @@ async fn the_first_state_waits_for_the_first_results_but_not_forever() {
     let (mut r, _checks, rx) = setup();
     let (_events_tx, mut events) = mpsc::unbounded_channel();
     let began = Instant::now();
-    r.first_state(desired(WEB_CHECKED), &mut events, |_, _| {})
+    r.first_state(desired(&web_checked()), &mut events, |_, _| {})
         .await
         .expect("programs");
     assert_eq!(
@@ -347,7 +349,7 @@ async fn the_first_state_waits_for_the_first_results_but_not_forever() {
     });
     let began = Instant::now();
     let mut seen = Vec::new();
-    r.first_state(desired(WEB_CHECKED), &mut events, |users, e| {
+    r.first_state(desired(&web_checked()), &mut events, |users, e| {
         seen.push(format!("{} {}", users[0].backend, e.to));
     })
     .await
@@ -363,17 +365,7 @@ async fn the_first_state_waits_for_the_first_results_but_not_forever() {
 
 #[test]
 fn announced_vips_are_flagged_in_the_maps_and_the_snapshot() {
-    let checks = FakeChecks::default();
-    let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
-    let rx = snapshot.subscribe();
-    let mut r = Reconciler::new(
-        FakeDataplane::default(),
-        checks,
-        &DataplaneLimits::default(),
-        0,
-        snapshot,
-        true,
-    );
+    let (mut r, _, rx) = setup_l2(true);
     r.apply(desired(WEB)).expect("applies");
     assert_eq!(rx.borrow().services[0].announced, Some(false));
     assert!(r.dataplane().dump().contains("vip 198.18.100.10\n"));

@@ -354,7 +354,7 @@ fn tail_fd(ebpf: &Ebpf, program: &'static str) -> Result<aya::programs::ProgramF
         })
 }
 
-pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
+fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
     let err = |detail: &str| DataplaneError::Interface {
         iface: iface.to_string(),
         detail: detail.to_string(),
