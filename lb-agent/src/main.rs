@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the data plane and program it from a config file (standalone mode).
-    /// SIGHUP or a change of the file reloads it; SIGTERM/SIGINT detach and exit.
+    /// SIGHUP or a change of the file reloads it; SIGTERM/SIGINT stop it (the data plane
+    /// stays attached with its state unless dataplane.keep_on_exit is false).
     Run {
         /// The YAML config; without it, the embedded default (the lab's addresses). With
         /// --kubernetes it carries node settings only.
@@ -45,6 +46,16 @@ enum Command {
     },
     /// Validate a config file and exit: 0 when valid, 1 with the problems otherwise.
     Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Detach weir from every interface and remove its pinned data plane (a stopping or
+    /// crashing agent leaves it forwarding for the next agent to adopt; this is the only
+    /// command that removes it).
+    Cleanup {
+        /// The pin directory (default: dataplane.pin_dir of --config, else /sys/fs/bpf/weir).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -99,6 +110,34 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("lb-agent status: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cleanup { pin_dir, config } => {
+            let dir = match (pin_dir, config) {
+                (Some(d), _) => d,
+                (None, Some(c)) => match Source::File(c).load() {
+                    Ok(c) => c.pinning.dir,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                (None, None) => lb_agent::dataplane::DEFAULT_PIN_DIR.into(),
+            };
+            match lb_agent::dataplane::ebpf::cleanup(&dir) {
+                Ok(done) => {
+                    for line in &done {
+                        println!("{line}");
+                    }
+                    if done.is_empty() {
+                        println!("nothing of weir's at {}", dir.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lb-agent cleanup: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -30,7 +30,6 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::DataplaneLimits,
     dataplane::{ApplyError, ApplyReport, Dataplane, MapError, ProgrammedService, Programmer},
     health::{
         self, CheckUser, HealthMode,
@@ -111,18 +110,19 @@ pub struct Reconciler<D, C> {
 impl<D: Dataplane, C: Checks> Reconciler<D, C> {
     /// A reconciler that has programmed nothing yet. `l2`: this node announces VIPs on L2
     /// (the snapshot then says, per service, whether it does now).
+    /// `programmer` knows what `dataplane`'s maps hold (new for fresh maps, adopted for a
+    /// previous agent's: see [`crate::dataplane::programmer_for`]).
     pub fn new(
         dataplane: D,
         checks: C,
-        limits: &DataplaneLimits,
-        seed: u64,
+        programmer: Programmer,
         snapshot: watch::Sender<Arc<Snapshot>>,
         l2: bool,
     ) -> Self {
         Self {
             dataplane,
             checks,
-            programmer: Programmer::new(limits, seed),
+            programmer,
             snapshot,
             desired: DesiredState::default(),
             wanted: BTreeMap::new(),

@@ -235,3 +235,18 @@ pub fn async_fd(socket: socket2::Socket) -> io::Result<tokio::io::unix::AsyncFd<
     // stays open (and is not reused) for as long as it is registered.
     unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(io::Error::from)
 }
+
+/// The magic number of the filesystem `path` is on (`statfs(2)`'s `f_type`).
+pub fn fs_type(path: &std::path::Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path; the kernel fills `st`, read only on success.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded, so `st` is initialised.
+    Ok(unsafe { st.assume_init() }.f_type as i64)
+}

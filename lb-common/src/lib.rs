@@ -67,7 +67,38 @@ pub mod maps {
     pub const SNAT_SCRATCH: &str = "SNAT_SCRATCH";
     pub const L2_PORTS: &str = "L2_PORTS";
     pub const L2_LEASE: &str = "L2_LEASE";
+    pub const REVNAT_FRAGS: &str = "REVNAT_FRAGS";
+
+    /// The maps that hold state worth keeping when the agent restarts: pinned under bpffs,
+    /// adopted by the next agent. The others (tail-call arrays, per-CPU scratch space) belong
+    /// to one loaded program set.
+    pub const PINNED: &[&str] = &[
+        SERVICES,
+        BACKENDS,
+        MAGLEV,
+        CONNTRACK,
+        ENDPOINTS,
+        AFFINITY,
+        SOURCE_RANGES,
+        VIPS,
+        VIP_FILTER,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        DATAPATH_STATS,
+        TX_PORTS,
+        NEXTHOPS,
+        SNAT,
+        SNAT_CONFIG,
+        L2_PORTS,
+        L2_LEASE,
+        REVNAT_FRAGS,
+    ];
 }
+
+/// Version of the pinned maps' layout: their names, key and value types and what the values
+/// mean. Bump it with any change to one of them: an agent never reads maps pinned by another
+/// layout version as its own (it replaces them; see the agent's `dataplane::ebpf::pins`).
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Names of the programs in the eBPF object.
 pub mod programs {

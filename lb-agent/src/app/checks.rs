@@ -69,7 +69,7 @@ pub fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         Some("node.xdp_mode")
     } else if old.admin != new.admin {
         Some("admin.listen")
-    } else if old.dataplane != new.dataplane {
+    } else if old.dataplane != new.dataplane || old.pinning != new.pinning {
         Some("dataplane")
     } else if old.maglev.hash != new.maglev.hash || old.maglev.seed != new.maglev.seed {
         Some("maglev.hash/maglev.seed")

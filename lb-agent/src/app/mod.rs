@@ -19,7 +19,7 @@ use std::{
 };
 
 use tokio::{sync::watch, time::Instant};
-use tracing::info;
+use tracing::{info, warn};
 
 pub use self::kubernetes::KubeMode;
 use self::{agent::Agent, kubernetes::Kubernetes, signals::Signals};
@@ -28,7 +28,10 @@ use crate::{
     announce::Announcer,
     api::{self, ApiState},
     config::{Config, ConfigError, Source},
-    dataplane::{ApplyError, Dataplane, DataplaneError, ebpf::Datapath},
+    dataplane::{
+        self, ApplyError, Dataplane, DataplaneError, MapError,
+        ebpf::{Datapath, Start},
+    },
     health::monitor::{CheckEvent, MAX_CONCURRENT_PROBES, Monitor},
     metrics::{AttachLabels, Metrics},
     reconcile::Reconciler,
@@ -76,6 +79,8 @@ pub enum AppError {
     HealthThread(#[source] std::io::Error),
     #[error("programming the first state: {0}")]
     FirstState(#[source] ApplyError),
+    #[error("adopting the pinned data plane: {0} (lb-agent cleanup removes it)")]
+    Adopt(#[source] MapError),
 }
 
 /// How often the config file is compared with what was last loaded.
@@ -107,16 +112,21 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
         None => None,
     };
     let out = Outputs::new();
-    let mut datapath = Datapath::load(&config.dataplane).map_err(AppError::Load)?;
+    let mut datapath = load(&config)?;
+    out.metrics.agent.note_start(datapath.start().as_str());
+    let (limits, seed) = (config.dataplane, config.maglev.seed);
+    let (programmer, adopted) =
+        dataplane::programmer_for(&mut datapath, &limits, seed).map_err(AppError::Adopt)?;
+    if let Some(r) = adopted {
+        info!(services = r.services, repaired = ?r.repaired, "adopted the pinned data plane: its connections, source-NAT and affinity entries and counters carry on");
+    }
     let inspector = datapath.inspector().map_err(AppError::Inspector)?;
     let mut state = out.api.clone();
     state.inspector = Some(inspector.clone());
     let api = api::spawn(listener, state.clone());
     info!(listen = %config.admin.listen, "admin API listening");
-    attach(&mut datapath, &config, &out.metrics)?;
     let node = node_name(&config, kube.as_ref())?;
     let announcer = Announcer::start(&config.announce, node, kube.is_some(), &mut datapath).await?;
-    state.readiness.attached.store(true, Ordering::Release);
     let sampler = tokio::spawn(traffic::sample(
         inspector,
         out.snapshot.subscribe(),
@@ -135,8 +145,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     };
     let (monitor, mut events) = Monitor::new(out.metrics.health.clone(), MAX_CONCURRENT_PROBES)
         .map_err(AppError::HealthThread)?;
-    let (limits, seed, l2) = (config.dataplane, config.maglev.seed, announcer.l2());
-    let reconciler = Reconciler::new(datapath, monitor, &limits, seed, out.snapshot.clone(), l2);
+    let l2 = announcer.l2();
+    let reconciler = Reconciler::new(datapath, monitor, programmer, out.snapshot.clone(), l2);
     let mut agent = Agent {
         api: state.clone(),
         source,
@@ -178,7 +188,14 @@ async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
     if let Some(k) = k8s {
         k.stop().await;
     }
-    agent.reconciler.into_dataplane().detach_all();
+    let keep = agent.current.pinning.keep_on_exit;
+    let mut dataplane = agent.reconciler.into_dataplane();
+    if keep && dataplane.start() != Start::Unpinned {
+        info!(dir = %agent.current.pinning.dir.display(), "data plane left attached and forwarding with its last state (dataplane.keep_on_exit); the next agent adopts it, lb-agent cleanup removes it");
+    } else {
+        dataplane.detach_all();
+    }
+    drop(dataplane);
     agent.metrics.agent.attached.clear();
     api.stop().await;
     info!("stopped");
@@ -221,8 +238,24 @@ fn node_name(config: &Config, kube: Option<&KubeMode>) -> Result<String, AppErro
     })
 }
 
-/// Attaches the programs to every `node.interfaces` entry (on error, dropping the data plane
-/// detaches what was attached so far).
+/// Loads the data plane, pinned under `dataplane.pin_dir`. Without a bpf filesystem there,
+/// `keep_on_exit: false` runs it unpinned (it goes with the agent, as asked); with `true`
+/// that is an error.
+fn load(config: &Config) -> Result<Datapath, AppError> {
+    let pinning = &config.pinning;
+    match Datapath::load(&config.dataplane, Some(&pinning.dir)) {
+        Err(DataplaneError::Pins { detail }) if !pinning.keep_on_exit => {
+            warn!(%detail, "running the data plane unpinned (dataplane.keep_on_exit is false): it goes with the agent");
+            Datapath::load(&config.dataplane, None)
+        }
+        r => r,
+    }
+    .map_err(AppError::Load)
+}
+
+/// Attaches the programs to every `node.interfaces` entry (a previous agent's pinned links get
+/// the new programs in place), then lets go of what no longer serves. On error, what was
+/// attached stays (pinned) or goes with the data plane (unpinned).
 fn attach(
     dataplane: &mut dyn Dataplane,
     config: &Config,
@@ -238,6 +271,9 @@ fn attach(
         };
         metrics.agent.attached.get_or_create(&labels).set(1);
         info!(iface = %iface, mode = mode.as_str(), "XDP ingress and TC egress attached");
+    }
+    for done in dataplane.settle() {
+        info!("{done}");
     }
     Ok(())
 }
@@ -268,7 +304,15 @@ async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
         .await
         .map_err(AppError::FirstState)?;
     metrics.agent.observe_sync("start", started.elapsed());
-    info!(services = report.added.len(), took = ?started.elapsed(), "data plane programmed; ready");
+    // Attached once programmed: a replaced data plane's links switch to programs whose maps
+    // hold the whole state.
+    attach(
+        agent.reconciler.dataplane_mut(),
+        &agent.current,
+        &agent.metrics,
+    )?;
+    agent.api.readiness.attached.store(true, Ordering::Release);
+    info!(services = report.added.len() + report.updated.len() + report.unchanged, took = ?started.elapsed(), "data plane programmed; ready");
     if let Some(t) = translation {
         agent.apply_kubernetes(&t);
         agent.sync_bgp().await;

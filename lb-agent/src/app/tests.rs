@@ -50,8 +50,7 @@ async fn agent(file: &File) -> Agent<FakeDataplane, FakeChecks> {
     let mut reconciler = Reconciler::new(
         dataplane,
         FakeChecks::default(),
-        &config.dataplane,
-        config.maglev.seed,
+        crate::dataplane::Programmer::new(&config.dataplane, config.maglev.seed),
         out.snapshot.clone(),
         false,
     );

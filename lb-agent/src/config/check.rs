@@ -13,7 +13,7 @@ use crate::{
         Advertisement, AnnounceConfig, BfdTimers, BgpConfig, BgpPeerConfig, GossipConfig,
         RouteAttrs, Secret, parse_community, parse_large_community,
     },
-    dataplane::DataplaneLimits,
+    dataplane::{DataplaneLimits, Pinning},
     maglev::{self, MaglevConfig},
     model::{
         Backend, DEFAULT_SOURCE_NAT_PORTS, DesiredState, Frontend, Protocol, Service, SourceNat,
@@ -292,6 +292,21 @@ impl RawConfig {
             } else if value > 1 << 24 {
                 c.fail(field, format!("{value} is too large (at most {})", 1 << 24));
             }
+        }
+
+        let pin_defaults = Pinning::default();
+        let pinning = Pinning {
+            dir: self.dataplane.pin_dir.clone().unwrap_or(pin_defaults.dir),
+            keep_on_exit: self
+                .dataplane
+                .keep_on_exit
+                .unwrap_or(pin_defaults.keep_on_exit),
+        };
+        if !pinning.dir.is_absolute() {
+            c.fail(
+                "dataplane.pin_dir",
+                format!("{} is not an absolute path", pinning.dir.display()),
+            );
         }
 
         let mut names = BTreeMap::new();
@@ -573,6 +588,7 @@ impl RawConfig {
                 seed: self.maglev.seed,
             },
             dataplane: limits,
+            pinning,
             desired: DesiredState {
                 services,
                 source_nat: uses_source_nat.then_some(source_nat),

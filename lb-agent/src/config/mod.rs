@@ -18,7 +18,7 @@ pub use self::{
 };
 use crate::{
     announce::AnnounceConfig,
-    dataplane::{DataplaneLimits, XdpMode},
+    dataplane::{DataplaneLimits, Pinning, XdpMode},
     maglev::MaglevConfig,
     model::{DesiredState, SourceNat},
 };
@@ -42,6 +42,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub maglev: MaglevConfig,
     pub dataplane: DataplaneLimits,
+    pub pinning: Pinning,
     pub desired: DesiredState,
     pub announce: AnnounceConfig,
 }

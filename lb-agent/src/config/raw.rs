@@ -211,6 +211,8 @@ pub(super) struct RawDataplane {
     pub(super) max_backends: Option<u32>,
     pub(super) conntrack_size: Option<u32>,
     pub(super) affinity_size: Option<u32>,
+    pub(super) pin_dir: Option<PathBuf>,
+    pub(super) keep_on_exit: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

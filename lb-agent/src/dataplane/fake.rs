@@ -35,6 +35,8 @@ pub struct FakeDataplane {
     pub l2_ports: BTreeMap<String, [u8; 6]>,
     /// The last lease written, shared with the writers handed out.
     pub lease: Arc<Mutex<Option<Duration>>>,
+    /// The maps are a previous agent's (adopted) rather than fresh.
+    pub adopted: bool,
 }
 
 impl FakeDataplane {
@@ -92,6 +94,22 @@ impl Dataplane for FakeDataplane {
 
     fn inspector(&self) -> Result<Arc<dyn Inspect>, DataplaneError> {
         Ok(Arc::new(EmptyInspector))
+    }
+
+    fn start(&self) -> super::ebpf::Start {
+        if self.adopted {
+            super::ebpf::Start::Adopted
+        } else {
+            super::ebpf::Start::Unpinned
+        }
+    }
+
+    fn previous_state(&self) -> Result<Option<super::MapContents>, MapError> {
+        Ok(self.adopted.then(|| self.maps.contents()))
+    }
+
+    fn settle(&mut self) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -199,6 +217,51 @@ impl FakeMaps {
         page.get(v.table_offset as usize..(v.table_offset + v.table_size) as usize)
     }
 
+    /// What the maps hold, as a previous agent's pinned maps would give it.
+    pub fn contents(&self) -> super::MapContents {
+        super::MapContents {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self
+                .backends
+                .iter()
+                .filter(|(_, b)| b.generation != 0 || b.flags != 0)
+                .map(|(id, b)| (*id, *b))
+                .collect(),
+            pages: self
+                .pages
+                .iter()
+                .map(|(p, t)| (*p, t.len() as u32))
+                .collect(),
+            tables: self
+                .services
+                .values()
+                .filter_map(|v| Some((v.id, self.table(v)?.to_vec())))
+                .collect(),
+            endpoints: self.endpoints.iter().map(|(k, v)| (*k, *v)).collect(),
+            source_ranges: self
+                .source_ranges
+                .iter()
+                .map(|(len, sid, addr)| {
+                    (
+                        *len,
+                        SourceRangeData {
+                            service_id_be: sid.to_be(),
+                            addr: *addr,
+                        },
+                    )
+                })
+                .collect(),
+            vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+            vip_filter: self
+                .vip_filter
+                .iter()
+                .filter(|(_, n)| **n != 0)
+                .map(|(i, n)| (*i, *n))
+                .collect(),
+            snat_config: self.snat_config,
+        }
+    }
+
     /// The contents, one line per entry, in a stable order.
     pub fn dump(&self) -> String {
         let mut out = String::new();
@@ -217,7 +280,9 @@ impl FakeMaps {
             );
         }
         for (id, b) in &self.backends {
-            if b.flags == 0 && b.generation == 0 {
+            // A freed slot (no backend; its generation kept for the next agent) is nothing a
+            // packet can use.
+            if b.flags == 0 && b.family == 0 {
                 continue;
             }
             let addr = SocketAddr::new(words_addr(&b.addr, b.family), u16::from_be(b.port_be));

@@ -33,3 +33,28 @@ impl Default for DataplaneLimits {
         }
     }
 }
+
+/// Where the data plane is pinned (`dataplane.pin_dir`) and whether it outlives the agent
+/// (`dataplane.keep_on_exit`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pinning {
+    /// A directory on a bpf filesystem. The maps and links are pinned there, so that the next
+    /// agent adopts them (a crash or SIGKILL always leaves them).
+    pub dir: std::path::PathBuf,
+    /// true: a stopping agent leaves the data plane attached and forwarding with its last
+    /// state. false: it detaches and removes the pins (and without a bpf filesystem the data
+    /// plane is not pinned at all).
+    pub keep_on_exit: bool,
+}
+
+/// The default `dataplane.pin_dir`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/weir";
+
+impl Default for Pinning {
+    fn default() -> Self {
+        Self {
+            dir: DEFAULT_PIN_DIR.into(),
+            keep_on_exit: true,
+        }
+    }
+}

@@ -20,10 +20,11 @@ use lb_common::{
     SourceRangeData, VipKey, VipValue, family, v4_mapped,
 };
 pub use programmer::{
-    ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer, TableRef,
+    AdoptReport, ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer,
+    TableRef,
 };
 
-pub use limits::{DataplaneLimits, XdpMode};
+pub use limits::{DEFAULT_PIN_DIR, DataplaneLimits, Pinning, XdpMode};
 
 use crate::model::Frontend;
 pub use ebpf::DataplaneError;
@@ -66,6 +67,50 @@ pub trait Dataplane: Send {
     fn l2_lease(&self) -> Result<Box<dyn L2LeaseWriter>, DataplaneError>;
     /// A reader of the maps with handles of its own (readers never wait for the writer).
     fn inspector(&self) -> Result<std::sync::Arc<dyn Inspect>, DataplaneError>;
+    /// How the data plane came to be (fresh, adopted, replaced).
+    fn start(&self) -> ebpf::Start;
+    /// What a previous agent programmed, when its maps were adopted.
+    fn previous_state(&self) -> Result<Option<MapContents>, MapError>;
+    /// Once every configured interface is attached: lets go of what no longer serves
+    /// (attachments of interfaces no longer configured, a replaced data plane). Says what it
+    /// did.
+    fn settle(&mut self) -> Vec<String>;
+}
+
+/// What a previous agent left in the maps, as the programmer reads it to carry on: the ids,
+/// tables and entries it wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    /// Every backend slot ever given out (a freed one keeps its generation), by id.
+    pub backends: std::collections::BTreeMap<u32, BackendValue>,
+    /// Maglev table pages: page → entries.
+    pub pages: std::collections::BTreeMap<u32, u32>,
+    /// Each service's table as installed, by service id.
+    pub tables: std::collections::BTreeMap<u32, Vec<u32>>,
+    pub endpoints: Vec<(EndpointKey, EndpointValue)>,
+    /// (prefix length, data).
+    pub source_ranges: Vec<(u32, SourceRangeData)>,
+    pub vips: Vec<(VipKey, VipValue)>,
+    /// The VIP pre-filter's non-zero slots.
+    pub vip_filter: std::collections::BTreeMap<u32, u32>,
+    pub snat_config: SnatConfig,
+}
+
+/// The programmer of `dataplane`'s maps: new for fresh ones; for a previous agent's, rebuilt
+/// from what they hold (with what adopting found).
+pub fn programmer_for(
+    dataplane: &mut dyn Dataplane,
+    limits: &DataplaneLimits,
+    seed: u64,
+) -> Result<(Programmer, Option<AdoptReport>), MapError> {
+    match dataplane.previous_state()? {
+        None => Ok((Programmer::new(limits, seed), None)),
+        Some(contents) => {
+            let (p, report) = Programmer::adopt(limits, seed, &contents, dataplane.maps())?;
+            Ok((p, Some(report)))
+        }
+    }
 }
 
 /// Keeps the data plane's L2 answers going (see `L2_LEASE`).

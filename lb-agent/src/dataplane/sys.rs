@@ -173,3 +173,105 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// The interface the BPF link (XDP or TCX) pinned at `path` is attached to: `bpf_link_info`'s
+/// `ifindex`, 0 when the interface is gone (the link is then defunct).
+pub fn pinned_link_ifindex(path: &std::path::Path) -> io::Result<u32> {
+    let fd = obj_get(path)?;
+    link_ifindex(std::os::fd::AsFd::as_fd(&fd))
+}
+
+/// The object pinned at `path` (`BPF_OBJ_GET`).
+fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct GetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = GetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr for the command, its path a NUL-terminated string
+    // that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            std::ptr::from_mut(&mut attr),
+            size_of::<GetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches the BPF link pinned at `path` from its interface (`BPF_LINK_DETACH`), whoever
+/// else holds it.
+pub fn detach_pinned_link(path: &std::path::Path) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let fd = obj_get(path)?;
+    #[repr(C)]
+    struct DetachAttr {
+        link_fd: u32,
+    }
+    let mut attr = DetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // SAFETY: `attr` is a valid bpf_attr for the command.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            std::ptr::from_mut(&mut attr),
+            size_of::<DetachAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The interface a BPF link (XDP or TCX) is attached to (see [`pinned_link_ifindex`]).
+fn link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // `struct bpf_link_info`: type, id, prog_id, then a union aligned to 8 whose XDP and TCX
+    // members both start with the ifindex. The kernel copies at most its own size.
+    let mut info = [0u8; 128];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` is a valid bpf_attr for the command; `info` is a writable buffer of
+    // `info_len` bytes that outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::from_mut(&mut attr),
+            size_of::<InfoAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u32::from_ne_bytes([info[16], info[17], info[18], info[19]]))
+}

@@ -576,3 +576,138 @@ fn announced_vips_carry_the_neighbor_flag_now_and_when_added() {
     assert_eq!(flags(&m, vip), Some(0));
     assert_eq!(flags(&m, other), Some(lb_common::vip_flags::NEIGHBOR));
 }
+
+/// A second programmer adopting `maps` as a restarted agent would.
+fn adopt(maps: &mut FakeMaps) -> (Programmer, AdoptReport) {
+    let contents = maps.contents();
+    maps.log.clear();
+    Programmer::adopt(&DataplaneLimits::default(), 0, &contents, maps).expect("adopts")
+}
+
+#[test]
+fn an_adopted_data_plane_takes_no_write_for_the_same_state() {
+    let (mut p, mut m) = setup();
+    let mut c = Config::default_config().unwrap();
+    c.desired.source_nat = nat(Some("198.18.0.1"), Some("fd00::1"));
+    p.apply(&c.desired, &mut m).unwrap();
+    p.set_announced(
+        ["198.18.100.10".parse().unwrap()].into_iter().collect(),
+        &mut m,
+    )
+    .unwrap();
+    let before = m.dump();
+
+    let (mut q, report) = adopt(&mut m);
+    assert_eq!(report.services, 5);
+    assert!(report.repaired.is_empty(), "{:?}", report.repaired);
+    assert!(m.log.is_empty(), "adopting wrote {:?}", m.log);
+    // Every service is "updated" (the maps do not hold names or weights), but nothing differs.
+    let r = q.apply(&c.desired, &mut m).unwrap();
+    assert_eq!(r.updated.len(), 5, "{r:?}");
+    assert!(m.log.is_empty(), "the first apply wrote {:?}", m.log);
+    assert_eq!(m.dump(), before);
+    // The announced VIP stays announced.
+    q.set_announced(
+        ["198.18.100.10".parse().unwrap()].into_iter().collect(),
+        &mut m,
+    )
+    .unwrap();
+    assert!(m.log.is_empty(), "{:?}", m.log);
+}
+
+#[test]
+fn an_adopted_data_plane_keeps_ids_and_generations_through_changes() {
+    let (mut p, mut m) = setup();
+    let web3 = web(&[
+        ("198.18.1.11:8080", 1),
+        ("198.18.1.12:8080", 1),
+        ("198.18.1.13:8080", 1),
+    ]);
+    p.apply(&state(vec![web3.clone()]), &mut m).unwrap();
+    // A backend removed and one added before the restart: id 3 freed with its generation.
+    let web2 = web(&[("198.18.1.11:8080", 1), ("198.18.1.12:8080", 1)]);
+    p.apply(&state(vec![web2.clone()]), &mut m).unwrap();
+    let ids_before: Vec<(u32, u32)> = p
+        .services()
+        .flat_map(|s| s.backends.values().map(|b| (b.id, b.generation)))
+        .collect();
+
+    let (mut q, _) = adopt(&mut m);
+    let ids_after: Vec<(u32, u32)> = q
+        .services()
+        .flat_map(|s| s.backends.values().map(|b| (b.id, b.generation)))
+        .collect();
+    assert_eq!(ids_before, ids_after);
+    // A new backend gets a fresh id (4), not the freed 3, as the first agent would have done.
+    let web3b = web(&[
+        ("198.18.1.11:8080", 1),
+        ("198.18.1.12:8080", 1),
+        ("198.18.1.14:8080", 1),
+    ]);
+    q.apply(&state(vec![web3b]), &mut m).unwrap();
+    let dump = m.dump();
+    assert!(
+        dump.contains("backend 4 198.18.1.14:8080 gen=1 flags=1"),
+        "{dump}"
+    );
+    // The freed slot kept its generation: when it is given out again, it gets the next one.
+    assert_eq!((m.backends[&3].generation, m.backends[&3].flags), (1, 0));
+    // Service ids and the table carry on: the service keeps id 1.
+    assert!(dump.contains("id=1 size=13"), "{dump}");
+}
+
+#[test]
+fn adopting_clears_what_an_unfinished_change_left() {
+    let (mut p, mut m) = setup();
+    p.apply(&state(vec![web(&[("198.18.1.11:8080", 1)])]), &mut m)
+        .unwrap();
+    // An agent stopped in the middle of adding a second service: its backend, endpoint, VIP
+    // and source range written, the service itself never published.
+    let mut other = web(&[("198.18.1.21:8080", 1)]);
+    other.name = "other".into();
+    other.frontend.vip = "198.18.100.20".parse().unwrap();
+    other.source_ranges = vec!["198.18.0.0/24".parse().unwrap()];
+    m.fail_on = Some("services put id=2".into());
+    assert!(
+        p.apply(
+            &state(vec![web(&[("198.18.1.11:8080", 1)]), other.clone()]),
+            &mut m
+        )
+        .is_err()
+    );
+    // The failed add undid its writes; write them again by hand, as a crash would leave them.
+    let (mut scratch, mut leftovers) = setup();
+    scratch
+        .apply(
+            &state(vec![web(&[("198.18.1.11:8080", 1)]), other]),
+            &mut leftovers,
+        )
+        .unwrap();
+    let unpublished = leftovers
+        .services
+        .iter()
+        .find(|(_, v)| v.id == 2)
+        .map(|(k, _)| *k)
+        .unwrap();
+    leftovers.services.remove(&unpublished);
+    let clean = {
+        let (mut p, mut m) = setup();
+        p.apply(&state(vec![web(&[("198.18.1.11:8080", 1)])]), &mut m)
+            .unwrap();
+        m.dump()
+    };
+
+    let (_q, report) = adopt(&mut leftovers);
+    assert_eq!(report.services, 1);
+    assert_eq!(report.repaired.len(), 5, "{:?}", report.repaired);
+    // What is left is exactly what the published service needs (the cleared backend slot
+    // keeps its generation).
+    assert_eq!(leftovers.dump(), clean);
+    assert_eq!(
+        (
+            leftovers.backends[&2].generation,
+            leftovers.backends[&2].flags
+        ),
+        (1, 0)
+    );
+}

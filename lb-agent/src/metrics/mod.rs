@@ -113,6 +113,12 @@ pub struct AttachLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StartLabels {
+    /// unpinned | fresh | adopted | replaced
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -130,6 +136,8 @@ pub struct AgentMetrics {
     pub last_reload_ok: Gauge,
     /// `weir_dataplane_attached`: 1 per interface the programs are attached to.
     pub attached: Family<AttachLabels, Gauge>,
+    /// `weir_dataplane_start`: 1 for how this agent's data plane came to be.
+    start: Family<StartLabels, Gauge>,
     build: Family<BuildLabels, Gauge>,
 }
 
@@ -141,6 +149,7 @@ impl Default for AgentMetrics {
             reload_failures: Counter::default(),
             last_reload_ok: Gauge::default(),
             attached: Family::default(),
+            start: Family::default(),
             build: Family::default(),
         };
         m.last_reload_ok.set(1);
@@ -181,10 +190,22 @@ impl AgentMetrics {
             self.attached.clone(),
         );
         r.register(
+            "dataplane_start",
+            "1 for what this agent found when it loaded the data plane: unpinned, fresh, adopted \
+             (a previous agent's pinned maps, with their connections and counters) or replaced \
+             (a pinned data plane of another layout or capacity, which this agent does not read)",
+            self.start.clone(),
+        );
+        r.register(
             "build_info",
             "The agent's version; always 1",
             self.build.clone(),
         );
+    }
+
+    /// Records how the data plane came to be.
+    pub fn note_start(&self, outcome: &'static str) {
+        self.start.get_or_create(&StartLabels { outcome }).set(1);
     }
 
     pub fn observe_sync(&self, trigger: &'static str, took: Duration) {

@@ -29,8 +29,7 @@ fn setup_l2(l2: bool) -> Fixture {
     let r = Reconciler::new(
         FakeDataplane::default(),
         checks.clone(),
-        &DataplaneLimits::default(),
-        0,
+        Programmer::new(&crate::dataplane::DataplaneLimits::default(), 0),
         snapshot,
         l2,
     );

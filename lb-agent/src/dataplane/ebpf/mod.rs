@@ -3,24 +3,32 @@
 //! them without writing ([`inspector`]).
 
 mod inspector;
+pub mod pins;
 mod writer;
 
-use self::writer::{err, reopen, take};
+use std::{collections::BTreeMap, path::Path};
+
 pub use self::{inspector::EbpfInspector, writer::EbpfMaps};
+use self::{
+    pins::{Found, Pins, Shape},
+    writer::{err, reopen, take},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, IterableMap, Map, MapData, ProgramArray},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use lb_common::{L2Port, maps, programs};
 use tracing::{info, warn};
 
 use crate::dataplane::{
-    AttachedMode, Dataplane, L2LeaseWriter, MapError, MapWriter, inspect::Inspect, sys,
+    AttachedMode, Dataplane, L2LeaseWriter, MapContents, MapError, MapWriter, inspect::Inspect, sys,
 };
 use crate::dataplane::{DataplaneLimits, XdpMode};
 
@@ -44,23 +52,100 @@ pub enum DataplaneError {
     Map { name: &'static str, detail: String },
     #[error("interface {iface}: {detail}")]
     Interface { iface: String, detail: String },
+    #[error("pinned data plane: {detail}")]
+    Pins { detail: String },
+    #[error("adopting the pinned data plane: {0} (lb-agent cleanup removes it)")]
+    Adopt(#[source] MapError),
+}
+
+/// How the data plane came to be: what the agent found pinned when it loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Not pinned (no `dataplane.pin_dir` on a bpf filesystem): it lives as long as the agent.
+    Unpinned,
+    /// Nothing pinned: fresh maps, pinned now.
+    Fresh,
+    /// A previous agent's maps, adopted with their state.
+    Adopted,
+    /// A previous data plane this agent does not read (why): fresh maps, programmed before the
+    /// links switch over; the old maps go once nothing uses them.
+    Replaced(String),
+}
+
+impl Start {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Unpinned => "unpinned",
+            Self::Fresh => "fresh",
+            Self::Adopted => "adopted",
+            Self::Replaced(_) => "replaced",
+        }
+    }
+}
+
+/// An attachment's link, as held.
+enum Held {
+    /// Pinned: it stays attached when the agent goes, until its pin is removed.
+    Pinned(FdLink, std::path::PathBuf),
+    Xdp(XdpLink),
+    /// TC through netlink (kernels without TCX): a filter, which stays when the agent goes.
+    Tc(SchedClassifierLink),
+}
+
+impl Held {
+    /// Detaches: removes the pin and drops the last handle.
+    fn detach(self) -> std::io::Result<()> {
+        match self {
+            Self::Pinned(link, path) => {
+                drop(link);
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            }
+            Self::Xdp(l) => {
+                drop(l);
+                Ok(())
+            }
+            Self::Tc(l) => {
+                drop(l);
+                Ok(())
+            }
+        }
+    }
+
+    /// Lets go without detaching.
+    fn keep(self) {
+        match self {
+            Self::Pinned(..) | Self::Xdp(_) => {}
+            // Dropping a netlink link would delete the filter.
+            Self::Tc(l) => std::mem::forget(l),
+        }
+    }
 }
 
 struct Attachment {
     iface: String,
     ifindex: u32,
     mode: AttachedMode,
-    xdp: XdpLinkId,
-    tc: SchedClassifierLinkId,
+    xdp: Held,
+    tc: Held,
 }
 
-/// The loaded programs and maps. Dropping it detaches everything it attached.
+/// The loaded programs and maps. Pinned, they outlive the agent: dropping it lets go of them
+/// as they are (attached, with their state), [`Datapath::detach_all`] detaches and unpins.
+/// Unpinned, dropping it detaches everything.
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: EbpfMaps,
     attached: Vec<Attachment>,
-    /// Held open: the kernel empties a program array when its last user-space reference goes.
+    /// Held open: the kernel empties a program array when its last user-space reference goes
+    /// (pinned, the pin is one).
     _tails: [ProgramArray<MapData>; 2],
+    pins: Option<Pins>,
+    /// This program set's name under `pins`.
+    load: String,
+    start: Start,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -70,23 +155,84 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
     }
 }
 
+/// The capacities the agent gives the maps (the others keep the object's).
+fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 10] {
+    [
+        (maps::SERVICES, limits.max_services),
+        (maps::VIPS, limits.max_services),
+        (maps::SERVICE_STATS, limits.max_services),
+        (maps::BACKENDS, limits.max_backends),
+        (maps::BACKEND_STATS, limits.max_backends),
+        (maps::NEXTHOPS, limits.max_backends),
+        (maps::CONNTRACK, limits.conntrack_size),
+        (maps::SNAT, limits.conntrack_size),
+        (maps::ENDPOINTS, limits.max_backends),
+        (maps::AFFINITY, limits.affinity_size),
+    ]
+}
+
+/// The shapes of the pinned maps as this agent creates them.
+fn expected_shapes(
+    limits: &DataplaneLimits,
+) -> Result<BTreeMap<&'static str, Shape>, DataplaneError> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Pins {
+        detail: format!("reading the object's map definitions: {e}"),
+    })?;
+    let caps: BTreeMap<&str, u32> = capacities(limits).into_iter().collect();
+    let mut out = BTreeMap::new();
+    for name in maps::PINNED {
+        let m = obj.maps.get(*name).ok_or(DataplaneError::Map {
+            name,
+            detail: "not in the eBPF object".into(),
+        })?;
+        let device = *name == maps::TX_PORTS;
+        out.insert(
+            *name,
+            Shape {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: (!device).then(|| m.value_size()),
+                max_entries: caps.get(name).copied().unwrap_or_else(|| m.max_entries()),
+                flags: m.map_flags(),
+            },
+        );
+    }
+    Ok(out)
+}
+
 impl Datapath {
-    /// Loads the object with the map capacities of `limits` and verifies both programs.
-    /// Nothing is attached yet.
-    pub fn load(limits: &DataplaneLimits) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::SERVICES, limits.max_services)
-            .map_max_entries(maps::VIPS, limits.max_services)
-            .map_max_entries(maps::SERVICE_STATS, limits.max_services)
-            .map_max_entries(maps::BACKENDS, limits.max_backends)
-            .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
-            .map_max_entries(maps::NEXTHOPS, limits.max_backends)
-            .map_max_entries(maps::CONNTRACK, limits.conntrack_size)
-            .map_max_entries(maps::SNAT, limits.conntrack_size)
-            .map_max_entries(maps::ENDPOINTS, limits.max_backends)
-            .map_max_entries(maps::AFFINITY, limits.affinity_size)
-            .load(OBJECT)
-            .map_err(DataplaneError::Load)?;
+    /// Loads the object with the map capacities of `limits` and verifies the programs, with
+    /// its maps pinned under `pin_dir` when given: a previous agent's maps there are adopted
+    /// when they match, replaced otherwise. Nothing is attached yet.
+    pub fn load(limits: &DataplaneLimits, pin_dir: Option<&Path>) -> Result<Self, DataplaneError> {
+        let pins = pin_dir.map(Pins::open).transpose()?;
+        let load = pins::load_name();
+        let start = match &pins {
+            None => Start::Unpinned,
+            Some(p) => match p.check(&expected_shapes(limits)?) {
+                Found::Nothing => Start::Fresh,
+                Found::Compatible => Start::Adopted,
+                Found::Incompatible(why) => {
+                    p.retire()?;
+                    Start::Replaced(why)
+                }
+            },
+        };
+        let mut loader = EbpfLoader::new();
+        for (name, n) in capacities(limits) {
+            loader.map_max_entries(name, n);
+        }
+        let map_paths: Vec<(&str, std::path::PathBuf)> = match &pins {
+            Some(p) => {
+                p.prepare(&load)?;
+                maps::PINNED.iter().map(|n| (*n, p.map(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         let load_err = |name| move |source| DataplaneError::Program { name, source };
         for name in [
             programs::XDP_INGRESS,
@@ -101,21 +247,39 @@ impl Datapath {
             let p: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             p.load().map_err(load_err(name))?;
         }
+        let tails_dir = pins.as_ref().map(|p| p.programs_dir(&load));
         let tails = [
             tail_array(
                 &mut ebpf,
                 maps::XDP_TAILS,
                 &[programs::XDP_SCTP, programs::XDP_SNAT, programs::XDP_NEIGH],
+                tails_dir.as_deref(),
             )?,
-            tail_array(&mut ebpf, maps::TC_TAILS, &[programs::TC_SCTP])?,
+            tail_array(
+                &mut ebpf,
+                maps::TC_TAILS,
+                &[programs::TC_SCTP],
+                tails_dir.as_deref(),
+            )?,
         ];
-        let maps = EbpfMaps::take(&mut ebpf)?;
+        let mut maps = EbpfMaps::take(&mut ebpf, pins.clone())?;
+        if start == Start::Adopted {
+            maps.open_pages().map_err(DataplaneError::Adopt)?;
+        }
         Ok(Self {
             ebpf,
             maps,
             attached: Vec::new(),
             _tails: tails,
+            pins,
+            load,
+            start,
         })
+    }
+
+    /// What the agent found pinned when it loaded.
+    pub fn start(&self) -> &Start {
+        &self.start
     }
 
     /// The XDP program (for BPF_PROG_TEST_RUN).
@@ -134,16 +298,115 @@ impl Datapath {
             .expect("loaded in Datapath::load")
     }
 
-    /// Attaches XDP (ingress) and TC (egress) to `iface`. With native XDP the interface also
-    /// becomes a redirect target. On error nothing stays attached to `iface`.
+    /// Attaches XDP (ingress) and TC (egress) to `iface`: where a previous agent's links are
+    /// pinned for it, this agent's programs replace theirs in one step each (no packet meets
+    /// an interface without a program); otherwise fresh links, pinned when the data plane is.
+    /// With native XDP the interface also becomes a redirect target. On error nothing of this
+    /// agent stays attached to `iface` (a swapped link keeps running the new program).
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError> {
         let ifindex = ifindex(iface)?;
+        let (xdp, attached) = self.attach_xdp(iface, ifindex, mode)?;
+        let tc = match self.attach_tc(iface, ifindex) {
+            Ok(tc) => tc,
+            Err(e) => {
+                if let Err(d) = xdp.detach() {
+                    warn!(iface, error = %d, "detaching XDP after the TC failure failed");
+                }
+                return Err(e);
+            }
+        };
+        if attached == AttachedMode::Native
+            && let Err(e) = self.maps.tx_ports.insert(ifindex, ifindex, None, 0)
+        {
+            // Still correct without it: forwarded packets then go through the kernel.
+            warn!(iface, error = %e, "cannot make the interface an XDP redirect target");
+        }
+        self.attached.push(Attachment {
+            iface: iface.to_string(),
+            ifindex,
+            mode: attached,
+            xdp,
+            tc,
+        });
+        Ok(attached)
+    }
+
+    /// A pinned link of `kind` on `iface` that is still attached to it.
+    fn pinned_link(
+        &self,
+        iface: &str,
+        ifindex: u32,
+        kind: &str,
+    ) -> Option<(FdLink, std::path::PathBuf)> {
+        let path = self.pins.as_ref()?.link(iface, kind);
+        if !path.exists() {
+            return None;
+        }
+        match sys::pinned_link_ifindex(&path) {
+            Ok(i) if i == ifindex => Some((FdLink::from(PinnedLink::from_pin(&path).ok()?), path)),
+            other => {
+                // Its interface is gone (the link is defunct) or is another one now.
+                info!(iface, kind, found = ?other, "dropping a stale pinned link");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> Result<(Held, AttachedMode), DataplaneError> {
         let iface_err = |detail: String| DataplaneError::Interface {
             iface: iface.to_string(),
             detail,
         };
+        for (kind, was) in [
+            ("xdp-native", AttachedMode::Native),
+            ("xdp-generic", AttachedMode::Generic),
+        ] {
+            let Some((link, path)) = self.pinned_link(iface, ifindex, kind) else {
+                continue;
+            };
+            let fits = match mode {
+                XdpMode::Auto => true,
+                XdpMode::Native => was == AttachedMode::Native,
+                XdpMode::Generic => was == AttachedMode::Generic,
+            };
+            if !fits {
+                // XDP cannot change mode in place: a short gap, on a configuration change.
+                warn!(
+                    iface,
+                    from = was.as_str(),
+                    "xdp_mode changed: re-attaching XDP"
+                );
+                drop(link);
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let link =
+                XdpLink::try_from(link).map_err(|e| iface_err(format!("pinned XDP link: {e}")))?;
+            let xdp: &mut Xdp = program_mut(&mut self.ebpf, programs::XDP_INGRESS)?;
+            let id = xdp
+                .attach_to_link(link)
+                .map_err(|e| iface_err(format!("replacing the XDP program: {e}")))?;
+            let link = xdp
+                .take_link(id)
+                .map_err(|e| iface_err(format!("XDP link: {e}")))
+                .and_then(|l| {
+                    FdLink::try_from(l).map_err(|e| iface_err(format!("XDP link: {e}")))
+                })?;
+            info!(
+                iface,
+                mode = was.as_str(),
+                "XDP program replaced in the pinned link"
+            );
+            return Ok((Held::Pinned(link, path), was));
+        }
         let xdp: &mut Xdp = program_mut(&mut self.ebpf, programs::XDP_INGRESS)?;
-        let (xdp_link, attached) = match mode {
+        let (id, attached) = match mode {
             XdpMode::Native => (
                 xdp.attach(iface, AyaXdpMode::Driver)
                     .map_err(|e| iface_err(format!("native XDP: {e}")))?,
@@ -167,29 +430,63 @@ impl Datapath {
                 }
             },
         };
-        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, programs::TC_EGRESS)?;
-        let tc_link = match tc.attach(iface, TcAttachType::Egress) {
-            Ok(l) => l,
-            Err(e) => {
-                let xdp: &mut Xdp = program_mut(&mut self.ebpf, programs::XDP_INGRESS)?;
-                let _ = xdp.detach(xdp_link);
-                return Err(iface_err(format!("TC egress: {e}")));
-            }
+        let link = xdp
+            .take_link(id)
+            .map_err(|e| iface_err(format!("XDP link: {e}")))?;
+        let Some(pins) = &self.pins else {
+            return Ok((Held::Xdp(link), attached));
         };
-        if attached == AttachedMode::Native
-            && let Err(e) = self.maps.tx_ports.insert(ifindex, ifindex, None, 0)
-        {
-            // Still correct without it: forwarded packets then go through the kernel.
-            warn!(iface, error = %e, "cannot make the interface an XDP redirect target");
-        }
-        self.attached.push(Attachment {
+        let kind = match attached {
+            AttachedMode::Native => "xdp-native",
+            AttachedMode::Generic => "xdp-generic",
+        };
+        let path = pins.link(iface, kind);
+        let link = FdLink::try_from(link).map_err(|e| iface_err(format!("XDP link: {e}")))?;
+        pin_link(link, &path)
+            .map(|l| (l, attached))
+            .map_err(iface_err)
+    }
+
+    fn attach_tc(&mut self, iface: &str, ifindex: u32) -> Result<Held, DataplaneError> {
+        let iface_err = |detail: String| DataplaneError::Interface {
             iface: iface.to_string(),
-            ifindex,
-            mode: attached,
-            xdp: xdp_link,
-            tc: tc_link,
-        });
-        Ok(attached)
+            detail,
+        };
+        if let Some((link, path)) = self.pinned_link(iface, ifindex, "tc") {
+            let link = SchedClassifierLink::try_from(link)
+                .map_err(|e| iface_err(format!("pinned TC link: {e}")))?;
+            let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, programs::TC_EGRESS)?;
+            let id = tc
+                .attach_to_link(link)
+                .map_err(|e| iface_err(format!("replacing the TC program: {e}")))?;
+            let link = tc
+                .take_link(id)
+                .map_err(|e| iface_err(format!("TC link: {e}")))
+                .and_then(|l| {
+                    FdLink::try_from(l).map_err(|e| iface_err(format!("TC link: {e}")))
+                })?;
+            info!(iface, "TC program replaced in the pinned link");
+            return Ok(Held::Pinned(link, path));
+        }
+        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, programs::TC_EGRESS)?;
+        // A netlink filter of a previous agent (kernels without TCX) would run beside ours.
+        let _ = aya::programs::tc::qdisc_detach_program(
+            iface,
+            TcAttachType::Egress,
+            programs::TC_EGRESS,
+        );
+        let id = tc
+            .attach(iface, TcAttachType::Egress)
+            .map_err(|e| iface_err(format!("TC egress: {e}")))?;
+        let link = tc
+            .take_link(id)
+            .map_err(|e| iface_err(format!("TC link: {e}")))?;
+        // Netlink (no TCX): not a link to pin; the filter itself stays when the agent goes.
+        let (Some(pins), true) = (&self.pins, <&FdLink>::try_from(&link).is_ok()) else {
+            return Ok(Held::Tc(link));
+        };
+        let link = FdLink::try_from(link).map_err(|e| iface_err(format!("TC link: {e}")))?;
+        pin_link(link, &pins.link(iface, "tc")).map_err(iface_err)
     }
 
     /// Lets XDP redirect to `ifindex` without attaching to it (BPF_PROG_TEST_RUN and the
@@ -257,24 +554,109 @@ impl Datapath {
             .collect()
     }
 
-    /// Detaches both programs from every interface, logging each.
+    /// Detaches both programs from every interface (removing their pins), logging each.
     pub fn detach_all(&mut self) {
         for a in std::mem::take(&mut self.attached) {
             let _ = self.maps.tx_ports.remove(a.ifindex);
-            if let Ok(xdp) = program_mut::<Xdp>(&mut self.ebpf, programs::XDP_INGRESS) {
-                match xdp.detach(a.xdp) {
-                    Ok(()) => info!(iface = %a.iface, "XDP program detached"),
-                    Err(e) => warn!(iface = %a.iface, error = %e, "detaching XDP failed"),
+            for (what, held) in [("XDP", a.xdp), ("TC", a.tc)] {
+                match held.detach() {
+                    Ok(()) => info!(iface = %a.iface, "{what} program detached"),
+                    Err(e) => warn!(iface = %a.iface, error = %e, "detaching {what} failed"),
                 }
             }
-            if let Ok(tc) = program_mut::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS) {
-                match tc.detach(a.tc) {
-                    Ok(()) => info!(iface = %a.iface, "TC program detached"),
-                    Err(e) => warn!(iface = %a.iface, error = %e, "detaching TC failed"),
+        }
+        if let Some(pins) = &self.pins {
+            match pins.remove_all() {
+                Ok(()) => info!(dir = %pins.root().display(), "pinned data plane removed"),
+                Err(e) => {
+                    warn!(dir = %pins.root().display(), error = %e, "removing the pins failed")
                 }
             }
         }
     }
+
+    /// Once every configured interface is attached: detaches pinned links of interfaces no
+    /// longer configured, and removes what no link uses any more (other program sets, retired
+    /// or other layouts' maps). Returns what it did, for the log.
+    pub fn settle(&mut self) -> Vec<String> {
+        let Some(pins) = self.pins.clone() else {
+            return Vec::new();
+        };
+        let mut done = Vec::new();
+        for iface in pins.links().into_keys() {
+            if self.attached.iter().any(|a| a.iface == iface) {
+                continue;
+            }
+            pins.remove_links(&iface);
+            if let Ok(i) = ifindex(&iface) {
+                let _ = self.maps.tx_ports.remove(i);
+            }
+            done.push(format!("detached from {iface} (no longer configured)"));
+        }
+        for path in pins.remove_stale(&self.load) {
+            done.push(format!("removed {}", path.display()));
+        }
+        done
+    }
+
+    /// The pin directory, when the data plane is pinned.
+    pub fn pins(&self) -> Option<&Pins> {
+        self.pins.as_ref()
+    }
+}
+
+/// `lb-agent cleanup`: detaches weir from every interface its pins under `dir` name (and any
+/// TC netlink filter of weir's left on an interface of this network namespace, which kernels
+/// without TCX keep when the agent goes), then removes the pins; the maps go with the last
+/// holder. Says what it did.
+pub fn cleanup(dir: &Path) -> Result<Vec<String>, String> {
+    let pins = Pins::at(dir);
+    let mut done = Vec::new();
+    for (iface, kinds) in pins.links() {
+        for kind in kinds {
+            let path = pins.link(&iface, &kind);
+            match sys::detach_pinned_link(&path) {
+                Ok(()) => done.push(format!("{iface}: {kind} detached")),
+                Err(e) => done.push(format!("{iface}: {kind}: {e} (already detached?)")),
+            }
+        }
+    }
+    for e in std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(iface) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if aya::programs::tc::qdisc_detach_program(
+            &iface,
+            TcAttachType::Egress,
+            programs::TC_EGRESS,
+        )
+        .is_ok()
+        {
+            done.push(format!("{iface}: TC netlink filter removed"));
+        }
+    }
+    if dir.exists() {
+        pins.remove_all()
+            .map_err(|e| format!("removing {}: {e}", dir.display()))?;
+        done.push(format!("{} removed", dir.display()));
+    }
+    Ok(done)
+}
+
+/// Pins `link` at `path` (replacing a stale pin there).
+fn pin_link(link: FdLink, path: &Path) -> Result<Held, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let pinned = link
+        .pin(path)
+        .map_err(|e| format!("pinning the link at {}: {e}", path.display()))?;
+    Ok(Held::Pinned(FdLink::from(pinned), path.to_path_buf()))
 }
 
 impl Dataplane for Datapath {
@@ -306,11 +688,36 @@ impl Dataplane for Datapath {
     fn inspector(&self) -> Result<std::sync::Arc<dyn Inspect>, DataplaneError> {
         Ok(std::sync::Arc::new(self.maps.inspector()?))
     }
+
+    fn start(&self) -> Start {
+        self.start.clone()
+    }
+
+    fn previous_state(&self) -> Result<Option<MapContents>, MapError> {
+        if self.start == Start::Adopted {
+            self.maps.contents().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn settle(&mut self) -> Vec<String> {
+        Datapath::settle(self)
+    }
 }
 
 impl Drop for Datapath {
+    /// Pinned, the programs stay attached with their maps (the next agent adopts them);
+    /// unpinned, they go with the agent.
     fn drop(&mut self) {
-        self.detach_all();
+        if self.pins.is_some() {
+            for a in std::mem::take(&mut self.attached) {
+                a.xdp.keep();
+                a.tc.keep();
+            }
+        } else {
+            self.detach_all();
+        }
     }
 }
 
@@ -331,8 +738,16 @@ fn tail_array(
     ebpf: &mut Ebpf,
     map: &'static str,
     slots: &[&'static str],
+    pin_dir: Option<&Path>,
 ) -> Result<ProgramArray<MapData>, DataplaneError> {
-    let mut array: ProgramArray<MapData> = take(ebpf, map)?.try_into().map_err(map_err(map))?;
+    let taken = take(ebpf, map)?;
+    if let Some(dir) = pin_dir {
+        taken.pin(dir.join(map)).map_err(|e| DataplaneError::Map {
+            name: map,
+            detail: format!("pinning: {e}"),
+        })?;
+    }
+    let mut array: ProgramArray<MapData> = taken.try_into().map_err(map_err(map))?;
     for (slot, program) in slots.iter().enumerate() {
         let fd = tail_fd(ebpf, program)?;
         array.set(slot as u32, &fd, 0).map_err(map_err(map))?;

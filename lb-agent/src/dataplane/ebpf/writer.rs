@@ -29,8 +29,10 @@ pub struct EbpfMaps {
     pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub(super) backends: Array<MapData, BackendValue>,
     pub(super) maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    /// A second handle on `maglev`, to read which pages it holds.
+    pub(super) maglev_raw: MapData,
     /// The table pages, by page id (kept to write into them).
-    pub(super) pages: std::collections::BTreeMap<u32, Array<MapData, u32>>,
+    pub(super) pages: BTreeMap<u32, Array<MapData, u32>>,
     pub(super) source_ranges: LpmTrie<MapData, SourceRangeData, u32>,
     pub(super) vips: HashMap<MapData, VipKey, VipValue>,
     pub(super) vip_filter: Array<MapData, u32>,
@@ -49,11 +51,12 @@ pub struct EbpfMaps {
     /// Second handles on the table pages, shared with inspectors: reading a page through the
     /// outer map's id would need CAP_SYS_ADMIN.
     pub(super) shared_pages: SharedPages,
+    /// Where new table pages are pinned (a pinned data plane).
+    pub(super) pins: Option<Pins>,
 }
 
 /// Table pages by page id, readable by inspectors.
-pub(super) type SharedPages =
-    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u32, Map>>>;
+pub(super) type SharedPages = std::sync::Arc<std::sync::Mutex<BTreeMap<u32, Map>>>;
 
 pub(super) fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
     ebpf.take_map(name).ok_or(DataplaneError::Map {
@@ -69,16 +72,27 @@ macro_rules! typed {
 }
 
 impl EbpfMaps {
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+    pub(super) fn take(ebpf: &mut Ebpf, pins: Option<Pins>) -> Result<Self, DataplaneError> {
         let ncpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Map {
             name: maps::SERVICE_STATS,
             detail: format!("{what}: {e}"),
         })?;
+        let maglev = take(ebpf, maps::MAGLEV)?;
+        let maglev_raw = match &maglev {
+            Map::ArrayOfMaps(d) => reopen(d).map_err(map_err(maps::MAGLEV))?,
+            _ => {
+                return Err(DataplaneError::Map {
+                    name: maps::MAGLEV,
+                    detail: "not an array of maps".into(),
+                });
+            }
+        };
         Ok(Self {
             services: typed!(ebpf, maps::SERVICES),
             backends: typed!(ebpf, maps::BACKENDS),
-            maglev: typed!(ebpf, maps::MAGLEV),
-            pages: std::collections::BTreeMap::new(),
+            maglev: maglev.try_into().map_err(map_err(maps::MAGLEV))?,
+            maglev_raw,
+            pages: BTreeMap::new(),
             source_ranges: typed!(ebpf, maps::SOURCE_RANGES),
             vips: typed!(ebpf, maps::VIPS),
             vip_filter: typed!(ebpf, maps::VIP_FILTER),
@@ -95,7 +109,100 @@ impl EbpfMaps {
             tx_ports: typed!(ebpf, maps::TX_PORTS),
             ncpus,
             shared_pages: SharedPages::default(),
+            pins,
         })
+    }
+
+    /// Opens the table pages a previous agent pinned, keeping those that `MAGLEV` holds (a
+    /// page pinned just before that agent stopped, never installed, is removed).
+    pub(super) fn open_pages(&mut self) -> Result<(), MapError> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
+        let installed = self.installed_pages()?;
+        for (page, path) in pins.pages() {
+            let data = MapData::from_pin(&path).map_err(|e| err(maps::MAGLEV, "open page", e))?;
+            let id = data
+                .info()
+                .map_err(|e| err(maps::MAGLEV, "page info", e))?
+                .id();
+            if installed.get(&page) != Some(&id) {
+                tracing::info!(page, "removing a pinned table page MAGLEV does not hold");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let second = reopen(&data)
+                .and_then(Map::from_map_data)
+                .map_err(|e| err(maps::MAGLEV, "share table page", e))?;
+            let inner = Map::from_map_data(data)
+                .and_then(Array::try_from)
+                .map_err(|e| err(maps::MAGLEV, "open page", e))?;
+            self.shared_pages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(page, second);
+            self.pages.insert(page, inner);
+        }
+        Ok(())
+    }
+
+    /// `MAGLEV`'s slots: page → inner map id.
+    fn installed_pages(&self) -> Result<BTreeMap<u32, u32>, MapError> {
+        let n = lb_common::limits::MAX_TABLE_PAGES;
+        Ok(read_array::<u32>(&self.maglev_raw, maps::MAGLEV, 0, n)?
+            .into_iter()
+            .collect())
+    }
+
+    /// What the maps hold, as the programmer reads it to adopt them.
+    pub fn contents(&self) -> Result<MapContents, MapError> {
+        let mut c = MapContents::default();
+        for r in self.services.iter() {
+            c.services
+                .push(r.map_err(|e| err(maps::SERVICES, "read", e))?);
+        }
+        let n = self.backends.len();
+        for (id, b) in
+            read_array::<BackendValue>(IterableMap::map(&self.backends), maps::BACKENDS, 0, n)?
+        {
+            if b.generation != 0 || b.flags != 0 {
+                c.backends.insert(id, b);
+            }
+        }
+        for (page, inner) in &self.pages {
+            c.pages.insert(*page, inner.len());
+        }
+        for (_, v) in &c.services {
+            let Some(page) = self.pages.get(&v.table_page) else {
+                continue;
+            };
+            c.tables
+                .insert(v.id, read_region(page, v.table_offset, v.table_size)?);
+        }
+        for r in self.endpoints.iter() {
+            c.endpoints
+                .push(r.map_err(|e| err(maps::ENDPOINTS, "read", e))?);
+        }
+        for k in self.source_ranges.keys() {
+            let k = k.map_err(|e| err(maps::SOURCE_RANGES, "read", e))?;
+            c.source_ranges.push((k.prefix_len(), k.data()));
+        }
+        for r in self.vips.iter() {
+            c.vips.push(r.map_err(|e| err(maps::VIPS, "read", e))?);
+        }
+        let n = self.vip_filter.len();
+        for (i, count) in
+            read_array::<u32>(IterableMap::map(&self.vip_filter), maps::VIP_FILTER, 0, n)?
+        {
+            if count != 0 {
+                c.vip_filter.insert(i, count);
+            }
+        }
+        c.snat_config = self
+            .snat_config
+            .get(&0, 0)
+            .map_err(|e| err(maps::SNAT_CONFIG, "read", e))?;
+        Ok(c)
     }
 
     /// A reader of these maps with file descriptors of its own.
@@ -187,6 +294,15 @@ impl MapWriter for EbpfMaps {
     fn create_table_page(&mut self, page: u32, entries: u32) -> Result<(), MapError> {
         let inner = Array::<MapData, u32>::create(entries, BPF_F_INNER_MAP)
             .map_err(|e| err(maps::MAGLEV, "create table page", e))?;
+        // Pinned before it is installed: a page MAGLEV holds is always one the next agent
+        // finds (see `open_pages`).
+        if let Some(pins) = &self.pins {
+            let path = pins.page(page);
+            let _ = std::fs::remove_file(&path);
+            IterableMap::map(&inner)
+                .pin(&path)
+                .map_err(|e| err(maps::MAGLEV, "pin table page", e))?;
+        }
         self.maglev
             .set(page, &inner, 0)
             .map_err(|e| err(maps::MAGLEV, "install table page", e))?;
@@ -284,6 +400,49 @@ impl MapWriter for EbpfMaps {
             .set(id, zero, 0)
             .map_err(|e| err(maps::BACKEND_STATS, "reset", e))
     }
+}
+
+/// Up to `count` entries of array (or array of maps) `map` from index `from`, in one batch:
+/// (index, value) of those present.
+fn read_array<V: aya::Pod>(
+    map: &MapData,
+    name: &'static str,
+    from: u32,
+    count: u32,
+) -> Result<Vec<(u32, V)>, MapError> {
+    let n = count as usize;
+    let (mut keys, mut values) = (vec![0u8; n * 4], vec![0u8; n * size_of::<V>()]);
+    let mut cursor = 0;
+    let (got, _) = sys::lookup_batch(
+        map,
+        from.checked_sub(1),
+        &mut cursor,
+        &mut keys,
+        &mut values,
+        count,
+    )
+    .map_err(|e| err(name, "read", e))?;
+    Ok((0..got as usize)
+        .map(|i| {
+            (
+                sys::read_value::<u32>(&keys[i * 4..]),
+                sys::read_value::<V>(&values[i * size_of::<V>()..]),
+            )
+        })
+        .collect())
+}
+
+/// Entries `offset..offset + size` of a table page.
+fn read_region(page: &Array<MapData, u32>, offset: u32, size: u32) -> Result<Vec<u32>, MapError> {
+    let entries = read_array::<u32>(IterableMap::map(page), maps::MAGLEV, offset, size)?;
+    if entries.len() != size as usize {
+        return Err(err(
+            maps::MAGLEV,
+            "read table",
+            format!("{} of {size} entries at {offset}", entries.len()),
+        ));
+    }
+    Ok(entries.into_iter().map(|(_, v)| v).collect())
 }
 
 /// A second handle on a map: a duplicated file descriptor.

@@ -18,6 +18,10 @@
 //! run out, so a packet that read an id just before it was freed never meets its reuse. Backend
 //! ids carry a generation, bumped on reuse, which flows remember.
 
+mod adopt;
+
+pub use adopt::AdoptReport;
+
 use std::{
     collections::{BTreeMap, VecDeque},
     net::{IpAddr, SocketAddr},
@@ -522,7 +526,7 @@ impl Programmer {
         };
         for (addr, pb) in &old.backends {
             if !next.backends.contains_key(addr) {
-                note(maps.put_backend(pb.id, &BackendValue::zeroed()));
+                note(maps.put_backend(pb.id, &freed(pb.generation)));
                 note(self.endpoint_remove(*addr, &svc.frontend, maps));
                 self.backend_ids.release(pb.id);
             }
@@ -656,7 +660,7 @@ impl Programmer {
             }
         };
         for (addr, pb) in &p.backends {
-            note(maps.put_backend(pb.id, &BackendValue::zeroed()));
+            note(maps.put_backend(pb.id, &freed(pb.generation)));
             note(self.endpoint_remove(*addr, &f, maps));
             self.backend_ids.release(pb.id);
         }
@@ -776,7 +780,7 @@ impl Programmer {
                 Undo::Endpoint(addr, frontend) => self.endpoint_remove(addr, &frontend, maps),
                 Undo::Backend(id) => {
                     self.backend_ids.release(id);
-                    maps.put_backend(id, &BackendValue::zeroed())
+                    maps.put_backend(id, &freed(self.generations[id as usize]))
                 }
                 Undo::Restore(id, value) => maps.put_backend(id, &value),
                 Undo::Table(t) => {
@@ -821,6 +825,8 @@ struct TablePages {
     /// Page → free table offsets.
     free: BTreeMap<u32, Vec<u32>>,
     quarantine: Vec<TableRef>,
+    /// Pages that hold no table, of no size yet (a previous agent's, adopted): page → entries.
+    blank: BTreeMap<u32, u32>,
 }
 
 impl TablePages {
@@ -830,14 +836,25 @@ impl TablePages {
                 return Ok(TableRef { page, offset });
             }
         }
-        if self.created + 1 >= limits::MAX_TABLE_PAGES {
-            return Err(PageError::Full);
-        }
-        let page = self.created + 1;
         let entries = limits::TABLE_PAGE_ENTRIES.max(size);
-        maps.create_table_page(page, entries)
-            .map_err(PageError::Map)?;
-        self.created = page;
+        let page = if let Some(&page) = self
+            .blank
+            .iter()
+            .find(|(_, n)| **n == entries)
+            .map(|(p, _)| p)
+        {
+            self.blank.remove(&page);
+            page
+        } else {
+            if self.created + 1 >= limits::MAX_TABLE_PAGES {
+                return Err(PageError::Full);
+            }
+            let page = self.created + 1;
+            maps.create_table_page(page, entries)
+                .map_err(PageError::Map)?;
+            self.created = page;
+            page
+        };
         let tables = entries / size;
         // Hand out low offsets first.
         self.free
@@ -906,6 +923,15 @@ fn source_range(service_id: u32, net: &IpNet) -> (u32, SourceRangeData) {
             addr,
         },
     )
+}
+
+/// A freed backend slot: no backend (its flows are steered again), the last generation kept
+/// so that an agent adopting the maps knows which generations flows may still carry.
+fn freed(generation: u32) -> BackendValue {
+    BackendValue {
+        generation,
+        ..BackendValue::zeroed()
+    }
 }
 
 /// Zeroed map values.
