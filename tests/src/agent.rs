@@ -80,7 +80,7 @@ impl Agent {
         env: &[(&str, &str)],
     ) -> Self {
         let bin = agent_binary();
-        let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
+        let mut cmd = ns.agent_command(bin.to_str().expect("utf-8 path"));
         cmd.arg("run");
         Self::spawn(cmd, dir, config, args, env)
     }
@@ -96,7 +96,7 @@ impl Agent {
         env: &[(&str, &str)],
     ) -> Self {
         let bin = agent_binary();
-        let mut cmd = ns.command("setpriv");
+        let mut cmd = ns.agent_command("setpriv");
         cmd.args([
             "--bounding-set",
             CHART_CAPS,
@@ -263,6 +263,14 @@ impl Agent {
         // SAFETY: kill(2) on our own child's pid.
         let r = unsafe { libc::kill(self.proc.pid() as libc::pid_t, sig) };
         assert_eq!(r, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGKILL (as an OOM kill or a crash ends it), then the exit status.
+    pub fn kill(mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        wait_for(Duration::from_secs(10), "the agent to die", || {
+            self.proc.child.try_wait().ok().flatten()
+        })
     }
 
     /// SIGTERM, then the exit status (within 10 s).

@@ -66,6 +66,17 @@ fn sweep_stale() {
             let _ = try_run("ip", &["netns", "del", name]);
         }
     }
+    for e in std::fs::read_dir(BPFFS_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix("weir-").and_then(|r| r.split('-').next());
+        if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            unmount_bpffs(&name);
+        }
+    }
 }
 
 pub struct Netns {
@@ -157,11 +168,54 @@ impl Netns {
     }
 }
 
+/// Where the lab mounts each node's bpf filesystem.
+const BPFFS_ROOT: &str = "/run/weir-lab/bpffs";
+
+impl Netns {
+    /// This node's bpf filesystem: an instance of its own, mounted (once) outside `/sys` so
+    /// that it outlives the agents started in the node, as the host's `/sys/fs/bpf` does.
+    pub fn bpffs(&self) -> std::path::PathBuf {
+        let path = std::path::Path::new(BPFFS_ROOT).join(&self.name);
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let p = path.to_str().expect("utf-8 path");
+        if !mounts.lines().any(|l| l.split(' ').nth(1) == Some(p)) {
+            std::fs::create_dir_all(&path).expect("bpffs mount point");
+            run("mount", &["-t", "bpf", "bpf", p]);
+        }
+        path
+    }
+
+    /// A command run in the namespace as the agent runs in its pod: with the node's bpf
+    /// filesystem at `/sys/fs/bpf`. The chart mounts the host's `/sys/fs/bpf` into the pod;
+    /// `ip netns exec` mounts a fresh sysfs without it, so the lab binds the node's own there.
+    pub fn agent_command(&self, program: &str) -> Command {
+        let bpffs = self.bpffs();
+        let mut c = self.command("sh");
+        c.args([
+            "-c",
+            "mount --bind \"$0\" /sys/fs/bpf && exec \"$@\"",
+            bpffs.to_str().expect("utf-8 path"),
+            program,
+        ]);
+        c
+    }
+}
+
+/// Unmounts a node's bpf filesystem (its pins, and the maps only they held, go with it).
+fn unmount_bpffs(name: &str) {
+    let path = std::path::Path::new(BPFFS_ROOT).join(name);
+    if path.exists() {
+        let _ = try_run("umount", &[path.to_str().unwrap_or_default()]);
+        let _ = std::fs::remove_dir(&path);
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = try_run("ip", &["netns", "del", &self.name]) {
             eprintln!("cleanup: {e}");
         }
+        unmount_bpffs(&self.name);
     }
 }
 

@@ -180,7 +180,7 @@ fn with_env(f: impl FnOnce(&mut Env<'_>) + Send) {
     let bed = Testbed::new();
     bed.ns.run_in(|| {
         let limits = DataplaneLimits::default();
-        let mut dp = Datapath::load(&limits).expect("load the data plane");
+        let mut dp = Datapath::load(&limits, None).expect("load the data plane");
         dp.add_redirect_port(bed.b_ifindex).expect("redirect port");
         let mut prog = Programmer::new(&limits, 0);
         prog.apply(&desired(), &mut dp.maps).expect("program");

@@ -1070,7 +1070,7 @@ fn a_bad_kubeconfig_is_refused_and_changes_nothing() {
     .unwrap();
     let missing = dir.path.join("no-such-kubeconfig");
     let out = a
-        .command(weir_lab::agent::agent_binary().to_str().unwrap())
+        .agent_command(weir_lab::agent::agent_binary().to_str().unwrap())
         .args([
             "run",
             "--kubernetes",
@@ -1110,7 +1110,7 @@ fn a_source_nat_range_inside_the_ephemeral_ports_is_refused() {
     let kubeconfig = dir.path.join("kubeconfig");
     std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
     let run = || {
-        a.command(weir_lab::agent::agent_binary().to_str().unwrap())
+        a.agent_command(weir_lab::agent::agent_binary().to_str().unwrap())
             .args(["run", "--kubernetes", "--kubeconfig"])
             .arg(&kubeconfig)
             .arg("--config")
@@ -1135,7 +1135,7 @@ fn a_source_nat_range_inside_the_ephemeral_ports_is_refused() {
     let log = dir.path.join("agent.log");
     let mut child = Proc {
         child: a
-            .command(weir_lab::agent::agent_binary().to_str().unwrap())
+            .agent_command(weir_lab::agent::agent_binary().to_str().unwrap())
             .args(["run", "--kubernetes", "--kubeconfig"])
             .arg(&kubeconfig)
             .arg("--config")

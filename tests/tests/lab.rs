@@ -528,7 +528,7 @@ fn ping(ns: &weir_lab::netns::Netns, dst: &str) -> Result<String, String> {
 }
 
 #[test]
-fn the_lb_node_keeps_its_own_traffic_and_shutdown_detaches() {
+fn the_lb_node_keeps_its_own_traffic_and_cleanup_detaches() {
     let (mut lab, agent) = lab_with_agent(None);
     // A server of the LB node itself.
     let own = sa(LB_V4, 2222);
@@ -558,8 +558,37 @@ fn the_lb_node_keeps_its_own_traffic_and_shutdown_detaches() {
     ping(&lab.client, VIP_V4).expect("ping the VIP");
     ping(&lab.client, VIP_V6).expect("ping6 the VIP");
 
+    // A stopped agent leaves the data plane attached and serving (dataplane.keep_on_exit).
     let status = agent.stop();
     assert!(status.success(), "clean exit: {status}");
+    let vip = sa(VIP_V4, 80);
+    lab.client
+        .run_in(|| clients::http_get(None, vip, "/", T))
+        .expect("the VIP is still served without the agent");
+    let bpffs = lab.lb.bpffs();
+    assert!(
+        bpffs
+            .join("weir")
+            .join("layout-v1")
+            .join("CONNTRACK")
+            .exists()
+    );
+
+    // `lb-agent cleanup` detaches it and removes every pin.
+    let bin = weir_lab::agent::agent_binary();
+    let out = lab
+        .lb
+        .agent_command(bin.to_str().unwrap())
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("eth-c: xdp-native detached"), "{said}");
     for iface in lab.interfaces() {
         let link = lab.lb.ip(&format!("-d link show dev {iface}"));
         assert!(!link.contains("xdp"), "{iface} still has XDP: {link}");
@@ -569,8 +598,15 @@ fn the_lb_node_keeps_its_own_traffic_and_shutdown_detaches() {
             "{iface} still has TC: {net}"
         );
     }
-    // Without the agent the VIP is gone, and the node's own traffic still works.
-    let vip = sa(VIP_V4, 80);
+    // Only the kernel's own preloaded files stay.
+    let left: Vec<_> = std::fs::read_dir(&bpffs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_none_or(|x| x != "debug"))
+        .collect();
+    assert!(left.is_empty(), "left in bpffs: {left:?}");
+    // Without the data plane the VIP is gone, and the node's own traffic still works.
     assert!(
         lab.client
             .run_in(|| clients::http_get(None, vip, "/", Duration::from_secs(1)))
@@ -579,6 +615,154 @@ fn the_lb_node_keeps_its_own_traffic_and_shutdown_detaches() {
     assert!(ping(&lab.client, VIP_V4).is_err());
     check_node(&lab);
     lab.kill_server(0);
+}
+
+/// The sum of `metric`'s samples for service `service`.
+fn service_total(metrics: &str, metric: &str, service: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!("{metric}{{")) && l.contains(&format!("service=\"{service}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The agent restarts three ways under load — SIGKILL and back after 3 s; SIGTERM and back
+/// with a changed config; back as a binary of another pinned-layout version — and the data
+/// plane serves throughout: 30 long-lived connections exchange data through every gap and
+/// none resets, a steady stream of new connections sees no failure, and the traffic counters
+/// carry on across the adoptions.
+#[test]
+fn restarts_lose_no_connection_and_counters_carry_on() {
+    let (lab, mut agent) = lab_with_agent(Some(DEFAULT_CONFIG));
+    let vip = sa(VIP_V4, 80);
+    let mut echoes: Vec<Echo> = lab.client.run_in(|| {
+        (0..30)
+            .map(|_| Echo::open(vip, T).expect("echo connection"))
+            .collect()
+    });
+    let round = |echoes: &mut Vec<Echo>, tag: &str| {
+        lab.client.run_in(|| {
+            for (i, e) in echoes.iter_mut().enumerate() {
+                e.round_trip(&format!("{tag}-{i}")).unwrap_or_else(|err| {
+                    panic!("{tag}: connection {i} to {} broke: {err}", e.backend)
+                });
+            }
+        });
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed) = (
+        std::sync::atomic::AtomicU32::new(0),
+        std::sync::Mutex::new(Vec::new()),
+    );
+    let bpffs = lab.lb.bpffs();
+    /// Stops the client thread however the scope ends (a failed assertion too).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let agent = thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        s.spawn(|| {
+            lab.client.run_in(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match clients::http_get(None, vip, "/", T) {
+                        Ok(_) => {
+                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => failed.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            });
+        });
+        let connections = |agent: &Agent| {
+            service_total(
+                &agent.metrics(&lab.lb),
+                "weir_service_connections_total",
+                "web",
+            )
+        };
+        // The agent samples the counters every second.
+        let mut last = wait_for(Duration::from_secs(5), "web's connections counted", || {
+            Some(connections(&agent)).filter(|n| *n > 30.0)
+        });
+        let changed = DEFAULT_CONFIG.replacen("interval: 100ms", "interval: 200ms", 1);
+        assert_ne!(changed, DEFAULT_CONFIG);
+        for how in ["SIGKILL", "SIGTERM", "other layout"] {
+            let config = match how {
+                "SIGKILL" => {
+                    assert!(!agent.kill().success());
+                    DEFAULT_CONFIG
+                }
+                "SIGTERM" => {
+                    assert!(agent.stop().success());
+                    changed.as_str()
+                }
+                _ => {
+                    // A binary of another layout version finds maps it must not read: the
+                    // pinned layout directory carries the version, so renaming it stands in
+                    // for that binary's data plane.
+                    assert!(agent.stop().success());
+                    let dir = bpffs.join("weir");
+                    std::fs::rename(dir.join("layout-v1"), dir.join("layout-v0")).unwrap();
+                    DEFAULT_CONFIG
+                }
+            };
+            // Away for 3 s: the data plane forwards on its own.
+            for i in 0..6 {
+                round(&mut echoes, &format!("{how}-away-{i}"));
+                thread::sleep(Duration::from_millis(500));
+            }
+            agent = Agent::start(&lab.lb, &lab.dir.path, Some(config));
+            agent.wait_ready(&lab.lb);
+            round(&mut echoes, &format!("{how}-back"));
+            let log = agent.log_text();
+            let metrics = agent.metrics(&lab.lb);
+            let now = wait_for(Duration::from_secs(5), "the counters sampled", || {
+                Some(connections(&agent)).filter(|n| *n > 0.0)
+            });
+            if how == "other layout" {
+                assert!(log.contains("replaced"), "{log}");
+                assert_eq!(
+                    weir_lab::agent::sample(&metrics, "weir_dataplane_start{outcome=\"replaced\"}"),
+                    Some(1.0)
+                );
+                // The old layout's maps went once the links ran the new programs.
+                assert!(!bpffs.join("weir").join("layout-v0").exists());
+            } else {
+                assert!(
+                    log.contains("adopted the pinned data plane"),
+                    "{how}: {log}"
+                );
+                assert_eq!(
+                    weir_lab::agent::sample(&metrics, "weir_dataplane_start{outcome=\"adopted\"}"),
+                    Some(1.0),
+                    "{how}"
+                );
+                assert!(
+                    now >= last,
+                    "{how}: connections counter went back from {last} to {now}"
+                );
+            }
+            last = now;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        agent
+    });
+    let failed = failed.into_inner().unwrap();
+    let ok = ok.into_inner();
+    assert!(
+        failed.is_empty(),
+        "{} of {} new connections failed: {failed:?}",
+        failed.len(),
+        ok + failed.len() as u32
+    );
+    assert!(ok > 100, "only {ok} new connections");
+    round(&mut echoes, "end");
+    drop(agent);
 }
 
 /// L2 mode on one node: the client has the VIPs on its own link (no route through the LB

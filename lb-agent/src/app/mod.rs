@@ -113,6 +113,13 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     };
     let out = Outputs::new();
     let mut datapath = load(&config)?;
+    match datapath.start() {
+        Start::Replaced(why) => {
+            warn!(%why, "the pinned data plane is not one this agent reads: replacing it (its connections are steered again by Maglev; its counters start over)")
+        }
+        Start::Fresh => info!(dir = %config.pinning.dir.display(), "fresh data plane, pinned"),
+        Start::Adopted | Start::Unpinned => {}
+    }
     out.metrics.agent.note_start(datapath.start().as_str());
     let (limits, seed) = (config.dataplane, config.maglev.seed);
     let (programmer, adopted) =

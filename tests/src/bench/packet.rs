@@ -144,7 +144,7 @@ pub fn run(quick: bool) -> Report {
     bed.ns.run_in(|| {
         pin_to_cpu(1);
         let limits = DataplaneLimits::default();
-        let mut dp = Datapath::load(&limits).expect("load weir");
+        let mut dp = Datapath::load(&limits, None).expect("load weir");
         dp.add_redirect_port(bed.b_ifindex).expect("redirect port");
         // The client's neighbour, so that translated replies are redirected too.
         bed.ns

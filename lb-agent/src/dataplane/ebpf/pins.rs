@@ -48,8 +48,8 @@ pub enum Found {
 pub struct Shape {
     pub map_type: u32,
     pub key_size: u32,
-    /// None: not compared (device maps, whose value size the loader picks from the kernel's
-    /// features).
+    /// None: not compared, nor are the flags (device maps: the loader picks their value size
+    /// from the kernel's features, and the kernel adds `BPF_F_RDONLY_PROG` to their flags).
     pub value_size: Option<u32>,
     pub max_entries: u32,
     pub flags: u32,
@@ -200,7 +200,11 @@ impl Pins {
                         key_size: info.key_size(),
                         value_size: want.value_size.map(|_| info.value_size()),
                         max_entries: info.max_entries(),
-                        flags: info.map_flags(),
+                        flags: if want.value_size.is_some() {
+                            info.map_flags()
+                        } else {
+                            want.flags
+                        },
                     };
                     if have != *want {
                         return Found::Incompatible(format!(
