@@ -237,6 +237,10 @@ pub fn async_fd(socket: socket2::Socket) -> io::Result<tokio::io::unix::AsyncFd<
 }
 
 /// The magic number of the filesystem `path` is on (`statfs(2)`'s `f_type`).
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "f_type is not an i64 on every architecture"
+)]
 pub fn fs_type(path: &std::path::Path) -> io::Result<i64> {
     use std::os::unix::ffi::OsStrExt as _;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())

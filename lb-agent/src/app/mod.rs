@@ -115,7 +115,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let mut datapath = load(&config)?;
     match datapath.start() {
         Start::Replaced(why) => {
-            warn!(%why, "the pinned data plane is not one this agent reads: replacing it (its connections are steered again by Maglev; its counters start over)")
+            warn!(%why, "the pinned data plane is not one this agent reads: replacing it (its connections are steered again by Maglev; its counters start over)");
         }
         Start::Fresh => info!(dir = %config.pinning.dir.display(), "fresh data plane, pinned"),
         Start::Adopted | Start::Unpinned => {}

@@ -569,7 +569,7 @@ impl Datapath {
             match pins.remove_all() {
                 Ok(()) => info!(dir = %pins.root().display(), "pinned data plane removed"),
                 Err(e) => {
-                    warn!(dir = %pins.root().display(), error = %e, "removing the pins failed")
+                    warn!(dir = %pins.root().display(), error = %e, "removing the pins failed");
                 }
             }
         }

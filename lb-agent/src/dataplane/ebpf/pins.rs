@@ -288,7 +288,7 @@ impl Pins {
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => gone.push(path),
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove stale pins")
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove stale pins");
                 }
             }
         }

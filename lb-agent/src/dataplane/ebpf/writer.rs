@@ -157,7 +157,7 @@ impl EbpfMaps {
     /// What the maps hold, as the programmer reads it to adopt them.
     pub fn contents(&self) -> Result<MapContents, MapError> {
         let mut c = MapContents::default();
-        for r in self.services.iter() {
+        for r in &self.services {
             c.services
                 .push(r.map_err(|e| err(maps::SERVICES, "read", e))?);
         }
@@ -179,7 +179,7 @@ impl EbpfMaps {
             c.tables
                 .insert(v.id, read_region(page, v.table_offset, v.table_size)?);
         }
-        for r in self.endpoints.iter() {
+        for r in &self.endpoints {
             c.endpoints
                 .push(r.map_err(|e| err(maps::ENDPOINTS, "read", e))?);
         }
@@ -187,7 +187,7 @@ impl EbpfMaps {
             let k = k.map_err(|e| err(maps::SOURCE_RANGES, "read", e))?;
             c.source_ranges.push((k.prefix_len(), k.data()));
         }
-        for r in self.vips.iter() {
+        for r in &self.vips {
             c.vips.push(r.map_err(|e| err(maps::VIPS, "read", e))?);
         }
         let n = self.vip_filter.len();
