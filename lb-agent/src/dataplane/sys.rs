@@ -26,26 +26,20 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Runs batch command `cmd` on `attr`.
+/// Runs `bpf()` command `cmd` on `attr`; its non-negative result (a descriptor for some
+/// commands).
 ///
 /// # Safety
-/// `attr`'s pointers must be valid for the command: `keys` and `values` sized for `count`
-/// entries of the map's key and value sizes, the batch cursors for a `u32` (or null), all
-/// outliving the call.
-unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: the caller's contract; `attr` is a valid bpf_attr of its size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<BatchAttr>(),
-        )
-    };
+/// `attr` must be a valid `bpf_attr` for `cmd`: every pointer in it valid for what the
+/// command does with it (for the batch commands: `keys` and `values` sized for `count` entries
+/// of the map's key and value sizes, the cursors `u32`s or null), all outliving the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: the caller's contract; `attr` is a bpf_attr of its size.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(r)
     }
 }
 
@@ -90,7 +84,7 @@ pub fn update_batch(map: &MapData, first: u32, values: &[u32]) -> io::Result<()>
     };
     // SAFETY: `keys` and `values` hold `count` u32s each, the map's key and value size
     // (checked above), and outlive the call.
-    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr)? };
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr)? };
     if attr.count as usize != values.len() {
         return Err(io::Error::other(format!(
             "wrote {} of {} entries",
@@ -144,8 +138,8 @@ pub fn lookup_batch(
     // SAFETY: `keys` and `values` hold `count` entries of the map's key and value sizes
     // (checked above against the kernel's own sizes); the cursors are u32s (the batch token
     // of arrays and hash maps alike); all outlive the call.
-    match unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
-        Ok(()) => Ok((attr.count, false)),
+    match unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+        Ok(_) => Ok((attr.count, false)),
         // ENOENT: the walk reached the end (`count` says how many came before it).
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr.count, true)),
         Err(e) => Err(e),
@@ -200,17 +194,7 @@ fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     };
     // SAFETY: `attr` is a valid bpf_attr for the command, its path a NUL-terminated string
     // that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            std::ptr::from_mut(&mut attr),
-            size_of::<GetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: the kernel just returned this descriptor; nothing else owns it.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -227,20 +211,8 @@ pub fn detach_pinned_link(path: &std::path::Path) -> io::Result<()> {
     let mut attr = DetachAttr {
         link_fd: fd.as_raw_fd() as u32,
     };
-    // SAFETY: `attr` is a valid bpf_attr for the command.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            std::ptr::from_mut(&mut attr),
-            size_of::<DetachAttr>(),
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: `attr` is a valid bpf_attr for the command (no pointers).
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 /// The interface a BPF link (XDP or TCX) is attached to (see [`pinned_link_ifindex`]).
@@ -262,16 +234,6 @@ fn link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
     };
     // SAFETY: `attr` is a valid bpf_attr for the command; `info` is a writable buffer of
     // `info_len` bytes that outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            std::ptr::from_mut(&mut attr),
-            size_of::<InfoAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(u32::from_ne_bytes([info[16], info[17], info[18], info[19]]))
 }
