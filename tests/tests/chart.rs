@@ -1,8 +1,10 @@
-//! The Helm chart's default rendering (`weir_lab::chart`: the subset of Helm's template
-//! language the chart keeps to; no `helm` binary can be installed here) is committed as
-//! `deploy/weir.yaml`, and every object in it must deserialize into its Kubernetes type
-//! (k8s-openapi) without losing a field — a misspelled field fails. The node config in the
-//! ConfigMap must load in the agent; the chart's dashboards must be the shipped ones. No root.
+//! The Helm chart through the real `helm` (`weir_lab::chart`): `helm lint --strict` passes for
+//! the default values and every other value set below; the default rendering is committed as
+//! `deploy/weir.yaml`; every object `helm template` renders must deserialize into its
+//! Kubernetes type (k8s-openapi, or weir's own CRD types) without losing a field — a
+//! misspelled field fails; the node config in the ConfigMap must load in the agent with the
+//! values given; the chart's dashboards must be the shipped ones. No root. `helm install`,
+//! `upgrade` and `uninstall` need a cluster: not here.
 
 use std::path::{Path, PathBuf};
 
@@ -50,22 +52,25 @@ fn check<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(), String> {
     subset(doc, &back, "")
 }
 
-#[test]
-fn the_default_rendering_is_committed_and_valid() {
-    let chart = root().join("charts/weir");
-    let rendered = weir_lab::chart::render(&chart, "weir-system").expect("render");
-    let committed_path = root().join("deploy/weir.yaml");
-    if std::env::var_os("WEIR_UPDATE_MANIFEST").is_some() {
-        std::fs::write(&committed_path, &rendered).unwrap();
-    }
-    let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
-    assert!(
-        committed == rendered,
-        "deploy/weir.yaml is not the chart's default rendering; regenerate it with\n  \
-         WEIR_UPDATE_MANIFEST=1 cargo test -p weir-lab --test chart"
-    );
-    let mut kinds = Vec::new();
-    for v in serde_saphyr::from_multiple::<Value>(&committed).expect("YAML") {
+fn chart() -> PathBuf {
+    root().join("charts/weir")
+}
+
+/// Lints and renders the chart with `values`, checks every object against its type, and
+/// returns them (kind, name, object).
+fn render(values: Option<&Value>) -> Vec<(String, String, Value)> {
+    weir_lab::chart::lint(&chart(), values).unwrap_or_else(|e| panic!("helm lint: {e}"));
+    let rendered = weir_lab::chart::template(&chart(), values).unwrap_or_else(|e| panic!("{e}"));
+    objects(&rendered)
+}
+
+fn objects(rendered: &str) -> Vec<(String, String, Value)> {
+    use lb_agent::sources::kubernetes::crd::{BGPAdvertisement, BGPPeer, IPPool, L2Advertisement};
+    let mut out = Vec::new();
+    for v in serde_saphyr::from_multiple::<Value>(rendered).expect("YAML") {
+        if v.is_null() {
+            continue;
+        }
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
         let name = v["metadata"]["name"]
             .as_str()
@@ -81,24 +86,68 @@ fn the_default_rendering_is_committed_and_valid() {
             "ConfigMap" => check::<ConfigMap>(&v),
             "DaemonSet" => check::<DaemonSet>(&v),
             "Service" => check::<Service>(&v),
+            "IPPool" => check::<IPPool>(&v),
+            "BGPPeer" => check::<BGPPeer>(&v),
+            "BGPAdvertisement" => check::<BGPAdvertisement>(&v),
+            "L2Advertisement" => check::<L2Advertisement>(&v),
+            // The Prometheus Operator's type is not in k8s-openapi: its required parts.
+            "ServiceMonitor" => {
+                if v["apiVersion"] == "monitoring.coreos.com/v1"
+                    && v["spec"]["endpoints"][0]["port"] == "admin"
+                {
+                    Ok(())
+                } else {
+                    Err(format!("not a ServiceMonitor of the admin port: {v}"))
+                }
+            }
             other => Err(format!("no check for kind {other:?}")),
         };
         if let Err(e) = r {
             panic!("{kind} {name}: {e}");
         }
-        if kind == "ConfigMap" && name == "weir-config" {
-            let dir = std::env::temp_dir().join(format!("weir-chart-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let file = dir.join("weir.yaml");
-            std::fs::write(&file, v["data"]["weir.yaml"].as_str().unwrap()).unwrap();
-            let loaded = lb_agent::config::Source::File(file.clone()).load();
-            std::fs::remove_dir_all(&dir).unwrap();
-            let c = loaded.unwrap_or_else(|e| panic!("the chart's node config: {e}"));
-            assert!(c.desired.services.is_empty());
-            assert_eq!(c.node.interfaces, ["eth0"]);
-        }
-        kinds.push(kind);
+        out.push((kind, name, v));
     }
+    out
+}
+
+/// The agent's config as the chart's ConfigMap gives it.
+fn node_config(objects: &[(String, String, Value)]) -> lb_agent::config::Config {
+    let (_, _, cm) = objects
+        .iter()
+        .find(|(k, n, _)| k == "ConfigMap" && n == "weir-config")
+        .expect("the weir-config ConfigMap");
+    let text = cm["data"]["weir.yaml"].as_str().expect("weir.yaml");
+    lb_agent::config::Config::parse(text, "weir.yaml")
+        .unwrap_or_else(|e| panic!("the chart's node config: {e:?}"))
+}
+
+fn find<'a>(objects: &'a [(String, String, Value)], kind: &str) -> Option<&'a Value> {
+    objects
+        .iter()
+        .find(|(k, _, _)| k == kind)
+        .map(|(_, _, v)| v)
+}
+
+#[test]
+fn the_default_rendering_is_committed_and_valid() {
+    weir_lab::chart::lint(&chart(), None).unwrap_or_else(|e| panic!("helm lint: {e}"));
+    let rendered = weir_lab::chart::template(&chart(), None).expect("helm template");
+    let committed_path = root().join("deploy/weir.yaml");
+    if std::env::var_os("WEIR_UPDATE_MANIFEST").is_some() {
+        std::fs::write(&committed_path, &rendered).unwrap();
+    }
+    let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+    assert!(
+        committed == rendered,
+        "deploy/weir.yaml is not the chart's default rendering; regenerate it with\n  \
+         WEIR_UPDATE_MANIFEST=1 cargo test -p weir-lab --test chart"
+    );
+    let objects = objects(&committed);
+    let c = node_config(&objects);
+    assert!(c.desired.services.is_empty());
+    assert_eq!(c.node.interfaces, ["eth0"]);
+    assert!(c.pinning.keep_on_exit);
+    let kinds: Vec<&str> = objects.iter().map(|(k, _, _)| k.as_str()).collect();
     for k in [
         "CustomResourceDefinition",
         "DaemonSet",
@@ -107,8 +156,68 @@ fn the_default_rendering_is_committed_and_valid() {
         "ConfigMap",
         "Service",
     ] {
-        assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
+        assert!(kinds.contains(&k), "no {k} in {kinds:?}");
     }
+    for k in ["ServiceMonitor", "IPPool", "BGPPeer", "L2Advertisement"] {
+        assert!(!kinds.contains(&k), "{k} by default");
+    }
+}
+
+/// Every value the docs name, away from its default: each shows up where it should.
+#[test]
+fn every_documented_value_renders_where_it_belongs() {
+    let values = serde_json::json!({
+        "image": {"repository": "registry.example/weir/lb-agent", "tag": "9.9.9", "pullPolicy": "Always"},
+        "node": {"interfaces": ["eth1", "eth2"], "xdpMode": "native", "sourceNatPorts": "62000-62999"},
+        "adminPort": 9400,
+        "maglev": {"tableSize": 65537},
+        "dataplane": {"maxServices": 100, "maxBackends": 1000, "conntrackSize": 100_000},
+        "defaultClass": false,
+        "pools": [{"name": "default", "addresses": ["198.18.100.0/24"], "avoidBuggyIPs": true}],
+        "metrics": {"service": false, "serviceMonitor": true},
+        "dashboards": {"enabled": false},
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    });
+    let objects = render(Some(&values));
+    let ds = find(&objects, "DaemonSet").expect("DaemonSet");
+    let agent = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(agent["image"], "registry.example/weir/lb-agent:9.9.9");
+    assert_eq!(agent["imagePullPolicy"], "Always");
+    assert!(
+        !agent["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--default-class"),
+        "{}",
+        agent["args"]
+    );
+    assert_eq!(agent["ports"][0]["containerPort"], 9400);
+    assert_eq!(agent["resources"]["limits"]["memory"], "1Gi");
+    let c = node_config(&objects);
+    assert_eq!(c.node.interfaces, ["eth1", "eth2"]);
+    assert_eq!(c.node.xdp_mode, lb_agent::dataplane::XdpMode::Native);
+    assert_eq!(c.node.source_nat.ports, (62000, 62999));
+    assert_eq!(c.admin.listen.port(), 9400);
+    assert_eq!(c.maglev.table_size, 65537);
+    assert_eq!(
+        (
+            c.dataplane.max_services,
+            c.dataplane.max_backends,
+            c.dataplane.conntrack_size
+        ),
+        (100, 1000, 100_000)
+    );
+    let pool = find(&objects, "IPPool").expect("IPPool");
+    assert_eq!(pool["spec"]["addresses"][0], "198.18.100.0/24");
+    assert!(find(&objects, "ServiceMonitor").is_some());
+    assert!(
+        !objects
+            .iter()
+            .any(|(k, n, _)| (k == "Service" && n == "weir-metrics")
+                || (k == "ConfigMap" && n == "weir-dashboards")),
+        "metrics Service or dashboards rendered though disabled"
+    );
 }
 
 #[test]
@@ -143,15 +252,9 @@ fn announce_values_render_as_resources_and_node_config_the_agent_reads() {
             "ipPools": ["default"], "nodeSelector": {"matchLabels": {"edge": "true"}},
         }}],
     }});
-    let rendered =
-        weir_lab::chart::render_with(&root().join("charts/weir"), "weir-system", &overrides)
-            .expect("render");
+    let objects = render(Some(&overrides));
     let (mut peers, mut adverts, mut l2) = (Vec::new(), Vec::new(), Vec::new());
-    let mut node_config = None;
-    for v in serde_saphyr::from_multiple::<Value>(&rendered).expect("YAML") {
-        if v["kind"] == "ConfigMap" && v["metadata"]["name"] == "weir-config" {
-            node_config = v["data"]["weir.yaml"].as_str().map(str::to_string);
-        }
+    for (_, _, v) in objects.iter().cloned() {
         match v["kind"].as_str() {
             Some("L2Advertisement") => {
                 l2.push(serde_json::from_value::<L2Advertisement>(v).expect("L2Advertisement"));
@@ -190,14 +293,13 @@ fn announce_values_render_as_resources_and_node_config_the_agent_reads() {
     assert_eq!(edge.spec.selection.ip_pools, ["default"]);
     assert!(edge.spec.selection.node_selector.is_some());
     // The node config turns L2 mode on with gossip whose peers come from the Nodes.
-    let c = lb_agent::config::Config::parse(&node_config.expect("weir-config"), "weir.yaml")
-        .unwrap_or_else(|e| panic!("the chart's node config: {e:?}"));
+    let c = node_config(&objects);
     assert_eq!(c.announce.l2_interfaces, ["eth0"]);
     let g = c.announce.gossip.expect("gossip");
     assert_eq!(g.listen, "0.0.0.0:7946".parse().unwrap());
     assert_eq!(g.peers, None);
     // The default values create none, and no announce section.
-    let default = weir_lab::chart::render(&root().join("charts/weir"), "weir-system").unwrap();
+    let default = weir_lab::chart::template(&chart(), None).unwrap();
     for kind in ["BGPPeer", "BGPAdvertisement", "L2Advertisement"] {
         assert!(!default.contains(&format!("\nkind: {kind}\n")), "{kind}");
     }
