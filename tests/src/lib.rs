@@ -8,6 +8,7 @@ pub mod chart;
 pub mod clients;
 pub mod demo;
 pub mod fakeapi;
+pub mod image;
 pub mod l2lab;
 pub mod lab;
 pub mod netns;

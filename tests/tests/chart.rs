@@ -143,6 +143,12 @@ fn the_default_rendering_is_committed_and_valid() {
          WEIR_UPDATE_MANIFEST=1 cargo test -p weir-lab --test chart"
     );
     let objects = objects(&committed);
+    // The image scripts/image builds and names (docker.io/weir/lb-agent:<version>).
+    let ds = find(&objects, "DaemonSet").expect("DaemonSet");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("weir/lb-agent:{}", env!("CARGO_PKG_VERSION"))
+    );
     let c = node_config(&objects);
     assert!(c.desired.services.is_empty());
     assert_eq!(c.node.interfaces, ["eth0"]);
