@@ -107,11 +107,7 @@ impl Unpacked {
     pub fn size(&self) -> u64 {
         self.files()
             .iter()
-            .map(|f| {
-                std::fs::symlink_metadata(self.rootfs.join(f))
-                    .map(|m| m.len())
-                    .unwrap_or(0)
-            })
+            .map(|f| std::fs::symlink_metadata(self.rootfs.join(f)).map_or(0, |m| m.len()))
             .sum()
     }
 }
