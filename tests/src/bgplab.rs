@@ -58,6 +58,9 @@ pub struct Peering {
     /// TCP MD5 password the nodes use (None: no MD5).
     pub password: Option<String>,
     pub bfd: bool,
+    /// The router is a graceful-restart helper (RFC 4724): it keeps a restarting node's
+    /// routes while the session is down.
+    pub graceful_restart: bool,
 }
 
 impl Default for Peering {
@@ -68,6 +71,7 @@ impl Default for Peering {
             passive: false,
             password: None,
             bfd: false,
+            graceful_restart: false,
         }
     }
 }
@@ -405,9 +409,20 @@ impl BgpLab {
                 conf.push_str(&format!("    auth-password = \"{p}\"\n"));
             }
             conf.push_str(&format!(
-                "  [neighbors.timers.config]\n    connect-retry = 5\n    hold-time = 9\n    keepalive-interval = 3\n  [neighbors.transport.config]\n    passive-mode = {}\n  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{family}\"\n",
+                "  [neighbors.timers.config]\n    connect-retry = 5\n    hold-time = 9\n    keepalive-interval = 3\n  [neighbors.transport.config]\n    passive-mode = {}\n",
                 !self.peering.passive
             ));
+            if self.peering.graceful_restart {
+                conf.push_str("  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n");
+            }
+            conf.push_str(&format!(
+                "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{family}\"\n"
+            ));
+            if self.peering.graceful_restart {
+                conf.push_str(
+                    "    [neighbors.afi-safis.mp-graceful-restart.config]\n      enabled = true\n",
+                );
+            }
         }
         let file = self.rt_dir.path.join("gobgpd.toml");
         std::fs::write(&file, conf).expect("gobgpd.toml");
@@ -433,6 +448,9 @@ impl BgpLab {
             "frr defaults traditional\nhostname rt\n!\nrouter bgp {}\n bgp router-id {RT4}\n no bgp ebgp-requires-policy\n bgp bestpath as-path multipath-relax\n timers bgp 3 9\n",
             p.remote_as
         );
+        if p.graceful_restart {
+            bgpd.push_str(" bgp graceful-restart\n");
+        }
         for n in self.neighbors() {
             bgpd.push_str(&format!(
                 " neighbor {n} remote-as {LOCAL_AS}\n neighbor {n} timers connect 1\n"

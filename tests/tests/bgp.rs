@@ -391,8 +391,37 @@ fn bird_internal_peer_connects_to_passive_nodes_and_gets_local_pref() {
             .unwrap_or_else(|e| panic!("GET {vip}: {e}"));
         assert_eq!(r.status, 200);
     }
-    // SIGTERM: withdrawn from BIRD and the kernel.
-    lab.agents[0].take().unwrap().stop();
+    // SIGTERM with the data plane staying (keep_on_exit, the default): BIRD, a
+    // graceful-restart peer, keeps the routes and the VIPs keep answering.
+    assert!(lab.agents[0].take().unwrap().stop().success());
+    wait_for(
+        Duration::from_secs(10),
+        "BIRD to see the session go",
+        || {
+            let r = lab.router().query("show protocols");
+            (!r.contains("Established")).then_some(())
+        },
+    );
+    assert!(lab.fib(VIP4).len() == 1 && lab.fib(VIP6).len() == 1);
+    for vip in [VIP4, VIP6] {
+        lab.get(vip, None, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("GET {vip} with the agent stopped: {e}"));
+    }
+    // An agent that takes the data plane with it (keep_on_exit: false) withdraws first:
+    // gone from BIRD and the kernel at SIGTERM.
+    let config = format!(
+        "{}dataplane:\n  keep_on_exit: false\n",
+        bgplab::config(0, &lab.peering, None)
+    );
+    let mut a = weir_lab::agent::Agent::start(&lab.lbs[0], &lab.dirs[0].path, Some(&config));
+    a.wait_ready(&lab.lbs[0]);
+    lab.agents[0] = Some(a);
+    lab.wait_established(0);
+    wait_for(Duration::from_secs(10), "the routes fresh again", || {
+        let r = lab.router().query("show route all");
+        (r.contains(&format!("{VIP4}/32")) && !r.contains("stale")).then_some(())
+    });
+    assert!(lab.agents[0].take().unwrap().stop().success());
     wait_for(Duration::from_secs(5), "the routes withdrawn", || {
         (lab.fib(VIP4).is_empty() && lab.fib(VIP6).is_empty()).then_some(())
     });
@@ -672,4 +701,108 @@ fn kubernetes_resources_choose_peers_and_advertisements_per_node_without_flappin
         || (lab.bgp(0).is_empty() && lab.bgp(1).is_empty()).then_some(()),
     );
     assert_ne!(frr_state(&lab, &bgplab::lb4(0)), "Established");
+}
+
+/// Graceful restart with FRR: the agent is SIGKILLed and started again 3 s later; FRR keeps
+/// the route in its FIB meanwhile (stale, the session down), the pinned data plane keeps
+/// serving, and requests through the VIP never fail; the new agent's session comes back with
+/// the R bit and its End-of-RIB, and the route is fresh again.
+#[test]
+fn frr_keeps_the_routes_and_the_traffic_through_an_agent_restart() {
+    weir_lab::netns::require_root();
+    let peering = Peering {
+        graceful_restart: true,
+        ipv6: false,
+        ..Peering::default()
+    };
+    let mut lab = BgpLab::new(1, server_bin(), peering);
+    lab.start_frr();
+    lab.start_agent(0);
+    lab.wait_established(0);
+    wait_for(Duration::from_secs(10), "the VIP route", || {
+        (lab.fib(VIP4).len() == 1).then_some(())
+    });
+    let neighbor = bgplab::lb4(0);
+    let n = lab
+        .router()
+        .query(&format!("show bgp neighbors {neighbor} json"));
+    assert!(n.contains("gracefulRestart"), "{n}");
+
+    assert!(!lab.agents[0].take().unwrap().kill().success());
+    wait_for(Duration::from_secs(10), "FRR to see the session go", || {
+        (frr_state(&lab, &neighbor) != "Established").then_some(())
+    });
+    // Away for 3 s: the route stays (stale) and the VIP keeps answering.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut requests = 0;
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            lab.fib(VIP4).len(),
+            1,
+            "the route went while the agent was away"
+        );
+        lab.get(VIP4, None, Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("request {requests} while the agent was away: {e}"));
+        requests += 1;
+    }
+    assert!(requests > 10, "{requests}");
+    let stale = lab
+        .router()
+        .query(&format!("show bgp ipv4 unicast {VIP4}/32 json"));
+    assert!(
+        stale.to_lowercase().contains("stale"),
+        "the route is kept as stale: {stale}"
+    );
+
+    lab.start_agent(0);
+    lab.wait_established(0);
+    wait_for(Duration::from_secs(10), "the route fresh again", || {
+        let r = lab
+            .router()
+            .query(&format!("show bgp ipv4 unicast {VIP4}/32 json"));
+        (!r.to_lowercase().contains("stale") && lab.fib(VIP4).len() == 1).then_some(())
+    });
+    lab.get(VIP4, None, Duration::from_secs(1))
+        .expect("a request after the restart");
+}
+
+/// Graceful restart with GoBGP (IPv4 and IPv6 sessions): the routes stay in its RIB while the
+/// agent is away (SIGKILL), and after the restart they are there, not stale. (GoBGP installs
+/// no kernel routes: the traffic through a restart is FRR's test.)
+#[test]
+fn gobgp_keeps_the_routes_through_an_agent_restart() {
+    weir_lab::netns::require_root();
+    let peering = Peering {
+        graceful_restart: true,
+        ..Peering::default()
+    };
+    let mut lab = BgpLab::new(1, server_bin(), peering);
+    lab.start_gobgp();
+    lab.start_agent(0);
+    lab.wait_established(0);
+    for prefix in [format!("{VIP4}/32"), format!("{VIP6}/128")] {
+        wait_for(Duration::from_secs(10), "the VIPs in GoBGP's RIB", || {
+            gobgp_path(&lab, &prefix)
+        });
+    }
+    assert!(!lab.agents[0].take().unwrap().kill().success());
+    wait_for(
+        Duration::from_secs(10),
+        "GoBGP to see the session go",
+        || {
+            let n = lab.router().query(&format!("neighbor {}", bgplab::lb4(0)));
+            (!n.contains("BGP state = ESTABLISHED")).then_some(())
+        },
+    );
+    for prefix in [format!("{VIP4}/32"), format!("{VIP6}/128")] {
+        let p = gobgp_path(&lab, &prefix).unwrap_or_else(|| panic!("{prefix} dropped"));
+        assert_eq!(p["stale"], true, "{prefix} kept as stale: {p}");
+    }
+    lab.start_agent(0);
+    lab.wait_established(0);
+    for prefix in [format!("{VIP4}/32"), format!("{VIP6}/128")] {
+        wait_for(Duration::from_secs(10), "the routes fresh again", || {
+            gobgp_path(&lab, &prefix).filter(|p| p["stale"] != true)
+        });
+    }
 }

@@ -75,6 +75,8 @@ pub struct Announcer {
     /// BGP: what is wanted, and the speaker running it.
     bgp_config: Option<BgpConfig>,
     bgp: Option<bgp::Speaker>,
+    /// This agent adopted a running data plane (graceful restart's R bit).
+    restarted: bool,
     /// Every BGP peer's session, shared with the speaker's tasks (they change on their own).
     peers: bgp::Peers,
     /// Kubernetes mode: the announcement resources left out, and why.
@@ -170,6 +172,7 @@ impl Announcer {
             l2_vips: kubernetes.then(BTreeSet::new),
             bgp_config: None,
             bgp: None,
+            restarted: false,
             peers: bgp::Peers::default(),
             problems: Vec::new(),
             l2_status: None,
@@ -189,7 +192,7 @@ impl Announcer {
     /// Starts the BGP speaker of the config file: a speaker that cannot start (a peer's
     /// listener port taken) is an error.
     pub async fn start_bgp(&mut self, config: &BgpConfig) -> Result<(), AnnounceError> {
-        let speaker = bgp::Speaker::start(config, self.peers.clone())
+        let speaker = bgp::Speaker::start(config, self.peers.clone(), self.restarted)
             .await
             .map_err(AnnounceError::Bgp)?;
         self.bgp = Some(speaker);
@@ -239,7 +242,8 @@ impl Announcer {
                     );
                     speaker.shutdown(BGP_SHUTDOWN).await;
                 }
-                let mut speaker = bgp::Speaker::without_peers(&config, self.peers.clone());
+                let mut speaker =
+                    bgp::Speaker::without_peers(&config, self.peers.clone(), self.restarted);
                 speaker.reconcile(&config).await;
                 self.bgp = Some(speaker);
             }
@@ -301,10 +305,20 @@ impl Announcer {
         }
     }
 
-    /// Withdraws the BGP routes and closes the sessions (the peers stop sending here before
-    /// the data plane goes).
-    pub async fn shutdown(mut self) {
+    /// This agent adopted a running data plane: BGP says so to the peers (graceful restart's
+    /// R bit).
+    pub fn set_restarted(&mut self, restarted: bool) {
+        self.restarted = restarted;
+    }
+
+    /// Closes the BGP sessions. `keep`: the data plane stays (the agent restarts), so the
+    /// routes stay with the peers that support graceful restart; otherwise they are
+    /// withdrawn first (the peers stop sending here before the data plane goes).
+    pub async fn shutdown(mut self, keep: bool) {
         if let Some(speaker) = self.bgp.take() {
+            if keep {
+                speaker.keep_routes();
+            }
             speaker.shutdown(BGP_SHUTDOWN).await;
         }
     }

@@ -183,6 +183,10 @@ pub struct Speaker {
     bfd: Option<bfd::Bfd>,
     /// The last routes given, by peer.
     routes: BTreeMap<IpAddr, Routes>,
+    /// This agent adopted a running data plane (the R bit of graceful restart).
+    restarted: bool,
+    /// Shared with the sessions (see `session::Context::keep_routes`).
+    keep_routes: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A peer that could not be started.
@@ -209,8 +213,13 @@ pub enum BgpError {
 impl Speaker {
     /// Starts every peer's session (binding the listeners when a peer is passive). Errors for
     /// what makes the speaker unusable: a listener port in use, a BFD port in use.
-    pub async fn start(config: &BgpConfig, status: Peers) -> Result<Self, BgpError> {
-        let mut speaker = Self::without_peers(config, status);
+    /// `restarted`: this agent adopted a running data plane (graceful restart's R bit).
+    pub async fn start(
+        config: &BgpConfig,
+        status: Peers,
+        restarted: bool,
+    ) -> Result<Self, BgpError> {
+        let mut speaker = Self::without_peers(config, status, restarted);
         let problems = speaker.reconcile(config).await;
         if let Some((peer, e)) = problems.into_iter().next() {
             speaker.shutdown(Duration::from_secs(1)).await;
@@ -224,7 +233,7 @@ impl Speaker {
 
     /// A speaker with `config`'s AS, router id, listen port and BFD timers and no peer yet
     /// ([`Speaker::reconcile`] adds them, and tells which could not start).
-    pub fn without_peers(config: &BgpConfig, status: Peers) -> Self {
+    pub fn without_peers(config: &BgpConfig, status: Peers, restarted: bool) -> Self {
         status.locked().clear();
         info!(
             local_as = config.local_as,
@@ -243,6 +252,8 @@ impl Speaker {
             inboxes: Arc::default(),
             bfd: None,
             routes: BTreeMap::new(),
+            restarted,
+            keep_routes: Arc::default(),
         }
     }
 
@@ -388,6 +399,11 @@ impl Speaker {
             local_as: peer.local_as.unwrap_or(self.config.local_as),
             router_id: self.config.router_id,
             peer: peer.clone(),
+            graceful: (!self.config.graceful_restart.is_zero()).then(|| session::Graceful {
+                restart_time: self.config.graceful_restart.as_secs().min(4095) as u16,
+                restarted: self.restarted,
+            }),
+            keep_routes: self.keep_routes.clone(),
         };
         let (routes, routes_rx) = watch::channel(Routes::new());
         let (stop, stop_rx) = watch::channel(false);
@@ -467,8 +483,15 @@ impl Speaker {
         self.routes = routes;
     }
 
-    /// Withdraws every route, closes every session with a Cease NOTIFICATION, and waits (up
-    /// to `timeout`) for the peers' tasks to end.
+    /// From now on, stopping leaves the routes to the peers' graceful restart (sessions that
+    /// negotiated it close without withdrawing or a NOTIFICATION): the data plane stays.
+    pub fn keep_routes(&self) {
+        self.keep_routes
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Withdraws every route, closes every session with a Cease NOTIFICATION (unless
+    /// [`Speaker::keep_routes`]), and waits (up to `timeout`) for the peers' tasks to end.
     pub async fn shutdown(self, timeout: Duration) {
         for p in self.peers.values() {
             let _ = p.stop.send(true);
@@ -563,6 +586,10 @@ async fn peer_loop(
         match result {
             Ok(End::Stopped) => {
                 info!(peer = %peer, "BGP: session closed (routes withdrawn, Cease sent)");
+                return;
+            }
+            Ok(End::Kept) => {
+                info!(peer = %peer, "BGP: session closed, routes left to the peer's graceful restart");
                 return;
             }
             Err(e) => {

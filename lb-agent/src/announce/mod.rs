@@ -19,8 +19,8 @@ use std::{collections::BTreeSet, net::IpAddr};
 pub use announcer::{AnnounceError, Announcer};
 
 pub use spec::{
-    Advertisement, AnnounceConfig, BfdTimers, BgpConfig, BgpPeerConfig, GossipConfig, RouteAttrs,
-    Secret, parse_community, parse_large_community,
+    Advertisement, AnnounceConfig, BfdTimers, BgpConfig, BgpPeerConfig, DEFAULT_GRACEFUL_RESTART,
+    GossipConfig, RouteAttrs, Secret, parse_community, parse_large_community,
 };
 
 /// What this node programs and can serve, as the published snapshot says.

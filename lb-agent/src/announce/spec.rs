@@ -37,7 +37,13 @@ pub struct BgpConfig {
     /// Which VIPs go to which peers, with which attributes (the standalone config has one:
     /// every VIP to every peer, with `communities`, `large_communities` and `local_pref`).
     pub advertisements: Vec<Advertisement>,
+    /// Graceful restart's restart time (RFC 4724): how long the peers keep this node's routes
+    /// while its agent restarts (the data plane forwards meanwhile). Zero: off.
+    pub graceful_restart: Duration,
 }
+
+/// The default `announce.bgp.graceful_restart`.
+pub const DEFAULT_GRACEFUL_RESTART: Duration = Duration::from_secs(120);
 
 /// Which of the VIPs this node can serve are advertised to which peers, with which path
 /// attributes. A VIP and peer that several advertisements cover get their attributes merged

@@ -133,7 +133,9 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let api = api::spawn(listener, state.clone());
     info!(listen = %config.admin.listen, "admin API listening");
     let node = node_name(&config, kube.as_ref())?;
-    let announcer = Announcer::start(&config.announce, node, kube.is_some(), &mut datapath).await?;
+    let mut announcer =
+        Announcer::start(&config.announce, node, kube.is_some(), &mut datapath).await?;
+    announcer.set_restarted(*datapath.start() == Start::Adopted);
     let sampler = tokio::spawn(traffic::sample(
         inspector,
         out.snapshot.subscribe(),
@@ -190,14 +192,15 @@ async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
     api: api::Running,
 ) {
     state.readiness.attached.store(false, Ordering::Release);
-    agent.announcer.shutdown().await;
+    let keep = agent.current.pinning.keep_on_exit
+        && agent.reconciler.dataplane().start() != Start::Unpinned;
+    agent.announcer.shutdown(keep).await;
     sampler.abort();
     if let Some(k) = k8s {
         k.stop().await;
     }
-    let keep = agent.current.pinning.keep_on_exit;
     let mut dataplane = agent.reconciler.into_dataplane();
-    if keep && dataplane.start() != Start::Unpinned {
+    if keep {
         info!(dir = %agent.current.pinning.dir.display(), "data plane left attached and forwarding with its last state (dataplane.keep_on_exit); the next agent adopts it, lb-agent cleanup removes it");
     } else {
         dataplane.detach_all();

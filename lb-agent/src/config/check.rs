@@ -141,7 +141,17 @@ impl Checker {
         communities.dedup();
         large_communities.sort_unstable();
         large_communities.dedup();
+        if b.graceful_restart > Duration::from_secs(4095) {
+            self.fail(
+                "announce.bgp.graceful_restart",
+                format!(
+                    "{} is too long (at most 4095s, RFC 4724's 12 bits)",
+                    humantime::format_duration(b.graceful_restart)
+                ),
+            );
+        }
         (self.problems.len() == before).then_some(BgpConfig {
+            graceful_restart: b.graceful_restart,
             local_as: b.local_as,
             router_id: b.router_id,
             advertisements: vec![Advertisement {

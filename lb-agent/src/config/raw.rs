@@ -55,7 +55,13 @@ pub(super) struct RawBgp {
     pub(super) listen_port: u16,
     #[serde(default)]
     pub(super) bfd: RawBfdTimers,
+    #[serde(default = "default_graceful_restart", with = "humantime_serde")]
+    pub(super) graceful_restart: Duration,
     pub(super) peers: Vec<RawBgpPeer>,
+}
+
+pub(super) fn default_graceful_restart() -> Duration {
+    crate::announce::DEFAULT_GRACEFUL_RESTART
 }
 
 pub(super) fn default_bgp_port() -> u16 {

@@ -9,9 +9,9 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use rustbgpd_wire::{
-    Afi, AsPath, AsPathSegment, Capability, LargeCommunity, MAX_MESSAGE_LEN, Message, MpReachNlri,
-    MpUnreachNlri, NotificationCode, NotificationMessage, OpenMessage, Origin, PathAttribute, Safi,
-    UpdateMessage,
+    Afi, AsPath, AsPathSegment, Capability, GracefulRestartFamily, LargeCommunity, MAX_MESSAGE_LEN,
+    Message, MpReachNlri, MpUnreachNlri, NotificationCode, NotificationMessage, OpenMessage,
+    Origin, PathAttribute, Safi, UpdateMessage,
     nlri::{Ipv4NlriEntry, Ipv4Prefix, Ipv6Prefix, NlriEntry, Prefix},
     notification,
 };
@@ -52,6 +52,22 @@ pub struct Context {
     pub local_as: u32,
     pub router_id: Ipv4Addr,
     pub peer: BgpPeerConfig,
+    /// Graceful restart (RFC 4724), when on.
+    pub graceful: Option<Graceful>,
+    /// Set before the speaker stops when the data plane stays: sessions that negotiated
+    /// graceful restart close without withdrawing or a NOTIFICATION, so that the peers keep
+    /// the routes (as stale) until the next agent is back.
+    pub keep_routes: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// This speaker's graceful-restart capability: the data plane forwards across an agent
+/// restart (it is pinned), so the forwarding state is always preserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Graceful {
+    /// Seconds the peers keep the routes while the session is down (at most 4095).
+    pub restart_time: u16,
+    /// The R bit: this agent has just restarted (it adopted a running data plane).
+    pub restarted: bool,
 }
 
 impl Context {
@@ -77,7 +93,24 @@ impl Context {
                 },
                 Capability::RouteRefresh,
                 Capability::FourOctetAs { asn: self.local_as },
-            ],
+            ]
+            .into_iter()
+            .chain(self.graceful.map(|g| {
+                Capability::GracefulRestart {
+                    restart_state: g.restarted,
+                    notification: false,
+                    restart_time: g.restart_time,
+                    families: [Afi::Ipv4, Afi::Ipv6]
+                        .into_iter()
+                        .map(|afi| GracefulRestartFamily {
+                            afi,
+                            safi: Safi::Unicast,
+                            forwarding_preserved: true,
+                        })
+                        .collect(),
+                }
+            }))
+            .collect(),
         }
     }
 }
@@ -87,6 +120,9 @@ impl Context {
 pub enum End {
     /// The speaker stopped: routes withdrawn, Cease sent.
     Stopped,
+    /// The speaker stopped with the data plane staying: the connection closed without a
+    /// NOTIFICATION, the routes left to the peer's graceful restart.
+    Kept,
 }
 
 /// A session error, with the NOTIFICATION to send (if any) already sent.
@@ -112,6 +148,8 @@ pub struct Families {
     pub four_octet_as: bool,
     /// Seconds; 0: no keepalives and no hold timer.
     pub hold_time: u16,
+    /// Both sides support graceful restart.
+    pub graceful: bool,
 }
 
 /// Checks the peer's OPEN against the config; `Err` carries the NOTIFICATION to send.
@@ -158,11 +196,17 @@ pub fn negotiate(ctx: &Context, open: &OpenMessage) -> Result<Families, Notifica
     // No multiprotocol capability at all means IPv4 unicast only (RFC 4760 §8).
     let ipv4 = mp.is_empty() || mp.contains(&(Afi::Ipv4, Safi::Unicast));
     let ipv6 = mp.contains(&(Afi::Ipv6, Safi::Unicast));
+    let graceful = ctx.graceful.is_some()
+        && open
+            .capabilities
+            .iter()
+            .any(|c| matches!(c, Capability::GracefulRestart { .. }));
     Ok(Families {
         ipv4,
         ipv6,
         four_octet_as,
         hold_time: open.hold_time.min(ctx.peer.hold_time.as_secs() as u16),
+        graceful,
     })
 }
 
@@ -307,6 +351,42 @@ pub fn withdrawals(f: &Families, vips: &[IpAddr]) -> Vec<Message> {
             ))
         })
         .collect()
+}
+
+/// End-of-RIB markers (RFC 4724 §2) for the families of the session: an empty UPDATE for
+/// IPv4, an empty MP_UNREACH_NLRI for IPv6. A restarting peer's router drops the routes it
+/// kept as stale and this session did not announce again.
+pub fn end_of_rib(f: &Families) -> Vec<Message> {
+    let mut out = Vec::new();
+    let build = |attrs: &[PathAttribute]| {
+        Message::Update(UpdateMessage::build(
+            &[],
+            &[],
+            attrs,
+            f.four_octet_as,
+            false,
+            rustbgpd_wire::Ipv4UnicastMode::Body,
+        ))
+    };
+    if f.ipv4 {
+        out.push(build(&[]));
+    }
+    if f.ipv6 {
+        out.push(build(&[PathAttribute::MpUnreachNlri(Box::new(
+            MpUnreachNlri {
+                afi: Afi::Ipv6,
+                safi: Safi::Unicast,
+                withdrawn: Vec::new(),
+                flowspec_withdrawn: Vec::new(),
+                evpn_withdrawn: Vec::new(),
+                bgpls_withdrawn: Vec::new(),
+                vpn_withdrawn: Vec::new(),
+                labeled_withdrawn: Vec::new(),
+                rtc_withdrawn: Vec::new(),
+            },
+        ))]));
+    }
+    out
 }
 
 /// Reads whole messages off the connection.
@@ -473,6 +553,7 @@ pub(super) async fn run(
     keepalive.reset();
     let mut advertised = Routes::new();
     let mut resend = true;
+    let mut end_of_rib_sent = false;
     loop {
         // Bring the peer up to date: withdrawals first, then announcements (a route whose
         // attributes changed is announced again: the new path replaces the old).
@@ -506,6 +587,12 @@ pub(super) async fn run(
             if !gone.is_empty() || !new.is_empty() {
                 info!(peer = %ctx.peer.address, advertised = ?new, withdrawn = ?gone, "BGP: routes updated");
             }
+            if !end_of_rib_sent && families.graceful {
+                for m in end_of_rib(&families) {
+                    send(&mut w, &m).await?;
+                }
+                end_of_rib_sent = true;
+            }
             advertised = wanted;
             resend = false;
             let list: Vec<IpAddr> = advertised.keys().copied().collect();
@@ -534,6 +621,10 @@ pub(super) async fn run(
                 return Err(Error::BfdDown);
             }
             _ = stop.changed() => {
+                if families.graceful && ctx.keep_routes.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = w.shutdown().await;
+                    return Ok(End::Kept);
+                }
                 let gone: Vec<IpAddr> = advertised.keys().copied().collect();
                 for m in withdrawals(&families, &gone) {
                     send(&mut w, &m).await?;

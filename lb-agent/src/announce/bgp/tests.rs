@@ -24,6 +24,8 @@ fn ctx(local_as: u32, remote_as: u32) -> Context {
             multihop: None,
             passive: false,
         },
+        graceful: None,
+        keep_routes: std::sync::Arc::default(),
     }
 }
 
@@ -51,6 +53,7 @@ fn families() -> Families {
         ipv6: true,
         four_octet_as: true,
         hold_time: 9,
+        graceful: false,
     }
 }
 
@@ -94,7 +97,8 @@ fn negotiation_takes_the_lower_hold_time_and_refuses_what_rfc_4271_refuses() {
             ipv4: false,
             ipv6: true,
             four_octet_as: true,
-            hold_time: 9
+            hold_time: 9,
+            graceful: false,
         }
     );
     // No multiprotocol capability: IPv4 unicast only.
@@ -105,7 +109,8 @@ fn negotiation_takes_the_lower_hold_time_and_refuses_what_rfc_4271_refuses() {
             ipv4: true,
             ipv6: false,
             four_octet_as: false,
-            hold_time: 3
+            hold_time: 3,
+            graceful: false,
         }
     );
     let refused = |o: OpenMessage| negotiate(&c, &o).unwrap_err();
@@ -269,6 +274,7 @@ async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
     let port = taken.local_addr().unwrap().port();
     let router = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = crate::announce::BgpConfig {
+        graceful_restart: std::time::Duration::ZERO,
         local_as: 64512,
         router_id: Ipv4Addr::new(198, 18, 2, 11),
         listen_port: port,
@@ -283,7 +289,7 @@ async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
         advertisements: Vec::new(),
     };
     let status = Peers::default();
-    let mut speaker = Speaker::without_peers(&config, status.clone());
+    let mut speaker = Speaker::without_peers(&config, status.clone(), false);
     let problems = speaker.reconcile(&config).await;
     let passive: IpAddr = "127.0.0.2".parse().unwrap();
     assert_eq!(
@@ -305,6 +311,7 @@ async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
         .unwrap();
     // A new AS for the peers without their own: the active peer's session starts again.
     let config = crate::announce::BgpConfig {
+        graceful_restart: std::time::Duration::ZERO,
         local_as: 64520,
         ..config
     };
@@ -338,4 +345,59 @@ async fn a_peer_that_cannot_start_is_listed_with_why_and_the_others_run() {
     assert_eq!(p.last_error, None);
     speaker.shutdown(std::time::Duration::from_secs(1)).await;
     assert!(status.lock().unwrap().is_empty());
+}
+
+#[test]
+fn graceful_restart_is_offered_with_the_r_bit_after_a_restart_and_ends_the_rib() {
+    let mut c = ctx(64512, 64513);
+    c.graceful = Some(super::session::Graceful {
+        restart_time: 120,
+        restarted: true,
+    });
+    let Message::Open(o) = roundtrip(&Message::Open(c.open())) else {
+        panic!()
+    };
+    let gr = o
+        .capabilities
+        .iter()
+        .find_map(|cap| match cap {
+            Capability::GracefulRestart {
+                restart_state,
+                restart_time,
+                families,
+                ..
+            } => Some((*restart_state, *restart_time, families.clone())),
+            _ => None,
+        })
+        .expect("the graceful-restart capability");
+    assert_eq!((gr.0, gr.1), (true, 120));
+    assert!(gr.2.iter().all(|f| f.forwarding_preserved) && gr.2.len() == 2);
+    // Negotiated only when the peer offers it too.
+    let v6 = Capability::MultiProtocol {
+        afi: Afi::Ipv6,
+        safi: Safi::Unicast,
+    };
+    assert!(
+        !negotiate(&c, &their_open(64513, 9, vec![v6.clone()]))
+            .unwrap()
+            .graceful
+    );
+    let theirs = Capability::GracefulRestart {
+        restart_state: false,
+        notification: false,
+        restart_time: 90,
+        families: vec![],
+    };
+    assert!(
+        negotiate(&c, &their_open(64513, 9, vec![v6, theirs]))
+            .unwrap()
+            .graceful
+    );
+    // End-of-RIB: an empty UPDATE (IPv4), an empty MP_UNREACH_NLRI (IPv6).
+    let eor = super::session::end_of_rib(&families());
+    assert_eq!(eor.len(), 2);
+    let Message::Update(u) = roundtrip(&eor[0]) else {
+        panic!()
+    };
+    assert!(u.withdrawn_routes.is_empty() && u.path_attributes.is_empty() && u.nlri.is_empty());
 }

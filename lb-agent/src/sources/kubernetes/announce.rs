@@ -136,6 +136,7 @@ pub fn config(i: &Inputs) -> (Option<BgpConfig>, Vec<String>) {
         }
     }
     let config = BgpConfig {
+        graceful_restart: crate::announce::DEFAULT_GRACEFUL_RESTART,
         local_as,
         router_id: router_id(this, i.node),
         listen_port: 179,
