@@ -43,7 +43,7 @@ pub struct BgpConfig {
 }
 
 /// The default `announce.bgp.graceful_restart`.
-pub const DEFAULT_GRACEFUL_RESTART: Duration = Duration::from_secs(120);
+pub const DEFAULT_GRACEFUL_RESTART: Duration = Duration::from_mins(2);
 
 /// Which of the VIPs this node can serve are advertised to which peers, with which path
 /// attributes. A VIP and peer that several advertisements cover get their attributes merged

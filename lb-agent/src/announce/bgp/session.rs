@@ -142,6 +142,10 @@ pub enum Error {
 
 /// What both sides agreed in their OPENs.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent capabilities, each negotiated on or off"
+)]
 pub struct Families {
     pub ipv4: bool,
     pub ipv6: bool,
