@@ -48,6 +48,10 @@ pub fn lb6(i: usize) -> String {
 
 /// How the LB nodes peer with the router.
 #[derive(Clone, Debug)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent switches of the lab's peering"
+)]
 pub struct Peering {
     /// The router's AS (LOCAL_AS: internal peering).
     pub remote_as: u32,
