@@ -272,3 +272,47 @@ fn l2_in_kubernetes_mode_follows_the_l2advertisement_and_fails_over_within_its_n
     eprintln!("L2 failover in Kubernetes mode: {} ms", took.as_millis());
     assert!(!lab.announcing(2));
 }
+
+/// A planned restart (SIGTERM with the data plane staying, then a new agent) does not move the
+/// VIP: the stopping agent tells its gossip peers to hold it alive, its data plane goes on
+/// answering ARP, the new agent adopts it and keeps answering; the client's requests, with its
+/// neighbour entry flushed before each one (a fresh resolution every time), all succeed
+/// through the same node, and no other node announces the VIP meanwhile.
+#[test]
+fn a_planned_restart_keeps_the_vip_where_it_is() {
+    weir_lab::netns::require_root();
+    const N: usize = 3;
+    let mut lab = L2Lab::new(N, server_bin());
+    let owner = lab.owner();
+    let others: Vec<usize> = (0..N).filter(|i| *i != owner).collect();
+    let check = |lab: &L2Lab, what: &str| {
+        lab.client
+            .ip(&format!("neigh flush {}", weir_lab::l2lab::VIP));
+        lab.get(Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            lab.vip_mac(),
+            Some(lab.macs[owner]),
+            "{what}: the VIP moved"
+        );
+        for i in &others {
+            assert!(
+                !lab.announcing(*i),
+                "{what}: node {} announces the VIP",
+                i + 1
+            );
+        }
+    };
+    check(&lab, "before");
+    assert!(lab.agents[owner].take().unwrap().stop().success());
+    // Away for 2 s (dead_after is 400 ms): still answered, still there.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        check(&lab, "agent stopped");
+    }
+    lab.start_agent(owner);
+    for _ in 0..10 {
+        check(&lab, "agent back");
+    }
+    assert!(lab.announcing(owner));
+}

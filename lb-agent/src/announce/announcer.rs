@@ -18,6 +18,9 @@ use crate::dataplane::{Dataplane, DataplaneError, MapError};
 const BGP_SHUTDOWN: Duration = Duration::from_secs(3);
 /// L2 without gossip: the lease the data plane's answers run on, and how often it is renewed.
 const LEASE_ALONE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_millis(250));
+/// L2 without gossip: how long the data plane answers on after a stop that keeps it (no other
+/// node would take over anyway).
+const RESTART_GRACE_ALONE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
@@ -59,6 +62,8 @@ struct Gossip {
     /// What the heartbeats say about this node.
     local: watch::Sender<gossip::Local>,
     view: watch::Receiver<gossip::View>,
+    task: tokio::task::JoinHandle<()>,
+    restart_grace: Duration,
 }
 
 /// Everything this node announces, and how.
@@ -77,6 +82,13 @@ pub struct Announcer {
     bgp: Option<bgp::Speaker>,
     /// This agent adopted a running data plane (graceful restart's R bit).
     restarted: bool,
+    /// The VIPs the adopted data plane was answering for: kept until gossip's view settles
+    /// (the other nodes held this node alive with them while its agent restarted).
+    initial_claims: BTreeSet<IpAddr>,
+    /// Renews the L2 lease while the agent runs.
+    lease_task: Option<tokio::task::JoinHandle<()>>,
+    /// A writer of the lease for the stop: a restart that keeps the data plane extends it.
+    last_lease: Option<Box<dyn crate::dataplane::L2LeaseWriter>>,
     /// Every BGP peer's session, shared with the speaker's tasks (they change on their own).
     peers: bgp::Peers,
     /// Kubernetes mode: the announcement resources left out, and why.
@@ -124,7 +136,7 @@ impl Announcer {
                 let (local, local_rx) = watch::channel(gossip::Local::default());
                 let (view_tx, view) = watch::channel(gossip::View::default());
                 let (peers, peers_rx) = watch::channel(g.peers.clone().unwrap_or_default());
-                tokio::spawn(gossip::run(
+                let task = tokio::spawn(gossip::run(
                     socket,
                     gossip::Settings {
                         node: node.clone(),
@@ -143,9 +155,13 @@ impl Announcer {
                     peers,
                     from_nodes: g.peers.is_none(),
                     listen: g.listen,
+                    task,
+                    restart_grace: g.restart_grace,
                 })
             }
         };
+        let mut lease_task = None;
+        let mut last_lease = None;
         if !l2_ports.is_empty() {
             // The data plane answers for the VIPs only while this agent keeps its lease
             // running: a node whose agent died stops answering when its peers declare it dead.
@@ -155,7 +171,8 @@ impl Announcer {
                 .map_or(LEASE_ALONE, |g| (g.dead_after, g.interval));
             let mut writer = dataplane.l2_lease()?;
             writer.extend(lease).map_err(AnnounceError::Lease)?;
-            tokio::spawn(async move {
+            last_lease = Some(dataplane.l2_lease()?);
+            lease_task = Some(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(refresh);
                 loop {
                     tick.tick().await;
@@ -163,7 +180,7 @@ impl Announcer {
                         warn!(error = %e, "L2: the lease was not extended; answers stop when it runs out");
                     }
                 }
-            });
+            }));
         }
         Ok(Self {
             l2_ports,
@@ -173,6 +190,9 @@ impl Announcer {
             bgp_config: None,
             bgp: None,
             restarted: false,
+            initial_claims: BTreeSet::new(),
+            lease_task,
+            last_lease,
             peers: bgp::Peers::default(),
             problems: Vec::new(),
             l2_status: None,
@@ -305,21 +325,47 @@ impl Announcer {
         }
     }
 
-    /// This agent adopted a running data plane: BGP says so to the peers (graceful restart's
-    /// R bit).
-    pub fn set_restarted(&mut self, restarted: bool) {
+    /// This agent adopted a running data plane that answered on L2 for `claims`: BGP says so
+    /// to the peers (graceful restart's R bit), and L2 keeps answering for them until gossip's
+    /// view settles.
+    pub fn set_restarted(&mut self, restarted: bool, claims: BTreeSet<IpAddr>) {
         self.restarted = restarted;
+        self.initial_claims = claims;
     }
 
     /// Closes the BGP sessions. `keep`: the data plane stays (the agent restarts), so the
     /// routes stay with the peers that support graceful restart; otherwise they are
     /// withdrawn first (the peers stop sending here before the data plane goes).
+    ///
+    /// L2, with `keep`: the data plane goes on answering for this node's VIPs (its lease
+    /// extended by `restart_grace`), and gossip tells the other nodes to hold this node alive
+    /// that long, so that its VIPs do not move while the agent restarts.
     pub async fn shutdown(mut self, keep: bool) {
         if let Some(speaker) = self.bgp.take() {
             if keep {
                 speaker.keep_routes();
             }
             speaker.shutdown(BGP_SHUTDOWN).await;
+        }
+        if let Some(t) = self.lease_task.take() {
+            t.abort();
+        }
+        if !keep || self.l2_ports.is_empty() {
+            return;
+        }
+        let grace = self
+            .gossip
+            .as_ref()
+            .map_or(RESTART_GRACE_ALONE, |g| g.restart_grace);
+        if let Some(w) = &mut self.last_lease
+            && let Err(e) = w.extend(grace)
+        {
+            warn!(error = %e, "L2: the lease was not extended for the restart");
+        }
+        if let Some(g) = self.gossip.take() {
+            g.local.send_modify(|l| l.restarting = Some(grace));
+            let _ = tokio::time::timeout(Duration::from_secs(1), g.task).await;
+            info!(grace = ?grace, vips = ?self.announced, "L2: the other nodes hold this node alive while its agent restarts");
         }
     }
 
@@ -350,7 +396,13 @@ impl Announcer {
             None => all,
             Some(g) => {
                 let view = g.view.borrow().clone();
-                let vips = gossip::owned(&g.node, eligible, &servable, &view, &all);
+                let vips = if view.settled || self.initial_claims.is_empty() {
+                    self.initial_claims.clear();
+                    gossip::owned(&g.node, eligible, &servable, &view, &all)
+                } else {
+                    // Restarted: what the data plane answered for until the view settles.
+                    self.initial_claims.intersection(&all).copied().collect()
+                };
                 self.l2_status = Some(gossip::Status {
                     node: g.node.clone(),
                     peers: g.peers.borrow().clone(),
@@ -385,6 +437,7 @@ impl Announcer {
                 eligible,
                 claims: vips.clone(),
                 serving: servable,
+                restarting: None,
             };
             g.local.send_if_modified(|l| {
                 let changed = *l != next;

@@ -28,6 +28,10 @@ pub struct Heartbeat {
     /// The VIPs it can serve (a backend in rotation); absent: every VIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving: Option<BTreeSet<IpAddr>>,
+    /// The sender's agent is restarting with its data plane staying (still answering for its
+    /// claims): hold it alive as it is for this many milliseconds, unless it is heard again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting_ms: Option<u64>,
 }
 
 /// What this node tells its peers.
@@ -36,6 +40,9 @@ pub struct Local {
     pub eligible: bool,
     pub claims: BTreeSet<IpAddr>,
     pub serving: BTreeSet<IpAddr>,
+    /// Set when the agent stops with the data plane staying: the task sends one last
+    /// heartbeat saying so (hold this node alive for that long) and ends.
+    pub restarting: Option<Duration>,
 }
 
 /// The other nodes heard from within `dead_after`: name → (eligible, claims).
@@ -115,24 +122,22 @@ pub async fn run(
     mut local: watch::Receiver<Local>,
     view: watch::Sender<View>,
 ) {
+    /// Alive until, eligible, claims, serving.
     type Heard = (Instant, bool, BTreeSet<IpAddr>, Option<BTreeSet<IpAddr>>);
     let mut heard: BTreeMap<String, Heard> = BTreeMap::new();
     let settles = Instant::now() + settings.dead_after;
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 65536];
+    // Silent until the agent first says what this node is: a heartbeat saying "not eligible,
+    // no claims" would make the others take over the VIPs of a node whose restarted agent is
+    // still programming its first state (they hold it alive as it was meanwhile).
+    let mut spoken = false;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            _ = tick.tick(), if spoken => {
                 let me = local.borrow().clone();
-                let beat = Heartbeat { node: settings.node.clone(), eligible: me.eligible, claims: me.claims, serving: Some(me.serving) };
-                let bytes = serde_json::to_vec(&beat).expect("a heartbeat serializes");
-                let peers = settings.peers.borrow().clone();
-                for peer in &peers {
-                    if let Err(e) = socket.send_to(&bytes, peer).await {
-                        debug!(peer = %peer, error = %e, "gossip: heartbeat not sent");
-                    }
-                }
+                beat(&socket, &settings, me).await;
             }
             r = socket.recv_from(&mut buf) => match r {
                 Ok((n, from)) => match serde_json::from_slice::<Heartbeat>(&buf[..n]) {
@@ -140,7 +145,12 @@ pub async fn run(
                         if !heard.contains_key(&b.node) {
                             info!(node = %b.node, from = %from, "gossip: peer alive");
                         }
-                        heard.insert(b.node, (Instant::now(), b.eligible, b.claims, b.serving));
+                        let hold = b.restarting_ms.map_or(settings.dead_after, |ms| {
+                            let hold = Duration::from_millis(ms).max(settings.dead_after);
+                            info!(node = %b.node, hold = ?hold, "gossip: peer restarting with its data plane staying; held alive as it is");
+                            hold
+                        });
+                        heard.insert(b.node, (Instant::now() + hold, b.eligible, b.claims, b.serving));
                     }
                     Ok(_) => warn!(from = %from, "gossip: a heartbeat with this node's own name"),
                     Err(e) => debug!(from = %from, error = %e, "gossip: not a heartbeat"),
@@ -151,12 +161,21 @@ pub async fn run(
                 if r.is_err() {
                     return;
                 }
+                let me = local.borrow_and_update().clone();
+                if me.restarting.is_some() {
+                    beat(&socket, &settings, me).await;
+                    return;
+                }
+                if !spoken {
+                    spoken = true;
+                    beat(&socket, &settings, me).await;
+                }
                 continue;
             }
         }
         let now = Instant::now();
-        heard.retain(|node, (at, _, _, _)| {
-            let alive = now.duration_since(*at) <= settings.dead_after;
+        heard.retain(|node, (until, _, _, _)| {
+            let alive = now <= *until;
             if !alive {
                 info!(node = %node, "gossip: peer dead (no heartbeat within dead_after)");
             }
@@ -181,6 +200,24 @@ pub async fn run(
                 true
             }
         });
+    }
+}
+
+/// Sends this node's heartbeat to every peer.
+async fn beat(socket: &UdpSocket, settings: &Settings, me: Local) {
+    let beat = Heartbeat {
+        node: settings.node.clone(),
+        eligible: me.eligible,
+        claims: me.claims,
+        serving: Some(me.serving),
+        restarting_ms: me.restarting.map(|d| d.as_millis() as u64),
+    };
+    let bytes = serde_json::to_vec(&beat).expect("a heartbeat serializes");
+    let peers = settings.peers.borrow().clone();
+    for peer in &peers {
+        if let Err(e) = socket.send_to(&bytes, peer).await {
+            debug!(peer = %peer, error = %e, "gossip: heartbeat not sent");
+        }
     }
 }
 

@@ -129,6 +129,11 @@ pub struct GossipConfig {
     pub peers: Option<Vec<SocketAddr>>,
     pub interval: Duration,
     pub dead_after: Duration,
+    /// How long the other nodes hold this node alive, answering for its VIPs, while its
+    /// agent restarts with the data plane staying (a stop with `keep_on_exit`): they take
+    /// its VIPs over only when it is not back by then. A node that dies without saying so
+    /// is dead after `dead_after` as always.
+    pub restart_grace: Duration,
 }
 
 /// A large community `A:B:C` (RFC 8092).

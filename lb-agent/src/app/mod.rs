@@ -124,6 +124,10 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let (limits, seed) = (config.dataplane, config.maglev.seed);
     let (programmer, adopted) =
         dataplane::programmer_for(&mut datapath, &limits, seed).map_err(AppError::Adopt)?;
+    let claims = adopted
+        .as_ref()
+        .map(|r| r.announced.clone())
+        .unwrap_or_default();
     if let Some(r) = adopted {
         info!(services = r.services, repaired = ?r.repaired, "adopted the pinned data plane: its connections, source-NAT and affinity entries and counters carry on");
     }
@@ -135,7 +139,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let node = node_name(&config, kube.as_ref())?;
     let mut announcer =
         Announcer::start(&config.announce, node, kube.is_some(), &mut datapath).await?;
-    announcer.set_restarted(*datapath.start() == Start::Adopted);
+    announcer.set_restarted(*datapath.start() == Start::Adopted, claims);
     let sampler = tokio::spawn(traffic::sample(
         inspector,
         out.snapshot.subscribe(),

@@ -571,6 +571,7 @@ impl RawConfig {
                     peers: g.peers,
                     interval: g.interval,
                     dead_after: g.dead_after,
+                    restart_grace: g.restart_grace,
                 });
             }
 

@@ -131,6 +131,12 @@ pub(super) struct RawGossip {
     pub(super) interval: Duration,
     #[serde(default = "default_gossip_dead_after", with = "humantime_serde")]
     pub(super) dead_after: Duration,
+    #[serde(default = "default_restart_grace", with = "humantime_serde")]
+    pub(super) restart_grace: Duration,
+}
+
+pub(super) fn default_restart_grace() -> Duration {
+    Duration::from_secs(30)
 }
 
 pub(super) fn default_gossip_interval() -> Duration {

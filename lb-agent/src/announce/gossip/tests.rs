@@ -82,6 +82,7 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
             eligible: true,
             claims: BTreeSet::new(),
             serving: vips(3),
+            restarting: None,
         });
         let (view_tx, view_rx) = watch::channel(View::default());
         let others: Vec<SocketAddr> = addrs
@@ -100,6 +101,8 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
             dead_after: Duration::from_millis(300),
         };
         tokio::spawn(run(socket, settings, local_rx, view_tx));
+        // The agent says what this node is (until then gossip is silent).
+        local_tx.send_modify(|_| ());
         locals.push(local_tx);
         views.push(view_rx);
     }
@@ -148,6 +151,26 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
         started.elapsed()
     );
     wait(&mut views[1], 1).await;
+
+    // lb2's agent restarts with its data plane staying: lb1 holds it alive, with its claims,
+    // for the grace it asked (well past dead_after), then drops it.
+    locals[1].send_modify(|l| {
+        l.claims.insert(vip);
+        l.restarting = Some(Duration::from_millis(1500));
+    });
+    let said = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let v = views[0].borrow().clone();
+    assert!(
+        v.alive.get("lb2").is_some_and(|(_, c)| c.contains(&vip)),
+        "held alive past dead_after: {v:?}"
+    );
+    wait(&mut views[0], 0).await;
+    assert!(
+        said.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        said.elapsed()
+    );
 }
 
 #[test]

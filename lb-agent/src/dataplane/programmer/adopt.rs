@@ -36,6 +36,8 @@ pub struct AdoptReport {
     pub services: usize,
     /// Entries left by an unfinished change, and what was done with them.
     pub repaired: Vec<String>,
+    /// The VIPs the data plane answers ARP and Neighbor Solicitations for.
+    pub announced: BTreeSet<IpAddr>,
 }
 
 fn protocol(number: u8) -> Option<Protocol> {
@@ -181,6 +183,7 @@ impl Programmer {
                 ));
             }
         }
+        report.announced = p.announced.clone();
         Ok((p, report))
     }
 }
