@@ -183,7 +183,7 @@ impl Programmer {
                 ));
             }
         }
-        report.announced = p.announced.clone();
+        report.announced.clone_from(&p.announced);
         Ok((p, report))
     }
 }
