@@ -26,7 +26,7 @@
 //! 12. `app`: the process: wiring, signals, the main loop.
 //! 13. `cli`: the command line's client side.
 //!
-//! Below every layer: the crate root's helpers (`LockExt`) and `sys`, the sockets and
+//! Below every layer: the crate root's helpers (`LockExt`, `Supervised`) and `sys`, the sockets and
 //! interfaces calls that need `unsafe`. `unsafe` is denied everywhere else but in
 //! `dataplane::sys` (the `bpf()` calls).
 
@@ -62,3 +62,59 @@ impl<T> LockExt<T> for std::sync::Mutex<T> {
 
 #[cfg(test)]
 mod layers;
+
+/// The long-running tasks the agent cannot work without (gossip, the L2 lease, the Kubernetes
+/// loops): each runs with a guard, and `/livez` fails once one has ended — returned or
+/// panicked — while the agent runs, so that the kubelet restarts it.
+#[derive(Clone, Debug, Default)]
+pub struct Supervised(std::sync::Arc<std::sync::Mutex<SupervisedTable>>);
+
+#[derive(Debug, Default)]
+struct SupervisedTable {
+    ended: Vec<String>,
+    stopping: bool,
+}
+
+impl Supervised {
+    /// Spawns `task` as `name`.
+    pub fn spawn<F>(&self, name: &str, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let guard = Guard {
+            name: name.to_string(),
+            table: self.0.clone(),
+        };
+        tokio::spawn(async move {
+            let _guard = guard;
+            task.await
+        })
+    }
+
+    /// The tasks that ended while the agent ran.
+    pub fn ended(&self) -> Vec<String> {
+        self.0.locked().ended.clone()
+    }
+
+    /// The agent stops: tasks ending from now on are expected to.
+    pub fn stopping(&self) {
+        self.0.locked().stopping = true;
+    }
+}
+
+/// Records its task's end (dropped when the task returns, panics or is aborted).
+struct Guard {
+    name: String,
+    table: std::sync::Arc<std::sync::Mutex<SupervisedTable>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut t = self.table.locked();
+        if !t.stopping {
+            tracing::error!(task = %self.name, "a supervised task ended; /livez now fails");
+            t.ended.push(self.name.clone());
+        }
+    }
+}

@@ -107,6 +107,7 @@ impl Announcer {
         node: String,
         kubernetes: bool,
         dataplane: &mut dyn Dataplane,
+        tasks: &crate::Supervised,
     ) -> Result<Self, AnnounceError> {
         let mut l2_ports = Vec::new();
         for iface in &config.l2_interfaces {
@@ -136,17 +137,20 @@ impl Announcer {
                 let (local, local_rx) = watch::channel(gossip::Local::default());
                 let (view_tx, view) = watch::channel(gossip::View::default());
                 let (peers, peers_rx) = watch::channel(g.peers.clone().unwrap_or_default());
-                let task = tokio::spawn(gossip::run(
-                    socket,
-                    gossip::Settings {
-                        node: node.clone(),
-                        peers: peers_rx,
-                        interval: g.interval,
-                        dead_after: g.dead_after,
-                    },
-                    local_rx,
-                    view_tx,
-                ));
+                let task = tasks.spawn(
+                    "gossip",
+                    gossip::run(
+                        socket,
+                        gossip::Settings {
+                            node: node.clone(),
+                            peers: peers_rx,
+                            interval: g.interval,
+                            dead_after: g.dead_after,
+                        },
+                        local_rx,
+                        view_tx,
+                    ),
+                );
                 info!(node = %node, listen = %g.listen, peers = ?g.peers, "gossip: heartbeats to the other announcing nodes");
                 Some(Gossip {
                     node,
@@ -172,7 +176,7 @@ impl Announcer {
             let mut writer = dataplane.l2_lease()?;
             writer.extend(lease).map_err(AnnounceError::Lease)?;
             last_lease = Some(dataplane.l2_lease()?);
-            lease_task = Some(tokio::spawn(async move {
+            lease_task = Some(tasks.spawn("L2 lease", async move {
                 let mut tick = tokio::time::interval(refresh);
                 loop {
                     tick.tick().await;

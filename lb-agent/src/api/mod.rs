@@ -77,6 +77,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// The data plane, for `/api/v1/lookup` (absent until it is loaded).
     pub inspector: Option<Arc<dyn Inspect>>,
+    /// The tasks `/livez` watches.
+    pub tasks: crate::Supervised,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -111,6 +113,7 @@ impl ApiState {
             traffic,
             metrics,
             inspector: None,
+            tasks: crate::Supervised::default(),
         }
     }
 
@@ -136,7 +139,7 @@ impl ApiState {
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/api/v1/services", get(services))
@@ -368,6 +371,19 @@ async fn status(State(s): State<ApiState>) -> Json<Status> {
         ready: s.readiness.is_ready(),
         config,
     })
+}
+
+/// 200 while every supervised task runs; 503 naming those that ended.
+async fn livez(State(s): State<ApiState>) -> (StatusCode, String) {
+    let ended = s.tasks.ended();
+    if ended.is_empty() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not live: ended: {}\n", ended.join(", ")),
+        )
+    }
 }
 
 async fn readyz(State(s): State<ApiState>) -> (StatusCode, String) {

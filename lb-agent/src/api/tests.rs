@@ -22,6 +22,40 @@ async fn get(state: &ApiState, path: &str) -> (StatusCode, String) {
 }
 
 #[tokio::test]
+async fn liveness_fails_once_a_supervised_task_ends_while_the_agent_runs() {
+    let s = ApiState::default();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = s.tasks.spawn("gossip", async move {
+        let _ = rx.await;
+    });
+    s.tasks.spawn("L2 lease", std::future::pending::<()>());
+    assert_eq!(get(&s, "/livez").await, (StatusCode::OK, "ok\n".into()));
+    drop(tx);
+    running.await.unwrap();
+    assert_eq!(
+        get(&s, "/livez").await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not live: ended: gossip\n".into()
+        )
+    );
+    // A panicking task counts too; tasks ending once the agent stops do not.
+    let _ = s
+        .tasks
+        .spawn("Kubernetes lease", async { panic!("boom") })
+        .await;
+    assert!(
+        get(&s, "/livez")
+            .await
+            .1
+            .contains("gossip, Kubernetes lease")
+    );
+    s.tasks.stopping();
+    let _ = s.tasks.spawn("late", async {}).await;
+    assert!(!get(&s, "/livez").await.1.contains("late"));
+}
+
+#[tokio::test]
 async fn readiness_latches() {
     let s = ApiState::default();
     assert_eq!(get(&s, "/livez").await, (StatusCode::OK, "ok\n".into()));

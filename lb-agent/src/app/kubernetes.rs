@@ -50,6 +50,7 @@ pub async fn start(
     client: kube_runtime::Client,
     config: &Config,
     metrics: Arc<Metrics>,
+    supervised: &crate::Supervised,
     stop: impl Future<Output = ()>,
 ) -> Result<Option<Kubernetes>, super::AppError> {
     tokio::pin!(stop);
@@ -65,18 +66,21 @@ pub async fn start(
     let mut tasks = Vec::new();
     // The Lease first: electing takes a few rounds and needs no lists.
     let (leader_tx, leader) = watch::channel(false);
-    tasks.push(tokio::spawn(kube_runtime::lease_loop(
-        client.clone(),
-        mode.namespace.clone(),
-        mode.identity.clone(),
-        leader_tx,
-    )));
+    tasks.push(supervised.spawn(
+        "Kubernetes lease",
+        kube_runtime::lease_loop(
+            client.clone(),
+            mode.namespace.clone(),
+            mode.identity.clone(),
+            leader_tx,
+        ),
+    ));
     info!(node = %mode.node, identity = %mode.identity, "waiting for the first full lists from the Kubernetes API");
     // One waiter: a store's readiness wakes only the last task that polled it, so the loops
     // below start once it is known.
     tokio::select! {
         r = watches.stores.ready() => r?,
-        () = &mut stop => { abort(&tasks); return Ok(None); }
+        () = &mut stop => { supervised.stopping(); abort(&tasks); return Ok(None); }
     }
     let (sink, sink_task) = kube_runtime::event_sink(
         client.clone(),
@@ -85,28 +89,34 @@ pub async fn start(
     );
     tasks.push(sink_task);
     let (translations_tx, mut translations) = watch::channel::<Option<Arc<Translation>>>(None);
-    tasks.push(tokio::spawn(kube_runtime::translate_loop(
-        watches.stores.clone(),
-        watches.changed.clone(),
-        opts,
-        translations_tx,
-        leader.clone(),
-        sink.clone(),
-        metrics.kubernetes.clone(),
-    )));
-    tasks.push(tokio::spawn(kube_runtime::address_loop(
-        client.clone(),
-        watches.stores.clone(),
-        watches.changed.clone(),
-        leader,
-        mode.default_class,
-        mode.identity.clone(),
-    )));
+    tasks.push(supervised.spawn(
+        "Kubernetes translation",
+        kube_runtime::translate_loop(
+            watches.stores.clone(),
+            watches.changed.clone(),
+            opts,
+            translations_tx,
+            leader.clone(),
+            sink.clone(),
+            metrics.kubernetes.clone(),
+        ),
+    ));
+    tasks.push(supervised.spawn(
+        "Kubernetes addresses",
+        kube_runtime::address_loop(
+            client.clone(),
+            watches.stores.clone(),
+            watches.changed.clone(),
+            leader,
+            mode.default_class,
+            mode.identity.clone(),
+        ),
+    ));
     tokio::select! {
         r = translations.wait_for(Option::is_some) => {
             r.map_err(|_| super::AppError::KubernetesStopped)?;
         }
-        () = &mut stop => { abort(&tasks); return Ok(None); }
+        () = &mut stop => { supervised.stopping(); abort(&tasks); return Ok(None); }
     }
     Ok(Some(Kubernetes {
         mode,

@@ -137,8 +137,14 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let api = api::spawn(listener, state.clone());
     info!(listen = %config.admin.listen, "admin API listening");
     let node = node_name(&config, kube.as_ref())?;
-    let mut announcer =
-        Announcer::start(&config.announce, node, kube.is_some(), &mut datapath).await?;
+    let mut announcer = Announcer::start(
+        &config.announce,
+        node,
+        kube.is_some(),
+        &mut datapath,
+        &out.api.tasks,
+    )
+    .await?;
     announcer.set_restarted(*datapath.start() == Start::Adopted, claims);
     let sampler = tokio::spawn(traffic::sample(
         inspector,
@@ -149,7 +155,16 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let mut k8s = match (kube, kube_client) {
         (Some(mode), Some(client)) => {
             let stop = signals.stop.stopped(" before the first state");
-            match kubernetes::start(mode, client, &config, out.metrics.clone(), stop).await? {
+            match kubernetes::start(
+                mode,
+                client,
+                &config,
+                out.metrics.clone(),
+                &out.api.tasks,
+                stop,
+            )
+            .await?
+            {
                 Some(k) => Some(k),
                 None => return Ok(()),
             }
@@ -196,6 +211,7 @@ async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
     api: api::Running,
 ) {
     state.readiness.attached.store(false, Ordering::Release);
+    state.tasks.stopping();
     let keep = agent.current.pinning.keep_on_exit
         && agent.reconciler.dataplane().start() != Start::Unpinned;
     agent.announcer.shutdown(keep).await;

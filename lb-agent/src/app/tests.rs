@@ -44,9 +44,15 @@ async fn agent(file: &File) -> Agent<FakeDataplane, FakeChecks> {
     let (config, fingerprint) = source.load_with_fingerprint().expect("valid");
     let out = super::Outputs::new();
     let mut dataplane = FakeDataplane::default();
-    let announcer = Announcer::start(&config.announce, "node".into(), false, &mut dataplane)
-        .await
-        .expect("nothing to announce");
+    let announcer = Announcer::start(
+        &config.announce,
+        "node".into(),
+        false,
+        &mut dataplane,
+        &out.api.tasks,
+    )
+    .await
+    .expect("nothing to announce");
     let mut reconciler = Reconciler::new(
         dataplane,
         FakeChecks::default(),
