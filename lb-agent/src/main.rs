@@ -173,6 +173,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|| "weir-system".into()),
                     node,
                     default_class,
+                    daemonset: env.daemonset,
                 }
             });
             let Some(runtime) = runtime(true) else {

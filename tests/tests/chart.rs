@@ -177,12 +177,13 @@ fn every_documented_value_renders_where_it_belongs() {
         "node": {"interfaces": ["eth1", "eth2"], "xdpMode": "native", "sourceNatPorts": "62000-62999"},
         "adminPort": 9400,
         "maglev": {"tableSize": 65537},
-        "dataplane": {"maxServices": 100, "maxBackends": 1000, "conntrackSize": 100_000},
+        "dataplane": {"maxServices": 100, "maxBackends": 1000, "conntrackSize": 100_000, "keepOnExit": false},
+        "terminationGracePeriodSeconds": 60,
         "defaultClass": false,
         "pools": [{"name": "default", "addresses": ["198.18.100.0/24"], "avoidBuggyIPs": true}],
         "metrics": {"service": false, "serviceMonitor": true},
         "dashboards": {"enabled": false},
-        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
     });
     let objects = render(Some(&values));
     let ds = find(&objects, "DaemonSet").expect("DaemonSet");
@@ -200,6 +201,11 @@ fn every_documented_value_renders_where_it_belongs() {
     );
     assert_eq!(agent["ports"][0]["containerPort"], 9400);
     assert_eq!(agent["resources"]["limits"]["memory"], "1Gi");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        60
+    );
+    assert!(!node_config(&objects).pinning.keep_on_exit);
     let c = node_config(&objects);
     assert_eq!(c.node.interfaces, ["eth1", "eth2"]);
     assert_eq!(c.node.xdp_mode, lb_agent::dataplane::XdpMode::Native);

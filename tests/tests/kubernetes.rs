@@ -1153,3 +1153,79 @@ fn a_source_nat_range_inside_the_ephemeral_ports_is_refused() {
     });
     child.kill();
 }
+
+/// A restart of the pod keeps the node's data plane (the next agent adopts it); an uninstall —
+/// the agent's DaemonSet gone when it gets SIGTERM — takes it away: nothing attached, nothing
+/// pinned.
+#[test]
+fn an_uninstall_removes_the_data_plane_and_a_restart_keeps_it() {
+    weir_lab::netns::require_root();
+    let mut lab = Lab::new(1);
+    lab.start_servers(server_bin());
+    let _apiserver = Proc {
+        child: lab
+            .lb
+            .command(server_bin().to_str().unwrap())
+            .args(["fake-apiserver", API])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    wait_for(Duration::from_secs(10), "the fake API server", || {
+        lab.lb
+            .run_in(|| clients::http_get(None, API.parse().unwrap(), "/api/v1/nodes", T).ok())
+    });
+    create(
+        &lab.lb,
+        "/api/v1/nodes",
+        json!({"metadata": {"name": "lb-node"}}),
+    );
+    let daemonsets = "/apis/apps/v1/namespaces/weir-system/daemonsets";
+    create(&lab.lb, daemonsets, json!({"metadata": {"name": "weir"}}));
+    let kubeconfig = lab.dir.path.join("kubeconfig");
+    std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
+    let node_config = format!(
+        "node:\n  interfaces: [{}]\nadmin:\n  listen: 127.0.0.1:9300\n",
+        lab.interfaces().join(", ")
+    );
+    let start = || {
+        let mut a = Agent::start_with_chart_caps(
+            &lab.lb,
+            &lab.dir.path,
+            Some(&node_config),
+            &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
+            &[
+                ("NODE_NAME", "lb-node"),
+                ("POD_NAMESPACE", "weir-system"),
+                ("POD_NAME", "weir-lb-node"),
+                ("DAEMONSET_NAME", "weir"),
+            ],
+        );
+        a.wait_ready(&lab.lb);
+        a
+    };
+    let attached = |lab: &Lab| {
+        lab.interfaces()
+            .iter()
+            .all(|i| lab.lb.ip(&format!("-d link show dev {i}")).contains("xdp"))
+    };
+    let pinned = lab.lb.bpffs().join("weir");
+
+    // A restart (the DaemonSet is there): the data plane stays, the next agent adopts it.
+    let agent = start();
+    assert!(agent.stop().success());
+    assert!(attached(&lab) && pinned.exists(), "kept through a restart");
+    let agent = start();
+    assert!(agent.log_text().contains("adopted the pinned data plane"));
+
+    // An uninstall: the DaemonSet goes first, then the pod.
+    let (code, v) = api(&lab.lb, "DELETE", &format!("{daemonsets}/weir"), None);
+    assert_eq!(code, 200, "{v}");
+    let log = agent.log.clone();
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("weir is being uninstalled"), "{text}");
+    assert!(!attached(&lab), "detached at the uninstall");
+    assert!(!pinned.exists(), "unpinned at the uninstall");
+    lab.kill_server(0);
+}

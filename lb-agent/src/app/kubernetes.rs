@@ -28,6 +28,9 @@ pub struct KubeMode {
     pub identity: String,
     /// Also serve LoadBalancer Services without a `loadBalancerClass`.
     pub default_class: bool,
+    /// The agent's DaemonSet (`DAEMONSET_NAME`): when it is gone at SIGTERM, the chart is
+    /// being uninstalled and the data plane goes with the agent.
+    pub daemonset: Option<String>,
 }
 
 /// The running Kubernetes side.
@@ -138,6 +141,19 @@ impl Kubernetes {
     /// The translation last received (marked seen).
     pub fn latest(&mut self) -> Option<Arc<Translation>> {
         self.translations.borrow_and_update().clone()
+    }
+
+    /// Whether the agent's DaemonSet is gone or being deleted (an uninstall, not a restart);
+    /// false when unknown (asking at most two seconds).
+    pub async fn uninstalling(&self) -> bool {
+        let Some(name) = &self.mode.daemonset else {
+            return false;
+        };
+        let ask = kube_runtime::daemonset_gone(self.client.clone(), &self.mode.namespace, name);
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(2), ask).await,
+            Ok(Some(true))
+        )
     }
 
     /// Stops the tasks and gives the leader Lease up (waiting at most two seconds).

@@ -112,6 +112,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
         None => None,
     };
     let out = Outputs::new();
+    check_memory(&config, &out.metrics);
     let mut datapath = load(&config)?;
     match datapath.start() {
         Start::Replaced(why) => {
@@ -212,8 +213,17 @@ async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
 ) {
     state.readiness.attached.store(false, Ordering::Release);
     state.tasks.stopping();
-    let keep = agent.current.pinning.keep_on_exit
+    let mut keep = agent.current.pinning.keep_on_exit
         && agent.reconciler.dataplane().start() != Start::Unpinned;
+    if keep
+        && let Some(k) = &k8s
+        && k.uninstalling().await
+    {
+        info!(
+            "the DaemonSet is gone: weir is being uninstalled, so the data plane goes with the agent"
+        );
+        keep = false;
+    }
     agent.announcer.shutdown(keep).await;
     sampler.abort();
     if let Some(k) = k8s {
@@ -267,6 +277,40 @@ fn node_name(config: &Config, kube: Option<&KubeMode>) -> Result<String, AppErro
         (None, None) => String::new(),
     })
 }
+
+/// Logs what the maps will cost (charged to this cgroup when this agent creates them) and
+/// warns when it does not fit the cgroup's memory limit with room for the agent itself.
+fn check_memory(config: &Config, metrics: &Metrics) {
+    let ncpus = dataplane::memory::possible_cpus();
+    let maps = dataplane::memory::estimate(&config.dataplane, ncpus);
+    let total: u64 = maps.iter().map(|(_, b)| b).sum();
+    let tables = dataplane::memory::tables(
+        config.desired.services.len().max(1) as u32,
+        config.maglev.table_size,
+    );
+    metrics.agent.map_memory.set(total as i64);
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let top: Vec<String> = maps
+        .iter()
+        .take(4)
+        .map(|(n, b)| format!("{n} {} MiB", mib(*b)))
+        .collect();
+    info!(total_mib = mib(total), ncpus, largest = ?top, "data plane maps (kernel memory, charged to this cgroup)");
+    if let Some(limit) = crate::config::cgroup_memory_limit()
+        && total + tables + AGENT_MEMORY > limit
+    {
+        warn!(
+            maps_mib = mib(total),
+            tables_mib = mib(tables),
+            agent_mib = mib(AGENT_MEMORY),
+            limit_mib = mib(limit),
+            "the maps, the Maglev tables and the agent do not fit the cgroup's memory limit: raise the limit (chart: resources.limits.memory) or lower the dataplane capacities"
+        );
+    }
+}
+
+/// Room for the agent's own memory (its RSS at 10 000 services is about 100 MiB).
+const AGENT_MEMORY: u64 = 160 << 20;
 
 /// Loads the data plane, pinned under `dataplane.pin_dir`. Without a bpf filesystem there,
 /// `keep_on_exit: false` runs it unpinned (it goes with the agent, as asked); with `true`

@@ -14,7 +14,7 @@ use std::{fmt, net::SocketAddr, time::Duration};
 
 pub use self::{
     check::{PortRangeError, ephemeral_overlap, parse_port_range},
-    source::{KubeEnv, Source, ephemeral_ports, host_name},
+    source::{KubeEnv, Source, cgroup_memory_limit, ephemeral_ports, host_name},
 };
 use crate::{
     announce::AnnounceConfig,

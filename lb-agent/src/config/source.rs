@@ -136,6 +136,34 @@ pub fn ephemeral_ports() -> Result<(u16, u16, String), ConfigError> {
 }
 
 /// This host's name (the default node name among the announcing nodes).
+/// This process's cgroup memory limit in bytes (cgroup v2's `memory.max`, else v1's
+/// `memory.limit_in_bytes`, as mounted in a container); None when unlimited or unknown.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let v2 = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .into_iter()
+        .flat_map(|path| {
+            [
+                format!("/sys/fs/cgroup{}/memory.max", path.trim_end()),
+                "/sys/fs/cgroup/memory.max".to_string(),
+            ]
+        });
+    let v1 = [
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string(),
+        "/sys/fs/cgroup/memory.max".to_string(),
+    ];
+    v2.chain(v1).find_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        let n: u64 = text.trim().parse().ok()?;
+        // v1 reports "no limit" as a huge page-aligned number.
+        (n < 1 << 62).then_some(n)
+    })
+}
+
 pub fn host_name() -> Result<String, ConfigError> {
     const HOSTNAME: &str = "/proc/sys/kernel/hostname";
     std::fs::read_to_string(HOSTNAME)
@@ -153,6 +181,7 @@ pub struct KubeEnv {
     pub node_name: Option<String>,
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
+    pub daemonset: Option<String>,
 }
 
 impl KubeEnv {
@@ -162,6 +191,7 @@ impl KubeEnv {
             node_name: var("NODE_NAME"),
             pod_name: var("POD_NAME"),
             pod_namespace: var("POD_NAMESPACE"),
+            daemonset: var("DAEMONSET_NAME"),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod fake;
 pub mod inspect;
 mod limits;
+pub mod memory;
 mod programmer;
 mod sys;
 

@@ -136,6 +136,8 @@ pub struct AgentMetrics {
     pub last_reload_ok: Gauge,
     /// `weir_dataplane_attached`: 1 per interface the programs are attached to.
     pub attached: Family<AttachLabels, Gauge>,
+    /// `weir_dataplane_map_memory_bytes`: the fixed-size maps' kernel memory (estimated).
+    pub map_memory: Gauge,
     /// `weir_dataplane_start`: 1 for how this agent's data plane came to be.
     start: Family<StartLabels, Gauge>,
     build: Family<BuildLabels, Gauge>,
@@ -150,6 +152,7 @@ impl Default for AgentMetrics {
             last_reload_ok: Gauge::default(),
             attached: Family::default(),
             start: Family::default(),
+            map_memory: Gauge::default(),
             build: Family::default(),
         };
         m.last_reload_ok.set(1);
@@ -188,6 +191,12 @@ impl AgentMetrics {
             "dataplane_attached",
             "1 for each interface the XDP and TC programs are attached to, with the XDP mode",
             self.attached.clone(),
+        );
+        r.register(
+            "dataplane_map_memory_bytes",
+            "Kernel memory of the data plane's fixed-size maps at their configured capacities \
+             (estimated; the Maglev tables come on top: 8 bytes per slot per service)",
+            self.map_memory.clone(),
         );
         r.register(
             "dataplane_start",

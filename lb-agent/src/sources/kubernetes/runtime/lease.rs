@@ -180,3 +180,18 @@ pub async fn release_lease(client: Client, namespace: &str, me: &str) {
         Err(e) => warn!(error = %e, "releasing the Lease failed; it expires by itself"),
     }
 }
+
+/// Whether the agent's DaemonSet `name` is gone or being deleted (the chart is being
+/// uninstalled), as opposed to a pod restart or a rolling update, where it stays. None when
+/// the API server does not say.
+pub async fn daemonset_gone(client: Client, namespace: &str, name: &str) -> Option<bool> {
+    let api: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client, namespace);
+    match api.get_opt(name).await {
+        Ok(None) => Some(true),
+        Ok(Some(ds)) => Some(ds.metadata.deletion_timestamp.is_some()),
+        Err(e) => {
+            warn!(error = %e, daemonset = name, "cannot tell whether the DaemonSet is being deleted");
+            None
+        }
+    }
+}
