@@ -82,7 +82,7 @@ pub fn estimate(limits: &DataplaneLimits, ncpus: u32) -> Vec<(&'static str, u64)
             hash::<FragKey, FragValue>(limits::MAX_REVNAT_FRAGS),
         ),
     ];
-    out.sort_by(|a, b| b.1.cmp(&a.1));
+    out.sort_by_key(|m| std::cmp::Reverse(m.1));
     out
 }
 
