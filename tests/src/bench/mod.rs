@@ -8,10 +8,11 @@ pub mod l2;
 pub mod maglev;
 pub mod packet;
 pub mod report;
+pub mod restart;
 pub mod throughput;
 
 /// The benchmarks `--only` can name.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "packet",
     "maglev",
     "throughput",
@@ -19,6 +20,7 @@ pub const NAMES: [&str; 7] = [
     "probes",
     "l2",
     "bgp",
+    "restart",
 ];
 
 /// Runs the benchmarks (all, or the one named by `only`) and returns the report as Markdown:
@@ -71,6 +73,10 @@ pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<
     if wanted("bgp") {
         eprintln!("bench: BGP failover");
         sections.push(report::bgp_section(&m, command, &bgp::run(quick)));
+    }
+    if wanted("restart") {
+        eprintln!("bench: agent restarts under load");
+        sections.push(report::restart_section(&m, command, &restart::run(quick)));
     }
     match (only, previous) {
         (Some(_), Some(doc)) => report::splice(doc, &sections),

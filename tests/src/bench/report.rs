@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{bgp, health, l2, maglev, packet, throughput};
+use super::{bgp, health, l2, maglev, packet, restart, throughput};
 
 pub struct Machine {
     pub cpu: String,
@@ -437,6 +437,41 @@ pub fn probe_cost_section(m: &Machine, command: &str, cpu: &[health::CpuRow]) ->
 
 /// `doc` with each of `sections` (each starting with its `## ` title) in place of the section
 /// of the same title, or appended when it has none.
+pub fn restart_section(m: &Machine, command: &str, r: &restart::Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Agent restarts under load\n");
+    s.push_str(&provenance(m, command));
+    let _ = writeln!(
+        s,
+        "One LB node and three backends behind a bridge (`weir_lab::lab`), the agent on the \
+         embedded default config. Load through the VIP: 30 long-lived TCP connections exchanging \
+         a line every 20 ms, and new HTTP connections back to back (1 s timeout). Each trial \
+         SIGKILLs the agent, waits 3 s, starts it again, waits until it is ready and one more \
+         second; counted over that window. The baseline is weir with its data plane unpinned \
+         (`keep_on_exit: false` without a bpf filesystem), which goes with the agent — what every \
+         agent restart did before the data plane was pinned.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| variant | trials | long-lived connections reset | new connections failed | longest time without a new connection | target |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---|");
+    for (name, v) in &r.rows {
+        let resets: u32 = v.iter().map(|t| t.resets).sum();
+        let long: u32 = v.iter().map(|t| t.long_lived).sum();
+        let failed: u32 = v.iter().map(|t| t.failed).sum();
+        let attempted: u32 = v.iter().map(|t| t.attempted).sum();
+        let gap = v.iter().map(|t| t.gap_ms).fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {resets} of {long} | {failed} of {attempted} | {gap:.0} ms | 0 and 0 |",
+            v.len()
+        );
+    }
+    s.push('\n');
+    s
+}
+
 pub fn splice(doc: &str, sections: &[String]) -> String {
     // (title, text) of each section of `doc`, in order.
     let mut parts: Vec<(String, String)> = Vec::new();
