@@ -19,7 +19,8 @@ use std::{
 use serde_json::{Value, json};
 use weir_lab::{
     agent::{Agent, wait_for},
-    clients, fakeapi,
+    clients::{self, Echo},
+    fakeapi,
     lab::*,
     netns::Netns,
 };
@@ -1008,11 +1009,48 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     let both: BTreeSet<String> = (47_200..47_240).map(|p| whoami(p).0).collect();
     assert_eq!(both, BTreeSet::from(["b1".into(), "b2".into()]));
 
+    // Source-NATed connections survive node-a's agent restarting (SIGKILL, back after 3 s):
+    // the pinned connection and source-NAT tables carry them on, and the next agent adopts
+    // them.
+    let mut echoes: Vec<Echo> = client.run_in(|| {
+        (0..30)
+            .map(|_| Echo::open(vip, T).expect("an echo connection"))
+            .collect()
+    });
+    assert!(
+        echoes.iter().any(|e| e.backend == "b2"),
+        "a source-NATed connection"
+    );
+    let round = |echoes: &mut Vec<Echo>, tag: &str| {
+        client.run_in(|| {
+            for (i, e) in echoes.iter_mut().enumerate() {
+                e.round_trip(&format!("{tag}-{i}")).unwrap_or_else(|err| {
+                    panic!("{tag}: connection {i} to {} broke: {err}", e.backend)
+                });
+            }
+        });
+    };
+    round(&mut echoes, "before");
+    assert!(!agent_a.kill().success());
+    for i in 0..6 {
+        round(&mut echoes, &format!("away-{i}"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let agent_a = start(0, &node_a, api_a, "eth-c, eth-n");
+    assert!(agent_a.log_text().contains("adopted the pinned data plane"));
+    round(&mut echoes, "back");
+    let again: BTreeSet<String> = (47_250..47_290).map(|p| whoami(p).0).collect();
+    assert_eq!(again, BTreeSet::from(["b1".into(), "b2".into()]));
+    drop(echoes);
+
     // Local policy: node-a keeps its own pod only.
     let mut web = call("GET", "/api/v1/namespaces/shop/services/web", None);
     web["spec"]["externalTrafficPolicy"] = json!("Local");
     call("PUT", "/api/v1/namespaces/shop/services/web", Some(web));
-    on_node_a(1);
+    wait_for(Duration::from_secs(10), "node-a's own backend only", || {
+        let s = agent_a.services(&node_a);
+        (s["services"][0]["backends"].as_array().map(Vec::len) == Some(1)).then_some(())
+    });
     let only: BTreeSet<String> = (47_300..47_320).map(|p| whoami(p).0).collect();
     assert_eq!(only, BTreeSet::from(["b1".into()]));
     assert!(agent_b.stop().success());

@@ -44,7 +44,10 @@ fn server_bin() -> PathBuf {
 pub fn run(quick: bool) -> Report {
     let trials = if quick { 1 } else { 3 };
     let mut rows = Vec::new();
-    for (name, pinned) in [("weir (pinned, adopted)", true), ("weir unpinned (baseline)", false)] {
+    for (name, pinned) in [
+        ("weir (pinned, adopted)", true),
+        ("weir unpinned (baseline)", false),
+    ] {
         let mut lab = Lab::new(3);
         lab.start_servers(&server_bin());
         let mut config = lb_agent::config::DEFAULT_CONFIG.to_string();
