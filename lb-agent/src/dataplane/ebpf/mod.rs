@@ -301,15 +301,25 @@ impl Datapath {
     /// Attaches XDP (ingress) and TC (egress) to `iface`: where a previous agent's links are
     /// pinned for it, this agent's programs replace theirs in one step each (no packet meets
     /// an interface without a program); otherwise fresh links, pinned when the data plane is.
-    /// With native XDP the interface also becomes a redirect target. On error nothing of this
-    /// agent stays attached to `iface` (a swapped link keeps running the new program).
+    /// With native XDP the interface also becomes a redirect target. On error a fresh
+    /// attachment is undone; a previous agent's link keeps running (the new program when it
+    /// was swapped already).
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError> {
         let ifindex = ifindex(iface)?;
+        // A previous agent's XDP link: on a TC failure it keeps the new program (the
+        // interface was being served; detaching would stop that).
+        let had_link = self.pins.as_ref().is_some_and(|p| {
+            ["xdp-native", "xdp-generic"]
+                .iter()
+                .any(|k| p.link(iface, k).exists())
+        });
         let (xdp, attached) = self.attach_xdp(iface, ifindex, mode)?;
         let tc = match self.attach_tc(iface, ifindex) {
             Ok(tc) => tc,
             Err(e) => {
-                if let Err(d) = xdp.detach() {
+                if had_link {
+                    xdp.keep();
+                } else if let Err(d) = xdp.detach() {
                     warn!(iface, error = %d, "detaching XDP after the TC failure failed");
                 }
                 return Err(e);
