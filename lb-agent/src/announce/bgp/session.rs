@@ -326,71 +326,49 @@ pub fn withdrawals(f: &Families, vips: &[IpAddr]) -> Vec<Message> {
     let v4 = vips.first().is_some_and(IpAddr::is_ipv4);
     let per = if v4 { IPV4_PER_UPDATE } else { IPV6_PER_UPDATE };
     vips.chunks(per)
-        .map(|chunk| {
-            let (withdrawn, attrs) = if v4 {
-                (nlri_v4(chunk), Vec::new())
-            } else {
-                (
-                    Vec::new(),
-                    vec![PathAttribute::MpUnreachNlri(Box::new(MpUnreachNlri {
-                        afi: Afi::Ipv6,
-                        safi: Safi::Unicast,
-                        withdrawn: chunk.iter().map(|v| nlri(*v)).collect(),
-                        flowspec_withdrawn: Vec::new(),
-                        evpn_withdrawn: Vec::new(),
-                        bgpls_withdrawn: Vec::new(),
-                        vpn_withdrawn: Vec::new(),
-                        labeled_withdrawn: Vec::new(),
-                        rtc_withdrawn: Vec::new(),
-                    }))],
-                )
-            };
-            Message::Update(UpdateMessage::build(
-                &[],
-                &withdrawn,
-                &attrs,
-                f.four_octet_as,
-                false,
-                rustbgpd_wire::Ipv4UnicastMode::Body,
-            ))
-        })
+        .map(|chunk| unreach(f, v4, chunk))
         .collect()
 }
 
-/// End-of-RIB markers (RFC 4724 §2) for the families of the session: an empty UPDATE for
-/// IPv4, an empty MP_UNREACH_NLRI for IPv6. A restarting peer's router drops the routes it
-/// kept as stale and this session did not announce again.
+/// End-of-RIB markers (RFC 4724 §2) for the families of the session: an UPDATE withdrawing
+/// nothing (IPv4), an empty MP_UNREACH_NLRI (IPv6). A restarting peer's router drops the routes
+/// it kept as stale and this session did not announce again.
 pub fn end_of_rib(f: &Families) -> Vec<Message> {
-    let mut out = Vec::new();
-    let build = |attrs: &[PathAttribute]| {
-        Message::Update(UpdateMessage::build(
-            &[],
-            &[],
-            attrs,
-            f.four_octet_as,
-            false,
-            rustbgpd_wire::Ipv4UnicastMode::Body,
-        ))
-    };
-    if f.ipv4 {
-        out.push(build(&[]));
-    }
-    if f.ipv6 {
-        out.push(build(&[PathAttribute::MpUnreachNlri(Box::new(
-            MpUnreachNlri {
+    [(f.ipv4, true), (f.ipv6, false)]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, v4)| unreach(f, v4, &[]))
+        .collect()
+}
+
+/// One UPDATE withdrawing `vips` of one family (IPv4 in the body, IPv6 in MP_UNREACH_NLRI).
+fn unreach(f: &Families, v4: bool, vips: &[IpAddr]) -> Message {
+    let (withdrawn, attrs) = if v4 {
+        (nlri_v4(vips), Vec::new())
+    } else {
+        (
+            Vec::new(),
+            vec![PathAttribute::MpUnreachNlri(Box::new(MpUnreachNlri {
                 afi: Afi::Ipv6,
                 safi: Safi::Unicast,
-                withdrawn: Vec::new(),
+                withdrawn: vips.iter().map(|v| nlri(*v)).collect(),
                 flowspec_withdrawn: Vec::new(),
                 evpn_withdrawn: Vec::new(),
                 bgpls_withdrawn: Vec::new(),
                 vpn_withdrawn: Vec::new(),
                 labeled_withdrawn: Vec::new(),
                 rtc_withdrawn: Vec::new(),
-            },
-        ))]));
-    }
-    out
+            }))],
+        )
+    };
+    Message::Update(UpdateMessage::build(
+        &[],
+        &withdrawn,
+        &attrs,
+        f.four_octet_as,
+        false,
+        rustbgpd_wire::Ipv4UnicastMode::Body,
+    ))
 }
 
 /// Reads whole messages off the connection.
