@@ -125,14 +125,10 @@ fn backends_of(lab: &Lab, vip: SocketAddr, ports: std::ops::Range<u16>) -> BTree
         .collect()
 }
 
-#[test]
-fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
-    weir_lab::netns::require_root();
-    let mut lab = Lab::new(3);
-    lab.start_servers(server_bin());
-    let mut apiserver = Proc {
-        child: lab
-            .lb
+/// The fake API server at `API` in `ns`, once it answers.
+fn start_apiserver(ns: &Netns) -> Proc {
+    let p = Proc {
+        child: ns
             .command(server_bin().to_str().unwrap())
             .args(["fake-apiserver", API])
             .stdin(Stdio::null())
@@ -140,9 +136,17 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
             .unwrap(),
     };
     wait_for(Duration::from_secs(10), "the fake API server", || {
-        lab.lb
-            .run_in(|| clients::http_get(None, API.parse().unwrap(), "/api/v1/nodes", T).ok())
+        ns.run_in(|| clients::http_get(None, API.parse().unwrap(), "/api/v1/nodes", T).ok())
     });
+    p
+}
+
+#[test]
+fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
+    weir_lab::netns::require_root();
+    let mut lab = Lab::new(3);
+    lab.start_servers(server_bin());
+    let mut apiserver = start_apiserver(&lab.lb);
     create(
         &lab.lb,
         "/api/v1/nodes",
@@ -1200,19 +1204,7 @@ fn an_uninstall_removes_the_data_plane_and_a_restart_keeps_it() {
     weir_lab::netns::require_root();
     let mut lab = Lab::new(1);
     lab.start_servers(server_bin());
-    let _apiserver = Proc {
-        child: lab
-            .lb
-            .command(server_bin().to_str().unwrap())
-            .args(["fake-apiserver", API])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    };
-    wait_for(Duration::from_secs(10), "the fake API server", || {
-        lab.lb
-            .run_in(|| clients::http_get(None, API.parse().unwrap(), "/api/v1/nodes", T).ok())
-    });
+    let _apiserver = start_apiserver(&lab.lb);
     create(
         &lab.lb,
         "/api/v1/nodes",
