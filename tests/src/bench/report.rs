@@ -306,7 +306,8 @@ pub fn l2_section(m: &Machine, command: &str, r: &l2::Report) -> String {
         "{} LB nodes, a client and a backend on one link (`weir_lab::l2lab`), the agents \
          gossiping every 100 ms with `dead_after` 400 ms. The client has the VIP on its link and \
          resolves it by ARP, which only the owner answers. Each trial fails the owner — its agent \
-         SIGKILLed (its data plane stays attached), or its link set down — and measures from \
+         SIGKILLed (its data plane stays attached, pinned, and answers ARP until its lease \
+         runs out, `dead_after` after its last renewal), or its link set down — and measures from \
          that moment to the client's first successful request whose VIP neighbour entry is \
          another node's MAC (requests with a 200 ms timeout, back to back), then repairs it \
          and waits for one owner.\n",
