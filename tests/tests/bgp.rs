@@ -184,6 +184,15 @@ fn gobgp_gets_the_vips_with_attributes_and_loses_them_on_failure_and_stop() {
     );
 }
 
+/// One LB node peering with FRR, its sessions established.
+fn one_node_with_frr(peering: Peering) -> BgpLab {
+    let mut lab = BgpLab::new(1, server_bin(), peering);
+    lab.start_frr();
+    lab.start_agent(0);
+    lab.wait_established(0);
+    lab
+}
+
 /// FRR's BGP state of neighbor `n` ("Established", "Active", ...).
 fn frr_state(lab: &BgpLab, n: &str) -> String {
     let out = lab.router().query(&format!("show bgp neighbors {n} json"));
@@ -326,10 +335,7 @@ fn frr_with_bfd_drops_a_frozen_node_before_the_hold_time() {
         ipv6: false,
         ..Peering::default()
     };
-    let mut lab = BgpLab::new(1, server_bin(), peering);
-    lab.start_frr();
-    lab.start_agent(0);
-    lab.wait_established(0);
+    let lab = one_node_with_frr(peering);
     wait_for(Duration::from_secs(10), "BFD up on both sides", || {
         lab.bfd_up(0).then_some(())
     });
@@ -715,10 +721,7 @@ fn frr_keeps_the_routes_and_the_traffic_through_an_agent_restart() {
         ipv6: false,
         ..Peering::default()
     };
-    let mut lab = BgpLab::new(1, server_bin(), peering);
-    lab.start_frr();
-    lab.start_agent(0);
-    lab.wait_established(0);
+    let mut lab = one_node_with_frr(peering);
     wait_for(Duration::from_secs(10), "the VIP route", || {
         (lab.fib(VIP4).len() == 1).then_some(())
     });

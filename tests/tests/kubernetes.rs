@@ -125,6 +125,32 @@ fn backends_of(lab: &Lab, vip: SocketAddr, ports: std::ops::Range<u16>) -> BTree
         .collect()
 }
 
+/// The LB node's agent in Kubernetes mode against the fake API server, with the chart's
+/// capabilities only (as the DaemonSet runs it) and `env` besides the pod's, once ready.
+fn start_lb_node_agent(lab: &Lab, env: &[(&str, &str)]) -> Agent {
+    let kubeconfig = lab.dir.path.join("kubeconfig");
+    std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
+    let node_config = format!(
+        "node:\n  interfaces: [{}]\nadmin:\n  listen: 127.0.0.1:9300\n",
+        lab.interfaces().join(", ")
+    );
+    let mut all = vec![
+        ("NODE_NAME", "lb-node"),
+        ("POD_NAMESPACE", "weir-system"),
+        ("POD_NAME", "weir-lb-node"),
+    ];
+    all.extend_from_slice(env);
+    let mut agent = Agent::start_with_chart_caps(
+        &lab.lb,
+        &lab.dir.path,
+        Some(&node_config),
+        &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
+        &all,
+    );
+    agent.wait_ready(&lab.lb);
+    agent
+}
+
 /// The fake API server at `API` in `ns`, once it answers.
 fn start_apiserver(ns: &Netns) -> Proc {
     let p = Proc {
@@ -172,25 +198,7 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
         ),
     );
 
-    let kubeconfig = lab.dir.path.join("kubeconfig");
-    std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
-    let node_config = format!(
-        "node:\n  interfaces: [{}]\nadmin:\n  listen: 127.0.0.1:9300\n",
-        lab.interfaces().join(", ")
-    );
-    // With the chart's capabilities only, as the DaemonSet runs it.
-    let mut agent = Agent::start_with_chart_caps(
-        &lab.lb,
-        &lab.dir.path,
-        Some(&node_config),
-        &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
-        &[
-            ("NODE_NAME", "lb-node"),
-            ("POD_NAMESPACE", "weir-system"),
-            ("POD_NAME", "weir-lb-node"),
-        ],
-    );
-    agent.wait_ready(&lab.lb);
+    let agent = start_lb_node_agent(&lab, &[]);
 
     // The leader writes the first free address (.0 is skipped: avoidBuggyIPs).
     let (ingress, cond) = wait_for(
@@ -1212,28 +1220,7 @@ fn an_uninstall_removes_the_data_plane_and_a_restart_keeps_it() {
     );
     let daemonsets = "/apis/apps/v1/namespaces/weir-system/daemonsets";
     create(&lab.lb, daemonsets, json!({"metadata": {"name": "weir"}}));
-    let kubeconfig = lab.dir.path.join("kubeconfig");
-    std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
-    let node_config = format!(
-        "node:\n  interfaces: [{}]\nadmin:\n  listen: 127.0.0.1:9300\n",
-        lab.interfaces().join(", ")
-    );
-    let start = || {
-        let mut a = Agent::start_with_chart_caps(
-            &lab.lb,
-            &lab.dir.path,
-            Some(&node_config),
-            &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
-            &[
-                ("NODE_NAME", "lb-node"),
-                ("POD_NAMESPACE", "weir-system"),
-                ("POD_NAME", "weir-lb-node"),
-                ("DAEMONSET_NAME", "weir"),
-            ],
-        );
-        a.wait_ready(&lab.lb);
-        a
-    };
+    let start = || start_lb_node_agent(&lab, &[("DAEMONSET_NAME", "weir")]);
     let attached = |lab: &Lab| {
         lab.interfaces()
             .iter()

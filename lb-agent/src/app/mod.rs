@@ -235,7 +235,6 @@ async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
     } else {
         dataplane.detach_all();
     }
-    drop(dataplane);
     agent.metrics.agent.attached.clear();
     api.stop().await;
     info!("stopped");

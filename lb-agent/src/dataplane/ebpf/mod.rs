@@ -103,6 +103,7 @@ impl Held {
                     _ => Ok(()),
                 }
             }
+            // Dropping the link detaches it.
             Self::Xdp(l) => {
                 drop(l);
                 Ok(())

@@ -161,18 +161,11 @@ impl Pins {
     /// Pinned links: interface → the kinds pinned for it.
     pub fn links(&self) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
-        for dir in std::fs::read_dir(self.root.join("links"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for dir in entries(&self.root.join("links")) {
             let Some(iface) = dir.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            let kinds: Vec<String> = std::fs::read_dir(dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
+            let kinds: Vec<String> = entries(&dir.path())
                 .filter_map(|e| e.file_name().to_str().map(str::to_string))
                 .collect();
             out.insert(iface, kinds);
@@ -238,10 +231,7 @@ impl Pins {
     /// Layout directories of other versions, and retired ones.
     fn other_layouts(&self) -> Vec<PathBuf> {
         let ours = self.maps_dir();
-        std::fs::read_dir(&self.root)
-            .into_iter()
-            .flatten()
-            .flatten()
+        entries(&self.root)
             .map(|e| e.path())
             .filter(|p| {
                 p != &ours
@@ -278,10 +268,7 @@ impl Pins {
     pub fn remove_stale(&self, load: &str) -> Vec<PathBuf> {
         let mut gone = Vec::new();
         let programs = self.root.join("programs");
-        let old_programs = std::fs::read_dir(&programs)
-            .into_iter()
-            .flatten()
-            .flatten()
+        let old_programs = entries(&programs)
             .map(|e| e.path())
             .filter(|p| p.file_name().and_then(|n| n.to_str()) != Some(load));
         for path in self.other_layouts().into_iter().chain(old_programs) {
@@ -307,6 +294,11 @@ impl Pins {
             r => r,
         }
     }
+}
+
+/// The entries of `dir` (none when it cannot be read: nothing pinned there).
+fn entries(dir: &Path) -> impl Iterator<Item = std::fs::DirEntry> {
+    std::fs::read_dir(dir).into_iter().flatten().flatten()
 }
 
 /// A name for one loaded program set, unique on this host.
