@@ -406,9 +406,10 @@ async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
     events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
 ) {
     let mut health_ports = HealthPorts::default();
+    // A translation published while the first state was programmed has been seen by no one
+    // yet: apply it here (reading it marks it seen, so the loop would not wake for it).
     if let Some(t) = k8s.as_mut().and_then(|k| k.latest()) {
-        health_ports.sync(&t.health_node_ports).await;
-        agent.update_health_ports(&health_ports);
+        apply_translation(agent, &t, &mut health_ports).await;
     }
     let mut gossip_view = agent.announcer.gossip_view();
     let mut poll = tokio::time::interval(FILE_POLL);
@@ -429,10 +430,7 @@ async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
                 agent.announce();
             }
             Some(t) = async { k8s.as_mut()?.translations.changed().await.ok()?; k8s.as_mut()?.latest() }, if k8s.is_some() => {
-                agent.apply_kubernetes(&t);
-                agent.sync_bgp().await;
-                health_ports.sync(&t.health_node_ports).await;
-                agent.update_health_ports(&health_ports);
+                apply_translation(agent, &t, &mut health_ports).await;
             }
             Some(()) = async { gossip_view.as_mut()?.changed().await.ok() }, if gossip_view.is_some() => {
                 agent.announce();
@@ -450,6 +448,18 @@ async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
             () = signals.stop.stopped("") => break,
         }
     }
+}
+
+/// Programs a Kubernetes translation, then BGP and the health check node ports follow it.
+async fn apply_translation<D: Dataplane, C: crate::health::monitor::Checks>(
+    agent: &mut Agent<D, C>,
+    t: &crate::sources::kubernetes::translate::Translation,
+    health_ports: &mut HealthPorts,
+) {
+    agent.apply_kubernetes(t);
+    agent.sync_bgp().await;
+    health_ports.sync(&t.health_node_ports).await;
+    agent.update_health_ports(health_ports);
 }
 
 #[cfg(test)]
