@@ -68,6 +68,7 @@ pub mod maps {
     pub const L2_PORTS: &str = "L2_PORTS";
     pub const L2_LEASE: &str = "L2_LEASE";
     pub const REVNAT_FRAGS: &str = "REVNAT_FRAGS";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 
     /// The maps that hold state worth keeping when the agent restarts: pinned under bpffs,
     /// adopted by the next agent. The others (tail-call arrays, per-CPU scratch space) belong
@@ -92,13 +93,14 @@ pub mod maps {
         L2_PORTS,
         L2_LEASE,
         REVNAT_FRAGS,
+        SOCK_REVNAT,
     ];
 }
 
 /// Version of the pinned maps' layout: their names, key and value types and what the values
 /// mean. Bump it with any change to one of them: an agent never reads maps pinned by another
 /// layout version as its own (it replaces them; see the agent's `dataplane::ebpf::pins`).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the programs in the eBPF object.
 pub mod programs {
@@ -117,6 +119,18 @@ pub mod programs {
     /// Tail-called by `weir_xdp` (slot 2 of `XDP_TAILS`): answers ARP requests and IPv6
     /// Neighbor Solicitations for the VIPs this node announces on L2.
     pub const XDP_NEIGH: &str = "weir_xdp_neigh";
+    /// Socket-level load balancing (cgroup v2 `sock_addr` hooks, see `SOCK_REVNAT`): each
+    /// (program, attach point) pair, in the order the agent attaches them.
+    pub const SOCK: [(&str, &str); 8] = [
+        ("weir_sock_connect4", "connect4"),
+        ("weir_sock_connect6", "connect6"),
+        ("weir_sock_sendmsg4", "sendmsg4"),
+        ("weir_sock_sendmsg6", "sendmsg6"),
+        ("weir_sock_recvmsg4", "recvmsg4"),
+        ("weir_sock_recvmsg6", "recvmsg6"),
+        ("weir_sock_getpeername4", "getpeername4"),
+        ("weir_sock_getpeername6", "getpeername6"),
+    ];
 }
 
 /// Compile-time capacities of the eBPF object. The agent may lower or raise the run-time ones
@@ -143,8 +157,10 @@ pub mod limits {
     pub const TABLE_PAGE_ENTRIES: u32 = 1 << 20;
     /// Table pages (`MAGLEV`'s size).
     pub const MAX_TABLE_PAGES: u32 = 4096;
-    /// Frontends (VIP, port) one backend endpoint may serve.
-    pub const MAX_ENDPOINT_FRONTENDS: usize = 8;
+    /// Frontends (VIP, port, scope) one backend endpoint may serve: a Service's ClusterIP,
+    /// its load-balancer address and its node ports on each node address, per Service port
+    /// that targets the endpoint.
+    pub const MAX_ENDPOINT_FRONTENDS: usize = 16;
     /// Interfaces that XDP may redirect to.
     pub const MAX_TX_PORTS: u32 = 64;
     /// IPv6 extension headers skipped before giving up.
@@ -169,7 +185,7 @@ pub mod limits {
     pub const SNAT_REFRESH_NS: u64 = 1_000_000_000;
 }
 
-/// Key of `SERVICES`: a frontend (VIP, port, protocol).
+/// Key of `SERVICES`: a frontend (VIP, port, protocol) as one path sees it (`scope`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -177,8 +193,21 @@ pub struct ServiceKey {
     pub port_be: u16,
     pub proto: u8,
     pub family: u8,
+    /// `scope::*`: which path looks the frontend up. A service served on both paths has one
+    /// entry of each scope, with the same value.
+    pub scope: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceKey>() == 24);
+
+/// `ServiceKey::scope`.
+pub mod scope {
+    /// Packets that arrive on the node's interfaces (XDP).
+    pub const EXTERNAL: u8 = 1;
+    /// Connections and datagrams of the node's own sockets and its pods' (the cgroup
+    /// `sock_addr` hooks): the destination is translated before a packet exists.
+    pub const INTERNAL: u8 = 2;
+}
 
 /// `ServiceValue::flags`.
 pub mod service_flags {
@@ -186,6 +215,9 @@ pub mod service_flags {
     pub const AFFINITY: u32 = 1;
     /// The service has an allow-list of source prefixes in `SOURCE_RANGES`.
     pub const SOURCE_RANGES: u32 = 2;
+    /// The frontend's address is the node's own (a node port): it is no VIP (the node keeps
+    /// its other ports, ICMP and neighbour resolution).
+    pub const NODE_ADDRESS: u32 = 4;
 }
 
 /// Value of `SERVICES`.
@@ -304,11 +336,19 @@ const _: () = assert!(size_of::<EndpointKey>() == 20);
 pub struct EndpointFrontend {
     pub vip: [u32; 4],
     pub vport_be: u16,
-    pub _pad: u16,
+    /// `endpoint_flags::*`.
+    pub flags: u16,
     pub service_id: u32,
     pub backend_id: u32,
 }
 const _: () = assert!(size_of::<EndpointFrontend>() == 28);
+
+/// `EndpointFrontend::flags`.
+pub mod endpoint_flags {
+    /// The frontend is the socket hooks' only (`scope::INTERNAL`): its flows never pass
+    /// reverse NAT, which skips it. Recorded all the same, as a member of its service.
+    pub const INTERNAL: u16 = 1;
+}
 
 /// Value of `ENDPOINTS`, written by the agent with the services (no per-flow state): reverse NAT
 /// rewrites a reply of endpoint E to client C when C's flow to one of E's frontends is in the
@@ -655,6 +695,43 @@ pub struct DatapathStats {
 }
 const _: () = assert!(size_of::<DatapathStats>() == 128);
 
+/// Key of `SOCK_REVNAT`: a socket (its cookie) and a backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<SockRevKey>() == 32);
+
+/// Value of `SOCK_REVNAT`: the frontend the socket asked for, which `recvmsg` and
+/// `getpeername` show it instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<SockRevValue>() == 24);
+
+/// The "client address" of a socket for ClientIP affinity in the socket hooks: its network
+/// namespace's cookie (a pod, or the node itself) under `ffff:ffff:ffff:ffff::/64`, inside
+/// the multicast range, which no packet's source address can be.
+#[inline(always)]
+pub const fn netns_client(netns_cookie: u64) -> [u32; 4] {
+    [
+        u32::MAX,
+        u32::MAX,
+        (netns_cookie >> 32) as u32,
+        netns_cookie as u32,
+    ]
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -684,4 +761,6 @@ mod pod {
     unsafe impl aya::Pod for SnatValue {}
     unsafe impl aya::Pod for SnatScratch {}
     unsafe impl aya::Pod for L2Port {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
 }

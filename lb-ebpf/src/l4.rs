@@ -4,7 +4,8 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto, service_flags,
+    ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto, scope,
+    service_flags,
 };
 
 use crate::{
@@ -65,6 +66,8 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
                 port_be: dport,
                 proto: l3.proto,
                 family: l3.family,
+                scope: scope::EXTERNAL,
+                _pad: [0; 3],
             };
             let Some(svc) = lookup::service(&key) else {
                 return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::NO_SERVICE);

@@ -112,18 +112,31 @@ pub fn established(flow: &FlowKey) -> Established {
 /// fresh and its backend lives, else Maglev.
 #[inline(always)]
 pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
-    if svc.flags & service_flags::AFFINITY == 0 {
-        let h = flow_hash(
+    pick_for(svc, &flow.src, || {
+        flow_hash(
             &flow.src,
             &flow.dst,
             flow.sport_be,
             flow.dport_be,
             flow.proto,
-        );
-        return maglev(svc, h);
+        )
+    })
+}
+
+/// The backend for a new flow of `client`: with ClientIP affinity the client's entry while it
+/// is fresh and its backend lives, else Maglev on the client's hash (remembered); without,
+/// Maglev on `hash()`.
+#[inline(always)]
+pub fn pick_for(
+    svc: &ServiceValue,
+    client: &[u32; 4],
+    hash: impl FnOnce() -> u32,
+) -> Option<(u32, BackendValue)> {
+    if svc.flags & service_flags::AFFINITY == 0 {
+        return maglev(svc, hash());
     }
     let key = AffinityKey {
-        client: flow.src,
+        client: *client,
         service_id: svc.id,
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -137,7 +150,7 @@ pub fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
             return Some((a.backend_id, b));
         }
     }
-    let (id, b) = maglev(svc, client_hash(&flow.src))?;
+    let (id, b) = maglev(svc, client_hash(client))?;
     let value = AffinityValue {
         backend_id: id,
         backend_generation: b.generation,

@@ -7,6 +7,9 @@
 //! - `weir_tc_egress` (TC egress, on the same interfaces): backend → client replies get the
 //!   VIP and port back as their source (reverse NAT), whatever shape the kernel gives the skb
 //!   (non-linear, GSO, fragmented; see `revnat`).
+//! - `weir_sock_*` (cgroup v2 `sock_addr` hooks, at the node's cgroup root): the node's own
+//!   and its pods' connections and datagrams to a service go to a backend from the start
+//!   (socket-level load balancing, see `sock`).
 //!
 //! Every map type is defined in `lb-common`; the capacities below are defaults that the agent
 //! overrides at load time.
@@ -24,6 +27,7 @@ mod parse;
 mod revnat;
 mod sctp;
 mod snat;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
@@ -31,14 +35,14 @@ use aya_ebpf::{
     btf_maps::{
         Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
     },
-    macros::{btf_map, classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{btf_map, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
     EndpointValue, FlowKey, FlowValue, FragKey, FragValue, L2Port, NextHop, SctpScratch,
-    ServiceKey, ServiceStats, ServiceValue, SnatConfig, SnatScratch, SnatValue, SourceRangeData,
-    VipKey, VipValue, limits,
+    ServiceKey, ServiceStats, ServiceValue, SnatConfig, SnatScratch, SnatValue, SockRevKey,
+    SockRevValue, SourceRangeData, VipKey, VipValue, limits,
 };
 
 const MAX_SERVICES: usize = limits::MAX_SERVICES as usize;
@@ -162,6 +166,10 @@ static SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
 #[btf_map]
 static TX_PORTS: DevMapHash<{ limits::MAX_TX_PORTS as usize }> = DevMapHash::new();
 
+/// (socket cookie, backend) → the frontend the socket asked for (see `sock`).
+#[btf_map]
+static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue, MAX_FLOWS> = LruHashMap::new();
+
 #[xdp]
 pub fn weir_xdp(ctx: XdpContext) -> u32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
@@ -202,6 +210,46 @@ pub fn weir_xdp_neigh(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn weir_tc_sctp(ctx: TcContext) -> i32 {
     sctp::tc_program(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn weir_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn weir_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn weir_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn weir_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn weir_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn weir_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn weir_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn weir_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
 }
 
 #[cfg(not(test))]

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    EndpointFrontend, EndpointKey, FlowKey, FragValue, datapath_stat, drop_reason, family, limits,
-    proto,
+    EndpointFrontend, EndpointKey, FlowKey, FragValue, datapath_stat, drop_reason, endpoint_flags,
+    family, limits, proto,
 };
 
 use crate::{
@@ -222,6 +222,9 @@ fn reply_of(l3: &L3, sport: u16, dport: u16) -> Option<EndpointFrontend> {
             break;
         }
         let f = unsafe { (*ep).frontends[i] };
+        if f.flags & endpoint_flags::INTERNAL != 0 {
+            continue;
+        }
         let flow = FlowKey {
             src: l3.dst,
             dst: f.vip,

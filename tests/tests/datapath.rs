@@ -21,7 +21,7 @@ use lb_agent::dataplane::L2LeaseWriter as _;
 use lb_agent::{
     dataplane::DataplaneLimits,
     dataplane::{Programmer, ebpf::Datapath, flow_slot, inspect::flow_key},
-    model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
+    model::{Backend, DesiredState, Frontend, Protocol, Scope, Service, SourceNat},
 };
 use lb_common::{datapath_stat, drop_reason};
 use weir_lab::{
@@ -47,6 +47,7 @@ fn service(name: &str, vip: &str, port: u16, protocol: Protocol, backends: &[&st
             vip: vip.parse().unwrap(),
             port,
             protocol,
+            scope: Scope::Both,
         },
         backends: {
             let mut b: Vec<Backend> = backends
@@ -60,6 +61,7 @@ fn service(name: &str, vip: &str, port: u16, protocol: Protocol, backends: &[&st
         affinity_timeout: None,
         table_size: 251,
         health_check: None,
+        node_address: false,
     }
 }
 

@@ -16,7 +16,8 @@ use crate::{
     dataplane::{DataplaneLimits, Pinning},
     maglev::{self, MaglevConfig},
     model::{
-        Backend, DEFAULT_SOURCE_NAT_PORTS, DesiredState, Frontend, Protocol, Service, SourceNat,
+        Backend, DEFAULT_SOURCE_NAT_PORTS, DesiredState, Frontend, Protocol, Scope, Service,
+        SourceNat,
         check::{CheckKind, HealthCheck, RawHealthCheck},
     },
 };
@@ -344,10 +345,13 @@ impl RawConfig {
             if s.port == 0 {
                 c.fail(at("port"), "must be between 1 and 65535");
             }
+            // A configured service serves clients outside the node and, with the socket hooks
+            // attached, the node's own.
             let frontend = Frontend {
                 vip: s.vip,
                 port: s.port,
                 protocol: s.protocol,
+                scope: Scope::Both,
             };
             if let Some(first) = frontends.insert(frontend, i) {
                 c.fail(
@@ -491,6 +495,7 @@ impl RawConfig {
                 affinity_timeout,
                 table_size,
                 health_check,
+                node_address: false,
             });
         }
         if services.len() as u64 >= u64::from(limits.max_services) {

@@ -248,9 +248,9 @@ fn error_message_names_the_file() {
 }
 
 #[test]
-fn a_backend_may_serve_at_most_eight_frontends() {
+fn a_backend_may_serve_at_most_sixteen_frontends() {
     let mut text = String::from("node: {interfaces: [eth0]}\nservices:\n");
-    for port in 1..=9 {
+    for port in 1..=17 {
         text.push_str(&format!(
             "  - {{name: s{port}, vip: 198.18.100.10, port: {port}, protocol: tcp, backends: [{{address: 198.18.1.11, port: 80}}]}}\n"
         ));
@@ -259,12 +259,12 @@ fn a_backend_may_serve_at_most_eight_frontends() {
     assert_eq!(
         p,
         [
-            "services[8].backends[0].address: 198.18.1.11:80/tcp would serve more than 8 frontends (the most one backend endpoint may serve)"
+            "services[16].backends[0].address: 198.18.1.11:80/tcp would serve more than 16 frontends (the most one backend endpoint may serve)"
         ]
     );
-    // Eight is fine, and so is the same address under another protocol.
-    let eight: String = text.lines().take(10).map(|l| format!("{l}\n")).collect();
-    assert!(Config::parse(&eight, "t").is_ok());
+    // Sixteen is fine, and so is the same address under another protocol.
+    let sixteen: String = text.lines().take(18).map(|l| format!("{l}\n")).collect();
+    assert!(Config::parse(&sixteen, "t").is_ok());
     assert!(Config::parse(&text.replacen("protocol: tcp", "protocol: udp", 1), "t").is_ok());
 }
 

@@ -269,8 +269,9 @@ impl FakeMaps {
             let vip = words_addr(&k.addr, k.family);
             let _ = writeln!(
                 out,
-                "service {} proto={} id={} size={} flags={} affinity={}s table {}",
+                "service {} {} proto={} id={} size={} flags={} affinity={}s table {}",
                 SocketAddr::new(vip, u16::from_be(k.port_be)),
+                scope_name(k.scope),
                 k.proto,
                 v.id,
                 v.table_size,
@@ -354,20 +355,34 @@ impl FakeMaps {
     }
 }
 
+fn scope_name(scope: u8) -> &'static str {
+    match scope {
+        lb_common::scope::EXTERNAL => "external",
+        lb_common::scope::INTERNAL => "internal",
+        _ => "bad-scope",
+    }
+}
+
 fn range_key(prefix_len: u32, d: &SourceRangeData) -> (u32, u32, [u32; 4]) {
     (prefix_len, u32::from_be(d.service_id_be), d.addr)
 }
 
 impl MapWriter for FakeMaps {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
-        self.record("SERVICES", format!("services put id={}", value.id))?;
+        self.record(
+            "SERVICES",
+            format!("services put id={} {}", value.id, scope_name(key.scope)),
+        )?;
         self.services.insert(*key, *value);
         Ok(())
     }
 
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         let id = self.services.get(key).map_or(0, |v| v.id);
-        self.record("SERVICES", format!("services delete id={id}"))?;
+        self.record(
+            "SERVICES",
+            format!("services delete id={id} {}", scope_name(key.scope)),
+        )?;
         self.services.remove(key);
         Ok(())
     }

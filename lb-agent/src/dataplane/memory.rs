@@ -12,7 +12,8 @@
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
     EndpointValue, FlowKey, FlowValue, FragKey, FragValue, L2Port, NextHop, ServiceKey,
-    ServiceStats, ServiceValue, SnatConfig, SnatValue, SourceRangeData, VipKey, VipValue, limits,
+    ServiceStats, ServiceValue, SnatConfig, SnatValue, SockRevKey, SockRevValue, SourceRangeData,
+    VipKey, VipValue, limits,
 };
 
 use super::DataplaneLimits;
@@ -80,6 +81,10 @@ pub fn estimate(limits: &DataplaneLimits, ncpus: u32) -> Vec<(&'static str, u64)
         (
             maps::REVNAT_FRAGS,
             hash::<FragKey, FragValue>(limits::MAX_REVNAT_FRAGS),
+        ),
+        (
+            maps::SOCK_REVNAT,
+            hash::<SockRevKey, SockRevValue>(limits.conntrack_size),
         ),
     ];
     out.sort_by_key(|m| std::cmp::Reverse(m.1));

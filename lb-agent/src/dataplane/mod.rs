@@ -186,14 +186,24 @@ pub fn words_addr(words: &[u32; 4], fam: u8) -> IpAddr {
     }
 }
 
-pub fn service_key(f: &Frontend) -> ServiceKey {
+/// The `SERVICES` keys of a frontend: one for each path that looks it up.
+pub fn service_keys(f: &Frontend) -> impl Iterator<Item = ServiceKey> + use<> {
     let (addr, fam) = addr_words(f.vip);
-    ServiceKey {
+    let (port_be, proto) = (f.port.to_be(), f.protocol.number());
+    [
+        (f.scope.external(), lb_common::scope::EXTERNAL),
+        (f.scope.internal(), lb_common::scope::INTERNAL),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on)
+    .map(move |(_, scope)| ServiceKey {
         addr,
-        port_be: f.port.to_be(),
-        proto: f.protocol.number(),
+        port_be,
+        proto,
         family: fam,
-    }
+        scope,
+        _pad: [0; 3],
+    })
 }
 
 pub fn endpoint_key(addr: SocketAddr, protocol: crate::model::Protocol) -> EndpointKey {

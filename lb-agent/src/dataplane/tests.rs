@@ -4,7 +4,7 @@ use super::{fake::FakeMaps, *};
 use crate::{
     config::Config,
     dataplane::DataplaneLimits,
-    model::{Backend, DesiredState, Protocol, Service},
+    model::{Backend, DesiredState, Protocol, Scope, Service},
 };
 
 fn web(backends: &[(&str, u32)]) -> Service {
@@ -14,6 +14,7 @@ fn web(backends: &[(&str, u32)]) -> Service {
             vip: "198.18.100.10".parse().unwrap(),
             port: 80,
             protocol: Protocol::Tcp,
+            scope: Scope::Both,
         },
         backends: backends
             .iter()
@@ -23,6 +24,7 @@ fn web(backends: &[(&str, u32)]) -> Service {
         affinity_timeout: None,
         table_size: 13,
         health_check: None,
+        node_address: false,
     }
 }
 
@@ -64,7 +66,7 @@ fn default_config_programs_a_stable_dump() {
     // Five services, two VIPv4 addresses and one IPv6.
     assert_eq!(
         dump.lines().filter(|l| l.starts_with("service ")).count(),
-        5
+        10
     );
     assert_eq!(dump.lines().filter(|l| l.starts_with("vip ")).count(), 3);
     assert_eq!(
@@ -79,7 +81,7 @@ fn default_config_programs_a_stable_dump() {
     assert!(dump.contains("table 10:511 11:255 12:255"), "{dump}");
     assert!(
         dump.contains(
-            "service 198.18.100.11:80 proto=6 id=4 size=1021 flags=3 affinity=600s table 10:511 11:255 12:255"
+            "service 198.18.100.11:80 external proto=6 id=4 size=1021 flags=3 affinity=600s table 10:511 11:255 12:255"
         ),
         "{dump}"
     );
@@ -110,7 +112,8 @@ fn a_new_service_is_published_last() {
                 "vip_filter set {}=1",
                 lb_common::vip_filter_index(&vip_key("198.18.100.10".parse().unwrap()).addr)
             ),
-            "services put id=1",
+            "services put id=1 external",
+            "services put id=1 internal",
         ]
     );
 }
@@ -141,7 +144,8 @@ fn a_changed_service_keeps_its_surviving_backends_and_swaps_its_table() {
         m.log,
         [
             "maglev write 1+26",
-            "services put id=1",
+            "services put id=1 external",
+            "services put id=1 internal",
             "backends put 2 flags=0",
             "endpoints delete",
         ]
@@ -178,7 +182,14 @@ fn draining_keeps_the_backend_present_but_out_of_the_table() {
         &mut m,
     )
     .unwrap();
-    assert_eq!(m.log, ["maglev write 1+13", "services put id=1"]);
+    assert_eq!(
+        m.log,
+        [
+            "maglev write 1+13",
+            "services put id=1 external",
+            "services put id=1 internal"
+        ]
+    );
     assert_eq!(m.backends[&2].flags, lb_common::backend_flags::PRESENT);
     let v = m.services.values().next().unwrap();
     assert!(m.table(v).unwrap().iter().all(|&b| b == 1));
@@ -192,7 +203,8 @@ fn a_removed_service_is_unpublished_first_and_its_ids_come_back_later() {
     m.log.clear();
     let r = p.apply(&state(vec![]), &mut m).unwrap();
     assert_eq!(r.removed, ["web"]);
-    assert_eq!(m.log[0], "services delete id=1");
+    assert_eq!(m.log[0], "services delete id=1 external");
+    assert_eq!(m.log[1], "services delete id=1 internal");
     assert!(m.services.is_empty() && m.vips.is_empty() && m.endpoints.is_empty());
     assert!(m.vip_filter.values().all(|&n| n == 0));
     assert_eq!(m.dump(), "");
@@ -379,7 +391,8 @@ fn an_unhealthy_backend_leaves_the_table_before_its_flows_move() {
         m.log,
         [
             "maglev write 1+13",
-            "services put id=1",
+            "services put id=1 external",
+            "services put id=1 internal",
             "backends put 2 flags=0"
         ]
     );
@@ -404,7 +417,8 @@ fn an_unhealthy_backend_leaves_the_table_before_its_flows_move() {
         [
             "backends put 2 flags=1",
             "maglev write 1+0",
-            "services put id=1"
+            "services put id=1 external",
+            "services put id=1 internal"
         ]
     );
     assert_eq!(m.backends[&2].generation, 2);
@@ -667,7 +681,7 @@ fn adopting_clears_what_an_unfinished_change_left() {
     other.name = "other".into();
     other.frontend.vip = "198.18.100.20".parse().unwrap();
     other.source_ranges = vec!["198.18.0.0/24".parse().unwrap()];
-    m.fail_on = Some("services put id=2".into());
+    m.fail_on = Some("services put id=2 external".into());
     assert!(
         p.apply(
             &state(vec![web(&[("198.18.1.11:8080", 1)]), other.clone()]),
@@ -683,13 +697,7 @@ fn adopting_clears_what_an_unfinished_change_left() {
             &mut leftovers,
         )
         .unwrap();
-    let unpublished = leftovers
-        .services
-        .iter()
-        .find(|(_, v)| v.id == 2)
-        .map(|(k, _)| *k)
-        .unwrap();
-    leftovers.services.remove(&unpublished);
+    leftovers.services.retain(|_, v| v.id != 2);
     let clean = {
         let (mut p, mut m) = setup();
         p.apply(&state(vec![web(&[("198.18.1.11:8080", 1)])]), &mut m)

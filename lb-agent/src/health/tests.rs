@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::model::check::{self as spec, HealthCheck};
-use crate::model::{Frontend, Protocol};
+use crate::model::{Frontend, Protocol, Scope};
 
 fn check(kind: CheckKind, port: Option<u16>, fail_closed: bool) -> HealthCheck {
     let raw: spec::RawHealthCheck =
@@ -20,6 +20,7 @@ fn service(name: &str, port: u16, backends: &[(&str, u32)], hc: Option<HealthChe
             vip: "198.18.100.10".parse().unwrap(),
             port,
             protocol: Protocol::Tcp,
+            scope: Scope::Both,
         },
         backends: backends
             .iter()
@@ -29,6 +30,7 @@ fn service(name: &str, port: u16, backends: &[(&str, u32)], hc: Option<HealthChe
         affinity_timeout: None,
         table_size: 13,
         health_check: hc,
+        node_address: false,
     }
 }
 

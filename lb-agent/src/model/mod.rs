@@ -47,12 +47,60 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Which clients a frontend serves: where the data plane looks it up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Both of the below, with the same backends.
+    #[default]
+    Both,
+    /// Packets that arrive on `node.interfaces` (XDP): clients outside the node.
+    External,
+    /// Connections and datagrams of the node's own processes and its pods (the socket hooks):
+    /// a ClusterIP, or an external address whose in-cluster clients get other backends.
+    Internal,
+}
+
+impl Scope {
+    pub const fn external(self) -> bool {
+        matches!(self, Self::Both | Self::External)
+    }
+
+    pub const fn internal(self) -> bool {
+        matches!(self, Self::Both | Self::Internal)
+    }
+
+    /// Whether a client could reach both.
+    pub const fn overlaps(self, other: Self) -> bool {
+        (self.external() && other.external()) || (self.internal() && other.internal())
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Both => "both",
+            Self::External => "external",
+            Self::Internal => "internal",
+        }
+    }
+}
+
 /// Where clients connect: the key of a service in the data plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// Whether a client could reach both (same address, port and protocol, overlapping
+    /// scopes).
+    pub fn overlaps(&self, other: &Self) -> bool {
+        self.vip == other.vip
+            && self.port == other.port
+            && self.protocol == other.protocol
+            && self.scope.overlaps(other.scope)
+    }
 }
 
 impl fmt::Display for Frontend {
@@ -62,7 +110,11 @@ impl fmt::Display for Frontend {
             "{}/{}",
             SocketAddr::new(self.vip, self.port),
             self.protocol
-        )
+        )?;
+        match self.scope {
+            Scope::Both => Ok(()),
+            s => write!(f, " ({})", s.as_str()),
+        }
     }
 }
 
@@ -119,6 +171,9 @@ pub struct Service {
     pub table_size: u32,
     /// Active health check of the backends.
     pub health_check: Option<HealthCheck>,
+    /// The address is the node's own (a NodePort): only this port is the service's; every
+    /// other port, ICMP and neighbour resolution stay the node's.
+    pub node_address: bool,
 }
 
 /// The source-NAT port range when none is configured: above Linux's default ephemeral range

@@ -145,7 +145,7 @@ fn apply_programs_the_maps_then_publishes() {
     );
     let dump = r.dataplane().dump();
     assert!(
-        dump.contains("service 198.18.100.10:80 proto=6 id=1 size=")
+        dump.contains("service 198.18.100.10:80 external proto=6 id=1 size=")
             && dump.contains("table 1:")
             && dump.contains(" 2:"),
         "{dump}"
@@ -227,11 +227,12 @@ fn a_rollback_that_fails_says_so() {
     let api = API.replace("    health_check: {type: tcp, port: 9000}\n", "");
     r.apply(desired(&format!("{WEB}{api}")))
         .expect("first state");
-    // web's change lands (its new backend, table and switch, the old backend cleared: seven
-    // writes), then the maps break: api's change fails, and so does putting web back.
+    // web's change lands (its new backend, table and switch of both scopes, the old backend
+    // cleared: eight writes), then the maps break: api's change fails, and so does putting
+    // web back.
     let maps = &mut r.dataplane_mut().maps;
     let n = maps.log.len();
-    maps.fail_after = Some(n + 7);
+    maps.fail_after = Some(n + 8);
     let change = format!(
         "{}{}",
         WEB.replace("198.18.1.12", "198.18.1.13"),
@@ -240,7 +241,7 @@ fn a_rollback_that_fails_says_so() {
     let e = r.apply(desired(&change)).expect_err("fails");
     let log = &r.dataplane().maps.log[n..];
     assert!(
-        log.iter().any(|l| l == "services put id=1") && log.len() == 7,
+        log.iter().any(|l| l == "services put id=1 external") && log.len() == 8,
         "web switched over before the maps broke: {log:?}"
     );
     assert!(

@@ -16,7 +16,7 @@ use aya::{
 use lb_agent::{
     dataplane::DataplaneLimits,
     dataplane::{Programmer, ebpf::Datapath},
-    model::{Backend, DesiredState, Frontend, Protocol, Service},
+    model::{Backend, DesiredState, Frontend, Protocol, Scope, Service},
 };
 
 use crate::{packets::Pkt, testbed::Testbed, xdp::LAB_OBJECT};
@@ -49,6 +49,7 @@ fn service(name: &str, vip: &str, backends: &[&str]) -> Service {
             vip: vip.parse().expect("vip"),
             port: 80,
             protocol: Protocol::Tcp,
+            scope: Scope::Both,
         },
         backends: backends
             .iter()
@@ -58,6 +59,7 @@ fn service(name: &str, vip: &str, backends: &[&str]) -> Service {
         affinity_timeout: None,
         table_size: 16381,
         health_check: None,
+        node_address: false,
     }
 }
 

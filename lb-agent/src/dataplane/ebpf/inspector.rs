@@ -203,6 +203,8 @@ impl Inspect for EbpfInspector {
             port_be: flow.dport_be,
             proto: flow.proto,
             family: flow.family,
+            scope: lb_common::scope::EXTERNAL,
+            _pad: [0; 3],
         };
         let Some(svc) = found(self.services.get(&key, 0), maps::SERVICES)? else {
             return Ok(Trace::NoService);

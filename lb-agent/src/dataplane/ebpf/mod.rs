@@ -157,7 +157,7 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
 }
 
 /// The capacities the agent gives the maps (the others keep the object's).
-fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 10] {
+fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 11] {
     [
         (maps::SERVICES, limits.max_services),
         (maps::VIPS, limits.max_services),
@@ -167,6 +167,7 @@ fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 10] {
         (maps::NEXTHOPS, limits.max_backends),
         (maps::CONNTRACK, limits.conntrack_size),
         (maps::SNAT, limits.conntrack_size),
+        (maps::SOCK_REVNAT, limits.conntrack_size),
         (maps::ENDPOINTS, limits.max_backends),
         (maps::AFFINITY, limits.affinity_size),
     ]

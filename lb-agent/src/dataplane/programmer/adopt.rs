@@ -18,7 +18,8 @@ use std::{
 
 use ipnet::IpNet;
 use lb_common::{
-    EndpointFrontend, SnatConfig, backend_flags, family, service_flags, vip_filter_index, vip_flags,
+    EndpointFrontend, ServiceKey, ServiceValue, SnatConfig, backend_flags, family, scope,
+    service_flags, vip_filter_index, vip_flags,
 };
 
 use super::{ProgrammedBackend, ProgrammedService, Programmer, TableRef, endpoint_value, freed};
@@ -26,7 +27,7 @@ use crate::{
     dataplane::{
         DataplaneLimits, MapContents, MapError, MapWriter, endpoint_key, vip_key, words_addr,
     },
-    model::{Backend, Frontend, Protocol, Service, SourceNat},
+    model::{Backend, Frontend, Protocol, Scope, Service, SourceNat},
 };
 
 /// What adopting found.
@@ -85,9 +86,11 @@ impl Programmer {
         }
 
         let mut used_backends = BTreeSet::new();
-        for (key, value) in &contents.services {
+        for (key, value, scope) in published(contents, maps, &mut report)? {
             let Some(proto) = protocol(key.proto) else {
-                maps.delete_service(key)?;
+                for key in service_keys_of(&key, scope) {
+                    maps.delete_service(&key)?;
+                }
                 report.repaired.push(format!(
                     "service id {}: unknown protocol, removed",
                     value.id
@@ -98,6 +101,7 @@ impl Programmer {
                 vip: words_addr(&key.addr, key.family),
                 port: u16::from_be(key.port_be),
                 protocol: proto,
+                scope,
             };
             let mut backends = BTreeMap::new();
             let mut spec_backends = Vec::new();
@@ -134,6 +138,7 @@ impl Programmer {
                     .then(|| Duration::from_secs(u64::from(value.affinity_timeout_s))),
                 table_size: value.table_size,
                 health_check: None,
+                node_address: value.flags & service_flags::NODE_ADDRESS != 0,
             };
             p.services.insert(
                 frontend,
@@ -188,6 +193,71 @@ impl Programmer {
     }
 }
 
+/// The published services: `SERVICES` entries by id, an external and an internal entry of
+/// one id making one frontend of scope `Both`. An id published under two frontends (a change
+/// that never finished) keeps the first; the other entries are removed.
+fn published(
+    contents: &MapContents,
+    maps: &mut dyn MapWriter,
+    report: &mut AdoptReport,
+) -> Result<Vec<(ServiceKey, ServiceValue, Scope)>, MapError> {
+    let mut by_id: BTreeMap<u32, Vec<(&ServiceKey, &ServiceValue)>> = BTreeMap::new();
+    for (key, value) in &contents.services {
+        by_id.entry(value.id).or_default().push((key, value));
+    }
+    let mut out = Vec::new();
+    for (id, entries) in by_id {
+        let (key, value) = entries[0];
+        let same = |k: &ServiceKey| {
+            ServiceKey {
+                scope: key.scope,
+                ..*k
+            } == *key
+        };
+        let scopes: BTreeSet<u8> = entries
+            .iter()
+            .filter(|(k, v)| same(k) && *v == value)
+            .map(|(k, _)| k.scope)
+            .collect();
+        let scope = match (
+            scopes.contains(&scope::EXTERNAL),
+            scopes.contains(&scope::INTERNAL),
+        ) {
+            (true, true) => Scope::Both,
+            (false, true) => Scope::Internal,
+            _ => Scope::External,
+        };
+        for (k, v) in &entries {
+            if !(same(k) && *v == value)
+                || !(k.scope == scope::EXTERNAL || k.scope == scope::INTERNAL)
+            {
+                maps.delete_service(k)?;
+                report.repaired.push(format!(
+                    "service id {id}: published twice, the second entry removed"
+                ));
+            }
+        }
+        out.push((*key, *value, scope));
+    }
+    Ok(out)
+}
+
+/// The keys of `key`'s frontend in `scope`.
+fn service_keys_of(key: &ServiceKey, scope: Scope) -> Vec<ServiceKey> {
+    let f = Frontend {
+        vip: words_addr(&key.addr, key.family),
+        port: u16::from_be(key.port_be),
+        protocol: Protocol::Tcp,
+        scope,
+    };
+    crate::dataplane::service_keys(&f)
+        .map(|k| ServiceKey {
+            proto: key.proto,
+            ..k
+        })
+        .collect()
+}
+
 /// Table pages: each one's size class from the tables in it, the rest of it free; a page
 /// with no table is blank (any size whose page has its number of entries may take it).
 fn adopt_pages(p: &mut Programmer, contents: &MapContents) {
@@ -227,7 +297,7 @@ fn adopt_vips(
     maps: &mut dyn MapWriter,
     report: &mut AdoptReport,
 ) -> Result<(), MapError> {
-    for s in p.services.values() {
+    for s in p.services.values().filter(|s| super::owns_vip(&s.spec)) {
         *p.vips.entry(s.spec.frontend.vip).or_default() += 1;
     }
     let mut present = BTreeSet::new();

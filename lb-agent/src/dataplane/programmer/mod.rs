@@ -29,14 +29,14 @@ use std::{
 
 use ipnet::IpNet;
 use lb_common::{
-    BackendValue, EndpointFrontend, EndpointValue, ServiceValue, SnatConfig, SourceRangeData,
-    VipValue, backend_flags, limits, limits::MAX_ENDPOINT_FRONTENDS, service_flags,
-    source_range_prefix, vip_filter_index,
+    BackendValue, EndpointFrontend, EndpointValue, ServiceKey, ServiceValue, SnatConfig,
+    SourceRangeData, VipValue, backend_flags, endpoint_flags, limits,
+    limits::MAX_ENDPOINT_FRONTENDS, service_flags, source_range_prefix, vip_filter_index,
 };
 use tracing::{debug, warn};
 
 use super::{
-    MapError, MapWriter, addr_words, backend_value, endpoint_key, maglev_key, service_key, vip_key,
+    MapError, MapWriter, addr_words, backend_value, endpoint_key, maglev_key, service_keys, vip_key,
 };
 use crate::{
     dataplane::DataplaneLimits,
@@ -115,6 +115,9 @@ impl ProgrammedService {
         if !self.spec.source_ranges.is_empty() {
             flags |= service_flags::SOURCE_RANGES;
         }
+        if self.spec.node_address {
+            flags |= service_flags::NODE_ADDRESS;
+        }
         ServiceValue {
             id: self.id,
             table_page: self.table_ref.page,
@@ -167,13 +170,24 @@ impl IdPool {
     }
 }
 
+/// Whether the service's address is a VIP of this node's (in `VIPS`): an address served to
+/// clients outside that is not the node's own.
+fn owns_vip(svc: &Service) -> bool {
+    svc.frontend.scope.external() && !svc.node_address
+}
+
 /// Writes undone when a service operation fails before it is published.
 enum Undo {
     Backend(u32),
     /// A kept backend's previous value.
     Restore(u32, BackendValue),
-    Endpoint(SocketAddr, Frontend),
+    /// (endpoint, protocol, service id)
+    Endpoint(SocketAddr, Protocol, u32),
     Table(TableRef),
+    /// A `SERVICES` key written by an add.
+    ServiceKey(ServiceKey),
+    /// A `SERVICES` key's value before an update.
+    ServiceValue(ServiceKey, ServiceValue),
     Range(u32, IpNet),
     Vip(IpAddr),
     ServiceId(u32),
@@ -466,7 +480,7 @@ impl Programmer {
             maps.put_backend(pb.id, &value).map_err(&err)?;
             backends.insert(b.addr, pb);
             self.endpoint_add(b.addr, svc, id, pb.id, maps)?;
-            undo.push(Undo::Endpoint(b.addr, svc.frontend));
+            undo.push(Undo::Endpoint(b.addr, svc.frontend.protocol, id));
         }
         let table = self.table(svc, &backends);
         let table_ref = self
@@ -481,8 +495,10 @@ impl Programmer {
             let (len, data) = source_range(id, r);
             maps.put_source_range(len, &data).map_err(&err)?;
         }
-        undo.push(Undo::Vip(svc.frontend.vip));
-        self.vip_ref(svc.frontend.vip, maps).map_err(&err)?;
+        if owns_vip(svc) {
+            undo.push(Undo::Vip(svc.frontend.vip));
+            self.vip_ref(svc.frontend.vip, maps).map_err(&err)?;
+        }
         let p = ProgrammedService {
             spec: svc.clone(),
             id,
@@ -490,8 +506,10 @@ impl Programmer {
             backends,
             table,
         };
-        maps.put_service(&service_key(&svc.frontend), &p.value())
-            .map_err(&err)?;
+        for key in service_keys(&svc.frontend) {
+            undo.push(Undo::ServiceKey(key));
+            maps.put_service(&key, &p.value()).map_err(&err)?;
+        }
         Ok(p)
     }
 
@@ -527,9 +545,12 @@ impl Programmer {
         for (addr, pb) in &old.backends {
             if !next.backends.contains_key(addr) {
                 note(maps.put_backend(pb.id, &freed(pb.generation)));
-                note(self.endpoint_remove(*addr, &svc.frontend, maps));
+                note(self.endpoint_remove(*addr, svc.frontend.protocol, old.id, maps));
                 self.backend_ids.release(pb.id);
             }
+        }
+        if owns_vip(&old.spec) && !owns_vip(svc) {
+            note(self.vip_unref(svc.frontend.vip, maps));
         }
         // Taken out of rotation: now that no table holds it, its flows are steered again.
         let was_available: BTreeMap<SocketAddr, bool> = old
@@ -607,7 +628,7 @@ impl Programmer {
                     maps.put_backend(pb.id, &value).map_err(&err)?;
                     next.backends.insert(b.addr, pb);
                     self.endpoint_add(b.addr, &new, old.id, pb.id, maps)?;
-                    undo.push(Undo::Endpoint(b.addr, new.frontend));
+                    undo.push(Undo::Endpoint(b.addr, new.frontend.protocol, old.id));
                 }
             }
         }
@@ -632,9 +653,15 @@ impl Programmer {
             let (len, data) = source_range(old.id, r);
             maps.put_source_range(len, &data).map_err(&err)?;
         }
+        if owns_vip(&new) && !owns_vip(svc) {
+            undo.push(Undo::Vip(new.frontend.vip));
+            self.vip_ref(new.frontend.vip, maps).map_err(&err)?;
+        }
         if next.value() != old.value() {
-            maps.put_service(&service_key(&new.frontend), &next.value())
-                .map_err(&err)?;
+            for key in service_keys(&new.frontend) {
+                undo.push(Undo::ServiceValue(key, old.value()));
+                maps.put_service(&key, &next.value()).map_err(&err)?;
+            }
         }
         Ok(())
     }
@@ -648,8 +675,9 @@ impl Programmer {
         let Some(p) = self.services.get(&f) else {
             return Ok(String::new());
         };
-        maps.delete_service(&service_key(&f))
-            .map_err(Self::map_err(&p.spec))?;
+        for key in service_keys(&f) {
+            maps.delete_service(&key).map_err(Self::map_err(&p.spec))?;
+        }
         let Some(p) = self.services.remove(&f) else {
             return Ok(String::new());
         };
@@ -661,7 +689,7 @@ impl Programmer {
         };
         for (addr, pb) in &p.backends {
             note(maps.put_backend(pb.id, &freed(pb.generation)));
-            note(self.endpoint_remove(*addr, &f, maps));
+            note(self.endpoint_remove(*addr, f.protocol, p.id, maps));
             self.backend_ids.release(pb.id);
         }
         self.pages.release(p.table_ref);
@@ -669,7 +697,9 @@ impl Programmer {
             let (len, data) = source_range(p.id, r);
             note(maps.delete_source_range(len, &data));
         }
-        note(self.vip_unref(f.vip, maps));
+        if owns_vip(&p.spec) {
+            note(self.vip_unref(f.vip, maps));
+        }
         self.service_ids.release(p.id);
         debug!(service = %p.spec.name, id = p.id, "service removed");
         Ok(p.spec.name)
@@ -697,13 +727,17 @@ impl Programmer {
         refs.push(EndpointFrontend {
             vip,
             vport_be: frontend.port.to_be(),
-            _pad: 0,
+            flags: if frontend.scope.external() {
+                0
+            } else {
+                endpoint_flags::INTERNAL
+            },
             service_id,
             backend_id,
         });
         let value = endpoint_value(refs);
         if let Err(e) = maps.put_endpoint(&endpoint_key(addr, frontend.protocol), &value) {
-            self.endpoint_forget(addr, frontend);
+            self.endpoint_forget(addr, frontend.protocol, service_id);
             return Err(ApplyError::Map {
                 service: svc.name.clone(),
                 source: e,
@@ -715,12 +749,12 @@ impl Programmer {
     fn endpoint_forget(
         &mut self,
         addr: SocketAddr,
-        frontend: &Frontend,
+        protocol: Protocol,
+        service_id: u32,
     ) -> Option<&Vec<EndpointFrontend>> {
-        let key = (addr, frontend.protocol);
-        let (vip, _) = addr_words(frontend.vip);
+        let key = (addr, protocol);
         let refs = self.endpoints.get_mut(&key)?;
-        refs.retain(|f| !(f.vip == vip && f.vport_be == frontend.port.to_be()));
+        refs.retain(|f| f.service_id != service_id);
         if refs.is_empty() {
             self.endpoints.remove(&key);
             return None;
@@ -728,15 +762,16 @@ impl Programmer {
         self.endpoints.get(&key)
     }
 
-    /// Records that `addr` no longer serves `frontend`.
+    /// Records that `addr` no longer serves service `service_id`.
     fn endpoint_remove(
         &mut self,
         addr: SocketAddr,
-        frontend: &Frontend,
+        protocol: Protocol,
+        service_id: u32,
         maps: &mut dyn MapWriter,
     ) -> Result<(), MapError> {
-        let key = endpoint_key(addr, frontend.protocol);
-        match self.endpoint_forget(addr, frontend) {
+        let key = endpoint_key(addr, protocol);
+        match self.endpoint_forget(addr, protocol, service_id) {
             Some(refs) => {
                 let value = endpoint_value(refs);
                 maps.put_endpoint(&key, &value)
@@ -777,7 +812,11 @@ impl Programmer {
     fn undo(&mut self, undo: Vec<Undo>, maps: &mut dyn MapWriter) {
         for u in undo.into_iter().rev() {
             let r = match u {
-                Undo::Endpoint(addr, frontend) => self.endpoint_remove(addr, &frontend, maps),
+                Undo::Endpoint(addr, protocol, id) => {
+                    self.endpoint_remove(addr, protocol, id, maps)
+                }
+                Undo::ServiceKey(key) => maps.delete_service(&key),
+                Undo::ServiceValue(key, value) => maps.put_service(&key, &value),
                 Undo::Backend(id) => {
                     self.backend_ids.release(id);
                     maps.put_backend(id, &freed(self.generations[id as usize]))

@@ -480,6 +480,7 @@ fn service(
                     vip: *vip,
                     port,
                     protocol: proto,
+                    scope: model::Scope::Both,
                 },
                 backends: backends(
                     slices,
@@ -506,6 +507,7 @@ fn service(
                 affinity_timeout: affinity,
                 table_size: opts.table_size,
                 health_check: check.clone(),
+                node_address: false,
             });
         }
     }

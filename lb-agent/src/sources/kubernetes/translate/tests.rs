@@ -438,8 +438,10 @@ fn the_pipeline_programs_the_fake_data_plane() {
     assert_eq!(
         maps.dump(),
         "\
-service 198.18.100.10:80 proto=6 id=1 size=13 flags=0 affinity=0s table 1:7 2:6
-service 198.18.100.20:53 proto=17 id=2 size=13 flags=0 affinity=0s table 3:13
+service 198.18.100.10:80 external proto=6 id=1 size=13 flags=0 affinity=0s table 1:7 2:6
+service 198.18.100.10:80 internal proto=6 id=1 size=13 flags=0 affinity=0s table 1:7 2:6
+service 198.18.100.20:53 external proto=17 id=2 size=13 flags=0 affinity=0s table 3:13
+service 198.18.100.20:53 internal proto=17 id=2 size=13 flags=0 affinity=0s table 3:13
 backend 1 198.18.1.11:8080 gen=1 flags=1
 backend 2 198.18.1.12:8080 gen=1 flags=3
 backend 3 198.18.1.21:5353 gen=1 flags=1
