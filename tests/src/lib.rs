@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod bench;
 pub mod bgplab;
+pub mod cgroup;
 pub mod chart;
 pub mod clients;
 pub mod demo;
@@ -17,6 +18,7 @@ pub mod predict;
 pub mod prometheus;
 pub mod sctp;
 pub mod servers;
+pub mod sockclient;
 pub mod testbed;
 pub mod transfers;
 pub mod xdp;

@@ -6,6 +6,7 @@
 //! - `weir-lab bench [--quick] [--only packet|maglev|throughput|prune|probes|l2|bgp] [--out FILE]`: every
 //!   benchmark, as Markdown (`scripts/bench` writes `docs/benchmarks.md`; with `--only`, only
 //!   that section of the file changes). Needs root.
+//! - `weir-lab sockclient MODE ADDR N`: the socket hooks' test client (see `sockclient`).
 //! - `weir-lab demo [--hold]`: the standalone lab with the agent on its embedded default
 //!   config, and a tour of the traffic it carries. Needs root.
 
@@ -42,6 +43,9 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Some("sockclient") => {
+            ExitCode::from(u8::try_from(weir_lab::sockclient::run(&args[1..])).unwrap_or(1))
         }
         Some("demo") => match weir_lab::demo::run(args.iter().any(|a| a == "--hold")) {
             Ok(()) => ExitCode::SUCCESS,

@@ -569,7 +569,7 @@ fn the_lb_node_keeps_its_own_traffic_and_cleanup_detaches() {
     assert!(
         bpffs
             .join("weir")
-            .join("layout-v1")
+            .join(format!("layout-v{}", lb_common::LAYOUT_VERSION))
             .join("CONNTRACK")
             .exists()
     );
@@ -707,7 +707,8 @@ fn restarts_lose_no_connection_and_counters_carry_on() {
                     // for that binary's data plane.
                     assert!(agent.stop().success());
                     let dir = bpffs.join("weir");
-                    std::fs::rename(dir.join("layout-v1"), dir.join("layout-v0")).unwrap();
+                    let current = format!("layout-v{}", lb_common::LAYOUT_VERSION);
+                    std::fs::rename(dir.join(current), dir.join("layout-v0")).unwrap();
                     DEFAULT_CONFIG
                 }
             };

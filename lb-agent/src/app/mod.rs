@@ -345,6 +345,10 @@ fn attach(
         metrics.agent.attached.get_or_create(&labels).set(1);
         info!(iface = %iface, mode = mode.as_str(), "XDP ingress and TC egress attached");
     }
+    if let Some(cgroup) = &config.node.socket_lb {
+        dataplane.attach_cgroup(cgroup).map_err(AppError::Attach)?;
+        info!(cgroup = %cgroup.display(), "socket load balancing attached (connect, sendmsg, recvmsg, getpeername)");
+    }
     for done in dataplane.settle() {
         info!("{done}");
     }

@@ -320,6 +320,33 @@ impl RawConfig {
             );
         }
 
+        let socket_lb = self
+            .node
+            .socket_lb
+            .enabled
+            .unwrap_or(self.node.kube_proxy_replacement)
+            .then(|| {
+                self.node
+                    .socket_lb
+                    .cgroup
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CGROUP.into())
+            });
+        if let Some(cg) = &socket_lb
+            && !cg.is_absolute()
+        {
+            c.fail(
+                "node.socket_lb.cgroup",
+                format!("{} is not an absolute path", cg.display()),
+            );
+        }
+        if self.node.socket_lb.enabled == Some(false) && self.node.kube_proxy_replacement {
+            c.fail(
+                "node.socket_lb.enabled",
+                "false, but node.kube_proxy_replacement needs the socket hooks (ClusterIP clients are on the node)",
+            );
+        }
+
         let mut names = BTreeMap::new();
         let mut frontends = BTreeMap::new();
         // Frontends per backend endpoint (reverse NAT's table holds a few per endpoint).
@@ -594,6 +621,8 @@ impl RawConfig {
                 interfaces: self.node.interfaces,
                 xdp_mode: self.node.xdp_mode,
                 source_nat,
+                kube_proxy_replacement: self.node.kube_proxy_replacement,
+                socket_lb,
             },
             admin: AdminConfig {
                 listen: self.admin.listen,

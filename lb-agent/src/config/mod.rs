@@ -54,7 +54,17 @@ pub struct NodeConfig {
     /// `node.source_nat`: the port range given to source-NATed flows and the node's addresses
     /// they leave with (in Kubernetes mode, by default this Node's InternalIP of each family).
     pub source_nat: SourceNat,
+    /// `node.kube_proxy_replacement`: in Kubernetes mode weir serves every Service type
+    /// (ClusterIP, NodePort, LoadBalancer, externalIPs) and kube-proxy is removed; false:
+    /// LoadBalancer Services only, beside kube-proxy.
+    pub kube_proxy_replacement: bool,
+    /// `node.socket_lb`: the cgroup v2 directory where the socket hooks attach (every process
+    /// in it and below connects to services through them); None: no socket load balancing.
+    pub socket_lb: Option<std::path::PathBuf>,
 }
+
+/// The default `node.socket_lb.cgroup`: the node's cgroup v2 root.
+pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {

@@ -161,6 +161,18 @@ pub(super) struct RawNode {
     pub(super) xdp_mode: XdpMode,
     #[serde(default)]
     pub(super) source_nat: RawSourceNat,
+    #[serde(default)]
+    pub(super) kube_proxy_replacement: bool,
+    #[serde(default)]
+    pub(super) socket_lb: RawSocketLb,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSocketLb {
+    /// Default: `node.kube_proxy_replacement`.
+    pub(super) enabled: Option<bool>,
+    pub(super) cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

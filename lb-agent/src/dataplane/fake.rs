@@ -37,6 +37,8 @@ pub struct FakeDataplane {
     pub lease: Arc<Mutex<Option<Duration>>>,
     /// The maps are a previous agent's (adopted) rather than fresh.
     pub adopted: bool,
+    /// The cgroup the socket hooks are attached to.
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 impl FakeDataplane {
@@ -57,6 +59,11 @@ impl FakeDataplane {
 impl Dataplane for FakeDataplane {
     fn maps(&mut self) -> &mut dyn MapWriter {
         &mut self.maps
+    }
+
+    fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<(), DataplaneError> {
+        self.cgroup = Some(cgroup.to_path_buf());
+        Ok(())
     }
 
     fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError> {

@@ -54,7 +54,10 @@ pub trait Dataplane: Send {
     /// Attaches XDP (ingress) and TC (egress) to `iface`. On error nothing stays attached to
     /// `iface`.
     fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError>;
-    /// Detaches from every interface, logging each.
+    /// Attaches the socket hooks (socket-level load balancing) to the cgroup v2 directory
+    /// `cgroup`. On error nothing new stays attached.
+    fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<(), DataplaneError>;
+    /// Detaches from every interface and cgroup, logging each.
     fn detach_all(&mut self);
     /// Answers ARP and Neighbor Solicitations for announced VIPs on `iface` (whose index and
     /// MAC are given), while the L2 lease runs.

@@ -217,6 +217,14 @@ pub fn detach_pinned_link(path: &std::path::Path) -> io::Result<()> {
 
 /// The interface a BPF link (XDP or TCX) is attached to (see [`pinned_link_ifindex`]).
 fn link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    let info = link_info(link)?;
+    Ok(u32::from_ne_bytes([info[16], info[17], info[18], info[19]]))
+}
+
+/// `struct bpf_link_info` of a link: type, id, prog_id, then a union aligned to 8 (an XDP or
+/// TCX link's starts with the ifindex, a cgroup link's with the cgroup id). The kernel copies
+/// at most its own size.
+fn link_info(link: std::os::fd::BorrowedFd<'_>) -> io::Result<[u8; 128]> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     #[repr(C)]
     struct InfoAttr {
@@ -224,8 +232,6 @@ fn link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
         info_len: u32,
         info: u64,
     }
-    // `struct bpf_link_info`: type, id, prog_id, then a union aligned to 8 whose XDP and TCX
-    // members both start with the ifindex. The kernel copies at most its own size.
     let mut info = [0u8; 128];
     let mut attr = InfoAttr {
         bpf_fd: link.as_raw_fd() as u32,
@@ -235,5 +241,38 @@ fn link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: `attr` is a valid bpf_attr for the command; `info` is a writable buffer of
     // `info_len` bytes that outlives the call.
     unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
-    Ok(u32::from_ne_bytes([info[16], info[17], info[18], info[19]]))
+    Ok(info)
+}
+
+/// The cgroup (its id: the inode number of its directory) that the BPF link pinned at `path`
+/// is attached to, with the link's descriptor; id 0 when the cgroup is gone.
+pub fn pinned_cgroup_link(path: &std::path::Path) -> io::Result<(u64, std::os::fd::OwnedFd)> {
+    let fd = obj_get(path)?;
+    let info = link_info(fd.as_fd())?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&info[16..24]);
+    Ok((u64::from_ne_bytes(id), fd))
+}
+
+/// Replaces the program of link `link` with `prog` in one step (`BPF_LINK_UPDATE`).
+pub fn link_update(
+    link: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct UpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = UpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr for the command (no pointers).
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }

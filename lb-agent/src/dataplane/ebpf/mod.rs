@@ -18,7 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, IterableMap, Map, MapData, ProgramArray},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
+        XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -34,6 +35,9 @@ use crate::dataplane::{DataplaneLimits, XdpMode};
 
 /// The eBPF object, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// `statfs` type of a cgroup v2 filesystem.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// `BPF_F_INNER_MAP`: inner Maglev tables may differ in size from the template.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -54,6 +58,8 @@ pub enum DataplaneError {
     Interface { iface: String, detail: String },
     #[error("pinned data plane: {detail}")]
     Pins { detail: String },
+    #[error("socket load balancing at cgroup {path}: {detail}")]
+    Cgroup { path: String, detail: String },
     #[error("adopting the pinned data plane: {0} (lb-agent cleanup removes it)")]
     Adopt(#[source] MapError),
 }
@@ -88,6 +94,8 @@ enum Held {
     /// Pinned: it stays attached when the agent goes, until its pin is removed.
     Pinned(FdLink, std::path::PathBuf),
     Xdp(XdpLink),
+    /// Not pinned: it goes when dropped.
+    Link(FdLink),
     /// TC through netlink (kernels without TCX): a filter, which stays when the agent goes.
     Tc(SchedClassifierLink),
 }
@@ -108,6 +116,10 @@ impl Held {
                 drop(l);
                 Ok(())
             }
+            Self::Link(l) => {
+                drop(l);
+                Ok(())
+            }
             Self::Tc(l) => {
                 drop(l);
                 Ok(())
@@ -118,7 +130,7 @@ impl Held {
     /// Lets go without detaching.
     fn keep(self) {
         match self {
-            Self::Pinned(..) | Self::Xdp(_) => {}
+            Self::Pinned(..) | Self::Xdp(_) | Self::Link(_) => {}
             // Dropping a netlink link would delete the filter.
             Self::Tc(l) => std::mem::forget(l),
         }
@@ -140,6 +152,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: EbpfMaps,
     attached: Vec<Attachment>,
+    /// The socket hooks' links (attach point, link), when attached to a cgroup.
+    sock: Vec<(&'static str, Held)>,
     /// Held open: the kernel empties a program array when its last user-space reference goes
     /// (pinned, the pin is one).
     _tails: [ProgramArray<MapData>; 2],
@@ -249,6 +263,10 @@ impl Datapath {
             let p: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             p.load().map_err(load_err(name))?;
         }
+        for (name, _) in programs::SOCK {
+            let p: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            p.load().map_err(load_err(name))?;
+        }
         let tails_dir = pins.as_ref().map(|p| p.programs_dir(&load));
         let tails = [
             tail_array(
@@ -272,6 +290,7 @@ impl Datapath {
             ebpf,
             maps,
             attached: Vec::new(),
+            sock: Vec::new(),
             _tails: tails,
             pins,
             load,
@@ -501,6 +520,110 @@ impl Datapath {
         pin_link(link, &pins.link(iface, "tc")).map_err(iface_err)
     }
 
+    /// Attaches the socket hooks (socket-level load balancing) to the cgroup v2 directory
+    /// `cgroup`, for every process in it and below; other programs there keep running (the
+    /// hooks are attached beside them). A previous agent's pinned links on the same cgroup get
+    /// the new programs in place, so no connection meets the cgroup without them. On error the
+    /// fresh links are detached again (swapped ones keep the new program).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let err = |detail: String| DataplaneError::Cgroup {
+            path: cgroup.display().to_string(),
+            detail,
+        };
+        match crate::sys::fs_type(cgroup) {
+            Ok(CGROUP2_SUPER_MAGIC) => {}
+            Ok(_) => {
+                return Err(err(
+                    "not a cgroup v2 directory (mount cgroup2 there, or name the cgroup2 mount)"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(err(e.to_string())),
+        }
+        let dir = std::fs::File::open(cgroup).map_err(|e| err(e.to_string()))?;
+        let id = dir.metadata().map_err(|e| err(e.to_string()))?.ino();
+        let mut done: Vec<(&'static str, Held, bool)> = Vec::new();
+        let result = (|| {
+            for (name, attach) in programs::SOCK {
+                if let Some(held) = self.swap_cgroup_link(name, attach, id).map_err(&err)? {
+                    done.push((attach, held, false));
+                    continue;
+                }
+                let prog: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
+                // A BPF link on a cgroup always runs beside the cgroup's other programs; the
+                // kernel takes no flags with it ("Single" is none).
+                let link_id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|e| err(format!("{attach}: {}", chain(&e))))?;
+                let link = prog
+                    .take_link(link_id)
+                    .map_err(|e| err(format!("{attach}: {e}")))
+                    .and_then(|l| FdLink::try_from(l).map_err(|e| err(format!("{attach}: {e}"))))?;
+                let held = match &self.pins {
+                    Some(pins) => pin_link(link, &pins.cgroup_link(attach)).map_err(&err)?,
+                    None => Held::Link(link),
+                };
+                done.push((attach, held, true));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (attach, held, fresh) in done {
+                if fresh {
+                    if let Err(d) = held.detach() {
+                        warn!(attach, error = %d, "detaching a socket hook after the failure failed");
+                    }
+                } else {
+                    held.keep();
+                }
+            }
+            return Err(e);
+        }
+        self.sock = done.into_iter().map(|(a, h, _)| (a, h)).collect();
+        Ok(())
+    }
+
+    /// A previous agent's pinned link of `attach` on cgroup `id`, now running program `name`.
+    /// A pinned link on another cgroup (or a gone one) is detached.
+    fn swap_cgroup_link(
+        &mut self,
+        name: &'static str,
+        attach: &'static str,
+        id: u64,
+    ) -> Result<Option<Held>, String> {
+        use std::os::fd::AsFd as _;
+        let Some(path) = self.pins.as_ref().map(|p| p.cgroup_link(attach)) else {
+            return Ok(None);
+        };
+        if !path.exists() {
+            return Ok(None);
+        }
+        match sys::pinned_cgroup_link(&path) {
+            Ok((cg, link)) if cg == id => {
+                let prog: &mut CgroupSockAddr =
+                    program_mut(&mut self.ebpf, name).map_err(|e| e.to_string())?;
+                let prog_fd = prog.fd().map_err(|e| format!("{attach}: {e}"))?;
+                sys::link_update(link.as_fd(), prog_fd.as_fd())
+                    .map_err(|e| format!("{attach}: replacing the program: {e}"))?;
+                let link = PinnedLink::from_pin(&path)
+                    .map_err(|e| format!("{attach}: pinned link: {e}"))?;
+                Ok(Some(Held::Pinned(FdLink::from(link), path)))
+            }
+            other => {
+                info!(attach, found = ?other.map(|(cg, _)| cg), "detaching a socket hook pinned for another cgroup");
+                let _ = sys::detach_pinned_link(&path);
+                let _ = std::fs::remove_file(&path);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether the socket hooks are attached.
+    pub fn socket_hooks(&self) -> bool {
+        !self.sock.is_empty()
+    }
+
     /// Lets XDP redirect to `ifindex` without attaching to it (BPF_PROG_TEST_RUN and the
     /// traffic generator use this; `attach` does it for native interfaces).
     pub fn add_redirect_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
@@ -547,6 +670,7 @@ impl Datapath {
             programs::TC_SCTP,
         ]
         .into_iter()
+        .chain(programs::SOCK.map(|(name, _)| name))
         .map(|name| {
             let n = self
                 .ebpf
@@ -568,6 +692,11 @@ impl Datapath {
 
     /// Detaches both programs from every interface (removing their pins), logging each.
     pub fn detach_all(&mut self) {
+        for (attach, held) in std::mem::take(&mut self.sock) {
+            if let Err(e) = held.detach() {
+                warn!(attach, error = %e, "detaching the socket hook failed");
+            }
+        }
         for a in std::mem::take(&mut self.attached) {
             let _ = self.maps.tx_ports.remove(a.ifindex);
             for (what, held) in [("XDP", a.xdp), ("TC", a.tc)] {
@@ -605,6 +734,16 @@ impl Datapath {
             }
             done.push(format!("detached from {iface} (no longer configured)"));
         }
+        if self.sock.is_empty() {
+            for attach in pins.cgroup_links() {
+                let path = pins.cgroup_link(&attach);
+                let _ = sys::detach_pinned_link(&path);
+                let _ = std::fs::remove_file(&path);
+                done.push(format!(
+                    "socket hook {attach} detached (socket load balancing is off)"
+                ));
+            }
+        }
         for path in pins.remove_stale(&self.load) {
             done.push(format!("removed {}", path.display()));
         }
@@ -624,6 +763,12 @@ impl Datapath {
 pub fn cleanup(dir: &Path) -> Result<Vec<String>, String> {
     let pins = Pins::at(dir);
     let mut done = Vec::new();
+    for attach in pins.cgroup_links() {
+        match sys::detach_pinned_link(&pins.cgroup_link(&attach)) {
+            Ok(()) => done.push(format!("socket hook {attach} detached")),
+            Err(e) => done.push(format!("socket hook {attach}: {e} (already detached?)")),
+        }
+    }
     for (iface, kinds) in pins.links() {
         for kind in kinds {
             let path = pins.link(&iface, &kind);
@@ -659,6 +804,18 @@ pub fn cleanup(dir: &Path) -> Result<Vec<String>, String> {
     Ok(done)
 }
 
+/// An error with its sources, for the log (aya's errors keep the system call's in a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
 /// Pins `link` at `path` (replacing a stale pin there).
 fn pin_link(link: FdLink, path: &Path) -> Result<Held, String> {
     if let Some(dir) = path.parent() {
@@ -678,6 +835,10 @@ impl Dataplane for Datapath {
 
     fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, DataplaneError> {
         Datapath::attach(self, iface, mode)
+    }
+
+    fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        Datapath::attach_cgroup(self, cgroup)
     }
 
     fn detach_all(&mut self) {
@@ -726,6 +887,9 @@ impl Drop for Datapath {
             for a in std::mem::take(&mut self.attached) {
                 a.xdp.keep();
                 a.tc.keep();
+            }
+            for (_, held) in std::mem::take(&mut self.sock) {
+                held.keep();
             }
         } else {
             self.detach_all();

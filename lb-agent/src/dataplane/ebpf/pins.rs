@@ -158,6 +158,18 @@ impl Pins {
         self.root.join("links").join(iface).join(kind)
     }
 
+    /// Where the socket hook link of `attach` (`connect4`, ...) is pinned.
+    pub fn cgroup_link(&self, attach: &str) -> PathBuf {
+        self.root.join("cgroup-links").join(attach)
+    }
+
+    /// The socket hooks' pinned links (their attach points).
+    pub fn cgroup_links(&self) -> Vec<String> {
+        entries(&self.root.join("cgroup-links"))
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect()
+    }
+
     /// Pinned links: interface → the kinds pinned for it.
     pub fn links(&self) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();

@@ -1,0 +1,117 @@
+//! `weir-lab sockclient`: a client process for the socket hooks' tests. It runs inside a test
+//! cgroup (the hooks see a process's sockets by its cgroup, so the test's own threads cannot be
+//! the client) and prints one line per exchange:
+//! `peer=<getpeername> from=<recvfrom source> reply=<the first line of the answer>`
+//! (`peer=-` for an unconnected socket, `from=-` for TCP), or `error=<kind> <message>`.
+//!
+//! - `tcp ADDR N`: N sockets, each `connect()`, `getpeername()`, `GET /whoami`.
+//! - `udp-connected ADDR N`: one connected socket, N datagrams, each answer's source.
+//! - `udp ADDR N`: one unconnected socket, N `sendto()`s, each answer's source.
+//! - `udp-sockets ADDR N`: N connected sockets, one datagram each.
+//! - `udp-hold ADDR N`: one connected socket; a datagram every 100 ms, N times (a long-lived
+//!   "connection" whose backend may go away under it).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+const T: Duration = Duration::from_secs(2);
+
+fn first_line(b: &[u8]) -> String {
+    let text = String::from_utf8_lossy(b);
+    // An HTTP answer: its body's first line; a datagram: itself.
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or(&text);
+    body.lines().next().unwrap_or("").trim().to_string()
+}
+
+fn tcp(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, T)?;
+    s.set_read_timeout(Some(T))?;
+    let peer = s.peer_addr()?;
+    write!(
+        s,
+        "GET /whoami HTTP/1.1\r\nHost: sock\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(format!("peer={peer} from=- reply={}", first_line(&out)))
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(any)?;
+    s.set_read_timeout(Some(T))?;
+    Ok(s)
+}
+
+fn udp_exchange(s: &UdpSocket, to: Option<SocketAddr>, i: usize) -> std::io::Result<String> {
+    let msg = format!("sock-{i}");
+    match to {
+        Some(a) => s.send_to(msg.as_bytes(), a)?,
+        None => s.send(msg.as_bytes())?,
+    };
+    let mut buf = [0u8; 2048];
+    let (n, from) = s.recv_from(&mut buf)?;
+    let peer = s
+        .peer_addr()
+        .map_or_else(|_| "-".to_string(), |p| p.to_string());
+    Ok(format!(
+        "peer={peer} from={from} reply={}",
+        first_line(&buf[..n])
+    ))
+}
+
+fn line(r: std::io::Result<String>) {
+    match r {
+        Ok(l) => println!("{l}"),
+        Err(e) => println!("error={:?} {e}", e.kind()),
+    }
+}
+
+/// Runs the client; the exit code.
+pub fn run(args: &[String]) -> i32 {
+    let (Some(mode), Some(addr), Some(n)) = (
+        args.first(),
+        args.get(1).and_then(|a| a.parse::<SocketAddr>().ok()),
+        args.get(2).and_then(|a| a.parse::<usize>().ok()),
+    ) else {
+        eprintln!("usage: weir-lab sockclient tcp|udp|udp-connected|udp-sockets|udp-hold ADDR N");
+        return 2;
+    };
+    match mode.as_str() {
+        "tcp" => (0..n).for_each(|_| line(tcp(addr))),
+        "udp" => match udp_socket(addr) {
+            Ok(s) => (0..n).for_each(|i| line(udp_exchange(&s, Some(addr), i))),
+            Err(e) => line(Err(e)),
+        },
+        "udp-connected" | "udp-hold" => {
+            match udp_socket(addr).and_then(|s| s.connect(addr).map(|()| s)) {
+                Ok(s) => (0..n).for_each(|i| {
+                    line(udp_exchange(&s, None, i));
+                    if mode == "udp-hold" {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }),
+                Err(e) => line(Err(e)),
+            }
+        }
+        "udp-sockets" => (0..n).for_each(|i| {
+            line(
+                udp_socket(addr)
+                    .and_then(|s| s.connect(addr).map(|()| s))
+                    .and_then(|s| udp_exchange(&s, None, i)),
+            );
+        }),
+        other => {
+            eprintln!("weir-lab sockclient: unknown mode {other}");
+            return 2;
+        }
+    }
+    0
+}

@@ -1,0 +1,243 @@
+//! Socket-level load balancing on the real kernel: the agent attaches its cgroup hooks to a
+//! test cgroup (`weir_lab::cgroup`), and real client processes in that cgroup, on the LB node
+//! (the node's own processes, as a pod's would be), connect to the services of the embedded
+//! default config. The backends are the lab's real servers behind its Linux bridge.
+//! Needs root; every test builds and removes its own namespaces and cgroup.
+
+use std::{collections::BTreeMap, path::Path};
+
+use lb_agent::config::DEFAULT_CONFIG;
+use weir_lab::{
+    agent::{Agent, wait_for},
+    cgroup::TestCgroup,
+    lab::*,
+};
+
+fn bin() -> &'static Path {
+    env!("CARGO_BIN_EXE_weir-lab").as_ref()
+}
+
+/// The default config with the socket hooks at `cgroup`.
+fn config(cgroup: &TestCgroup) -> String {
+    let line = "  interfaces: [eth-c]\n";
+    assert!(DEFAULT_CONFIG.contains(line));
+    DEFAULT_CONFIG.replacen(
+        line,
+        &format!(
+            "{line}  socket_lb: {{enabled: true, cgroup: {}}}\n",
+            cgroup.path().display()
+        ),
+        1,
+    )
+}
+
+fn lab_with_hooks() -> (Lab, TestCgroup, Agent) {
+    let mut lab = Lab::new(3);
+    lab.start_servers(bin());
+    let cg = TestCgroup::new();
+    let mut agent = Agent::start(&lab.lb, &lab.dir.path, Some(&config(&cg)));
+    agent.wait_ready(&lab.lb);
+    (lab, cg, agent)
+}
+
+/// One exchange as `weir-lab sockclient` prints it.
+#[derive(Debug)]
+struct Exchange {
+    peer: String,
+    from: String,
+    backend: String,
+}
+
+/// Runs the client in the cgroup on the LB node: its exchanges (every one must succeed).
+fn client(lab: &Lab, cg: &TestCgroup, mode: &str, to: &str, n: usize) -> Vec<Exchange> {
+    let out = cg.output(&lab.lb, bin(), &["sockclient", mode, to, &n.to_string()]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), n, "{mode} {to}: {out}");
+    lines
+        .iter()
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                    .unwrap_or_else(|| panic!("{mode} {to}: no {k} in {l:?}"))
+                    .to_string()
+            };
+            Exchange {
+                peer: field("peer"),
+                from: field("from"),
+                backend: field("reply")
+                    .strip_prefix("backend=")
+                    .unwrap_or_else(|| panic!("{mode} {to}: no backend in {l:?}"))
+                    .to_string(),
+            }
+        })
+        .collect()
+}
+
+fn spread(x: &[Exchange]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for e in x {
+        *m.entry(e.backend.clone()).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn node_clients_reach_services_through_the_socket_hooks() {
+    let (lab, cg, agent) = lab_with_hooks();
+    let names = ["b1", "b2", "b3"];
+
+    // TCP, IPv4: every connect lands on a backend, and the socket sees the service.
+    let tcp = client(&lab, &cg, "tcp", "198.18.100.10:80", 24);
+    for e in &tcp {
+        assert_eq!(e.peer, "198.18.100.10:80", "{tcp:?}");
+        assert!(names.contains(&e.backend.as_str()), "{tcp:?}");
+    }
+    assert!(spread(&tcp).len() >= 2, "one socket, one backend: {tcp:?}");
+
+    // TCP, IPv6, and IPv4 through an IPv6 socket (a mapped address).
+    for e in client(&lab, &cg, "tcp", "[fd00:100::10]:80", 6) {
+        assert_eq!(e.peer, "[fd00:100::10]:80");
+        assert!(names.contains(&e.backend.as_str()), "{e:?}");
+    }
+    for e in client(&lab, &cg, "tcp", "[::ffff:198.18.100.10]:80", 3) {
+        assert_eq!(e.peer, "[::ffff:198.18.100.10]:80");
+        assert!(names.contains(&e.backend.as_str()), "{e:?}");
+    }
+
+    // Connected UDP: one backend for the socket; replies come from the service.
+    let udp = client(&lab, &cg, "udp-connected", "198.18.100.10:7", 5);
+    for e in &udp {
+        assert_eq!(
+            (e.peer.as_str(), e.from.as_str()),
+            ("198.18.100.10:7", "198.18.100.10:7")
+        );
+    }
+    assert_eq!(spread(&udp).len(), 1, "{udp:?}");
+    // Several connected sockets spread over the backends.
+    let many = client(&lab, &cg, "udp-sockets", "198.18.100.10:7", 24);
+    assert!(spread(&many).len() >= 2, "{many:?}");
+
+    // Unconnected UDP: every datagram's answer comes from the service.
+    for e in client(&lab, &cg, "udp", "198.18.100.10:7", 5) {
+        assert_eq!((e.peer.as_str(), e.from.as_str()), ("-", "198.18.100.10:7"));
+        assert!(names.contains(&e.backend.as_str()), "{e:?}");
+    }
+
+    // ClientIP affinity: every socket of the node goes to one backend.
+    let sticky = client(&lab, &cg, "tcp", "198.18.100.11:80", 10);
+    assert_eq!(spread(&sticky).len(), 1, "{sticky:?}");
+
+    // Traffic that is no service's is untouched: a backend reached directly is itself.
+    for e in client(&lab, &cg, "tcp", "198.18.1.12:8080", 3) {
+        assert_eq!(
+            (e.peer.as_str(), e.backend.as_str()),
+            ("198.18.1.12:8080", "b2")
+        );
+    }
+
+    // The connections are counted as the service's (the agent samples the counters every
+    // second).
+    wait_for(
+        std::time::Duration::from_secs(5),
+        "web's connections counted",
+        || {
+            let metrics = agent.metrics(&lab.lb);
+            let web = metrics.lines().find(|l| {
+                l.starts_with("weir_service_connections_total{") && l.contains("service=\"web\"")
+            })?;
+            let n: f64 = web.rsplit(' ').next()?.parse().ok()?;
+            (n >= 24.0 + 3.0).then_some(())
+        },
+    );
+}
+
+#[test]
+fn a_dead_backend_gets_no_new_connects_and_a_service_without_backends_refuses() {
+    let (mut lab, cg, agent) = lab_with_hooks();
+    lab.kill_server(1);
+    // web checks every 100 ms, fall 3.
+    wait_for(std::time::Duration::from_secs(5), "b2 out of web", || {
+        let s = agent.services(&lab.lb);
+        let web = s["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == "web")?
+            .clone();
+        web["backends"]
+            .as_array()?
+            .iter()
+            .any(|b| b["address"] == "198.18.1.12" && b["healthy"] == false)
+            .then_some(())
+    });
+    let tcp = client(&lab, &cg, "tcp", "198.18.100.10:80", 30);
+    assert!(tcp.iter().all(|e| e.backend != "b2"), "{tcp:?}");
+    assert_eq!(spread(&tcp).len(), 2, "{tcp:?}");
+
+    lab.kill_server(0);
+    lab.kill_server(2);
+    wait_for(
+        std::time::Duration::from_secs(5),
+        "web without backends",
+        || {
+            let s = agent.services(&lab.lb);
+            s["services"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == "web")?["backends"]
+                .as_array()?
+                .iter()
+                .all(|b| b["healthy"] == false)
+                .then_some(())
+        },
+    );
+    let out = cg.output(
+        &lab.lb,
+        bin(),
+        &["sockclient", "tcp", "198.18.100.10:80", "1"],
+    );
+    assert!(out.starts_with("error=ConnectionRefused"), "{out}");
+}
+
+#[test]
+fn the_hooks_survive_a_restart_and_cleanup_removes_them() {
+    let (lab, cg, agent) = lab_with_hooks();
+    agent.kill();
+    // No agent: the pinned hooks keep balancing.
+    for e in client(&lab, &cg, "tcp", "198.18.100.10:80", 6) {
+        assert_eq!(e.peer, "198.18.100.10:80");
+    }
+    let mut agent = Agent::start(&lab.lb, &lab.dir.path, Some(&config(&cg)));
+    agent.wait_ready(&lab.lb);
+    assert!(
+        agent.log_text().contains("socket load balancing attached"),
+        "{}",
+        agent.log_text()
+    );
+    let after = client(&lab, &cg, "tcp", "198.18.100.10:80", 12);
+    assert!(spread(&after).len() >= 2, "{after:?}");
+    agent.stop();
+
+    let out = lab
+        .lb
+        .agent_command(lb_agent_bin().to_str().unwrap())
+        .arg("cleanup")
+        .output()
+        .expect("cleanup");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("socket hook connect4 detached"), "{text}");
+    // Without the hooks, the node's connect to the service is not translated: nothing on the
+    // node's way to the VIP serves it.
+    let out = cg.output(
+        &lab.lb,
+        bin(),
+        &["sockclient", "tcp", "198.18.100.10:80", "1"],
+    );
+    assert!(out.starts_with("error="), "{out}");
+}
+
+fn lb_agent_bin() -> std::path::PathBuf {
+    weir_lab::agent::agent_binary()
+}
