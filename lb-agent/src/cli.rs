@@ -165,7 +165,17 @@ pub fn render(services: &ServicesJson) -> String {
         let vip = SocketAddr::new(s.vip, s.port);
         rows.push(row(
             [
-                format!("{} {} {vip}", s.name, s.protocol.as_str()),
+                match s.scope {
+                    crate::model::Scope::Both => {
+                        format!("{} {} {vip}", s.name, s.protocol.as_str())
+                    }
+                    scope => format!(
+                        "{} {} {vip} ({})",
+                        s.name,
+                        s.protocol.as_str(),
+                        scope.as_str()
+                    ),
+                },
                 String::new(),
                 service_health(s),
             ],

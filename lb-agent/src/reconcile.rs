@@ -308,6 +308,7 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
                 vip: s.frontend.vip,
                 port: s.frontend.port,
                 protocol: s.frontend.protocol,
+                scope: s.frontend.scope,
                 check: s.health_check.as_ref().map(|h| h.probe.kind.as_str()),
                 mode: self.mode(&s.frontend),
                 announced: self.announced.as_ref().map(|a| a.contains(&s.frontend.vip)),

@@ -115,3 +115,68 @@ pub fn run(args: &[String]) -> i32 {
     }
     0
 }
+
+/// One exchange as `weir-lab sockclient` prints it.
+#[derive(Debug)]
+pub struct Exchange {
+    /// `getpeername()` (`-` for an unconnected socket).
+    pub peer: String,
+    /// The answer's source (`-` for TCP).
+    pub from: String,
+    /// The backend that answered.
+    pub backend: String,
+    /// The client as the backend saw it (TCP's `/whoami`; `-` for UDP).
+    pub seen_as: String,
+}
+
+/// Runs `weir-lab sockclient MODE TO N` in cgroup `cg` in namespace `ns` (`bin`: the weir-lab
+/// binary): its exchanges, every one of which must succeed.
+pub fn exchanges(
+    cg: &crate::cgroup::TestCgroup,
+    ns: &crate::netns::Netns,
+    bin: &std::path::Path,
+    mode: &str,
+    to: &str,
+    n: usize,
+) -> Vec<Exchange> {
+    let out = cg.output(ns, bin, &["sockclient", mode, to, &n.to_string()]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), n, "{mode} {to}: {out}");
+    lines
+        .iter()
+        .map(|l| {
+            let fields: Vec<(&str, &str)> = l
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .collect();
+            // peer= from= reply=backend=NAME [peer=SEEN]
+            let field = |k: &str, nth: usize| {
+                fields
+                    .iter()
+                    .filter(|(key, _)| *key == k)
+                    .nth(nth)
+                    .map(|(_, v)| (*v).to_string())
+            };
+            let must =
+                |k: &str| field(k, 0).unwrap_or_else(|| panic!("{mode} {to}: no {k} in {l:?}"));
+            Exchange {
+                peer: must("peer"),
+                from: must("from"),
+                backend: must("reply")
+                    .strip_prefix("backend=")
+                    .unwrap_or_else(|| panic!("{mode} {to}: no backend in {l:?}"))
+                    .to_string(),
+                seen_as: field("peer", 1).unwrap_or_else(|| "-".into()),
+            }
+        })
+        .collect()
+}
+
+/// Exchanges per backend.
+pub fn spread(x: &[Exchange]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for e in x {
+        *m.entry(e.backend.clone()).or_default() += 1;
+    }
+    m
+}

@@ -19,10 +19,12 @@ use std::{
 use serde_json::{Value, json};
 use weir_lab::{
     agent::{Agent, wait_for},
+    cgroup::TestCgroup,
     clients::{self, Echo},
     fakeapi,
     lab::*,
     netns::Netns,
+    sockclient::{self, spread},
 };
 
 const API: &str = "127.0.0.1:6443";
@@ -128,10 +130,15 @@ fn backends_of(lab: &Lab, vip: SocketAddr, ports: std::ops::Range<u16>) -> BTree
 /// The LB node's agent in Kubernetes mode against the fake API server, with the chart's
 /// capabilities only (as the DaemonSet runs it) and `env` besides the pod's, once ready.
 fn start_lb_node_agent(lab: &Lab, env: &[(&str, &str)]) -> Agent {
+    start_lb_node_agent_with(lab, "", env)
+}
+
+/// The same, with `node` (lines of the `node:` block) added to the config.
+fn start_lb_node_agent_with(lab: &Lab, node: &str, env: &[(&str, &str)]) -> Agent {
     let kubeconfig = lab.dir.path.join("kubeconfig");
     std::fs::write(&kubeconfig, fakeapi::kubeconfig(API.parse().unwrap())).unwrap();
     let node_config = format!(
-        "node:\n  interfaces: [{}]\nadmin:\n  listen: 127.0.0.1:9300\n",
+        "node:\n  interfaces: [{}]\n{node}admin:\n  listen: 127.0.0.1:9300\n",
         lab.interfaces().join(", ")
     );
     let mut all = vec![
@@ -394,57 +401,28 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     );
     assert_eq!(ev["type"], "Warning");
 
-    // A Local-policy Service answers on its healthCheckNodePort like kube-proxy: 200 with the
-    // local endpoints in rotation, 503 when there are none on this node.
+    // Beside kube-proxy (kube_proxy_replacement: false) kube-proxy binds the Local-policy
+    // Services' healthCheckNodePorts: weir leaves them to it (served as kube-proxy's
+    // replacement: `kube_proxy_replacement_serves_every_service_type`).
     let mut local = service("local", json!({}));
     local["spec"]["externalTrafficPolicy"] = json!("Local");
     local["spec"]["healthCheckNodePort"] = json!(30123);
     create(&lab.lb, "/api/v1/namespaces/shop/services", local);
-    let mut local_slice = slice(&b);
-    local_slice["metadata"] =
-        json!({"name": "local-1", "labels": {"kubernetes.io/service-name": "local"}});
-    create(
-        &lab.lb,
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
-        local_slice.clone(),
-    );
+    wait_for(Duration::from_secs(10), "local to be served", || {
+        let s = agent.services(&lab.lb);
+        s["services"]
+            .as_array()?
+            .iter()
+            .any(|s| s["name"] == "shop/local")
+            .then_some(())
+    });
     let hc: SocketAddr = "127.0.0.1:30123".parse().unwrap();
-    let probe = || {
+    assert!(
         lab.lb
-            .run_in(|| clients::http_get(None, hc, "/", T).ok())
-            .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
-    };
-    let (code, body) = wait_for(
-        Duration::from_secs(10),
-        "the health-check node port",
-        || probe().filter(|(c, _)| *c == 200),
+            .run_in(|| std::net::TcpStream::connect_timeout(&hc, T))
+            .is_err(),
+        "nothing listens on the health-check node port"
     );
-    assert_eq!(code, 200);
-    assert!(body.contains(r#""localEndpoints":3"#), "{body}");
-    // The endpoints move to another node: none local any more.
-    let (_, current) = api(
-        &lab.lb,
-        "GET",
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/local-1",
-        None,
-    );
-    for e in local_slice["endpoints"].as_array_mut().unwrap() {
-        e["nodeName"] = json!("other-node");
-    }
-    local_slice["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-    let (code, v) = api(
-        &lab.lb,
-        "PUT",
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/local-1",
-        Some(local_slice),
-    );
-    assert_eq!(code, 200, "{v}");
-    let (_, body) = wait_for(
-        Duration::from_secs(10),
-        "a 503 from the health-check node port",
-        || probe().filter(|(c, _)| *c == 503),
-    );
-    assert!(body.contains(r#""localEndpoints":0"#), "{body}");
 
     // The API server goes away: the watchers retry with backoff, and the data plane keeps
     // serving the last state (it is level-triggered, nothing is torn down for a lost watch).
@@ -1095,7 +1073,7 @@ fn a_real_cluster_when_kubeconfig_is_set() {
             &services.items,
             &slices.items,
             &nodes.items,
-            &lb_agent::sources::kubernetes::translate::Options { node: node.clone(), default_class: true, table_size: 16381, max_services: 4096, max_backends: 65536, source_nat: Default::default() },
+            &lb_agent::sources::kubernetes::translate::Options { node: node.clone(), default_class: true, table_size: 16381, max_services: 4096, max_backends: 65536, source_nat: Default::default(), all_types: true, internal: true, nodeport_addresses: Vec::new(), local_addresses: Vec::new() },
         );
         eprintln!(
             "real cluster: {} Services, {} EndpointSlices, {} Nodes; on {node}: {} frontends, problems {:?}",
@@ -1245,4 +1223,236 @@ fn an_uninstall_removes_the_data_plane_and_a_restart_keeps_it() {
     assert!(!attached(&lab), "detached at the uninstall");
     assert!(!pinned.exists(), "unpinned at the uninstall");
     lab.kill_server(0);
+}
+
+/// kube-proxy's replacement (`node.kube_proxy_replacement: true`), one node: the socket hooks
+/// on a test cgroup stand in for the node's root cgroup, so the node's processes and its "pods"
+/// (processes in the backends' namespaces) in that cgroup are the in-cluster clients.
+/// - a ClusterIP from the node and from a pod: every endpoint, the ClusterIP as the peer;
+///   internalTrafficPolicy Local: this node's endpoints only;
+/// - NodePorts on the Node's InternalIP from an outside client: Cluster policy every endpoint,
+///   Local policy this node's only, with the client's address preserved;
+/// - a LoadBalancer address from inside: every endpoint (kube-proxy's short-circuit);
+/// - the healthCheckNodePort and kube-proxy's `:10256/healthz`, `/livez`;
+/// - traffic that is no service's (a node port nobody serves, an address that is no service's)
+///   untouched.
+#[test]
+fn kube_proxy_replacement_serves_every_service_type() {
+    weir_lab::netns::require_root();
+    let mut lab = Lab::new(3);
+    lab.start_servers(server_bin());
+    let mut apiserver = start_apiserver(&lab.lb);
+    let cg = TestCgroup::new();
+    create(
+        &lab.lb,
+        "/api/v1/nodes",
+        json!({"metadata": {"name": "lb-node"},
+               "status": {"addresses": [{"type": "InternalIP", "address": LB_V4}]}}),
+    );
+    create(
+        &lab.lb,
+        "/apis/weir.dev/v1alpha1/ippools",
+        json!({"metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.100.0/28"]}}),
+    );
+    let b: Vec<IpAddr> = lab.backends.iter().map(|b| b.v4).collect();
+    // web: NodePort, Cluster policy, every endpoint on this node.
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        slice(&b),
+    );
+    create(
+        &lab.lb,
+        "/api/v1/namespaces/shop/services",
+        json!({"metadata": {"name": "web"}, "spec": {
+            "type": "NodePort", "clusterIP": "198.18.200.1", "clusterIPs": ["198.18.200.1"],
+            "ipFamilies": ["IPv4"],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http", "nodePort": 30080}],
+        }}),
+    );
+    // local: a LoadBalancer with both policies Local; b3 is another node's endpoint.
+    let mut local_slice = slice(&b);
+    local_slice["metadata"] =
+        json!({"name": "local-1", "labels": {"kubernetes.io/service-name": "local"}});
+    local_slice["endpoints"][2]["nodeName"] = json!("other-node");
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        local_slice,
+    );
+    create(
+        &lab.lb,
+        "/api/v1/namespaces/shop/services",
+        json!({"metadata": {"name": "local"}, "spec": {
+            "type": "LoadBalancer", "loadBalancerClass": "weir.dev/lb",
+            "clusterIP": "198.18.200.2", "clusterIPs": ["198.18.200.2"], "ipFamilies": ["IPv4"],
+            "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+            "healthCheckNodePort": 30123,
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http", "nodePort": 30081}],
+        }}),
+    );
+    // The node's own server on its address (sshd, a node exporter): no service's.
+    let _node_server = serve_http(&lab.lb, server_bin(), "node", &[LB_V4.parse().unwrap()]);
+
+    let node = format!(
+        "  kube_proxy_replacement: true\n  socket_lb: {{cgroup: {}}}\n",
+        cg.path().display()
+    );
+    let agent = start_lb_node_agent_with(&lab, &node, &[]);
+    let (ingress, _) = wait_for(Duration::from_secs(20), "an address for local", || {
+        let s = service_status(&lab.lb, "local");
+        (!s.0.is_empty()).then_some(s)
+    });
+    let lb_addr = format!("{}:80", ingress[0]);
+    wait_for(Duration::from_secs(10), "every frontend programmed", || {
+        let s = agent.services(&lab.lb);
+        (s["services"].as_array()?.len() >= 6).then_some(())
+    });
+    let sock = |ns: &Netns, mode: &str, to: &str, n: usize| {
+        sockclient::exchanges(&cg, ns, server_bin(), mode, to, n)
+    };
+
+    // The ClusterIP from the node and from a pod (b1's namespace): every endpoint, and the
+    // socket sees the ClusterIP.
+    for ns in [&lab.lb, &lab.backends[0].ns] {
+        let x = sock(ns, "tcp", "198.18.200.1:80", 30);
+        assert!(x.iter().all(|e| e.peer == "198.18.200.1:80"), "{x:?}");
+        assert_eq!(spread(&x).len(), 3, "{x:?}");
+    }
+    // internalTrafficPolicy Local: this node's endpoints only.
+    let x = sock(&lab.lb, "tcp", "198.18.200.2:80", 30);
+    assert_eq!(
+        spread(&x).keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["b1".into(), "b2".into()]),
+        "{x:?}"
+    );
+    // The LoadBalancer address from inside: every endpoint, b3 on the other node included.
+    let x = sock(&lab.backends[1].ns, "tcp", &lb_addr, 30);
+    assert_eq!(spread(&x).len(), 3, "{x:?}");
+
+    // NodePorts on the Node's InternalIP from outside.
+    let from_outside = |port: u16, range: std::ops::Range<u16>| -> Vec<(String, String)> {
+        range
+            .map(|p| {
+                let r = lab
+                    .client
+                    .run_in(|| {
+                        clients::http_get(
+                            Some(SocketAddr::new(CLIENT_V4.parse().unwrap(), p)),
+                            SocketAddr::new(LB_V4.parse().unwrap(), port),
+                            "/whoami",
+                            T,
+                        )
+                    })
+                    .unwrap_or_else(|e| panic!("GET node port {port} from port {p}: {e}"));
+                assert_eq!(r.status, 200);
+                let body = String::from_utf8_lossy(&r.body).into_owned();
+                let seen = body
+                    .split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("peer="))
+                    .unwrap_or_default()
+                    .to_string();
+                (r.backend, seen)
+            })
+            .collect()
+    };
+    let cluster = from_outside(30080, 47_000..47_030);
+    assert_eq!(
+        cluster
+            .iter()
+            .map(|(b, _)| b.clone())
+            .collect::<BTreeSet<_>>()
+            .len(),
+        3,
+        "{cluster:?}"
+    );
+    let local = from_outside(30081, 47_100..47_130);
+    assert_eq!(
+        local
+            .iter()
+            .map(|(b, _)| b.clone())
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from(["b1".into(), "b2".into()]),
+        "{local:?}"
+    );
+    for (i, (_, seen)) in local.iter().enumerate() {
+        assert_eq!(
+            seen,
+            &format!("{CLIENT_V4}:{}", 47_100 + i),
+            "Local keeps the client's address"
+        );
+    }
+
+    // The healthCheckNodePort: kube-proxy's answer, two local endpoints.
+    let hc: SocketAddr = "127.0.0.1:30123".parse().unwrap();
+    let (code, body) = wait_for(
+        Duration::from_secs(10),
+        "the health-check node port",
+        || {
+            lab.lb
+                .run_in(|| clients::http_get(None, hc, "/", T).ok())
+                .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
+        },
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""localEndpoints":2"#), "{body}");
+    // kube-proxy's health endpoint.
+    for path in ["/healthz", "/livez"] {
+        let r = lab
+            .lb
+            .run_in(|| clients::http_get(None, "127.0.0.1:10256".parse().unwrap(), path, T))
+            .unwrap_or_else(|e| panic!("GET :10256{path}: {e}"));
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 200, "{path}: {body}");
+        assert!(body.contains(r#""nodeEligible":true"#), "{path}: {body}");
+    }
+
+    // No service's traffic: the node's own server on its address, from outside and from the
+    // node; a backend reached by its own address.
+    let r = lab
+        .client
+        .run_in(|| {
+            clients::http_get(
+                None,
+                SocketAddr::new(LB_V4.parse().unwrap(), HTTP_PORT),
+                "/",
+                T,
+            )
+        })
+        .expect("the node's own port from outside");
+    assert_eq!(r.backend, "node");
+    let x = sock(&lab.lb, "tcp", &format!("{LB_V4}:{HTTP_PORT}"), 2);
+    assert!(x.iter().all(|e| e.backend == "node"), "{x:?}");
+    let x = sock(
+        &lab.backends[0].ns,
+        "tcp",
+        &format!("{}:{HTTP_PORT}", b[1]),
+        2,
+    );
+    assert!(x.iter().all(|e| e.backend == "b2"), "{x:?}");
+
+    // The node is about to be removed by the cluster autoscaler: /healthz drains it, /livez
+    // stays.
+    let (_, current) = api(&lab.lb, "GET", "/api/v1/nodes/lb-node", None);
+    let mut tainted = current.clone();
+    tainted["spec"]["taints"] =
+        json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]);
+    let (code, v) = api(&lab.lb, "PUT", "/api/v1/nodes/lb-node", Some(tainted));
+    assert_eq!(code, 200, "{v}");
+    wait_for(Duration::from_secs(10), "/healthz to turn 503", || {
+        let r = lab
+            .lb
+            .run_in(|| clients::http_get(None, "127.0.0.1:10256".parse().unwrap(), "/healthz", T))
+            .ok()?;
+        (r.status == 503).then_some(())
+    });
+    let r = lab
+        .lb
+        .run_in(|| clients::http_get(None, "127.0.0.1:10256".parse().unwrap(), "/livez", T))
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+    apiserver.kill();
 }

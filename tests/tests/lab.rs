@@ -247,16 +247,20 @@ fn transfers_of_real_sizes_in_every_topology() {
         }
         assert_eq!(shares(results.iter().map(|(_, b)| b)).len(), 3);
         transfers::assert_all_translated(&agent, &lab.lb, 1000.0);
-        let m = agent.metrics(&lab.lb);
-        let fragments = weir_lab::agent::sample(
-            &m,
-            "weir_dataplane_packets_total{path=\"reverse_nat_fragment\"}",
-        )
-        .unwrap_or(0.0);
-        // 1 MB in 8000-byte replies, each in 6 fragments, twice (IPv4 and IPv6).
-        assert!(
-            fragments >= 2.0 * 131.0 * 6.0,
-            "{topology:?}: {fragments} fragments translated"
+        // 1 MB in 8000-byte replies, each in 6 fragments, twice (IPv4 and IPv6); the counters
+        // are sampled once a second, so wait for the sample that has them all.
+        let fragments = || {
+            weir_lab::agent::sample(
+                &agent.metrics(&lab.lb),
+                "weir_dataplane_packets_total{path=\"reverse_nat_fragment\"}",
+            )
+            .unwrap_or(0.0)
+        };
+        let want = 2.0 * 131.0 * 6.0;
+        wait_for(
+            Duration::from_secs(5),
+            &format!("{topology:?}: {want} fragments translated"),
+            || Some(fragments()).filter(|n| *n >= want),
         );
         drop(agent);
         drop(lab);

@@ -4,13 +4,14 @@
 //! default config. The backends are the lab's real servers behind its Linux bridge.
 //! Needs root; every test builds and removes its own namespaces and cgroup.
 
-use std::{collections::BTreeMap, path::Path};
+use std::path::Path;
 
 use lb_agent::config::DEFAULT_CONFIG;
 use weir_lab::{
     agent::{Agent, wait_for},
     cgroup::TestCgroup,
     lab::*,
+    sockclient::{self, Exchange, spread},
 };
 
 fn bin() -> &'static Path {
@@ -40,46 +41,9 @@ fn lab_with_hooks() -> (Lab, TestCgroup, Agent) {
     (lab, cg, agent)
 }
 
-/// One exchange as `weir-lab sockclient` prints it.
-#[derive(Debug)]
-struct Exchange {
-    peer: String,
-    from: String,
-    backend: String,
-}
-
 /// Runs the client in the cgroup on the LB node: its exchanges (every one must succeed).
 fn client(lab: &Lab, cg: &TestCgroup, mode: &str, to: &str, n: usize) -> Vec<Exchange> {
-    let out = cg.output(&lab.lb, bin(), &["sockclient", mode, to, &n.to_string()]);
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), n, "{mode} {to}: {out}");
-    lines
-        .iter()
-        .map(|l| {
-            let field = |k: &str| {
-                l.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-                    .unwrap_or_else(|| panic!("{mode} {to}: no {k} in {l:?}"))
-                    .to_string()
-            };
-            Exchange {
-                peer: field("peer"),
-                from: field("from"),
-                backend: field("reply")
-                    .strip_prefix("backend=")
-                    .unwrap_or_else(|| panic!("{mode} {to}: no backend in {l:?}"))
-                    .to_string(),
-            }
-        })
-        .collect()
-}
-
-fn spread(x: &[Exchange]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for e in x {
-        *m.entry(e.backend.clone()).or_default() += 1;
-    }
-    m
+    sockclient::exchanges(cg, &lab.lb, bin(), mode, to, n)
 }
 
 #[test]

@@ -166,8 +166,8 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
     }
 
     /// Applies a new translation of the Kubernetes stores (the BGP part takes effect with
-    /// [`Agent::sync_bgp`]).
-    pub fn apply_kubernetes(&mut self, t: &Translation) {
+    /// [`Agent::sync_bgp`]); false when the data plane refused it.
+    pub fn apply_kubernetes(&mut self, t: &Translation) -> bool {
         let started = Instant::now();
         self.announcer.set_bgp(t.bgp.clone());
         self.announcer.set_problems(t.announce_problems.clone());
@@ -175,13 +175,14 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
         if t.desired == *self.reconciler.desired() {
             // The announcement resources may have changed alone.
             self.announce();
-            return;
+            return true;
         }
         // A refused translation is logged; the next one tries again.
-        let _ = self.apply(t.desired.clone(), "Kubernetes change");
+        let applied = self.apply(t.desired.clone(), "Kubernetes change").is_ok();
         self.metrics
             .agent
             .observe_sync("kubernetes", started.elapsed());
+        applied
     }
 
     /// Programs `desired` or rolls back (logging either).
@@ -220,7 +221,13 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
         let programmed = self.reconciler.programmed();
         ports.update(|service| {
             let mut live = std::collections::BTreeSet::new();
-            for s in programmed.services.iter().filter(|s| s.name == service) {
+            // The frontends outside clients reach (externalTrafficPolicy Local: this node's
+            // endpoints); the in-cluster ones reach every node's.
+            for s in programmed
+                .services
+                .iter()
+                .filter(|s| s.name == service && s.frontend.scope.external())
+            {
                 live.extend(s.backends.iter().filter(|b| b.share() > 0).map(|b| b.addr));
             }
             live.len()

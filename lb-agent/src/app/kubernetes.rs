@@ -65,6 +65,14 @@ pub async fn start(
         max_services: config.dataplane.max_services,
         max_backends: config.dataplane.max_backends,
         source_nat: config.node.source_nat,
+        all_types: config.node.kube_proxy_replacement,
+        internal: config.node.socket_lb.is_some(),
+        nodeport_addresses: config.node.nodeport_addresses.clone(),
+        local_addresses: if config.node.nodeport_addresses.is_empty() {
+            Vec::new()
+        } else {
+            crate::sys::local_addresses().map_err(super::AppError::LocalAddresses)?
+        },
     };
     let mut tasks = Vec::new();
     // The Lease first: electing takes a few rounds and needs no lists.

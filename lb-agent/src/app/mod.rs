@@ -19,7 +19,7 @@ use std::{
 };
 
 use tokio::{sync::watch, time::Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use self::kubernetes::KubeMode;
 use self::{agent::Agent, kubernetes::Kubernetes, signals::Signals};
@@ -37,6 +37,7 @@ use crate::{
     reconcile::Reconciler,
     sources::kubernetes::{
         healthport::HealthPorts,
+        proxyhealth::{self, ProxyHealth},
         runtime::{self as kube_runtime, KubeError},
     },
     status::Snapshot,
@@ -62,6 +63,14 @@ pub enum AppError {
     },
     #[error(transparent)]
     Kubernetes(#[from] KubeError),
+    #[error("listing this node's addresses for node.nodeport_addresses: {0}")]
+    LocalAddresses(#[source] std::io::Error),
+    #[error("node.healthz_listen {addr}: {source}")]
+    HealthzListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the Kubernetes watchers stopped before the first translation")]
     KubernetesStopped,
     #[error("loading the data plane: {0}")]
@@ -410,10 +419,21 @@ async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
     events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
 ) {
     let mut health_ports = HealthPorts::default();
+    // kube-proxy's health endpoint, in Kubernetes mode as its replacement; the first state
+    // (programmed by now) counts as its first update.
+    let proxy = ProxyHealth::default();
+    proxy.updated(std::time::SystemTime::now());
+    let _healthz = match (&k8s, agent.current.node.healthz_listen) {
+        (Some(_), Some(addr)) => Some(AbortOnDrop(tokio::spawn(serve_healthz(
+            addr,
+            proxy.clone(),
+        )))),
+        _ => None,
+    };
     // A translation published while the first state was programmed has been seen by no one
     // yet: apply it here (reading it marks it seen, so the loop would not wake for it).
     if let Some(t) = k8s.as_mut().and_then(|k| k.latest()) {
-        apply_translation(agent, &t, &mut health_ports).await;
+        apply_translation(agent, &t, &mut health_ports, &proxy).await;
     }
     let mut gossip_view = agent.announcer.gossip_view();
     let mut poll = tokio::time::interval(FILE_POLL);
@@ -434,7 +454,7 @@ async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
                 agent.announce();
             }
             Some(t) = async { k8s.as_mut()?.translations.changed().await.ok()?; k8s.as_mut()?.latest() }, if k8s.is_some() => {
-                apply_translation(agent, &t, &mut health_ports).await;
+                apply_translation(agent, &t, &mut health_ports, &proxy).await;
             }
             Some(()) = async { gossip_view.as_mut()?.changed().await.ok() }, if gossip_view.is_some() => {
                 agent.announce();
@@ -459,11 +479,47 @@ async fn apply_translation<D: Dataplane, C: crate::health::monitor::Checks>(
     agent: &mut Agent<D, C>,
     t: &crate::sources::kubernetes::translate::Translation,
     health_ports: &mut HealthPorts,
+    proxy: &ProxyHealth,
 ) {
-    agent.apply_kubernetes(t);
+    proxy.queued(std::time::SystemTime::now());
+    proxy.set_node_eligible(!t.node_leaving);
+    if agent.apply_kubernetes(t) {
+        proxy.updated(std::time::SystemTime::now());
+    }
     agent.sync_bgp().await;
     health_ports.sync(&t.health_node_ports).await;
     agent.update_health_ports(health_ports);
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves kube-proxy's health endpoint at `addr`, binding again every few seconds while the
+/// address is taken (kube-proxy still running on the node, typically).
+async fn serve_healthz(addr: std::net::SocketAddr, health: ProxyHealth) {
+    let mut warned = false;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                info!(%addr, "serving kube-proxy's health endpoint (/healthz, /livez)");
+                proxyhealth::serve(listener, health).await;
+                return;
+            }
+            Err(e) => {
+                if !warned {
+                    error!(%addr, error = %e, "node.healthz_listen: cannot serve kube-proxy's health endpoint (is kube-proxy still running on this node?); retrying every 5s");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

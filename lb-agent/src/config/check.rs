@@ -347,6 +347,30 @@ impl RawConfig {
             );
         }
 
+        let mut nodeport_addresses = Vec::new();
+        for (i, a) in self.node.nodeport_addresses.iter().enumerate() {
+            match a.trim().parse::<ipnet::IpNet>() {
+                Ok(n) => nodeport_addresses.push(n.trunc()),
+                Err(_) => c.fail(
+                    format!("node.nodeport_addresses[{i}]"),
+                    format!("{a:?} is not a prefix (e.g. 198.18.0.0/15 or fd00::/8)"),
+                ),
+            }
+        }
+        if self.node.healthz_listen.is_some() && !self.node.kube_proxy_replacement {
+            c.fail(
+                "node.healthz_listen",
+                "set, but the health endpoint is served with node.kube_proxy_replacement only (beside kube-proxy, kube-proxy serves it)",
+            );
+        }
+        let healthz_listen = self.node.kube_proxy_replacement.then(|| {
+            self.node.healthz_listen.unwrap_or_else(|| {
+                DEFAULT_HEALTHZ_LISTEN
+                    .parse()
+                    .expect("the default healthz address parses")
+            })
+        });
+
         let mut names = BTreeMap::new();
         let mut frontends = BTreeMap::new();
         // Frontends per backend endpoint (reverse NAT's table holds a few per endpoint).
@@ -623,6 +647,8 @@ impl RawConfig {
                 source_nat,
                 kube_proxy_replacement: self.node.kube_proxy_replacement,
                 socket_lb,
+                nodeport_addresses,
+                healthz_listen,
             },
             admin: AdminConfig {
                 listen: self.admin.listen,

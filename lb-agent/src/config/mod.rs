@@ -61,7 +61,16 @@ pub struct NodeConfig {
     /// `node.socket_lb`: the cgroup v2 directory where the socket hooks attach (every process
     /// in it and below connects to services through them); None: no socket load balancing.
     pub socket_lb: Option<std::path::PathBuf>,
+    /// `node.nodeport_addresses`: the prefixes of the node addresses NodePorts are served on
+    /// (kube-proxy's `--nodeport-addresses`); empty: the Node's InternalIPs.
+    pub nodeport_addresses: Vec<ipnet::IpNet>,
+    /// `node.healthz_listen`: kube-proxy's health endpoint (`/healthz`, `/livez`), served
+    /// with `kube_proxy_replacement` only (beside kube-proxy, kube-proxy serves it).
+    pub healthz_listen: Option<SocketAddr>,
 }
+
+/// The default `node.healthz_listen`: kube-proxy's `--healthz-bind-address`.
+pub const DEFAULT_HEALTHZ_LISTEN: &str = "[::]:10256";
 
 /// The default `node.socket_lb.cgroup`: the node's cgroup v2 root.
 pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup";

@@ -165,6 +165,11 @@ pub(super) struct RawNode {
     pub(super) kube_proxy_replacement: bool,
     #[serde(default)]
     pub(super) socket_lb: RawSocketLb,
+    /// Prefixes (kube-proxy's `--nodeport-addresses`); empty: the Node's InternalIPs.
+    #[serde(default)]
+    pub(super) nodeport_addresses: Vec<String>,
+    /// kube-proxy's health endpoint (`--healthz-bind-address`).
+    pub(super) healthz_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -556,3 +556,50 @@ fn announce_bgp_is_checked_and_reads_the_password_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn kube_proxy_replacement_settings() {
+    // Off by default: no socket hooks, no health endpoint.
+    let c = Config::parse(MINIMAL, "test.yaml").unwrap();
+    assert!(!c.node.kube_proxy_replacement);
+    assert_eq!(c.node.socket_lb, None);
+    assert_eq!(c.node.healthz_listen, None);
+    assert!(c.node.nodeport_addresses.is_empty());
+    // On: the hooks at the node's root cgroup, kube-proxy's health endpoint on :10256.
+    let c = Config::parse(
+        &edit(
+            "  interfaces: [eth0]\n",
+            "  interfaces: [eth0]\n  kube_proxy_replacement: true\n  nodeport_addresses: [198.18.0.1/24, 'fd00:18::/64']\n",
+        ),
+        "test.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.node.socket_lb, Some(DEFAULT_CGROUP.into()));
+    assert_eq!(c.node.healthz_listen, Some("[::]:10256".parse().unwrap()));
+    assert_eq!(
+        c.node.nodeport_addresses,
+        [
+            "198.18.0.0/24".parse::<IpNet>().unwrap(),
+            "fd00:18::/64".parse().unwrap()
+        ]
+    );
+    // Bad values are named; the health endpoint beside kube-proxy would take its port.
+    let p = problems(&edit(
+        "  interfaces: [eth0]\n",
+        "  interfaces: [eth0]\n  nodeport_addresses: [everywhere]\n  healthz_listen: 127.0.0.1:10256\n",
+    ));
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("node.nodeport_addresses[0]: \"everywhere\" is not a prefix"),
+        "{p:?}"
+    );
+    assert!(p[1].starts_with("node.healthz_listen: set, but"), "{p:?}");
+    let p = problems(&edit(
+        "  interfaces: [eth0]\n",
+        "  interfaces: [eth0]\n  kube_proxy_replacement: true\n  socket_lb: {enabled: false}\n",
+    ));
+    assert!(
+        p[0].starts_with("node.socket_lb.enabled: false, but"),
+        "{p:?}"
+    );
+}

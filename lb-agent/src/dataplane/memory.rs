@@ -40,7 +40,8 @@ pub fn estimate(limits: &DataplaneLimits, ncpus: u32) -> Vec<(&'static str, u64)
     let mut out = vec![
         (
             maps::SERVICES,
-            hash::<ServiceKey, ServiceValue>(limits.max_services),
+            // A service of both scopes has two keys.
+            hash::<ServiceKey, ServiceValue>(limits.max_services.saturating_mul(2)),
         ),
         (maps::VIPS, hash::<VipKey, VipValue>(limits.max_services)),
         (

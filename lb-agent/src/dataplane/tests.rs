@@ -719,3 +719,59 @@ fn adopting_clears_what_an_unfinished_change_left() {
         (1, 0)
     );
 }
+
+/// A NodePort on the node's address: its address joins the pre-filter (XDP looks its packets
+/// up) but not `VIPS` (its other ports, ICMP and neighbour resolution stay the node's); an
+/// address with an external and an internal frontend of other backends is two keys of two ids.
+/// Adopting rebuilds both.
+#[test]
+fn node_ports_and_split_scopes_program_and_adopt() {
+    let (mut p, mut m) = setup();
+    let mut node_port = web(&[("198.18.1.11:8080", 1)]);
+    node_port.frontend.vip = "198.18.0.2".parse().unwrap();
+    node_port.frontend.port = 30080;
+    node_port.node_address = true;
+    let mut external = web(&[("198.18.1.11:8080", 1)]);
+    external.frontend.scope = Scope::External;
+    let mut internal = web(&[("198.18.1.11:8080", 1), ("198.18.1.12:8080", 1)]);
+    internal.frontend.scope = Scope::Internal;
+    let desired = state(vec![node_port.clone(), external, internal]);
+    p.apply(&desired, &mut m).unwrap();
+    let dump = m.dump();
+    let services: Vec<&str> = dump.lines().filter(|l| l.starts_with("service ")).collect();
+    assert_eq!(
+        services
+            .iter()
+            .map(|l| l.split(" size=").next().unwrap())
+            .collect::<Vec<_>>(),
+        [
+            "service 198.18.0.2:30080 external proto=6 id=1",
+            "service 198.18.0.2:30080 internal proto=6 id=1",
+            "service 198.18.100.10:80 external proto=6 id=2",
+            "service 198.18.100.10:80 internal proto=6 id=3",
+        ],
+        "{dump}"
+    );
+    let vips: Vec<&str> = dump.lines().filter(|l| l.starts_with("vip ")).collect();
+    assert_eq!(vips, ["vip 198.18.100.10"], "the node address is no VIP");
+    let filter = |dump: &str| {
+        dump.lines()
+            .filter(|l| l.starts_with("vip_filter["))
+            .count()
+    };
+    assert_eq!(filter(&dump), 2, "the VIP and the node address: {dump}");
+    assert!(dump.contains("flags=4"), "NODE_ADDRESS flag: {dump}");
+
+    let (mut q, report) = adopt(&mut m);
+    assert!(report.repaired.is_empty(), "{:?}", report.repaired);
+    q.apply(&desired, &mut m).unwrap();
+    assert!(m.log.is_empty(), "the first apply wrote {:?}", m.log);
+    assert_eq!(m.dump(), dump);
+
+    // The NodePort goes: its address leaves the pre-filter; the VIP stays.
+    q.apply(&state(desired.services[1..].to_vec()), &mut m)
+        .unwrap();
+    let after = m.dump();
+    assert_eq!(filter(&after), 1, "{after}");
+    assert!(!after.contains("198.18.0.2"), "{after}");
+}

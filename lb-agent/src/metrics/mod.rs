@@ -27,7 +27,7 @@ use crate::{
     health::metrics::HealthMetrics,
     sources::kubernetes::metrics::KubernetesMetrics,
     status::Snapshot,
-    status::traffic::{Counters, Traffic},
+    status::traffic::{Counters, ServiceTraffic, Traffic},
 };
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -255,6 +255,14 @@ const PATHS: [(usize, &str); 9] = [
     (datapath_stat::NEIGHBOR_ADVERT, "neighbor_advert"),
 ];
 
+fn add(to: &mut Counters, c: &Counters) {
+    to.packets_in += c.packets_in;
+    to.bytes_in += c.bytes_in;
+    to.packets_out += c.packets_out;
+    to.bytes_out += c.bytes_out;
+    to.connections += c.connections;
+}
+
 fn counter<'a>(
     encoder: &'a mut DescriptorEncoder,
     name: &'a str,
@@ -269,8 +277,23 @@ impl Collector for TrafficCollector {
         if !t.sampled {
             return Ok(());
         }
-        let services: Vec<_> = t
-            .services
+        // One series per frontend address: the external and internal frontends of one
+        // address (other endpoints for in-cluster clients) are summed.
+        let mut merged: Vec<ServiceTraffic> = Vec::with_capacity(t.services.len());
+        for s in &t.services {
+            match merged.iter_mut().find(|m| {
+                m.name == s.name && m.vip == s.vip && m.port == s.port && m.protocol == s.protocol
+            }) {
+                Some(m) => {
+                    add(&mut m.totals, &s.totals);
+                    for (d, x) in m.drops.iter_mut().zip(s.drops) {
+                        *d += x;
+                    }
+                }
+                None => merged.push(s.clone()),
+            }
+        }
+        let services: Vec<_> = merged
             .iter()
             .map(|s| {
                 let port = s.port.to_string();
@@ -350,14 +373,12 @@ impl Collector for TrafficCollector {
         let mut backends: BTreeMap<(&str, String), Counters> = BTreeMap::new();
         for s in &t.services {
             for b in &s.backends {
-                let c = backends
-                    .entry((s.name.as_str(), b.addr.to_string()))
-                    .or_default();
-                c.packets_in += b.totals.packets_in;
-                c.bytes_in += b.totals.bytes_in;
-                c.packets_out += b.totals.packets_out;
-                c.bytes_out += b.totals.bytes_out;
-                c.connections += b.totals.connections;
+                add(
+                    backends
+                        .entry((s.name.as_str(), b.addr.to_string()))
+                        .or_default(),
+                    &b.totals,
+                );
             }
         }
         for (name, help, packets) in [

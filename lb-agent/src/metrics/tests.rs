@@ -185,3 +185,42 @@ fn frontends_of_one_kubernetes_service_share_backend_series() {
         2
     );
 }
+
+/// A Kubernetes address with other endpoints for in-cluster clients is two frontends (external
+/// and internal) of one label set: one series, their sum.
+#[test]
+fn the_scopes_of_one_address_are_one_series() {
+    let traffic = watch::Sender::new(Arc::new(Traffic::default()));
+    let m = Metrics::new(watch::Sender::default().subscribe(), traffic.subscribe());
+    let mut t = fixtures::traffic();
+    let mut external = t.services[0].clone();
+    external.scope = crate::model::Scope::External;
+    let mut internal = external.clone();
+    internal.scope = crate::model::Scope::Internal;
+    internal.totals.connections = 5;
+    internal.drops = [0; drop_reason::SLOTS];
+    internal.drops[drop_reason::NO_BACKEND as usize] = 3;
+    t.services = vec![external, internal];
+    traffic.send_replace(Arc::new(t));
+    let text = m.encode();
+    let svc = "service=\"web\",vip=\"198.18.100.10\",port=\"80\",protocol=\"tcp\"";
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("weir_service_connections_total{{{svc}}}")))
+        .collect();
+    assert_eq!(
+        series,
+        [format!("weir_service_connections_total{{{svc}}} 25")],
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == format!("weir_service_drops_total{{{svc},reason=\"no_backend\"}} 5")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == format!("weir_service_packets_total{{{svc},direction=\"in\"}} 240")),
+        "{text}"
+    );
+}

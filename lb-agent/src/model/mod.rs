@@ -48,7 +48,10 @@ impl fmt::Display for Protocol {
 }
 
 /// Which clients a frontend serves: where the data plane looks it up.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// Both of the below, with the same backends.
     #[default]

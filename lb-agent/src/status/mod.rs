@@ -22,7 +22,7 @@ use crate::{
         monitor::{LastFailure, Shared},
         state::Health,
     },
-    model::Protocol,
+    model::{Protocol, Scope},
 };
 
 #[derive(Clone, Debug, Default)]
@@ -63,6 +63,9 @@ pub struct ServiceStatus {
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// Which clients the frontend serves (a Kubernetes address may be two frontends: one for
+    /// outside clients, one for in-cluster ones, with other endpoints).
+    pub scope: Scope,
     /// The check type, when the service has a health check.
     pub check: Option<&'static str>,
     pub mode: HealthMode,
@@ -118,6 +121,9 @@ pub struct ServiceJson {
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// both | external (clients outside the node) | internal (the node's processes and pods)
+    #[serde(default)]
+    pub scope: Scope,
     pub health_check: Option<String>,
     /// unchecked | checked | pending | fail_open | fail_closed
     pub health: HealthMode,
@@ -193,14 +199,13 @@ impl Snapshot {
                 .services
                 .iter()
                 .map(|s| {
-                    let t = traffic
-                        .service(&s.name)
-                        .filter(|t| t.vip == s.vip && t.port == s.port && t.protocol == s.protocol);
+                    let t = traffic.find(&s.name, s.vip, s.port, s.protocol, s.scope);
                     ServiceJson {
                         name: s.name.clone(),
                         vip: s.vip,
                         port: s.port,
                         protocol: s.protocol,
+                        scope: s.scope,
                         health_check: s.check.map(str::to_string),
                         health: s.mode,
                         announced: s.announced,
@@ -283,6 +288,7 @@ pub mod fixtures {
             vip: "198.18.100.10".parse().unwrap(),
             port: 80,
             protocol: Protocol::Tcp,
+            scope: Scope::Both,
             check,
             mode,
             backends,
@@ -347,6 +353,7 @@ pub mod fixtures {
                 vip: "198.18.100.10".parse().unwrap(),
                 port: 80,
                 protocol: Protocol::Tcp,
+                scope: Scope::Both,
                 totals: counters(120, 100, 20),
                 rates,
                 drops,

@@ -21,7 +21,11 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 use tracing::warn;
 
-use crate::{dataplane::inspect::Inspect, model::Protocol, status::Snapshot};
+use crate::{
+    dataplane::inspect::Inspect,
+    model::{Protocol, Scope},
+    status::Snapshot,
+};
 
 /// How often the counters are read.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -70,6 +74,7 @@ pub struct ServiceTraffic {
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
     pub totals: Counters,
     pub rates: Rates,
     /// By `drop_reason` code.
@@ -107,11 +112,22 @@ impl Traffic {
         self.services.iter().find(|s| s.name == name)
     }
 
-    /// The service of a frontend.
-    pub fn at(&self, vip: IpAddr, port: u16, protocol: Protocol) -> Option<&ServiceTraffic> {
-        self.services
-            .iter()
-            .find(|s| s.vip == vip && s.port == port && s.protocol == protocol)
+    /// The series of one frontend of service `name`.
+    pub fn find(
+        &self,
+        name: &str,
+        vip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        scope: Scope,
+    ) -> Option<&ServiceTraffic> {
+        self.services.iter().find(|s| {
+            s.name == name
+                && s.vip == vip
+                && s.port == port
+                && s.protocol == protocol
+                && s.scope == scope
+        })
     }
 }
 
@@ -186,8 +202,8 @@ impl<const N: usize> Series<N> {
     }
 }
 
-type ServiceLabels = (String, IpAddr, u16, Protocol);
-type BackendLabels = (String, IpAddr, u16, Protocol, SocketAddr);
+type ServiceLabels = (String, IpAddr, u16, Protocol, Scope);
+type BackendLabels = (String, IpAddr, u16, Protocol, Scope, SocketAddr);
 
 /// Per-id readings → per-label-set totals and rates (see the module docs).
 #[derive(Debug, Default)]
@@ -213,16 +229,15 @@ impl Accounting {
         let seconds = previous.map(|(t, _)| now.duration_since(*t).as_secs_f64());
         let mut services = Vec::with_capacity(snapshot.services.len());
         for s in &snapshot.services {
-            let labels = (s.name.clone(), s.vip, s.port, s.protocol);
+            let labels = (s.name.clone(), s.vip, s.port, s.protocol, s.scope);
             let reading = raw.services.get(s.id as usize).unwrap_or(&zero_service);
             let total = self
                 .services
                 .entry(labels)
                 .or_insert_with(|| Series::new(s.id))
                 .update(s.id, service_fields(reading));
-            let before = previous
-                .and_then(|(_, p)| p.service(&s.name))
-                .filter(|p| p.vip == s.vip && p.port == s.port && p.protocol == s.protocol);
+            let before =
+                previous.and_then(|(_, p)| p.find(&s.name, s.vip, s.port, s.protocol, s.scope));
             let totals = counters(&total);
             let rate = |now: &Counters, before: Option<&Counters>| match (before, seconds) {
                 (Some(b), Some(secs)) if secs > 0.0 => Rates::between(now, b, secs),
@@ -235,7 +250,7 @@ impl Accounting {
                     let reading = raw.backends.get(b.id as usize).unwrap_or(&zero_backend);
                     let total = self
                         .backends
-                        .entry((s.name.clone(), s.vip, s.port, s.protocol, b.addr))
+                        .entry((s.name.clone(), s.vip, s.port, s.protocol, s.scope, b.addr))
                         .or_insert_with(|| Series::new(b.id))
                         .update(b.id, backend_fields(reading));
                     let totals = counters(&total);
@@ -256,6 +271,7 @@ impl Accounting {
                 vip: s.vip,
                 port: s.port,
                 protocol: s.protocol,
+                scope: s.scope,
                 rates: rate(&totals, before.map(|p| &p.totals)),
                 totals,
                 drops,
@@ -265,16 +281,24 @@ impl Accounting {
         // Keep the totals of label sets that are still served. A service that is gone takes
         // its backends' totals with it; a backend that left a service that stays keeps its
         // total, so that it continues if the backend comes back (pods turning unready).
-        self.services.retain(|(name, vip, port, protocol), _| {
-            snapshot.services.iter().any(|s| {
-                &s.name == name && s.vip == *vip && s.port == *port && s.protocol == *protocol
-            })
-        });
-        self.backends.retain(|(name, vip, port, protocol, _), _| {
-            snapshot.services.iter().any(|s| {
-                &s.name == name && s.vip == *vip && s.port == *port && s.protocol == *protocol
-            })
-        });
+        let served =
+            |name: &String, vip: &IpAddr, port: &u16, protocol: &Protocol, scope: &Scope| {
+                snapshot.services.iter().any(|s| {
+                    &s.name == name
+                        && s.vip == *vip
+                        && s.port == *port
+                        && s.protocol == *protocol
+                        && s.scope == *scope
+                })
+            };
+        self.services
+            .retain(|(name, vip, port, protocol, scope), _| {
+                served(name, vip, port, protocol, scope)
+            });
+        self.backends
+            .retain(|(name, vip, port, protocol, scope, _), _| {
+                served(name, vip, port, protocol, scope)
+            });
         let unattributed = raw.services.first().copied().unwrap_or_default();
         let traffic = Arc::new(Traffic {
             sampled: true,

@@ -173,7 +173,8 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
 /// The capacities the agent gives the maps (the others keep the object's).
 fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 11] {
     [
-        (maps::SERVICES, limits.max_services),
+        // A service of both scopes has two keys.
+        (maps::SERVICES, limits.max_services.saturating_mul(2)),
         (maps::VIPS, limits.max_services),
         (maps::SERVICE_STATS, limits.max_services),
         (maps::BACKENDS, limits.max_backends),

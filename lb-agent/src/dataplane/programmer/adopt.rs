@@ -297,8 +297,12 @@ fn adopt_vips(
     maps: &mut dyn MapWriter,
     report: &mut AdoptReport,
 ) -> Result<(), MapError> {
-    for s in p.services.values().filter(|s| super::owns_vip(&s.spec)) {
-        *p.vips.entry(s.spec.frontend.vip).or_default() += 1;
+    for s in p.services.values() {
+        if super::owns_vip(&s.spec) {
+            *p.vips.entry(s.spec.frontend.vip).or_default() += 1;
+        } else if super::node_port(&s.spec) {
+            *p.node_addresses.entry(s.spec.frontend.vip).or_default() += 1;
+        }
     }
     let mut present = BTreeSet::new();
     for (k, v) in &contents.vips {
@@ -331,7 +335,12 @@ fn adopt_vips(
         v4.into_iter().chain(v6).collect()
     });
     let mut filter: BTreeMap<u32, u32> = BTreeMap::new();
-    for ip in p.vips.keys().chain(&snat_addrs) {
+    for ip in p
+        .vips
+        .keys()
+        .chain(p.node_addresses.keys())
+        .chain(&snat_addrs)
+    {
         *filter
             .entry(vip_filter_index(&vip_key(*ip).addr))
             .or_default() += 1;

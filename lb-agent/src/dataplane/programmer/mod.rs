@@ -176,6 +176,14 @@ fn owns_vip(svc: &Service) -> bool {
     svc.frontend.scope.external() && !svc.node_address
 }
 
+/// Whether the service's address is one of the node's own served to clients outside (a
+/// NodePort): in the VIP pre-filter, so that XDP looks its packets up, but not in `VIPS`, so
+/// that every other packet to it (its other ports, ICMP, neighbour resolution) stays the
+/// node's.
+fn node_port(svc: &Service) -> bool {
+    svc.frontend.scope.external() && svc.node_address
+}
+
 /// Writes undone when a service operation fails before it is published.
 enum Undo {
     Backend(u32),
@@ -190,6 +198,7 @@ enum Undo {
     ServiceValue(ServiceKey, ServiceValue),
     Range(u32, IpNet),
     Vip(IpAddr),
+    NodeAddress(IpAddr),
     ServiceId(u32),
 }
 
@@ -203,6 +212,8 @@ pub struct Programmer {
     generations: Vec<u32>,
     /// Services per VIP address.
     vips: BTreeMap<IpAddr, u32>,
+    /// NodePort services per node address (pre-filter only).
+    node_addresses: BTreeMap<IpAddr, u32>,
     /// VIPs per pre-filter slot.
     filter: BTreeMap<u32, u32>,
     /// Reverse NAT's table: what each backend endpoint (address and port, with the frontend's
@@ -232,6 +243,7 @@ impl Programmer {
             pages: TablePages::default(),
             generations: vec![0; limits.max_backends as usize],
             vips: BTreeMap::new(),
+            node_addresses: BTreeMap::new(),
             filter: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             source_nat: None,
@@ -499,6 +511,10 @@ impl Programmer {
             undo.push(Undo::Vip(svc.frontend.vip));
             self.vip_ref(svc.frontend.vip, maps).map_err(&err)?;
         }
+        if node_port(svc) {
+            undo.push(Undo::NodeAddress(svc.frontend.vip));
+            self.node_ref(svc.frontend.vip, 1, maps).map_err(&err)?;
+        }
         let p = ProgrammedService {
             spec: svc.clone(),
             id,
@@ -551,6 +567,9 @@ impl Programmer {
         }
         if owns_vip(&old.spec) && !owns_vip(svc) {
             note(self.vip_unref(svc.frontend.vip, maps));
+        }
+        if node_port(&old.spec) && !node_port(svc) {
+            note(self.node_ref(svc.frontend.vip, -1, maps));
         }
         // Taken out of rotation: now that no table holds it, its flows are steered again.
         let was_available: BTreeMap<SocketAddr, bool> = old
@@ -657,6 +676,10 @@ impl Programmer {
             undo.push(Undo::Vip(new.frontend.vip));
             self.vip_ref(new.frontend.vip, maps).map_err(&err)?;
         }
+        if node_port(&new) && !node_port(svc) {
+            undo.push(Undo::NodeAddress(new.frontend.vip));
+            self.node_ref(new.frontend.vip, 1, maps).map_err(&err)?;
+        }
         if next.value() != old.value() {
             for key in service_keys(&new.frontend) {
                 undo.push(Undo::ServiceValue(key, old.value()));
@@ -699,6 +722,9 @@ impl Programmer {
         }
         if owns_vip(&p.spec) {
             note(self.vip_unref(f.vip, maps));
+        }
+        if node_port(&p.spec) {
+            note(self.node_ref(f.vip, -1, maps));
         }
         self.service_ids.release(p.id);
         debug!(service = %p.spec.name, id = p.id, "service removed");
@@ -795,6 +821,27 @@ impl Programmer {
         Ok(())
     }
 
+    /// Adds `delta` (±1) to the NodePort services of node address `ip`: in the pre-filter
+    /// while it has any.
+    fn node_ref(
+        &mut self,
+        ip: IpAddr,
+        delta: i32,
+        maps: &mut dyn MapWriter,
+    ) -> Result<(), MapError> {
+        let n = self.node_addresses.get(&ip).copied().unwrap_or(0);
+        let next = n.saturating_add_signed(delta);
+        if (n == 0) != (next == 0) {
+            self.filter_add(ip, delta, maps)?;
+        }
+        if next == 0 {
+            self.node_addresses.remove(&ip);
+        } else {
+            self.node_addresses.insert(ip, next);
+        }
+        Ok(())
+    }
+
     fn vip_unref(&mut self, ip: IpAddr, maps: &mut dyn MapWriter) -> Result<(), MapError> {
         let n = self.vips.get(&ip).copied().unwrap_or(0);
         if n > 1 {
@@ -833,6 +880,13 @@ impl Programmer {
                 Undo::Vip(ip) => {
                     if self.vips.contains_key(&ip) {
                         self.vip_unref(ip, maps)
+                    } else {
+                        Ok(())
+                    }
+                }
+                Undo::NodeAddress(ip) => {
+                    if self.node_addresses.contains_key(&ip) {
+                        self.node_ref(ip, -1, maps)
                     } else {
                         Ok(())
                     }

@@ -103,9 +103,14 @@ async fn rise_and_fall_drive_the_events() {
             inherited: 0
         }
     );
-    assert_eq!(monitor.health(&k), Health::Unknown);
+    // Unknown until the first answer (read only while no event has come: on a busy machine
+    // the first probe may already have answered).
+    if rx.is_empty() {
+        let h = monitor.health(&k);
+        assert!(matches!(h, Health::Unknown | Health::Up), "{h:?}");
+    }
 
-    // The first success makes it healthy (one success, not rise).
+    // The first success makes it healthy (one success, not rise), from Unknown.
     let e = next_event(&mut rx).await;
     assert_eq!((e.from, e.to), (Health::Unknown, Health::Up));
     assert_eq!(monitor.health(&k), Health::Up);

@@ -35,6 +35,55 @@ impl Svc {
         })
     }
 
+    /// A Service of `type_` (ClusterIP, NodePort, LoadBalancer without a class) with these
+    /// cluster IPs.
+    pub fn of_type(ns: &str, name: &str, type_: &str, cluster_ips: &[&str]) -> Self {
+        let mut s = Self::lb(ns, name).class(None).type_(type_);
+        let spec = s.spec();
+        spec.cluster_ips = Some(cluster_ips.iter().map(ToString::to_string).collect());
+        spec.cluster_ip = cluster_ips.first().map(ToString::to_string);
+        s
+    }
+
+    /// The last port's nodePort.
+    pub fn node_port(mut self, port: i32) -> Self {
+        if let Some(p) = self.spec().ports.as_mut().and_then(|p| p.last_mut()) {
+            p.node_port = Some(port);
+        }
+        self
+    }
+
+    pub fn external_ips(mut self, ips: &[&str]) -> Self {
+        self.spec().external_ips = Some(ips.iter().map(ToString::to_string).collect());
+        self
+    }
+
+    pub fn internal_local(mut self) -> Self {
+        self.spec().internal_traffic_policy = Some("Local".into());
+        self
+    }
+
+    pub fn health_check_node_port(mut self, port: i32) -> Self {
+        self.spec().health_check_node_port = Some(port);
+        self
+    }
+
+    /// An ingress address with this `ipMode`.
+    pub fn ingress_mode(mut self, ip: &str, mode: &str) -> Self {
+        self = self.ingress(ip);
+        if let Some(i) = self
+            .0
+            .status
+            .as_mut()
+            .and_then(|s| s.load_balancer.as_mut())
+            .and_then(|l| l.ingress.as_mut())
+            .and_then(|i| i.last_mut())
+        {
+            i.ip_mode = Some(mode.into());
+        }
+        self
+    }
+
     fn spec(&mut self) -> &mut ServiceSpec {
         self.0.spec.get_or_insert_with(ServiceSpec::default)
     }
@@ -166,6 +215,35 @@ impl Slice {
         self
     }
 
+    /// A ready endpoint with topology hints for these zones and nodes.
+    pub fn endpoint_hinted(
+        mut self,
+        addr: &str,
+        node: &str,
+        zones: &[&str],
+        nodes: &[&str],
+    ) -> Self {
+        use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
+        self = self.endpoint(addr, node, READY);
+        if let Some(e) = self.0.endpoints.last_mut() {
+            e.hints = Some(EndpointHints {
+                for_zones: (!zones.is_empty()).then(|| {
+                    zones
+                        .iter()
+                        .map(|z| ForZone { name: (*z).into() })
+                        .collect()
+                }),
+                for_nodes: (!nodes.is_empty()).then(|| {
+                    nodes
+                        .iter()
+                        .map(|n| ForNode { name: (*n).into() })
+                        .collect()
+                }),
+            });
+        }
+        self
+    }
+
     /// A ready endpoint without a node name (e.g. outside the cluster).
     pub fn endpoint_nowhere(mut self, addr: &str) -> Self {
         self.0.endpoints.push(Endpoint {
@@ -189,6 +267,13 @@ pub fn node(name: &str, excluded: bool) -> Node {
         },
         ..Node::default()
     }
+}
+
+/// A node with these InternalIP addresses in zone `zone`.
+pub fn node_in(name: &str, internal: &[&str], zone: &str) -> Node {
+    let mut n = node_at(name, internal);
+    n.metadata.labels = Some([(super::translate::ZONE_LABEL.to_string(), zone.to_string())].into());
+    n
 }
 
 /// A node with these InternalIP addresses.

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod healthport;
 pub mod ipam;
 pub mod metrics;
+pub mod proxyhealth;
 pub mod runtime;
 pub mod translate;
 

@@ -5,6 +5,14 @@
 //! - Services of type LoadBalancer whose `spec.loadBalancerClass` is weir's, or unset when weir
 //!   is the default class; their VIPs are the addresses in `status.loadBalancer.ingress` (the
 //!   leader writes them; a Service without one is not served yet);
+//! - as kube-proxy's replacement (`Options::all_types`), every Service but ExternalName and
+//!   headless ones: cluster IPs for in-cluster clients (the socket hooks) by
+//!   `internalTrafficPolicy`; every LoadBalancer's ingress addresses (but `ipMode: Proxy`
+//!   ones), `externalIPs` and NodePorts on the node's addresses (`node.nodeport_addresses`)
+//!   by `externalTrafficPolicy` for outside clients, and by every endpoint for in-cluster
+//!   ones (kube-proxy's short-circuit); a frontend of both scopes when both get the same
+//!   endpoints, else one of each (`model::Scope`); topology hints (`hints.forZones`,
+//!   `hints.forNodes`) for cluster-wide traffic, with kube-proxy's rules for ignoring them;
 //! - one model service per (VIP, port): several ports, and IPv4 and IPv6 VIPs of dual-stack
 //!   Services, each get their own frontend under the one name `namespace/name`;
 //! - backends from the Service's EndpointSlices of the VIP's family, the port found by the
@@ -17,8 +25,10 @@
 //!   through this node. Without such an address, and for SCTP (whose checksum the data plane
 //!   does not redo for source NAT), this node's endpoints while it has any, else every
 //!   endpoint, as before;
-//! - `sessionAffinity: ClientIP` with its timeout (default 3 hours), `loadBalancerSourceRanges`;
-//! - a node labelled `node.kubernetes.io/exclude-from-external-load-balancers` serves nothing;
+//! - `sessionAffinity: ClientIP` with its timeout (default 3 hours), `loadBalancerSourceRanges`
+//!   (LoadBalancer addresses from outside only, as with kube-proxy);
+//! - a node labelled `node.kubernetes.io/exclude-from-external-load-balancers` serves nothing
+//!   to outside clients (its in-cluster clients keep their cluster IPs);
 //! - health checks from the Service's annotations (`crate::model::check::from_annotations`).
 //!
 //! A problem with one Service (a bad annotation, a bad source range, a VIP another Service
@@ -31,7 +41,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Service, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 
@@ -44,6 +54,10 @@ use crate::{
 pub const CLASS: &str = "weir.dev/lb";
 /// The label that keeps a node out of external load balancing.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// The cluster autoscaler's taint on a node it is about to remove.
+pub const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+/// The node label of its zone (topology hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// kube-proxy's default ClientIP affinity timeout.
@@ -63,9 +77,19 @@ pub struct Options {
     pub max_backends: u32,
     /// `node.source_nat`: the port range, and addresses that override the Node's.
     pub source_nat: SourceNat,
+    /// `node.kube_proxy_replacement`: every Service type (cluster IPs, NodePorts, external
+    /// IPs, every LoadBalancer's addresses), not only weir's LoadBalancers.
+    pub all_types: bool,
+    /// The socket hooks are attached: frontends for the node's own processes and its pods.
+    pub internal: bool,
+    /// `node.nodeport_addresses` (empty: the Node's InternalIPs).
+    pub nodeport_addresses: Vec<ipnet::IpNet>,
+    /// This node's interface addresses, for `nodeport_addresses`.
+    pub local_addresses: Vec<IpAddr>,
 }
 
-/// Which endpoints a Service port gets, by `externalTrafficPolicy`.
+/// How external addresses reach other nodes' endpoints under `externalTrafficPolicy: Cluster`
+/// (`Local` is this node's endpoints only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Policy {
     /// This node's endpoints only.
@@ -112,6 +136,9 @@ pub struct Translation {
     pub problems: BTreeMap<String, Vec<String>>,
     /// The node is excluded from external load balancing.
     pub excluded: bool,
+    /// The node is on its way out (being deleted, or tainted `ToBeDeletedByClusterAutoscaler`):
+    /// kube-proxy's `/healthz` turns 503 so that load balancers drain it.
+    pub node_leaving: bool,
     /// `spec.healthCheckNodePort` of the Local-policy Services served here: port →
     /// `namespace/name`.
     pub health_node_ports: BTreeMap<u16, String>,
@@ -155,8 +182,22 @@ fn protocol(p: Option<&str>) -> Result<Protocol, super::SpecError> {
     }
 }
 
-/// An endpoint usable for new flows, by the EndpointSlice conditions' rules: `ready` (unset
-/// means ready); the fallback set is `serving` (unset: as ready) and `terminating`.
+/// One endpoint of a Service port, of one address family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Ep {
+    addr: SocketAddr,
+    /// On this node.
+    local: bool,
+    ready: bool,
+    /// Serving and terminating: used when no endpoint of the set is ready.
+    terminating: bool,
+    /// `hints.forZones`, `hints.forNodes`.
+    zones: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+}
+
+/// The endpoint conditions' rules: `ready` (unset means ready); the fallback set is `serving`
+/// (unset: as ready) and `terminating`.
 fn conditions(e: &k8s_openapi::api::discovery::v1::Endpoint) -> (bool, bool) {
     let c = e.conditions.clone().unwrap_or_default();
     let ready = c.ready.unwrap_or(true);
@@ -165,20 +206,18 @@ fn conditions(e: &k8s_openapi::api::discovery::v1::Endpoint) -> (bool, bool) {
     (ready, serving && terminating)
 }
 
-/// The backends of Service port `(name, protocol)` in `slices`, for VIPs of the family of
-/// `v4`, by `policy` (an endpoint without a node name is another node's).
-fn backends(
+/// The endpoints of Service port `(name, protocol)` in `slices` of the family of `v4`, the
+/// port found by name and protocol in each slice (an endpoint without a node name is another
+/// node's). An address in several slices counts once, ready if any says so.
+fn endpoints(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: Protocol,
     v4: bool,
     node: &str,
-    policy: Policy,
-) -> Vec<Backend> {
-    // (address, on this node)
-    let mut ready = BTreeSet::new();
-    let mut fallback = BTreeSet::new();
+) -> Vec<Ep> {
     let family = if v4 { "IPv4" } else { "IPv6" };
+    let mut out: BTreeMap<SocketAddr, Ep> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
@@ -194,11 +233,20 @@ fn backends(
             continue;
         };
         for e in &slice.endpoints {
-            let here = e.node_name.as_deref() == Some(node);
-            if policy == Policy::Local && !here {
-                continue;
-            }
-            let (is_ready, is_fallback) = conditions(e);
+            let (ready, terminating) = conditions(e);
+            let hints = e.hints.as_ref();
+            let zones: BTreeSet<String> = hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect();
+            let nodes: BTreeSet<String> = hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect();
             for a in &e.addresses {
                 let Ok(ip) = a.parse::<IpAddr>() else {
                     continue;
@@ -206,29 +254,113 @@ fn backends(
                 if ip.is_ipv4() != v4 {
                     continue;
                 }
-                let addr = (SocketAddr::new(ip, port), here);
-                if is_ready {
-                    ready.insert(addr);
-                } else if is_fallback {
-                    fallback.insert(addr);
+                let addr = SocketAddr::new(ip, port);
+                let ep = out.entry(addr).or_insert_with(|| Ep {
+                    addr,
+                    local: e.node_name.as_deref() == Some(node),
+                    ready,
+                    terminating,
+                    zones: zones.clone(),
+                    nodes: nodes.clone(),
+                });
+                if ready && !ep.ready {
+                    ep.ready = true;
+                    ep.zones.clone_from(&zones);
+                    ep.nodes.clone_from(&nodes);
                 }
+                ep.terminating |= terminating;
             }
         }
     }
-    let chosen = if ready.is_empty() { fallback } else { ready };
-    let any_here = chosen.iter().any(|(_, here)| *here);
-    chosen
-        .into_iter()
-        .filter(|(_, here)| *here || !any_here || policy != Policy::ClusterPreferLocal)
-        .map(|(a, here)| {
-            let b = Backend::new(a, 1);
-            if here || policy != Policy::ClusterSnat {
-                b
-            } else {
-                b.with_snat()
-            }
-        })
-        .collect()
+    out.into_values().collect()
+}
+
+/// Which endpoints the topology hints leave to this node's cluster-wide traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Every endpoint.
+    Any,
+    /// Those hinted for this node (`trafficDistribution: PreferSameNode`).
+    SameNode,
+    /// Those hinted for this node's zone (`PreferClose`/`PreferSameZone`, topology-aware
+    /// routing).
+    SameZone,
+}
+
+/// kube-proxy's rules: the hints are used when every ready endpoint has one and at least one
+/// is for this node (or its zone); otherwise they are ignored — an endpoint without a hint, a
+/// node without a `topology.kubernetes.io/zone` label, or no endpoint for this zone means every
+/// endpoint, so that no node is left without any.
+fn topology(eps: &[Ep], node: &str, zone: Option<&str>) -> Topology {
+    let ready = || eps.iter().filter(|e| e.ready);
+    if ready().next().is_none() {
+        return Topology::Any;
+    }
+    if ready().all(|e| !e.nodes.is_empty()) && ready().any(|e| e.nodes.contains(node)) {
+        return Topology::SameNode;
+    }
+    if let Some(zone) = zone
+        && ready().all(|e| !e.zones.is_empty())
+        && ready().any(|e| e.zones.contains(zone))
+    {
+        return Topology::SameZone;
+    }
+    Topology::Any
+}
+
+/// The endpoints for traffic that may go to any node: the ready ones the topology allows,
+/// else the serving and terminating ones anywhere.
+fn cluster_endpoints<'a>(
+    eps: &'a [Ep],
+    topology: Topology,
+    node: &str,
+    zone: Option<&str>,
+) -> Vec<&'a Ep> {
+    let allowed = |e: &Ep| match topology {
+        Topology::Any => true,
+        Topology::SameNode => e.nodes.contains(node),
+        Topology::SameZone => zone.is_some_and(|z| e.zones.contains(z)),
+    };
+    let ready: Vec<&Ep> = eps.iter().filter(|e| e.ready && allowed(e)).collect();
+    if ready.is_empty() {
+        eps.iter().filter(|e| e.terminating).collect()
+    } else {
+        ready
+    }
+}
+
+/// This node's endpoints: the ready ones, else the serving and terminating ones.
+fn local_endpoints(eps: &[Ep]) -> Vec<&Ep> {
+    let ready: Vec<&Ep> = eps.iter().filter(|e| e.local && e.ready).collect();
+    if ready.is_empty() {
+        eps.iter().filter(|e| e.local && e.terminating).collect()
+    } else {
+        ready
+    }
+}
+
+/// The backends of external addresses (a LoadBalancer address, an externalIP, a NodePort)
+/// for clients outside the node, by `externalTrafficPolicy`.
+fn external_backends(cluster: &[&Ep], local: &[&Ep], policy: Policy) -> Vec<Backend> {
+    match policy {
+        Policy::Local => plain(local),
+        Policy::ClusterSnat => cluster
+            .iter()
+            .map(|e| {
+                let b = Backend::new(e.addr, 1);
+                if e.local { b } else { b.with_snat() }
+            })
+            .collect(),
+        Policy::ClusterPreferLocal => {
+            let here: Vec<&Ep> = cluster.iter().copied().filter(|e| e.local).collect();
+            plain(if here.is_empty() { cluster } else { &here })
+        }
+    }
+}
+
+/// Backends reached directly (the socket hooks connect the client to the endpoint itself).
+fn plain(eps: &[&Ep]) -> Vec<Backend> {
+    eps.iter().map(|e| Backend::new(e.addr, 1)).collect()
 }
 
 /// Translates the stores for this node.
@@ -243,6 +375,13 @@ pub fn translate(
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(opts.node.as_str()));
     let nat = source_nat(this, &opts.source_nat);
+    out.node_leaving = this.is_some_and(|n| {
+        n.metadata.deletion_timestamp.is_some()
+            || n.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_TAINT))
+    });
     if this.is_some_and(|n| {
         n.metadata
             .labels
@@ -250,8 +389,20 @@ pub fn translate(
             .is_some_and(|l| l.contains_key(EXCLUDE_LABEL))
     }) {
         out.excluded = true;
-        return out;
+        // Only external load balancing leaves: in-cluster clients keep their Services.
+        if !opts.all_types {
+            return out;
+        }
     }
+    let here = Here {
+        zone: this
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(ZONE_LABEL))
+            .map(String::as_str),
+        node_ports: node_port_addresses(this, opts),
+        nat: nat.as_ref(),
+        excluded: out.excluded,
+    };
     // EndpointSlices by Service key.
     let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
@@ -269,12 +420,10 @@ pub fn translate(
             .or_default()
             .push(s);
     }
-    let mut sorted: Vec<&Service> = services
-        .iter()
-        .filter(|s| wanted(s, opts.default_class))
-        .collect();
+    let mut sorted: Vec<&Service> = services.iter().filter(|s| served(s, opts)).collect();
     sorted.sort_by_key(|s| key(s));
-    let mut taken: BTreeMap<Frontend, String> = BTreeMap::new();
+    // (address, port, protocol) → the scopes taken, and by which Service.
+    let mut taken: BTreeMap<(IpAddr, u16, Protocol), Vec<(model::Scope, String)>> = BTreeMap::new();
     for svc in sorted {
         let name = key(svc);
         let mut problems = Vec::new();
@@ -283,10 +432,12 @@ pub fn translate(
             &name,
             by_service.get(&name),
             opts,
-            nat.as_ref(),
+            &here,
             &mut problems,
         );
-        if let Some(spec) = &svc.spec
+        if opts.all_types
+            && !here.excluded
+            && let Some(spec) = &svc.spec
             && spec.external_traffic_policy.as_deref() == Some("Local")
             && let Some(port) = spec
                 .health_check_node_port
@@ -304,11 +455,13 @@ pub fn translate(
             }
         }
         for s in services {
-            if let Some(first) = taken.get(&s.frontend) {
-                problems.push(format!("{} is already served by {first}", s.frontend));
+            let f = s.frontend;
+            let holders = taken.entry((f.vip, f.port, f.protocol)).or_default();
+            if let Some((_, first)) = holders.iter().find(|(scope, _)| scope.overlaps(f.scope)) {
+                problems.push(format!("{f} is already served by {first}"));
                 continue;
             }
-            taken.insert(s.frontend, name.clone());
+            holders.push((f.scope, name.clone()));
             out.desired.services.push(s);
         }
         if !problems.is_empty() {
@@ -328,6 +481,56 @@ pub fn translate(
         out.desired.source_nat = nat;
     }
     out
+}
+
+/// What the translation needs to know about this node.
+struct Here<'a> {
+    /// Its `topology.kubernetes.io/zone` label.
+    zone: Option<&'a str>,
+    /// The addresses its NodePorts are served on.
+    node_ports: Vec<IpAddr>,
+    nat: Option<&'a SourceNat>,
+    /// Labelled out of external load balancing: only in-cluster clients are served.
+    excluded: bool,
+}
+
+/// The addresses NodePorts are served on: with `node.nodeport_addresses`, this node's
+/// interface and Node addresses inside those prefixes (kube-proxy's `--nodeport-addresses`);
+/// without, the Node's InternalIPs (kube-proxy's `primary`).
+fn node_port_addresses(node: Option<&Node>, opts: &Options) -> Vec<IpAddr> {
+    let node_addresses = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten();
+    let mut out: Vec<IpAddr> = if opts.nodeport_addresses.is_empty() {
+        node_addresses
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    } else {
+        node_addresses
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .chain(opts.local_addresses.iter().copied())
+            .filter(|a| opts.nodeport_addresses.iter().any(|n| n.contains(a)))
+            .collect()
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether weir serves any part of this Service: with `all_types` every Service with a
+/// cluster IP, external IPs or a LoadBalancer status (ExternalName and headless Services are
+/// DNS only); otherwise weir's LoadBalancers.
+fn served(svc: &Service, opts: &Options) -> bool {
+    if !opts.all_types {
+        return wanted(svc, opts.default_class);
+    }
+    svc.spec
+        .as_ref()
+        .is_some_and(|s| s.type_.as_deref() != Some("ExternalName"))
 }
 
 /// Keeps what fits the data plane, whole Services in name order, and reports the rest: one
@@ -369,38 +572,137 @@ fn fit(out: &mut Translation, opts: &Options) {
     }
 }
 
+/// An address of a Service and the clients it serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Address {
+    /// A cluster IP: in-cluster clients (the socket hooks), `internalTrafficPolicy`.
+    Cluster(IpAddr),
+    /// A LoadBalancer ingress address (`loadBalancerSourceRanges` apply) or an external IP:
+    /// outside clients by `externalTrafficPolicy`, in-cluster ones by the cluster's endpoints.
+    External { ip: IpAddr, ranges: bool },
+    /// This node's address for the NodePorts.
+    Node(IpAddr),
+}
+
+impl Address {
+    const fn ip(self) -> IpAddr {
+        match self {
+            Self::Cluster(ip) | Self::External { ip, .. } | Self::Node(ip) => ip,
+        }
+    }
+}
+
+/// Parses the addresses of one kind, reporting the bad ones.
+fn parse_ips<'a>(
+    what: &str,
+    ips: impl Iterator<Item = &'a str>,
+    problems: &mut Vec<String>,
+) -> Vec<IpAddr> {
+    ips.filter_map(|ip| {
+        let parsed = ip.parse().ok();
+        if parsed.is_none() {
+            problems.push(format!("{what}: {ip:?} is not an IP address"));
+        }
+        parsed
+    })
+    .collect()
+}
+
+/// The addresses of a Service that this node serves.
+fn addresses(
+    svc: &Service,
+    spec: &ServiceSpec,
+    opts: &Options,
+    here: &Here<'_>,
+    problems: &mut Vec<String>,
+) -> Vec<Address> {
+    let mut out = Vec::new();
+    let lb = spec.type_.as_deref() == Some("LoadBalancer");
+    if lb && (opts.all_types || wanted(svc, opts.default_class)) {
+        // An address whose load balancer proxies (`ipMode: Proxy`) reaches the node as a
+        // NodePort: kube-proxy leaves it alone.
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_deref());
+        out.extend(
+            parse_ips("status.loadBalancer.ingress", ingress, problems)
+                .into_iter()
+                .map(|ip| Address::External { ip, ranges: true }),
+        );
+    }
+    if !opts.all_types {
+        return out;
+    }
+    let external = spec.external_ips.iter().flatten().map(String::as_str);
+    out.extend(
+        parse_ips("spec.externalIPs", external, problems)
+            .into_iter()
+            .map(|ip| Address::External { ip, ranges: false }),
+    );
+    let cluster: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    let cluster = parse_ips(
+        "spec.clusterIPs",
+        cluster
+            .into_iter()
+            .filter(|ip| !ip.is_empty() && *ip != "None"),
+        problems,
+    );
+    // NodePorts for the Service's families: spec.ipFamilies, else its cluster IPs', else IPv4.
+    let mut families: Vec<bool> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .filter_map(|f| match f.as_str() {
+            "IPv4" => Some(true),
+            "IPv6" => Some(false),
+            _ => None,
+        })
+        .collect();
+    if families.is_empty() {
+        families = cluster.iter().map(IpAddr::is_ipv4).collect();
+    }
+    if families.is_empty() {
+        families.push(true);
+    }
+    out.extend(cluster.into_iter().map(Address::Cluster));
+    if matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
+        out.extend(
+            here.node_ports
+                .iter()
+                .filter(|a| families.contains(&a.is_ipv4()))
+                .map(|a| Address::Node(*a)),
+        );
+    }
+    if here.excluded {
+        // `node.kubernetes.io/exclude-from-external-load-balancers`: in-cluster clients only.
+        out.retain(|a| matches!(a, Address::Cluster(_)));
+    }
+    out
+}
+
 /// The model services of one Kubernetes Service.
 fn service(
     svc: &Service,
     name: &str,
     slices: Option<&Vec<&EndpointSlice>>,
     opts: &Options,
-    nat: Option<&SourceNat>,
+    here: &Here<'_>,
     problems: &mut Vec<String>,
 ) -> Vec<model::Service> {
     let Some(spec) = &svc.spec else {
         return Vec::new();
     };
-    let vips: Vec<IpAddr> = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref())
-        .filter_map(|ip| {
-            if let Ok(ip) = ip.parse() {
-                Some(ip)
-            } else {
-                problems.push(format!(
-                    "status.loadBalancer.ingress: {ip:?} is not an IP address"
-                ));
-                None
-            }
-        })
-        .collect();
-    if vips.is_empty() {
+    let addresses = addresses(svc, spec, opts, here, problems);
+    if addresses.is_empty() {
         return Vec::new();
     }
     let mut source_ranges = Vec::new();
@@ -429,7 +731,8 @@ fn service(
             .filter(|s| *s > 0)
             .map_or(DEFAULT_AFFINITY, Duration::from_secs)
     });
-    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let annotations = svc.metadata.annotations.clone().unwrap_or_default();
     let empty = Vec::new();
     let slices = slices.unwrap_or(&empty);
@@ -447,6 +750,10 @@ fn service(
             problems.push(format!("spec.ports[{i}].port: {} is out of range", p.port));
             continue;
         };
+        let node_port = p
+            .node_port
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0);
         let check = checks
             .entry(proto)
             .or_insert_with(|| match from_annotations(&annotations, proto) {
@@ -461,57 +768,129 @@ fn service(
                 }
             })
             .clone();
-        for vip in &vips {
-            let ranges: Vec<ipnet::IpNet> = source_ranges
-                .iter()
-                .filter(|n| n.addr().is_ipv4() == vip.is_ipv4())
-                .copied()
-                .collect();
-            if !source_ranges.is_empty() && ranges.is_empty() {
-                // Source ranges of the other family only: nobody of this family may connect.
-                problems.push(format!(
-                    "no loadBalancerSourceRanges of {vip}'s family: {vip} is not served"
-                ));
-                continue;
+        let port_name = p.name.as_deref().unwrap_or("");
+        // Endpoints, by family, on first use.
+        let mut sets: BTreeMap<bool, Sets> = BTreeMap::new();
+        for address in &addresses {
+            let ip = address.ip();
+            let sets = sets.entry(ip.is_ipv4()).or_insert_with(|| {
+                let eps = endpoints(slices, port_name, proto, ip.is_ipv4(), &opts.node);
+                let topology = topology(&eps, &opts.node, here.zone);
+                let cluster = cluster_endpoints(&eps, topology, &opts.node, here.zone);
+                let local = local_endpoints(&eps);
+                let policy = if external_local {
+                    Policy::Local
+                } else if proto != Protocol::Sctp
+                    && here.nat.and_then(|n| n.address_for(ip)).is_some()
+                {
+                    Policy::ClusterSnat
+                } else {
+                    Policy::ClusterPreferLocal
+                };
+                Sets {
+                    external: external_backends(&cluster, &local, policy),
+                    cluster: plain(&cluster),
+                    local: plain(&local),
+                }
+            });
+            // (frontend port, backends for outside clients, for in-cluster clients)
+            let (fport, external, internal) = match *address {
+                Address::Cluster(_) => (
+                    port,
+                    None,
+                    Some(if internal_local {
+                        &sets.local
+                    } else {
+                        &sets.cluster
+                    }),
+                ),
+                Address::External { .. } => (port, Some(&sets.external), Some(&sets.cluster)),
+                Address::Node(_) => match node_port {
+                    Some(n) => (n, Some(&sets.external), Some(&sets.cluster)),
+                    None => continue,
+                },
+            };
+            let internal = internal.filter(|_| opts.internal);
+            let mut external = external;
+            let mut ranges: Vec<ipnet::IpNet> = Vec::new();
+            if matches!(address, Address::External { ranges: true, .. }) {
+                ranges = source_ranges
+                    .iter()
+                    .filter(|n| n.addr().is_ipv4() == ip.is_ipv4())
+                    .copied()
+                    .collect();
+                ranges.sort();
+                ranges.dedup();
+                if !source_ranges.is_empty() && ranges.is_empty() {
+                    // Source ranges of the other family only: nobody of this family may
+                    // connect from outside.
+                    problems.push(format!(
+                        "no loadBalancerSourceRanges of {ip}'s family: {ip} is not served to outside clients"
+                    ));
+                    external = None;
+                }
             }
-            out.push(model::Service {
+            let template = model::Service {
                 name: name.to_string(),
                 frontend: Frontend {
-                    vip: *vip,
-                    port,
+                    vip: ip,
+                    port: fport,
                     protocol: proto,
                     scope: model::Scope::Both,
                 },
-                backends: backends(
-                    slices,
-                    p.name.as_deref().unwrap_or(""),
-                    proto,
-                    vip.is_ipv4(),
-                    &opts.node,
-                    if local {
-                        Policy::Local
-                    } else if proto != Protocol::Sctp
-                        && nat.and_then(|n| n.address_for(*vip)).is_some()
-                    {
-                        Policy::ClusterSnat
-                    } else {
-                        Policy::ClusterPreferLocal
-                    },
-                ),
-                source_ranges: {
-                    let mut r = ranges;
-                    r.sort();
-                    r.dedup();
-                    r
-                },
+                backends: Vec::new(),
+                source_ranges: ranges,
                 affinity_timeout: affinity,
                 table_size: opts.table_size,
                 health_check: check.clone(),
-                node_address: false,
-            });
+                node_address: matches!(address, Address::Node(_)),
+            };
+            out.extend(scoped(template, external, internal));
         }
     }
     out
+}
+
+/// The backend sets of one Service port and family.
+struct Sets {
+    /// For outside clients, by `externalTrafficPolicy`.
+    external: Vec<Backend>,
+    /// Every node's (by the topology hints).
+    cluster: Vec<Backend>,
+    /// This node's.
+    local: Vec<Backend>,
+}
+
+/// One frontend of both scopes when both client kinds get the same backends (source NAT
+/// aside: the socket hooks connect to the endpoint itself), else one of each.
+fn scoped(
+    template: model::Service,
+    external: Option<&Vec<Backend>>,
+    internal: Option<&Vec<Backend>>,
+) -> Vec<model::Service> {
+    let with = |scope, backends: &Vec<Backend>| {
+        let mut s = template.clone();
+        s.frontend.scope = scope;
+        s.backends.clone_from(backends);
+        if scope == model::Scope::Internal {
+            s.source_ranges.clear();
+        }
+        s
+    };
+    match (external, internal) {
+        (Some(e), Some(i))
+            if e.len() == i.len() && e.iter().zip(i).all(|(a, b)| a.addr == b.addr) =>
+        {
+            vec![with(model::Scope::Both, e)]
+        }
+        (Some(e), Some(i)) => vec![
+            with(model::Scope::External, e),
+            with(model::Scope::Internal, i),
+        ],
+        (Some(e), None) => vec![with(model::Scope::External, e)],
+        (None, Some(i)) => vec![with(model::Scope::Internal, i)],
+        (None, None) => Vec::new(),
+    }
 }
 
 #[cfg(test)]

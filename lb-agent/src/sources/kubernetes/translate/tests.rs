@@ -12,6 +12,10 @@ fn opts() -> Options {
         max_services: 4096,
         max_backends: 65536,
         source_nat: SourceNat::default(),
+        all_types: false,
+        internal: false,
+        nodeport_addresses: Vec::new(),
+        local_addresses: Vec::new(),
     }
 }
 
@@ -33,7 +37,8 @@ fn lines(t: &Translation) -> Vec<String> {
                 .iter()
                 .map(|b| format!("{}{}", b.addr, if b.snat { "(snat)" } else { "" }))
                 .collect();
-            format!("{} {} -> {}", s.name, s.frontend, b.join(" "))
+            let node = if s.node_address { " node" } else { "" };
+            format!("{} {}{node} -> {}", s.name, s.frontend, b.join(" "))
         })
         .collect()
 }
@@ -115,12 +120,12 @@ fn every_port_and_family_is_a_frontend_with_its_resolved_target_port() {
     assert_eq!(
         lines(&t),
         [
-            "shop/web 198.18.100.10:53/udp -> 198.18.1.11:5353",
-            "shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080",
-            "shop/web 198.18.100.10:9090/tcp -> 198.18.1.11:9100",
-            "shop/web [fd00:100::10]:53/udp -> [fd00:1::11]:5353",
-            "shop/web [fd00:100::10]:80/tcp -> [fd00:1::11]:8080",
-            "shop/web [fd00:100::10]:9090/tcp -> [fd00:1::11]:9100",
+            "shop/web 198.18.100.10:53/udp (external) -> 198.18.1.11:5353",
+            "shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080",
+            "shop/web 198.18.100.10:9090/tcp (external) -> 198.18.1.11:9100",
+            "shop/web [fd00:100::10]:53/udp (external) -> [fd00:1::11]:5353",
+            "shop/web [fd00:100::10]:80/tcp (external) -> [fd00:1::11]:8080",
+            "shop/web [fd00:100::10]:9090/tcp (external) -> [fd00:1::11]:9100",
         ]
     );
 }
@@ -152,16 +157,16 @@ fn ready_endpoints_else_serving_terminating_ones() {
             ("198.18.1.12", UNSET),
             ("198.18.1.13", TERMINATING)
         ]),
-        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080 198.18.1.12:8080"]
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080 198.18.1.12:8080"]
     );
     // None ready: the terminating endpoints that still serve take the flows (kube-proxy).
     assert_eq!(
         backends(&[("198.18.1.13", TERMINATING), ("198.18.1.14", GONE)]),
-        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.13:8080"]
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.13:8080"]
     );
     assert_eq!(
         backends(&[("198.18.1.14", GONE)]),
-        ["shop/web 198.18.100.10:80/tcp -> "]
+        ["shop/web 198.18.100.10:80/tcp (external) -> "]
     );
 }
 
@@ -180,14 +185,14 @@ fn local_policy_keeps_this_nodes_endpoints() {
     );
     assert_eq!(
         lines(&t),
-        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080"]
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080"]
     );
     let mut b = opts();
     b.node = "node-b".into();
     let t = translate(&[svc], &[web_slice()], &nodes(), &b);
     assert_eq!(
         lines(&t),
-        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.12:8080"]
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.12:8080"]
     );
 }
 
@@ -213,7 +218,7 @@ fn cluster_policy_uses_every_endpoint_and_source_nats_other_nodes() {
     assert_eq!(
         lines(&t),
         [
-            "shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080 198.18.1.12:8080(snat) 198.18.1.13:8080(snat)"
+            "shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080 198.18.1.12:8080(snat) 198.18.1.13:8080(snat)"
         ]
     );
     let nat = t.desired.source_nat.expect("source NAT settings");
@@ -247,7 +252,7 @@ fn cluster_policy_uses_every_endpoint_and_source_nats_other_nodes() {
     let t = translate(&[local], &[slice], &nodes(), &opts());
     assert_eq!(
         lines(&t),
-        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080"]
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080"]
     );
     assert_eq!(t.desired.source_nat, None);
 }
@@ -263,7 +268,7 @@ fn without_a_source_nat_address_cluster_policy_prefers_this_nodes_endpoints() {
     let t = translate(std::slice::from_ref(&svc), &[web_slice()], &bare, &opts());
     assert_eq!(
         lines(&t),
-        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080"]
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080"]
     );
     assert_eq!(t.desired.source_nat, None);
     // node-c has none: every endpoint.
@@ -272,7 +277,7 @@ fn without_a_source_nat_address_cluster_policy_prefers_this_nodes_endpoints() {
     let t = translate(std::slice::from_ref(&svc), &[web_slice()], &bare, &c);
     assert_eq!(
         lines(&t),
-        ["shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080 198.18.1.12:8080"]
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080 198.18.1.12:8080"]
     );
     // An IPv6 VIP on a node with only an IPv4 address: the same for that family.
     let v6 = Svc::lb("shop", "web6")
@@ -288,7 +293,7 @@ fn without_a_source_nat_address_cluster_policy_prefers_this_nodes_endpoints() {
     let t = translate(&[v6], &[slice6], &v4only, &opts());
     assert_eq!(
         lines(&t),
-        ["shop/web6 [fd00:100::10]:80/tcp -> [fd00:1::11]:8080"]
+        ["shop/web6 [fd00:100::10]:80/tcp (external) -> [fd00:1::11]:8080"]
     );
     // SCTP is never source-NATed: local endpoints first, as without an address.
     let sctp = Svc::lb("tel", "diameter")
@@ -303,7 +308,7 @@ fn without_a_source_nat_address_cluster_policy_prefers_this_nodes_endpoints() {
     let t = translate(&[sctp], &[slice], &nodes(), &opts());
     assert_eq!(
         lines(&t),
-        ["tel/diameter 198.18.100.30:3868/sctp -> 198.18.1.31:3868"]
+        ["tel/diameter 198.18.100.30:3868/sctp (external) -> 198.18.1.31:3868"]
     );
 }
 
@@ -388,7 +393,7 @@ fn a_bad_service_is_reported_and_leaves_the_others_alone() {
     );
     assert!(p("shop/bad-check").contains("served without a health check"));
     assert!(
-        p("shop/late").contains("198.18.100.12:80/tcp is already served by shop/good"),
+        p("shop/late").contains("198.18.100.12:80/tcp (external) is already served by shop/good"),
         "{}",
         p("shop/late")
     );
@@ -439,9 +444,7 @@ fn the_pipeline_programs_the_fake_data_plane() {
         maps.dump(),
         "\
 service 198.18.100.10:80 external proto=6 id=1 size=13 flags=0 affinity=0s table 1:7 2:6
-service 198.18.100.10:80 internal proto=6 id=1 size=13 flags=0 affinity=0s table 1:7 2:6
 service 198.18.100.20:53 external proto=17 id=2 size=13 flags=0 affinity=0s table 3:13
-service 198.18.100.20:53 internal proto=17 id=2 size=13 flags=0 affinity=0s table 3:13
 backend 1 198.18.1.11:8080 gen=1 flags=1
 backend 2 198.18.1.12:8080 gen=1 flags=3
 backend 3 198.18.1.21:5353 gen=1 flags=1
@@ -482,5 +485,431 @@ fn what_does_not_fit_the_data_plane_is_reported_and_the_rest_is_served() {
         t.problems["shop/c"][0].contains("data plane is full"),
         "{:?}",
         t.problems
+    );
+}
+
+/// kube-proxy replacement on node-a (zone z1; node-b is in z2), the socket hooks attached.
+fn kpr() -> Options {
+    Options {
+        all_types: true,
+        internal: true,
+        ..opts()
+    }
+}
+
+fn zoned_nodes() -> Vec<Node> {
+    vec![
+        node_in("node-a", &["198.18.0.2", "fd00:18::2"], "z1"),
+        node_in("node-b", &["198.18.0.3", "fd00:18::3"], "z2"),
+    ]
+}
+
+/// Every Service type and policy, as kube-proxy serves it (its `CategorizeEndpoints` and the
+/// iptables proxier's chains): a cluster IP for in-cluster clients only, by
+/// internalTrafficPolicy; external addresses (LoadBalancer ingress, externalIPs, NodePorts on
+/// the node's addresses) by externalTrafficPolicy for outside clients and by every endpoint
+/// for in-cluster ones (kube-proxy's short-circuit of pod and node traffic). One frontend of
+/// both scopes when both get the same endpoints.
+#[test]
+fn every_service_type_and_policy_like_kube_proxy() {
+    type Build = fn() -> Svc;
+    fn web() -> Svc {
+        Svc::of_type("shop", "web", "ClusterIP", &["198.18.200.1"])
+    }
+    fn np() -> Svc {
+        Svc::of_type("shop", "web", "NodePort", &["198.18.200.1"])
+    }
+    fn lb() -> Svc {
+        Svc::of_type("shop", "web", "LoadBalancer", &["198.18.200.1"])
+    }
+    const CIP: &str =
+        "shop/web 198.18.200.1:80/tcp (internal) -> 198.18.1.11:8080 198.18.1.12:8080";
+    const CIP_LOCAL: &str = "shop/web 198.18.200.1:80/tcp (internal) -> 198.18.1.11:8080";
+    let table: Vec<(&str, Build, Vec<&str>)> = vec![
+        ("ClusterIP", || web().port("http", 80, "TCP"), vec![CIP]),
+        (
+            "ClusterIP, internalTrafficPolicy Local",
+            || web().port("http", 80, "TCP").internal_local(),
+            vec![CIP_LOCAL],
+        ),
+        (
+            "NodePort, externalTrafficPolicy Cluster: other nodes' endpoints source-NATed",
+            || np().port("http", 80, "TCP").node_port(30080),
+            vec![
+                CIP,
+                "shop/web 198.18.0.2:30080/tcp node -> 198.18.1.11:8080 198.18.1.12:8080(snat)",
+            ],
+        ),
+        (
+            "NodePort, externalTrafficPolicy Local: outside clients this node's endpoints, \
+             in-cluster clients every endpoint",
+            || np().port("http", 80, "TCP").node_port(30080).local(),
+            vec![
+                CIP,
+                "shop/web 198.18.0.2:30080/tcp (external) node -> 198.18.1.11:8080",
+                "shop/web 198.18.0.2:30080/tcp (internal) node -> 198.18.1.11:8080 198.18.1.12:8080",
+            ],
+        ),
+        (
+            "LoadBalancer of another class: its address, cluster IP and NodePort",
+            || {
+                lb().port("http", 80, "TCP")
+                    .node_port(30080)
+                    .class(Some("example.com/lb"))
+                    .ingress("198.18.100.10")
+            },
+            vec![
+                "shop/web 198.18.0.2:30080/tcp node -> 198.18.1.11:8080 198.18.1.12:8080(snat)",
+                "shop/web 198.18.100.10:80/tcp -> 198.18.1.11:8080 198.18.1.12:8080(snat)",
+                CIP,
+            ],
+        ),
+        (
+            "LoadBalancer without node ports (allocateLoadBalancerNodePorts: false)",
+            || {
+                lb().port("http", 80, "TCP")
+                    .ingress("198.18.100.10")
+                    .local()
+            },
+            vec![
+                "shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080",
+                "shop/web 198.18.100.10:80/tcp (internal) -> 198.18.1.11:8080 198.18.1.12:8080",
+                CIP,
+            ],
+        ),
+        (
+            "LoadBalancer, both policies Local",
+            || {
+                lb().port("http", 80, "TCP")
+                    .ingress("198.18.100.10")
+                    .local()
+                    .internal_local()
+            },
+            vec![
+                "shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080",
+                "shop/web 198.18.100.10:80/tcp (internal) -> 198.18.1.11:8080 198.18.1.12:8080",
+                CIP_LOCAL,
+            ],
+        ),
+        (
+            "an address whose load balancer proxies (ipMode: Proxy) is left alone",
+            || {
+                lb().port("http", 80, "TCP")
+                    .ingress_mode("198.18.100.10", "Proxy")
+                    .node_port(30080)
+            },
+            vec![
+                "shop/web 198.18.0.2:30080/tcp node -> 198.18.1.11:8080 198.18.1.12:8080(snat)",
+                CIP,
+            ],
+        ),
+        (
+            "externalIPs, externalTrafficPolicy Local",
+            || {
+                web()
+                    .port("http", 80, "TCP")
+                    .external_ips(&["198.18.100.20"])
+                    .local()
+            },
+            vec![
+                "shop/web 198.18.100.20:80/tcp (external) -> 198.18.1.11:8080",
+                "shop/web 198.18.100.20:80/tcp (internal) -> 198.18.1.11:8080 198.18.1.12:8080",
+                CIP,
+            ],
+        ),
+        (
+            "ExternalName: DNS only",
+            || Svc::of_type("shop", "web", "ExternalName", &[]).port("http", 80, "TCP"),
+            vec![],
+        ),
+        (
+            "headless: DNS only",
+            || Svc::of_type("shop", "web", "ClusterIP", &["None"]).port("http", 80, "TCP"),
+            vec![],
+        ),
+        (
+            "a port without endpoints: refused, not sent elsewhere",
+            || web().port("metrics", 9090, "TCP"),
+            vec!["shop/web 198.18.200.1:9090/tcp (internal) -> "],
+        ),
+    ];
+    let slices = [web_slice()];
+    for (what, build, mut want) in table {
+        let t = translate(&[build().build()], &slices, &zoned_nodes(), &kpr());
+        // In the translation's order: by frontend.
+        want.sort_unstable();
+        let mut got = lines(&t);
+        got.sort();
+        assert_eq!(got, want, "{what}");
+        assert!(t.problems.is_empty(), "{what}: {:?}", t.problems);
+    }
+}
+
+#[test]
+fn node_ports_on_each_allowed_address_of_the_services_families() {
+    let svc = Svc::of_type("shop", "web", "NodePort", &["198.18.200.1", "fd00:200::1"])
+        .port("http", 80, "TCP")
+        .node_port(30080)
+        .build();
+    let slices = [
+        web_slice(),
+        Slice::of("shop", "web", "web-v6", "IPv6")
+            .port("http", 8080, "TCP")
+            .endpoint("fd00:1::11", "node-a", READY)
+            .build(),
+    ];
+    let nodes = vec![node_in("node-a", &["198.18.0.2", "fd00:18::2"], "z1")];
+    let mut o = kpr();
+    let node_lines = |o: &Options| -> Vec<String> {
+        let t = translate(std::slice::from_ref(&svc), &slices, &nodes, o);
+        t.desired
+            .services
+            .iter()
+            .filter(|s| s.node_address)
+            .map(|s| s.frontend.to_string())
+            .collect()
+    };
+    // Default: the Node's InternalIPs (kube-proxy's `primary`).
+    assert_eq!(
+        node_lines(&o),
+        ["198.18.0.2:30080/tcp", "[fd00:18::2]:30080/tcp"]
+    );
+    // node.nodeport_addresses: the node's own addresses inside the prefixes.
+    o.nodeport_addresses = vec!["198.18.0.0/24".parse().unwrap()];
+    o.local_addresses = vec![
+        "198.18.0.9".parse().unwrap(),
+        "198.19.0.1".parse().unwrap(),
+        "fd00:18::2".parse().unwrap(),
+    ];
+    assert_eq!(
+        node_lines(&o),
+        ["198.18.0.2:30080/tcp", "198.18.0.9:30080/tcp"]
+    );
+    // A single-stack Service: its family only.
+    let v4 = Svc::of_type("shop", "web", "NodePort", &["198.18.200.1"])
+        .port("http", 80, "TCP")
+        .node_port(30080)
+        .build();
+    let t = translate(&[v4], &slices, &nodes, &kpr());
+    assert!(
+        t.desired.services.iter().all(|s| s.frontend.vip.is_ipv4()),
+        "{:?}",
+        lines(&t)
+    );
+}
+
+/// kube-proxy's topology rules: hints are used when every ready endpoint has one and one is
+/// for this node's zone (or this node); otherwise every endpoint. Traffic to this node's
+/// endpoints only (Local policies) ignores them.
+#[test]
+fn topology_hints_and_when_they_are_ignored() {
+    let svc = Svc::of_type("shop", "web", "NodePort", &["198.18.200.1"])
+        .port("http", 80, "TCP")
+        .node_port(30080)
+        .build();
+    let slice = |eps: &[(&str, &str, &[&str], &[&str])]| {
+        let mut s = Slice::of("shop", "web", "web-abc", "IPv4").port("http", 8080, "TCP");
+        for (addr, node, zones, nodes) in eps {
+            s = s.endpoint_hinted(addr, node, zones, nodes);
+        }
+        vec![s.build()]
+    };
+    let cluster_ip = |slices: &[EndpointSlice], nodes: &[Node]| -> String {
+        let t = translate(std::slice::from_ref(&svc), slices, nodes, &kpr());
+        let s = t
+            .desired
+            .services
+            .iter()
+            .find(|s| s.frontend.vip.to_string() == "198.18.200.1")
+            .unwrap();
+        s.backends
+            .iter()
+            .map(|b| b.addr.ip().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let hinted = slice(&[
+        ("198.18.1.11", "node-b", &["z1"], &[]),
+        ("198.18.1.12", "node-b", &["z2"], &[]),
+        ("198.18.1.13", "node-c", &["z1"], &[]),
+    ]);
+    assert_eq!(
+        cluster_ip(&hinted, &zoned_nodes()),
+        "198.18.1.11 198.18.1.13",
+        "same zone"
+    );
+    let one_unhinted = slice(&[
+        ("198.18.1.11", "node-b", &["z1"], &[]),
+        ("198.18.1.12", "node-b", &[], &[]),
+    ]);
+    assert_eq!(
+        cluster_ip(&one_unhinted, &zoned_nodes()),
+        "198.18.1.11 198.18.1.12",
+        "an endpoint without a hint"
+    );
+    let no_zone = vec![node_at("node-a", &["198.18.0.2"])];
+    assert_eq!(
+        cluster_ip(&hinted, &no_zone),
+        "198.18.1.11 198.18.1.12 198.18.1.13",
+        "a node without a zone label"
+    );
+    let other_zones = slice(&[
+        ("198.18.1.11", "node-b", &["z2"], &[]),
+        ("198.18.1.12", "node-b", &["z3"], &[]),
+    ]);
+    assert_eq!(
+        cluster_ip(&other_zones, &zoned_nodes()),
+        "198.18.1.11 198.18.1.12",
+        "no endpoint for this zone"
+    );
+    let same_node = slice(&[
+        ("198.18.1.11", "node-a", &["z1"], &["node-a"]),
+        ("198.18.1.12", "node-b", &["z1"], &["node-b"]),
+    ]);
+    assert_eq!(
+        cluster_ip(&same_node, &zoned_nodes()),
+        "198.18.1.11",
+        "node hints (PreferSameNode)"
+    );
+    // Hinted endpoints that are not ready: the serving, terminating ones anywhere.
+    let mut terminating = Slice::of("shop", "web", "web-abc", "IPv4").port("http", 8080, "TCP");
+    terminating = terminating
+        .endpoint("198.18.1.11", "node-b", TERMINATING)
+        .endpoint("198.18.1.12", "node-b", TERMINATING);
+    assert_eq!(
+        cluster_ip(&[terminating.build()], &zoned_nodes()),
+        "198.18.1.11 198.18.1.12",
+        "terminating fallback"
+    );
+    // externalTrafficPolicy Local: this node's endpoints whatever their hints.
+    let local = Svc::of_type("shop", "web", "NodePort", &["198.18.200.1"])
+        .port("http", 80, "TCP")
+        .node_port(30080)
+        .local()
+        .build();
+    let hinted_away = slice(&[
+        ("198.18.1.11", "node-a", &["z2"], &[]),
+        ("198.18.1.12", "node-b", &["z1"], &[]),
+    ]);
+    let t = translate(&[local], &hinted_away, &zoned_nodes(), &kpr());
+    assert!(
+        lines(&t).contains(
+            &"shop/web 198.18.0.2:30080/tcp (external) node -> 198.18.1.11:8080".to_string()
+        ),
+        "{:?}",
+        lines(&t)
+    );
+}
+
+/// Beside kube-proxy (`kube_proxy_replacement: false`) only weir's LoadBalancer addresses;
+/// with the socket hooks, in-cluster clients of those addresses too.
+#[test]
+fn beside_kube_proxy_only_weirs_load_balancer_addresses() {
+    let services = vec![
+        Svc::of_type("shop", "web", "LoadBalancer", &["198.18.200.1"])
+            .class(Some(CLASS))
+            .port("http", 80, "TCP")
+            .node_port(30080)
+            .ingress("198.18.100.10")
+            .external_ips(&["198.18.100.20"])
+            .local()
+            .health_check_node_port(30123)
+            .build(),
+        Svc::of_type("shop", "api", "ClusterIP", &["198.18.200.2"])
+            .port("http", 80, "TCP")
+            .build(),
+    ];
+    let slices = [web_slice()];
+    let t = translate(&services, &slices, &zoned_nodes(), &opts());
+    assert_eq!(
+        lines(&t),
+        ["shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080"]
+    );
+    // kube-proxy binds the health-check node ports: weir leaves them to it.
+    assert!(t.health_node_ports.is_empty());
+    let mut o = opts();
+    o.internal = true;
+    let t = translate(&services, &slices, &zoned_nodes(), &o);
+    assert_eq!(
+        lines(&t),
+        [
+            "shop/web 198.18.100.10:80/tcp (external) -> 198.18.1.11:8080",
+            "shop/web 198.18.100.10:80/tcp (internal) -> 198.18.1.11:8080 198.18.1.12:8080",
+        ]
+    );
+    let t = translate(&services, &slices, &zoned_nodes(), &kpr());
+    assert_eq!(
+        t.health_node_ports,
+        [(30123, "shop/web".to_string())].into()
+    );
+}
+
+/// A node out of external load balancing keeps serving its in-cluster clients.
+#[test]
+fn an_excluded_node_keeps_its_cluster_ips() {
+    let svc = Svc::of_type("shop", "web", "LoadBalancer", &["198.18.200.1"])
+        .port("http", 80, "TCP")
+        .node_port(30080)
+        .ingress("198.18.100.10")
+        .build();
+    let mut nodes = zoned_nodes();
+    nodes[0] = node("node-a", true);
+    let t = translate(&[svc], &[web_slice()], &nodes, &kpr());
+    assert!(t.excluded);
+    assert_eq!(
+        lines(&t),
+        ["shop/web 198.18.200.1:80/tcp (internal) -> 198.18.1.11:8080 198.18.1.12:8080"]
+    );
+}
+
+/// Source ranges guard a LoadBalancer address from outside clients; NodePorts, external IPs
+/// and in-cluster clients are not theirs (as with kube-proxy).
+#[test]
+fn source_ranges_apply_to_load_balancer_addresses_from_outside() {
+    let svc = Svc::of_type("shop", "web", "LoadBalancer", &["198.18.200.1"])
+        .port("http", 80, "TCP")
+        .node_port(30080)
+        .ingress("198.18.100.10")
+        .external_ips(&["198.18.100.20"])
+        .local()
+        .source_ranges(&["198.18.50.0/24"])
+        .build();
+    let t = translate(&[svc], &[web_slice()], &zoned_nodes(), &kpr());
+    let ranged: Vec<String> = t
+        .desired
+        .services
+        .iter()
+        .filter(|s| !s.source_ranges.is_empty())
+        .map(|s| s.frontend.to_string())
+        .collect();
+    assert_eq!(ranged, ["198.18.100.10:80/tcp (external)"]);
+}
+
+/// Two Services on one address and port: the first by name keeps it, per scope.
+#[test]
+fn an_address_taken_by_another_service_is_reported() {
+    let a = Svc::of_type("shop", "a", "ClusterIP", &["198.18.200.1"])
+        .port("http", 80, "TCP")
+        .external_ips(&["198.18.100.20"])
+        .local()
+        .build();
+    let b = Svc::of_type("shop", "b", "ClusterIP", &["198.18.200.2"])
+        .port("http", 80, "TCP")
+        .external_ips(&["198.18.100.20"])
+        .build();
+    let t = translate(&[b, a], &[], &zoned_nodes(), &kpr());
+    assert!(
+        t.problems["shop/b"]
+            .join("; ")
+            .contains("198.18.100.20:80/tcp is already served by shop/a"),
+        "{:?}",
+        t.problems
+    );
+    assert!(
+        lines(&t)
+            .iter()
+            .any(|l| l.starts_with("shop/b 198.18.200.2:80/tcp (internal)")),
+        "the rest of shop/b is served: {:?}",
+        lines(&t)
     );
 }
