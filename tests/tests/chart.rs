@@ -174,7 +174,10 @@ fn the_default_rendering_is_committed_and_valid() {
 fn every_documented_value_renders_where_it_belongs() {
     let values = serde_json::json!({
         "image": {"repository": "registry.example/weir/lb-agent", "tag": "9.9.9", "pullPolicy": "Always"},
-        "node": {"interfaces": ["eth1", "eth2"], "xdpMode": "native", "sourceNatPorts": "62000-62999"},
+        "node": {"interfaces": ["eth1", "eth2"], "xdpMode": "native", "sourceNatPorts": "62000-62999",
+                 "nodePortAddresses": ["198.18.0.0/24"], "healthzPort": 10257},
+        "kubeProxyReplacement": true,
+        "hostCgroupRoot": "/sys/fs/cgroup/unified",
         "adminPort": 9400,
         "maglev": {"tableSize": 65537},
         "dataplane": {"maxServices": 100, "maxBackends": 1000, "conntrackSize": 100_000, "keepOnExit": false},
@@ -210,6 +213,33 @@ fn every_documented_value_renders_where_it_belongs() {
     assert_eq!(c.node.interfaces, ["eth1", "eth2"]);
     assert_eq!(c.node.xdp_mode, lb_agent::dataplane::XdpMode::Native);
     assert_eq!(c.node.source_nat.ports, (62000, 62999));
+    assert!(c.node.kube_proxy_replacement);
+    assert_eq!(c.node.socket_lb, Some("/run/weir/cgroup".into()));
+    assert_eq!(
+        c.node.nodeport_addresses,
+        ["198.18.0.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    assert_eq!(
+        c.node.healthz_listen,
+        Some("0.0.0.0:10257".parse().unwrap())
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "cgroup")
+        .expect("the host's cgroup2 volume");
+    assert_eq!(volume["hostPath"]["path"], "/sys/fs/cgroup/unified");
+    assert!(
+        agent["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "cgroup" && m["mountPath"] == "/run/weir/cgroup"),
+        "{}",
+        agent["volumeMounts"]
+    );
     assert_eq!(c.admin.listen.port(), 9400);
     assert_eq!(c.maglev.table_size, 65537);
     assert_eq!(

@@ -70,7 +70,7 @@ pub struct NodeConfig {
 }
 
 /// The default `node.healthz_listen`: kube-proxy's `--healthz-bind-address`.
-pub const DEFAULT_HEALTHZ_LISTEN: &str = "[::]:10256";
+pub const DEFAULT_HEALTHZ_LISTEN: &str = "0.0.0.0:10256";
 
 /// The default `node.socket_lb.cgroup`: the node's cgroup v2 root.
 pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup";

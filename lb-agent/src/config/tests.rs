@@ -575,7 +575,10 @@ fn kube_proxy_replacement_settings() {
     )
     .unwrap();
     assert_eq!(c.node.socket_lb, Some(DEFAULT_CGROUP.into()));
-    assert_eq!(c.node.healthz_listen, Some("[::]:10256".parse().unwrap()));
+    assert_eq!(
+        c.node.healthz_listen,
+        Some("0.0.0.0:10256".parse().unwrap())
+    );
     assert_eq!(
         c.node.nodeport_addresses,
         [
