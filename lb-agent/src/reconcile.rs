@@ -105,6 +105,8 @@ pub struct Reconciler<D, C> {
     states: HashMap<CheckKey, Health>,
     /// L2 mode: the VIPs answered for on L2 (None: no L2 announcement).
     announced: Option<BTreeSet<IpAddr>>,
+    /// With the socket hooks: closes connected UDP sockets to backends out of rotation.
+    terminator: Option<crate::dataplane::sockets::Terminator>,
 }
 
 impl<D: Dataplane, C: Checks> Reconciler<D, C> {
@@ -130,7 +132,13 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             modes: BTreeMap::new(),
             states: HashMap::new(),
             announced: l2.then(BTreeSet::new),
+            terminator: None,
         }
+    }
+
+    /// Closes connected UDP sockets to backends that leave rotation from now on.
+    pub fn set_terminator(&mut self, t: crate::dataplane::sockets::Terminator) {
+        self.terminator = Some(t);
     }
 
     /// Starts the checks of `desired`, waits until each has a result or the longest timeout
@@ -284,6 +292,12 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             if before != Some(*mode) {
                 log_mode(*frontend, before, *mode, &effective);
             }
+        }
+        if let Some(t) = &self.terminator {
+            t.terminate(crate::dataplane::sockets::udp_left(
+                &self.programmed,
+                &effective,
+            ));
         }
         self.programmed = effective;
         self.modes = modes;

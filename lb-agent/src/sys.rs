@@ -291,3 +291,168 @@ pub fn fs_type(path: &std::path::Path) -> io::Result<i64> {
     // SAFETY: statfs succeeded, so `st` is initialised.
     Ok(unsafe { st.assume_init() }.f_type as i64)
 }
+
+/// A connected UDP socket as `sock_diag` lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub ifindex: u32,
+    pub cookie: u64,
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+/// `inet_diag_sockid`: ports, addresses, interface, cookie.
+const SOCKID_LEN: usize = 48;
+/// `TCP_ESTABLISHED`: a connected UDP socket's state.
+const ESTABLISHED: u32 = 1;
+
+/// A `sock_diag` netlink socket in this thread's network namespace.
+fn sock_diag() -> io::Result<OwnedFd> {
+    socket(libc::AF_NETLINK, libc::SOCK_DGRAM, libc::NETLINK_SOCK_DIAG)
+}
+
+fn nl_send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: `msg` is valid for its length during the call.
+    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn nl_recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length during the call.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// An `inet_diag_req_v2` for UDP of `family` in netlink message `kind` with `flags`.
+fn diag_request(kind: u16, flags: u16, family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+    let len = 16 + 8 + SOCKID_LEN;
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel's
+    m.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
+    m.extend_from_slice(&states.to_ne_bytes());
+    m.extend_from_slice(id);
+    m
+}
+
+fn sockid_addr(id: &[u8], family: u8, at: usize, port: u16) -> SocketAddr {
+    let ip = if i32::from(family) == libc::AF_INET {
+        IpAddr::from(<[u8; 4]>::try_from(&id[at..at + 4]).unwrap_or_default())
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(&id[at..at + 16]).unwrap_or_default())
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Every connected UDP socket of `family` (`AF_INET`/`AF_INET6`) in this thread's network
+/// namespace, with the raw `inet_diag_sockid` that names it to [`destroy_udp`].
+pub fn udp_sockets(v4: bool) -> io::Result<Vec<(UdpSocket, [u8; SOCKID_LEN])>> {
+    let family = if v4 { libc::AF_INET } else { libc::AF_INET6 } as u8;
+    let fd = sock_diag()?;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    nl_send(
+        &fd,
+        &diag_request(
+            SOCK_DIAG_BY_FAMILY,
+            flags,
+            family,
+            1 << ESTABLISHED,
+            &[0; SOCKID_LEN],
+        ),
+    )?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = nl_recv(&fd, &mut buf)?;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
+            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap_or_default());
+            if len < 16 || at + len > n {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "short netlink message",
+                ));
+            }
+            match i32::from(kind) {
+                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_ERROR => {
+                    let errno =
+                        i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap_or_default());
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ if kind == SOCK_DIAG_BY_FAMILY && len >= 16 + 4 + SOCKID_LEN => {
+                    let msg = &buf[at + 16..at + len];
+                    let family = msg[0];
+                    let id = &msg[4..4 + SOCKID_LEN];
+                    let sport = u16::from_be_bytes([id[0], id[1]]);
+                    let dport = u16::from_be_bytes([id[2], id[3]]);
+                    let ifindex = u32::from_ne_bytes(id[36..40].try_into().unwrap_or_default());
+                    let cookie = u64::from(u32::from_ne_bytes(
+                        id[40..44].try_into().unwrap_or_default(),
+                    )) | (u64::from(u32::from_ne_bytes(
+                        id[44..48].try_into().unwrap_or_default(),
+                    )) << 32);
+                    out.push((
+                        UdpSocket {
+                            local: sockid_addr(id, family, 4, sport),
+                            remote: sockid_addr(id, family, 20, dport),
+                            ifindex,
+                            cookie,
+                        },
+                        id.try_into().unwrap_or([0; SOCKID_LEN]),
+                    ));
+                }
+                _ => {}
+            }
+            at += len.next_multiple_of(4);
+        }
+    }
+}
+
+/// Closes a UDP socket [`udp_sockets`] listed (`SOCK_DESTROY`): its owner's next call fails
+/// with `ECONNABORTED`, and a new socket connects afresh.
+pub fn destroy_udp(v4: bool, id: &[u8; SOCKID_LEN]) -> io::Result<()> {
+    let family = if v4 { libc::AF_INET } else { libc::AF_INET6 } as u8;
+    let fd = sock_diag()?;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    nl_send(
+        &fd,
+        &diag_request(SOCK_DESTROY, flags, family, 1 << ESTABLISHED, id),
+    )?;
+    let mut buf = [0u8; 256];
+    let n = nl_recv(&fd, &mut buf)?;
+    if n >= 20 && i32::from(u16::from_ne_bytes([buf[4], buf[5]])) == libc::NLMSG_ERROR {
+        let errno = i32::from_ne_bytes(buf[16..20].try_into().unwrap_or_default());
+        if errno != 0 {
+            return Err(io::Error::from_raw_os_error(-errno));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread in the network namespace at `path` (`setns`: `CAP_SYS_ADMIN`).
+pub fn in_netns<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let ns = std::fs::File::open(path)?;
+    std::thread::spawn(move || {
+        // SAFETY: `ns` is an open namespace file; setns only changes this thread, which ends
+        // with `f`.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other("the namespace thread panicked"))?
+}

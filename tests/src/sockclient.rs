@@ -9,7 +9,9 @@
 //! - `udp ADDR N`: one unconnected socket, N `sendto()`s, each answer's source.
 //! - `udp-sockets ADDR N`: N connected sockets, one datagram each.
 //! - `udp-hold ADDR N`: one connected socket; a datagram every 100 ms, N times (a long-lived
-//!   "connection" whose backend may go away under it).
+//!   "connection" whose backend may go away under it, like a log or metrics shipper's): an
+//!   unanswered datagram keeps the socket; a socket that fails otherwise (closed under it) is
+//!   replaced by a new one.
 
 use std::{
     io::{Read as _, Write as _},
@@ -90,15 +92,32 @@ pub fn run(args: &[String]) -> i32 {
             Ok(s) => (0..n).for_each(|i| line(udp_exchange(&s, Some(addr), i))),
             Err(e) => line(Err(e)),
         },
-        "udp-connected" | "udp-hold" => {
-            match udp_socket(addr).and_then(|s| s.connect(addr).map(|()| s)) {
-                Ok(s) => (0..n).for_each(|i| {
-                    line(udp_exchange(&s, None, i));
-                    if mode == "udp-hold" {
-                        std::thread::sleep(Duration::from_millis(100));
+        "udp-connected" => match udp_socket(addr).and_then(|s| s.connect(addr).map(|()| s)) {
+            Ok(s) => (0..n).for_each(|i| line(udp_exchange(&s, None, i))),
+            Err(e) => line(Err(e)),
+        },
+        "udp-hold" => {
+            let connect = || udp_socket(addr).and_then(|s| s.connect(addr).map(|()| s));
+            let mut socket = None;
+            for i in 0..n {
+                match socket.take().map_or_else(connect, Ok) {
+                    Ok(s) => {
+                        let r = udp_exchange(&s, None, i);
+                        let keep = match &r {
+                            Ok(_) => true,
+                            Err(e) => matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ),
+                        };
+                        line(r);
+                        if keep {
+                            socket = Some(s);
+                        }
                     }
-                }),
-                Err(e) => line(Err(e)),
+                    Err(e) => line(Err(e)),
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
         "udp-sockets" => (0..n).for_each(|i| {

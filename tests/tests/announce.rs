@@ -236,7 +236,15 @@ fn l2_in_kubernetes_mode_follows_the_l2advertisement_and_fails_over_within_its_n
                 .then_some(())
         });
     }
-    let owner = lab.owner();
+    // The owner once the two have agreed (both may claim it for a gossip round while they
+    // first hear each other; the lower claim then yields).
+    let owner = wait_for(Duration::from_secs(10), "the edge nodes to agree", || {
+        let owner = lab.owner();
+        let v = l2(&lab, owner);
+        let other = format!("lb{}", 2 - owner.min(1));
+        (v["announced"] == json!([VIP]) && v["alive"][other]["claims"] == json!([]))
+            .then_some(owner)
+    });
     assert!(owner < 2, "an edge node owns the VIP, not lb{}", owner + 1);
     // The edge nodes gossip with each other (their peers are the selected Nodes); lb3 may
     // answer for nothing.

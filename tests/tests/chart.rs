@@ -178,6 +178,7 @@ fn every_documented_value_renders_where_it_belongs() {
                  "nodePortAddresses": ["198.18.0.0/24"], "healthzPort": 10257},
         "kubeProxyReplacement": true,
         "hostCgroupRoot": "/sys/fs/cgroup/unified",
+        "hostNetnsDir": "/var/run/netns",
         "adminPort": 9400,
         "maglev": {"tableSize": 65537},
         "dataplane": {"maxServices": 100, "maxBackends": 1000, "conntrackSize": 100_000, "keepOnExit": false},
@@ -231,6 +232,23 @@ fn every_documented_value_renders_where_it_belongs() {
         .find(|v| v["name"] == "cgroup")
         .expect("the host's cgroup2 volume");
     assert_eq!(volume["hostPath"]["path"], "/sys/fs/cgroup/unified");
+    let netns = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "netns")
+        .expect("the pods' namespaces");
+    assert_eq!(netns["hostPath"]["path"], "/var/run/netns");
+    assert_eq!(c.node.netns_dir, Some("/run/netns".into()));
+    assert!(
+        agent["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "SYS_ADMIN"),
+        "{}",
+        agent["securityContext"]
+    );
     assert!(
         agent["volumeMounts"]
             .as_array()

@@ -205,3 +205,75 @@ fn the_hooks_survive_a_restart_and_cleanup_removes_them() {
 fn lb_agent_bin() -> std::path::PathBuf {
     weir_lab::agent::agent_binary()
 }
+
+/// A connected UDP socket whose backend leaves the service (a pod deleted or drained while it
+/// still answers) is closed under its owner, and the owner's next socket
+/// reaches a backend in rotation; without that it would keep talking to the one that left.
+/// (A backend whose process dies while its host lives answers ICMP port unreachable, and the
+/// socket fails on its own: `ConnectionRefused`.)
+#[test]
+fn a_connected_udp_socket_follows_its_backend_out_of_rotation() {
+    use std::io::{BufRead as _, BufReader};
+    let (lab, cg, agent) = lab_with_hooks();
+    let mut child = cg
+        .command(
+            &lab.lb,
+            bin(),
+            &["sockclient", "udp-hold", "198.18.100.10:7", "40"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let backend = first
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("reply=backend="))
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+    let index = ["b1", "b2", "b3"]
+        .iter()
+        .position(|b| *b == backend)
+        .unwrap();
+    let line = format!(
+        "      - {{ address: 198.18.1.1{}, port: 7007 }}\n",
+        index + 1
+    );
+    let without = config(&cg);
+    assert!(without.contains(&line), "{line}");
+    agent
+        .reload(&lab.lb, &without.replacen(&line, "", 1))
+        .expect("reload");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success());
+    // Closed while waiting for an answer: ECONNABORTED; between two datagrams: the socket is
+    // no longer connected, and the next send() wants an address (EDESTADDRREQ).
+    let aborted = rest
+        .iter()
+        .position(|l| {
+            l.starts_with("error=")
+                && (l.ends_with("(os error 103)") || l.ends_with("(os error 89)"))
+        })
+        .unwrap_or_else(|| panic!("the socket was not closed: {rest:#?}"));
+    assert!(
+        rest[..aborted]
+            .iter()
+            .all(|l| l.contains(&format!("reply=backend={backend} "))),
+        "until then it talked to {backend}: {rest:#?}"
+    );
+    let after = &rest[aborted + 1..];
+    assert!(after.len() >= 10, "{rest:#?}");
+    assert!(
+        after
+            .iter()
+            .all(|l| l.contains("reply=backend=") && !l.contains(&format!("backend={backend} "))),
+        "after the close every datagram reaches a backend in rotation: {rest:#?}"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("closed connected UDP sockets to backends out of rotation"),
+        "{}",
+        agent.log_text()
+    );
+}

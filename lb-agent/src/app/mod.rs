@@ -157,7 +157,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     .await?;
     announcer.set_restarted(*datapath.start() == Start::Adopted, claims);
     let sampler = tokio::spawn(traffic::sample(
-        inspector,
+        inspector.clone(),
         out.snapshot.subscribe(),
         out.traffic,
     ));
@@ -184,7 +184,13 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let (monitor, mut events) = Monitor::new(out.metrics.health.clone(), MAX_CONCURRENT_PROBES)
         .map_err(AppError::HealthThread)?;
     let l2 = announcer.l2();
-    let reconciler = Reconciler::new(datapath, monitor, programmer, out.snapshot.clone(), l2);
+    let mut reconciler = Reconciler::new(datapath, monitor, programmer, out.snapshot.clone(), l2);
+    if config.node.socket_lb.is_some() {
+        reconciler.set_terminator(dataplane::sockets::Terminator::new(
+            inspector,
+            config.node.netns_dir.clone(),
+        ));
+    }
     let mut agent = Agent {
         api: state.clone(),
         source,

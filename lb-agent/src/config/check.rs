@@ -646,6 +646,13 @@ impl RawConfig {
                 xdp_mode: self.node.xdp_mode,
                 source_nat,
                 kube_proxy_replacement: self.node.kube_proxy_replacement,
+                netns_dir: socket_lb.as_ref().map(|_| {
+                    self.node
+                        .socket_lb
+                        .netns_dir
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_NETNS_DIR.into())
+                }),
                 socket_lb,
                 nodeport_addresses,
                 healthz_listen,

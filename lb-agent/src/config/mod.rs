@@ -61,6 +61,9 @@ pub struct NodeConfig {
     /// `node.socket_lb`: the cgroup v2 directory where the socket hooks attach (every process
     /// in it and below connects to services through them); None: no socket load balancing.
     pub socket_lb: Option<std::path::PathBuf>,
+    /// `node.socket_lb.netns_dir`: where the pods' network namespaces are named, whose
+    /// connected UDP sockets to a backend out of rotation are closed (with `socket_lb`).
+    pub netns_dir: Option<std::path::PathBuf>,
     /// `node.nodeport_addresses`: the prefixes of the node addresses NodePorts are served on
     /// (kube-proxy's `--nodeport-addresses`); empty: the Node's InternalIPs.
     pub nodeport_addresses: Vec<ipnet::IpNet>,
@@ -71,6 +74,9 @@ pub struct NodeConfig {
 
 /// The default `node.healthz_listen`: kube-proxy's `--healthz-bind-address`.
 pub const DEFAULT_HEALTHZ_LISTEN: &str = "0.0.0.0:10256";
+
+/// The default `node.socket_lb.netns_dir`: where `ip netns` and CNI plugins name them.
+pub const DEFAULT_NETNS_DIR: &str = "/run/netns";
 
 /// The default `node.socket_lb.cgroup`: the node's cgroup v2 root.
 pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup";

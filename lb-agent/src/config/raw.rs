@@ -178,6 +178,9 @@ pub(super) struct RawSocketLb {
     /// Default: `node.kube_proxy_replacement`.
     pub(super) enabled: Option<bool>,
     pub(super) cgroup: Option<PathBuf>,
+    /// Where the pods' network namespaces are named (their connected UDP sockets to a
+    /// backend out of rotation are closed).
+    pub(super) netns_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

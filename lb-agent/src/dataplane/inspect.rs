@@ -64,6 +64,16 @@ pub trait Inspect: Send + Sync + 'static {
     /// The decision for `flow`, taken exactly as the XDP program takes it, without creating
     /// any state.
     fn trace(&self, flow: &FlowKey) -> Result<Trace, MapError>;
+    /// The frontend the socket hooks connected socket `cookie` to when they sent it to
+    /// `backend` (`SOCK_REVNAT`); None for a socket that asked for the backend itself.
+    fn socket_frontend(
+        &self,
+        cookie: u64,
+        backend: SocketAddr,
+    ) -> Result<Option<SocketAddr>, MapError> {
+        let _ = (cookie, backend);
+        Ok(None)
+    }
 }
 
 /// The connection-table key of a client's flow to a frontend.

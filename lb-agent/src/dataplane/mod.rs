@@ -12,6 +12,7 @@ pub mod inspect;
 mod limits;
 pub mod memory;
 mod programmer;
+pub mod sockets;
 mod sys;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -4,8 +4,8 @@
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, FlowKey, FlowValue,
-    ServiceKey, ServiceStats, ServiceValue, SourceRangeData, backend_flags, drop_reason, maps,
-    service_flags,
+    ServiceKey, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
+    backend_flags, drop_reason, maps, service_flags,
 };
 
 use crate::dataplane::{
@@ -29,6 +29,7 @@ pub struct EbpfInspector {
     pub(super) datapath_stats: PerCpuArray<MapData, DatapathStats>,
     pub(super) conntrack: HashMap<MapData, FlowKey, FlowValue>,
     pub(super) affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub(super) sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
     pub(super) ncpus: usize,
 }
 
@@ -128,6 +129,34 @@ fn found<V>(r: Result<V, aya::maps::MapError>, map: &'static str) -> Result<Opti
 }
 
 impl Inspect for EbpfInspector {
+    fn socket_frontend(
+        &self,
+        cookie: u64,
+        backend: std::net::SocketAddr,
+    ) -> Result<Option<std::net::SocketAddr>, MapError> {
+        let (addr, family) = crate::dataplane::addr_words(backend.ip());
+        let key = SockRevKey {
+            cookie,
+            addr,
+            port_be: backend.port().to_be(),
+            family,
+            _pad: [0; 5],
+        };
+        Ok(
+            found(self.sock_revnat.get(&key, 0), maps::SOCK_REVNAT)?.map(|v| {
+                let family = if v.addr[..3] == lb_common::V4_MAPPED_PREFIX {
+                    lb_common::family::V4
+                } else {
+                    lb_common::family::V6
+                };
+                std::net::SocketAddr::new(
+                    crate::dataplane::words_addr(&v.addr, family),
+                    u16::from_be(v.port_be),
+                )
+            }),
+        )
+    }
+
     fn counters(&self, services: u32, backends: u32) -> Result<RawCounters, MapError> {
         let services = self.per_cpu_batch(
             maps::SERVICE_STATS,

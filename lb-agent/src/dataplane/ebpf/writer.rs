@@ -13,7 +13,7 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, DatapathStats, EndpointKey,
     EndpointValue, FlowKey, FlowValue, L2Port, ServiceKey, ServiceStats, ServiceValue, SnatConfig,
-    SnatValue, SourceRangeData, VipKey, VipValue, maps,
+    SnatValue, SockRevKey, SockRevValue, SourceRangeData, VipKey, VipValue, maps,
 };
 
 use crate::dataplane::{
@@ -43,6 +43,7 @@ pub struct EbpfMaps {
     pub(super) endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub snat: HashMap<MapData, FlowKey, SnatValue>,
+    pub(super) sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
     pub(super) snat_config: Array<MapData, SnatConfig>,
     pub(super) l2_ports: HashMap<MapData, u32, L2Port>,
     pub(super) l2_lease: Array<MapData, u64>,
@@ -103,6 +104,7 @@ impl EbpfMaps {
             endpoints: typed!(ebpf, maps::ENDPOINTS),
             affinity: typed!(ebpf, maps::AFFINITY),
             snat: typed!(ebpf, maps::SNAT),
+            sock_revnat: typed!(ebpf, maps::SOCK_REVNAT),
             snat_config: typed!(ebpf, maps::SNAT_CONFIG),
             l2_ports: typed!(ebpf, maps::L2_PORTS),
             l2_lease: typed!(ebpf, maps::L2_LEASE),
@@ -228,6 +230,7 @@ impl EbpfMaps {
             datapath_stats: typed(maps::DATAPATH_STATS, IterableMap::map(&self.datapath_stats))?,
             conntrack: typed(maps::CONNTRACK, IterableMap::map(&self.conntrack))?,
             affinity: typed(maps::AFFINITY, IterableMap::map(&self.affinity))?,
+            sock_revnat: typed(maps::SOCK_REVNAT, IterableMap::map(&self.sock_revnat))?,
             ncpus: self.ncpus,
         })
     }
