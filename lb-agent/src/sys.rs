@@ -292,12 +292,10 @@ pub fn fs_type(path: &std::path::Path) -> io::Result<i64> {
     Ok(unsafe { st.assume_init() }.f_type as i64)
 }
 
-/// A connected UDP socket as `sock_diag` lists it.
+/// A connected UDP socket as `sock_diag` lists it: where it sends, and its cookie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UdpSocket {
-    pub local: SocketAddr,
     pub remote: SocketAddr,
-    pub ifindex: u32,
     pub cookie: u64,
 }
 
@@ -393,9 +391,7 @@ pub fn udp_sockets(v4: bool) -> io::Result<Vec<(UdpSocket, [u8; SOCKID_LEN])>> {
                     let msg = &buf[at + 16..at + len];
                     let family = msg[0];
                     let id = &msg[4..4 + SOCKID_LEN];
-                    let sport = u16::from_be_bytes([id[0], id[1]]);
                     let dport = u16::from_be_bytes([id[2], id[3]]);
-                    let ifindex = u32::from_ne_bytes(id[36..40].try_into().unwrap_or_default());
                     let cookie = u64::from(u32::from_ne_bytes(
                         id[40..44].try_into().unwrap_or_default(),
                     )) | (u64::from(u32::from_ne_bytes(
@@ -403,9 +399,7 @@ pub fn udp_sockets(v4: bool) -> io::Result<Vec<(UdpSocket, [u8; SOCKID_LEN])>> {
                     )) << 32);
                     out.push((
                         UdpSocket {
-                            local: sockid_addr(id, family, 4, sport),
                             remote: sockid_addr(id, family, 20, dport),
-                            ifindex,
                             cookie,
                         },
                         id.try_into().unwrap_or([0; SOCKID_LEN]),
