@@ -12,6 +12,9 @@
 //!   "connection" whose backend may go away under it, like a log or metrics shipper's): an
 //!   unanswered datagram keeps the socket; a socket that fails otherwise (closed under it) is
 //!   replaced by a new one.
+//! - `rate ADDR SECONDS`: the ClusterIP benchmark's client, pinned to CPU 0: one connection at
+//!   a time (`connect()`, `GET /whoami`, the answer to its end, close) for that long; prints
+//!   `count=<ok> errors=<failed> p50_ns=<latency> p99_ns=<latency>` of the whole exchange.
 
 use std::{
     io::{Read as _, Write as _},
@@ -83,7 +86,9 @@ pub fn run(args: &[String]) -> i32 {
         args.get(1).and_then(|a| a.parse::<SocketAddr>().ok()),
         args.get(2).and_then(|a| a.parse::<usize>().ok()),
     ) else {
-        eprintln!("usage: weir-lab sockclient tcp|udp|udp-connected|udp-sockets|udp-hold ADDR N");
+        eprintln!(
+            "usage: weir-lab sockclient tcp|udp|udp-connected|udp-sockets|udp-hold ADDR N\n       weir-lab sockclient rate ADDR SECONDS"
+        );
         return 2;
     };
     match mode.as_str() {
@@ -127,12 +132,57 @@ pub fn run(args: &[String]) -> i32 {
                     .and_then(|s| udp_exchange(&s, None, i)),
             );
         }),
+        "rate" => rate(addr, Duration::from_secs(n as u64)),
         other => {
             eprintln!("weir-lab sockclient: unknown mode {other}");
             return 2;
         }
     }
     0
+}
+
+/// Connect, request, answer, close, one after the other for `secs`; prints the count and the
+/// latency percentiles (see the module's doc).
+fn rate(addr: SocketAddr, secs: Duration) {
+    crate::bench::packet::pin_to_cpu(0);
+    let mut lat: Vec<u64> = Vec::with_capacity(1 << 20);
+    let mut errors = 0u64;
+    let mut first_error = None;
+    let end = std::time::Instant::now() + secs;
+    let mut buf = Vec::with_capacity(256);
+    while std::time::Instant::now() < end {
+        let start = std::time::Instant::now();
+        let r = (|| {
+            let mut s = TcpStream::connect_timeout(&addr, T)?;
+            s.set_read_timeout(Some(T))?;
+            s.write_all(b"GET /whoami HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+            buf.clear();
+            s.read_to_end(&mut buf)?;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a 200 answer"))
+            }
+        })();
+        match r {
+            Ok(()) => lat.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    lat.sort_unstable();
+    let pct = |p: usize| lat.get(lat.len() * p / 100).copied().unwrap_or(0);
+    println!(
+        "count={} errors={errors} p50_ns={} p99_ns={}",
+        lat.len(),
+        pct(50),
+        pct(99)
+    );
+    if let Some(e) = first_error {
+        eprintln!("first error: {e}");
+    }
 }
 
 /// One exchange as `weir-lab sockclient` prints it.

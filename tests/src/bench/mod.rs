@@ -3,19 +3,23 @@
 //! machine and the command into `docs/benchmarks.md`. Nothing here asserts on time.
 
 pub mod bgp;
+pub mod clusterip;
 pub mod health;
 pub mod l2;
 pub mod maglev;
+pub mod nodeport;
 pub mod packet;
 pub mod report;
 pub mod restart;
 pub mod throughput;
 
 /// The benchmarks `--only` can name.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 10] = [
     "packet",
     "maglev",
     "throughput",
+    "nodeport",
+    "clusterip",
     "prune",
     "probes",
     "l2",
@@ -48,6 +52,18 @@ pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<
             &m,
             command,
             &throughput::run(quick),
+        ));
+    }
+    if wanted("nodeport") {
+        eprintln!("bench: NodePort throughput");
+        sections.push(report::nodeport_section(&m, command, &nodeport::run(quick)));
+    }
+    if wanted("clusterip") {
+        eprintln!("bench: ClusterIP from the node");
+        sections.push(report::clusterip_section(
+            &m,
+            command,
+            &clusterip::run(quick),
         ));
     }
     if wanted("prune") {

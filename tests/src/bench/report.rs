@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{bgp, health, l2, maglev, packet, restart, throughput};
+use super::{bgp, clusterip, health, l2, maglev, nodeport, packet, restart, throughput};
 
 pub struct Machine {
     pub cpu: String,
@@ -154,6 +154,154 @@ pub fn maglev_section(m: &Machine, command: &str, mag: &[maglev::Row]) -> String
         "\nTarget: M=65537 with 1000 backends in ≤ 1 ms; ≤ 1% disruption.\n"
     );
 
+    s
+}
+
+pub fn nodeport_section(m: &Machine, command: &str, rows: &[nodeport::Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## NodePort throughput through the LB node (netns lab)\n"
+    );
+    s.push_str(&provenance(m, command));
+    let _ = writeln!(
+        s,
+        "The throughput benchmark's topology and generator, with the frames to the LB node's own \
+         address and the measured Service's node port (64-byte UDP, 256 flows). Every Service is a \
+         NodePort with `externalTrafficPolicy: Local` and its endpoints on this node (no source \
+         NAT anywhere). weir: the agent in Kubernetes mode with `kube_proxy_replacement` against \
+         the fake API server, native XDP on both LB interfaces (the node address joins only the \
+         XDP pre-filter). iptables: kube-proxy-like — every Service's ClusterIP rule, then \
+         `addrtype --dst-type LOCAL` → `KUBE-NODEPORTS` with a rule per node port (the measured \
+         one last) → `statistic` per endpoint, legacy iptables. nftables: kube-proxy-like \
+         `service-ips` map, then `fib daddr type local` and a `service-nodeports` verdict map. \
+         Frames per second received by the sink, median of the runs.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| services | weir | iptables | nftables | weir ÷ iptables | weir ÷ nftables |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
+    let mut counts: Vec<usize> = rows.iter().map(|r| r.services).collect();
+    counts.dedup();
+    for n in counts {
+        let get = |mode| {
+            rows.iter()
+                .find(|r| r.services == n && r.mode == mode)
+                .map_or(0.0, |r| r.pps)
+        };
+        let (w, i, f) = (
+            get(nodeport::Mode::Weir),
+            get(nodeport::Mode::Iptables),
+            get(nodeport::Mode::Nftables),
+        );
+        let _ = writeln!(
+            s,
+            "| {n} | {:.2} Mpps | {:.2} Mpps | {:.2} Mpps | {:.1}× | {:.1}× |",
+            w / 1e6,
+            i / 1e6,
+            f / 1e6,
+            w / i.max(1.0),
+            w / f.max(1.0)
+        );
+    }
+    let saturated: Vec<String> = rows
+        .iter()
+        .filter(|r| r.pps > 0.98 * r.offered_pps)
+        .map(|r| format!("{} with {} services", r.mode.name(), r.services))
+        .collect();
+    if !saturated.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nThe generator, not the LB node, was the limit for: {}.",
+            saturated.join("; ")
+        );
+    }
+    s
+}
+
+pub fn clusterip_section(m: &Machine, command: &str, rows: &[clusterip::Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## ClusterIP from the node: connections through the Service\n"
+    );
+    s.push_str(&provenance(m, command));
+    let _ = writeln!(
+        s,
+        "A client process on the node (CPU 0) opens one connection at a time to the measured \
+         ClusterIP: `connect()`, `GET /whoami`, the whole answer, close. The endpoints are three \
+         addresses of a pod namespace behind a routed veth, served by four threads on CPU 1. \
+         weir: the agent's socket hooks on the client's cgroup (the destination is translated \
+         once, in `connect()`; no connection tracking, no packet rewritten). iptables: \
+         kube-proxy-like `nat` OUTPUT chains (a rule per Service, the measured one last, \
+         `statistic --mode random` per endpoint, `KUBE-MARK-MASQ`), legacy iptables. nftables: \
+         kube-proxy-like verdict map on (address, protocol, port) and `numgen` per endpoint. \
+         Fillers are Services with one endpoint each. Exchanges per second and their latency, \
+         the median of the runs.\n"
+    );
+    if let Some(d) = rows.iter().find(|r| r.mode == clusterip::Mode::Direct) {
+        let _ = writeln!(
+            s,
+            "Floor, the same client to one endpoint's address (no Service): {:.0}/s, p50 {:.0} µs, \
+             p99 {:.0} µs.\n",
+            d.rate, d.p50_us, d.p99_us
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| services | weir | iptables | nftables | weir ÷ iptables | weir ÷ nftables | p99 weir / iptables / nftables |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+    let mut counts: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.mode != clusterip::Mode::Direct)
+        .map(|r| r.services)
+        .collect();
+    counts.dedup();
+    for n in counts {
+        let get = |mode| {
+            rows.iter()
+                .find(|r| r.services == n && r.mode == mode)
+                .map_or((0.0, 0.0), |r| (r.rate, r.p99_us))
+        };
+        let (w, i, f) = (
+            get(clusterip::Mode::Weir),
+            get(clusterip::Mode::Iptables),
+            get(clusterip::Mode::Nftables),
+        );
+        let _ = writeln!(
+            s,
+            "| {n} | {:.0}/s | {:.0}/s | {:.0}/s | {:.2}× | {:.2}× | {:.0} / {:.0} / {:.0} µs |",
+            w.0,
+            i.0,
+            f.0,
+            w.0 / i.0.max(1.0),
+            w.0 / f.0.max(1.0),
+            w.1,
+            i.1,
+            f.1
+        );
+    }
+    let failed: Vec<String> = rows
+        .iter()
+        .filter(|r| r.errors > 0)
+        .map(|r| {
+            format!(
+                "{} with {} services: {}",
+                r.mode.name(),
+                r.services,
+                r.errors
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        let _ = writeln!(s, "\nFailed exchanges: {}.", failed.join("; "));
+    }
+    let _ = writeln!(
+        s,
+        "\nTarget: weir ≥ 1.5× iptables at 10 000 Services, flat in the Service count."
+    );
     s
 }
 

@@ -63,7 +63,7 @@ pub struct Row {
 
 const VIP: &str = "198.18.100.10";
 const PORT: u16 = 5000;
-const ENDPOINTS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
+pub(super) const ENDPOINTS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
 const FLOWS: u32 = 256;
 
 fn filler_vip(i: usize) -> Ipv4Addr {
@@ -76,16 +76,22 @@ fn filler_port(i: usize) -> u16 {
     10000 + (i % 50000) as u16
 }
 
-struct Topo {
+pub(super) struct Topo {
     sink_xdp: LabXdp,
     generator: Netns,
-    lb: Netns,
+    pub(super) lb: Netns,
     _sink: Netns,
     g0: u32,
     frame: Vec<u8>,
 }
 
+/// The topology, with the generator's frames to `VIP:PORT`.
 fn topo() -> Topo {
+    topo_to(VIP, PORT)
+}
+
+/// The topology, with the generator's frames to `dst:port` (`ENDPOINTS` on the sink).
+pub(super) fn topo_to(dst: &str, port: u16) -> Topo {
     let generator = Netns::new("gen");
     let lb = Netns::new("lbb");
     let sink = Netns::new("sink");
@@ -110,7 +116,7 @@ fn topo() -> Topo {
     ));
     let sink_xdp = LabXdp::attach(&sink, "s0", "lab_sink");
     // 64 bytes: 14 Ethernet + 20 IPv4 + 8 UDP + 22 payload.
-    let mut p = Pkt::udp("198.18.0.1", 1024, VIP, PORT, &[0u8; 22]);
+    let mut p = Pkt::udp("198.18.0.1", 1024, dst, port, &[0u8; 22]);
     p.src_mac = generator.mac("g0");
     p.dst_mac = lb.mac("eth-c");
     // UDP over IPv4 without a checksum, so that the generator may change the source port.
@@ -129,7 +135,16 @@ fn topo() -> Topo {
 }
 
 /// Runs the LB node's receive processing on its own thread, pinned to CPU 1.
-fn pin_lb_napi(lb: &Netns) {
+/// Legacy iptables where the machine has both (kube-proxy's default on most distributions).
+pub(super) fn iptables_restore() -> &'static str {
+    if crate::netns::try_run("which", &["iptables-legacy-restore"]).is_ok() {
+        "iptables-legacy-restore"
+    } else {
+        "iptables-restore"
+    }
+}
+
+pub(super) fn pin_lb_napi(lb: &Netns) {
     lb.exec(&["sh", "-c", "echo 1 > /sys/class/net/eth-c/threaded"]);
     let ps = crate::netns::run("ps", &["-eo", "pid,comm"]);
     for line in ps.lines() {
@@ -277,12 +292,7 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
         Mode::Iptables => {
             let file = dir.path.join("rules");
             std::fs::write(&file, iptables_rules(services)).expect("rules");
-            let restore = if crate::netns::try_run("which", &["iptables-legacy-restore"]).is_ok() {
-                "iptables-legacy-restore"
-            } else {
-                "iptables-restore"
-            };
-            t.lb.exec(&[restore, file.to_str().expect("path")]);
+            t.lb.exec(&[iptables_restore(), file.to_str().expect("path")]);
             Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
         }
         Mode::Nftables => {
@@ -292,6 +302,19 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
             Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
         }
     };
+    let (pps, offered_pps) = pps(&t, quick, mode.name());
+    drop(agent);
+    Row {
+        mode,
+        services,
+        pps,
+        offered_pps,
+    }
+}
+
+/// Frames per second the sink receives and the generator offers (the median run), with the
+/// LB node's receive processing on CPU 1 and the generator on CPU 0.
+pub(super) fn pps(t: &Topo, quick: bool, what: &str) -> (f64, f64) {
     pin_lb_napi(&t.lb);
     // The generator runs on CPU 0.
     let generator = t.generator.run_in(|| {
@@ -319,24 +342,17 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
     super::packet::pin_to_cpu(0);
     let count = if quick { 200_000 } else { 3_000_000 };
     // Warm up: flows into the connection tables, neighbours resolved.
-    let (warm, _) = generate(&t, &generator, 20_000);
-    assert!(warm > 0, "{}: nothing reached the sink", mode.name());
+    let (warm, _) = generate(t, &generator, 20_000);
+    assert!(warm > 0, "{what}: nothing reached the sink");
     let runs = if quick { 1 } else { 5 };
     let mut got: Vec<(f64, f64)> = (0..runs)
         .map(|_| {
-            let (n, secs) = generate(&t, &generator, count);
+            let (n, secs) = generate(t, &generator, count);
             (n as f64 / secs, f64::from(count) / secs)
         })
         .collect();
     got.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (pps, offered_pps) = got[got.len() / 2];
-    drop(agent);
-    Row {
-        mode,
-        services,
-        pps,
-        offered_pps,
-    }
+    got[got.len() / 2]
 }
 
 pub fn run(quick: bool) -> Vec<Row> {
