@@ -194,12 +194,15 @@ impl Snapshot {
     /// The API's view, with the traffic of `traffic` (a sample taken for this snapshot or an
     /// earlier one: series are matched by name and address).
     pub fn to_json(&self, traffic: &Traffic) -> ServicesJson {
+        let index = traffic.index();
         ServicesJson {
             services: self
                 .services
                 .iter()
                 .map(|s| {
-                    let t = traffic.find(&s.name, s.vip, s.port, s.protocol, s.scope);
+                    let t = index
+                        .get(&(s.name.as_str(), s.vip, s.port, s.protocol, s.scope))
+                        .copied();
                     ServiceJson {
                         name: s.name.clone(),
                         vip: s.vip,

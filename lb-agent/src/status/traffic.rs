@@ -10,7 +10,7 @@
 //! carried into the total.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -112,6 +112,19 @@ impl Traffic {
         self.services.iter().find(|s| s.name == name)
     }
 
+    /// Every frontend's series by its labels, for a lookup per frontend without a scan (a
+    /// sample has one series per frontend; where labels repeat, the first wins, as in
+    /// [`Traffic::find`]).
+    pub fn index(&self) -> HashMap<FrontendRef<'_>, &ServiceTraffic> {
+        let mut index = HashMap::with_capacity(self.services.len());
+        for s in &self.services {
+            index
+                .entry((s.name.as_str(), s.vip, s.port, s.protocol, s.scope))
+                .or_insert(s);
+        }
+        index
+    }
+
     /// The series of one frontend of service `name`.
     pub fn find(
         &self,
@@ -203,6 +216,8 @@ impl<const N: usize> Series<N> {
 }
 
 type ServiceLabels = (String, IpAddr, u16, Protocol, Scope);
+/// A frontend's labels, borrowed: (service name, address, port, protocol, scope).
+pub type FrontendRef<'a> = (&'a str, IpAddr, u16, Protocol, Scope);
 type BackendLabels = (String, IpAddr, u16, Protocol, Scope, SocketAddr);
 
 /// Per-id readings → per-label-set totals and rates (see the module docs).
@@ -227,6 +242,8 @@ impl Accounting {
         let zero_backend = BackendStats::default();
         let previous = self.previous.as_ref();
         let seconds = previous.map(|(t, _)| now.duration_since(*t).as_secs_f64());
+        // Lookups by label, not scans: a node serves thousands of frontends.
+        let before_index = previous.map(|(_, p)| p.index());
         let mut services = Vec::with_capacity(snapshot.services.len());
         for s in &snapshot.services {
             let labels = (s.name.clone(), s.vip, s.port, s.protocol, s.scope);
@@ -236,8 +253,13 @@ impl Accounting {
                 .entry(labels)
                 .or_insert_with(|| Series::new(s.id))
                 .update(s.id, service_fields(reading));
-            let before =
-                previous.and_then(|(_, p)| p.find(&s.name, s.vip, s.port, s.protocol, s.scope));
+            let before = before_index.as_ref().and_then(|i| {
+                i.get(&(s.name.as_str(), s.vip, s.port, s.protocol, s.scope))
+                    .copied()
+            });
+            let backends_before: HashMap<SocketAddr, &Counters> = before
+                .map(|p| p.backends.iter().map(|x| (x.addr, &x.totals)).collect())
+                .unwrap_or_default();
             let totals = counters(&total);
             let rate = |now: &Counters, before: Option<&Counters>| match (before, seconds) {
                 (Some(b), Some(secs)) if secs > 0.0 => Rates::between(now, b, secs),
@@ -254,9 +276,7 @@ impl Accounting {
                         .or_insert_with(|| Series::new(b.id))
                         .update(b.id, backend_fields(reading));
                     let totals = counters(&total);
-                    let was = before
-                        .and_then(|p| p.backends.iter().find(|x| x.addr == b.addr))
-                        .map(|x| &x.totals);
+                    let was = backends_before.get(&b.addr).copied();
                     BackendTraffic {
                         addr: b.addr,
                         totals,
@@ -281,15 +301,14 @@ impl Accounting {
         // Keep the totals of label sets that are still served. A service that is gone takes
         // its backends' totals with it; a backend that left a service that stays keeps its
         // total, so that it continues if the backend comes back (pods turning unready).
+        let served_set: HashSet<FrontendRef<'_>> = snapshot
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.vip, s.port, s.protocol, s.scope))
+            .collect();
         let served =
             |name: &String, vip: &IpAddr, port: &u16, protocol: &Protocol, scope: &Scope| {
-                snapshot.services.iter().any(|s| {
-                    &s.name == name
-                        && s.vip == *vip
-                        && s.port == *port
-                        && s.protocol == *protocol
-                        && s.scope == *scope
-                })
+                served_set.contains(&(name.as_str(), *vip, *port, *protocol, *scope))
             };
         self.services
             .retain(|(name, vip, port, protocol, scope), _| {
