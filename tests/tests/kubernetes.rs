@@ -1246,7 +1246,7 @@ fn kube_proxy_replacement_serves_every_service_type() {
     create(
         &lab.lb,
         "/api/v1/nodes",
-        json!({"metadata": {"name": "lb-node"},
+        json!({"metadata": {"name": "lb-node", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
                "status": {"addresses": [{"type": "InternalIP", "address": LB_V4}]}}),
     );
     create(
@@ -1255,6 +1255,28 @@ fn kube_proxy_replacement_serves_every_service_type() {
         json!({"metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.100.0/28"]}}),
     );
     let b: Vec<IpAddr> = lab.backends.iter().map(|b| b.v4).collect();
+    // zoned: a ClusterIP with topology hints; this node is in zone-a, b2 is hinted for zone-b.
+    let mut zoned_slice = slice(&b);
+    zoned_slice["metadata"] =
+        json!({"name": "zoned-1", "labels": {"kubernetes.io/service-name": "zoned"}});
+    for (i, zone) in ["zone-a", "zone-b", "zone-a"].iter().enumerate() {
+        zoned_slice["endpoints"][i]["hints"] = json!({"forZones": [{"name": zone}]});
+        zoned_slice["endpoints"][i]["zone"] = json!(zone);
+    }
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        zoned_slice,
+    );
+    create(
+        &lab.lb,
+        "/api/v1/namespaces/shop/services",
+        json!({"metadata": {"name": "zoned"}, "spec": {
+            "type": "ClusterIP", "clusterIP": "198.18.200.3", "clusterIPs": ["198.18.200.3"],
+            "ipFamilies": ["IPv4"], "trafficDistribution": "PreferClose",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}],
+        }}),
+    );
     // web: NodePort, Cluster policy, every endpoint on this node.
     create(
         &lab.lb,
@@ -1306,7 +1328,8 @@ fn kube_proxy_replacement_serves_every_service_type() {
     let lb_addr = format!("{}:80", ingress[0]);
     wait_for(Duration::from_secs(10), "every frontend programmed", || {
         let s = agent.services(&lab.lb);
-        (s["services"].as_array()?.len() >= 6).then_some(())
+        let all = s["services"].as_array()?;
+        (all.len() >= 7 && all.iter().any(|f| f["name"] == "shop/zoned")).then_some(())
     });
     let sock = |ns: &Netns, mode: &str, to: &str, n: usize| {
         sockclient::exchanges(&cg, ns, server_bin(), mode, to, n)
@@ -1326,6 +1349,15 @@ fn kube_proxy_replacement_serves_every_service_type() {
         BTreeSet::from(["b1".into(), "b2".into()]),
         "{x:?}"
     );
+    // Topology hints: the same-zone endpoints only, from the node and from a pod.
+    for ns in [&lab.lb, &lab.backends[1].ns] {
+        let x = sock(ns, "tcp", "198.18.200.3:80", 30);
+        assert_eq!(
+            spread(&x).keys().cloned().collect::<BTreeSet<_>>(),
+            BTreeSet::from(["b1".into(), "b3".into()]),
+            "{x:?}"
+        );
+    }
     // The LoadBalancer address from inside: every endpoint, b3 on the other node included.
     let x = sock(&lab.backends[1].ns, "tcp", &lb_addr, 30);
     assert_eq!(spread(&x).len(), 3, "{x:?}");
