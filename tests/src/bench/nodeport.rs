@@ -236,18 +236,14 @@ fn start_weir(
     );
     agent.wait_ready(lb);
     let last = NODE_PORT as usize + services - 1;
-    wait_for(
-        Duration::from_mins(2),
-        "every node port programmed",
-        || {
-            let s = agent.services(lb);
-            s["services"]
-                .as_array()?
-                .iter()
-                .any(|f| f["vip"] == NODE_IP && f["port"] == last)
-                .then_some(())
-        },
-    );
+    wait_for(Duration::from_mins(2), "every node port programmed", || {
+        let s = agent.services(lb);
+        s["services"]
+            .as_array()?
+            .iter()
+            .any(|f| f["vip"] == NODE_IP && f["port"] == last)
+            .then_some(())
+    });
     (apiserver, agent)
 }
 
