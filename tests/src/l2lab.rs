@@ -32,8 +32,8 @@ pub fn lb_addr(i: usize) -> String {
     format!("198.18.0.{}", 11 + i)
 }
 
-/// Node `i`'s config among `n`.
-pub fn config(i: usize, n: usize) -> String {
+/// Node `i`'s config among `n`, with the gossip key in `key`.
+pub fn config(i: usize, n: usize, key: &Path) -> String {
     let peers: Vec<String> = (0..n)
         .filter(|j| *j != i)
         .map(|j| format!("{}:7946", lb_addr(j)))
@@ -60,16 +60,18 @@ announce:
     peers: [{peers}]
     interval: 100ms
     dead_after: 400ms
+    key_file: {key}
 ",
         me = lb_addr(i),
         n1 = i + 1,
-        peers = peers.join(", ")
+        peers = peers.join(", "),
+        key = key.display(),
     )
 }
 
 /// Node `i`'s node config in Kubernetes mode: the services come from the API, the gossip
 /// peers from the Nodes the L2Advertisements select.
-pub fn kube_config(i: usize) -> String {
+pub fn kube_config(i: usize, key: &Path) -> String {
     format!(
         "node:
   interfaces: [eth0]
@@ -82,8 +84,10 @@ announce:
     listen: {me}:7946
     interval: 100ms
     dead_after: 400ms
+    key_file: {key}
 ",
         me = lb_addr(i),
+        key = key.display(),
     )
 }
 
@@ -98,6 +102,8 @@ pub struct L2Lab {
     _server: Proc,
     _ports: Vec<LabXdp>,
     dirs: Vec<Scratch>,
+    /// Holds the gossip key every node shares (as the chart's Secret does).
+    keys: Scratch,
     /// The LB nodes' MACs on the link.
     pub macs: Vec<[u8; 6]>,
     pub lbs: Vec<Netns>,
@@ -184,12 +190,19 @@ impl L2Lab {
             })
             .collect();
         let server = crate::lab::serve_http(&backend, bin, "b1", &[BACKEND.parse().expect("ip")]);
+        let keys = Scratch::new();
+        std::fs::write(
+            keys.path.join("gossip.key"),
+            "lab gossip key, shared by every LB node\n",
+        )
+        .expect("gossip key");
         Self {
             agents: (0..n).map(|_| None).collect(),
             apiserver: None,
             _server: server,
             _ports: ports,
             dirs: (0..n).map(|_| Scratch::new()).collect(),
+            keys,
             macs,
             lbs,
             client,
@@ -209,7 +222,7 @@ impl L2Lab {
             Agent::start_with_chart_caps(
                 &self.lbs[i],
                 dir,
-                Some(&kube_config(i)),
+                Some(&kube_config(i, &self.gossip_key())),
                 &[
                     "--kubernetes",
                     "--kubeconfig",
@@ -222,10 +235,15 @@ impl L2Lab {
                 ],
             )
         } else {
-            Agent::start(&self.lbs[i], dir, Some(&config(i, n)))
+            Agent::start(&self.lbs[i], dir, Some(&config(i, n, &self.gossip_key())))
         };
         a.wait_ready(&self.lbs[i]);
         self.agents[i] = Some(a);
+    }
+
+    /// The gossip key file every node's config names.
+    pub fn gossip_key(&self) -> std::path::PathBuf {
+        self.keys.path.join("gossip.key")
     }
 
     /// SIGKILLs node `i`'s agent (its data plane stays attached).

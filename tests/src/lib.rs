@@ -19,6 +19,7 @@ pub mod prometheus;
 pub mod sctp;
 pub mod servers;
 pub mod sockclient;
+pub mod spoof;
 pub mod testbed;
 pub mod transfers;
 pub mod xdp;

@@ -107,6 +107,107 @@ fn l2_failover_moves_the_vip_to_a_live_node() {
     }
 }
 
+/// An attacker on the nodes' link (the client's namespace) records real heartbeats and sends
+/// datagrams with a node's source address: replays, tampered and forged heartbeats saying the
+/// owner can serve nothing, and heartbeats from an address that is no peer's. None of them
+/// changes who answers for the VIP; each is counted by reason. The same forgery with the
+/// cluster's key does change the other node's view: the key is what stops it.
+#[test]
+fn forged_replayed_and_unknown_gossip_changes_nothing() {
+    use std::net::SocketAddrV4;
+    use weir_lab::{l2lab::lb_addr, spoof};
+    weir_lab::netns::require_root();
+    let lab = L2Lab::new(2, server_bin());
+    let owner = lab.owner();
+    let other = 1 - owner;
+    let at = |i: usize| SocketAddrV4::new(lb_addr(i).parse().unwrap(), 7946);
+    let (owner_addr, other_addr) = (at(owner), at(other));
+    // A real heartbeat of the owner's, and the other node's nonce from one of its own.
+    let recorded = spoof::record_udp(&lab.lbs[other], owner_addr, 7946, Duration::from_secs(3))
+        .expect("the owner's heartbeat");
+    let theirs = spoof::record_udp(&lab.lbs[owner], other_addr, 7946, Duration::from_secs(3))
+        .expect("the other node's heartbeat");
+    let body = |d: &[u8]| -> serde_json::Value { serde_json::from_slice(&d[36..]).unwrap() };
+    let other_boot = body(&theirs)["boot"].clone();
+    let other_name = body(&theirs)["node"].as_str().unwrap().to_string();
+    let owner_name = body(&recorded)["node"].as_str().unwrap().to_string();
+    // The forgery: the owner, with a sequence far ahead, echoing the other's nonce, says it
+    // can serve nothing and claims nothing.
+    let mut forged = body(&recorded);
+    forged["eligible"] = false.into();
+    forged["claims"] = serde_json::json!([]);
+    forged["serving"] = serde_json::json!([]);
+    forged["seq"] = (forged["seq"].as_u64().unwrap() + 10_000_000_000).into();
+    forged["echo"] = serde_json::json!({ other_name.clone(): other_boot });
+    let forged_body = serde_json::to_vec(&forged).unwrap();
+    let wrong_key =
+        lb_agent::announce::gossip::wire::Key::new(Some(b"a key that is not the cluster's"));
+    let mut tampered = recorded.clone();
+    let last = tampered.len() - 2;
+    tampered[last] ^= 0x20;
+    let attacker = &lab.client;
+    let stranger = SocketAddrV4::new(weir_lab::l2lab::CLIENT.parse().unwrap(), 7946);
+    // For 1.5 s (well past dead_after), every 20 ms.
+    let start = std::time::Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        spoof::send_udp(attacker, owner_addr, other_addr, &recorded).unwrap();
+        spoof::send_udp(attacker, owner_addr, other_addr, &tampered).unwrap();
+        spoof::send_udp(
+            attacker,
+            owner_addr,
+            other_addr,
+            &wrong_key.seal(&forged_body),
+        )
+        .unwrap();
+        spoof::send_udp(attacker, stranger, other_addr, &recorded).unwrap();
+        sent += 1;
+        assert!(
+            lab.announcing(owner) && !lab.announcing(other),
+            "the VIP moved under forged gossip"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent = lab.agents[other].as_ref().unwrap();
+    let l2 = |agent: &weir_lab::agent::Agent| -> serde_json::Value {
+        serde_json::from_str(&agent.get(&lab.lbs[other], "/api/v1/l2").unwrap().1).unwrap()
+    };
+    let v = wait_for(Duration::from_secs(5), "every datagram counted", || {
+        let v = l2(agent);
+        let r = &v["rejected"];
+        (r["replayed"].as_u64()? >= sent
+            && r["bad_tag"].as_u64()? >= 2 * sent
+            && r["unknown_sender"].as_u64()? >= sent)
+            .then_some(v)
+    });
+    assert_eq!(v["authenticated"], true, "{v}");
+    assert_eq!(v["alive"][&owner_name]["eligible"], true, "{v}");
+    let metrics = agent.metrics(&lab.lbs[other]);
+    for reason in ["replayed", "bad_tag", "unknown_sender"] {
+        let n = weir_lab::agent::sample(
+            &metrics,
+            &format!("weir_gossip_rejected_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no {reason} series:\n{metrics}"));
+        assert!(n >= sent as f64, "{reason}: {n}");
+    }
+    assert_eq!(lab.owner(), owner);
+
+    // Control: the same forgery sealed with the cluster's key is believed.
+    let key = std::fs::read_to_string(lab.gossip_key()).unwrap();
+    let real_key = lb_agent::announce::gossip::wire::Key::new(Some(key.trim_end().as_bytes()));
+    spoof::send_udp(
+        attacker,
+        owner_addr,
+        other_addr,
+        &real_key.seal(&forged_body),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(5), "the keyed forgery believed", || {
+        (l2(agent)["alive"][&owner_name]["eligible"] == false).then_some(())
+    });
+}
+
 /// A request to the fake Kubernetes API from node 1's namespace (0: no answer).
 fn kube(lab: &L2Lab, method: &str, path: &str, body: Option<serde_json::Value>) -> u16 {
     let api = weir_lab::l2lab::API.parse().unwrap();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Service, ServiceAccount},
+        core::v1::{ConfigMap, Secret, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -84,6 +84,7 @@ fn objects(rendered: &str) -> Vec<(String, String, Value)> {
             "Role" => check::<Role>(&v),
             "RoleBinding" => check::<RoleBinding>(&v),
             "ConfigMap" => check::<ConfigMap>(&v),
+            "Secret" => check::<Secret>(&v),
             "DaemonSet" => check::<DaemonSet>(&v),
             "Service" => check::<Service>(&v),
             "IPPool" => check::<IPPool>(&v),
@@ -116,8 +117,24 @@ fn node_config(objects: &[(String, String, Value)]) -> lb_agent::config::Config 
         .iter()
         .find(|(k, n, _)| k == "ConfigMap" && n == "weir-config")
         .expect("the weir-config ConfigMap");
-    let text = cm["data"]["weir.yaml"].as_str().expect("weir.yaml");
-    lb_agent::config::Config::parse(text, "weir.yaml")
+    let mut text = cm["data"]["weir.yaml"]
+        .as_str()
+        .expect("weir.yaml")
+        .to_string();
+    // The gossip key as the pod sees it: the rendered Secret's, in a file of the test's.
+    const KEY_FILE: &str = "/run/weir/gossip/key";
+    if text.contains(KEY_FILE) {
+        let (_, _, secret) = objects
+            .iter()
+            .find(|(k, n, _)| k == "Secret" && n == "weir-gossip")
+            .expect("the weir-gossip Secret");
+        let secret: Secret = serde_json::from_value(secret.clone()).expect("a Secret");
+        let key = secret.data.expect("data")["key"].0.clone();
+        let file = std::env::temp_dir().join(format!("weir-chart-gossip-{}", std::process::id()));
+        std::fs::write(&file, key).expect("key file");
+        text = text.replace(KEY_FILE, file.to_str().expect("utf-8"));
+    }
+    lb_agent::config::Config::parse(&text, "weir.yaml")
         .unwrap_or_else(|e| panic!("the chart's node config: {e:?}"))
 }
 
@@ -358,6 +375,38 @@ fn announce_values_render_as_resources_and_node_config_the_agent_reads() {
     let g = c.announce.gossip.expect("gossip");
     assert_eq!(g.listen, "0.0.0.0:7946".parse().unwrap());
     assert_eq!(g.peers, None);
+    // Authenticated with the key of the Secret the chart makes, mounted where the config
+    // says.
+    assert!(g.key.as_ref().is_some_and(|k| k.0.len() >= 16), "{g:?}");
+    let ds = find(&objects, "DaemonSet").expect("DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "gossip-key")
+        .expect("the gossip-key volume");
+    assert_eq!(vol["secret"]["secretName"], "weir-gossip");
+    assert!(
+        pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "gossip-key" && m["mountPath"] == "/run/weir/gossip")
+    );
+    // A Secret of the operator's own instead.
+    let mut own = overrides.clone();
+    own["l2"]["gossipKeySecret"] = serde_json::json!("my-gossip-key");
+    let objects = render(Some(&own));
+    assert!(!objects.iter().any(|(k, _, _)| k == "Secret"));
+    let ds = find(&objects, "DaemonSet").expect("DaemonSet");
+    assert!(
+        ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "my-gossip-key")
+    );
     // The default values create none, and no announce section.
     let default = weir_lab::chart::template(&chart(), None).unwrap();
     for kind in ["BGPPeer", "BGPAdvertisement", "L2Advertisement"] {

@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -64,6 +65,9 @@ struct Gossip {
     view: watch::Receiver<gossip::View>,
     task: tokio::task::JoinHandle<()>,
     restart_grace: Duration,
+    authenticated: bool,
+    /// The gossip task's count of rejected datagrams.
+    rejections: Arc<gossip::wire::Rejections>,
 }
 
 /// Everything this node announces, and how.
@@ -137,6 +141,11 @@ impl Announcer {
                 let (local, local_rx) = watch::channel(gossip::Local::default());
                 let (view_tx, view) = watch::channel(gossip::View::default());
                 let (peers, peers_rx) = watch::channel(g.peers.clone().unwrap_or_default());
+                let key = gossip::wire::Key::new(g.key.as_ref().map(|k| k.0.as_slice()));
+                if !key.authenticated() {
+                    warn!(listen = %g.listen, "gossip: heartbeats are not authenticated (no announce.gossip.key_file): anyone who can send to this port from a peer's address can speak for that node");
+                }
+                let rejections = Arc::new(gossip::wire::Rejections::default());
                 let task = tasks.spawn(
                     "gossip",
                     gossip::run(
@@ -146,6 +155,8 @@ impl Announcer {
                             peers: peers_rx,
                             interval: g.interval,
                             dead_after: g.dead_after,
+                            key: key.clone(),
+                            rejections: rejections.clone(),
                         },
                         local_rx,
                         view_tx,
@@ -161,6 +172,8 @@ impl Announcer {
                     listen: g.listen,
                     task,
                     restart_grace: g.restart_grace,
+                    authenticated: key.authenticated(),
+                    rejections,
                 })
             }
         };
@@ -414,6 +427,8 @@ impl Announcer {
                     alive: view.members(),
                     allowed: self.l2_vips.clone(),
                     announced: vips.clone(),
+                    authenticated: g.authenticated,
+                    rejected: g.rejections.clone(),
                 });
                 vips
             }

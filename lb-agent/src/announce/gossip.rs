@@ -4,18 +4,32 @@
 //! `dead_after`. A full mesh among the announcing nodes (a handful): failure detection is
 //! bounded by `dead_after` without SWIM's indirect probes, which pay off for hundreds of
 //! members. The view is published only when it changes (a node comes or goes, or changes what
-//! it claims). Heartbeats are not authenticated: the gossip port belongs on the nodes'
-//! own network.
+//! it claims).
+//!
+//! A datagram changes the view only when every check passes (otherwise it is counted by
+//! reason, `wire::Reject`): it comes from a peer's address; its tag is the shared key's
+//! (`announce.gossip.key_file`; without a key the tag is not checked and the agent warns at
+//! start); it is newer than the last one accepted from that node (`seq`, which each agent
+//! makes strictly increasing across its own restarts from its clock: no clocks are compared
+//! between nodes); the name and the address agree with what a live node already speaks as;
+//! and it echoes this node's current `boot` nonce (`echo`), which proves it was made after this
+//! agent started: a datagram recorded earlier cannot be replayed into a restarted agent. A
+//! peer echoes the nonce within one interval of hearing this node, so the view settles
+//! `dead_after` after this node first speaks.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 use tokio::{net::UdpSocket, sync::watch, time::Instant};
 use tracing::{debug, info, warn};
+
+pub mod wire;
+use wire::{Key, Reject, Rejections};
 
 /// One heartbeat datagram (JSON).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,6 +46,13 @@ pub struct Heartbeat {
     /// claims): hold it alive as it is for this many milliseconds, unless it is heard again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarting_ms: Option<u64>,
+    /// A random number the sender drew when its agent started.
+    pub boot: u64,
+    /// Strictly increasing per sender, across its restarts (see the module docs).
+    pub seq: u64,
+    /// The `boot` of every node the sender has heard (authenticated and in order) from.
+    #[serde(default)]
+    pub echo: BTreeMap<String, u64>,
 }
 
 /// What this node tells its peers.
@@ -74,6 +95,15 @@ pub struct Status {
     pub allowed: Option<BTreeSet<IpAddr>>,
     /// The VIPs this node answers for now.
     pub announced: BTreeSet<IpAddr>,
+    /// Whether the heartbeats carry the shared key's tag.
+    pub authenticated: bool,
+    /// Datagrams that changed nothing since start, by reason (read when shown).
+    #[serde(serialize_with = "live_counts")]
+    pub rejected: Arc<Rejections>,
+}
+
+fn live_counts<S: serde::Serializer>(r: &Arc<Rejections>, s: S) -> Result<S::Ok, S::Error> {
+    r.all().serialize(s)
 }
 
 /// Another node as its heartbeats describe it.
@@ -113,7 +143,96 @@ pub struct Settings {
     pub peers: watch::Receiver<Vec<SocketAddr>>,
     pub interval: Duration,
     pub dead_after: Duration,
+    pub key: Key,
+    /// Counts the rejected datagrams.
+    pub rejections: Arc<Rejections>,
 }
+
+/// What this node knows of a sender whose datagrams it accepted.
+#[derive(Debug)]
+struct Sender {
+    addr: SocketAddr,
+    seq: u64,
+    boot: u64,
+}
+
+/// This agent's side of the heartbeats: its nonce and its sequence.
+struct Me {
+    boot: u64,
+    seq: u64,
+}
+
+impl Me {
+    fn new() -> Self {
+        let mut b = [0u8; 8];
+        // The nonce only needs to differ between starts; the clock backs up a failed draw.
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+            b = wall_micros().to_ne_bytes();
+        }
+        Self {
+            boot: u64::from_ne_bytes(b),
+            seq: 0,
+        }
+    }
+
+    /// The next sequence number: above the last, and at least the wall clock in microseconds
+    /// (so a restarted agent continues above what it sent before).
+    fn next(&mut self) -> u64 {
+        self.seq = (self.seq + 1).max(wall_micros());
+        self.seq
+    }
+}
+
+fn wall_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Checks a datagram from `from` against the sender table (see the module docs): the
+/// heartbeat, and whether it echoes `boot` (only then may it change the view). Records the
+/// sender when the heartbeat is authentic and in order.
+fn accept(
+    datagram: &[u8],
+    from: SocketAddr,
+    settings: &Settings,
+    peers: &BTreeSet<SocketAddr>,
+    boot: u64,
+    senders: &mut BTreeMap<String, Sender>,
+    alive: &BTreeMap<String, Heard>,
+) -> Result<(Heartbeat, bool), Reject> {
+    if !peers.contains(&from) {
+        return Err(Reject::UnknownSender);
+    }
+    let body = settings.key.open(datagram)?;
+    let b: Heartbeat = serde_json::from_slice(body).map_err(|_| Reject::Malformed)?;
+    if b.node == settings.node {
+        return Err(Reject::OwnName);
+    }
+    // One live node per address, one address per live node.
+    let conflict = senders
+        .iter()
+        .any(|(name, s)| alive.contains_key(name) && ((s.addr == from) != (*name == b.node)));
+    if conflict {
+        return Err(Reject::NameConflict);
+    }
+    if senders.get(&b.node).is_some_and(|s| b.seq <= s.seq) {
+        return Err(Reject::Replayed);
+    }
+    senders.insert(
+        b.node.clone(),
+        Sender {
+            addr: from,
+            seq: b.seq,
+            boot: b.boot,
+        },
+    );
+    let fresh = b.echo.get(&settings.node) == Some(&boot);
+    Ok((b, fresh))
+}
+
+/// Alive until, eligible, claims, serving.
+type Heard = (Instant, bool, BTreeSet<IpAddr>, Option<BTreeSet<IpAddr>>);
 
 /// Runs the heartbeats on `socket` until `local`'s sender is dropped.
 pub async fn run(
@@ -122,10 +241,13 @@ pub async fn run(
     mut local: watch::Receiver<Local>,
     view: watch::Sender<View>,
 ) {
-    /// Alive until, eligible, claims, serving.
-    type Heard = (Instant, bool, BTreeSet<IpAddr>, Option<BTreeSet<IpAddr>>);
     let mut heard: BTreeMap<String, Heard> = BTreeMap::new();
-    let settles = Instant::now() + settings.dead_after;
+    let mut senders: BTreeMap<String, Sender> = BTreeMap::new();
+    let mut me_wire = Me::new();
+    let mut warned: [Option<Instant>; Reject::ALL.len()] = [None; Reject::ALL.len()];
+    // Settled `dead_after` after this node first speaks: its peers echo its nonce (and so are
+    // heard) from their first heartbeat after that.
+    let mut settles: Option<Instant> = None;
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 65536];
@@ -137,24 +259,44 @@ pub async fn run(
         tokio::select! {
             _ = tick.tick(), if spoken => {
                 let me = local.borrow().clone();
-                beat(&socket, &settings, me).await;
+                beat(&socket, &settings, me, &mut me_wire, &senders).await;
             }
             r = socket.recv_from(&mut buf) => match r {
-                Ok((n, from)) => match serde_json::from_slice::<Heartbeat>(&buf[..n]) {
-                    Ok(b) if b.node != settings.node => {
-                        if !heard.contains_key(&b.node) {
-                            info!(node = %b.node, from = %from, "gossip: peer alive");
+                Ok((n, from)) => {
+                    let peers: BTreeSet<SocketAddr> = settings.peers.borrow().iter().copied().collect();
+                    // An IPv4 peer heard on an IPv6 socket arrives as `::ffff:a.b.c.d`.
+                    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                    // Senders whose address is no peer's any more are forgotten.
+                    senders.retain(|_, s| peers.contains(&s.addr));
+                    match accept(&buf[..n], from, &settings, &peers, me_wire.boot, &mut senders, &heard) {
+                        Ok((b, true)) => {
+                            if !heard.contains_key(&b.node) {
+                                info!(node = %b.node, from = %from, "gossip: peer alive");
+                            }
+                            let hold = b.restarting_ms.map_or(settings.dead_after, |ms| {
+                                let hold = Duration::from_millis(ms).max(settings.dead_after);
+                                info!(node = %b.node, hold = ?hold, "gossip: peer restarting with its data plane staying; held alive as it is");
+                                hold
+                            });
+                            heard.insert(b.node, (Instant::now() + hold, b.eligible, b.claims, b.serving));
                         }
-                        let hold = b.restarting_ms.map_or(settings.dead_after, |ms| {
-                            let hold = Duration::from_millis(ms).max(settings.dead_after);
-                            info!(node = %b.node, hold = ?hold, "gossip: peer restarting with its data plane staying; held alive as it is");
-                            hold
-                        });
-                        heard.insert(b.node, (Instant::now() + hold, b.eligible, b.claims, b.serving));
+                        Ok((b, false)) => {
+                            debug!(node = %b.node, from = %from, "gossip: a heartbeat that does not echo this agent's nonce yet (the peer has not heard it): not applied");
+                        }
+                        Err(reason) => {
+                            settings.rejections.count(reason);
+                            // A warning per reason at most once a minute (a flood of forgeries
+                            // must not flood the log); the counters have every one.
+                            let last = &mut warned[reason as usize];
+                            if last.is_none_or(|t| t.elapsed() >= Duration::from_mins(1)) {
+                                *last = Some(Instant::now());
+                                warn!(from = %from, reason = reason.name(), total = settings.rejections.get(reason), "gossip: datagram rejected (changes nothing; weir_gossip_rejected_total counts them)");
+                            } else {
+                                debug!(from = %from, reason = reason.name(), "gossip: datagram rejected");
+                            }
+                        }
                     }
-                    Ok(_) => warn!(from = %from, "gossip: a heartbeat with this node's own name"),
-                    Err(e) => debug!(from = %from, error = %e, "gossip: not a heartbeat"),
-                },
+                }
                 Err(e) => debug!(error = %e, "gossip: receive failed"),
             },
             r = local.changed() => {
@@ -163,12 +305,13 @@ pub async fn run(
                 }
                 let me = local.borrow_and_update().clone();
                 if me.restarting.is_some() {
-                    beat(&socket, &settings, me).await;
+                    beat(&socket, &settings, me, &mut me_wire, &senders).await;
                     return;
                 }
                 if !spoken {
                     spoken = true;
-                    beat(&socket, &settings, me).await;
+                    settles = Some(Instant::now() + settings.dead_after);
+                    beat(&socket, &settings, me, &mut me_wire, &senders).await;
                 }
                 continue;
             }
@@ -190,7 +333,7 @@ pub async fn run(
                 .iter()
                 .filter_map(|(n, (_, _, _, s))| Some((n.clone(), s.clone()?)))
                 .collect(),
-            settled: now >= settles,
+            settled: settles.is_some_and(|t| now >= t),
         };
         view.send_if_modified(|v| {
             if *v == next {
@@ -204,15 +347,26 @@ pub async fn run(
 }
 
 /// Sends this node's heartbeat to every peer.
-async fn beat(socket: &UdpSocket, settings: &Settings, me: Local) {
+async fn beat(
+    socket: &UdpSocket,
+    settings: &Settings,
+    me: Local,
+    wire: &mut Me,
+    senders: &BTreeMap<String, Sender>,
+) {
     let beat = Heartbeat {
         node: settings.node.clone(),
         eligible: me.eligible,
         claims: me.claims,
         serving: Some(me.serving),
         restarting_ms: me.restarting.map(|d| d.as_millis() as u64),
+        boot: wire.boot,
+        seq: wire.next(),
+        echo: senders.iter().map(|(n, s)| (n.clone(), s.boot)).collect(),
     };
-    let bytes = serde_json::to_vec(&beat).expect("a heartbeat serializes");
+    let bytes = settings
+        .key
+        .seal(&serde_json::to_vec(&beat).expect("a heartbeat serializes"));
     let peers = settings.peers.borrow().clone();
     for peer in &peers {
         if let Err(e) = socket.send_to(&bytes, peer).await {

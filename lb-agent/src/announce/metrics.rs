@@ -40,6 +40,17 @@ impl<F: Fn() -> Status + Send + Sync + 'static> Collector for AnnounceCollector<
             )?;
             ConstGauge::new(n as i64).encode(m)?;
         }
+        if let Some(l2) = status.l2.as_ref() {
+            let mut m = encoder.encode_descriptor(
+                "gossip_rejected",
+                "Gossip datagrams that changed nothing, by reason (unknown_sender, malformed, bad_tag, replayed, name_conflict, own_name)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in l2.rejected.all() {
+                ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
+            }
+        }
         let peers = status.bgp.locked().clone();
         let problems = status.problems.len();
         if problems > 0 || !peers.is_empty() {

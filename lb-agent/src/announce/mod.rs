@@ -20,7 +20,7 @@ pub use announcer::{AnnounceError, Announcer};
 
 pub use spec::{
     Advertisement, AnnounceConfig, BfdTimers, BgpConfig, BgpPeerConfig, DEFAULT_GRACEFUL_RESTART,
-    GossipConfig, RouteAttrs, Secret, parse_community, parse_large_community,
+    GossipConfig, RouteAttrs, Secret, SecretBytes, parse_community, parse_large_community,
 };
 
 /// What this node programs and can serve, as the published snapshot says.

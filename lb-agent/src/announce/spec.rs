@@ -120,6 +120,16 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Key bytes: compared and cloned, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretBytes(..)")
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GossipConfig {
     pub listen: SocketAddr,
@@ -134,6 +144,9 @@ pub struct GossipConfig {
     /// its VIPs over only when it is not back by then. A node that dies without saying so
     /// is dead after `dead_after` as always.
     pub restart_grace: Duration,
+    /// The shared key the heartbeats are authenticated with (`key_file`); None: not
+    /// authenticated (the agent warns).
+    pub key: Option<SecretBytes>,
 }
 
 /// A large community `A:B:C` (RFC 8092).

@@ -11,7 +11,7 @@ use super::{raw::*, *};
 use crate::{
     announce::{
         Advertisement, AnnounceConfig, BfdTimers, BgpConfig, BgpPeerConfig, GossipConfig,
-        RouteAttrs, Secret, parse_community, parse_large_community,
+        RouteAttrs, Secret, SecretBytes, parse_community, parse_large_community,
     },
     dataplane::{DataplaneLimits, Pinning},
     maglev::{self, MaglevConfig},
@@ -622,12 +622,33 @@ impl RawConfig {
                         "must be at least twice the interval (one lost heartbeat must not kill a node)",
                     );
                 }
+                let key = g.key_file.as_ref().and_then(|path| {
+                    let at = "announce.gossip.key_file";
+                    match std::fs::read(path) {
+                        Ok(mut bytes) => {
+                            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                                bytes.pop();
+                            }
+                            if bytes.len() < 16 {
+                                c.fail(at, format!("{}: {} bytes; the key needs at least 16 (make one with `head -c 32 /dev/urandom | base64 > {}`)", path.display(), bytes.len(), path.display()));
+                                None
+                            } else {
+                                Some(SecretBytes(bytes))
+                            }
+                        }
+                        Err(e) => {
+                            c.fail(at, format!("{}: {e}", path.display()));
+                            None
+                        }
+                    }
+                });
                 announce.gossip = Some(GossipConfig {
                     listen: g.listen,
                     peers: g.peers,
                     interval: g.interval,
                     dead_after: g.dead_after,
                     restart_grace: g.restart_grace,
+                    key,
                 });
             }
 

@@ -133,6 +133,9 @@ pub(super) struct RawGossip {
     pub(super) dead_after: Duration,
     #[serde(default = "default_restart_grace", with = "humantime_serde")]
     pub(super) restart_grace: Duration,
+    /// The shared key of the heartbeats (at least 16 bytes; a trailing newline is not part
+    /// of it).
+    pub(super) key_file: Option<PathBuf>,
 }
 
 pub(super) fn default_restart_grace() -> Duration {

@@ -487,6 +487,45 @@ fn announce_gossip_settings_are_checked() {
         )),
         ["announce.gossip: decides who answers on L2: it needs announce.l2"]
     );
+    assert_eq!(g.key, None, "no key_file: unauthenticated");
+}
+
+#[test]
+fn the_gossip_key_is_read_from_its_file() {
+    let dir = std::env::temp_dir().join(format!("weir-gossip-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (good, short) = (dir.join("key"), dir.join("short"));
+    std::fs::write(&good, "c2VjcmV0IHNlY3JldCBzZWNyZXQgc2VjcmV0\n").unwrap();
+    std::fs::write(&short, "tiny\n").unwrap();
+    let config = |path: &Path| {
+        format!(
+            "{MINIMAL}announce:\n  l2:\n    interfaces: [eth0]\n  gossip:\n    listen: 198.18.0.2:7946\n    peers: [198.18.0.3:7946]\n    key_file: {}\n",
+            path.display()
+        )
+    };
+    let c = Config::parse(&config(&good), "t").unwrap();
+    assert_eq!(
+        c.announce.gossip.unwrap().key.unwrap().0,
+        b"c2VjcmV0IHNlY3JldCBzZWNyZXQgc2VjcmV0",
+        "the trailing newline is no part of the key"
+    );
+    let p = problems(&config(&short));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("announce.gossip.key_file: ")
+            && p[0].contains("4 bytes; the key needs at least 16"),
+        "{p:?}"
+    );
+    let missing = dir.join("missing");
+    let p = problems(&config(&missing));
+    assert!(
+        p.len() == 1 && p[0].contains("missing") && p[0].contains("No such file"),
+        "{p:?}"
+    );
+    // The key is never printed.
+    let c = Config::parse(&config(&good), "t").unwrap();
+    assert!(!format!("{c:?}").contains("c2VjcmV0"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

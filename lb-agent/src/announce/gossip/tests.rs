@@ -1,5 +1,139 @@
 use super::*;
 
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn settings(node: &str, peers: &[SocketAddr]) -> Settings {
+    Settings {
+        node: node.into(),
+        peers: watch::channel(peers.to_vec()).1,
+        interval: Duration::from_millis(50),
+        dead_after: Duration::from_millis(300),
+        key: Key::new(Some(KEY)),
+        rejections: Arc::default(),
+    }
+}
+
+fn heartbeat(node: &str, seq: u64, echo: &[(&str, u64)]) -> Heartbeat {
+    Heartbeat {
+        node: node.into(),
+        eligible: true,
+        claims: BTreeSet::new(),
+        serving: None,
+        restarting_ms: None,
+        boot: 7,
+        seq,
+        echo: echo.iter().map(|(n, b)| ((*n).to_string(), *b)).collect(),
+    }
+}
+
+fn sealed(key: &Key, b: &Heartbeat) -> Vec<u8> {
+    key.seal(&serde_json::to_vec(b).unwrap())
+}
+
+#[test]
+fn only_the_keys_tag_opens_a_datagram() {
+    let key = Key::new(Some(KEY));
+    let d = key.seal(b"{}");
+    assert_eq!(key.open(&d), Ok(&b"{}"[..]));
+    // One bit changed anywhere (magic, tag, body).
+    for i in [0, 5, d.len() - 1] {
+        let mut t = d.clone();
+        t[i] ^= 1;
+        assert!(key.open(&t).is_err(), "byte {i}");
+    }
+    assert_eq!(
+        Key::new(Some(b"another key of sixteen")).open(&d),
+        Err(Reject::BadTag)
+    );
+    // The old plain-JSON heartbeat, a truncated datagram.
+    assert_eq!(key.open(br#"{"node":"lb2"}"#), Err(Reject::Malformed));
+    assert_eq!(key.open(&d[..20]), Err(Reject::Malformed));
+    // Without a key nothing is checked but the framing.
+    assert_eq!(
+        Key::new(None).open(&Key::new(None).seal(b"x")),
+        Ok(&b"x"[..])
+    );
+}
+
+#[test]
+fn forged_replayed_and_unknown_datagrams_are_rejected_by_reason() {
+    let lb2: SocketAddr = "198.18.0.2:7946".parse().unwrap();
+    let lb3: SocketAddr = "198.18.0.3:7946".parse().unwrap();
+    let s = settings("lb1", &[lb2, lb3]);
+    let peers: BTreeSet<SocketAddr> = [lb2, lb3].into();
+    let key = Key::new(Some(KEY));
+    let my_boot = 42;
+    let mut senders = BTreeMap::new();
+    let mut alive: BTreeMap<String, Heard> = BTreeMap::new();
+    let check = |d: &[u8],
+                 from: SocketAddr,
+                 senders: &mut BTreeMap<String, Sender>,
+                 alive: &BTreeMap<String, Heard>| {
+        accept(d, from, &s, &peers, my_boot, senders, alive).map(|(b, fresh)| (b.node, fresh))
+    };
+    let good = sealed(&key, &heartbeat("lb2", 100, &[("lb1", my_boot)]));
+    // From an address that is no peer's.
+    let stranger: SocketAddr = "198.18.0.9:7946".parse().unwrap();
+    assert_eq!(
+        check(&good, stranger, &mut senders, &alive),
+        Err(Reject::UnknownSender)
+    );
+    // Forged: the right framing, another key.
+    let forged = sealed(
+        &Key::new(Some(b"not the cluster's key")),
+        &heartbeat("lb2", 101, &[("lb1", my_boot)]),
+    );
+    assert_eq!(
+        check(&forged, lb2, &mut senders, &alive),
+        Err(Reject::BadTag)
+    );
+    assert!(senders.is_empty(), "nothing learnt from rejected datagrams");
+    // The real one, then the same again (a replay) and an older one.
+    assert_eq!(
+        check(&good, lb2, &mut senders, &alive),
+        Ok(("lb2".into(), true))
+    );
+    alive.insert(
+        "lb2".into(),
+        (
+            Instant::now() + Duration::from_secs(1),
+            true,
+            BTreeSet::new(),
+            None,
+        ),
+    );
+    assert_eq!(
+        check(&good, lb2, &mut senders, &alive),
+        Err(Reject::Replayed)
+    );
+    let older = sealed(&key, &heartbeat("lb2", 99, &[("lb1", my_boot)]));
+    assert_eq!(
+        check(&older, lb2, &mut senders, &alive),
+        Err(Reject::Replayed)
+    );
+    // lb2's name from lb3's address while lb2 lives; lb3 speaking as itself is fine.
+    let moved = sealed(&key, &heartbeat("lb2", 200, &[("lb1", my_boot)]));
+    assert_eq!(
+        check(&moved, lb3, &mut senders, &alive),
+        Err(Reject::NameConflict)
+    );
+    let lb3_says = sealed(&key, &heartbeat("lb3", 5, &[]));
+    // Authentic and in order but not echoing this agent's nonce: recorded, not applied.
+    assert_eq!(
+        check(&lb3_says, lb3, &mut senders, &alive),
+        Ok(("lb3".into(), false))
+    );
+    // A datagram recorded before this agent started echoes an older nonce: not applied.
+    let recorded = sealed(&key, &heartbeat("lb2", 300, &[("lb1", my_boot - 1)]));
+    assert_eq!(
+        check(&recorded, lb2, &mut senders, &alive),
+        Ok(("lb2".into(), false))
+    );
+    // Its own name.
+    let me = sealed(&key, &heartbeat("lb1", 1, &[]));
+    assert_eq!(check(&me, lb3, &mut senders, &alive), Err(Reject::OwnName));
+}
+
 fn vips(n: u8) -> BTreeSet<IpAddr> {
     (1..=n).map(|i| IpAddr::from([198, 18, 100, i])).collect()
 }
@@ -99,6 +233,8 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
             peers,
             interval: Duration::from_millis(50),
             dead_after: Duration::from_millis(300),
+            key: Key::new(Some(KEY)),
+            rejections: Arc::default(),
         };
         tokio::spawn(run(socket, settings, local_rx, view_tx));
         // The agent says what this node is (until then gossip is silent).
@@ -116,8 +252,11 @@ async fn peers_are_heard_and_a_stopped_one_is_dead_after_its_timeout() {
                 .clone()
         }
     };
-    // lb3 hears both; nobody hears lb3 until it has peers.
-    wait(&mut views[2], 2).await;
+    // lb1 and lb2 hear each other; lb3, without peers, hears nobody (their datagrams come
+    // from no peer of its) and nobody hears it.
+    wait(&mut views[0], 1).await;
+    wait(&mut views[1], 1).await;
+    assert!(views[2].borrow().alive.is_empty());
     assert!(!views[0].borrow().alive.contains_key("lb3"));
     let (tx, others) = &peer_lists[2];
     tx.send_replace(others.clone());
