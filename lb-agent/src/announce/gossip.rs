@@ -9,9 +9,11 @@
 //! A datagram changes the view only when every check passes (otherwise it is counted by
 //! reason, `wire::Reject`): it comes from a peer's address; its tag is the shared key's
 //! (`announce.gossip.key_file`; without a key the tag is not checked and the agent warns at
-//! start); it is newer than the last one accepted from that node (`seq`, which each agent
-//! makes strictly increasing across its own restarts from its clock: no clocks are compared
-//! between nodes); the name and the address agree with what a live node already speaks as;
+//! start); it is newer than the last one accepted from that node's run (`seq`, strictly
+//! increasing within a run; a new run of a node is known by its new `boot` nonce, and a run
+//! seen before never comes back, so a clock stepping back cannot shut a node out and no clocks
+//! are compared between nodes); the name and the address agree with what a live node already
+//! speaks as;
 //! and it echoes this node's current `boot` nonce (`echo`), which proves it was made after this
 //! agent started: a datagram recorded earlier cannot be replayed into a restarted agent. A
 //! peer echoes the nonce within one interval of hearing this node, so the view settles
@@ -48,7 +50,7 @@ pub struct Heartbeat {
     pub restarting_ms: Option<u64>,
     /// A random number the sender drew when its agent started.
     pub boot: u64,
-    /// Strictly increasing per sender, across its restarts (see the module docs).
+    /// Strictly increasing within the sender's run (see the module docs).
     pub seq: u64,
     /// The `boot` of every node the sender has heard (authenticated and in order) from.
     #[serde(default)]
@@ -154,7 +156,12 @@ struct Sender {
     addr: SocketAddr,
     seq: u64,
     boot: u64,
+    /// The nonces of its earlier runs (the last few): their datagrams are replays.
+    earlier: std::collections::VecDeque<u64>,
 }
+
+/// How many earlier runs of a node are remembered.
+const EARLIER_RUNS: usize = 16;
 
 /// This agent's side of the heartbeats: its nonce and its sequence.
 struct Me {
@@ -175,8 +182,8 @@ impl Me {
         }
     }
 
-    /// The next sequence number: above the last, and at least the wall clock in microseconds
-    /// (so a restarted agent continues above what it sent before).
+    /// The next sequence number: above the last (from the wall clock in microseconds, which
+    /// only makes the numbers readable; a new run is told apart by its nonce).
     fn next(&mut self) -> u64 {
         self.seq = (self.seq + 1).max(wall_micros());
         self.seq
@@ -216,8 +223,19 @@ fn accept(
     if conflict {
         return Err(Reject::NameConflict);
     }
-    if senders.get(&b.node).is_some_and(|s| b.seq <= s.seq) {
-        return Err(Reject::Replayed);
+    let mut earlier = std::collections::VecDeque::new();
+    if let Some(s) = senders.get_mut(&b.node) {
+        if (b.boot == s.boot && b.seq <= s.seq) || s.earlier.contains(&b.boot) {
+            return Err(Reject::Replayed);
+        }
+        earlier = std::mem::take(&mut s.earlier);
+        if b.boot != s.boot {
+            // A new run of that node.
+            earlier.push_back(s.boot);
+            if earlier.len() > EARLIER_RUNS {
+                earlier.pop_front();
+            }
+        }
     }
     senders.insert(
         b.node.clone(),
@@ -225,6 +243,7 @@ fn accept(
             addr: from,
             seq: b.seq,
             boot: b.boot,
+            earlier,
         },
     );
     let fresh = b.echo.get(&settings.node) == Some(&boot);

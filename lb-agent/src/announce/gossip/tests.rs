@@ -129,6 +129,24 @@ fn forged_replayed_and_unknown_datagrams_are_rejected_by_reason() {
         check(&recorded, lb2, &mut senders, &alive),
         Ok(("lb2".into(), false))
     );
+    // lb2 restarts: its new run (new nonce) starts over with lower numbers, even with its
+    // clock stepped back; its earlier run's datagrams stay replays.
+    let mut restarted = heartbeat("lb2", 1, &[("lb1", my_boot)]);
+    restarted.boot = 8;
+    assert_eq!(
+        check(&sealed(&key, &restarted), lb2, &mut senders, &alive),
+        Ok(("lb2".into(), true))
+    );
+    let from_before = sealed(&key, &heartbeat("lb2", 400, &[("lb1", my_boot)]));
+    assert_eq!(
+        check(&from_before, lb2, &mut senders, &alive),
+        Err(Reject::Replayed)
+    );
+    restarted.seq = 2;
+    assert_eq!(
+        check(&sealed(&key, &restarted), lb2, &mut senders, &alive),
+        Ok(("lb2".into(), true))
+    );
     // Its own name.
     let me = sealed(&key, &heartbeat("lb1", 1, &[]));
     assert_eq!(check(&me, lb3, &mut senders, &alive), Err(Reject::OwnName));
