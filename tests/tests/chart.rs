@@ -94,11 +94,11 @@ fn objects(rendered: &str) -> Vec<(String, String, Value)> {
             // The Prometheus Operator's type is not in k8s-openapi: its required parts.
             "ServiceMonitor" => {
                 if v["apiVersion"] == "monitoring.coreos.com/v1"
-                    && v["spec"]["endpoints"][0]["port"] == "admin"
+                    && v["spec"]["endpoints"][0]["port"] == "metrics"
                 {
                     Ok(())
                 } else {
-                    Err(format!("not a ServiceMonitor of the admin port: {v}"))
+                    Err(format!("not a ServiceMonitor of the metrics port: {v}"))
                 }
             }
             other => Err(format!("no check for kind {other:?}")),
@@ -197,6 +197,7 @@ fn every_documented_value_renders_where_it_belongs() {
         "hostCgroupRoot": "/sys/fs/cgroup/unified",
         "hostNetnsDir": "/var/run/netns",
         "adminPort": 9400,
+        "metricsPort": 9401,
         "maglev": {"tableSize": 65537},
         "dataplane": {"maxServices": 100, "maxBackends": 1000, "conntrackSize": 100_000, "keepOnExit": false},
         "terminationGracePeriodSeconds": 60,
@@ -220,7 +221,8 @@ fn every_documented_value_renders_where_it_belongs() {
         "{}",
         agent["args"]
     );
-    assert_eq!(agent["ports"][0]["containerPort"], 9400);
+    assert_eq!(agent["ports"][0]["containerPort"], 9401);
+    assert_eq!(agent["readinessProbe"]["httpGet"]["port"], "metrics");
     assert_eq!(agent["resources"]["limits"]["memory"], "1Gi");
     assert_eq!(
         ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
@@ -275,7 +277,11 @@ fn every_documented_value_renders_where_it_belongs() {
         "{}",
         agent["volumeMounts"]
     );
-    assert_eq!(c.admin.listen.port(), 9400);
+    assert_eq!(c.admin.listen, "127.0.0.1:9400".parse().unwrap());
+    assert_eq!(
+        c.admin.metrics_listen,
+        Some("0.0.0.0:9401".parse().unwrap())
+    );
     assert_eq!(c.maglev.table_size, 65537);
     assert_eq!(
         (

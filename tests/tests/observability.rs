@@ -446,3 +446,44 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_panel_has_data() {
     drop(prom);
     agent.stop();
 }
+
+/// The chart's split: the full API on loopback, metrics and probes on the node's address. From
+/// the client's namespace the metrics listener answers `/metrics`, `/livez` and `/readyz` and
+/// nothing else; the API's port is closed on the node's address; on the node, the API serves.
+#[test]
+fn the_metrics_listener_serves_outside_and_the_api_stays_on_loopback() {
+    weir_lab::netns::require_root();
+    let lab = Lab::new(1);
+    let line = "  listen: 127.0.0.1:9300";
+    assert!(DEFAULT_CONFIG.contains(line));
+    let config = lab.config_for(&DEFAULT_CONFIG.replacen(
+        line,
+        &format!("{line}\n  metrics_listen: {LB_V4}:9301"),
+        1,
+    ));
+    let mut agent = Agent::start(&lab.lb, &lab.dir.path, Some(&config));
+    agent.wait_ready(&lab.lb);
+    let from_client = |port: u16, path: &str| {
+        lab.client
+            .run_in(|| clients::http_get(None, sa(LB_V4, port), path, T))
+    };
+    for path in ["/metrics", "/livez", "/readyz"] {
+        let r = from_client(9301, path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(r.status, 200, "{path}");
+    }
+    let metrics =
+        String::from_utf8_lossy(&from_client(9301, "/metrics").unwrap().body).into_owned();
+    assert!(metrics.contains("weir_service_packets_total"), "{metrics}");
+    for path in ["/api/v1/services", "/api/v1/status", "/api/v1/l2"] {
+        assert_eq!(from_client(9301, path).unwrap().status, 404, "{path}");
+    }
+    let closed = from_client(9300, "/api/v1/services");
+    assert!(
+        closed
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the API reached from outside: {:?}",
+        closed.map(|r| r.status)
+    );
+    assert_eq!(agent.get(&lab.lb, "/api/v1/services").unwrap().0, 200);
+}

@@ -150,6 +150,16 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// What the metrics listener serves (`admin.metrics_listen`): no service topology, no backend
+/// addresses, nothing but the metrics and the probes.
+pub fn metrics_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
 async fn services(State(s): State<ApiState>) -> Json<ServicesJson> {
     let snapshot = s.snapshot.borrow().clone();
     let traffic = s.traffic.borrow().clone();
@@ -405,10 +415,10 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 pub async fn serve(
     listener: TcpListener,
-    state: ApiState,
+    router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -419,10 +429,10 @@ pub struct Running {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// Serves `state` on `listener` until [`Running::stop`].
-pub fn spawn(listener: TcpListener, state: ApiState) -> Running {
+/// Serves `router` on `listener` until [`Running::stop`].
+pub fn spawn(listener: TcpListener, router: Router) -> Running {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, state, async {
+    let task = tokio::spawn(serve(listener, router, async {
         let _ = stopped.await;
     }));
     Running { stop, task }

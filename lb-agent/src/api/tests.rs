@@ -80,6 +80,44 @@ async fn readiness_latches() {
     );
 }
 
+/// The metrics listener serves the metrics and the probes, nothing of the full API.
+#[tokio::test]
+async fn the_metrics_listener_serves_metrics_and_probes_only() {
+    let (s, _snapshot) = state(None);
+    s.readiness.attached.store(true, Ordering::Release);
+    s.readiness.programmed.store(true, Ordering::Release);
+    let fetch = |path: &'static str| {
+        let s = s.clone();
+        async move {
+            let resp = metrics_router(s)
+                .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    assert_eq!(fetch("/livez").await.0, StatusCode::OK);
+    assert_eq!(fetch("/readyz").await.0, StatusCode::OK);
+    let (code, body) = fetch("/metrics").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(body.contains("weir_service_packets_total"), "{body}");
+    for path in [
+        "/api/v1/services",
+        "/api/v1/status",
+        "/api/v1/l2",
+        "/api/v1/bgp",
+        "/api/v1/lookup?client=198.18.0.1:1&vip=198.18.100.10:80&protocol=tcp",
+    ] {
+        assert_eq!(fetch(path).await.0, StatusCode::NOT_FOUND, "{path}");
+    }
+    // The full API has them.
+    assert_eq!(get(&s, "/api/v1/services").await.0, StatusCode::OK);
+}
+
 /// An API over the fixture snapshot and traffic.
 fn state(inspector: Option<Arc<dyn Inspect>>) -> (ApiState, watch::Sender<Arc<Snapshot>>) {
     let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));

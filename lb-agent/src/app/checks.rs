@@ -68,7 +68,7 @@ pub fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     } else if old.node.xdp_mode != new.node.xdp_mode {
         Some("node.xdp_mode")
     } else if old.admin != new.admin {
-        Some("admin.listen")
+        Some("admin.listen/admin.metrics_listen")
     } else if old.dataplane != new.dataplane || old.pinning != new.pinning {
         Some("dataplane")
     } else if old.maglev.hash != new.maglev.hash || old.maglev.seed != new.maglev.seed {

@@ -55,6 +55,11 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("admin.metrics_listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("admin.listen {addr}: {source}")]
     AdminListen {
         addr: std::net::SocketAddr,
@@ -116,6 +121,14 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
                 addr: config.admin.listen,
                 source,
             })?;
+    let metrics_listener = match config.admin.metrics_listen {
+        Some(addr) => Some(
+            api::bind(addr)
+                .await
+                .map_err(|source| AppError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
     let kube_client = match &kube {
         Some(k) => Some(kube_runtime::client(k.kubeconfig.as_deref()).await?),
         None => None,
@@ -144,8 +157,12 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
     let inspector = datapath.inspector().map_err(AppError::Inspector)?;
     let mut state = out.api.clone();
     state.inspector = Some(inspector.clone());
-    let api = api::spawn(listener, state.clone());
+    let mut api = vec![api::spawn(listener, api::router(state.clone()))];
     info!(listen = %config.admin.listen, "admin API listening");
+    if let (Some(l), Some(addr)) = (metrics_listener, config.admin.metrics_listen) {
+        api.push(api::spawn(l, api::metrics_router(state.clone())));
+        info!(listen = %addr, "metrics, /livez and /readyz listening");
+    }
     let node = node_name(&config, kube.as_ref())?;
     let mut announcer = Announcer::start(
         &config.announce,
@@ -224,7 +241,7 @@ async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
     state: &ApiState,
     sampler: tokio::task::JoinHandle<()>,
     k8s: Option<Kubernetes>,
-    api: api::Running,
+    api: Vec<api::Running>,
 ) {
     state.readiness.attached.store(false, Ordering::Release);
     state.tasks.stopping();
@@ -251,7 +268,9 @@ async fn stop<D: Dataplane, C: crate::health::monitor::Checks>(
         dataplane.detach_all();
     }
     agent.metrics.agent.attached.clear();
-    api.stop().await;
+    for a in api {
+        a.stop().await;
+    }
     info!("stopped");
 }
 

@@ -363,6 +363,16 @@ impl RawConfig {
                 "set, but the health endpoint is served with node.kube_proxy_replacement only (beside kube-proxy, kube-proxy serves it)",
             );
         }
+        if let Some(m) = self.admin.metrics_listen {
+            let l = self.admin.listen;
+            let overlap = m.ip() == l.ip() || m.ip().is_unspecified() || l.ip().is_unspecified();
+            if m.port() == l.port() && overlap {
+                c.fail(
+                    "admin.metrics_listen",
+                    format!("{m} overlaps admin.listen {l}: give the metrics a port of their own"),
+                );
+            }
+        }
         let healthz_listen = self.node.kube_proxy_replacement.then(|| {
             self.node.healthz_listen.unwrap_or_else(|| {
                 DEFAULT_HEALTHZ_LISTEN
@@ -680,6 +690,7 @@ impl RawConfig {
             },
             admin: AdminConfig {
                 listen: self.admin.listen,
+                metrics_listen: self.admin.metrics_listen,
             },
             maglev: MaglevConfig {
                 table_size: self.maglev.table_size,

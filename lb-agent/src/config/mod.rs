@@ -83,7 +83,12 @@ pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {
+    /// The full admin API (the service topology, backends, health, BGP, L2): loopback by
+    /// default.
     pub listen: SocketAddr,
+    /// A listener of its own for `/metrics`, `/livez` and `/readyz` (the chart binds it on the
+    /// node's addresses for Prometheus and the kubelet); the full API also serves them.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// One thing wrong with a config, at a field path such as `services[1].backends[0].port`.

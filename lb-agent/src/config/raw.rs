@@ -200,12 +200,15 @@ pub(super) struct RawSourceNat {
 pub(super) struct RawAdmin {
     #[serde(default = "default_admin_listen")]
     pub(super) listen: SocketAddr,
+    /// `/metrics`, `/livez` and `/readyz` only, for Prometheus and the kubelet.
+    pub(super) metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            metrics_listen: None,
         }
     }
 }

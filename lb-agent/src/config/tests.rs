@@ -39,6 +39,7 @@ fn embedded_default_config_is_valid() {
     let c = Config::default_config().expect("default config");
     assert_eq!(c.node.interfaces, ["eth-c"]);
     assert_eq!(c.admin.listen, "127.0.0.1:9300".parse().unwrap());
+    assert_eq!(c.admin.metrics_listen, None);
     assert_eq!(c.desired.services.len(), 5);
     let sticky = c
         .desired
@@ -488,6 +489,39 @@ fn announce_gossip_settings_are_checked() {
         ["announce.gossip: decides who answers on L2: it needs announce.l2"]
     );
     assert_eq!(g.key, None, "no key_file: unauthenticated");
+}
+
+#[test]
+fn the_metrics_listener_needs_a_port_of_its_own() {
+    let c = Config::parse(
+        &format!("{MINIMAL}admin:\n  listen: 127.0.0.1:9300\n  metrics_listen: 0.0.0.0:9301\n"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.admin.metrics_listen,
+        Some("0.0.0.0:9301".parse().unwrap())
+    );
+    for m in ["0.0.0.0:9300", "127.0.0.1:9300"] {
+        assert_eq!(
+            problems(&format!(
+                "{MINIMAL}admin:\n  listen: 127.0.0.1:9300\n  metrics_listen: {m}\n"
+            )),
+            [format!(
+                "admin.metrics_listen: {m} overlaps admin.listen 127.0.0.1:9300: give the metrics a port of their own"
+            )]
+        );
+    }
+    // Another address on the same port is fine.
+    assert!(
+        Config::parse(
+            &format!(
+                "{MINIMAL}admin:\n  listen: 127.0.0.1:9300\n  metrics_listen: 198.18.0.2:9300\n"
+            ),
+            "t",
+        )
+        .is_ok()
+    );
 }
 
 #[test]
