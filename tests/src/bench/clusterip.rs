@@ -21,7 +21,11 @@
 //!   verdict map on (address, protocol, port) in an `output` nat chain and `numgen` per endpoint.
 //! - Services: the measured one (three endpoints) plus fillers with one endpoint each.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::fmt::Write as _;
+
+use super::throughput::{
+    ENDPOINTS, filler_port, filler_vip, kube_endpoint_rules, load_iptables, load_nft, weir_config,
+};
 
 use crate::{
     agent::Agent,
@@ -64,17 +68,6 @@ pub struct Row {
 
 const CLUSTER_IP: &str = "198.18.100.10";
 const PORT: u16 = 80;
-const ENDPOINTS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
-
-fn filler_ip(i: usize) -> Ipv4Addr {
-    // 198.19.0.0/16: inside the benchmarking range, away from the lab's addresses.
-    Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8)
-}
-
-/// Filler endpoints use distinct ports: one backend endpoint serves at most 8 frontends.
-fn filler_port(i: usize) -> u16 {
-    10000 + (i % 50000) as u16
-}
 
 struct Topo {
     node: Netns,
@@ -107,38 +100,6 @@ fn topo() -> Topo {
     }
 }
 
-fn weir_config(services: usize, cgroup: &Path) -> String {
-    let mut c = format!(
-        "node:\n  interfaces: [eth-c]\n  socket_lb: {{enabled: true, cgroup: {}}}\nadmin:\n  listen: 127.0.0.1:9300\n",
-        cgroup.display()
-    );
-    let max = (services + 2).next_power_of_two().max(4096);
-    let _ = writeln!(
-        c,
-        "dataplane:\n  max_services: {max}\n  max_backends: {}",
-        max + 8
-    );
-    c.push_str("services:\n");
-    let _ = writeln!(
-        c,
-        "  - {{name: measured, vip: {CLUSTER_IP}, port: {PORT}, protocol: tcp, backends: [{}]}}",
-        ENDPOINTS
-            .iter()
-            .map(|e| format!("{{address: {e}, port: 8080}}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    for i in 1..services {
-        let _ = writeln!(
-            c,
-            "  - {{name: f{i}, vip: {}, port: {PORT}, protocol: tcp, table_size: 7, backends: [{{address: 198.18.1.11, port: {}}}]}}",
-            filler_ip(i),
-            filler_port(i)
-        );
-    }
-    c
-}
-
 fn iptables_rules(services: usize) -> String {
     let mut r = String::from(
         "*nat\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
@@ -158,7 +119,7 @@ fn iptables_rules(services: usize) -> String {
         let _ = writeln!(
             r,
             "-A KUBE-SERVICES -d {}/32 -p tcp --dport {PORT} -j DNAT --to-destination 198.18.1.11:{}",
-            filler_ip(i),
+            filler_vip(i),
             filler_port(i)
         );
     }
@@ -166,24 +127,7 @@ fn iptables_rules(services: usize) -> String {
         r,
         "-A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp --dport {PORT} -j KUBE-SVC-MEASURED"
     );
-    // kube-proxy's endpoint choice: each rule takes its share of what the earlier ones left.
-    let n = ENDPOINTS.len();
-    for (i, ep) in ENDPOINTS.iter().enumerate() {
-        if i + 1 < n {
-            let _ = writeln!(
-                r,
-                "-A KUBE-SVC-MEASURED -m statistic --mode random --probability {:.5} -j KUBE-SEP-{i}",
-                1.0 / (n - i) as f64
-            );
-        } else {
-            let _ = writeln!(r, "-A KUBE-SVC-MEASURED -j KUBE-SEP-{i}");
-        }
-        let _ = writeln!(r, "-A KUBE-SEP-{i} -s {ep}/32 -j KUBE-MARK-MASQ");
-        let _ = writeln!(
-            r,
-            "-A KUBE-SEP-{i} -p tcp -j DNAT --to-destination {ep}:8080"
-        );
-    }
+    r.push_str(&kube_endpoint_rules("KUBE-SVC-MEASURED", "tcp", true));
     r.push_str("COMMIT\n");
     r
 }
@@ -201,7 +145,7 @@ fn nft_rules(services: usize) -> String {
     r.push_str("  map services {\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = {\n");
     let _ = writeln!(r, "      {CLUSTER_IP} . tcp . {PORT} : goto svc-measured,");
     for i in 1..services {
-        let _ = writeln!(r, "      {} . tcp . {PORT} : goto filler,", filler_ip(i));
+        let _ = writeln!(r, "      {} . tcp . {PORT} : goto filler,", filler_vip(i));
     }
     r.push_str("    }\n  }\n");
     r.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n    ip daddr . meta l4proto . th dport vmap @services\n  }\n}\n");
@@ -259,22 +203,20 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
     let mut agent = None;
     match mode {
         Mode::Weir => {
-            let mut a = Agent::start(&t.node, &dir.path, Some(&weir_config(services, cg.path())));
+            let node = format!(
+                "  interfaces: [eth-c]\n  socket_lb: {{enabled: true, cgroup: {}}}\n",
+                cg.path().display()
+            );
+            let config = weir_config(&node, CLUSTER_IP, PORT, "tcp", services);
+            let mut a = Agent::start(&t.node, &dir.path, Some(&config));
             a.wait_ready(&t.node);
             agent = Some(a);
         }
         Mode::Iptables => {
-            let file = dir.path.join("rules");
-            std::fs::write(&file, iptables_rules(services)).expect("rules");
-            t.node.exec(&[
-                super::throughput::iptables_restore(),
-                file.to_str().expect("path"),
-            ]);
+            load_iptables(&t.node, &dir.path, &iptables_rules(services));
         }
         Mode::Nftables => {
-            let file = dir.path.join("rules.nft");
-            std::fs::write(&file, nft_rules(services)).expect("rules");
-            t.node.exec(&["nft", "-f", file.to_str().expect("path")]);
+            load_nft(&t.node, &dir.path, &nft_rules(services));
         }
         Mode::Direct => {}
     }

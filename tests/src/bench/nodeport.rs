@@ -16,7 +16,7 @@ use std::{fmt::Write as _, net::SocketAddr, process::Stdio, time::Duration};
 
 use serde_json::{Value, json};
 
-use super::throughput::{ENDPOINTS, iptables_restore, pps, topo_to};
+use super::throughput::{ENDPOINTS, kube_endpoint_rules, load_iptables, load_nft, pps, topo_to};
 use crate::{
     agent::{Agent, wait_for},
     cgroup::TestCgroup,
@@ -118,22 +118,7 @@ fn iptables_rules(services: usize) -> String {
         "-A KUBE-NODEPORTS -p udp --dport {NODE_PORT} -j KUBE-EXT-MEASURED\n\
          -A KUBE-EXT-MEASURED -j KUBE-SVL-MEASURED"
     );
-    let n = ENDPOINTS.len();
-    for (i, ep) in ENDPOINTS.iter().enumerate() {
-        if i + 1 < n {
-            let _ = writeln!(
-                r,
-                "-A KUBE-SVL-MEASURED -m statistic --mode random --probability {:.5} -j KUBE-SEP-{i}",
-                1.0 / (n - i) as f64
-            );
-        } else {
-            let _ = writeln!(r, "-A KUBE-SVL-MEASURED -j KUBE-SEP-{i}");
-        }
-        let _ = writeln!(
-            r,
-            "-A KUBE-SEP-{i} -p udp -j DNAT --to-destination {ep}:8080"
-        );
-    }
+    r.push_str(&kube_endpoint_rules("KUBE-SVL-MEASURED", "udp", false));
     r.push_str("COMMIT\n");
     r
 }
@@ -258,15 +243,11 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
             None
         }
         Mode::Iptables => {
-            let file = dir.path.join("rules");
-            std::fs::write(&file, iptables_rules(services)).expect("rules");
-            t.lb.exec(&[iptables_restore(), file.to_str().expect("path")]);
+            load_iptables(&t.lb, &dir.path, &iptables_rules(services));
             Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
         }
         Mode::Nftables => {
-            let file = dir.path.join("rules.nft");
-            std::fs::write(&file, nft_rules(services)).expect("rules");
-            t.lb.exec(&["nft", "-f", file.to_str().expect("path")]);
+            load_nft(&t.lb, &dir.path, &nft_rules(services));
             Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
         }
     };

@@ -157,6 +157,56 @@ pub fn maglev_section(m: &Machine, command: &str, mag: &[maglev::Row]) -> String
     s
 }
 
+/// One measured packet rate: `column` 0 weir, 1 iptables, 2 nftables.
+struct PpsRow {
+    services: usize,
+    column: usize,
+    name: &'static str,
+    pps: f64,
+    offered_pps: f64,
+}
+
+/// The weir / iptables / nftables packet-rate table by service count, and the runs the
+/// generator limited.
+fn pps_table(s: &mut String, rows: &[PpsRow]) {
+    let _ = writeln!(
+        s,
+        "| services | weir | iptables | nftables | weir ÷ iptables | weir ÷ nftables |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
+    let mut counts: Vec<usize> = rows.iter().map(|r| r.services).collect();
+    counts.dedup();
+    for n in counts {
+        let get = |column| {
+            rows.iter()
+                .find(|r| r.services == n && r.column == column)
+                .map_or(0.0, |r| r.pps)
+        };
+        let (w, i, f) = (get(0), get(1), get(2));
+        let _ = writeln!(
+            s,
+            "| {n} | {:.2} Mpps | {:.2} Mpps | {:.2} Mpps | {:.1}× | {:.1}× |",
+            w / 1e6,
+            i / 1e6,
+            f / 1e6,
+            w / i.max(1.0),
+            w / f.max(1.0)
+        );
+    }
+    let saturated: Vec<String> = rows
+        .iter()
+        .filter(|r| r.pps > 0.98 * r.offered_pps)
+        .map(|r| format!("{} with {} services", r.name, r.services))
+        .collect();
+    if !saturated.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nThe generator, not the LB node, was the limit for: {}.",
+            saturated.join("; ")
+        );
+    }
+}
+
 pub fn nodeport_section(m: &Machine, command: &str, rows: &[nodeport::Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -177,46 +227,17 @@ pub fn nodeport_section(m: &Machine, command: &str, rows: &[nodeport::Row]) -> S
          `service-ips` map, then `fib daddr type local` and a `service-nodeports` verdict map. \
          Frames per second received by the sink, median of the runs.\n"
     );
-    let _ = writeln!(
-        s,
-        "| services | weir | iptables | nftables | weir ÷ iptables | weir ÷ nftables |"
-    );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
-    let mut counts: Vec<usize> = rows.iter().map(|r| r.services).collect();
-    counts.dedup();
-    for n in counts {
-        let get = |mode| {
-            rows.iter()
-                .find(|r| r.services == n && r.mode == mode)
-                .map_or(0.0, |r| r.pps)
-        };
-        let (w, i, f) = (
-            get(nodeport::Mode::Weir),
-            get(nodeport::Mode::Iptables),
-            get(nodeport::Mode::Nftables),
-        );
-        let _ = writeln!(
-            s,
-            "| {n} | {:.2} Mpps | {:.2} Mpps | {:.2} Mpps | {:.1}× | {:.1}× |",
-            w / 1e6,
-            i / 1e6,
-            f / 1e6,
-            w / i.max(1.0),
-            w / f.max(1.0)
-        );
-    }
-    let saturated: Vec<String> = rows
+    let rows: Vec<PpsRow> = rows
         .iter()
-        .filter(|r| r.pps > 0.98 * r.offered_pps)
-        .map(|r| format!("{} with {} services", r.mode.name(), r.services))
+        .map(|r| PpsRow {
+            services: r.services,
+            column: r.mode as usize,
+            name: r.mode.name(),
+            pps: r.pps,
+            offered_pps: r.offered_pps,
+        })
         .collect();
-    if !saturated.is_empty() {
-        let _ = writeln!(
-            s,
-            "\nThe generator, not the LB node, was the limit for: {}.",
-            saturated.join("; ")
-        );
-    }
+    pps_table(&mut s, &rows);
     s
 }
 
@@ -321,46 +342,17 @@ pub fn throughput_section(m: &Machine, command: &str, tput: &[throughput::Row]) 
          received by the sink, median of the runs; the generator offered more than that in \
          every run unless the table says otherwise.\n"
     );
-    let _ = writeln!(
-        s,
-        "| services | weir | iptables | nftables | weir ÷ iptables | weir ÷ nftables |"
-    );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
-    let mut counts: Vec<usize> = tput.iter().map(|r| r.services).collect();
-    counts.dedup();
-    for n in counts {
-        let get = |mode| {
-            tput.iter()
-                .find(|r| r.services == n && r.mode == mode)
-                .map_or(0.0, |r| r.pps)
-        };
-        let (w, i, f) = (
-            get(throughput::Mode::Weir),
-            get(throughput::Mode::Iptables),
-            get(throughput::Mode::Nftables),
-        );
-        let _ = writeln!(
-            s,
-            "| {n} | {:.2} Mpps | {:.2} Mpps | {:.2} Mpps | {:.1}× | {:.1}× |",
-            w / 1e6,
-            i / 1e6,
-            f / 1e6,
-            w / i.max(1.0),
-            w / f.max(1.0)
-        );
-    }
-    let saturated: Vec<String> = tput
+    let rows: Vec<PpsRow> = tput
         .iter()
-        .filter(|r| r.pps > 0.98 * r.offered_pps)
-        .map(|r| format!("{} with {} services", r.mode.name(), r.services))
+        .map(|r| PpsRow {
+            services: r.services,
+            column: r.mode as usize,
+            name: r.mode.name(),
+            pps: r.pps,
+            offered_pps: r.offered_pps,
+        })
         .collect();
-    if !saturated.is_empty() {
-        let _ = writeln!(
-            s,
-            "\nThe generator, not the LB node, was the limit for: {}.",
-            saturated.join("; ")
-        );
-    }
+    pps_table(&mut s, &rows);
     let _ = writeln!(
         s,
         "\nTarget: weir ≥ 4× iptables and ≥ 3× nftables, flat from 1 to 30k services."

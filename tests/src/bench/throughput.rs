@@ -66,13 +66,13 @@ const PORT: u16 = 5000;
 pub(super) const ENDPOINTS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
 const FLOWS: u32 = 256;
 
-fn filler_vip(i: usize) -> Ipv4Addr {
+pub(super) fn filler_vip(i: usize) -> Ipv4Addr {
     // 198.19.0.0/16: inside the benchmarking range, away from the lab's addresses.
     Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
 /// Filler endpoints use distinct ports: one backend endpoint serves at most 8 frontends.
-fn filler_port(i: usize) -> u16 {
+pub(super) fn filler_port(i: usize) -> u16 {
     10000 + (i % 50000) as u16
 }
 
@@ -144,6 +144,20 @@ pub(super) fn iptables_restore() -> &'static str {
     }
 }
 
+/// Loads an `iptables-restore` rule set into `ns` (the file kept in `dir`).
+pub(super) fn load_iptables(ns: &Netns, dir: &std::path::Path, rules: &str) {
+    let file = dir.join("rules");
+    std::fs::write(&file, rules).expect("rules");
+    ns.exec(&[iptables_restore(), file.to_str().expect("path")]);
+}
+
+/// Loads an `nft -f` rule set into `ns` (the file kept in `dir`).
+pub(super) fn load_nft(ns: &Netns, dir: &std::path::Path, rules: &str) {
+    let file = dir.join("rules.nft");
+    std::fs::write(&file, rules).expect("rules");
+    ns.exec(&["nft", "-f", file.to_str().expect("path")]);
+}
+
 pub(super) fn pin_lb_napi(lb: &Netns) {
     lb.exec(&["sh", "-c", "echo 1 > /sys/class/net/eth-c/threaded"]);
     let ps = crate::netns::run("ps", &["-eo", "pid,comm"]);
@@ -157,10 +171,17 @@ pub(super) fn pin_lb_napi(lb: &Netns) {
     }
 }
 
-fn weir_config(services: usize) -> String {
-    let mut c = String::from(
-        "node:\n  interfaces: [eth-c, eth-s]\n  xdp_mode: native\nadmin:\n  listen: 127.0.0.1:9300\n",
-    );
+/// A standalone config: the `node` block's lines, the measured service at `vip:port` with the
+/// three `ENDPOINTS` (port 8080), and `services - 1` fillers with one endpoint each, with map
+/// capacities to fit.
+pub(super) fn weir_config(
+    node: &str,
+    vip: &str,
+    port: u16,
+    protocol: &str,
+    services: usize,
+) -> String {
+    let mut c = format!("node:\n{node}admin:\n  listen: 127.0.0.1:9300\n");
     let max = (services + 2).next_power_of_two().max(4096);
     let _ = writeln!(
         c,
@@ -170,7 +191,7 @@ fn weir_config(services: usize) -> String {
     c.push_str("services:\n");
     let _ = writeln!(
         c,
-        "  - {{name: measured, vip: {VIP}, port: {PORT}, protocol: udp, backends: [{}]}}",
+        "  - {{name: measured, vip: {vip}, port: {port}, protocol: {protocol}, backends: [{}]}}",
         ENDPOINTS
             .iter()
             .map(|e| format!("{{address: {e}, port: 8080}}"))
@@ -180,12 +201,40 @@ fn weir_config(services: usize) -> String {
     for i in 1..services {
         let _ = writeln!(
             c,
-            "  - {{name: f{i}, vip: {}, port: {PORT}, protocol: udp, table_size: 7, backends: [{{address: 198.18.1.11, port: {}}}]}}",
+            "  - {{name: f{i}, vip: {}, port: {port}, protocol: {protocol}, table_size: 7, backends: [{{address: {}, port: {}}}]}}",
             filler_vip(i),
+            ENDPOINTS[0],
             filler_port(i)
         );
     }
     c
+}
+
+/// kube-proxy's endpoint choice in chain `chain`: each rule takes its share of what the
+/// earlier ones left, to `KUBE-SEP-<i>`, which DNATs to `ENDPOINTS[i]:8080` (after marking
+/// hairpin traffic for masquerade with `masq`, as kube-proxy does for cluster IPs).
+pub(super) fn kube_endpoint_rules(chain: &str, proto: &str, masq: bool) -> String {
+    let mut r = String::new();
+    let n = ENDPOINTS.len();
+    for (i, ep) in ENDPOINTS.iter().enumerate() {
+        if i + 1 < n {
+            let _ = writeln!(
+                r,
+                "-A {chain} -m statistic --mode random --probability {:.5} -j KUBE-SEP-{i}",
+                1.0 / (n - i) as f64
+            );
+        } else {
+            let _ = writeln!(r, "-A {chain} -j KUBE-SEP-{i}");
+        }
+        if masq {
+            let _ = writeln!(r, "-A KUBE-SEP-{i} -s {ep}/32 -j KUBE-MARK-MASQ");
+        }
+        let _ = writeln!(
+            r,
+            "-A KUBE-SEP-{i} -p {proto} -j DNAT --to-destination {ep}:8080"
+        );
+    }
+    r
 }
 
 fn iptables_rules(services: usize) -> String {
@@ -208,23 +257,7 @@ fn iptables_rules(services: usize) -> String {
         r,
         "-A KUBE-SERVICES -d {VIP}/32 -p udp --dport {PORT} -j KUBE-SVC-MEASURED"
     );
-    // kube-proxy's endpoint choice: each rule takes its share of what the earlier ones left.
-    let n = ENDPOINTS.len();
-    for (i, ep) in ENDPOINTS.iter().enumerate() {
-        if i + 1 < n {
-            let _ = writeln!(
-                r,
-                "-A KUBE-SVC-MEASURED -m statistic --mode random --probability {:.5} -j KUBE-SEP-{i}",
-                1.0 / (n - i) as f64
-            );
-        } else {
-            let _ = writeln!(r, "-A KUBE-SVC-MEASURED -j KUBE-SEP-{i}");
-        }
-        let _ = writeln!(
-            r,
-            "-A KUBE-SEP-{i} -p udp -j DNAT --to-destination {ep}:8080"
-        );
-    }
+    r.push_str(&kube_endpoint_rules("KUBE-SVC-MEASURED", "udp", false));
     r.push_str("COMMIT\n");
     r
 }
@@ -284,21 +317,27 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
     let mut agent = None;
     let _pass = match mode {
         Mode::Weir => {
-            let mut a = Agent::start(&t.lb, &dir.path, Some(&weir_config(services)));
+            let mut a = Agent::start(
+                &t.lb,
+                &dir.path,
+                Some(&weir_config(
+                    "  interfaces: [eth-c, eth-s]\n  xdp_mode: native\n",
+                    VIP,
+                    PORT,
+                    "udp",
+                    services,
+                )),
+            );
             a.wait_ready(&t.lb);
             agent = Some(a);
             None
         }
         Mode::Iptables => {
-            let file = dir.path.join("rules");
-            std::fs::write(&file, iptables_rules(services)).expect("rules");
-            t.lb.exec(&[iptables_restore(), file.to_str().expect("path")]);
+            load_iptables(&t.lb, &dir.path, &iptables_rules(services));
             Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
         }
         Mode::Nftables => {
-            let file = dir.path.join("rules.nft");
-            std::fs::write(&file, nft_rules(services)).expect("rules");
-            t.lb.exec(&["nft", "-f", file.to_str().expect("path")]);
+            load_nft(&t.lb, &dir.path, &nft_rules(services));
             Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
         }
     };
