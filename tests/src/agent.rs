@@ -88,13 +88,16 @@ impl Agent {
     /// As [`Agent::start`], with the agent of an unpacked container image (`rootfs`): it runs
     /// chrooted there with what a container runtime gives the pod (`/proc`, `/sys`, `/dev`),
     /// the node's bpffs at `/sys/fs/bpf` as the chart mounts the host's, and the test's
-    /// directory (its config) at the same path; nothing else of the host.
+    /// directory (its config) at the same path; nothing else of the host. As the chart's
+    /// security context runs it: the root filesystem read-only (`readOnlyRootFilesystem`) and
+    /// no privileges gained on exec (`allowPrivilegeEscalation: false`, no_new_privs).
     pub fn start_from_image(ns: &Netns, dir: &Path, config: &str, rootfs: &Path) -> Self {
         const SETUP: &str = r#"R="$0"; D="$1"; B="$2"; shift 2
 mkdir -p "$R/proc" "$R/sys" "$R/dev" "$R$D" &&
+mount --bind "$R" "$R" && mount -o remount,bind,ro "$R" &&
 mount -t proc proc "$R/proc" && mount --rbind /sys "$R/sys" &&
 mount --bind "$B" "$R/sys/fs/bpf" && mount --rbind /dev "$R/dev" &&
-mount --bind "$D" "$R$D" && exec chroot "$R" /usr/bin/lb-agent "$@""#;
+mount --bind "$D" "$R$D" && exec setpriv --no-new-privs chroot "$R" /usr/bin/lb-agent "$@""#;
         let bpffs = ns.bpffs();
         let s = |p: &Path| p.to_str().expect("utf-8 path").to_string();
         let mut cmd = ns.command("sh");

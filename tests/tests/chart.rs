@@ -166,6 +166,12 @@ fn the_default_rendering_is_committed_and_valid() {
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
         format!("weir/lb-agent:{}", env!("CARGO_PKG_VERSION"))
     );
+    // The security context the image test runs the agent with.
+    let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+    assert_eq!(sc["privileged"], false, "{sc}");
+    assert!(sc.get("seccompProfile").is_none(), "{sc}");
     let c = node_config(&objects);
     assert!(c.desired.services.is_empty());
     assert_eq!(c.node.interfaces, ["eth0"]);
@@ -194,6 +200,7 @@ fn every_documented_value_renders_where_it_belongs() {
         "node": {"interfaces": ["eth1", "eth2"], "xdpMode": "native", "sourceNatPorts": "62000-62999",
                  "nodePortAddresses": ["198.18.0.0/24"], "healthzPort": 10257},
         "kubeProxyReplacement": true,
+        "seccompProfile": {"type": "RuntimeDefault"},
         "hostCgroupRoot": "/sys/fs/cgroup/unified",
         "hostNetnsDir": "/var/run/netns",
         "adminPort": 9400,
@@ -222,6 +229,11 @@ fn every_documented_value_renders_where_it_belongs() {
         agent["args"]
     );
     assert_eq!(agent["ports"][0]["containerPort"], 9401);
+    // Beside SYS_ADMIN Kubernetes refuses allowPrivilegeEscalation: false.
+    let sc = &agent["securityContext"];
+    assert!(sc.get("allowPrivilegeEscalation").is_none(), "{sc}");
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{sc}");
     assert_eq!(agent["readinessProbe"]["httpGet"]["port"], "metrics");
     assert_eq!(agent["resources"]["limits"]["memory"], "1Gi");
     assert_eq!(

@@ -2,7 +2,8 @@
 //! the agent, its root filesystem holds the agent and the CA bundle only, and unpacked it runs
 //! `lb-agent --version`, `lb-agent check` and, in the lab, the agent itself (chrooted, with
 //! what a container runtime and the chart give the pod), so a missing library or file fails
-//! here rather than on a cluster. Needs root (chroot, mounts, the lab).
+//! here rather than on a cluster; it runs on a read-only root with no_new_privs, as the chart's
+//! security context runs it. Needs root (chroot, mounts, the lab).
 
 use std::{process::Command, time::Duration};
 
@@ -86,5 +87,16 @@ fn the_agent_from_the_image_serves_the_lab() {
         metrics.contains("weir_dataplane_start{outcome=\"fresh\"} 1"),
         "{metrics}"
     );
+    // It ran as the chart's security context runs it: its root read-only, no_new_privs.
+    let pid = agent.pid();
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap_or_else(|| panic!("no root mount:\n{mountinfo}"));
+    let options = root.split(' ').nth(5).unwrap_or_default();
+    assert!(options.split(',').any(|o| o == "ro"), "{root}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(agent.stop().success());
 }
