@@ -137,34 +137,21 @@ fn terminate_here(inspector: &dyn Inspect, left: &[Left]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, Frontend, Scope, Service};
+    use crate::model::{Frontend, Scope, Service};
 
+    use crate::dataplane::tests::{state, web};
+
+    /// The cluster DNS: `web` made a UDP frontend of `scope` at 198.18.200.10:53.
     fn dns(scope: Scope, backends: &[(&str, u32)]) -> Service {
-        Service {
-            name: "kube-system/kube-dns".into(),
-            frontend: Frontend {
-                vip: "198.18.200.10".parse().unwrap(),
-                port: 53,
-                protocol: Protocol::Udp,
-                scope,
-            },
-            backends: backends
-                .iter()
-                .map(|(a, w)| Backend::new(a.parse().unwrap(), *w))
-                .collect(),
-            source_ranges: vec![],
-            affinity_timeout: None,
-            table_size: 13,
-            health_check: None,
-            node_address: false,
-        }
-    }
-
-    fn state(services: Vec<Service>) -> DesiredState {
-        DesiredState {
-            services,
-            ..Default::default()
-        }
+        let mut s = web(backends);
+        s.name = "kube-system/kube-dns".into();
+        s.frontend = Frontend {
+            vip: "198.18.200.10".parse().unwrap(),
+            port: 53,
+            protocol: Protocol::Udp,
+            scope,
+        };
+        s
     }
 
     #[test]

@@ -7,7 +7,8 @@ use crate::{
     model::{Backend, DesiredState, Protocol, Scope, Service},
 };
 
-fn web(backends: &[(&str, u32)]) -> Service {
+/// Service `web` at 198.18.100.10:80/tcp with `backends` (address:port, weight).
+pub(super) fn web(backends: &[(&str, u32)]) -> Service {
     Service {
         name: "web".into(),
         frontend: Frontend {
@@ -28,7 +29,7 @@ fn web(backends: &[(&str, u32)]) -> Service {
     }
 }
 
-fn state(services: Vec<Service>) -> DesiredState {
+pub(super) fn state(services: Vec<Service>) -> DesiredState {
     DesiredState {
         services,
         ..Default::default()
