@@ -2,7 +2,10 @@
 //! (addresses, status); the others stand by.
 
 use kube::Client;
-use std::{fmt::Debug, time::Duration};
+use std::{
+    fmt::Debug,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -36,9 +39,28 @@ pub enum LeaseAction {
     Follow(String),
 }
 
-/// Decides from the Lease as read at `now`.
-pub fn decide(lease: Option<&Lease>, me: &str, now: Timestamp) -> LeaseAction {
+/// Another agent's hold of the Lease as this agent last saw it change, by this agent's own
+/// clock: a holder has lost the Lease when its `renewTime` has not changed for the Lease's
+/// duration as this agent measures it (as client-go decides). No clock of another node is
+/// compared with this one's, so clock skew between nodes neither steals a live leader's Lease
+/// nor keeps a dead one's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    holder: String,
+    renew_time: Option<Timestamp>,
+    since: Instant,
+}
+
+/// Decides from the Lease as read at `now` (this agent's clock), with what this agent saw of
+/// it before (`observed`, updated).
+pub fn decide(
+    lease: Option<&Lease>,
+    me: &str,
+    observed: &mut Option<Observed>,
+    now: Instant,
+) -> LeaseAction {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
+        *observed = None;
         return if lease.is_some() {
             LeaseAction::TakeOver
         } else {
@@ -46,22 +68,53 @@ pub fn decide(lease: Option<&Lease>, me: &str, now: Timestamp) -> LeaseAction {
         };
     };
     match spec.holder_identity.as_deref() {
-        Some(h) if h == me => LeaseAction::Renew,
-        None | Some("") => LeaseAction::TakeOver,
+        Some(h) if h == me => {
+            *observed = None;
+            LeaseAction::Renew
+        }
+        None | Some("") => {
+            *observed = None;
+            LeaseAction::TakeOver
+        }
         Some(holder) => {
             let duration = spec
                 .lease_duration_seconds
-                .map_or(LEASE_DURATION.as_secs() as i64, i64::from);
-            let expired = spec
-                .renew_time
-                .as_ref()
-                .is_none_or(|t| now.as_second() - t.0.as_second() > duration);
-            if expired {
-                LeaseAction::TakeOver
-            } else {
-                LeaseAction::Follow(holder.to_string())
+                .and_then(|d| u64::try_from(d).ok())
+                .map_or(LEASE_DURATION, Duration::from_secs);
+            let renew_time = spec.renew_time.as_ref().map(|t| t.0);
+            match observed {
+                Some(o) if o.holder == holder && o.renew_time == renew_time => {
+                    if now.saturating_duration_since(o.since) > duration {
+                        LeaseAction::TakeOver
+                    } else {
+                        LeaseAction::Follow(holder.to_string())
+                    }
+                }
+                _ => {
+                    *observed = Some(Observed {
+                        holder: holder.to_string(),
+                        renew_time,
+                        since: now,
+                    });
+                    LeaseAction::Follow(holder.to_string())
+                }
             }
         }
+    }
+}
+
+/// How long one call to the API server may take: a hung call must not outlast
+/// [`RENEW_DEADLINE`] (a round makes at most two).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// `call`, or an error once [`CALL_TIMEOUT`] has passed.
+async fn bounded<T>(
+    what: &str,
+    call: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("{what}: no answer within {CALL_TIMEOUT:?}")),
     }
 }
 
@@ -99,17 +152,28 @@ pub async fn lease_loop(
     let mut tick = tokio::time::interval(LEASE_RENEW);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_renew: Option<tokio::time::Instant> = None;
+    let mut observed = None;
     loop {
         tick.tick().await;
         let now = Timestamp::now();
-        let current = match api.get_opt(LEASE).await {
+        let current = match bounded("reading the Lease", api.get_opt(LEASE)).await {
             Ok(l) => l,
             Err(e) => {
+                // Nothing learnt this round: a leader stays one until its renew deadline.
                 warn!(error = %e, "reading Lease {namespace}/{LEASE} failed");
-                None
+                let leads =
+                    *leader.borrow() && last_renew.is_some_and(|t| t.elapsed() < RENEW_DEADLINE);
+                if !leads && *leader.borrow() {
+                    info!(identity = %me, leader = false, "leadership changed (the Lease could not be renewed in time)");
+                }
+                leader.send_if_modified(|l| std::mem::replace(l, leads) != leads);
+                if leader.is_closed() {
+                    return;
+                }
+                continue;
             }
         };
-        let action = decide(current.as_ref(), &me, now);
+        let action = decide(current.as_ref(), &me, &mut observed, Instant::now());
         let result = match (&action, &current) {
             (LeaseAction::Create, _) => {
                 let lease = Lease {
@@ -120,7 +184,12 @@ pub async fn lease_loop(
                     },
                     spec: Some(lease_spec(&me, now, None, false)),
                 };
-                api.create(&PostParams::default(), &lease).await.map(|_| ())
+                bounded(
+                    "creating the Lease",
+                    api.create(&PostParams::default(), &lease),
+                )
+                .await
+                .map(|_| ())
             }
             (LeaseAction::Renew | LeaseAction::TakeOver, Some(l)) => {
                 let mut l = l.clone();
@@ -130,9 +199,12 @@ pub async fn lease_loop(
                     l.spec.as_ref(),
                     action == LeaseAction::TakeOver,
                 ));
-                api.replace(LEASE, &PostParams::default(), &l)
-                    .await
-                    .map(|_| ())
+                bounded(
+                    "writing the Lease",
+                    api.replace(LEASE, &PostParams::default(), &l),
+                )
+                .await
+                .map(|_| ())
             }
             _ => Ok(()),
         };

@@ -50,25 +50,47 @@ fn lease(holder: Option<&str>, renewed_ago: i64, duration: i32) -> Lease {
 
 #[test]
 fn the_lease_decides_who_leads() {
-    let now = Timestamp::now();
-    assert_eq!(decide(None, "a", now), LeaseAction::Create);
+    let t0 = std::time::Instant::now();
+    let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+    let mut seen = None;
+    assert_eq!(decide(None, "a", &mut seen, t0), LeaseAction::Create);
     assert_eq!(
-        decide(Some(&lease(Some("a"), 1, 15)), "a", now),
+        decide(Some(&lease(Some("a"), 1, 15)), "a", &mut seen, t0),
         LeaseAction::Renew
     );
+    // b holds it, with a renewTime an hour old by this node's clock (another node's clock may
+    // be anywhere): followed, not taken, at first sight.
+    let b = lease(Some("b"), 3600, 15);
     assert_eq!(
-        decide(Some(&lease(Some("b"), 1, 15)), "a", now),
+        decide(Some(&b), "a", &mut seen, t0),
         LeaseAction::Follow("b".into())
     );
-    // b stopped renewing 20 s ago with a 15 s lease: a takes over.
+    // Unchanged for less than the 15 s duration (by this node's clock): still b's.
     assert_eq!(
-        decide(Some(&lease(Some("b"), 20, 15)), "a", now),
-        LeaseAction::TakeOver
+        decide(Some(&b), "a", &mut seen, at(14)),
+        LeaseAction::Follow("b".into())
+    );
+    // b renews (its renewTime changes, whatever its value): the count starts again.
+    let renewed = lease(Some("b"), 3599, 15);
+    assert_eq!(
+        decide(Some(&renewed), "a", &mut seen, at(14)),
+        LeaseAction::Follow("b".into())
     );
     assert_eq!(
-        decide(Some(&lease(None, 0, 15)), "a", now),
+        decide(Some(&renewed), "a", &mut seen, at(28)),
+        LeaseAction::Follow("b".into())
+    );
+    // b stopped renewing more than 15 s ago as this node saw it: a takes over.
+    assert_eq!(
+        decide(Some(&renewed), "a", &mut seen, at(30)),
         LeaseAction::TakeOver
     );
+    let mut fresh = None;
+    assert_eq!(
+        decide(Some(&lease(None, 0, 15)), "a", &mut fresh, t0),
+        LeaseAction::TakeOver
+    );
+    let now = Timestamp::now();
     // A takeover counts a transition and resets the acquire time.
     let prev = lease(Some("b"), 20, 15).spec.unwrap();
     let s = lease_spec("a", now, Some(&prev), true);
