@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Instant};
 
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::checks;
 use crate::{
@@ -203,6 +203,27 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
                 );
                 for e in &a.report.cleanup_errors {
                     warn!("{e}");
+                }
+                // The health series of services and backends that are gone go with them.
+                let removed = {
+                    let snapshot = self.snapshot.borrow();
+                    let services = snapshot.services.iter().map(|s| s.name.as_str()).collect();
+                    let backends = snapshot
+                        .services
+                        .iter()
+                        .flat_map(|s| {
+                            s.backends
+                                .iter()
+                                .map(|b| (s.name.as_str(), b.addr.to_string()))
+                        })
+                        .collect();
+                    self.metrics.health.prune(&services, &backends)
+                };
+                if removed > 0 {
+                    debug!(
+                        series = removed,
+                        "health metric series of removed services and backends dropped"
+                    );
                 }
                 Ok(())
             }

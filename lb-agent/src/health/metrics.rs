@@ -1,8 +1,9 @@
 //! The health checks' metrics: `weir_health_check_duration_seconds`,
 //! `weir_health_transitions_total`.
 
-use std::time::Duration;
+use std::{collections::HashSet, sync::Mutex, time::Duration};
 
+use crate::LockExt as _;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -35,6 +36,8 @@ pub struct TransitionLabels {
 pub struct HealthMetrics {
     pub check_duration: HistogramFamily<ProbeLabels>,
     pub transitions: Family<TransitionLabels, Counter>,
+    /// The label sets made so far (the families cannot list theirs), for [`Self::prune`].
+    made: Mutex<(HashSet<ProbeLabels>, HashSet<TransitionLabels>)>,
 }
 
 impl Default for HealthMetrics {
@@ -42,6 +45,7 @@ impl Default for HealthMetrics {
         Self {
             check_duration: Family::new_with_constructor(|| Histogram::new(PROBE_BUCKETS)),
             transitions: Family::default(),
+            made: Mutex::default(),
         }
     }
 }
@@ -62,11 +66,38 @@ impl HealthMetrics {
 
     /// The histogram of one (service, type, result): a handle to keep and observe.
     pub fn histogram(&self, service: &str, kind: &'static str, result: &'static str) -> Histogram {
-        self.check_duration.get_or_create_owned(&ProbeLabels {
+        let labels = ProbeLabels {
             service: service.to_string(),
             r#type: kind,
             result,
-        })
+        };
+        let h = self.check_duration.get_or_create_owned(&labels);
+        self.made.locked().0.insert(labels);
+        h
+    }
+
+    /// Drops the series of services not in `services` and of (service, backend) pairs not in
+    /// `backends`, so that the label sets stay bounded by what is served; returns how many.
+    pub fn prune(&self, services: &HashSet<&str>, backends: &HashSet<(&str, String)>) -> usize {
+        let mut made = self.made.locked();
+        let mut removed = 0;
+        made.0.retain(|l| {
+            let keep = services.contains(l.service.as_str());
+            if !keep {
+                self.check_duration.remove(l);
+                removed += 1;
+            }
+            keep
+        });
+        made.1.retain(|l| {
+            let keep = backends.contains(&(l.service.as_str(), l.backend.clone()));
+            if !keep {
+                self.transitions.remove(l);
+                removed += 1;
+            }
+            keep
+        });
+        removed
     }
 
     pub fn observe_probe(
@@ -76,22 +107,17 @@ impl HealthMetrics {
         result: &'static str,
         took: Duration,
     ) {
-        self.check_duration
-            .get_or_create(&ProbeLabels {
-                service: service.to_string(),
-                r#type: kind,
-                result,
-            })
+        self.histogram(service, kind, result)
             .observe(took.as_secs_f64());
     }
 
     pub fn transition(&self, service: &str, backend: &str, healthy: bool) {
-        self.transitions
-            .get_or_create(&TransitionLabels {
-                service: service.to_string(),
-                backend: backend.to_string(),
-                to: if healthy { "healthy" } else { "unhealthy" },
-            })
-            .inc();
+        let labels = TransitionLabels {
+            service: service.to_string(),
+            backend: backend.to_string(),
+            to: if healthy { "healthy" } else { "unhealthy" },
+        };
+        self.transitions.get_or_create(&labels).inc();
+        self.made.locked().1.insert(labels);
     }
 }

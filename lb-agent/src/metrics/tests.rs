@@ -3,6 +3,47 @@ use std::time::Duration;
 use super::*;
 use crate::status::fixtures;
 
+/// The probe and transition series of a removed service, or of a backend that left a service,
+/// are dropped: the label sets stay bounded by what is served.
+#[test]
+fn health_series_are_pruned_with_their_services_and_backends() {
+    let m = Metrics::new(
+        watch::Sender::new(Arc::new(Snapshot::default())).subscribe(),
+        watch::Sender::default().subscribe(),
+    );
+    for service in ["web", "gone"] {
+        m.health
+            .observe_probe(service, "tcp", "refused", Duration::from_millis(1));
+        m.health.transition(service, "198.18.1.11:80", false);
+        m.health.transition(service, "198.18.1.12:80", true);
+    }
+    let ok = m.health.histogram("web", "tcp", "ok");
+    ok.observe(0.001);
+    let services = ["web"].into_iter().collect();
+    let backends = [("web", "198.18.1.11:80".to_string())]
+        .into_iter()
+        .collect();
+    // gone's histogram and two transitions, web's transition of the backend that left.
+    assert_eq!(m.health.prune(&services, &backends), 4);
+    let text = m.encode();
+    assert!(!text.contains("service=\"gone\""), "{text}");
+    assert!(!text.contains("198.18.1.12:80"), "{text}");
+    assert!(text.contains(
+        "weir_health_transitions_total{service=\"web\",backend=\"198.18.1.11:80\",to=\"unhealthy\"} 1"
+    ), "{text}");
+    assert!(
+        text.contains(
+            "weir_health_check_duration_seconds_count{service=\"web\",type=\"tcp\",result=\"ok\"} 1"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        m.health.prune(&services, &backends),
+        0,
+        "nothing left to drop"
+    );
+}
+
 #[test]
 fn health_metrics_have_the_documented_names() {
     let snapshot = watch::Sender::new(Arc::new(Snapshot::default()));
