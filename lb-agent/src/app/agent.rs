@@ -2,7 +2,7 @@
 //! what each kind of change (a reload, a Kubernetes translation, health results, gossip)
 //! does to them.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -26,7 +26,7 @@ use crate::{
         runtime::{EventSink, ServiceEvent},
         translate::Translation,
     },
-    status::Snapshot,
+    status::{ServiceStatus, Snapshot},
 };
 
 /// Why a reload changed nothing.
@@ -207,17 +207,23 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
                 // The health series of services and backends that are gone go with them.
                 let removed = {
                     let snapshot = self.snapshot.borrow();
-                    let services = snapshot.services.iter().map(|s| s.name.as_str()).collect();
-                    let backends = snapshot
-                        .services
-                        .iter()
-                        .flat_map(|s| {
-                            s.backends
-                                .iter()
-                                .map(|b| (s.name.as_str(), b.addr.to_string()))
-                        })
-                        .collect();
-                    self.metrics.health.prune(&services, &backends)
+                    let mut by_name: HashMap<&str, Vec<&ServiceStatus>> = HashMap::new();
+                    for s in &snapshot.services {
+                        by_name.entry(s.name.as_str()).or_default().push(s);
+                    }
+                    self.metrics.health.prune(
+                        |service| by_name.contains_key(service),
+                        |service, backend| {
+                            let Ok(addr) = backend.parse::<std::net::SocketAddr>() else {
+                                return false;
+                            };
+                            by_name.get(service).is_some_and(|frontends| {
+                                frontends
+                                    .iter()
+                                    .any(|f| f.backends.iter().any(|b| b.addr == addr))
+                            })
+                        },
+                    )
                 };
                 if removed > 0 {
                     debug!(

@@ -76,13 +76,19 @@ impl HealthMetrics {
         h
     }
 
-    /// Drops the series of services not in `services` and of (service, backend) pairs not in
-    /// `backends`, so that the label sets stay bounded by what is served; returns how many.
-    pub fn prune(&self, services: &HashSet<&str>, backends: &HashSet<(&str, String)>) -> usize {
+    /// Drops the series of the services `service` says are gone and of the (service, backend)
+    /// pairs `backend` says are, so that the label sets stay bounded by what is served;
+    /// returns how many. Asks about the series made so far only (few: failures and
+    /// transitions), not about everything served.
+    pub fn prune(
+        &self,
+        service: impl Fn(&str) -> bool,
+        backend: impl Fn(&str, &str) -> bool,
+    ) -> usize {
         let mut made = self.made.locked();
         let mut removed = 0;
         made.0.retain(|l| {
-            let keep = services.contains(l.service.as_str());
+            let keep = service(l.service.as_str());
             if !keep {
                 self.check_duration.remove(l);
                 removed += 1;
@@ -90,7 +96,7 @@ impl HealthMetrics {
             keep
         });
         made.1.retain(|l| {
-            let keep = backends.contains(&(l.service.as_str(), l.backend.clone()));
+            let keep = backend(l.service.as_str(), l.backend.as_str());
             if !keep {
                 self.transitions.remove(l);
                 removed += 1;
