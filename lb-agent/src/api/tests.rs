@@ -10,7 +10,12 @@ use crate::{
 };
 
 async fn get(state: &ApiState, path: &str) -> (StatusCode, String) {
-    let resp = router(state.clone())
+    get_from(router(state.clone()), path).await
+}
+
+/// GET `path` from `router`: (status, body).
+async fn get_from(router: Router, path: &str) -> (StatusCode, String) {
+    let resp = router
         .oneshot(Request::get(path).body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -86,20 +91,7 @@ async fn the_metrics_listener_serves_metrics_and_probes_only() {
     let (s, _snapshot) = state(None);
     s.readiness.attached.store(true, Ordering::Release);
     s.readiness.programmed.store(true, Ordering::Release);
-    let fetch = |path: &'static str| {
-        let s = s.clone();
-        async move {
-            let resp = metrics_router(s)
-                .oneshot(Request::get(path).body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            let status = resp.status();
-            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
-                .await
-                .unwrap();
-            (status, String::from_utf8(body.to_vec()).unwrap())
-        }
-    };
+    let fetch = |path: &'static str| get_from(metrics_router(s.clone()), path);
     assert_eq!(fetch("/livez").await.0, StatusCode::OK);
     assert_eq!(fetch("/readyz").await.0, StatusCode::OK);
     let (code, body) = fetch("/metrics").await;
