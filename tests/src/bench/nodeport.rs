@@ -16,39 +16,12 @@ use std::{fmt::Write as _, net::SocketAddr, process::Stdio, time::Duration};
 
 use serde_json::{Value, json};
 
-use super::throughput::{ENDPOINTS, kube_endpoint_rules, load_iptables, load_nft, pps, topo_to};
+use super::throughput::{ENDPOINTS, Mode, Row, kernel_rules, kube_endpoint_rules, pps, topo_to};
 use crate::{
     agent::{Agent, wait_for},
     cgroup::TestCgroup,
     lab::{Proc, Scratch},
-    xdp::LabXdp,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Weir,
-    Iptables,
-    Nftables,
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Weir => "weir (XDP, kube-proxy replacement)",
-            Self::Iptables => "iptables NodePort (kube-proxy-like)",
-            Self::Nftables => "nftables NodePort (kube-proxy-like)",
-        }
-    }
-}
-
-pub struct Row {
-    pub mode: Mode,
-    pub services: usize,
-    /// Frames per second the sink received (median of the runs).
-    pub pps: f64,
-    /// Frames per second the generator sent during those runs.
-    pub offered_pps: f64,
-}
 
 /// The LB node's address on the generator's side: its NodePort address.
 const NODE_IP: &str = "198.18.0.254";
@@ -237,20 +210,16 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
     let dir = Scratch::new();
     let cg = TestCgroup::new();
     let mut weir = None;
-    let _pass = match mode {
-        Mode::Weir => {
-            weir = Some(start_weir(&t.lb, &dir, &cg, services));
-            None
-        }
-        Mode::Iptables => {
-            load_iptables(&t.lb, &dir.path, &iptables_rules(services));
-            Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
-        }
-        Mode::Nftables => {
-            load_nft(&t.lb, &dir.path, &nft_rules(services));
-            Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
-        }
-    };
+    if mode == Mode::Weir {
+        weir = Some(start_weir(&t.lb, &dir, &cg, services));
+    }
+    let _pass = kernel_rules(
+        &t,
+        &dir.path,
+        mode,
+        || iptables_rules(services),
+        || nft_rules(services),
+    );
     let (pps, offered_pps) = pps(&t, quick, mode.name());
     drop(weir);
     Row {

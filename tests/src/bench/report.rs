@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{bgp, clusterip, health, l2, maglev, nodeport, packet, restart, throughput};
+use super::{bgp, clusterip, health, l2, maglev, packet, restart, throughput};
 
 pub struct Machine {
     pub cpu: String,
@@ -157,18 +157,9 @@ pub fn maglev_section(m: &Machine, command: &str, mag: &[maglev::Row]) -> String
     s
 }
 
-/// One measured packet rate: `column` 0 weir, 1 iptables, 2 nftables.
-struct PpsRow {
-    services: usize,
-    column: usize,
-    name: &'static str,
-    pps: f64,
-    offered_pps: f64,
-}
-
 /// The weir / iptables / nftables packet-rate table by service count, and the runs the
 /// generator limited.
-fn pps_table(s: &mut String, rows: &[PpsRow]) {
+fn pps_table(s: &mut String, rows: &[throughput::Row]) {
     let _ = writeln!(
         s,
         "| services | weir | iptables | nftables | weir ÷ iptables | weir ÷ nftables |"
@@ -177,12 +168,16 @@ fn pps_table(s: &mut String, rows: &[PpsRow]) {
     let mut counts: Vec<usize> = rows.iter().map(|r| r.services).collect();
     counts.dedup();
     for n in counts {
-        let get = |column| {
+        let get = |mode| {
             rows.iter()
-                .find(|r| r.services == n && r.column == column)
+                .find(|r| r.services == n && r.mode == mode)
                 .map_or(0.0, |r| r.pps)
         };
-        let (w, i, f) = (get(0), get(1), get(2));
+        let (w, i, f) = (
+            get(throughput::Mode::Weir),
+            get(throughput::Mode::Iptables),
+            get(throughput::Mode::Nftables),
+        );
         let _ = writeln!(
             s,
             "| {n} | {:.2} Mpps | {:.2} Mpps | {:.2} Mpps | {:.1}× | {:.1}× |",
@@ -196,7 +191,7 @@ fn pps_table(s: &mut String, rows: &[PpsRow]) {
     let saturated: Vec<String> = rows
         .iter()
         .filter(|r| r.pps > 0.98 * r.offered_pps)
-        .map(|r| format!("{} with {} services", r.name, r.services))
+        .map(|r| format!("{} with {} services", r.mode.name(), r.services))
         .collect();
     if !saturated.is_empty() {
         let _ = writeln!(
@@ -207,7 +202,7 @@ fn pps_table(s: &mut String, rows: &[PpsRow]) {
     }
 }
 
-pub fn nodeport_section(m: &Machine, command: &str, rows: &[nodeport::Row]) -> String {
+pub fn nodeport_section(m: &Machine, command: &str, rows: &[throughput::Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -227,17 +222,7 @@ pub fn nodeport_section(m: &Machine, command: &str, rows: &[nodeport::Row]) -> S
          `service-ips` map, then `fib daddr type local` and a `service-nodeports` verdict map. \
          Frames per second received by the sink, median of the runs.\n"
     );
-    let rows: Vec<PpsRow> = rows
-        .iter()
-        .map(|r| PpsRow {
-            services: r.services,
-            column: r.mode as usize,
-            name: r.mode.name(),
-            pps: r.pps,
-            offered_pps: r.offered_pps,
-        })
-        .collect();
-    pps_table(&mut s, &rows);
+    pps_table(&mut s, rows);
     s
 }
 
@@ -342,17 +327,7 @@ pub fn throughput_section(m: &Machine, command: &str, tput: &[throughput::Row]) 
          received by the sink, median of the runs; the generator offered more than that in \
          every run unless the table says otherwise.\n"
     );
-    let rows: Vec<PpsRow> = tput
-        .iter()
-        .map(|r| PpsRow {
-            services: r.services,
-            column: r.mode as usize,
-            name: r.mode.name(),
-            pps: r.pps,
-            offered_pps: r.offered_pps,
-        })
-        .collect();
-    pps_table(&mut s, &rows);
+    pps_table(&mut s, tput);
     let _ = writeln!(
         s,
         "\nTarget: weir ≥ 4× iptables and ≥ 3× nftables, flat from 1 to 30k services."

@@ -158,6 +158,24 @@ pub(super) fn load_nft(ns: &Netns, dir: &std::path::Path, rules: &str) {
     ns.exec(&["nft", "-f", file.to_str().expect("path")]);
 }
 
+/// iptables or nftables (`mode`): loads the mode's rules into the LB node and attaches
+/// `lab_pass` to its client side (a veth only receives XDP-sent frames when it runs XDP
+/// itself); the kernel forwards. None for weir.
+pub(super) fn kernel_rules(
+    t: &Topo,
+    dir: &std::path::Path,
+    mode: Mode,
+    iptables: impl FnOnce() -> String,
+    nft: impl FnOnce() -> String,
+) -> Option<LabXdp> {
+    match mode {
+        Mode::Weir => return None,
+        Mode::Iptables => load_iptables(&t.lb, dir, &iptables()),
+        Mode::Nftables => load_nft(&t.lb, dir, &nft()),
+    }
+    Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
+}
+
 pub(super) fn pin_lb_napi(lb: &Netns) {
     lb.exec(&["sh", "-c", "echo 1 > /sys/class/net/eth-c/threaded"]);
     let ps = crate::netns::run("ps", &["-eo", "pid,comm"]);
@@ -332,14 +350,13 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
             agent = Some(a);
             None
         }
-        Mode::Iptables => {
-            load_iptables(&t.lb, &dir.path, &iptables_rules(services));
-            Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
-        }
-        Mode::Nftables => {
-            load_nft(&t.lb, &dir.path, &nft_rules(services));
-            Some(LabXdp::attach(&t.lb, "eth-c", "lab_pass"))
-        }
+        kernel => kernel_rules(
+            &t,
+            &dir.path,
+            kernel,
+            || iptables_rules(services),
+            || nft_rules(services),
+        ),
     };
     let (pps, offered_pps) = pps(&t, quick, mode.name());
     drop(agent);
