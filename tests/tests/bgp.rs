@@ -248,7 +248,7 @@ fn frr_spreads_the_vips_over_three_nodes_with_md5_and_refuses_a_wrong_password()
     // Flows from many client ports spread over the nodes; each flow gets the same backend
     // whichever node it reaches (Maglev with the same table everywhere).
     let base: Vec<f64> = (0..N).map(|i| connections(&lab, i)).collect();
-    for port in 41000..41060u16 {
+    for port in 21000..21060u16 {
         for vip in [VIP4, VIP6] {
             let r = lab
                 .get(vip, Some(port), Duration::from_secs(2))

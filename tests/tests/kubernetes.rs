@@ -244,7 +244,7 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
         b.map(|_| ())
     });
     assert_eq!(
-        backends_of(&lab, vip, 45_000..45_060),
+        backends_of(&lab, vip, 25_000..25_060),
         BTreeSet::from(["b1".into(), "b2".into(), "b3".into()])
     );
     let services = agent.services(&lab.lb);
@@ -273,7 +273,7 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
         (s["services"][0]["backends"].as_array().map(Vec::len) == Some(2)).then_some(())
     });
     assert_eq!(
-        backends_of(&lab, vip, 46_000..46_060),
+        backends_of(&lab, vip, 26_000..26_060),
         BTreeSet::from(["b1".into(), "b2".into()])
     );
 
@@ -439,7 +439,7 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     );
     assert_eq!(agent.get(&lab.lb, "/readyz").map(|r| r.0), Some(200));
     assert_eq!(
-        backends_of(&lab, vip, 47_000..47_030),
+        backends_of(&lab, vip, 27_000..27_030),
         BTreeSet::from(["b1".into()]),
         "web still serves (b2 failed its check, b3 left the slice)"
     );
@@ -878,10 +878,13 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
             .unwrap_or_else(|| panic!("no peer in {body:?}"));
         (r.backend, peer)
     };
+    // Fixed client ports sit below the kernel's ephemeral range (32768-60999): the echo
+    // connections held open further down take ephemeral ports, and one of them must never be a
+    // port a later GET binds.
     let whoami = |port: u16| whoami_at(SocketAddr::new("198.18.0.1".parse().unwrap(), port), vip);
     let mut seen = BTreeSet::new();
     let mut natted = None;
-    for port in 47_000..47_040 {
+    for port in 27_000..27_040 {
         let (backend, peer) = whoami(port);
         match backend.as_str() {
             "b1" => assert_eq!(peer, SocketAddr::new("198.18.0.1".parse().unwrap(), port)),
@@ -897,7 +900,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     assert_eq!(seen, BTreeSet::from(["b1".into(), "b2".into()]));
     // IPv6: the same, with node-a's IPv6 address.
     let mut seen6 = BTreeSet::new();
-    for port in 47_500..47_540 {
+    for port in 27_500..27_540 {
         let from = SocketAddr::new("fd00:18::1".parse().unwrap(), port);
         let (backend, peer) = whoami_at(from, vip6);
         match backend.as_str() {
@@ -989,14 +992,14 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         {"addresses": ["198.18.1.11"], "nodeName": "node-a", "conditions": {"ready": true}},
     ]));
     on_node_a(1);
-    let only: BTreeSet<String> = (47_100..47_120).map(|p| whoami(p).0).collect();
+    let only: BTreeSet<String> = (27_100..27_120).map(|p| whoami(p).0).collect();
     assert_eq!(only, BTreeSet::from(["b1".into()]));
     put_slice(json!([
         {"addresses": ["198.18.1.11"], "nodeName": "node-a", "conditions": {"ready": true}},
         {"addresses": ["198.18.2.12"], "nodeName": "node-b", "conditions": {"ready": true}},
     ]));
     on_node_a(2);
-    let both: BTreeSet<String> = (47_200..47_240).map(|p| whoami(p).0).collect();
+    let both: BTreeSet<String> = (27_200..27_240).map(|p| whoami(p).0).collect();
     assert_eq!(both, BTreeSet::from(["b1".into(), "b2".into()]));
 
     // Source-NATed connections survive node-a's agent restarting (SIGKILL, back after 3 s):
@@ -1029,7 +1032,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
     let agent_a = start(0, &node_a, api_a, "eth-c, eth-n");
     assert!(agent_a.log_text().contains("adopted the pinned data plane"));
     round(&mut echoes, "back");
-    let again: BTreeSet<String> = (47_250..47_290).map(|p| whoami(p).0).collect();
+    let again: BTreeSet<String> = (27_250..27_290).map(|p| whoami(p).0).collect();
     assert_eq!(again, BTreeSet::from(["b1".into(), "b2".into()]));
     drop(echoes);
 
@@ -1041,7 +1044,7 @@ fn cluster_policy_reaches_the_other_nodes_endpoints_through_source_nat() {
         let s = agent_a.services(&node_a);
         (s["services"][0]["backends"].as_array().map(Vec::len) == Some(1)).then_some(())
     });
-    let only: BTreeSet<String> = (47_300..47_320).map(|p| whoami(p).0).collect();
+    let only: BTreeSet<String> = (27_300..27_320).map(|p| whoami(p).0).collect();
     assert_eq!(only, BTreeSet::from(["b1".into()]));
     assert!(agent_b.stop().success());
     assert!(agent_a.stop().success());
@@ -1388,7 +1391,7 @@ fn kube_proxy_replacement_serves_every_service_type() {
             })
             .collect()
     };
-    let cluster = from_outside(30080, 47_000..47_030);
+    let cluster = from_outside(30080, 27_000..27_030);
     assert_eq!(
         cluster
             .iter()
@@ -1398,7 +1401,7 @@ fn kube_proxy_replacement_serves_every_service_type() {
         3,
         "{cluster:?}"
     );
-    let local = from_outside(30081, 47_100..47_130);
+    let local = from_outside(30081, 27_100..27_130);
     assert_eq!(
         local
             .iter()
@@ -1410,7 +1413,7 @@ fn kube_proxy_replacement_serves_every_service_type() {
     for (i, (_, seen)) in local.iter().enumerate() {
         assert_eq!(
             seen,
-            &format!("{CLIENT_V4}:{}", 47_100 + i),
+            &format!("{CLIENT_V4}:{}", 27_100 + i),
             "Local keeps the client's address"
         );
     }
