@@ -30,7 +30,9 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{ApplyError, ApplyReport, Dataplane, MapError, ProgrammedService, Programmer},
+    dataplane::{
+        ApplyError, ApplyReport, Dataplane, LeftOut, MapError, ProgrammedService, Programmer,
+    },
     health::{
         self, CheckUser, HealthMode,
         monitor::{CheckEvent, CheckKey, Checks},
@@ -93,8 +95,15 @@ pub struct Reconciler<D, C> {
     checks: C,
     programmer: Programmer,
     snapshot: watch::Sender<Arc<Snapshot>>,
-    /// The desired state last applied.
+    /// The desired state last asked for.
+    requested: DesiredState,
+    /// The desired state last applied: `requested` without what does not fit the data plane
+    /// (or with its previous version).
     desired: DesiredState,
+    /// What of `requested` does not fit.
+    left_out: Vec<LeftOut>,
+    /// The desired state of the last apply that failed (for a retry).
+    refused: Option<DesiredState>,
     /// The checks `desired` needs, with the service backends each covers.
     wanted: BTreeMap<CheckKey, Vec<CheckUser>>,
     /// What is in the maps: `desired` with health applied.
@@ -126,7 +135,10 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             checks,
             programmer,
             snapshot,
+            requested: DesiredState::default(),
             desired: DesiredState::default(),
+            left_out: Vec::new(),
+            refused: None,
             wanted: BTreeMap::new(),
             programmed: DesiredState::default(),
             modes: BTreeMap::new(),
@@ -145,12 +157,15 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
     /// (plus [`FIRST_RESULTS_GRACE`]) has passed, then programs it. `on_event` sees every
     /// check result that arrives meanwhile. On error the maps may hold part of it (the caller
     /// stops: nothing was serving before).
+    /// Services that do not fit the data plane's limits are left out, as in
+    /// [`Reconciler::apply`] ([`Reconciler::left_out`]).
     pub async fn first_state(
         &mut self,
-        desired: DesiredState,
-        events: &mut mpsc::UnboundedReceiver<CheckEvent>,
+        requested: DesiredState,
+        events: &mut mpsc::Receiver<CheckEvent>,
         mut on_event: impl FnMut(&[CheckUser], &CheckEvent),
     ) -> Result<ApplyReport, ApplyError> {
+        let (desired, left_out) = self.programmer.fit(&requested, &DesiredState::default());
         self.wanted = health::wanted_checks(&desired);
         self.checks.start(&self.wanted);
         if !self.wanted.is_empty() {
@@ -180,7 +195,9 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             );
         }
         let report = self.program(&desired)?;
+        self.requested = requested;
         self.desired = desired;
+        self.left_out = left_out;
         self.publish();
         Ok(report)
     }
@@ -188,13 +205,49 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
     /// Brings the data plane to `desired` (with the checks' current results): the new checks
     /// start first, the ones it drops stop once it is programmed. On error everything goes
     /// back to the previous desired state.
-    pub fn apply(&mut self, desired: DesiredState) -> Result<Applied, ReconcileError> {
+    ///
+    /// Services that do not fit the data plane's limits are left out (their previous version
+    /// stays) and listed in [`Applied::left_out`]; the rest is programmed.
+    pub fn apply(&mut self, requested: DesiredState) -> Result<Applied, ReconcileError> {
+        let (desired, left_out) = self.programmer.fit(&requested, &self.desired);
+        let mut applied = self.apply_fitted(desired, left_out, requested)?;
+        // A changed service counts with its old and new parts while it switches over; now
+        // that every change is through, what was left out for that may fit.
+        while !self.left_out.is_empty() {
+            let (desired, left_out) = self.programmer.fit(&self.requested, &self.desired);
+            if left_out.len() >= self.left_out.len() {
+                break;
+            }
+            let more = self.apply_fitted(desired, left_out, self.requested.clone())?;
+            applied.report.added.extend(more.report.added);
+            applied.report.updated.extend(more.report.updated);
+            applied.report.removed.extend(more.report.removed);
+            applied.report.unchanged = more.report.unchanged;
+            applied
+                .report
+                .cleanup_errors
+                .extend(more.report.cleanup_errors);
+            applied.checks_started += more.checks_started;
+            applied.checks_stopped += more.checks_stopped;
+        }
+        Ok(applied)
+    }
+
+    /// [`Reconciler::apply`] of `desired`, the part of `requested` that fits.
+    fn apply_fitted(
+        &mut self,
+        desired: DesiredState,
+        left_out: Vec<LeftOut>,
+        requested: DesiredState,
+    ) -> Result<Applied, ReconcileError> {
         let wanted = health::wanted_checks(&desired);
         let started = self.checks.start(&wanted);
         match self.program(&desired) {
             Ok(report) => {
                 let stopped = self.checks.retain(&wanted);
+                self.requested = requested;
                 self.desired = desired;
+                self.left_out = left_out;
                 self.wanted = wanted;
                 self.publish();
                 Ok(Applied {
@@ -207,6 +260,7 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
                 self.checks.retain(&self.wanted);
                 let previous = self.desired.clone();
                 let rollback = self.program(&previous);
+                self.refused = Some(requested);
                 self.publish();
                 Err(ReconcileError::after(error, rollback))
             }
@@ -248,9 +302,24 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
         self.wanted.get(key).map_or(&[], Vec::as_slice)
     }
 
-    /// The desired state last applied.
+    /// The desired state last applied (without what does not fit the data plane).
     pub fn desired(&self) -> &DesiredState {
         &self.desired
+    }
+
+    /// The desired state last asked for (applied, maybe with services left out).
+    pub fn requested(&self) -> &DesiredState {
+        &self.requested
+    }
+
+    /// The desired state of the last [`Reconciler::apply`] that failed, if not taken yet.
+    pub fn take_refused(&mut self) -> Option<DesiredState> {
+        self.refused.take()
+    }
+
+    /// What of the requested state does not fit the data plane's limits.
+    pub fn left_out(&self) -> &[LeftOut] {
+        &self.left_out
     }
 
     /// What is programmed: the desired state with health applied.
@@ -355,6 +424,7 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
         self.snapshot.send_modify(|s| {
             *s = Arc::new(Snapshot {
                 services,
+                left_out: self.left_out.clone(),
                 announce: s.announce.clone(),
             });
         });

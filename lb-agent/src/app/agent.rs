@@ -12,7 +12,7 @@ use crate::{
     announce::Announcer,
     api::ApiState,
     config::{Config, ConfigError, Source},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, LeftOut},
     health::{
         CheckUser,
         monitor::{CheckEvent, Checks},
@@ -59,6 +59,45 @@ pub struct Agent<D, C> {
     pub node_name: String,
     /// Events on Kubernetes Services (health transitions).
     pub events: Option<EventSink>,
+    /// The services left out of the data plane as last reported.
+    pub left_out: Vec<LeftOut>,
+    /// A change the data plane refused, tried again with backoff.
+    pub retry: Retry,
+}
+
+/// The first retry of a refused change after this long; each failure doubles it.
+pub const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// Retries at most this far apart.
+pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A refused change waiting to be tried again.
+#[derive(Debug, Default)]
+pub struct Retry {
+    /// When (None: nothing to retry).
+    pub at: Option<tokio::time::Instant>,
+    delay: std::time::Duration,
+    /// Kubernetes mode: the desired state that was refused.
+    desired: Option<DesiredState>,
+    /// Standalone: the config reload that was refused by the data plane.
+    reload: bool,
+    /// Failures in a row.
+    pub failures: u32,
+}
+
+impl Retry {
+    fn failed(&mut self) {
+        self.delay = if self.failures == 0 {
+            RETRY_FIRST
+        } else {
+            (self.delay * 2).min(RETRY_MAX)
+        };
+        self.failures += 1;
+        self.at = Some(tokio::time::Instant::now() + self.delay);
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
 }
 
 impl<D: Dataplane, C: Checks> Agent<D, C> {
@@ -100,9 +139,39 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
                 );
             }
             Ok(_) => {}
-            Err(e) => reconcile::log_refused("health change", &e),
+            Err(e) => {
+                reconcile::log_refused("health change", &e);
+                self.refused();
+            }
         }
         self.announce();
+    }
+
+    /// Counts a refused change and schedules its retry.
+    fn refused(&mut self) {
+        self.metrics.agent.apply_failures.inc();
+        self.retry.failed();
+        if let Some(at) = self.retry.at {
+            warn!(
+                failures = self.retry.failures,
+                retry_in = ?at.saturating_duration_since(tokio::time::Instant::now()),
+                "the data plane refused the change; trying again"
+            );
+        }
+    }
+
+    /// Tries the refused change again (the desired state asked for last, or the config
+    /// reload, and the health results as they are now).
+    pub fn retry(&mut self) {
+        self.retry.at = None;
+        let desired = self.retry.desired.take();
+        if let Some(d) = desired {
+            self.apply(d, "retry").ok();
+        } else if std::mem::take(&mut self.retry.reload) {
+            self.reload("retry");
+        } else {
+            self.health_changed(tokio::time::Instant::now());
+        }
     }
 
     /// Logs and counts a check's result for every service backend it covers (and sends an
@@ -149,7 +218,7 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
                 return Err(ReloadError::SourceNatInKubernetes);
             }
             // The services and BGP come from Kubernetes; the file carries node settings only.
-            new.desired = self.reconciler.desired().clone();
+            new.desired = self.reconciler.requested().clone();
             new.announce.bgp = self.announcer.bgp_config().cloned();
         } else if let Some(nat) = new.desired.source_nat {
             checks::source_nat_ports(nat.ports)?;
@@ -159,6 +228,8 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
         if let Err(e) = self.apply(new.desired.clone(), why) {
             // The BGP configuration in force stays.
             self.announcer.set_bgp(bgp_before);
+            self.retry.desired = None;
+            self.retry.reload = true;
             return Err(ReloadError::Apply(e));
         }
         self.current = new;
@@ -172,7 +243,7 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
         self.announcer.set_bgp(t.bgp.clone());
         self.announcer.set_problems(t.announce_problems.clone());
         self.announcer.set_l2_plan(t.l2.vips.as_ref(), &t.l2.peers);
-        if t.desired == *self.reconciler.desired() {
+        if t.desired == *self.reconciler.requested() && self.retry.at.is_none() {
             // The announcement resources may have changed alone.
             self.announce();
             return true;
@@ -238,8 +309,47 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
                 Err(e)
             }
         };
+        if landed.is_ok() {
+            self.retry.succeeded();
+            self.report_left_out();
+        } else {
+            self.retry.desired = self.reconciler.take_refused();
+            self.refused();
+        }
         self.announce();
         landed
+    }
+
+    /// Logs, counts and (Kubernetes mode) sends Events for the services that do not fit the
+    /// data plane's limits, when that changes.
+    pub fn report_left_out(&mut self) {
+        let now = self.reconciler.left_out();
+        if now == self.left_out.as_slice() {
+            return;
+        }
+        for l in now.iter().filter(|l| !self.left_out.contains(l)) {
+            let outcome = if l.kept_previous {
+                "its previous version stays programmed"
+            } else {
+                "it is not served by this node"
+            };
+            warn!(service = %l.name, limit = l.limit, kept_previous = l.kept_previous, "service does not fit the data plane: {}; {outcome}", l.reason);
+            if let Some(ev) = &self.events {
+                ev.send(ServiceEvent {
+                    service: l.name.clone(),
+                    warning: true,
+                    reason: "NotProgrammed",
+                    note: format!("node {}: {}; {outcome}", self.node_name, l.reason),
+                });
+            }
+        }
+        for l in &self.left_out {
+            if !now.iter().any(|n| n.name == l.name) {
+                info!(service = %l.name, "service fits the data plane again and is programmed");
+            }
+        }
+        self.metrics.agent.set_left_out(now);
+        self.left_out = now.to_vec();
     }
 
     /// Tells each health-check node port how many of its Service's endpoints are in rotation

@@ -223,6 +223,8 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
             .map(|k| k.mode.node.clone())
             .unwrap_or_default(),
         events: k8s.as_ref().map(|k| k.events.clone()),
+        left_out: Vec::new(),
+        retry: agent::Retry::default(),
     };
     first_state(&mut agent, k8s.as_mut(), &mut events).await?;
     state.readiness.programmed.store(true, Ordering::Release);
@@ -395,7 +397,7 @@ fn attach(
 async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
     agent: &mut Agent<D, C>,
     k8s: Option<&mut Kubernetes>,
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
+    events: &mut tokio::sync::mpsc::Receiver<CheckEvent>,
 ) -> Result<(), AppError> {
     let translation = k8s.and_then(Kubernetes::latest);
     let desired = translation
@@ -424,6 +426,7 @@ async fn first_state<D: Dataplane, C: crate::health::monitor::Checks>(
     )?;
     agent.api.readiness.attached.store(true, Ordering::Release);
     info!(services = report.added.len() + report.updated.len() + report.unchanged, took = ?started.elapsed(), "data plane programmed; ready");
+    agent.report_left_out();
     if let Some(t) = translation {
         agent.apply_kubernetes(&t);
         agent.sync_bgp().await;
@@ -441,7 +444,7 @@ async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
     agent: &mut Agent<D, C>,
     signals: &mut Signals,
     mut k8s: Option<&mut Kubernetes>,
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<CheckEvent>,
+    events: &mut tokio::sync::mpsc::Receiver<CheckEvent>,
 ) {
     let mut health_ports = HealthPorts::default();
     // kube-proxy's health endpoint, in Kubernetes mode as its replacement; the first state
@@ -492,6 +495,11 @@ async fn serve<D: Dataplane, C: crate::health::monitor::Checks>(
                     agent.note_event(&event);
                 }
                 agent.health_changed(since);
+                agent.update_health_ports(&health_ports);
+            }
+            () = async { tokio::time::sleep_until(agent.retry.at.unwrap_or_else(Instant::now)).await }, if agent.retry.at.is_some() => {
+                agent.retry();
+                agent.sync_bgp().await;
                 agent.update_health_ports(&health_ports);
             }
             () = signals.stop.stopped("") => break,

@@ -74,6 +74,8 @@ async fn agent(file: &File) -> Agent<FakeDataplane, FakeChecks> {
         kubernetes: false,
         node_name: String::new(),
         events: None,
+        left_out: Vec::new(),
+        retry: super::agent::Retry::default(),
     }
 }
 
@@ -119,4 +121,62 @@ async fn reloads_apply_whole_or_are_refused_without_a_change() {
     );
     assert_eq!(a.api.config.locked().generation, 2);
     assert_eq!(a.api.config.locked().reload_failures, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_the_data_plane_refuses_is_tried_again_with_backoff() {
+    let file = File::new("retry", CONFIG);
+    let mut a = agent(&file).await;
+    assert!(a.retry.at.is_none());
+
+    // The maps refuse every write for a while (a kernel out of memory, say).
+    let broken = a.reconciler.dataplane().maps.log.len();
+    a.reconciler.dataplane_mut().maps.fail_after = Some(broken);
+    file.write(&CONFIG.replace("198.18.1.11", "198.18.1.12"));
+    a.reload("test");
+    assert!(last_error(&a).is_some(), "refused");
+    let start = tokio::time::Instant::now();
+    assert_eq!(a.retry.at, Some(start + super::agent::RETRY_FIRST));
+    // Each retry that fails waits twice as long, up to the cap.
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        let at = a.retry.at.expect("a retry is due");
+        tokio::time::sleep_until(at).await;
+        a.retry();
+        waits.push(a.retry.at.expect("again").duration_since(at).as_millis());
+    }
+    assert_eq!(waits, [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+    assert_eq!(a.metrics.agent.apply_failures.get(), 9);
+    let snap = a.snapshot.borrow().clone();
+    assert_eq!(
+        snap.services[0].backends[0].addr,
+        "198.18.1.11:8080".parse().unwrap()
+    );
+
+    // The maps take writes again: the next retry lands the change, with no new trigger.
+    a.reconciler.dataplane_mut().maps.fail_after = None;
+    tokio::time::sleep_until(a.retry.at.unwrap()).await;
+    a.retry();
+    assert!(a.retry.at.is_none());
+    assert_eq!(last_error(&a), None);
+    let snap = a.snapshot.borrow().clone();
+    assert_eq!(
+        snap.services[0].backends[0].addr,
+        "198.18.1.12:8080".parse().unwrap()
+    );
+
+    // Kubernetes mode: the refused translation's state is what is tried again.
+    a.kubernetes = true;
+    let mut t = crate::sources::kubernetes::translate::Translation {
+        desired: a.reconciler.requested().clone(),
+        ..Default::default()
+    };
+    t.desired.services[0].backends[0].addr = "198.18.1.13:8080".parse().unwrap();
+    a.reconciler.dataplane_mut().maps.fail_on = Some("backends put".into());
+    assert!(!a.apply_kubernetes(&t), "refused once");
+    assert!(a.retry.at.is_some());
+    tokio::time::sleep_until(a.retry.at.unwrap()).await;
+    a.retry();
+    assert!(a.retry.at.is_none());
+    assert_eq!(a.reconciler.requested(), &t.desired);
 }

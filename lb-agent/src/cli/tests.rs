@@ -41,7 +41,10 @@ fn failing_and_failing_open_services_say_so() {
     assert!(table.contains("http, FAIL-OPEN"), "{table}");
     assert!(table.contains("down: timeout, out"), "{table}");
     assert_eq!(
-        render(&ServicesJson { services: vec![] }),
+        render(&ServicesJson {
+            services: vec![],
+            left_out: vec![],
+        }),
         format!("{}\n(no services)\n", HEADER.join("  "))
     );
 }

@@ -572,6 +572,16 @@ impl RawConfig {
         if backend_count as u64 >= u64::from(limits.max_backends) {
             c.fail("services", format!("{backend_count} backends do not fit dataplane.max_backends ({}; id 0 is reserved)", limits.max_backends));
         }
+        let ranges: usize = services.iter().map(|s| s.source_ranges.len()).sum();
+        if ranges > lb_common::limits::MAX_SOURCE_RANGES as usize {
+            c.fail(
+                "services",
+                format!(
+                    "{ranges} source-range prefixes do not fit: the data plane holds {} over all services",
+                    lb_common::limits::MAX_SOURCE_RANGES
+                ),
+            );
+        }
 
         let mut announce = AnnounceConfig::default();
         if let Some(a) = self.announce {

@@ -426,7 +426,18 @@ impl MapWriter for FakeMaps {
         data: &SourceRangeData,
     ) -> Result<(), MapError> {
         self.record("SOURCE_RANGES", format!("source_ranges put {prefix_len}"))?;
-        self.source_ranges.insert(range_key(prefix_len, data));
+        let key = range_key(prefix_len, data);
+        // The kernel's trie holds MAX_SOURCE_RANGES entries.
+        if self.source_ranges.len() >= lb_common::limits::MAX_SOURCE_RANGES as usize
+            && !self.source_ranges.contains(&key)
+        {
+            return Err(MapError {
+                map: "SOURCE_RANGES",
+                op: "insert".into(),
+                detail: "Argument list too long (os error 7)".into(),
+            });
+        }
+        self.source_ranges.insert(key);
         Ok(())
     }
 

@@ -22,8 +22,8 @@ use lb_common::{
     SourceRangeData, VipKey, VipValue, family, v4_mapped,
 };
 pub use programmer::{
-    AdoptReport, ApplyError, ApplyReport, ProgrammedBackend, ProgrammedService, Programmer,
-    TableRef,
+    AdoptReport, ApplyError, ApplyReport, LeftOut, ProgrammedBackend, ProgrammedService,
+    Programmer, TableRef,
 };
 
 pub use limits::{DEFAULT_PIN_DIR, DataplaneLimits, Pinning, XdpMode};

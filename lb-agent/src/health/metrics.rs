@@ -36,6 +36,9 @@ pub struct TransitionLabels {
 pub struct HealthMetrics {
     pub check_duration: HistogramFamily<ProbeLabels>,
     pub transitions: Family<TransitionLabels, Counter>,
+    /// `weir_health_events_dropped_total`: transitions not reported because the main loop's
+    /// queue was full (the states themselves are never lost; see `monitor::EVENT_QUEUE`).
+    pub events_dropped: Counter,
     /// The label sets made so far (the families cannot list theirs), for [`Self::prune`].
     made: Mutex<(HashSet<ProbeLabels>, HashSet<TransitionLabels>)>,
 }
@@ -45,6 +48,7 @@ impl Default for HealthMetrics {
         Self {
             check_duration: Family::new_with_constructor(|| Histogram::new(PROBE_BUCKETS)),
             transitions: Family::default(),
+            events_dropped: Counter::default(),
             made: Mutex::default(),
         }
     }
@@ -61,6 +65,12 @@ impl HealthMetrics {
             "health_transitions",
             "Backend health changes seen by a service's checks (to: healthy or unhealthy)",
             self.transitions.clone(),
+        );
+        r.register(
+            "health_events_dropped",
+            "Health transitions not logged or counted because the agent's queue was full; \
+             the data plane still follows every check's state",
+            self.events_dropped.clone(),
         );
     }
 

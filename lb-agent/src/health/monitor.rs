@@ -227,8 +227,8 @@ impl Monitor {
     pub fn new(
         metrics: Arc<HealthMetrics>,
         max_concurrent: usize,
-    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<CheckEvent>)> {
-        let (events, rx) = mpsc::unbounded_channel();
+    ) -> std::io::Result<(Self, mpsc::Receiver<CheckEvent>)> {
+        let (events, rx) = mpsc::channel(EVENT_QUEUE);
         let (commands, command_rx) = mpsc::unbounded_channel();
         let runtime = ProbeThread::start()?;
         runtime.handle.spawn(schedule(Scheduler {
@@ -395,7 +395,7 @@ struct Scheduler {
     commands: mpsc::UnboundedReceiver<Command>,
     prober: Arc<Prober>,
     metrics: Arc<HealthMetrics>,
-    events: mpsc::UnboundedSender<CheckEvent>,
+    events: mpsc::Sender<CheckEvent>,
     max_concurrent: usize,
     checks: HashMap<u64, Check>,
     ids: HashMap<Arc<CheckKey>, u64>,
@@ -524,12 +524,26 @@ impl Scheduler {
         let after = check.next.max(Instant::now());
         check.next = next_tick(check.start, check.phase, key.probe.interval, after);
         self.queue.push(Reverse((check.next, id)));
-        match event {
-            Some(e) => self.events.send(e).is_ok(),
-            None => true,
+        let Some(e) = event else {
+            return true;
+        };
+        match self.events.try_send(e) {
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The state is in the check's record, which the reconciler reads; only this
+                // transition's log line, metric and Event are lost.
+                self.metrics.events_dropped.inc();
+                true
+            }
+            Ok(()) => true,
         }
     }
 }
+
+/// Transitions waiting for the main loop at most. It drains them all at once, so the queue
+/// fills only when the loop is stuck; then transitions are counted and dropped rather than
+/// held (the check states the data plane follows are kept elsewhere).
+pub const EVENT_QUEUE: usize = 4096;
 
 /// Far enough to mean "nothing due".
 const IDLE: Duration = Duration::from_hours(1);

@@ -113,6 +113,13 @@ pub struct AttachLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeftOutLabels {
+    pub service: String,
+    /// services | backends | source_ranges | endpoint_frontends
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StartLabels {
     /// unpinned | fresh | adopted | replaced
     outcome: &'static str,
@@ -138,6 +145,11 @@ pub struct AgentMetrics {
     pub attached: Family<AttachLabels, Gauge>,
     /// `weir_dataplane_map_memory_bytes`: the fixed-size maps' kernel memory (estimated).
     pub map_memory: Gauge,
+    /// `weir_dataplane_left_out`: 1 per service that does not fit the data plane's limits.
+    left_out: Family<LeftOutLabels, Gauge>,
+    /// `weir_dataplane_apply_failures_total`: changes the data plane refused (rolled back,
+    /// then retried).
+    pub apply_failures: Counter,
     /// `weir_dataplane_start`: 1 for how this agent's data plane came to be.
     start: Family<StartLabels, Gauge>,
     build: Family<BuildLabels, Gauge>,
@@ -153,6 +165,8 @@ impl Default for AgentMetrics {
             attached: Family::default(),
             start: Family::default(),
             map_memory: Gauge::default(),
+            left_out: Family::default(),
+            apply_failures: Counter::default(),
             build: Family::default(),
         };
         m.last_reload_ok.set(1);
@@ -199,6 +213,17 @@ impl AgentMetrics {
             self.map_memory.clone(),
         );
         r.register(
+            "dataplane_left_out",
+            "1 for each service that does not fit the data plane's limits (services, backends, \
+             source_ranges, endpoint_frontends): left out, or kept at its previous version",
+            self.left_out.clone(),
+        );
+        r.register(
+            "dataplane_apply_failures",
+            "Changes the data plane refused and rolled back; each is retried with backoff",
+            self.apply_failures.clone(),
+        );
+        r.register(
             "dataplane_start",
             "1 for what this agent found when it loaded the data plane: unpinned, fresh, adopted \
              (a previous agent's pinned maps, with their connections and counters) or replaced \
@@ -210,6 +235,19 @@ impl AgentMetrics {
             "The agent's version; always 1",
             self.build.clone(),
         );
+    }
+
+    /// Sets the left-out gauge to exactly `left_out`.
+    pub fn set_left_out(&self, left_out: &[crate::dataplane::LeftOut]) {
+        self.left_out.clear();
+        for l in left_out {
+            self.left_out
+                .get_or_create(&LeftOutLabels {
+                    service: l.name.clone(),
+                    limit: l.limit,
+                })
+                .set(1);
+        }
     }
 
     /// Records how the data plane came to be.

@@ -314,7 +314,7 @@ fn every_backend_down_fails_open_or_closed() {
 async fn the_first_state_waits_for_the_first_results_but_not_forever() {
     // No result ever: programmed after the longest timeout and the grace, waiting (Pending).
     let (mut r, _checks, rx) = setup();
-    let (_events_tx, mut events) = mpsc::unbounded_channel();
+    let (_events_tx, mut events) = mpsc::channel(16);
     let began = Instant::now();
     r.first_state(desired(&web_checked()), &mut events, |_, _| {})
         .await
@@ -330,7 +330,7 @@ async fn the_first_state_waits_for_the_first_results_but_not_forever() {
 
     // Results after 200 and 400 ms: programmed at the last, with them.
     let (mut r, checks, rx) = setup();
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, mut events) = mpsc::channel(16);
     let results = tokio::spawn(async move {
         for (target, h) in [
             ("198.18.1.11:8080", Health::Up),
@@ -339,12 +339,15 @@ async fn the_first_state_waits_for_the_first_results_but_not_forever() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             checks.set(target, h);
             let key = checks.running_key(target).expect("started");
-            let _ = events_tx.send(CheckEvent {
-                key,
-                from: Health::Unknown,
-                to: h,
-                failure: None,
-            });
+            events_tx
+                .send(CheckEvent {
+                    key,
+                    from: Health::Unknown,
+                    to: h,
+                    failure: None,
+                })
+                .await
+                .expect("the reconciler listens");
         }
     });
     let began = Instant::now();
@@ -373,4 +376,184 @@ fn announced_vips_are_flagged_in_the_maps_and_the_snapshot() {
     r.set_announced(BTreeSet::from([vip])).expect("marks");
     assert_eq!(rx.borrow().services[0].announced, Some(true));
     assert!(r.dataplane().dump().contains("vip 198.18.100.10 l2\n"));
+}
+
+/// `n` distinct /32 source ranges in 198.18.0.0/15 starting at the `from`-th address.
+fn ranges(from: u32, n: u32) -> Vec<ipnet::IpNet> {
+    (from..from + n)
+        .map(|i| {
+            let ip =
+                std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
+            ipnet::IpNet::V4(ipnet::Ipv4Net::new(ip, 32).unwrap())
+        })
+        .collect()
+}
+
+/// `state` plus a service `name` (one frontend on `vip`:80) with `n` source ranges.
+fn with_ranges(mut state: DesiredState, name: &str, vip: &str, from: u32, n: u32) -> DesiredState {
+    let mut s = desired(WEB).services.remove(0);
+    s.name = name.into();
+    s.frontend.vip = vip.parse().unwrap();
+    s.source_ranges = ranges(from, n);
+    state.services.push(s);
+    state
+        .services
+        .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+    state
+}
+
+/// `state` plus a service `name` whose one backend sits behind `n` frontends (ports 1..=n).
+fn with_wide(mut state: DesiredState, name: &str, n: u16) -> DesiredState {
+    let base = desired(WEB).services.remove(0);
+    for port in 1..=n {
+        let mut s = base.clone();
+        s.name = name.into();
+        s.frontend.vip = "198.18.100.30".parse().unwrap();
+        s.frontend.port = port;
+        s.backends.truncate(1);
+        s.backends[0].addr = "198.18.1.31:8080".parse().unwrap();
+        state.services.push(s);
+    }
+    state
+        .services
+        .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+    state
+}
+
+fn left_out(r: &Reconciler<FakeDataplane, FakeChecks>) -> Vec<String> {
+    r.left_out()
+        .iter()
+        .map(|l| format!("{} {} kept={}", l.name, l.limit, l.kept_previous))
+        .collect()
+}
+
+fn served_names(rx: &watch::Receiver<Arc<Snapshot>>) -> BTreeSet<String> {
+    rx.borrow()
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+#[test]
+fn a_service_over_a_data_plane_limit_is_left_out_and_everything_else_is_programmed() {
+    let (mut r, _, rx) = setup();
+    // More source ranges than the data plane holds over all services, and one endpoint
+    // behind one frontend more than it may serve: before, either failed the whole change.
+    let limit = lb_common::limits::MAX_SOURCE_RANGES;
+    let wide = lb_common::limits::MAX_ENDPOINT_FRONTENDS as u16 + 1;
+    let state = with_wide(
+        with_ranges(
+            desired(&format!("{WEB}{API}")),
+            "huge",
+            "198.18.100.20",
+            0,
+            limit + 3616,
+        ),
+        "wide",
+        wide,
+    );
+    r.apply(state.clone()).expect("the rest is programmed");
+    assert_eq!(
+        served_names(&rx),
+        BTreeSet::from(["api".into(), "web".into()])
+    );
+    assert_eq!(
+        left_out(&r),
+        [
+            "huge source_ranges kept=false",
+            "wide endpoint_frontends kept=false"
+        ]
+    );
+    let snap = rx.borrow().clone();
+    assert!(
+        snap.left_out[1]
+            .reason
+            .contains("198.18.1.31:8080/tcp would serve 17 frontends"),
+        "{:?}",
+        snap.left_out
+    );
+    assert!(
+        r.dataplane().maps.source_ranges.is_empty(),
+        "nothing of huge written"
+    );
+
+    // Other services keep changing while the two stay out.
+    let mut next = state.clone();
+    next.services.retain(|s| s.name != "api");
+    next.services
+        .iter_mut()
+        .filter(|s| s.name == "web")
+        .for_each(|s| s.backends.truncate(1));
+    let a = r.apply(next).expect("programmed");
+    assert_eq!(a.report.removed, ["api"]);
+    assert_eq!(a.report.updated, ["web"]);
+    assert_eq!(served_names(&rx), BTreeSet::from(["web".into()]));
+    assert_eq!(left_out(&r).len(), 2);
+
+    // Fixed: programmed, and nothing is left out any more.
+    let fixed = with_wide(
+        with_ranges(desired(WEB), "huge", "198.18.100.20", 0, 100),
+        "wide",
+        wide - 1,
+    );
+    r.apply(fixed).expect("programmed");
+    assert_eq!(served_names(&rx).len(), 3);
+    assert!(r.left_out().is_empty());
+    assert_eq!(r.dataplane().maps.source_ranges.len(), 100);
+}
+
+#[test]
+fn a_change_that_does_not_fit_keeps_the_previous_version_and_a_new_service_never_pushes_out_a_served_one()
+ {
+    let (mut r, _, rx) = setup();
+    let limit = lb_common::limits::MAX_SOURCE_RANGES;
+    let first = with_ranges(desired(WEB), "zeta", "198.18.100.20", 0, 10_000);
+    r.apply(first.clone()).expect("programmed");
+    // A newer service sorted first by name that would need the space zeta holds.
+    let both = with_ranges(first.clone(), "alpha", "198.18.100.21", 20_000, 10_000);
+    r.apply(both).expect("programmed without alpha");
+    assert_eq!(left_out(&r), ["alpha source_ranges kept=false"]);
+    assert_eq!(
+        served_names(&rx),
+        BTreeSet::from(["web".into(), "zeta".into()])
+    );
+    assert_eq!(r.dataplane().maps.source_ranges.len(), 10_000);
+
+    // zeta grows past the limit: its previous version keeps serving.
+    let grown = with_ranges(desired(WEB), "zeta", "198.18.100.20", 0, limit + 1);
+    r.apply(grown).expect("programmed");
+    assert_eq!(left_out(&r), ["zeta source_ranges kept=true"]);
+    let zeta = r
+        .desired()
+        .services
+        .iter()
+        .find(|s| s.name == "zeta")
+        .unwrap();
+    assert_eq!(zeta.source_ranges.len(), 10_000);
+    assert_eq!(r.dataplane().maps.source_ranges.len(), 10_000);
+
+    // A change that fits once another service's switch-over is through: applied in the
+    // same call. web swaps 8000 ranges for 8000 others (both sets while it switches) and zeta
+    // grows to 400 (it counted with web's both sets, but not after).
+    let swap_from = with_ranges(
+        with_ranges(DesiredState::default(), "web", "198.18.100.10", 0, 8000),
+        "zeta",
+        "198.18.100.20",
+        50_000,
+        100,
+    );
+    r.apply(swap_from).expect("programmed");
+    assert!(r.left_out().is_empty());
+    let swap_to = with_ranges(
+        with_ranges(DesiredState::default(), "web", "198.18.100.10", 8000, 8000),
+        "zeta",
+        "198.18.100.20",
+        60_000,
+        400,
+    );
+    r.apply(swap_to.clone()).expect("programmed");
+    assert!(r.left_out().is_empty(), "{:?}", left_out(&r));
+    assert_eq!(r.desired(), &swap_to);
+    assert_eq!(r.dataplane().maps.source_ranges.len(), 8400);
 }

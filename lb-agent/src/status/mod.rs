@@ -28,6 +28,9 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<ServiceStatus>,
+    /// Services that do not fit the data plane's limits (their previous version, if any,
+    /// is in `services`).
+    pub left_out: Vec<crate::dataplane::LeftOut>,
     /// L2, gossip and BGP as announced.
     pub announce: crate::announce::Status,
 }
@@ -113,6 +116,20 @@ impl BackendStatus {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ServicesJson {
     pub services: Vec<ServiceJson>,
+    /// Services that do not fit the data plane's limits, and why.
+    #[serde(default)]
+    pub left_out: Vec<LeftOutJson>,
+}
+
+/// A service left out of the data plane.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeftOutJson {
+    pub name: String,
+    /// services | backends | source_ranges | endpoint_frontends
+    pub limit: String,
+    pub reason: String,
+    /// Its previous version is still served.
+    pub kept_previous: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -223,6 +240,16 @@ impl Snapshot {
                         }),
                         backends: s.backends.iter().map(|b| backend_json(b, t)).collect(),
                     }
+                })
+                .collect(),
+            left_out: self
+                .left_out
+                .iter()
+                .map(|l| LeftOutJson {
+                    name: l.name.clone(),
+                    limit: l.limit.to_string(),
+                    reason: l.reason.clone(),
+                    kept_previous: l.kept_previous,
                 })
                 .collect(),
         }

@@ -19,8 +19,10 @@
 //! ids carry a generation, bumped on reuse, which flows remember.
 
 mod adopt;
+mod fit;
 
 pub use adopt::AdoptReport;
+pub use fit::LeftOut;
 
 use std::{
     collections::{BTreeMap, VecDeque},

@@ -31,7 +31,7 @@ fn wanted(keys: &[&CheckKey]) -> BTreeMap<CheckKey, Vec<CheckUser>> {
         .collect()
 }
 
-async fn next_event(rx: &mut mpsc::UnboundedReceiver<CheckEvent>) -> CheckEvent {
+async fn next_event(rx: &mut mpsc::Receiver<CheckEvent>) -> CheckEvent {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("no check event within 5s")

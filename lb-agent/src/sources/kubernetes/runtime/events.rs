@@ -26,13 +26,36 @@ pub struct ServiceEvent {
     pub note: String,
 }
 
-/// Where Events go; sending never blocks.
+/// Events waiting to be published at most; more are dropped (and counted) rather than held
+/// while the API server is slow or away.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// Where Events go; sending never blocks, and a full queue drops the Event.
 #[derive(Clone, Debug)]
-pub struct EventSink(tokio::sync::mpsc::UnboundedSender<ServiceEvent>);
+pub struct EventSink {
+    tx: tokio::sync::mpsc::Sender<ServiceEvent>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl EventSink {
     pub fn send(&self, e: ServiceEvent) {
-        let _ = self.0.send(e);
+        if self.tx.try_send(e).is_err() {
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                warn!(
+                    dropped = n + 1,
+                    queue = EVENT_QUEUE,
+                    "Kubernetes Events dropped: the queue to the API server is full"
+                );
+            }
+        }
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -47,7 +70,7 @@ pub fn event_sink(
     services: Store<Service>,
     identity: String,
 ) -> (EventSink, JoinHandle<()>) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ServiceEvent>();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ServiceEvent>(EVENT_QUEUE);
     let task = tokio::spawn(async move {
         let recorder = Recorder::new(
             client,
@@ -98,5 +121,9 @@ pub fn event_sink(
             }
         }
     });
-    (EventSink(tx), task)
+    let sink = EventSink {
+        tx,
+        dropped: std::sync::Arc::default(),
+    };
+    (sink, task)
 }

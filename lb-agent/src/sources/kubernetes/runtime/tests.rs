@@ -98,3 +98,24 @@ fn the_lease_decides_who_leads() {
     assert_eq!(s.acquire_time, Some(MicroTime(now)));
     assert_eq!(s.holder_identity.as_deref(), Some("a"));
 }
+
+/// An API server that never answers cannot make the Event queue grow without bound: past
+/// `EVENT_QUEUE` waiting, Events are dropped and counted. (No API server runs here; the
+/// client points at a closed local port and the sink's task never gets to run.)
+#[tokio::test(flavor = "current_thread")]
+async fn the_event_queue_is_bounded() {
+    let config = Config::new("http://127.0.0.1:9".parse().unwrap());
+    let client = Client::try_from(config).unwrap();
+    let (store, _writer) = kube::runtime::reflector::store::<k8s_openapi::api::core::v1::Service>();
+    let (sink, task) = event_sink(client, store, "test".into());
+    for i in 0..EVENT_QUEUE + 500 {
+        sink.send(ServiceEvent {
+            service: format!("ns/s{i}"),
+            warning: true,
+            reason: "Test",
+            note: String::new(),
+        });
+    }
+    assert_eq!(sink.dropped(), 500);
+    task.abort();
+}
