@@ -10,7 +10,8 @@
 //! - `PATCH …/status` as server-side apply of a Service status: `loadBalancer` is replaced,
 //!   conditions are merged by type, and weir's condition goes when the patch omits it (what
 //!   field ownership would do for weir's own fields);
-//! - Events (`POST`), kept for the tests to read.
+//! - Events (`POST`, and `PATCH` as a merge patch for a repeated Event's series), kept for
+//!   the tests to read.
 //!
 //! It is not a validating API server: it stores what it is given.
 
@@ -322,6 +323,19 @@ async fn handle(
                 ),
             }
         }
+        // kube's Event recorder bumps a repeated Event's series with a merge patch.
+        (&Method::PATCH, Some(name)) if !t.status && t.resource == "events" => {
+            let Some(mut obj) = fake.get(&t, &ns, name) else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{name} not found"),
+                );
+            };
+            merge_patch(&mut obj, &body);
+            let v = fake.write(&t, &ns, name, obj, "MODIFIED");
+            ok_json(StatusCode::OK, &v)
+        }
         (&Method::PATCH, Some(name)) if t.status => {
             let current = fake.get(&t, &ns, name);
             let Some(mut obj) = current else {
@@ -359,6 +373,22 @@ async fn handle(
             "MethodNotAllowed",
             &format!("{method} {}", uri.path()),
         ),
+    }
+}
+
+/// RFC 7386 JSON merge patch: objects merge, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
     }
 }
 

@@ -1491,3 +1491,174 @@ fn kube_proxy_replacement_serves_every_service_type() {
     assert!(status.success(), "{status}");
     apiserver.kill();
 }
+
+/// One Service over a data-plane limit must not freeze the others: a Service with 20 000
+/// source ranges (the data plane holds 16 384 over all Services) and one whose endpoint sits
+/// behind 17 frontends (at most 16) are left out — reported in the API, as a metric and as
+/// Events — while another Service keeps changing and a new one is programmed. Before, either
+/// made every apply fail and roll back, on every node.
+#[test]
+fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing() {
+    weir_lab::netns::require_root();
+    let mut lab = Lab::new(3);
+    lab.start_servers(server_bin());
+    let _apiserver = start_apiserver(&lab.lb);
+    create(
+        &lab.lb,
+        "/api/v1/nodes",
+        json!({"metadata": {"name": "lb-node"}}),
+    );
+    create(
+        &lab.lb,
+        "/apis/weir.dev/v1alpha1/ippools",
+        json!({"metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.100.0/28"], "avoidBuggyIPs": true}}),
+    );
+    let b: Vec<IpAddr> = lab.backends.iter().map(|b| b.v4).collect();
+    let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
+    let services = "/api/v1/namespaces/shop/services";
+    create(&lab.lb, slices, slice(&b));
+    create(&lab.lb, services, service("web", json!({})));
+
+    // 20 000 /32 source ranges inside 198.18.0.0/15.
+    let ranges: Vec<String> = (0..20_000u32)
+        .map(|i| format!("{}/32", std::net::Ipv4Addr::from(0xC612_0000 + i)))
+        .collect();
+    let mut huge = service("huge", json!({}));
+    huge["spec"]["loadBalancerSourceRanges"] = json!(ranges);
+    create(&lab.lb, services, huge);
+    // 17 ports on one endpoint: 17 frontends for b1:8080.
+    let mut wide = service("wide", json!({}));
+    wide["spec"]["ports"] = json!(
+        (81..=97)
+            .map(|p| json!({"name": format!("p{p}"), "port": p, "protocol": "TCP", "targetPort": "http"}))
+            .collect::<Vec<_>>()
+    );
+    create(&lab.lb, services, wide);
+    // An EndpointSlice names its ports after the Service's.
+    let mut wide_slice = slice(&b[..1]);
+    wide_slice["metadata"] =
+        json!({"name": "wide-1", "labels": {"kubernetes.io/service-name": "wide"}});
+    wide_slice["ports"] = json!(
+        (81..=97)
+            .map(|p| json!({"name": format!("p{p}"), "port": HTTP_PORT, "protocol": "TCP"}))
+            .collect::<Vec<_>>()
+    );
+    create(&lab.lb, slices, wide_slice);
+
+    let agent = start_lb_node_agent(&lab, &[]);
+    let left_out = |s: &Value| -> BTreeSet<String> {
+        s["left_out"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                format!(
+                    "{} {}",
+                    l["name"].as_str().unwrap(),
+                    l["limit"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let names = |s: &Value| -> BTreeSet<String> {
+        s["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let s = wait_for(
+        Duration::from_secs(20),
+        "web served, huge and wide left out",
+        || {
+            let s = agent.services(&lab.lb);
+            (names(&s).contains("shop/web") && left_out(&s).len() == 2).then_some(s)
+        },
+    );
+    assert_eq!(
+        left_out(&s),
+        BTreeSet::from([
+            "shop/huge source_ranges".to_string(),
+            "shop/wide endpoint_frontends".to_string()
+        ]),
+        "{s}"
+    );
+    assert_eq!(names(&s), BTreeSet::from(["shop/web".to_string()]), "{s}");
+    let metrics = agent.metrics(&lab.lb);
+    for series in [
+        r#"weir_dataplane_left_out{service="shop/huge",limit="source_ranges"} 1"#,
+        r#"weir_dataplane_left_out{service="shop/wide",limit="endpoint_frontends"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    for name in ["huge", "wide"] {
+        let ev = wait_for(Duration::from_secs(10), "a NotProgrammed Event", || {
+            events_for(&lab.lb, name)
+                .into_iter()
+                .find(|e| e["reason"] == "NotProgrammed")
+        });
+        assert_eq!(ev["type"], "Warning", "{ev}");
+    }
+    let vip: SocketAddr = wait_for(Duration::from_secs(10), "web's address", || {
+        service_status(&lab.lb, "web").0.first().cloned()
+    })
+    .parse::<IpAddr>()
+    .map(|ip| SocketAddr::new(ip, 80))
+    .unwrap();
+    assert_eq!(backends_of(&lab, vip, 28_000..28_060).len(), 3);
+
+    // The others keep changing: b3 leaves web, and a new Service is programmed.
+    let path = format!("{slices}/web-1");
+    let (_, current) = api(&lab.lb, "GET", &path, None);
+    let mut updated = slice(&b[..2]);
+    updated["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+    let (code, v) = api(&lab.lb, "PUT", &path, Some(updated));
+    assert_eq!(code, 200, "{v}");
+    create(&lab.lb, services, service("other", json!({})));
+    let mut other_slice = slice(&b[2..]);
+    other_slice["metadata"] =
+        json!({"name": "other-1", "labels": {"kubernetes.io/service-name": "other"}});
+    create(&lab.lb, slices, other_slice);
+    wait_for(
+        Duration::from_secs(20),
+        "web with 2 backends and other served",
+        || {
+            let s = agent.services(&lab.lb);
+            let web_backends = s["services"]
+                .as_array()?
+                .iter()
+                .find(|x| x["name"] == "shop/web")?["backends"]
+                .as_array()?
+                .len();
+            (web_backends == 2 && names(&s).contains("shop/other") && left_out(&s).len() == 2)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        backends_of(&lab, vip, 28_100..28_160),
+        BTreeSet::from(["b1".into(), "b2".into()])
+    );
+
+    // wide down to 15 ports fits (b1 serves web too: 16 frontends), and is programmed.
+    let (_, mut w) = api(&lab.lb, "GET", &format!("{services}/wide"), None);
+    w["spec"]["ports"].as_array_mut().unwrap().truncate(15);
+    let (code, v) = api(&lab.lb, "PUT", &format!("{services}/wide"), Some(w));
+    assert_eq!(code, 200, "{v}");
+    wait_for(Duration::from_secs(20), "wide programmed", || {
+        let s = agent.services(&lab.lb);
+        (names(&s).contains("shop/wide")
+            && left_out(&s) == BTreeSet::from(["shop/huge source_ranges".to_string()]))
+        .then_some(())
+    });
+    assert!(
+        agent
+            .log_text()
+            .contains("service does not fit the data plane"),
+        "the log says why"
+    );
+    assert!(
+        !agent.log_text().contains("applying the change failed"),
+        "no apply failed"
+    );
+}

@@ -211,6 +211,26 @@ fn capacity_is_checked() {
         p,
         ["services: 2 backends do not fit dataplane.max_backends (2; id 0 is reserved)"]
     );
+    // More source-range prefixes than the data plane holds: refused here, not at apply.
+    let ranges: Vec<String> = (0..=lb_common::limits::MAX_SOURCE_RANGES)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0xC612_0000 + i);
+            format!("{ip}/32")
+        })
+        .collect();
+    let text = edit(
+        "    protocol: tcp\n",
+        &format!(
+            "    protocol: tcp\n    source_ranges: [{}]\n",
+            ranges.join(", ")
+        ),
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            "services: 16385 source-range prefixes do not fit: the data plane holds 16384 over all services"
+        ]
+    );
 }
 
 #[test]
