@@ -1544,8 +1544,18 @@ fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing(
             .collect::<Vec<_>>()
     );
     create(&lab.lb, slices, wide_slice);
+    // A BGPPeer the agent cannot decode (remoteAS beyond 32 bits, as stored before the CRD
+    // bounded it): reported and skipped, where it used to fail every BGPPeer list, and with
+    // it the agent's start.
+    create(
+        &lab.lb,
+        "/apis/weir.dev/v1alpha1/bgppeers",
+        json!({"metadata": {"name": "broken"}, "spec": {"address": "198.18.0.1", "remoteAS": 5_000_000_000u64, "localAS": 64512}}),
+    );
 
     let agent = start_lb_node_agent(&lab, &[]);
+    let bgp = agent.get(&lab.lb, "/api/v1/bgp").expect("the API answers").1;
+    assert!(bgp.contains("BGPPeer broken: cannot be read"), "{bgp}");
     let left_out = |s: &Value| -> BTreeSet<String> {
         s["left_out"]
             .as_array()

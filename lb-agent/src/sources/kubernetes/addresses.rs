@@ -33,12 +33,13 @@ pub struct Outcome {
 pub struct AddressCondition {
     pub ok: bool,
     /// CamelCase reason: `Assigned`, `InvalidAnnotation`, `PoolExhausted`, `NoSuchPool`,
-    /// `PoolNotAllowed`, `AddressNotInPool`, `AddressInUse`, `InvalidRequest`.
+    /// `PoolNotAllowed`, `PoolInvalid`, `AddressNotInPool`, `AddressInUse`, `InvalidRequest`.
     pub reason: &'static str,
     pub message: String,
 }
 
-/// The pools, validated; a bad IPPool is reported (by name) and left out.
+/// The pools, validated; a bad IPPool is reported (by name) and frozen: it keeps the
+/// addresses it gave out and gives out no new ones.
 pub fn pools(pools: &[IPPool]) -> (Vec<Pool>, BTreeMap<String, String>) {
     let mut ok = Vec::new();
     let mut bad = BTreeMap::new();
@@ -47,6 +48,8 @@ pub fn pools(pools: &[IPPool]) -> (Vec<Pool>, BTreeMap<String, String>) {
         match Pool::from_spec(&name, &p.spec) {
             Ok(pool) => ok.push(pool),
             Err(e) => {
+                // Frozen: its Services keep their addresses (no renumbering for a typo).
+                ok.push(Pool::frozen(&name, &p.spec));
                 bad.insert(name, e.to_string());
             }
         }
@@ -116,6 +119,7 @@ pub fn request(svc: &Service) -> Result<Request, AnnotationError> {
 fn reason(e: &AllocError) -> &'static str {
     match e {
         AllocError::NoSuchPool(_) => "NoSuchPool",
+        AllocError::PoolFrozen(_) => "PoolInvalid",
         AllocError::PoolNotAllowed { .. } => "PoolNotAllowed",
         AllocError::NotInPool { .. } => "AddressNotInPool",
         AllocError::InUse { .. } => "AddressInUse",
@@ -311,7 +315,59 @@ mod tests {
             pool("good", &["198.18.100.0/30"]),
             pool("bad", &["198.18.100.1/30"]),
         ]);
-        assert_eq!(ok.len(), 1);
+        assert_eq!(ok.iter().filter(|p| !p.frozen).count(), 1);
         assert!(bad["bad"].contains("spec.addresses[0]"), "{bad:?}");
+    }
+
+    /// A typo in an IPPool must not renumber its Services: they keep their addresses, new
+    /// Services get none from it, and once it is fixed it hands out addresses again. The same
+    /// holds for a new leader that never saw the pool valid (it starts from the statuses).
+    #[test]
+    fn an_invalid_pool_keeps_its_addresses_and_gives_out_no_new_ones() {
+        let good = pool("p", &["198.18.100.10-198.18.100.12"]);
+        let other = pool("q", &["198.18.101.10/32"]);
+        let mut a = allocator(&[good.clone(), other.clone()]);
+        let one = Svc::lb("ns", "one").port("http", 80, "TCP").build();
+        let m = reconcile(&mut a, std::slice::from_ref(&one), false);
+        assert_eq!(by_service(&m)["ns/one"].0, ["198.18.100.10"]);
+
+        let mut typo = good.clone();
+        typo.spec.addresses.push("198.18.100.300".into());
+        let set = |a: &mut Allocator, pools_now: &[IPPool]| {
+            let (ok, bad) = pools(pools_now);
+            a.set_pools(ok);
+            bad
+        };
+        let bad = set(&mut a, &[typo.clone(), other.clone()]);
+        assert!(bad.contains_key("p"));
+        // A held address stays; a status address stays; a new Service gets the other pool's.
+        let one = Svc::lb("ns", "one")
+            .port("http", 80, "TCP")
+            .ingress("198.18.100.10")
+            .build();
+        let two = Svc::lb("ns", "two").port("http", 80, "TCP").build();
+        let three = Svc::lb("ns", "three")
+            .port("http", 80, "TCP")
+            .annotation("metallb.io/address-pool", "p")
+            .build();
+        let services = vec![one.clone(), two.clone(), three.clone()];
+        let m = reconcile(&mut a, &services, false);
+        let m = by_service(&m);
+        assert_eq!(m["ns/one"], (vec!["198.18.100.10".into()], Some("Assigned")));
+        assert_eq!(m["ns/two"], (vec!["198.18.101.10".into()], Some("Assigned")));
+        assert_eq!(m["ns/three"], (vec![], Some("PoolInvalid")));
+
+        // A new leader that only ever saw the typo keeps one's status address too.
+        let mut fresh = Allocator::default();
+        set(&mut fresh, &[typo, other]);
+        let m = reconcile(&mut fresh, std::slice::from_ref(&one), false);
+        assert_eq!(by_service(&m)["ns/one"].0, ["198.18.100.10"]);
+
+        // Fixed: three gets an address from it, one keeps its own.
+        set(&mut a, &[good, pool("q", &["198.18.101.10/32"])]);
+        let m = reconcile(&mut a, &services, false);
+        let m = by_service(&m);
+        assert_eq!(m["ns/one"].0, ["198.18.100.10"]);
+        assert_eq!(m["ns/three"], (vec!["198.18.100.11".into()], Some("Assigned")));
     }
 }

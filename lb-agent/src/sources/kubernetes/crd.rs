@@ -54,6 +54,7 @@ pub struct ServiceAllocation {
 #[serde(rename_all = "camelCase")]
 pub struct IPPoolStatus {
     /// Addresses handed out.
+    #[schemars(range(max = 9_007_199_254_740_991u64))]
     pub assigned: u64,
     /// Addresses left ("2^64 or more" for large IPv6 pools).
     pub available: String,
@@ -80,12 +81,15 @@ pub struct BGPPeerSpec {
     pub address: String,
     /// The peer's AS number.
     #[serde(rename = "remoteAS")]
+    #[schemars(range(min = 1, max = 4_294_967_295u32))]
     pub remote_as: u32,
     /// The nodes' AS number towards this peer (equal to `remoteAS`: internal BGP).
     #[serde(rename = "localAS")]
+    #[schemars(range(min = 1, max = 4_294_967_295u32))]
     pub local_as: u32,
     /// The peer's TCP port (default 179).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65_535))]
     pub port: Option<u16>,
     /// Proposed hold time: `0s` (no keepalives) or whole seconds from `3s` to `65535s`
     /// (default `9s`; the lower of both sides applies).
@@ -99,6 +103,7 @@ pub struct BGPPeerSpec {
     pub bfd: bool,
     /// eBGP multihop: the TTL of the session's packets, 1–255.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 255))]
     pub multihop: Option<u8>,
     /// Wait for the peer to connect (to port 179 on the node) instead of connecting to it.
     #[serde(default)]
@@ -147,6 +152,7 @@ pub struct BGPAdvertisementSpec {
     /// LOCAL_PREF towards internal peers (default 100; the highest wins where
     /// advertisements overlap, communities add up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 4_294_967_295u32))]
     pub local_pref: Option<u32>,
 }
 
@@ -209,5 +215,45 @@ mod tests {
             committed == super::crds_yaml(),
             "charts/weir/crds/weir.dev.yaml is stale: run `lb-agent crds > charts/weir/crds/weir.dev.yaml`"
         );
+    }
+
+    /// Every integer in the schemas has both bounds (or is an int64), so that the API server refuses a value
+    /// the agent could not decode (one such object would otherwise fail its whole list).
+    #[test]
+    fn every_integer_is_bounded() {
+        fn walk(v: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    // int64 is the API server's own integer: it refuses what does not fit.
+                    if m.get("type").and_then(|t| t.as_str()) == Some("integer")
+                        && m.get("format").and_then(|t| t.as_str()) != Some("int64")
+                        && !(m.contains_key("minimum") && m.contains_key("maximum"))
+                    {
+                        out.push(path.to_string());
+                    }
+                    for (k, x) in m {
+                        walk(x, &format!("{path}.{k}"), out);
+                    }
+                }
+                serde_json::Value::Array(a) => {
+                    for (i, x) in a.iter().enumerate() {
+                        walk(x, &format!("{path}[{i}]"), out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        use kube::CustomResourceExt as _;
+        let mut unbounded = Vec::new();
+        for crd in [
+            super::IPPool::crd(),
+            super::BGPPeer::crd(),
+            super::BGPAdvertisement::crd(),
+            super::L2Advertisement::crd(),
+        ] {
+            let v = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            walk(&v, &crd.spec.names.kind, &mut unbounded);
+        }
+        assert!(unbounded.is_empty(), "integers without bounds: {unbounded:?}");
     }
 }

@@ -194,6 +194,9 @@ pub struct Pool {
     /// Namespaces allowed (all, when empty).
     pub namespaces: Vec<String>,
     pub selector: Option<Selector>,
+    /// Its IPPool's spec is invalid now: the addresses it gave out stay with their Services,
+    /// and it gives out no new ones until the spec is fixed.
+    pub frozen: bool,
 }
 
 impl Pool {
@@ -221,7 +224,27 @@ impl Pool {
             avoid_buggy_ips: spec.avoid_buggy_ips,
             namespaces: alloc.namespaces,
             selector,
+            frozen: false,
         })
+    }
+
+    /// What an IPPool whose spec is invalid still holds: the ranges of `spec.addresses` that
+    /// parse, frozen. (An allocator that knew the pool when it was valid keeps that version
+    /// instead: see [`Allocator::set_pools`].)
+    pub fn frozen(name: &str, spec: &IPPoolSpec) -> Self {
+        Self {
+            name: name.to_string(),
+            ranges: spec
+                .addresses
+                .iter()
+                .filter_map(|a| AddrRange::parse(a).ok())
+                .collect(),
+            auto_assign: false,
+            avoid_buggy_ips: spec.avoid_buggy_ips,
+            namespaces: Vec::new(),
+            selector: None,
+            frozen: true,
+        }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -288,6 +311,8 @@ pub struct Request {
 pub enum AllocError {
     #[error("no IPPool named {0:?}")]
     NoSuchPool(String),
+    #[error("IPPool {0:?} has an invalid spec: it keeps the addresses it gave out and gives out no new ones until it is fixed")]
+    PoolFrozen(String),
     #[error("IPPool {pool:?} does not allow this Service (namespace or labels)")]
     PoolNotAllowed { pool: String },
     #[error("{ip} is in no IPPool{}", .pool.as_ref().map(|p| format!(" named {p:?}")).unwrap_or_default() )]
@@ -320,9 +345,23 @@ pub struct Allocator {
 
 impl Allocator {
     /// Replaces the pools. Services whose addresses no longer fit lose them (they are
-    /// returned, to be assigned again).
+    /// returned, to be assigned again). A frozen pool (its spec became invalid) that was
+    /// known valid keeps that valid version's ranges, frozen: what it gave out stays given.
     pub fn set_pools(&mut self, pools: impl IntoIterator<Item = Pool>) -> Vec<String> {
-        self.pools = pools.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let before = std::mem::take(&mut self.pools);
+        self.pools = pools
+            .into_iter()
+            .map(|p| {
+                let p = match before.get(&p.name) {
+                    Some(known) if p.frozen => Pool {
+                        frozen: true,
+                        ..known.clone()
+                    },
+                    _ => p,
+                };
+                (p.name.clone(), p)
+            })
+            .collect();
         let orphans: Vec<String> = self
             .held
             .iter()
@@ -432,10 +471,23 @@ impl Allocator {
         Ok(req.families.clone())
     }
 
-    /// Whether `ip` lies in a pool `req` may use (the one it named, if it named one).
+    /// Whether `req` may keep `ip`: it lies in a pool `req` may use (the one it named, if it
+    /// named one), or in a frozen pool, whose addresses stay with whoever holds them.
     fn fits(&self, ip: IpAddr, req: &Request) -> bool {
         self.pools.values().any(|p| {
-            p.contains(ip) && p.allows(req) && req.pool.as_ref().is_none_or(|n| *n == p.name)
+            p.contains(ip)
+                && (p.frozen || p.allows(req))
+                && req.pool.as_ref().is_none_or(|n| *n == p.name)
+        })
+    }
+
+    /// Whether `ip` may be newly given to `req`: as [`Self::fits`], frozen pools aside.
+    fn fits_new(&self, ip: IpAddr, req: &Request) -> bool {
+        self.pools.values().any(|p| {
+            !p.frozen
+                && p.contains(ip)
+                && p.allows(req)
+                && req.pool.as_ref().is_none_or(|n| *n == p.name)
         })
     }
 
@@ -478,6 +530,9 @@ impl Allocator {
                 .pools
                 .get(name)
                 .ok_or_else(|| AllocError::NoSuchPool(name.clone()))?;
+            if p.frozen {
+                return Err(AllocError::PoolFrozen(name.clone()));
+            }
             if !p.allows(req) {
                 return Err(AllocError::PoolNotAllowed { pool: name.clone() });
             }
@@ -486,7 +541,7 @@ impl Allocator {
         Ok(self
             .pools
             .values()
-            .filter(|p| p.auto_assign && p.allows(req))
+            .filter(|p| p.auto_assign && !p.frozen && p.allows(req))
             .collect())
     }
 
@@ -498,7 +553,7 @@ impl Allocator {
                 self.candidates(req)?;
             }
             for ip in &req.addresses {
-                if !self.fits(*ip, req) {
+                if !self.fits_new(*ip, req) {
                     return Err(AllocError::NotInPool {
                         ip: *ip,
                         pool: req.pool.clone(),

@@ -119,3 +119,23 @@ async fn the_event_queue_is_bounded() {
     assert_eq!(sink.dropped(), 500);
     task.abort();
 }
+
+/// One object that does not decode (remoteAS beyond u32, stored before the schema bounded
+/// it) is skipped and reported; the others of its kind are read.
+#[test]
+fn an_undecodable_object_is_skipped_and_reported() {
+    use crate::sources::kubernetes::crd::BGPPeer;
+    let peer = |name: &str, asn: u64| {
+        serde_json::json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "BGPPeer",
+            "metadata": {"name": name},
+            "spec": {"address": "198.18.0.1", "remoteAS": asn, "localAS": 64512},
+        })
+    };
+    let store = Lenient::<BGPPeer>::of([peer("good", 64512), peer("bad", 5_000_000_000)]);
+    let (ok, bad) = store.decoded();
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0].metadata.name.as_deref(), Some("good"));
+    assert_eq!(bad.len(), 1);
+    assert!(bad[0].starts_with("BGPPeer bad: cannot be read"), "{bad:?}");
+}

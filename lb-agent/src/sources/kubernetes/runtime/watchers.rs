@@ -10,6 +10,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Resource,
+    api::{ApiResource, DynamicObject},
     runtime::{
         WatchStreamExt as _,
         reflector::{self, Store},
@@ -33,10 +34,10 @@ pub struct Stores {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
-    pub pools: Store<IPPool>,
-    pub bgp_peers: Store<BGPPeer>,
-    pub bgp_advertisements: Store<BGPAdvertisement>,
-    pub l2_advertisements: Store<L2Advertisement>,
+    pub pools: Lenient<IPPool>,
+    pub bgp_peers: Lenient<BGPPeer>,
+    pub bgp_advertisements: Lenient<BGPAdvertisement>,
+    pub l2_advertisements: Lenient<L2Advertisement>,
     /// The agents' namespace's (BGP passwords).
     pub secrets: Store<Secret>,
 }
@@ -57,6 +58,81 @@ impl Drop for Watches {
     }
 }
 
+/// A store of one of weir's custom resources, read leniently: objects are kept as they
+/// came and decoded when read, so that one object the agent cannot decode (a value its
+/// schema did not bound, written before the schema did) is reported and skipped instead of
+/// failing the whole list, and with it every other object of its kind.
+#[derive(Clone)]
+pub struct Lenient<K> {
+    store: Store<DynamicObject>,
+    _kind: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<K> Lenient<K>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    /// The objects that decode.
+    pub fn state(&self) -> Vec<Arc<K>> {
+        self.decoded().0
+    }
+
+    /// The objects that decode, and why each of the others does not (`Kind name: error`).
+    pub fn decoded(&self) -> (Vec<Arc<K>>, Vec<String>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for obj in self.store.state() {
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            match (*obj).clone().try_parse::<K>() {
+                Ok(k) => ok.push(Arc::new(k)),
+                Err(e) => bad.push(format!("{} {name}: cannot be read: {e}", K::kind(&()))),
+            }
+        }
+        (ok, bad)
+    }
+
+    pub async fn wait_until_ready(
+        &self,
+    ) -> Result<(), reflector::store::WriterDropped> {
+        self.store.wait_until_ready().await
+    }
+
+    /// A store of `objects` as they are (for tests).
+    #[cfg(test)]
+    pub fn of(objects: impl IntoIterator<Item = serde_json::Value>) -> Self {
+        let ar = ApiResource::erase::<K>(&());
+        let mut writer = reflector::store::Writer::new(ar);
+        for o in objects {
+            let obj: DynamicObject = serde_json::from_value(o).expect("an object");
+            writer.apply_watcher_event(&watcher::Event::Apply(obj));
+        }
+        let store = writer.as_reader();
+        Self {
+            store,
+            _kind: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Watches `K` (one of weir's custom resources) leniently: see [`Lenient`].
+fn spawn_lenient<K>(client: &Client, changed: watch::Sender<u64>) -> (Lenient<K>, JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let ar = ApiResource::erase::<K>(&());
+    let writer = reflector::store::Writer::new(ar.clone());
+    let store = writer.as_reader();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    let task = watch_into(K::kind(&()).to_string(), api, writer, changed);
+    (
+        Lenient {
+            store,
+            _kind: std::marker::PhantomData,
+        },
+        task,
+    )
+}
+
 pub(super) fn spawn_reflector<K>(
     api: Api<K>,
     changed: watch::Sender<u64>,
@@ -67,11 +143,25 @@ where
 {
     let (store, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
+    (store, watch_into(kind, api, writer, changed))
+}
+
+/// Fills `writer` from a watch of `api`, counting every change in `changed`.
+fn watch_into<K>(
+    kind: String,
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    changed: watch::Sender<u64>,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
     let stream = reflector::reflector(
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
     );
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
@@ -89,8 +179,7 @@ where
                 }
             }
         }
-    });
-    (store, task)
+    })
 }
 
 /// Starts watching everything weir needs: cluster-wide, and the Secrets of `namespace`
@@ -100,12 +189,10 @@ pub fn watch_all(client: &Client, namespace: &str) -> Watches {
     let (services, a) = spawn_reflector(Api::<Service>::all(client.clone()), tx.clone());
     let (slices, b) = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), tx.clone());
     let (nodes, c) = spawn_reflector(Api::<Node>::all(client.clone()), tx.clone());
-    let (pools, d) = spawn_reflector(Api::<IPPool>::all(client.clone()), tx.clone());
-    let (bgp_peers, e) = spawn_reflector(Api::<BGPPeer>::all(client.clone()), tx.clone());
-    let (bgp_advertisements, f) =
-        spawn_reflector(Api::<BGPAdvertisement>::all(client.clone()), tx.clone());
-    let (l2_advertisements, h) =
-        spawn_reflector(Api::<L2Advertisement>::all(client.clone()), tx.clone());
+    let (pools, d) = spawn_lenient::<IPPool>(client, tx.clone());
+    let (bgp_peers, e) = spawn_lenient::<BGPPeer>(client, tx.clone());
+    let (bgp_advertisements, f) = spawn_lenient::<BGPAdvertisement>(client, tx.clone());
+    let (l2_advertisements, h) = spawn_lenient::<L2Advertisement>(client, tx.clone());
     let (secrets, g) = spawn_reflector(Api::<Secret>::namespaced(client.clone(), namespace), tx);
     Watches {
         stores: Stores {
@@ -164,6 +251,14 @@ impl Stores {
             default_class: opts.default_class,
         };
         let (bgp, mut problems) = super::super::announce::config(&inputs);
+        for store in [
+            self.pools.decoded().1,
+            self.bgp_peers.decoded().1,
+            self.bgp_advertisements.decoded().1,
+            self.l2_advertisements.decoded().1,
+        ] {
+            problems.extend(store);
+        }
         let (l2, l2_problems) = super::super::announce::l2(&inputs);
         problems.extend(l2_problems);
         t.bgp = bgp;
