@@ -10,6 +10,8 @@
 //! - `PATCH …/status` as server-side apply of a Service status: `loadBalancer` is replaced,
 //!   conditions are merged by type, and weir's condition goes when the patch omits it (what
 //!   field ownership would do for weir's own fields);
+//! - `GET /_requests`: every request so far as `METHOD path` (watches marked `?watch`), for
+//!   tests that check what the agent asked for;
 //! - Events (`POST`, and `PATCH` as a merge patch for a repeated Event's series), kept for
 //!   the tests to read.
 //!
@@ -49,6 +51,8 @@ struct Inner {
     rv: u64,
     objects: BTreeMap<Key, Value>,
     log: Vec<Change>,
+    /// Every request as `METHOD path` (`?watch` marked), for `GET /_requests`.
+    requests: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -195,6 +199,16 @@ async fn handle(
     Query(q): Query<BTreeMap<String, String>>,
     body: Bytes,
 ) -> Response {
+    if uri.path() == "/_requests" {
+        let requests = fake.inner.lock().unwrap().requests.clone();
+        return ok_json(StatusCode::OK, &json!(requests));
+    }
+    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    fake.inner.lock().unwrap().requests.push(format!(
+        "{method} {}{}",
+        uri.path(),
+        if watching { "?watch" } else { "" }
+    ));
     let Some(t) = parse(uri.path()) else {
         return status(
             StatusCode::NOT_FOUND,

@@ -6,7 +6,7 @@
 //! (internal peering with LOCAL_PREF, this node passive, routes installed and withdrawn).
 //! Needs root; the namespaces are the test's own and are removed afterwards.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use serde_json::Value;
 use weir_lab::{
@@ -556,11 +556,17 @@ fn kubernetes_resources_choose_peers_and_advertisements_per_node_without_flappin
             }),
         );
     }
-    // The password as a Secret in the agents' namespace ("k8s-md5-key", base64).
+    // The password as a Secret in the agents' namespace ("k8s-md5-key", base64), beside
+    // one no BGPPeer names.
     kube_create(
         &lab,
         "/api/v1/namespaces/weir-system/secrets",
         serde_json::json!({"metadata": {"name": "bgp"}, "data": {"password": "azhzLW1kNS1rZXk="}}),
+    );
+    kube_create(
+        &lab,
+        "/api/v1/namespaces/weir-system/secrets",
+        serde_json::json!({"metadata": {"name": "unrelated"}, "data": {"token": "c2VjcmV0"}}),
     );
     // Rack a peers with the router; rack b not yet.
     let peer = |selector: Value| {
@@ -610,6 +616,21 @@ fn kubernetes_resources_choose_peers_and_advertisements_per_node_without_flappin
     start(&mut lab, 0);
     start(&mut lab, 1);
     lab.wait_established(0);
+    // The agents read the one Secret a BGPPeer names, by name: they never list or watch the
+    // namespace's Secrets (the chart's Role grants `get` only).
+    let (_, requests) = kube(&lab, "GET", "/_requests", None);
+    let secrets: BTreeSet<&str> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|r| r.starts_with("GET ") && r.contains("/secrets"))
+        .collect();
+    assert_eq!(
+        secrets,
+        BTreeSet::from(["GET /api/v1/namespaces/weir-system/secrets/bgp"]),
+        "{requests}"
+    );
     assert!(
         lab.bgp(1).is_empty(),
         "rack b has no peer: {:?}",

@@ -1554,7 +1554,10 @@ fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing(
     );
 
     let agent = start_lb_node_agent(&lab, &[]);
-    let bgp = agent.get(&lab.lb, "/api/v1/bgp").expect("the API answers").1;
+    let bgp = agent
+        .get(&lab.lb, "/api/v1/bgp")
+        .expect("the API answers")
+        .1;
     assert!(bgp.contains("BGPPeer broken: cannot be read"), "{bgp}");
     let left_out = |s: &Value| -> BTreeSet<String> {
         s["left_out"]

@@ -353,8 +353,14 @@ mod tests {
         let services = vec![one.clone(), two.clone(), three.clone()];
         let m = reconcile(&mut a, &services, false);
         let m = by_service(&m);
-        assert_eq!(m["ns/one"], (vec!["198.18.100.10".into()], Some("Assigned")));
-        assert_eq!(m["ns/two"], (vec!["198.18.101.10".into()], Some("Assigned")));
+        assert_eq!(
+            m["ns/one"],
+            (vec!["198.18.100.10".into()], Some("Assigned"))
+        );
+        assert_eq!(
+            m["ns/two"],
+            (vec!["198.18.101.10".into()], Some("Assigned"))
+        );
         assert_eq!(m["ns/three"], (vec![], Some("PoolInvalid")));
 
         // A new leader that only ever saw the typo keeps one's status address too.
@@ -368,6 +374,9 @@ mod tests {
         let m = reconcile(&mut a, &services, false);
         let m = by_service(&m);
         assert_eq!(m["ns/one"].0, ["198.18.100.10"]);
-        assert_eq!(m["ns/three"], (vec!["198.18.100.11".into()], Some("Assigned")));
+        assert_eq!(
+            m["ns/three"],
+            (vec!["198.18.100.11".into()], Some("Assigned"))
+        );
     }
 }

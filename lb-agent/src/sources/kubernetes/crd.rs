@@ -254,6 +254,9 @@ mod tests {
             let v = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
             walk(&v, &crd.spec.names.kind, &mut unbounded);
         }
-        assert!(unbounded.is_empty(), "integers without bounds: {unbounded:?}");
+        assert!(
+            unbounded.is_empty(),
+            "integers without bounds: {unbounded:?}"
+        );
     }
 }

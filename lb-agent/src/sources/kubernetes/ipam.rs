@@ -311,7 +311,9 @@ pub struct Request {
 pub enum AllocError {
     #[error("no IPPool named {0:?}")]
     NoSuchPool(String),
-    #[error("IPPool {0:?} has an invalid spec: it keeps the addresses it gave out and gives out no new ones until it is fixed")]
+    #[error(
+        "IPPool {0:?} has an invalid spec: it keeps the addresses it gave out and gives out no new ones until it is fixed"
+    )]
     PoolFrozen(String),
     #[error("IPPool {pool:?} does not allow this Service (namespace or labels)")]
     PoolNotAllowed { pool: String },

@@ -48,6 +48,8 @@ pub enum KubeError {
     Client(#[source] kube::Error),
     #[error("waiting for the first full lists: {0}")]
     Lists(#[source] kube::runtime::reflector::store::WriterDropped),
+    #[error("waiting for the first full lists: the watches stopped")]
+    WatchesStopped,
 }
 
 /// A client from `kubeconfig`, or the in-cluster credentials.

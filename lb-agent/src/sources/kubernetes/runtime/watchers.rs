@@ -1,7 +1,12 @@
 //! Watchers (with backoff) filling the stores the translation reads.
 
 use kube::Client;
-use std::{fmt::Debug, hash::Hash, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    hash::Hash,
+    sync::Arc,
+};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
@@ -21,6 +26,8 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
+use crate::LockExt as _;
+
 use super::super::{
     crd::{BGPAdvertisement, BGPPeer, IPPool, L2Advertisement},
     translate::{self, Options, Translation},
@@ -38,8 +45,8 @@ pub struct Stores {
     pub bgp_peers: Lenient<BGPPeer>,
     pub bgp_advertisements: Lenient<BGPAdvertisement>,
     pub l2_advertisements: Lenient<L2Advertisement>,
-    /// The agents' namespace's (BGP passwords).
-    pub secrets: Store<Secret>,
+    /// The Secrets BGPPeers name (BGP passwords), read by name from the agents' namespace.
+    pub secrets: NamedSecrets,
 }
 
 /// The watchers; dropped, they stop.
@@ -91,9 +98,7 @@ where
         (ok, bad)
     }
 
-    pub async fn wait_until_ready(
-        &self,
-    ) -> Result<(), reflector::store::WriterDropped> {
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
         self.store.wait_until_ready().await
     }
 
@@ -112,6 +117,120 @@ where
             _kind: std::marker::PhantomData,
         }
     }
+}
+
+/// The Secrets that BGPPeers name, read by name (`get`): the agent neither lists nor
+/// watches the Secrets of its namespace, and holds only those it uses.
+#[derive(Clone)]
+pub struct NamedSecrets {
+    secrets: Arc<std::sync::Mutex<BTreeMap<String, Arc<Secret>>>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl NamedSecrets {
+    pub fn state(&self) -> Vec<Arc<Secret>> {
+        self.secrets.locked().values().cloned().collect()
+    }
+
+    /// Waits until the Secrets named when the BGPPeers were first listed have been read.
+    pub async fn wait_until_ready(&self) -> Result<(), KubeError> {
+        let mut ready = self.ready.clone();
+        // The sender never goes while the watches run; a dropped one means they stopped.
+        ready
+            .wait_for(|r| *r)
+            .await
+            .map(|_| ())
+            .map_err(|_| KubeError::WatchesStopped)
+    }
+}
+
+/// Secrets are read again this often (a rotated BGP password is picked up within it), and
+/// when the names the BGPPeers use change.
+pub const SECRET_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keeps `NamedSecrets` in line with the names `peers` use; counts a change in `changed`.
+fn spawn_named_secrets(
+    api: Api<Secret>,
+    peers: Lenient<BGPPeer>,
+    mut any_change: watch::Receiver<u64>,
+    changed: watch::Sender<u64>,
+) -> (NamedSecrets, JoinHandle<()>) {
+    let (ready_tx, ready) = watch::channel(false);
+    let out = NamedSecrets {
+        secrets: Arc::default(),
+        ready,
+    };
+    let secrets = out.secrets.clone();
+    let task = tokio::spawn(async move {
+        if peers.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut read: Option<BTreeSet<String>> = None;
+        let mut refresh = tokio::time::interval(SECRET_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            let names: BTreeSet<String> = peers
+                .state()
+                .iter()
+                .filter_map(|p| p.spec.password_secret.as_ref().map(|r| r.name.clone()))
+                .collect();
+            let due = tokio::select! {
+                _ = refresh.tick() => true,
+                r = any_change.changed(), if read.is_some() => {
+                    if r.is_err() { return; }
+                    false
+                }
+            };
+            if !due && read.as_ref() == Some(&names) {
+                continue;
+            }
+            let mut now = BTreeMap::new();
+            let mut ok = true;
+            for name in &names {
+                match tokio::time::timeout(CALL_TIMEOUT, api.get_opt(name)).await {
+                    Ok(Ok(Some(s))) => {
+                        now.insert(name.clone(), Arc::new(s));
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        ok = false;
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(secret = %name, error = %e, "reading a Secret failed; retrying");
+                        }
+                    }
+                    Err(_) => {
+                        ok = false;
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(secret = %name, "reading a Secret timed out; retrying");
+                        }
+                    }
+                }
+                if !ok {
+                    break;
+                }
+            }
+            if !ok {
+                // Keep what was read before; try again at the next tick.
+                continue;
+            }
+            if std::mem::take(&mut failing) {
+                info!("reading Secrets works again");
+            }
+            let differs = {
+                let mut held = secrets.locked();
+                let differs = *held != now;
+                *held = now;
+                differs
+            };
+            read = Some(names);
+            ready_tx.send_replace(true);
+            if differs {
+                changed.send_modify(|n| *n += 1);
+            }
+        }
+    });
+    (out, task)
 }
 
 /// Watches `K` (one of weir's custom resources) leniently: see [`Lenient`].
@@ -193,7 +312,12 @@ pub fn watch_all(client: &Client, namespace: &str) -> Watches {
     let (bgp_peers, e) = spawn_lenient::<BGPPeer>(client, tx.clone());
     let (bgp_advertisements, f) = spawn_lenient::<BGPAdvertisement>(client, tx.clone());
     let (l2_advertisements, h) = spawn_lenient::<L2Advertisement>(client, tx.clone());
-    let (secrets, g) = spawn_reflector(Api::<Secret>::namespaced(client.clone(), namespace), tx);
+    let (secrets, g) = spawn_named_secrets(
+        Api::<Secret>::namespaced(client.clone(), namespace),
+        bgp_peers.clone(),
+        changed.clone(),
+        tx,
+    );
     Watches {
         stores: Stores {
             services,
@@ -231,7 +355,7 @@ impl Stores {
             .wait_until_ready()
             .await
             .map_err(lists)?;
-        self.secrets.wait_until_ready().await.map_err(lists)?;
+        self.secrets.wait_until_ready().await?;
         Ok(())
     }
 
