@@ -206,8 +206,17 @@ fn runtime(agent: bool) -> Option<tokio::runtime::Runtime> {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // kube's client logs every failed request (many a second while the API server is
+    // away); the agent says what failed itself, once per backoff step. RUST_LOG that names
+    // kube_client gets it back.
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !asked.contains("kube_client")
+        && let Ok(quiet) = "kube_client=off".parse()
+    {
+        filter = filter.add_directive(quiet);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -53,6 +53,48 @@ struct Inner {
     log: Vec<Change>,
     /// Every request as `METHOD path` (`?watch` marked), for `GET /_requests`.
     requests: Vec<String>,
+    /// Where the objects are kept across a restart (`fake-apiserver ADDR STATE`).
+    state: Option<std::path::PathBuf>,
+}
+
+impl Inner {
+    /// Writes the objects and the resourceVersion to the state file, if any (whole, then
+    /// renamed into place: a kill never leaves half a file).
+    fn save(&self) {
+        let Some(path) = &self.state else { return };
+        let objects: Vec<Value> = self
+            .objects
+            .iter()
+            .map(|((r, n, name), o)| json!([r, n, name, o]))
+            .collect();
+        let tmp = path.with_extension("tmp");
+        let text = json!({"rv": self.rv, "objects": objects}).to_string();
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+
+    /// The state `save` wrote, if `path` holds one.
+    fn load(path: &std::path::Path) -> Self {
+        let mut inner = Self {
+            state: Some(path.to_path_buf()),
+            ..Self::default()
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return inner;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            return inner;
+        };
+        inner.rv = v["rv"].as_u64().unwrap_or(0);
+        for o in v["objects"].as_array().into_iter().flatten() {
+            let part = |i: usize| o[i].as_str().unwrap_or_default().to_string();
+            inner
+                .objects
+                .insert((part(0), part(1), part(2)), o[3].clone());
+        }
+        inner
+    }
 }
 
 #[derive(Clone)]
@@ -179,6 +221,7 @@ impl Fake {
         } else {
             inner.objects.insert(key, object.clone());
         }
+        inner.save();
         let change = Change {
             rv,
             resource: t.resource.clone(),
@@ -482,7 +525,9 @@ pub fn request(
 }
 
 /// Serves the fake API on `addr` until the process ends (`weir-lab fake-apiserver ADDR`).
-pub fn serve(addr: SocketAddr) -> std::io::Result<()> {
+/// Serves at `addr`; with `state`, the objects are kept in that file and read back when the
+/// server starts again (an API server restart, whose clients' watches break and resume).
+pub fn serve(addr: SocketAddr, state: Option<&std::path::Path>) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -490,7 +535,7 @@ pub fn serve(addr: SocketAddr) -> std::io::Result<()> {
     rt.block_on(async move {
         let (tx, _) = broadcast::channel(4096);
         let fake = Fake {
-            inner: Arc::default(),
+            inner: Arc::new(Mutex::new(state.map(Inner::load).unwrap_or_default())),
             tx,
         };
         let app = Router::new().fallback(handle).with_state(fake);

@@ -33,10 +33,11 @@ fn main() -> ExitCode {
         Some("fake-apiserver") => {
             let addr = args.get(1).and_then(|a| a.parse().ok());
             let Some(addr) = addr else {
-                eprintln!("usage: weir-lab fake-apiserver IP:PORT");
+                eprintln!("usage: weir-lab fake-apiserver IP:PORT [STATE-FILE]");
                 return ExitCode::from(2);
             };
-            match weir_lab::fakeapi::serve(addr) {
+            let state = args.get(2).map(std::path::Path::new);
+            match weir_lab::fakeapi::serve(addr, state) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weir-lab fake-apiserver: {e}");

@@ -116,7 +116,11 @@ pub fn event_sink(
                 action: e.reason.into(),
                 secondary: None,
             };
-            if let Err(err) = recorder.publish(&ev, &svc.object_ref(&())).await {
+            let reference = svc.object_ref(&());
+            if let Err(err) =
+                super::bounded("publishing an Event", recorder.publish(&ev, &reference)).await
+                && !super::outage::is_down()
+            {
                 warn!(service = %e.service, error = %err, "publishing an Event failed");
             }
         }

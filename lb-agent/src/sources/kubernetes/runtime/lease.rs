@@ -108,13 +108,28 @@ pub fn decide(
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// `call`, or an error once [`CALL_TIMEOUT`] has passed.
-async fn bounded<T>(
+/// An API server that is away is reported to [`super::outage`]; the error is returned either
+/// way.
+pub(super) async fn bounded<T>(
     what: &str,
     call: impl Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("{what}: no answer within {CALL_TIMEOUT:?}")),
+        Ok(Ok(v)) => {
+            super::outage::ok();
+            Ok(v)
+        }
+        Ok(Err(e)) => {
+            if super::outage::is_outage(&e) {
+                super::outage::failed(what, &e);
+            }
+            Err(e.to_string())
+        }
+        Err(_) => {
+            let e = format!("{what}: no answer within {CALL_TIMEOUT:?}");
+            super::outage::failed(what, &e);
+            Err(e)
+        }
     }
 }
 
@@ -160,7 +175,8 @@ pub async fn lease_loop(
             Ok(l) => l,
             Err(e) => {
                 // Nothing learnt this round: a leader stays one until its renew deadline.
-                warn!(error = %e, "reading Lease {namespace}/{LEASE} failed");
+                // (An API server that is away is logged by `outage`.)
+                tracing::debug!(error = %e, "reading Lease {namespace}/{LEASE} failed");
                 let leads =
                     *leader.borrow() && last_renew.is_some_and(|t| t.elapsed() < RENEW_DEADLINE);
                 if !leads && *leader.borrow() {

@@ -4,11 +4,13 @@
 //! - [`translator`]: the desired state translated from the full stores after every change;
 //! - [`lease`]: the leader election (a `coordination.k8s.io` Lease);
 //! - [`events`]: Events on Services (health transitions, address problems);
+//! - [`outage`]: the API server's reachability, logged once per backoff step;
 //! - [`status`]: on the leader, the address work written to the Services' and IPPools'
 //!   status (server-side apply, field manager `weir`).
 
 mod events;
 mod lease;
+pub mod outage;
 mod status;
 mod translator;
 mod watchers;
@@ -69,6 +71,10 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
         }
         None => Config::infer().await.map_err(KubeError::NoCredentials)?,
     };
+    let mut config = config;
+    // A connection attempt to an API server that is away gives up soon (kube's default is
+    // 30 s); the watches' and the Lease's own retries take it from there.
+    config.connect_timeout = Some(CALL_TIMEOUT);
     Client::try_from(config).map_err(KubeError::Client)
 }
 

@@ -134,19 +134,20 @@ pub async fn address_loop(
                 }
                 let api: Api<Service> = Api::namespaced(client.clone(), ns);
                 let patch = status_patch(svc, &o, Timestamp::now());
-                match api
-                    .patch_status(
-                        name,
-                        &PatchParams::apply(MANAGER).force(),
-                        &Patch::Apply(&patch),
-                    )
-                    .await
+                let params = PatchParams::apply(MANAGER).force();
+                match bounded(
+                    "writing a Service status",
+                    api.patch_status(name, &params, &Patch::Apply(&patch)),
+                )
+                .await
                 {
                     Ok(_) => {
                         info!(service = %o.service, ingress = ?want, condition = ?want_cond, "Service status written");
                     }
                     Err(e) => {
-                        warn!(service = %o.service, error = %e, "writing the Service status failed; retried on the next change");
+                        if !outage::is_down() {
+                            warn!(service = %o.service, error = %e, "writing the Service status failed; retried on the next change");
+                        }
                     }
                 }
                 if let Some(c) = o.condition.as_ref().filter(|c| !c.ok) {
@@ -159,7 +160,10 @@ pub async fn address_loop(
                         action: "AllocateAddress".into(),
                         secondary: None,
                     };
-                    if let Err(e) = recorder.publish(&ev, &reference).await {
+                    if let Err(e) =
+                        bounded("publishing an Event", recorder.publish(&ev, &reference)).await
+                        && !outage::is_down()
+                    {
                         warn!(service = %o.service, error = %e, "publishing an Event failed");
                     }
                 }
@@ -231,13 +235,13 @@ pub(super) async fn write_pool_status(
             "apiVersion": "weir.dev/v1alpha1", "kind": "IPPool",
             "metadata": {"name": name}, "status": want,
         });
-        if let Err(e) = api
-            .patch_status(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
+        let params = PatchParams::apply(MANAGER).force();
+        if let Err(e) = bounded(
+            "writing an IPPool status",
+            api.patch_status(&name, &params, &Patch::Apply(&patch)),
+        )
+        .await
+            && !outage::is_down()
         {
             warn!(pool = %name, error = %e, "writing the IPPool status failed");
         }

@@ -125,6 +125,9 @@ where
 pub struct NamedSecrets {
     secrets: Arc<std::sync::Mutex<BTreeMap<String, Arc<Secret>>>>,
     ready: watch::Receiver<bool>,
+    /// Set by [`Stores::ready`] once the BGPPeers are listed: the reading starts then. (A
+    /// store's readiness wakes only one waiter, so this task does not wait on it too.)
+    peers_listed: Arc<watch::Sender<bool>>,
 }
 
 impl NamedSecrets {
@@ -132,8 +135,10 @@ impl NamedSecrets {
         self.secrets.locked().values().cloned().collect()
     }
 
-    /// Waits until the Secrets named when the BGPPeers were first listed have been read.
+    /// Waits until the Secrets named when the BGPPeers were first listed have been read
+    /// (call once the BGPPeers' store is ready).
     pub async fn wait_until_ready(&self) -> Result<(), KubeError> {
+        self.peers_listed.send_replace(true);
         let mut ready = self.ready.clone();
         // The sender never goes while the watches run; a dropped one means they stopped.
         ready
@@ -156,13 +161,15 @@ fn spawn_named_secrets(
     changed: watch::Sender<u64>,
 ) -> (NamedSecrets, JoinHandle<()>) {
     let (ready_tx, ready) = watch::channel(false);
+    let (listed_tx, mut listed) = watch::channel(false);
     let out = NamedSecrets {
         secrets: Arc::default(),
         ready,
+        peers_listed: Arc::new(listed_tx),
     };
     let secrets = out.secrets.clone();
     let task = tokio::spawn(async move {
-        if peers.wait_until_ready().await.is_err() {
+        if listed.wait_for(|l| *l).await.is_err() {
             return;
         }
         let mut read: Option<BTreeSet<String>> = None;
@@ -193,6 +200,10 @@ fn spawn_named_secrets(
                         now.insert(name.clone(), Arc::new(s));
                     }
                     Ok(Ok(None)) => {}
+                    Ok(Err(e)) if outage::is_outage(&e) => {
+                        ok = false;
+                        outage::failed("reading a Secret", &e);
+                    }
                     Ok(Err(e)) => {
                         ok = false;
                         if !std::mem::replace(&mut failing, true) {
@@ -201,9 +212,7 @@ fn spawn_named_secrets(
                     }
                     Err(_) => {
                         ok = false;
-                        if !std::mem::replace(&mut failing, true) {
-                            warn!(secret = %name, "reading a Secret timed out; retrying");
-                        }
+                        outage::failed("reading a Secret", &"no answer in time");
                     }
                 }
                 if !ok {
@@ -278,24 +287,26 @@ where
 {
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
+        watcher(api, watcher::Config::default()).backoff(outage::WatchBackoff::default()),
     );
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        let mut failing = false;
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => {
-                    if std::mem::take(&mut failing) {
-                        info!(kind, "watching works again");
-                    }
+                    outage::ok();
                     changed.send_modify(|n| *n += 1);
                 }
-                Err(e) => {
-                    if !std::mem::replace(&mut failing, true) {
-                        warn!(kind, error = %e, "watch failed; retrying with backoff");
+                Err(e) => match &e {
+                    watcher::Error::InitialListFailed(k)
+                    | watcher::Error::WatchStartFailed(k)
+                    | watcher::Error::WatchFailed(k)
+                        if !outage::is_outage(k) =>
+                    {
+                        warn!(kind, error = %e, "watch failed; retrying");
                     }
-                }
+                    _ => outage::failed(&format!("watching {kind}"), &e),
+                },
             }
         }
     })
