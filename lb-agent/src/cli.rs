@@ -214,6 +214,20 @@ pub fn render(services: &ServicesJson) -> String {
     if services.services.is_empty() {
         out.push_str("(no services)\n");
     }
+    for l in &services.left_out {
+        let _ = writeln!(
+            out,
+            "left out: {} ({}{}): {}",
+            l.name,
+            l.limit,
+            if l.kept_previous {
+                "; its previous version is served"
+            } else {
+                ""
+            },
+            l.reason
+        );
+    }
     out
 }
 

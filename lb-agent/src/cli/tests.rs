@@ -47,4 +47,18 @@ fn failing_and_failing_open_services_say_so() {
         }),
         format!("{}\n(no services)\n", HEADER.join("  "))
     );
+    // A service that does not fit the data plane is named below the table, with why.
+    let out = render(&ServicesJson {
+        services: vec![],
+        left_out: vec![crate::status::LeftOutJson {
+            name: "shop/huge".into(),
+            limit: "source_ranges".into(),
+            reason: "its 20000 source-range prefixes do not fit".into(),
+            kept_previous: true,
+        }],
+    });
+    assert!(
+        out.ends_with("left out: shop/huge (source_ranges; its previous version is served): its 20000 source-range prefixes do not fit\n"),
+        "{out}"
+    );
 }
