@@ -175,10 +175,13 @@ pub mod limits {
     pub const SNAT_TRIES: u32 = 16;
     /// A source-NAT port idle this long may be given to another flow: an open TCP
     /// connection's (one that vanished without FIN or RST), a closed one's (FIN both ways, or
-    /// RST: time for the last ACK and retransmissions, like conntrack's TIME_WAIT/CLOSE), and
-    /// UDP's (conntrack's UDP timeout).
+    /// RST: time for the last ACK and retransmissions, like conntrack's TIME_WAIT/CLOSE), a
+    /// half-open one's (below), and UDP's (conntrack's UDP timeout).
     pub const SNAT_TCP_IDLE_NS: u64 = 3600 * 1_000_000_000;
     pub const SNAT_TCP_CLOSED_IDLE_NS: u64 = 10 * 1_000_000_000;
+    /// A half-open TCP flow's (only the client's SYN seen, like conntrack's SYN_SENT and
+    /// SYN_RECV, but seconds: a SYN flood must not hold ports for an hour).
+    pub const SNAT_TCP_HALF_OPEN_IDLE_NS: u64 = 10 * 1_000_000_000;
     pub const SNAT_OTHER_IDLE_NS: u64 = 30 * 1_000_000_000;
     /// How stale a source-NAT entry's last-used time may get before a packet refreshes it (so
     /// that busy flows write the shared entry about once a second, not on every packet).
@@ -408,9 +411,16 @@ pub mod snat_tcp {
     /// FIN from the backend.
     pub const FIN_REPLY: u32 = 2;
     pub const RST: u32 = 4;
+    /// The client acknowledged (an ACK without SYN from the client): the handshake is done.
+    pub const ACKED: u32 = 8;
     /// The connection is over: its port may be given away after `SNAT_TCP_CLOSED_IDLE_NS`.
     pub const fn closed(state: u32) -> bool {
         state & RST != 0 || state & (FIN_FORWARD | FIN_REPLY) == FIN_FORWARD | FIN_REPLY
+    }
+    /// Only a SYN so far (a handshake in progress, or a spoofed SYN that never completes):
+    /// its port may be given away after `SNAT_TCP_HALF_OPEN_IDLE_NS`.
+    pub const fn half_open(state: u32) -> bool {
+        state & (ACKED | RST | FIN_FORWARD | FIN_REPLY) == 0
     }
 }
 const _: () = assert!(size_of::<SnatValue>() == 96);
@@ -433,7 +443,9 @@ pub struct SnatScratch {
     pub backend_id: u32,
     pub backend_generation: u32,
     pub port_be: u16,
-    pub _pad: [u8; 6],
+    /// For `FORWARD`: the packet's TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<SnatScratch>() == 200);
 

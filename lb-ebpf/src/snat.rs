@@ -7,7 +7,8 @@
 //! port), one entry per flow. A port is chosen by hashing the client's flow into the range and
 //! probing up to `SNAT_TRIES` ports; an entry is taken with `BPF_NOEXIST`, so two CPUs never
 //! hand one (backend endpoint, port) to two flows. A port whose entry has been idle longer than
-//! the protocol's idle time may be given to another flow; the flow's connection-table entry
+//! the protocol's idle time may be given to another flow (for TCP: 10 s once closed or while
+//! only a SYN was seen, an hour once the client acknowledged); the flow's connection-table entry
 //! remembers its port, and a packet of a flow whose entry is gone (evicted or taken) gets a
 //! port again.
 //!
@@ -145,6 +146,8 @@ pub fn program(ctx: &XdpContext) -> u32 {
     sc.key.family = l3.family;
     sc.key._pad = [0; 2];
     let old_port = sc.port_be;
+    let flags = tcp_flags(ctx, &l3);
+    sc.tcp_flags = flags;
     let port = port_for(sc);
     if port == 0 {
         return fail();
@@ -152,7 +155,6 @@ pub fn program(ctx: &XdpContext) -> u32 {
     if port != old_port {
         lookup::set_snat_port(&sc.flow, port);
     }
-    let flags = tcp_flags(ctx, &l3);
     if flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         sc.key.dport_be = port;
         if let Some(v) = SNAT.get_ptr_mut(&sc.key) {
@@ -196,6 +198,8 @@ fn idle_ns(l4_proto: u8, tcp_state: u32) -> u64 {
         limits::SNAT_OTHER_IDLE_NS
     } else if snat_tcp::closed(tcp_state) {
         limits::SNAT_TCP_CLOSED_IDLE_NS
+    } else if snat_tcp::half_open(tcp_state) {
+        limits::SNAT_TCP_HALF_OPEN_IDLE_NS
     } else {
         limits::SNAT_TCP_IDLE_NS
     }
@@ -205,6 +209,12 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+
+/// Whether a client's TCP flags `f` acknowledge without starting over (an ACK, no SYN).
+#[inline(always)]
+const fn acks(f: u8) -> bool {
+    f & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK
+}
 
 /// The TCP flags of `l3`'s packet (0 for other protocols).
 #[inline(always)]
@@ -261,7 +271,11 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     {
         let v = unsafe { &mut *v };
         if v.backend_id == sc.backend_id && same_flow(v, &sc.flow) {
-            if now.wrapping_sub(v.last_ns) > limits::SNAT_REFRESH_NS {
+            if acks(sc.tcp_flags) && v.tcp_state & snat_tcp::ACKED == 0 {
+                // The handshake completes: the port is the flow's for the long idle time.
+                v.tcp_state |= snat_tcp::ACKED;
+                v.last_ns = now;
+            } else if now.wrapping_sub(v.last_ns) > limits::SNAT_REFRESH_NS {
                 v.last_ns = now;
             }
             return sc.port_be;
@@ -288,7 +302,12 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     sc.value.vport_be = sc.flow.dport_be;
     sc.value.service_id = sc.service_id;
     sc.value.backend_id = sc.backend_id;
-    sc.value.tcp_state = 0;
+    // A flow met mid-stream (its entry was lost) is past its handshake.
+    sc.value.tcp_state = if acks(sc.tcp_flags) {
+        snat_tcp::ACKED
+    } else {
+        0
+    };
     sc.value.reply_hop.ifindex = 0;
     sc.value.last_ns = now;
 

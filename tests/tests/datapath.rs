@@ -1307,9 +1307,11 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         let (v, _) = env.xdp(&Pkt::udp(CLIENT4, 48100, REMOTE_VIP4, 53, b"q").bytes());
         assert_eq!(v, XDP_REDIRECT);
 
-        // Closed connections give their ports back once idle for 10 s; an open one keeps its
-        // port for an hour. Flow 48003 closes with FIN both ways, 48004 with a client RST,
-        // 48005 stays open; then each entry is made 11 s older than it is.
+        // Closed connections give their ports back once idle for 10 s, and so do half-open
+        // ones (only a SYN seen: a SYN flood must not hold ports for an hour); an
+        // acknowledged one keeps its port for an hour. Flow 48003 closes with FIN both ways,
+        // 48004 with a client RST, 48005 completes its handshake (the client's ACK), 48006
+        // stays at its SYN; then each entry is made 11 s older than it is.
         let fin = tcp_flags(&Pkt::tcp(CLIENT4, 48003, REMOTE_VIP4, 80).bytes(), 0x11);
         assert_eq!(env.xdp(&fin).0, XDP_REDIRECT);
         let reply = Pkt::tcp("198.18.1.12", 8080, NODE4, port_of[&48003]).bytes();
@@ -1320,7 +1322,9 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         );
         let rst = tcp_flags(&Pkt::tcp(CLIENT4, 48004, REMOTE_VIP4, 80).bytes(), 0x04);
         assert_eq!(env.xdp(&rst).0, XDP_REDIRECT);
-        for client_port in [48003, 48004, 48005] {
+        let ack = tcp_flags(&Pkt::tcp(CLIENT4, 48005, REMOTE_VIP4, 80).bytes(), 0x10);
+        assert_eq!(env.xdp(&ack).0, XDP_REDIRECT);
+        for client_port in [48003, 48004, 48005, 48006] {
             let key = flow_key(
                 sock("198.18.1.12", 8080),
                 sock(NODE4, port_of[&client_port]),
@@ -1328,22 +1332,28 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
             );
             let mut v = env.dp.maps.snat.get(&key, 0).expect("the flow's entry");
             let closed = lb_common::snat_tcp::closed(v.tcp_state);
-            assert_eq!(closed, client_port != 48005, "{client_port}: {v:?}");
+            let half_open = lb_common::snat_tcp::half_open(v.tcp_state);
+            assert_eq!(
+                closed,
+                [48003, 48004].contains(&client_port),
+                "{client_port}: {v:?}"
+            );
+            assert_eq!(half_open, client_port == 48006, "{client_port}: {v:?}");
             v.last_ns -= 11_000_000_000;
             env.dp.maps.snat.insert(key, v, 0).unwrap();
         }
         let mut reused = std::collections::BTreeSet::new();
-        for client_port in [48200, 48201] {
+        for client_port in [48200, 48201, 48202] {
             let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, client_port, REMOTE_VIP4, 80).bytes());
-            assert_eq!(v, XDP_REDIRECT, "{client_port} gets a closed flow's port");
+            assert_eq!(v, XDP_REDIRECT, "{client_port} gets an idle flow's port");
             reused.insert(ends(&out).0.port());
         }
         assert_eq!(
             reused,
-            std::collections::BTreeSet::from([port_of[&48003], port_of[&48004]])
+            std::collections::BTreeSet::from([port_of[&48003], port_of[&48004], port_of[&48006]])
         );
-        let (v, _) = env.xdp(&Pkt::tcp(CLIENT4, 48202, REMOTE_VIP4, 80).bytes());
-        assert_eq!(v, XDP_DROP, "the open flow keeps its port");
+        let (v, _) = env.xdp(&Pkt::tcp(CLIENT4, 48203, REMOTE_VIP4, 80).bytes());
+        assert_eq!(v, XDP_DROP, "the acknowledged flow keeps its port");
     });
 }
 

@@ -1497,17 +1497,9 @@ fn kube_proxy_replacement_serves_every_service_type() {
     apiserver.kill();
 }
 
-/// One Service over a data-plane limit must not freeze the others: a Service with 20 000
-/// source ranges (the data plane holds 16 384 over all Services) and one whose endpoint sits
-/// behind 17 frontends (at most 16) are left out — reported in the API, as a metric and as
-/// Events — while another Service keeps changing and a new one is programmed. Before, either
-/// made every apply fail and roll back, on every node.
-#[test]
-fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing() {
-    weir_lab::netns::require_root();
-    let mut lab = Lab::new(3);
-    lab.start_servers(server_bin());
-    let _apiserver = start_apiserver(&lab.lb);
+/// The objects most tests start from: the Node `lb-node`, the IPPool `lab`
+/// (198.18.100.0/28), and the Service `shop/web` over every lab backend; the backends.
+fn seed_web(lab: &Lab) -> Vec<IpAddr> {
     create(
         &lab.lb,
         "/api/v1/nodes",
@@ -1519,10 +1511,41 @@ fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing(
         json!({"metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.100.0/28"], "avoidBuggyIPs": true}}),
     );
     let b: Vec<IpAddr> = lab.backends.iter().map(|b| b.v4).collect();
+    create(
+        &lab.lb,
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        slice(&b),
+    );
+    create(
+        &lab.lb,
+        "/api/v1/namespaces/shop/services",
+        service("web", json!({})),
+    );
+    b
+}
+
+/// `shop/web`'s address (port 80), once its status has one.
+fn web_vip(lab: &Lab) -> SocketAddr {
+    let ip = wait_for(Duration::from_secs(10), "web's address", || {
+        service_status(&lab.lb, "web").0.first().cloned()
+    });
+    SocketAddr::new(ip.parse().unwrap(), 80)
+}
+
+/// One Service over a data-plane limit must not freeze the others: a Service with 20 000
+/// source ranges (the data plane holds 16 384 over all Services) and one whose endpoint sits
+/// behind 17 frontends (at most 16) are left out — reported in the API, as a metric and as
+/// Events — while another Service keeps changing and a new one is programmed. Before, either
+/// made every apply fail and roll back, on every node.
+#[test]
+fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing() {
+    weir_lab::netns::require_root();
+    let mut lab = Lab::new(3);
+    lab.start_servers(server_bin());
+    let _apiserver = start_apiserver(&lab.lb);
+    let b = seed_web(&lab);
     let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
     let services = "/api/v1/namespaces/shop/services";
-    create(&lab.lb, slices, slice(&b));
-    create(&lab.lb, services, service("web", json!({})));
 
     // 20 000 /32 source ranges inside 198.18.0.0/15.
     let ranges: Vec<String> = (0..20_000u32)
@@ -1620,12 +1643,7 @@ fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing(
         });
         assert_eq!(ev["type"], "Warning", "{ev}");
     }
-    let vip: SocketAddr = wait_for(Duration::from_secs(10), "web's address", || {
-        service_status(&lab.lb, "web").0.first().cloned()
-    })
-    .parse::<IpAddr>()
-    .map(|ip| SocketAddr::new(ip, 80))
-    .unwrap();
+    let vip = web_vip(&lab);
     assert_eq!(backends_of(&lab, vip, 28_000..28_060).len(), 3);
 
     // The others keep changing: b3 leaves web, and a new Service is programmed.
@@ -1694,31 +1712,10 @@ fn an_api_server_outage_is_logged_once_per_step_and_noticed_back_quickly() {
     lab.start_servers(server_bin());
     let state = lab.dir.path.join("apiserver.json");
     let mut apiserver = start_apiserver_with_state(&lab.lb, Some(&state));
-    create(
-        &lab.lb,
-        "/api/v1/nodes",
-        json!({"metadata": {"name": "lb-node"}}),
-    );
-    create(
-        &lab.lb,
-        "/apis/weir.dev/v1alpha1/ippools",
-        json!({"metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.100.0/28"], "avoidBuggyIPs": true}}),
-    );
-    let b: Vec<IpAddr> = lab.backends.iter().map(|b| b.v4).collect();
+    let b = seed_web(&lab);
     let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
-    create(&lab.lb, slices, slice(&b));
-    create(
-        &lab.lb,
-        "/api/v1/namespaces/shop/services",
-        service("web", json!({})),
-    );
     let agent = start_lb_node_agent(&lab, &[]);
-    let vip: SocketAddr = wait_for(Duration::from_secs(10), "web's address", || {
-        service_status(&lab.lb, "web").0.first().cloned()
-    })
-    .parse::<IpAddr>()
-    .map(|ip| SocketAddr::new(ip, 80))
-    .unwrap();
+    let vip = web_vip(&lab);
     wait_for(Duration::from_secs(10), "web served", || {
         lab.client
             .run_in(|| clients::http_get(None, vip, "/", T).ok())
