@@ -69,6 +69,7 @@ pub mod maps {
     pub const L2_LEASE: &str = "L2_LEASE";
     pub const REVNAT_FRAGS: &str = "REVNAT_FRAGS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const HALF_OPEN: &str = "HALF_OPEN";
 
     /// The maps that hold state worth keeping when the agent restarts: pinned under bpffs,
     /// adopted by the next agent. The others (tail-call arrays, per-CPU scratch space) belong
@@ -144,6 +145,10 @@ pub mod limits {
     pub const MAX_FLOWS: u32 = 262_144;
     /// Default size of the ClientIP affinity table.
     pub const MAX_AFFINITY: u32 = 65536;
+    /// Size of the half-open table (`HALF_OPEN`) at the default connection table size: a
+    /// quarter of it (the agent keeps that ratio, at least `MIN_HALF_OPEN`).
+    pub const MAX_HALF_OPEN: u32 = MAX_FLOWS / 4;
+    pub const MIN_HALF_OPEN: u32 = 1024;
     /// Default number of source-range prefixes over all services.
     pub const MAX_SOURCE_RANGES: u32 = 16384;
     /// Entries in the VIP pre-filter: 2^VIP_FILTER_BITS.
@@ -291,7 +296,15 @@ pub struct FlowValue {
     pub service_id: u32,
     /// The flow's source-NAT port (the node address is `SNAT_CONFIG`'s); 0: not source-NATed.
     pub snat_port_be: u16,
-    pub _pad: u16,
+    /// `flow_flags::*`.
+    pub flags: u16,
+}
+
+/// `FlowValue::flags`.
+pub mod flow_flags {
+    /// In `HALF_OPEN` because the connection is over (a client's RST), not because its
+    /// handshake is in progress: it is not moved back to `CONNTRACK`.
+    pub const CLOSING: u16 = 1;
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
 
@@ -691,6 +704,10 @@ pub mod datapath_stat {
     /// A reply of a source-NATed flow whose entry went away between the lookup and the
     /// rewrite (evicted or taken by another flow).
     pub const UNTRANSLATED_SNAT_GONE: usize = 13;
+    /// New TCP flows that entered `HALF_OPEN` (a SYN without ACK).
+    pub const FLOW_HALF_OPEN: usize = 14;
+    /// Half-open flows that completed their handshake and moved to `CONNTRACK`.
+    pub const FLOW_PROMOTED: usize = 15;
     pub const SLOTS: usize = 16;
     /// The `UNTRANSLATED_*` slots with their metric label.
     pub const UNTRANSLATED: [(usize, &str); 3] = [

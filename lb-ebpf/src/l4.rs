@@ -52,8 +52,13 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
     }
     let too_long = l3.proto == proto::SCTP && l4_len > limits::MAX_SCTP_LEN as usize;
     let flow = l3.flow(sport, dport);
+    let flags = if l3.proto == proto::TCP {
+        ptr_at::<u8>(data, end, l3.l4_off + 13).map_or(0, |f| unsafe { *f })
+    } else {
+        0
+    };
     // An established flow needs one lookup; only new (or re-steered) flows look up the service.
-    let (service_id, backend_id, backend, snat_port) = match lookup::established(&flow) {
+    let (service_id, backend_id, backend, snat_port) = match lookup::established(&flow, flags) {
         lookup::Established::Hit(s, b, backend, port) => {
             if too_long {
                 return drop(s, drop_reason::SCTP_TOO_LONG);
@@ -80,7 +85,7 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
             if too_long {
                 return drop(svc.id, drop_reason::SCTP_TOO_LONG);
             }
-            let Some((b, backend)) = lookup::new_flow(&svc, &flow) else {
+            let Some((b, backend)) = lookup::new_flow(&svc, &flow, flags) else {
                 return drop(svc.id, drop_reason::NO_BACKEND);
             };
             if matches!(other, lookup::Established::Stale) {

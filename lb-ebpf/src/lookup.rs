@@ -4,13 +4,14 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns};
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, FlowKey, FlowValue, ServiceKey, ServiceValue,
-    SourceRangeData, VipKey, backend_flags, datapath_stat,
+    SourceRangeData, VipKey, backend_flags, datapath_stat, flow_flags,
     hash::{client_hash, flow_hash},
-    service_flags, source_range_prefix, vip_filter_index,
+    proto, service_flags, source_range_prefix, vip_filter_index,
 };
 
 use crate::{
-    AFFINITY, BACKENDS, CONNTRACK, MAGLEV, SERVICES, SOURCE_RANGES, VIP_FILTER, VIPS, stats,
+    AFFINITY, BACKENDS, CONNTRACK, HALF_OPEN, MAGLEV, SERVICES, SOURCE_RANGES, VIP_FILTER, VIPS,
+    stats,
 };
 
 /// One inlined array read: false means `dst` is certainly not a VIP.
@@ -96,16 +97,79 @@ pub enum Established {
     Miss,
 }
 
+/// TCP flags, as `tcp_flags` reads them.
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+
+    /// A connection's first packet: SYN without ACK.
+    #[inline(always)]
+    pub const fn opens(f: u8) -> bool {
+        f & (SYN | ACK | RST) == SYN
+    }
+
+    /// A client's packet past the handshake: ACK without SYN or RST.
+    #[inline(always)]
+    pub const fn acks(f: u8) -> bool {
+        f & (ACK | SYN | RST) == ACK
+    }
+}
+
+/// The connection-table entry of `flow` (TCP flags `flags`, 0 for other protocols): in
+/// `CONNTRACK`, else in `HALF_OPEN`, where a handshake's entry moves to `CONNTRACK` with the
+/// client's first ACK, and where a client's RST moves an established one.
 #[inline(always)]
-pub fn established(flow: &FlowKey) -> Established {
-    let Some(ct) = CONNTRACK.get_ptr(flow) else {
-        return Established::Miss;
+pub fn established(flow: &FlowKey, flags: u8) -> Established {
+    let ct = match CONNTRACK.get_ptr(flow) {
+        Some(ct) => {
+            let ct = unsafe { *ct };
+            if flags & tcp::RST != 0 {
+                // Over: its entry goes where a flood pushes out entries first.
+                let closing = FlowValue {
+                    flags: ct.flags | flow_flags::CLOSING,
+                    ..ct
+                };
+                let _ = HALF_OPEN.insert(flow, closing, 0);
+                let _ = CONNTRACK.remove(flow);
+            }
+            ct
+        }
+        None => {
+            if flow.proto != proto::TCP {
+                return Established::Miss;
+            }
+            let Some(h) = HALF_OPEN.get_ptr(flow) else {
+                return Established::Miss;
+            };
+            let h = unsafe { *h };
+            if h.flags & flow_flags::CLOSING == 0 && tcp::acks(flags) {
+                let _ = CONNTRACK.insert(flow, h, 0);
+                let _ = HALF_OPEN.remove(flow);
+                stats::datapath(datapath_stat::FLOW_PROMOTED);
+            }
+            h
+        }
     };
-    let ct = unsafe { *ct };
     match live_backend(ct.backend_id, ct.backend_generation) {
         Some(b) => Established::Hit(ct.service_id, ct.backend_id, b, ct.snat_port_be),
         None => Established::Stale,
     }
+}
+
+/// The entry of `flow` in `CONNTRACK` or `HALF_OPEN`, for reading.
+#[inline(always)]
+pub fn flow_entry(flow: &FlowKey) -> Option<FlowValue> {
+    if let Some(ct) = CONNTRACK.get_ptr(flow) {
+        return Some(unsafe { *ct });
+    }
+    if flow.proto == proto::TCP
+        && let Some(h) = HALF_OPEN.get_ptr(flow)
+    {
+        return Some(unsafe { *h });
+    }
+    None
 }
 
 /// Backend for a flow without a usable connection-table entry: the affinity entry while it is
@@ -164,16 +228,23 @@ pub fn pick_for(
 /// connection table (whose entry also tells reverse NAT that the replies are the flow's; a
 /// source-NATed flow's port is added by `snat`).
 #[inline(always)]
-pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
+pub fn new_flow(svc: &ServiceValue, flow: &FlowKey, flags: u8) -> Option<(u32, BackendValue)> {
     let (id, b) = pick(svc, flow)?;
     let ct = FlowValue {
         backend_id: id,
         backend_generation: b.generation,
         service_id: svc.id,
         snat_port_be: 0,
-        _pad: 0,
+        flags: 0,
     };
-    let _ = CONNTRACK.insert(flow, ct, 0);
+    // A TCP handshake waits in `HALF_OPEN` for the client's ACK; anything else (UDP, SCTP, a
+    // TCP flow met mid-stream) is established at once.
+    if flow.proto == proto::TCP && tcp::opens(flags) {
+        let _ = HALF_OPEN.insert(flow, ct, 0);
+        stats::datapath(datapath_stat::FLOW_HALF_OPEN);
+    } else {
+        let _ = CONNTRACK.insert(flow, ct, 0);
+    }
     stats::new_flow(svc.id, id);
     Some((id, b))
 }
@@ -182,11 +253,10 @@ pub fn new_flow(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue
 /// ICMP errors about the flow.
 #[inline(always)]
 pub fn flow_backend(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendValue)> {
-    if let Some(ct) = CONNTRACK.get_ptr(flow) {
-        let ct = unsafe { *ct };
-        if let Some(b) = live_backend(ct.backend_id, ct.backend_generation) {
-            return Some((ct.backend_id, b));
-        }
+    if let Some(ct) = flow_entry(flow)
+        && let Some(b) = live_backend(ct.backend_id, ct.backend_generation)
+    {
+        return Some((ct.backend_id, b));
     }
     let h = if svc.flags & service_flags::AFFINITY != 0 {
         client_hash(&flow.src)
@@ -207,5 +277,7 @@ pub fn flow_backend(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, BackendV
 pub fn set_snat_port(flow: &FlowKey, port_be: u16) {
     if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
         unsafe { (*ct).snat_port_be = port_be };
+    } else if let Some(h) = HALF_OPEN.get_ptr_mut(flow) {
+        unsafe { (*h).snat_port_be = port_be };
     }
 }

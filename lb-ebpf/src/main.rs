@@ -75,6 +75,15 @@ static MAGLEV: ArrayOfMaps<
 #[btf_map]
 static CONNTRACK: LruHashMap<FlowKey, FlowValue, MAX_FLOWS, PER_CPU_LRU> = LruHashMap::new();
 
+/// TCP flows whose handshake is in progress (only the client's SYN seen) or that a client's
+/// RST ended: a table of their own, so that a SYN flood churns this one and never pushes an
+/// established connection out of `CONNTRACK`. A flow moves to `CONNTRACK` with the client's
+/// first ACK. Not pinned: a handshake that loses its entry is steered again, to the same
+/// backend while the backend set is unchanged.
+#[btf_map]
+static HALF_OPEN: LruHashMap<FlowKey, FlowValue, { limits::MAX_HALF_OPEN as usize }, PER_CPU_LRU> =
+    LruHashMap::new();
+
 /// Backend endpoint → the frontends it serves (see `lb_common::EndpointValue`).
 #[btf_map]
 static ENDPOINTS: HashMap<EndpointKey, EndpointValue, MAX_BACKENDS> = HashMap::new();

@@ -31,7 +31,7 @@ use lb_common::{
 };
 
 use crate::{
-    CONNTRACK, ENDPOINTS, REVNAT_FRAG_KEY, REVNAT_FRAGS, nat,
+    ENDPOINTS, REVNAT_FRAG_KEY, REVNAT_FRAGS, nat,
     parse::{self, L3, L3Result, Ports, ptr_at},
     sctp, stats,
 };
@@ -234,8 +234,9 @@ fn reply_of(l3: &L3, sport: u16, dport: u16) -> Option<EndpointFrontend> {
             family: l3.family,
             _pad: [0; 2],
         };
-        if let Some(ct) = CONNTRACK.get_ptr(flow)
-            && unsafe { (*ct).backend_id } == f.backend_id
+        // A handshake's reply (SYN-ACK) finds its flow in `HALF_OPEN`.
+        if let Some(ct) = crate::lookup::flow_entry(&flow)
+            && ct.backend_id == f.backend_id
         {
             return Some(f);
         }

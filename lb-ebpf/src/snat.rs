@@ -205,16 +205,7 @@ fn idle_ns(l4_proto: u8, tcp_state: u32) -> u64 {
     }
 }
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-
-/// Whether a client's TCP flags `f` acknowledge without starting over (an ACK, no SYN).
-#[inline(always)]
-const fn acks(f: u8) -> bool {
-    f & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK
-}
+use lookup::tcp::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN, acks};
 
 /// The TCP flags of `l3`'s packet (0 for other protocols).
 #[inline(always)]

@@ -63,6 +63,10 @@ pub fn estimate(limits: &DataplaneLimits, ncpus: u32) -> Vec<(&'static str, u64)
             hash::<FlowKey, FlowValue>(limits.conntrack_size),
         ),
         (
+            maps::HALF_OPEN,
+            hash::<FlowKey, FlowValue>(super::ebpf::half_open_size(limits)),
+        ),
+        (
             maps::SNAT,
             hash::<FlowKey, SnatValue>(limits.conntrack_size),
         ),

@@ -506,6 +506,19 @@ impl Collector for TrafficCollector {
             "affinity_hits",
             "New flows steered by a fresh ClientIP affinity entry",
         )?)?;
+        ConstCounter::new(t.datapath[datapath_stat::FLOW_HALF_OPEN]).encode(counter(
+            &mut encoder,
+            "conntrack_half_open",
+            "New TCP flows that entered the half-open table (a SYN); a SYN flood shows here, \
+             and churns that table only",
+        )?)?;
+        ConstCounter::new(t.datapath[datapath_stat::FLOW_PROMOTED]).encode(counter(
+            &mut encoder,
+            "conntrack_promoted",
+            "Half-open TCP flows whose handshake completed (the client's ACK) and that moved to \
+             the connection table; half_open minus promoted is roughly the handshakes never \
+             completed",
+        )?)?;
         ConstCounter::new(t.errors).encode(counter(
             &mut encoder,
             "stats_read_errors",

@@ -170,8 +170,14 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
     }
 }
 
+/// The half-open table's size: a quarter of the connection table's, at least
+/// `MIN_HALF_OPEN`.
+pub fn half_open_size(limits: &DataplaneLimits) -> u32 {
+    (limits.conntrack_size / 4).max(lb_common::limits::MIN_HALF_OPEN)
+}
+
 /// The capacities the agent gives the maps (the others keep the object's).
-fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 11] {
+fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 12] {
     [
         // A service of both scopes has two keys.
         (maps::SERVICES, limits.max_services.saturating_mul(2)),
@@ -181,6 +187,7 @@ fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 11] {
         (maps::BACKEND_STATS, limits.max_backends),
         (maps::NEXTHOPS, limits.max_backends),
         (maps::CONNTRACK, limits.conntrack_size),
+        (maps::HALF_OPEN, half_open_size(limits)),
         (maps::SNAT, limits.conntrack_size),
         (maps::SOCK_REVNAT, limits.conntrack_size),
         (maps::ENDPOINTS, limits.max_backends),

@@ -40,6 +40,8 @@ pub struct EbpfMaps {
     pub(super) backend_stats: PerCpuArray<MapData, BackendStats>,
     pub(super) datapath_stats: PerCpuArray<MapData, DatapathStats>,
     pub conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    /// TCP handshakes in progress and connections a client's RST ended (not pinned).
+    pub half_open: HashMap<MapData, FlowKey, FlowValue>,
     pub(super) endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub snat: HashMap<MapData, FlowKey, SnatValue>,
@@ -101,6 +103,7 @@ impl EbpfMaps {
             backend_stats: typed!(ebpf, maps::BACKEND_STATS),
             datapath_stats: typed!(ebpf, maps::DATAPATH_STATS),
             conntrack: typed!(ebpf, maps::CONNTRACK),
+            half_open: typed!(ebpf, maps::HALF_OPEN),
             endpoints: typed!(ebpf, maps::ENDPOINTS),
             affinity: typed!(ebpf, maps::AFFINITY),
             snat: typed!(ebpf, maps::SNAT),
