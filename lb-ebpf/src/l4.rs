@@ -85,10 +85,11 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
             if too_long {
                 return drop(svc.id, drop_reason::SCTP_TOO_LONG);
             }
-            let Some((b, backend)) = lookup::new_flow(&svc, &flow, flags) else {
+            let stale = matches!(other, lookup::Established::Stale);
+            let Some((b, backend)) = lookup::new_flow(&svc, &flow, flags, stale) else {
                 return drop(svc.id, drop_reason::NO_BACKEND);
             };
-            if matches!(other, lookup::Established::Stale) {
+            if stale {
                 stats::datapath(datapath_stat::FLOW_RESTEERED);
             }
             (svc.id, b, backend, 0)

@@ -158,6 +158,20 @@ pub fn established(flow: &FlowKey, flags: u8) -> Established {
     }
 }
 
+/// Whether `flow` has an entry on backend `backend_id` in `CONNTRACK` or `HALF_OPEN`.
+#[inline(always)]
+pub fn flow_on(flow: &FlowKey, backend_id: u32) -> bool {
+    if let Some(ct) = CONNTRACK.get_ptr(flow)
+        && unsafe { (*ct).backend_id } == backend_id
+    {
+        return true;
+    }
+    flow.proto == proto::TCP
+        && HALF_OPEN
+            .get_ptr(flow)
+            .is_some_and(|h| unsafe { (*h).backend_id } == backend_id)
+}
+
 /// The entry of `flow` in `CONNTRACK` or `HALF_OPEN`, for reading.
 #[inline(always)]
 pub fn flow_entry(flow: &FlowKey) -> Option<FlowValue> {
@@ -228,7 +242,13 @@ pub fn pick_for(
 /// connection table (whose entry also tells reverse NAT that the replies are the flow's; a
 /// source-NATed flow's port is added by `snat`).
 #[inline(always)]
-pub fn new_flow(svc: &ServiceValue, flow: &FlowKey, flags: u8) -> Option<(u32, BackendValue)> {
+/// `stale`: the flow had an entry whose backend is gone (in either table), which is replaced.
+pub fn new_flow(
+    svc: &ServiceValue,
+    flow: &FlowKey,
+    flags: u8,
+    stale: bool,
+) -> Option<(u32, BackendValue)> {
     let (id, b) = pick(svc, flow)?;
     let ct = FlowValue {
         backend_id: id,
@@ -240,9 +260,16 @@ pub fn new_flow(svc: &ServiceValue, flow: &FlowKey, flags: u8) -> Option<(u32, B
     // A TCP handshake waits in `HALF_OPEN` for the client's ACK; anything else (UDP, SCTP, a
     // TCP flow met mid-stream) is established at once.
     if flow.proto == proto::TCP && tcp::opens(flags) {
+        if stale {
+            // Its old entry must not hide this one from the lookups that read CONNTRACK first.
+            let _ = CONNTRACK.remove(flow);
+        }
         let _ = HALF_OPEN.insert(flow, ct, 0);
         stats::datapath(datapath_stat::FLOW_HALF_OPEN);
     } else {
+        if stale {
+            let _ = HALF_OPEN.remove(flow);
+        }
         let _ = CONNTRACK.insert(flow, ct, 0);
     }
     stats::new_flow(svc.id, id);

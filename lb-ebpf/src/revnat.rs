@@ -235,9 +235,7 @@ fn reply_of(l3: &L3, sport: u16, dport: u16) -> Option<EndpointFrontend> {
             _pad: [0; 2],
         };
         // A handshake's reply (SYN-ACK) finds its flow in `HALF_OPEN`.
-        if let Some(ct) = crate::lookup::flow_entry(&flow)
-            && ct.backend_id == f.backend_id
-        {
+        if crate::lookup::flow_on(&flow, f.backend_id) {
             return Some(f);
         }
     }
