@@ -185,29 +185,9 @@ fn a_load_balancer_service_gets_an_address_and_carries_traffic() {
     let mut lab = Lab::new(3);
     lab.start_servers(server_bin());
     let mut apiserver = start_apiserver(&lab.lb);
-    create(
-        &lab.lb,
-        "/api/v1/nodes",
-        json!({"metadata": {"name": "lb-node"}}),
-    );
-    create(
-        &lab.lb,
-        "/apis/weir.dev/v1alpha1/ippools",
-        json!({"metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.100.0/28"], "avoidBuggyIPs": true}}),
-    );
-    let b: Vec<IpAddr> = lab.backends.iter().map(|b| b.v4).collect();
-    create(
-        &lab.lb,
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
-        slice(&b),
-    );
-    create(
-        &lab.lb,
-        "/api/v1/namespaces/shop/services",
-        service(
-            "web",
-            json!({"weir.dev/health-check": "http", "weir.dev/health-check-path": "/healthz"}),
-        ),
+    let b = seed_web(
+        &lab,
+        json!({"weir.dev/health-check": "http", "weir.dev/health-check-path": "/healthz"}),
     );
 
     let agent = start_lb_node_agent(&lab, &[]);
@@ -1498,8 +1478,9 @@ fn kube_proxy_replacement_serves_every_service_type() {
 }
 
 /// The objects most tests start from: the Node `lb-node`, the IPPool `lab`
-/// (198.18.100.0/28), and the Service `shop/web` over every lab backend; the backends.
-fn seed_web(lab: &Lab) -> Vec<IpAddr> {
+/// (198.18.100.0/28), and the Service `shop/web` (with `annotations`) over every lab backend;
+/// the backends.
+fn seed_web(lab: &Lab, annotations: Value) -> Vec<IpAddr> {
     create(
         &lab.lb,
         "/api/v1/nodes",
@@ -1519,7 +1500,7 @@ fn seed_web(lab: &Lab) -> Vec<IpAddr> {
     create(
         &lab.lb,
         "/api/v1/namespaces/shop/services",
-        service("web", json!({})),
+        service("web", annotations),
     );
     b
 }
@@ -1543,7 +1524,7 @@ fn a_service_over_a_data_plane_limit_is_left_out_while_the_others_keep_changing(
     let mut lab = Lab::new(3);
     lab.start_servers(server_bin());
     let _apiserver = start_apiserver(&lab.lb);
-    let b = seed_web(&lab);
+    let b = seed_web(&lab, json!({}));
     let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
     let services = "/api/v1/namespaces/shop/services";
 
@@ -1712,7 +1693,7 @@ fn an_api_server_outage_is_logged_once_per_step_and_noticed_back_quickly() {
     lab.start_servers(server_bin());
     let state = lab.dir.path.join("apiserver.json");
     let mut apiserver = start_apiserver_with_state(&lab.lb, Some(&state));
-    let b = seed_web(&lab);
+    let b = seed_web(&lab, json!({}));
     let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
     let agent = start_lb_node_agent(&lab, &[]);
     let vip = web_vip(&lab);

@@ -374,26 +374,27 @@ impl Stores {
         let services = owned(self.services.state());
         let nodes = owned(self.nodes.state());
         let mut t = translate::translate(&services, &owned(self.slices.state()), &nodes, opts);
+        // Each custom resource store decoded once: the objects, and what could not be read.
+        let (peers, bad_peers) = self.bgp_peers.decoded();
+        let (advertisements, bad_advertisements) = self.bgp_advertisements.decoded();
+        let (l2_advertisements, bad_l2) = self.l2_advertisements.decoded();
+        let (pools, bad_pools) = self.pools.decoded();
         let inputs = super::super::announce::Inputs {
             node: &opts.node,
             nodes: &nodes,
-            peers: &owned(self.bgp_peers.state()),
-            advertisements: &owned(self.bgp_advertisements.state()),
-            l2_advertisements: &owned(self.l2_advertisements.state()),
-            pools: &owned(self.pools.state()),
+            peers: &owned(peers),
+            advertisements: &owned(advertisements),
+            l2_advertisements: &owned(l2_advertisements),
+            pools: &owned(pools),
             services: &services,
             secrets: &owned(self.secrets.state()),
             default_class: opts.default_class,
         };
         let (bgp, mut problems) = super::super::announce::config(&inputs);
-        for store in [
-            self.pools.decoded().1,
-            self.bgp_peers.decoded().1,
-            self.bgp_advertisements.decoded().1,
-            self.l2_advertisements.decoded().1,
-        ] {
-            problems.extend(store);
-        }
+        problems.extend(bad_pools);
+        problems.extend(bad_peers);
+        problems.extend(bad_advertisements);
+        problems.extend(bad_l2);
         let (l2, l2_problems) = super::super::announce::l2(&inputs);
         problems.extend(l2_problems);
         t.bgp = bgp;
