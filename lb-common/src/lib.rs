@@ -176,8 +176,14 @@ pub mod limits {
     pub const MAX_SCTP_LEN: u32 = 1480;
     /// How long a cached FIB result for a backend is used before the FIB is asked again.
     pub const NEXTHOP_TTL_NS: u64 = 250_000_000;
-    /// Source ports tried for a new source-NATed flow before it is dropped.
-    pub const SNAT_TRIES: u32 = 16;
+    /// Source ports a new source-NATed flow tries first, from its hash, for a free or expired
+    /// one; when none of them is, the whole range is searched, and then the longest-idle
+    /// half-open port is taken.
+    pub const SNAT_TRIES: u32 = 32;
+    /// After a search of the whole range found no port of a backend endpoint free, new flows
+    /// to it on that CPU skip the search for this long (they take a half-open port their
+    /// first tries met, or are refused): a SYN flood must not make every packet walk the range.
+    pub const SNAT_FULL_RETRY_NS: u64 = 100_000_000;
     /// A source-NAT port idle this long may be given to another flow: an open TCP
     /// connection's (one that vanished without FIN or RST), a closed one's (FIN both ways, or
     /// RST: time for the last ACK and retransmissions, like conntrack's TIME_WAIT/CLOSE), a
@@ -459,8 +465,23 @@ pub struct SnatScratch {
     /// For `FORWARD`: the packet's TCP flags (0 for UDP).
     pub tcp_flags: u8,
     pub _pad: [u8; 5],
+    /// The port search's state: the range (first port, size), where the flow's hash starts
+    /// it, and the port found (network order, 0: none yet).
+    pub port_min: u32,
+    pub port_range: u32,
+    pub port_start: u32,
+    pub found_be: u16,
+    /// The longest-idle half-open port met by the first tries (0: none) and its last use.
+    pub half_open_be: u16,
+    pub half_open_ns: u64,
+    pub now: u64,
+    /// The backend (id and generation) whose ports a search of the whole range last found
+    /// all held, and when: `SNAT_FULL_RETRY_NS`.
+    pub full_backend: u32,
+    pub full_generation: u32,
+    pub full_ns: u64,
 }
-const _: () = assert!(size_of::<SnatScratch>() == 200);
+const _: () = assert!(size_of::<SnatScratch>() == 248);
 
 /// `SnatScratch::mode`.
 pub mod snat_mode {
@@ -708,7 +729,16 @@ pub mod datapath_stat {
     pub const FLOW_HALF_OPEN: usize = 14;
     /// Half-open flows that completed their handshake and moved to `CONNTRACK`.
     pub const FLOW_PROMOTED: usize = 15;
-    pub const SLOTS: usize = 16;
+    /// Source-NAT ports given to a new flow, by where they came from: never used (or gone
+    /// from the table), idle past their protocol's time, or taken from a half-open flow (only
+    /// when no free or expired port was found: a SYN flood's entries go first).
+    pub const SNAT_PORT_FREE: usize = 16;
+    pub const SNAT_PORT_EXPIRED: usize = 17;
+    pub const SNAT_PORT_HALF_OPEN: usize = 18;
+    /// Searches of a backend endpoint's whole source-port range (its first tries were all
+    /// held by open flows).
+    pub const SNAT_RANGE_SEARCH: usize = 19;
+    pub const SLOTS: usize = 32;
     /// The `UNTRANSLATED_*` slots with their metric label.
     pub const UNTRANSLATED: [(usize, &str); 3] = [
         (UNTRANSLATED_UNREADABLE, "unreadable"),
@@ -722,7 +752,7 @@ pub mod datapath_stat {
 pub struct DatapathStats {
     pub counters: [u64; datapath_stat::SLOTS],
 }
-const _: () = assert!(size_of::<DatapathStats>() == 128);
+const _: () = assert!(size_of::<DatapathStats>() == 256);
 
 /// Key of `SOCK_REVNAT`: a socket (its cookie) and a backend it was sent to.
 #[repr(C)]

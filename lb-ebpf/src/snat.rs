@@ -5,8 +5,11 @@
 //!
 //! The `SNAT` table is keyed by the reply as it arrives (backend endpoint → node address and
 //! port), one entry per flow. A port is chosen by hashing the client's flow into the range and
-//! probing up to `SNAT_TRIES` ports; an entry is taken with `BPF_NOEXIST`, so two CPUs never
-//! hand one (backend endpoint, port) to two flows. A port whose entry has been idle longer than
+//! probing `SNAT_TRIES` ports from there; when none of them is free or expired, the whole
+//! range is searched (`bpf_loop`), and when no port is free the longest-idle half-open one
+//! (a SYN seen, no ACK) is taken: a new flow is refused only when every port of the backend
+//! endpoint is held by a flow past its handshake. An entry is taken with
+//! `BPF_NOEXIST`, so two CPUs never hand one (backend endpoint, port) to two flows. A port whose entry has been idle longer than
 //! the protocol's idle time may be given to another flow (for TCP: 10 s once closed or while
 //! only a SYN was seen, an hour once the client acknowledged); the flow's connection-table entry
 //! remembers its port, and a packet of a flow whose entry is gone (evicted or taken) gets a
@@ -20,9 +23,10 @@
 // stack, which is what the slot is for.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+use aya_ebpf::cty::c_void;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_loop},
     programs::XdpContext,
 };
 use lb_common::{
@@ -252,8 +256,8 @@ fn same_flow(v: &SnatValue, flow: &FlowKey) -> bool {
 
 /// The port the flow in `sc` leaves with (`sc.key` is its reply key with the hand-over's
 /// port): that port while the flow's entry is still its own (refreshing its time), else a
-/// newly taken one; 0 when no port is free. Not inlined, and working in the scratch slot only:
-/// the search loop's spills get a frame of their own.
+/// newly taken one; 0 when every port is held by an open flow. Not inlined, and working in
+/// the scratch slot only (which `bpf_loop`'s callback reads too).
 #[inline(never)]
 fn port_for(sc: &mut SnatScratch) -> u16 {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -283,9 +287,14 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     if min == 0 || max < min {
         return 0;
     }
-    let range = max - min + 1;
     let f = &sc.flow;
-    let start = flow_hash(&f.src, &f.dst, f.sport_be, f.dport_be, f.proto).rotate_left(16);
+    sc.port_start = flow_hash(&f.src, &f.dst, f.sport_be, f.dport_be, f.proto).rotate_left(16);
+    sc.port_min = min;
+    sc.port_range = max - min + 1;
+    sc.found_be = 0;
+    sc.half_open_be = 0;
+    sc.half_open_ns = u64::MAX;
+    sc.now = now;
     // Field by field: a struct literal would be built on the stack first.
     sc.value.client = sc.flow.src;
     sc.value.vip = sc.flow.dst;
@@ -302,29 +311,105 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     sc.value.reply_hop.ifindex = 0;
     sc.value.last_ns = now;
 
-    // A bound the compiler cannot see through, so the loop stays a loop (unrolled, its copies
-    // would not fit the stack); the verifier walks it as a bounded loop.
-    let tries = range.min(limits::SNAT_TRIES);
-    for i in 0..tries {
-        let port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
-        sc.key.dport_be = port_be;
-        if SNAT.insert(&sc.key, &sc.value, BPF_NOEXIST as u64).is_ok() {
-            return port_be;
+    // The first tries, from the flow's hash (`bpf_loop`: its callback is verified once,
+    // whatever the count).
+    let tries = sc.port_range.min(limits::SNAT_TRIES);
+    if search_ports(tries) {
+        return sc.found_be;
+    }
+    // None of them free or expired: search the whole range for one, unless a search for
+    // this backend endpoint on this CPU found none a moment ago (a SYN flood must not make
+    // every packet walk the range).
+    if sc.port_range > tries
+        && !(sc.full_backend == sc.backend_id
+            && sc.full_generation == sc.backend_generation
+            && now.wrapping_sub(sc.full_ns) < limits::SNAT_FULL_RETRY_NS)
+    {
+        stats::datapath(datapath_stat::SNAT_RANGE_SEARCH);
+        if search_ports(sc.port_range) {
+            return sc.found_be;
         }
-        let Some(old) = SNAT.get_ptr(&sc.key) else {
-            continue;
-        };
-        let old = unsafe { &*old };
-        // This flow's own entry (its connection-table entry was lost), or one idle long
-        // enough to give away: replaced in one update.
-        if (same_flow(old, &sc.flow)
-            || now.wrapping_sub(old.last_ns) > idle_ns(sc.flow.proto, old.tcp_state))
-            && SNAT.insert(&sc.key, &sc.value, BPF_ANY as u64).is_ok()
-        {
-            return port_be;
-        }
+        sc.full_backend = sc.backend_id;
+        sc.full_generation = sc.backend_generation;
+        sc.full_ns = now;
+    }
+    // No port free: the longest-idle half-open flow met gives its port up (like conntrack's
+    // early drop of unconfirmed entries), so that a SYN flood holding the range with
+    // handshakes that never complete cannot keep real clients out.
+    if take_half_open(sc) {
+        return sc.found_be;
     }
     0
+}
+
+/// Tries the flow's first `n` ports from its hash start (`try_port`); whether one was taken.
+#[inline(always)]
+fn search_ports(n: u32) -> bool {
+    unsafe { bpf_loop(n, search as *mut c_void, core::ptr::null_mut(), 0) };
+    scratch().is_some_and(|sc| sc.found_be != 0)
+}
+
+/// One step of `search_ports` (`bpf_loop`'s callback): 1 stops it.
+extern "C" fn search(i: u64, _ctx: *mut c_void) -> i64 {
+    match scratch() {
+        Some(sc) => i64::from(try_port(sc, i as u32)),
+        None => 1,
+    }
+}
+
+/// Takes the longest-idle half-open port the search met, if any (`sc.found_be`).
+#[inline(always)]
+fn take_half_open(sc: &mut SnatScratch) -> bool {
+    if sc.half_open_be == 0 {
+        return false;
+    }
+    sc.key.dport_be = sc.half_open_be;
+    if SNAT.insert(&sc.key, &sc.value, BPF_ANY as u64).is_err() {
+        return false;
+    }
+    stats::datapath(datapath_stat::SNAT_PORT_HALF_OPEN);
+    sc.found_be = sc.half_open_be;
+    true
+}
+
+/// Tries the flow's `i`-th port from its hash start (`sc.key` is its reply key, `sc.value`
+/// its new entry): takes it when no flow has it, when it is the flow's own (its connection
+/// table entry was lost), or when its holder has been idle past its protocol's time; then
+/// `sc.found_be` is the port. Otherwise remembers it in `sc.half_open_*` when it is the
+/// longest-idle half-open TCP port so far.
+#[inline(always)]
+fn try_port(sc: &mut SnatScratch, i: u32) -> bool {
+    // Checked where the compiler can see it: a division's panic path would end the
+    // callback without an exit, which the verifier refuses.
+    let Some(offset) = sc.port_start.wrapping_add(i).checked_rem(sc.port_range) else {
+        return true;
+    };
+    let port_be = ((sc.port_min + offset) as u16).to_be();
+    sc.key.dport_be = port_be;
+    if SNAT.insert(&sc.key, &sc.value, BPF_NOEXIST as u64).is_ok() {
+        sc.found_be = port_be;
+        stats::datapath(datapath_stat::SNAT_PORT_FREE);
+        return true;
+    }
+    let Some(old) = SNAT.get_ptr(&sc.key) else {
+        return false;
+    };
+    let (state, last) = unsafe { ((*old).tcp_state, (*old).last_ns) };
+    let own = same_flow(unsafe { &*old }, &sc.flow);
+    if own || sc.now.wrapping_sub(last) > idle_ns(sc.flow.proto, state) {
+        // Replaced in one update.
+        if SNAT.insert(&sc.key, &sc.value, BPF_ANY as u64).is_ok() {
+            sc.found_be = port_be;
+            stats::datapath(datapath_stat::SNAT_PORT_EXPIRED);
+            return true;
+        }
+        return false;
+    }
+    if sc.flow.proto == proto::TCP && snat_tcp::half_open(state) && last < sc.half_open_ns {
+        sc.half_open_be = port_be;
+        sc.half_open_ns = last;
+    }
+    false
 }
 
 /// A reply whose entry `weir_xdp` found (key in the scratch slot): VIP → client, forwarded.

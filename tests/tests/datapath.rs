@@ -1296,16 +1296,23 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         let (v, out) = env.xdp(&p.bytes());
         assert_eq!(v, XDP_PASS);
         assert_eq!(hex(&out), hex(&want.bytes()));
-        // Ten ports for one backend endpoint: ten flows get ten different ports, the
-        // eleventh is dropped and counted, and nothing else changes.
+        // Ten ports for one backend endpoint: ten flows get ten different ports; once all
+        // ten have completed their handshake (the client's ACK), the eleventh is dropped and
+        // counted, and nothing else changes.
         let id = env.service(REMOTE4).id;
         let mut ports = std::collections::BTreeSet::new();
         let mut port_of = BTreeMap::new();
         for i in 0..10u16 {
-            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, 48000 + i, REMOTE_VIP4, 80).bytes());
+            let syn = Pkt::tcp(CLIENT4, 48000 + i, REMOTE_VIP4, 80).bytes();
+            let (v, out) = env.xdp(&syn);
             assert_eq!(v, XDP_REDIRECT, "flow {i}");
             ports.insert(ends(&out).0.port());
             port_of.insert(48000 + i, ends(&out).0.port());
+            assert_eq!(
+                env.xdp(&tcp_flags(&syn, 0x10)).0,
+                XDP_REDIRECT,
+                "flow {i}: ACK"
+            );
         }
         assert_eq!(ports.len(), 10, "every flow its own port: {ports:?}");
         let drops = env.drops(id, drop_reason::SNAT_FAILED);
@@ -1321,8 +1328,8 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         // Closed connections give their ports back once idle for 10 s, and so do half-open
         // ones (only a SYN seen: a SYN flood must not hold ports for an hour); an
         // acknowledged one keeps its port for an hour. Flow 48003 closes with FIN both ways,
-        // 48004 with a client RST, 48005 completes its handshake (the client's ACK), 48006
-        // stays at its SYN; then each entry is made 11 s older than it is.
+        // 48004 with a client RST, 48005 stays acknowledged, 48006 starts over with a SYN
+        // (its client reused the port); then each entry is made 11 s older than it is.
         let fin = tcp_flags(&Pkt::tcp(CLIENT4, 48003, REMOTE_VIP4, 80).bytes(), 0x11);
         assert_eq!(env.xdp(&fin).0, XDP_REDIRECT);
         let reply = Pkt::tcp("198.18.1.12", 8080, NODE4, port_of[&48003]).bytes();
@@ -1333,8 +1340,8 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
         );
         let rst = tcp_flags(&Pkt::tcp(CLIENT4, 48004, REMOTE_VIP4, 80).bytes(), 0x04);
         assert_eq!(env.xdp(&rst).0, XDP_REDIRECT);
-        let ack = tcp_flags(&Pkt::tcp(CLIENT4, 48005, REMOTE_VIP4, 80).bytes(), 0x10);
-        assert_eq!(env.xdp(&ack).0, XDP_REDIRECT);
+        let again = Pkt::tcp(CLIENT4, 48006, REMOTE_VIP4, 80).bytes();
+        assert_eq!(env.xdp(&again).0, XDP_REDIRECT);
         for client_port in [48003, 48004, 48005, 48006] {
             let key = flow_key(
                 sock("198.18.1.12", 8080),
@@ -1363,8 +1370,66 @@ fn the_nodes_own_traffic_passes_and_ports_run_out_cleanly() {
             reused,
             std::collections::BTreeSet::from([port_of[&48003], port_of[&48004], port_of[&48006]])
         );
-        let (v, _) = env.xdp(&Pkt::tcp(CLIENT4, 48203, REMOTE_VIP4, 80).bytes());
-        assert_eq!(v, XDP_DROP, "the acknowledged flow keeps its port");
+        // No port free or idle: a new SYN takes a half-open flow's port (one of the three just
+        // given out), never an acknowledged flow's.
+        let taken = env.datapath(datapath_stat::SNAT_PORT_HALF_OPEN);
+        let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, 48203, REMOTE_VIP4, 80).bytes());
+        assert_eq!(v, XDP_REDIRECT, "a half-open flow's port");
+        assert!(reused.contains(&ends(&out).0.port()), "{out:?}");
+        assert_eq!(env.datapath(datapath_stat::SNAT_PORT_HALF_OPEN) - taken, 1);
+    });
+}
+
+#[test]
+fn a_new_flow_finds_the_last_free_source_port_and_a_syn_flood_cannot_hold_them() {
+    with_env(|env| {
+        // A hundred ports: more than the first tries (`SNAT_TRIES`), so that the search of
+        // the whole range is what finds the last ones.
+        let range = (62000u16, 62099u16);
+        let mut d = desired();
+        d.source_nat.as_mut().unwrap().ports = range;
+        env.prog
+            .apply(&d, &mut env.dp.maps)
+            .expect("program the range");
+        let id = env.service(REMOTE4).id;
+        let syn = |port: u16| Pkt::tcp(CLIENT4, port, REMOTE_VIP4, 80).bytes();
+        // Every one of a hundred flows gets a port of its own while one is free.
+        let mut port_of = BTreeMap::new();
+        for client in 49000..49100u16 {
+            let (v, out) = env.xdp(&syn(client));
+            assert_eq!(v, XDP_REDIRECT, "flow {client}");
+            port_of.insert(client, ends(&out).0.port());
+        }
+        let distinct: std::collections::BTreeSet<_> = port_of.values().collect();
+        assert_eq!(distinct.len(), 100, "{port_of:?}");
+        assert!(distinct.iter().all(|p| (range.0..=range.1).contains(p)));
+        assert!(
+            env.datapath(datapath_stat::SNAT_RANGE_SEARCH) > 0,
+            "the last ports were found by searching the range"
+        );
+        // 99 complete their handshake; 49099 stays a SYN. A new SYN takes that one's port
+        // (wherever it is in the range), never an acknowledged flow's.
+        for client in 49000..49099u16 {
+            assert_eq!(env.xdp(&tcp_flags(&syn(client), 0x10)).0, XDP_REDIRECT);
+        }
+        let taken = env.datapath(datapath_stat::SNAT_PORT_HALF_OPEN);
+        let (v, out) = env.xdp(&syn(49100));
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(
+            ends(&out).0.port(),
+            port_of[&49099],
+            "the half-open flow's port"
+        );
+        assert_eq!(env.datapath(datapath_stat::SNAT_PORT_HALF_OPEN) - taken, 1);
+        // All a hundred held by acknowledged flows: the next SYN is dropped and counted.
+        assert_eq!(env.xdp(&tcp_flags(&syn(49100), 0x10)).0, XDP_REDIRECT);
+        let drops = env.drops(id, drop_reason::SNAT_FAILED);
+        assert_eq!(env.xdp(&syn(49101)).0, XDP_DROP);
+        assert_eq!(env.drops(id, drop_reason::SNAT_FAILED) - drops, 1);
+        // The flows that have their port keep it.
+        let (v, out) = env.xdp(&tcp_flags(&syn(49050), 0x10));
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(ends(&out).0.port(), port_of[&49050]);
     });
 }
 

@@ -219,6 +219,17 @@ fn known_traffic_shows_up_exactly_in_metrics_api_and_status() {
         "weir_conntrack_entries ≥ 1",
         || sample(&agent.metrics(&lab.lb), "weir_conntrack_entries").filter(|n| *n >= 1),
     );
+    // Every table with per-flow state shows its size and fill.
+    let text = agent.metrics(&lab.lb);
+    for table in ["conntrack", "half_open", "snat", "affinity"] {
+        let capacity = sample(&text, &format!("weir_table_capacity{{table=\"{table}\"}}"));
+        assert!(capacity.is_some_and(|c| c >= 1024), "{table}: {text}");
+        let entries = sample(&text, &format!("weir_table_entries{{table=\"{table}\"}}"));
+        assert!(
+            entries.is_some_and(|e| e <= capacity.unwrap()),
+            "{table}: {text}"
+        );
+    }
     // A port with no service on a VIP: the lookup says it is dropped.
     let nobody = lookup(&lab, &agent, client, sa(VIP_V4, 9), "udp");
     assert_eq!(

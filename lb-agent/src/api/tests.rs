@@ -219,8 +219,8 @@ impl Inspect for FakeInspector {
     fn counters(&self, _: u32, _: u32) -> Result<RawCounters, MapError> {
         Ok(RawCounters::default())
     }
-    fn conntrack_entries(&self) -> Result<u64, MapError> {
-        Ok(0)
+    fn tables(&self) -> Result<Vec<inspect::TableFill>, MapError> {
+        Ok(Vec::new())
     }
     fn trace(&self, flow: &FlowKey) -> Result<Trace, MapError> {
         let port = u16::from_be(flow.sport_be);

@@ -141,8 +141,8 @@ impl Inspect for EmptyInspector {
         })
     }
 
-    fn conntrack_entries(&self) -> Result<u64, MapError> {
-        Ok(0)
+    fn tables(&self) -> Result<Vec<crate::dataplane::inspect::TableFill>, MapError> {
+        Ok(Vec::new())
     }
 
     fn trace(&self, _flow: &lb_common::FlowKey) -> Result<Trace, MapError> {

@@ -55,12 +55,21 @@ pub enum Trace {
     },
 }
 
+/// One table with per-flow state: its `name` (the `table` label of `weir_table_entries`),
+/// the entries in it when it was walked, and how many it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableFill {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
 /// Reads the data plane. Implementations are cheap to share between threads.
 pub trait Inspect: Send + Sync + 'static {
     /// Counters of service ids `0..services` and backend ids `0..backends`.
     fn counters(&self, services: u32, backends: u32) -> Result<RawCounters, MapError>;
-    /// Entries in the connection table (a full walk: call it sparingly).
-    fn conntrack_entries(&self) -> Result<u64, MapError>;
+    /// How full the tables with per-flow state are (a full walk of each: call it sparingly).
+    fn tables(&self) -> Result<Vec<TableFill>, MapError>;
     /// The decision for `flow`, taken exactly as the XDP program takes it, without creating
     /// any state.
     fn trace(&self, flow: &FlowKey) -> Result<Trace, MapError>;

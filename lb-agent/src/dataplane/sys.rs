@@ -45,7 +45,7 @@ unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
 
 /// The bytes one entry takes in a batch buffer: (key, value). Per-CPU maps hold one value
 /// per possible CPU, each rounded up to 8 bytes.
-fn entry_sizes(map: &MapData) -> io::Result<(usize, usize)> {
+pub fn entry_sizes(map: &MapData) -> io::Result<(usize, usize)> {
     let info = map.info().map_err(io::Error::other)?;
     let per_cpu = matches!(
         info.map_type(),

@@ -524,13 +524,59 @@ impl Collector for TrafficCollector {
             "stats_read_errors",
             "Readings of the data plane's statistics maps that failed",
         )?)?;
-        if let Some(n) = t.conntrack_entries {
-            ConstGauge::new(n as i64).encode(encoder.encode_descriptor(
-                "conntrack_entries",
-                "Entries in the connection table (walked every few seconds)",
+        {
+            let mut m = encoder.encode_descriptor(
+                "snat_ports_taken",
+                "Source-NAT ports given to new flows, by where they came from (free: unused; \
+                 expired: idle past its protocol's time; half_open: taken from a handshake that \
+                 had not completed, only when no port was free: a SYN flood shows here)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (slot, from) in [
+                (datapath_stat::SNAT_PORT_FREE, "free"),
+                (datapath_stat::SNAT_PORT_EXPIRED, "expired"),
+                (datapath_stat::SNAT_PORT_HALF_OPEN, "half_open"),
+            ] {
+                ConstCounter::new(t.datapath[slot]).encode(m.encode_family(&[("from", from)])?)?;
+            }
+        }
+        ConstCounter::new(t.datapath[datapath_stat::SNAT_RANGE_SEARCH]).encode(counter(
+            &mut encoder,
+            "snat_range_searches",
+            "Searches of a backend endpoint's whole source-NAT port range (a new flow's first \
+             tries were all held): a range close to full",
+        )?)?;
+        if let Some(tables) = &t.tables {
+            if let Some(c) = tables.iter().find(|f| f.name == "conntrack") {
+                ConstGauge::new(c.entries as i64).encode(encoder.encode_descriptor(
+                    "conntrack_entries",
+                    "Entries in the connection table (walked every few seconds)",
+                    None,
+                    MetricType::Gauge,
+                )?)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "table_entries",
+                "Entries in each table with per-flow state (conntrack, half_open, snat, \
+                 affinity; walked every few seconds); a table at its capacity evicts its least \
+                 recently used entries",
                 None,
                 MetricType::Gauge,
-            )?)?;
+            )?;
+            for f in tables {
+                ConstGauge::new(f.entries as i64).encode(m.encode_family(&[("table", f.name)])?)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "table_capacity",
+                "Entries each table with per-flow state holds",
+                None,
+                MetricType::Gauge,
+            )?;
+            for f in tables {
+                ConstGauge::new(f.capacity as i64)
+                    .encode(m.encode_family(&[("table", f.name)])?)?;
+            }
         }
         Ok(())
     }

@@ -85,7 +85,19 @@ fn traffic_metrics_have_the_documented_names_and_labels() {
     t.unattributed_drops[drop_reason::NO_SERVICE as usize] = 7;
     t.datapath[datapath_stat::FWD_REDIRECT] = 300;
     t.datapath[datapath_stat::FLOW_RESTEERED] = 4;
-    t.conntrack_entries = Some(42);
+    t.datapath[datapath_stat::SNAT_PORT_HALF_OPEN] = 9;
+    t.tables = Some(vec![
+        crate::dataplane::inspect::TableFill {
+            name: "conntrack",
+            entries: 42,
+            capacity: 262_144,
+        },
+        crate::dataplane::inspect::TableFill {
+            name: "half_open",
+            entries: 7,
+            capacity: 65_536,
+        },
+    ]);
     traffic.send_replace(Arc::new(t));
     let text = m.encode();
     let svc = "service=\"web\",vip=\"198.18.100.10\",port=\"80\",protocol=\"tcp\"";
@@ -105,6 +117,10 @@ fn traffic_metrics_have_the_documented_names_and_labels() {
         "weir_dataplane_packets_total{path=\"redirect\"} 300".into(),
         "weir_flows_resteered_total 4".into(),
         "weir_conntrack_entries 42".into(),
+        "weir_table_entries{table=\"half_open\"} 7".into(),
+        "weir_table_capacity{table=\"conntrack\"} 262144".into(),
+        "weir_snat_ports_taken_total{from=\"half_open\"} 9".into(),
+        "weir_snat_range_searches_total 0".into(),
         "weir_stats_read_errors_total 0".into(),
         "# TYPE weir_build_info gauge".into(),
     ] {

@@ -22,15 +22,16 @@ use tokio::{sync::watch, time::Instant};
 use tracing::warn;
 
 use crate::{
-    dataplane::inspect::Inspect,
+    dataplane::inspect::{Inspect, TableFill},
     model::{Protocol, Scope},
     status::Snapshot,
 };
 
 /// How often the counters are read.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// The connection table is walked every this many samples (a walk reads every entry).
-pub const CONNTRACK_EVERY: u32 = 5;
+/// The tables with per-flow state are walked every this many samples (a walk reads every
+/// entry).
+pub const TABLES_EVERY: u32 = 5;
 
 /// Totals since the label set first appeared in this agent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,8 +100,8 @@ pub struct Traffic {
     pub unattributed_drops: [u64; drop_reason::SLOTS],
     /// `DATAPATH_STATS`, by `datapath_stat` slot.
     pub datapath: [u64; datapath_stat::SLOTS],
-    /// From the last walk of the connection table.
-    pub conntrack_entries: Option<u64>,
+    /// From the last walk of the tables with per-flow state.
+    pub tables: Option<Vec<TableFill>>,
     /// Samples that failed to read the maps, since start.
     pub errors: u64,
 }
@@ -235,7 +236,7 @@ impl Accounting {
         &mut self,
         snapshot: &Snapshot,
         raw: &crate::dataplane::inspect::RawCounters,
-        conntrack_entries: Option<u64>,
+        tables: Option<Vec<TableFill>>,
         now: Instant,
     ) -> Arc<Traffic> {
         let zero_service = ServiceStats::default();
@@ -324,8 +325,7 @@ impl Accounting {
             services,
             unattributed_drops: unattributed.drops,
             datapath: raw.datapath.counters,
-            conntrack_entries: conntrack_entries
-                .or_else(|| previous.and_then(|(_, p)| p.conntrack_entries)),
+            tables: tables.or_else(|| previous.and_then(|(_, p)| p.tables.clone())),
             errors: self.errors,
         });
         self.previous = Some((now, traffic.clone()));
@@ -368,11 +368,11 @@ pub async fn sample(
             .flat_map(|s| s.backends.iter().map(|b| b.id))
             .max()
             .map_or(0, |m| m + 1);
-        let walk = n.is_multiple_of(CONNTRACK_EVERY);
+        let walk = n.is_multiple_of(TABLES_EVERY);
         n = n.wrapping_add(1);
         let reading = inspector.counters(services, backends).and_then(|raw| {
             let entries = if walk {
-                Some(inspector.conntrack_entries()?)
+                Some(inspector.tables()?)
             } else {
                 None
             };

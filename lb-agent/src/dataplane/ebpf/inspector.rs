@@ -10,7 +10,7 @@ use lb_common::{
 
 use crate::dataplane::{
     MapError,
-    inspect::{self, Inspect, RawCounters, Trace, Via},
+    inspect::{self, Inspect, RawCounters, TableFill, Trace, Via},
     sys,
 };
 
@@ -28,13 +28,41 @@ pub struct EbpfInspector {
     pub(super) backend_stats: MapData,
     pub(super) datapath_stats: PerCpuArray<MapData, DatapathStats>,
     pub(super) conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    /// Only walked, for their fill.
+    pub(super) half_open: MapData,
+    pub(super) snat: MapData,
     pub(super) affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub(super) sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
     pub(super) ncpus: usize,
 }
 
-/// Entries per `BPF_MAP_LOOKUP_BATCH` when walking the connection table.
+/// Entries per `BPF_MAP_LOOKUP_BATCH` when walking a table.
 const WALK_CHUNK: usize = 4096;
+
+/// Entries in hash map `map`, walked in chunks of `WALK_CHUNK`.
+fn count_entries(map: &MapData) -> std::io::Result<u64> {
+    let (key_size, value_size) = sys::entry_sizes(map)?;
+    let mut keys = vec![0u8; WALK_CHUNK * key_size];
+    let mut values = vec![0u8; WALK_CHUNK * value_size];
+    let mut total = 0u64;
+    let mut token = 0u32;
+    let mut cursor = None;
+    loop {
+        let (got, done) = sys::lookup_batch(
+            map,
+            cursor,
+            &mut token,
+            &mut keys,
+            &mut values,
+            WALK_CHUNK as u32,
+        )?;
+        total += u64::from(got);
+        if done {
+            return Ok(total);
+        }
+        cursor = Some(token);
+    }
+}
 
 impl EbpfInspector {
     /// Per-CPU values of array ids `0..count`, one syscall, summed with `sum`.
@@ -181,30 +209,30 @@ impl Inspect for EbpfInspector {
         })
     }
 
-    fn conntrack_entries(&self) -> Result<u64, MapError> {
-        let map = IterableMap::map(&self.conntrack);
-        let mut keys = vec![0u8; WALK_CHUNK * size_of::<FlowKey>()];
-        let mut values = vec![0u8; WALK_CHUNK * size_of::<FlowValue>()];
-        let mut total = 0u64;
-        let mut token = 0u32;
-        let mut first = true;
-        loop {
-            let cursor = (!first).then_some(token);
-            let (got, done) = sys::lookup_batch(
-                map,
-                cursor,
-                &mut token,
-                &mut keys,
-                &mut values,
-                WALK_CHUNK as u32,
-            )
-            .map_err(|e| err(maps::CONNTRACK, "lookup batch", e))?;
-            total += u64::from(got);
-            first = false;
-            if done {
-                return Ok(total);
-            }
-        }
+    fn tables(&self) -> Result<Vec<TableFill>, MapError> {
+        [
+            (
+                "conntrack",
+                maps::CONNTRACK,
+                IterableMap::map(&self.conntrack),
+            ),
+            ("half_open", maps::HALF_OPEN, &self.half_open),
+            ("snat", maps::SNAT, &self.snat),
+            ("affinity", maps::AFFINITY, IterableMap::map(&self.affinity)),
+        ]
+        .into_iter()
+        .map(|(name, map_name, map)| {
+            let capacity = map
+                .info()
+                .map_err(|e| err(map_name, "info", e))?
+                .max_entries();
+            Ok(TableFill {
+                name,
+                entries: count_entries(map).map_err(|e| err(map_name, "lookup batch", e))?,
+                capacity: u64::from(capacity),
+            })
+        })
+        .collect()
     }
 
     fn trace(&self, flow: &FlowKey) -> Result<Trace, MapError> {

@@ -232,6 +232,9 @@ impl EbpfMaps {
                 .map_err(map_err(maps::BACKEND_STATS))?,
             datapath_stats: typed(maps::DATAPATH_STATS, IterableMap::map(&self.datapath_stats))?,
             conntrack: typed(maps::CONNTRACK, IterableMap::map(&self.conntrack))?,
+            half_open: reopen(IterableMap::map(&self.half_open))
+                .map_err(map_err(maps::HALF_OPEN))?,
+            snat: reopen(IterableMap::map(&self.snat)).map_err(map_err(maps::SNAT))?,
             affinity: typed(maps::AFFINITY, IterableMap::map(&self.affinity))?,
             sock_revnat: typed(maps::SOCK_REVNAT, IterableMap::map(&self.sock_revnat))?,
             ncpus: self.ncpus,

@@ -55,7 +55,11 @@ async fn totals_follow_the_counters_and_rates_are_per_second() {
             backend_stats(10),
             BackendStats::default(),
         ),
-        Some(5),
+        Some(vec![TableFill {
+            name: "conntrack",
+            entries: 5,
+            capacity: 1024,
+        }]),
         t0,
     );
     assert!(first.sampled);
@@ -67,7 +71,8 @@ async fn totals_follow_the_counters_and_rates_are_per_second() {
         Rates::default(),
         "no rate before a second sample"
     );
-    assert_eq!(first.conntrack_entries, Some(5));
+    let conntrack = |t: &Traffic| t.tables.as_ref().map(|t| t[0].entries);
+    assert_eq!(conntrack(&first), Some(5));
 
     let mut s = service_stats(30, 6);
     s.drops[drop_reason::NO_BACKEND as usize] = 3;
@@ -86,7 +91,7 @@ async fn totals_follow_the_counters_and_rates_are_per_second() {
     assert_eq!(web_b(&second, "198.18.1.11:8080").packets_in, 30);
     assert_eq!(web.backends[0].rates.packets_in, 10.0);
     // The connection table is walked less often: the last count stays.
-    assert_eq!(second.conntrack_entries, Some(5));
+    assert_eq!(conntrack(&second), Some(5));
     // A service with no readings yet is all zeros, not absent.
     assert_eq!(second.service("plain").unwrap().totals, Counters::default());
 }
@@ -232,8 +237,12 @@ impl Inspect for Flaky {
             })
         }
     }
-    fn conntrack_entries(&self) -> Result<u64, crate::dataplane::MapError> {
-        Ok(11)
+    fn tables(&self) -> Result<Vec<TableFill>, crate::dataplane::MapError> {
+        Ok(vec![TableFill {
+            name: "conntrack",
+            entries: 11,
+            capacity: 1024,
+        }])
     }
     fn trace(
         &self,
