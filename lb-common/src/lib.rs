@@ -65,6 +65,7 @@ pub mod maps {
     pub const SNAT: &str = "SNAT";
     pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
     pub const SNAT_SCRATCH: &str = "SNAT_SCRATCH";
+    pub const SNAT_FULL: &str = "SNAT_FULL";
     pub const L2_PORTS: &str = "L2_PORTS";
     pub const L2_LEASE: &str = "L2_LEASE";
     pub const REVNAT_FRAGS: &str = "REVNAT_FRAGS";
@@ -182,7 +183,8 @@ pub mod limits {
     pub const SNAT_TRIES: u32 = 32;
     /// After a search of the whole range found no port of a backend endpoint free, new flows
     /// to it on that CPU skip the search for this long (they take a half-open port their
-    /// first tries met, or are refused): a SYN flood must not make every packet walk the range.
+    /// first tries met, or are refused): a SYN flood must not make every packet walk the range
+    /// (`SNAT_FULL`, by backend id).
     pub const SNAT_FULL_RETRY_NS: u64 = 100_000_000;
     /// A source-NAT port idle this long may be given to another flow: an open TCP
     /// connection's (one that vanished without FIN or RST), a closed one's (FIN both ways, or
@@ -475,13 +477,8 @@ pub struct SnatScratch {
     pub half_open_be: u16,
     pub half_open_ns: u64,
     pub now: u64,
-    /// The backend (id and generation) whose ports a search of the whole range last found
-    /// all held, and when: `SNAT_FULL_RETRY_NS`.
-    pub full_backend: u32,
-    pub full_generation: u32,
-    pub full_ns: u64,
 }
-const _: () = assert!(size_of::<SnatScratch>() == 248);
+const _: () = assert!(size_of::<SnatScratch>() == 232);
 
 /// `SnatScratch::mode`.
 pub mod snat_mode {

@@ -167,6 +167,11 @@ static SNAT: LruHashMap<FlowKey, SnatValue, MAX_FLOWS, PER_CPU_LRU> = LruHashMap
 #[btf_map]
 static SNAT_CONFIG: Array<SnatConfig, 1> = Array::new();
 
+/// By backend id, per CPU: when a search of the backend endpoint's whole source-NAT range
+/// last found no port free (`limits::SNAT_FULL_RETRY_NS`; not pinned).
+#[btf_map]
+static SNAT_FULL: PerCpuArray<u64, MAX_BACKENDS> = PerCpuArray::new();
+
 /// Working space of `snat` (see `lb_common::SnatScratch`).
 #[btf_map]
 static SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();

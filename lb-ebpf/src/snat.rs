@@ -35,7 +35,7 @@ use lb_common::{
 };
 
 use crate::{
-    BACKENDS, SNAT, SNAT_CONFIG, SNAT_SCRATCH, XDP_TAILS, fwd, lookup,
+    BACKENDS, SNAT, SNAT_CONFIG, SNAT_FULL, SNAT_SCRATCH, XDP_TAILS, fwd, lookup,
     nat::{self, End},
     parse::{self, L3, Ports, ptr_at},
     stats,
@@ -320,18 +320,19 @@ fn port_for(sc: &mut SnatScratch) -> u16 {
     // None of them free or expired: search the whole range for one, unless a search for
     // this backend endpoint on this CPU found none a moment ago (a SYN flood must not make
     // every packet walk the range).
+    // (A backend id reused within that time may skip one search: a new flow then takes a
+    // half-open port or is refused once.)
+    let full = SNAT_FULL.get_ptr_mut(sc.backend_id);
     if sc.port_range > tries
-        && !(sc.full_backend == sc.backend_id
-            && sc.full_generation == sc.backend_generation
-            && now.wrapping_sub(sc.full_ns) < limits::SNAT_FULL_RETRY_NS)
+        && !full.is_some_and(|t| now.wrapping_sub(unsafe { *t }) < limits::SNAT_FULL_RETRY_NS)
     {
         stats::datapath(datapath_stat::SNAT_RANGE_SEARCH);
         if search_ports(sc.port_range) {
             return sc.found_be;
         }
-        sc.full_backend = sc.backend_id;
-        sc.full_generation = sc.backend_generation;
-        sc.full_ns = now;
+        if let Some(t) = full {
+            unsafe { *t = now };
+        }
     }
     // No port free: the longest-idle half-open flow met gives its port up (like conntrack's
     // early drop of unconfirmed entries), so that a SYN flood holding the range with
@@ -386,12 +387,15 @@ fn try_port(sc: &mut SnatScratch, i: u32) -> bool {
     };
     let port_be = ((sc.port_min + offset) as u16).to_be();
     sc.key.dport_be = port_be;
-    if SNAT.insert(&sc.key, &sc.value, BPF_NOEXIST as u64).is_ok() {
-        sc.found_be = port_be;
-        stats::datapath(datapath_stat::SNAT_PORT_FREE);
-        return true;
-    }
+    // Looked up first: an insert into a full LRU map takes a node (evicting the least
+    // recently used entry) even when it then fails for an existing key.
     let Some(old) = SNAT.get_ptr(&sc.key) else {
+        if SNAT.insert(&sc.key, &sc.value, BPF_NOEXIST as u64).is_ok() {
+            sc.found_be = port_be;
+            stats::datapath(datapath_stat::SNAT_PORT_FREE);
+            return true;
+        }
+        // Another CPU took it in between.
         return false;
     };
     let (state, last) = unsafe { ((*old).tcp_state, (*old).last_ns) };

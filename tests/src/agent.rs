@@ -79,7 +79,22 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let bin = agent_binary();
+        Self::start_bin_with(&agent_binary(), ns, dir, config, args, env)
+    }
+
+    /// As [`Agent::start`], with the agent binary `bin` (another build, for a comparison).
+    pub fn start_bin(bin: &Path, ns: &Netns, dir: &Path, config: Option<&str>) -> Self {
+        Self::start_bin_with(bin, ns, dir, config, &[], &[])
+    }
+
+    fn start_bin_with(
+        bin: &Path,
+        ns: &Netns,
+        dir: &Path,
+        config: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = ns.agent_command(bin.to_str().expect("utf-8 path"));
         cmd.arg("run");
         Self::spawn(cmd, dir, config, args, env)

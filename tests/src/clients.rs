@@ -243,9 +243,33 @@ impl Echo {
         })
     }
 
+    /// Asks the backend to send `text` after `after` without anything more from this end,
+    /// and waits for it (up to `after` and `timeout`).
+    pub fn backend_first(
+        &mut self,
+        after: Duration,
+        text: &str,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(after + timeout))?;
+        writeln!(self.stream, "LATER {} {text}", after.as_millis())?;
+        let r = self.read_back(text);
+        self.stream.set_read_timeout(Some(timeout))?;
+        r
+    }
+
+    /// How long a read waits from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))
+    }
+
     /// Sends a line and reads it back.
     pub fn round_trip(&mut self, text: &str) -> io::Result<()> {
         writeln!(self.stream, "{text}")?;
+        self.read_back(text)
+    }
+
+    fn read_back(&mut self, text: &str) -> io::Result<()> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));

@@ -9,6 +9,7 @@ pub mod chart;
 pub mod clients;
 pub mod demo;
 pub mod fakeapi;
+pub mod flood;
 pub mod image;
 pub mod l2lab;
 pub mod lab;

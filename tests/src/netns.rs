@@ -251,3 +251,18 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.ip(&format!("link set {a_if} up"));
     b.ip(&format!("link set {b_if} up"));
 }
+
+/// Keeps the calling thread on CPU `cpu`.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
+            0,
+            "pin to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -4,7 +4,9 @@
 //!   `backend=<name> path=<path>`; `GET /bytes/<n>` answers n bytes of a known pattern;
 //!   `GET /_stats` answers the counters; `GET /healthz` answers the health status (200 unless
 //!   told otherwise). A connection that starts with `ECHO\n` instead gets `backend=<name>\n`
-//!   and then every line echoed back until it closes (a long-lived connection).
+//!   and then every line echoed back until it closes (a long-lived connection); a line
+//!   `LATER <ms> <text>` is answered with `<text>` only after `ms` milliseconds (the backend
+//!   speaks first after the connection sat idle).
 //! - TCP: accepts and closes (`--tcp`).
 //! - UDP echo: answers `backend=<name> ` followed by the datagram.
 //! - SCTP over raw sockets: INIT → INIT-ACK whose State Cookie is `backend=<name>`; an INIT to
@@ -486,6 +488,14 @@ fn http_conn<S: Read + Write>(conn: S, peer: Option<SocketAddr>, s: &Shared) -> 
             line.clear();
             if r.read_line(&mut line)? == 0 {
                 return Ok(r.into_inner());
+            }
+            if let Some((ms, text)) = line
+                .strip_prefix("LATER ")
+                .and_then(|rest| rest.split_once(' '))
+                .and_then(|(ms, text)| Some((ms.parse::<u64>().ok()?, text.to_string())))
+            {
+                thread::sleep(std::time::Duration::from_millis(ms));
+                line = text;
             }
             r.get_mut().write_all(line.as_bytes())?;
             r.get_mut().flush()?;

@@ -1741,7 +1741,7 @@ fn a_syn_flood_never_pushes_an_established_connection_out() {
     with_env_limits(limits, |env| {
         // The tables keep an LRU list per CPU: every packet of the test runs on one CPU, as
         // one flow's packets arrive on one receive queue.
-        pin_to_cpu(0);
+        weir_lab::netns::pin_to_cpu(0);
         let key = flow_key(sock(CLIENT4, 41500), sock(VIP4, 80), Protocol::Tcp);
         let in_table = |env: &Env<'_>| {
             (
@@ -1829,19 +1829,4 @@ fn a_syn_flood_never_pushes_an_established_connection_out() {
         env.xdp(&ack.bytes());
         assert!(!in_table(env).0, "a closing flow is not established again");
     });
-}
-
-/// Keeps the calling thread on CPU `cpu`.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
-            0,
-            "pin to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }

@@ -822,3 +822,41 @@ fn l2_mode_answers_for_the_vips_on_the_link() {
         "{log}"
     );
 }
+
+/// Finding 4 of the hardening review, in the lab (`weir_lab::flood`): spoofed SYNs from
+/// 64 000 sources at the VIP for as long as 20 idle connections wait 30 s for their backend to
+/// speak first, while 100 established connections exchange lines. Every connection survives
+/// (before the half-open table, the flood pushed the idle connections out of the connection
+/// table, and their backend's first reply left with the backend's own address), at least 99%
+/// of the established connections' segments go through without retransmission, new
+/// connections succeed during the flood (the flood's half-open source-NAT ports are taken
+/// first: before, they held the ports for an hour and new flows were dropped), and the
+/// source-NAT ports are free again within the half-open timeout (10 s) after the flood.
+#[test]
+fn a_syn_flood_breaks_no_established_or_idle_connection() {
+    let r = weir_lab::flood::run(server_bin(), None, Duration::from_secs(30));
+    eprintln!("{r:#?}");
+    assert!(r.broken.is_empty(), "broken connections: {:#?}", r.broken);
+    assert!(
+        r.forwarded > 100_000,
+        "the flood reached the backends through weir: {r:?}"
+    );
+    assert!(
+        r.ports_from_half_open.is_some_and(|n| n > 0),
+        "the flood filled the source-NAT ranges: {r:?}"
+    );
+    assert_eq!(
+        r.new_during,
+        weir_lab::flood::NEW_DURING,
+        "new connections during the flood"
+    );
+    assert!(
+        r.segments > 10_000 && r.delivered() >= 0.99,
+        "at least 99% of the established connections' segments without retransmission: {r:?}"
+    );
+    // Within the wait (`weir_lab::flood`: 20 s, twice the half-open timeout).
+    assert!(
+        r.ports_back_secs.is_some(),
+        "source-NAT ports given back after the flood: {r:?}"
+    );
+}

@@ -54,6 +54,7 @@ pub fn estimate(limits: &DataplaneLimits, ncpus: u32) -> Vec<(&'static str, u64)
             array::<BackendStats>(limits.max_backends) * cpus,
         ),
         (maps::NEXTHOPS, array::<NextHop>(limits.max_backends) * cpus),
+        (maps::SNAT_FULL, array::<u64>(limits.max_backends) * cpus),
         (
             maps::ENDPOINTS,
             hash::<EndpointKey, EndpointValue>(limits.max_backends),

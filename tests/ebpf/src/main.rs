@@ -12,7 +12,10 @@
 //!   64-byte frame `GEN_FRAME` (every time: the pages are recycled by reference, and the
 //!   receiver rewrites them in place), spreads the frames over `GEN[1]` flows by writing a
 //!   counter into the 2 bytes at offset `GEN[0]` (a UDP source port; UDP over IPv4 needs no
-//!   checksum), and sends the frame out (XDP_TX).
+//!   checksum; or the low half of a source address), its ones' complement into the 2 bytes at
+//!   `GEN[2]` and `GEN[3]` when they are set (fields whose sum with the first stays constant
+//!   under a checksum: a frame built with 0 and 0xffff there keeps valid checksums), and
+//!   sends the frame out (XDP_TX).
 //! - `lab_bench`: the timing harness. BPF_PROG_TEST_RUN with repeat=N runs a program N times
 //!   on the same buffer, so a program that rewrites the packet would time itself on its own
 //!   output. This one restores the pristine frame (`PRISTINE`, `BENCH_LEN` bytes, frames padded
@@ -37,9 +40,9 @@ const BENCH_LEN: usize = 128;
 #[btf_map]
 static SINK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
 
-/// [offset, flows] for `lab_tx`.
+/// [offset, flows, complement offset, complement offset] for `lab_tx` (0: unused).
 #[btf_map]
-static GEN: Array<[u32; 2], 1> = Array::new();
+static GEN: Array<[u32; 4], 1> = Array::new();
 
 /// Length of the generator's frames.
 const GEN_LEN: usize = 64;
@@ -178,8 +181,14 @@ pub fn lab_tx(ctx: XdpContext) -> u32 {
     if let Some(cfg) = GEN.get(0)
         && cfg[1] != 0
     {
-        let n = next(&GEN_COUNTER) % cfg[1];
-        store2(&ctx, cfg[0], 1024 + n as u16);
+        let v = 1024 + (next(&GEN_COUNTER) % cfg[1]) as u16;
+        store2(&ctx, cfg[0], v);
+        if cfg[2] != 0 {
+            store2(&ctx, cfg[2], !v);
+        }
+        if cfg[3] != 0 {
+            store2(&ctx, cfg[3], !v);
+        }
     }
     xdp_action::XDP_TX
 }

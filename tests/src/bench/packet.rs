@@ -129,15 +129,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Pins the calling thread to one CPU, so that a run is not split across CPUs.
-pub fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
-    }
-}
+pub use crate::netns::pin_to_cpu;
 
 /// Runs every case; `quick` shortens the runs (for a smoke check).
 pub fn run(quick: bool) -> Report {

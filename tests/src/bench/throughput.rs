@@ -177,14 +177,24 @@ pub(super) fn kernel_rules(
 }
 
 pub(super) fn pin_lb_napi(lb: &Netns) {
-    lb.exec(&["sh", "-c", "echo 1 > /sys/class/net/eth-c/threaded"]);
+    pin_napi(lb, "eth-c", 1);
+}
+
+/// Lab-only: `iface`'s receive processing (threaded NAPI) on CPU `cpu`, as a NIC's receive
+/// queue has its interrupt on a core of its own.
+pub fn pin_napi(lb: &Netns, iface: &str, cpu: usize) {
+    lb.exec(&[
+        "sh",
+        "-c",
+        &format!("echo 1 > /sys/class/net/{iface}/threaded"),
+    ]);
     let ps = crate::netns::run("ps", &["-eo", "pid,comm"]);
     for line in ps.lines() {
         let mut f = line.split_whitespace();
         if let (Some(pid), Some(comm)) = (f.next(), f.next())
-            && comm.starts_with("napi/eth-c")
+            && comm.starts_with(&format!("napi/{iface}"))
         {
-            let _ = crate::netns::try_run("taskset", &["-p", "-c", "1", pid]);
+            let _ = crate::netns::try_run("taskset", &["-p", "-c", &cpu.to_string(), pid]);
         }
     }
 }
@@ -381,9 +391,9 @@ pub(super) fn pps(t: &Topo, quick: bool, what: &str) -> (f64, f64) {
             .try_into()
             .expect("xdp");
         p.load().expect("load lab_tx");
-        let mut cfg: Array<_, [u32; 2]> =
+        let mut cfg: Array<_, [u32; 4]> =
             Array::try_from(generator.map_mut("GEN").expect("GEN")).expect("array");
-        cfg.set(0, [34, FLOWS], 0).expect("GEN");
+        cfg.set(0, [34, FLOWS, 0, 0], 0).expect("GEN");
         let mut frame: Array<_, [u8; 64]> =
             Array::try_from(generator.map_mut("GEN_FRAME").expect("GEN_FRAME")).expect("array");
         frame

@@ -177,7 +177,7 @@ pub fn half_open_size(limits: &DataplaneLimits) -> u32 {
 }
 
 /// The capacities the agent gives the maps (the others keep the object's).
-fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 12] {
+fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 13] {
     [
         // A service of both scopes has two keys.
         (maps::SERVICES, limits.max_services.saturating_mul(2)),
@@ -186,6 +186,7 @@ fn capacities(limits: &DataplaneLimits) -> [(&'static str, u32); 12] {
         (maps::BACKENDS, limits.max_backends),
         (maps::BACKEND_STATS, limits.max_backends),
         (maps::NEXTHOPS, limits.max_backends),
+        (maps::SNAT_FULL, limits.max_backends),
         (maps::CONNTRACK, limits.conntrack_size),
         (maps::HALF_OPEN, half_open_size(limits)),
         (maps::SNAT, limits.conntrack_size),
