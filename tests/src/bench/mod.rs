@@ -14,7 +14,7 @@ pub mod restart;
 pub mod throughput;
 
 /// The benchmarks `--only` can name.
-pub const NAMES: [&str; 10] = [
+pub const NAMES: [&str; 11] = [
     "packet",
     "maglev",
     "throughput",
@@ -25,6 +25,7 @@ pub const NAMES: [&str; 10] = [
     "l2",
     "bgp",
     "restart",
+    "synflood",
 ];
 
 /// Runs the benchmarks (all, or the one named by `only`) and returns the report as Markdown:
@@ -94,8 +95,32 @@ pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<
         eprintln!("bench: agent restarts under load");
         sections.push(report::restart_section(&m, command, &restart::run(quick)));
     }
+    if wanted("synflood") {
+        eprintln!("bench: SYN flood");
+        sections.push(report::synflood_section(&m, command, &synflood(quick)));
+    }
     match (only, previous) {
         (Some(_), Some(doc)) => report::splice(doc, &sections),
         _ => report::head() + &sections.concat(),
     }
+}
+
+/// The SYN-flood scenario (`crate::flood`) with this build's agent and, when
+/// `WEIR_BASELINE_AGENT` names one (`scripts/bench` builds it from `WEIR_BASELINE_REV`), an
+/// earlier build's: (variant, report).
+fn synflood(quick: bool) -> Vec<(String, crate::flood::Report)> {
+    let serve = std::env::current_exe().expect("the weir-lab binary");
+    let idle = std::time::Duration::from_secs(if quick { 12 } else { 30 });
+    let mut rows = vec![(
+        "weir (this build)".to_string(),
+        crate::flood::run(&serve, None, idle),
+    )];
+    if let Some(bin) = std::env::var_os("WEIR_BASELINE_AGENT") {
+        let rev = std::env::var("WEIR_BASELINE_REV").unwrap_or_else(|_| "baseline".into());
+        rows.push((
+            format!("weir {rev} (before)"),
+            crate::flood::run(&serve, Some(std::path::Path::new(&bin)), idle),
+        ));
+    }
+    rows
 }
