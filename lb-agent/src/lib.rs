@@ -38,6 +38,8 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

@@ -10,6 +10,7 @@ pub mod clients;
 pub mod demo;
 pub mod fakeapi;
 pub mod flood;
+pub mod framefuzz;
 pub mod image;
 pub mod l2lab;
 pub mod lab;

@@ -3,7 +3,7 @@
 //! - `weir-lab serve --name N [--http ADDR]... [--https ADDR]... [--tcp ADDR]... [--udp ADDR]...
 //!   [--sctp ADDR]...`
 //!   (what every backend namespace runs; see `servers`).
-//! - `weir-lab bench [--quick] [--only packet|maglev|throughput|nodeport|clusterip|prune|probes|l2|bgp|restart|synflood] [--out FILE]`: every
+//! - `weir-lab bench [--quick] [--only packet|maglev|throughput|nodeport|clusterip|prune|probes|l2|bgp|restart|synflood|fuzz] [--out FILE]`: every
 //!   benchmark, as Markdown (`scripts/bench` writes `docs/benchmarks.md`; with `--only`, only
 //!   that section of the file changes). Needs root.
 //! - `weir-lab sockclient MODE ADDR N`: the socket hooks' test client (see `sockclient`).

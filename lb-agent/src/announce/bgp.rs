@@ -13,7 +13,7 @@
 //! NOTIFICATION (administrative shutdown, RFC 9003 message). With `bfd`, a BFD session
 //! (RFC 5880/5881) runs beside the BGP one; its failure closes the BGP session at once.
 
-mod session;
+pub(crate) mod session;
 mod socket;
 #[cfg(test)]
 mod tests;

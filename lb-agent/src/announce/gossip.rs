@@ -196,6 +196,12 @@ fn wall_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// The heartbeat in `datagram`, when `key` authenticates it.
+pub(crate) fn decode(key: &Key, datagram: &[u8]) -> Result<Heartbeat, Reject> {
+    let body = key.open(datagram)?;
+    serde_json::from_slice(body).map_err(|_| Reject::Malformed)
+}
+
 /// Checks a datagram from `from` against the sender table (see the module docs): the
 /// heartbeat, and whether it echoes `boot` (only then may it change the view). Records the
 /// sender when the heartbeat is authentic and in order.
@@ -211,8 +217,7 @@ fn accept(
     if !peers.contains(&from) {
         return Err(Reject::UnknownSender);
     }
-    let body = settings.key.open(datagram)?;
-    let b: Heartbeat = serde_json::from_slice(body).map_err(|_| Reject::Malformed)?;
+    let b = decode(&settings.key, datagram)?;
     if b.node == settings.node {
         return Err(Reject::OwnName);
     }

@@ -14,7 +14,7 @@ pub mod restart;
 pub mod throughput;
 
 /// The benchmarks `--only` can name.
-pub const NAMES: [&str; 11] = [
+pub const NAMES: [&str; 12] = [
     "packet",
     "maglev",
     "throughput",
@@ -26,6 +26,7 @@ pub const NAMES: [&str; 11] = [
     "bgp",
     "restart",
     "synflood",
+    "fuzz",
 ];
 
 /// Runs the benchmarks (all, or the one named by `only`) and returns the report as Markdown:
@@ -98,6 +99,19 @@ pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<
     if wanted("synflood") {
         eprintln!("bench: SYN flood");
         sections.push(report::synflood_section(&m, command, &synflood(quick)));
+    }
+    if wanted("fuzz") {
+        eprintln!("bench: frame fuzzing");
+        let n = if quick { 100_000 } else { 1_000_000 };
+        // A new seed each run (printed in the report, so that a failure can be replayed).
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs());
+        sections.push(report::fuzz_section(
+            &m,
+            command,
+            &crate::framefuzz::run(n, seed),
+        ));
     }
     match (only, previous) {
         (Some(_), Some(doc)) => report::splice(doc, &sections),

@@ -94,28 +94,32 @@ where
             });
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        let parsed = response.parse(&buf);
-        // The status line is all a check needs; it is there once the code is.
-        if let Some(code) = response.code {
+        if let Some(code) = status(&buf)? {
             return Ok(code);
         }
-        match parsed {
-            Ok(_) if buf.len() < MAX_HEAD => {}
-            Ok(_) => {
-                return Err(Failure::new(
-                    FailureKind::BadResponse,
-                    format!("no status line in the first {MAX_HEAD} bytes"),
-                ));
-            }
-            Err(e) => {
-                return Err(Failure::new(
-                    FailureKind::BadResponse,
-                    format!("not an HTTP response ({e}): {:?}", preview(&buf)),
-                ));
-            }
-        }
+    }
+}
+
+/// The status of the response whose first bytes are `buf`, once its status line is there
+/// (None: read more).
+pub(crate) fn status(buf: &[u8]) -> Result<Option<u16>, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let parsed = response.parse(buf);
+    // The status line is all a check needs; it is there once the code is.
+    if let Some(code) = response.code {
+        return Ok(Some(code));
+    }
+    match parsed {
+        Ok(_) if buf.len() < MAX_HEAD => Ok(None),
+        Ok(_) => Err(Failure::new(
+            FailureKind::BadResponse,
+            format!("no status line in the first {MAX_HEAD} bytes"),
+        )),
+        Err(e) => Err(Failure::new(
+            FailureKind::BadResponse,
+            format!("not an HTTP response ({e}): {:?}", preview(buf)),
+        )),
     }
 }
 

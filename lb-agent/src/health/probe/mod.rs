@@ -8,6 +8,7 @@ mod sctp;
 mod tcp;
 mod udp;
 
+pub(crate) use http::status as http_status;
 pub use http::{USER_AGENT_VALUE, load_ca};
 
 use crate::model::check::{CheckKind, Probe};
