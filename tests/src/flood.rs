@@ -1,13 +1,17 @@
 //! The SYN-flood lab scenario (the hardening test and `weir-lab bench --only synflood`): the
-//! lab's generator sends spoofed SYNs (64 000 sources of 198.19.0.0/16) at a VIP for as long
-//! as idle connections wait for their backend to speak first, while 100 established
+//! lab's generator sends spoofed SYNs (64 000 sources of 198.19.0.0/16) at two VIPs for as
+//! long as idle connections wait for their backend to speak first, while 100 established
 //! connections exchange lines and new connections are opened; then how soon new flows find
 //! source-NAT ports again.
 //!
 //! The lab: the standalone lab (backends behind a Linux bridge), small tables (8192
-//! connections, a 1000-port source-NAT range per backend endpoint), one TCP service that
-//! source-NATs (in this topology the kernel forwards to the backends, so flows leave
-//! destination-NATed, and their source-NAT ports are taken all the same).
+//! connections, a 1000-port source-NAT range per backend endpoint), and the same three
+//! backends behind two VIPs, as a Service reachable at its load-balancer address and an
+//! external IP: `web` (198.18.100.10), which the connections use, and `web-nat`
+//! (198.18.100.11), which source-NATs (in this topology the kernel forwards to the backends,
+//! so its flows leave destination-NATed, and their source-NAT ports are taken all the same).
+//! With two frontends per backend, reverse NAT needs each reply's flow to know which VIP to
+//! put back.
 //!
 //! Lab-only: the flood comes in on a link of its own (`f0` ── `eth-f`, one of weir's
 //! interfaces), which stands in for a receive queue of its own on a multi-queue NIC (RSS
@@ -46,6 +50,14 @@ services:
     vip: 198.18.100.10
     port: 80
     protocol: tcp
+    backends:
+      - { address: 198.18.1.11, port: 8080 }
+      - { address: 198.18.1.12, port: 8080 }
+      - { address: 198.18.1.13, port: 8080 }
+  - name: web-nat
+    vip: 198.18.100.11
+    port: 80
+    protocol: tcp
     source_nat: true
     backends:
       - { address: 198.18.1.11, port: 8080 }
@@ -61,8 +73,8 @@ pub struct Report {
     /// SYNs the generator offered, and at what rate (per second).
     pub offered: u64,
     pub offered_pps: f64,
-    /// Packets weir forwarded to the service's backends during the flood (the flood's SYNs,
-    /// and the connections' packets).
+    /// Packets weir forwarded to the backends during the flood (the flood's SYNs, and the
+    /// connections' packets).
     pub forwarded: u64,
     pub flood_secs: f64,
     /// The established connections: round trips, the slowest, and segments sent and
@@ -75,7 +87,7 @@ pub struct Report {
     pub broken: Vec<String>,
     pub idle: usize,
     pub busy: usize,
-    /// New connections opened during the flood, of `NEW_DURING`.
+    /// New connections opened to `web-nat` during the flood, of `NEW_DURING`.
     pub new_during: usize,
     /// Source-NAT ports taken from half-open flows (None: the agent does not count them).
     pub ports_from_half_open: Option<u64>,
@@ -141,6 +153,7 @@ pub fn run(serve: &Path, agent: Option<&Path>, idle: Duration) -> Report {
     // A veth has NAPI once it runs XDP.
     crate::bench::throughput::pin_napi(&lab.lb, "eth-f", 1);
     let vip: SocketAddr = format!("{VIP_V4}:80").parse().expect("vip");
+    let vip_nat: SocketAddr = "198.18.100.11:80".parse().expect("vip");
     let (mut busy, idlers): (Vec<Echo>, Vec<Echo>) = lab.client.run_in(|| {
         pin_to_cpu(1);
         let open = |_| Echo::open(vip, T).expect("echo connection");
@@ -152,7 +165,10 @@ pub fn run(serve: &Path, agent: Option<&Path>, idle: Duration) -> Report {
         ..Report::default()
     };
     let metric = |text: &str, series: &str| sample(text, series).map(|v| v as u64);
-    let forwarded_series = "weir_service_packets_total{service=\"web\",vip=\"198.18.100.10\",port=\"80\",protocol=\"tcp\",direction=\"in\"}";
+    let forwarded_series = [
+        "weir_service_packets_total{service=\"web\",vip=\"198.18.100.10\",port=\"80\",protocol=\"tcp\",direction=\"in\"}",
+        "weir_service_packets_total{service=\"web-nat\",vip=\"198.18.100.11\",port=\"80\",protocol=\"tcp\",direction=\"in\"}",
+    ];
     let half_open_series = "weir_snat_ports_taken_total{from=\"half_open\"}";
     let before = agent.metrics(&lab.lb);
     // Segments of the connections, from both ends.
@@ -162,26 +178,34 @@ pub fn run(serve: &Path, agent: Option<&Path>, idle: Duration) -> Report {
         all.iter().fold((0, 0), |(s, r), (s2, r2)| (s + s2, r + r2))
     };
     let (segments_before, retrans_before) = ends();
-    let flood = SynFlood::new(
-        &lab.client,
-        "f0",
-        lab.lb.mac("eth-f"),
-        "198.19.0.0".parse().expect("sources"),
-        "198.18.100.10:80".parse().expect("vip"),
-    );
+    let floods = [vip, vip_nat].map(|to| {
+        let SocketAddr::V4(to) = to else {
+            unreachable!("IPv4 VIPs")
+        };
+        SynFlood::new(
+            &lab.client,
+            "f0",
+            lab.lb.mac("eth-f"),
+            "198.19.0.0".parse().expect("sources"),
+            to,
+        )
+    });
     let stop = AtomicBool::new(false);
     let (sent, flood_ms) = (AtomicU64::new(0), AtomicU64::new(0));
     let (round_trips, slowest_ms) = (AtomicU64::new(0), AtomicU64::new(0));
     let flood_for = idle + Duration::from_secs(1);
     thread::scope(|s| {
         let _stop = Stop(&stop);
-        // The flood lasts until just after the idle connections' backends spoke.
+        // The flood lasts until just after the idle connections' backends spoke: one
+        // generator per VIP, taking turns on CPU 0.
         let flooding = s.spawn(|| {
             let start = Instant::now();
             while !stop.load(Ordering::Relaxed) && start.elapsed() < flood_for {
-                let took = flood.send(&lab.client, 200_000, 0);
-                sent.fetch_add(200_000, Ordering::Relaxed);
-                flood_ms.fetch_add(took.as_millis() as u64, Ordering::Relaxed);
+                for flood in &floods {
+                    let took = flood.send(&lab.client, 100_000, 0);
+                    sent.fetch_add(100_000, Ordering::Relaxed);
+                    flood_ms.fetch_add(took.as_millis() as u64, Ordering::Relaxed);
+                }
             }
         });
         let waiting: Vec<_> = idlers
@@ -225,7 +249,7 @@ pub fn run(serve: &Path, agent: Option<&Path>, idle: Duration) -> Report {
         thread::sleep(Duration::from_secs(5).min(idle / 2));
         report.new_during = lab.client.run_in(|| {
             (0..NEW_DURING)
-                .filter(|_| Echo::open(vip, T).is_ok())
+                .filter(|_| Echo::open(vip_nat, T).is_ok())
                 .count()
         });
         for h in waiting {
@@ -247,8 +271,10 @@ pub fn run(serve: &Path, agent: Option<&Path>, idle: Duration) -> Report {
     report.offered = sent.into_inner();
     report.flood_secs = flood_ms.into_inner() as f64 / 1000.0;
     report.offered_pps = report.offered as f64 / report.flood_secs.max(0.001);
-    report.forwarded = metric(&after, forwarded_series).unwrap_or(0)
-        - metric(&before, forwarded_series).unwrap_or(0);
+    report.forwarded = forwarded_series
+        .iter()
+        .map(|s| metric(&after, s).unwrap_or(0) - metric(&before, s).unwrap_or(0))
+        .sum();
     report.round_trips = round_trips.into_inner();
     report.slowest_ms = slowest_ms.into_inner();
     report.segments = segments_now.saturating_sub(segments_before);
@@ -256,7 +282,7 @@ pub fn run(serve: &Path, agent: Option<&Path>, idle: Duration) -> Report {
     report.ports_from_half_open = metric(&after, half_open_series)
         .map(|n| n - metric(&before, half_open_series).unwrap_or(0));
     if report.ports_from_half_open.is_some() {
-        report.ports_back_secs = ports_back(&lab, &agent, vip, stopped);
+        report.ports_back_secs = ports_back(&lab, &agent, vip_nat, stopped);
     }
     report
 }

@@ -824,13 +824,14 @@ fn l2_mode_answers_for_the_vips_on_the_link() {
 }
 
 /// Finding 4 of the hardening review, in the lab (`weir_lab::flood`): spoofed SYNs from
-/// 64 000 sources at the VIP for as long as 20 idle connections wait 30 s for their backend to
-/// speak first, while 100 established connections exchange lines. Every connection survives
-/// (before the half-open table, the flood pushed the idle connections out of the connection
-/// table, and their backend's first reply left with the backend's own address), at least 99%
-/// of the established connections' segments go through without retransmission, new
-/// connections succeed during the flood (the flood's half-open source-NAT ports are taken
-/// first: before, they held the ports for an hour and new flows were dropped), and the
+/// 64 000 sources at two VIPs of the same backends for as long as 20 idle connections wait
+/// 30 s for their backend to speak first, while 100 established connections exchange lines.
+/// Every connection survives (before the half-open table, the flood pushed the idle
+/// connections out of the connection table, reverse NAT could not tell which VIP their
+/// backend's first reply belonged to, and all 20 broke), at least 99% of the established
+/// connections' segments go through without retransmission, new connections to the
+/// source-NATed VIP succeed during the flood (the flood's half-open source-NAT ports are taken
+/// first: before, they held the ports for an hour and all 30 new connections failed), and the
 /// source-NAT ports are free again within the half-open timeout (10 s) after the flood.
 #[test]
 fn a_syn_flood_breaks_no_established_or_idle_connection() {

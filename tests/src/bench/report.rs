@@ -599,12 +599,12 @@ pub fn synflood_section(
     let _ = writeln!(
         s,
         "The standalone lab (backends behind a bridge) with small tables (8192 connections, a \
-         1000-port source-NAT range per backend endpoint) and one TCP service that source-NATs \
-         (`weir_lab::flood`). The lab's generator sends spoofed SYNs from 64 000 addresses of \
-         198.19.0.0/16 at the VIP from CPU 0, on a link of its own whose receive processing \
+         1000-port source-NAT range per backend endpoint) and three backends behind two VIPs, \
+         one of them source-NATed (`weir_lab::flood`). The lab's generator sends spoofed SYNs \
+         from 64 000 addresses of 198.19.0.0/16 at both VIPs from CPU 0, on a link of its own whose receive processing \
          runs on CPU 1 (a NIC queue of its own), for as long as 20 idle connections wait for \
          their backend to speak first, while 100 established connections exchange a line \
-         every 100 ms and 30 new connections are opened. *Forwarded*: packets weir sent to the \
+         every 100 ms and 30 new connections are opened to the source-NATed VIP. *Forwarded*: packets weir sent to the \
          backends during the flood (the rest of the offered SYNs were dropped by the receiving \
          interface's ring, before any program). *Delivered*: the established connections' \
          segments (both ends) not retransmitted. *Ports back*: seconds after the flood until \
