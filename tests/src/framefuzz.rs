@@ -27,7 +27,7 @@ use lb_agent::{
 use lb_common::{FlowKey, datapath_stat, drop_reason};
 
 use crate::{
-    packets::{L4, Pkt, sctp_crc_ok, sctp_init_chunk, sctp_packet},
+    packets::{L4, Pkt, arp_request, sctp_crc_ok, sctp_init_chunk, sctp_packet},
     testbed::Testbed,
 };
 
@@ -211,7 +211,7 @@ fn template(rng: &mut Rng, d: &DesiredState) -> Vec<u8> {
                 payload: b"weir".to_vec(),
             },
         ),
-        2 if !v6 => return arp_request(client, vip),
+        2 if !v6 => return arp_request(&client.to_string(), &vip.to_string()),
         _ => match s.frontend.protocol {
             Protocol::Tcp => Pkt::new(
                 client,
@@ -251,23 +251,6 @@ fn template(rng: &mut Rng, d: &DesiredState) -> Vec<u8> {
         _ => {}
     }
     p.bytes()
-}
-
-fn arp_request(sender: IpAddr, target: IpAddr) -> Vec<u8> {
-    let ip = |a: IpAddr| match a {
-        IpAddr::V4(v) => v.octets(),
-        IpAddr::V6(_) => [0; 4],
-    };
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&crate::packets::CLIENT_MAC);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    f.extend_from_slice(&crate::packets::CLIENT_MAC);
-    f.extend_from_slice(&ip(sender));
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&ip(target));
-    f.resize(60, 0);
-    f
 }
 
 /// The next frame: a template, maybe mutated, or random bytes.

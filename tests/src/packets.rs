@@ -268,3 +268,22 @@ pub fn sctp_init_chunk(initiate_tag: u32) -> Vec<u8> {
     c.extend_from_slice(&initiate_tag.to_be_bytes()); // initial TSN
     c
 }
+
+/// An ARP request from the client for `target`, padded to the Ethernet minimum.
+pub fn arp_request(sender: &str, target: &str) -> Vec<u8> {
+    let ip = |a: &str| {
+        a.parse::<std::net::Ipv4Addr>()
+            .expect("an IPv4 address")
+            .octets()
+    };
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&ip(sender));
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip(target));
+    f.resize(60, 0);
+    f
+}

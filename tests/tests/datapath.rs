@@ -25,7 +25,7 @@ use lb_agent::{
 };
 use lb_common::{datapath_stat, drop_reason};
 use weir_lab::{
-    packets::{L4, LB_MAC, Pkt, sctp_crc_ok, sctp_init_chunk, sctp_packet},
+    packets::{L4, LB_MAC, Pkt, arp_request, sctp_crc_ok, sctp_init_chunk, sctp_packet},
     testbed::{Testbed, backend_mac},
 };
 
@@ -1447,21 +1447,6 @@ fn tcp_flags(frame: &[u8], flags: u8) -> Vec<u8> {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     f[at + 4..at + 6].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    f
-}
-
-/// An ARP request from the client for `target`, padded to the Ethernet minimum.
-fn arp_request(sender: &str, target: &str) -> Vec<u8> {
-    let ip = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap().octets();
-    let mut f = Vec::new();
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    f.extend_from_slice(&weir_lab::packets::CLIENT_MAC);
-    f.extend_from_slice(&ip(sender));
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&ip(target));
-    f.resize(60, 0);
     f
 }
 
