@@ -1819,14 +1819,17 @@ fn a_syn_flood_never_pushes_an_established_connection_out() {
 /// 10^5 random and mutated frames (`weir_lab::framefuzz`; `scripts/bench --only fuzz` runs
 /// 10^6): every verdict pass, drop, tx or redirect; every rewritten frame with valid checksums
 /// (when it came in with them) and to a backend, a known client or its sender; every drop,
-/// tx and redirect counted. The seed is fixed (`WEIR_FUZZ_SEED` picks another).
+/// tx and redirect counted. The seed is fixed; `WEIR_FUZZ_SEED` and `WEIR_FUZZ_FRAMES` replay
+/// another run (a benchmark's, say).
 #[test]
 fn random_and_mutated_frames_keep_every_invariant() {
-    let seed = std::env::var("WEIR_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let r = weir_lab::framefuzz::run(100_000, seed);
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let r = weir_lab::framefuzz::run(env("WEIR_FUZZ_FRAMES", 100_000), env("WEIR_FUZZ_SEED", 1));
     eprintln!("{r:?}");
     assert!(
         r.failures.is_empty(),

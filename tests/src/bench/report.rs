@@ -652,8 +652,9 @@ pub fn fuzz_section(m: &Machine, command: &str, r: &crate::framefuzz::Report) ->
          Checked for every frame: the verdict is pass, drop, tx or redirect; a rewritten frame \
          has valid checksums whenever the frame it came from had, and goes to a programmed \
          backend, the client of a known source-NAT flow, or its sender; every drop, tx and \
-         redirect is counted. Replay a run with `WEIR_FUZZ_SEED=<seed> cargo test -p weir-lab \
-         --test datapath random_and_mutated` (10^5 frames; `scripts/test` runs seed 1).\n"
+         redirect is counted. Replay a run with `WEIR_FUZZ_SEED=<seed> WEIR_FUZZ_FRAMES=1000000 \
+         cargo test -p weir-lab --test datapath random_and_mutated` (`scripts/test` runs 10^5 \
+         frames of seed 1).\n"
     );
     let [aborted, drop, pass, tx, redirect] = r.verdicts;
     let _ = writeln!(
