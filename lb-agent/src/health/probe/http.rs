@@ -106,9 +106,17 @@ pub(crate) fn status(buf: &[u8]) -> Result<Option<u16>, Failure> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
     let parsed = response.parse(buf);
-    // The status line is all a check needs; it is there once the code is.
-    if let Some(code) = response.code {
-        return Ok(Some(code));
+    // The status line is all a check needs; it is there once the code is. httparse takes
+    // any three digits; a status is 100-999 (found by fuzzing: `HTTP/1.1 000` read as 0).
+    match response.code {
+        Some(code) if code >= 100 => return Ok(Some(code)),
+        Some(code) => {
+            return Err(Failure::new(
+                FailureKind::BadResponse,
+                format!("status {code:03} is not an HTTP status: {:?}", preview(buf)),
+            ));
+        }
+        None => {}
     }
     match parsed {
         Ok(_) if buf.len() < MAX_HEAD => Ok(None),
