@@ -424,16 +424,12 @@ fn a_probe_future_stays_small() {
 /// (then reported as a status outside the expected range); a code below 100 is no response.
 #[test]
 fn a_status_below_100_is_not_an_http_response() {
-    let f = super::http_status(b"HTTP/1.1 000 OK\r\n").unwrap_err();
+    let f = http_status(b"HTTP/1.1 000 OK\r\n").unwrap_err();
     assert_eq!(f.kind, FailureKind::BadResponse);
     assert!(f.detail.contains("status 000"), "{f}");
     assert_eq!(
-        super::http_status(b"HTTP/1.1 204 No Content\r\n").ok(),
+        http_status(b"HTTP/1.1 204 No Content\r\n").ok(),
         Some(Some(204))
     );
-    assert_eq!(
-        super::http_status(b"HTTP/1.1 2").ok(),
-        Some(None),
-        "read more"
-    );
+    assert_eq!(http_status(b"HTTP/1.1 2").ok(), Some(None), "read more");
 }
