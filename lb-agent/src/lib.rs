@@ -25,6 +25,7 @@
 //! 11. `api`: the admin API.
 //! 12. `app`: the process: wiring, signals, the main loop.
 //! 13. `cli`: the command line's client side.
+//! 14. `fuzz`: entry points for the fuzzers (`fuzz/`), over the decoders of outside input.
 //!
 //! Below every layer: the crate root's helpers (`LockExt`, `Supervised`) and `sys`, the sockets and
 //! interfaces calls that need `unsafe`. `unsafe` is denied everywhere else but in
