@@ -6,6 +6,8 @@ pub mod addresses;
 pub mod annotations;
 pub mod announce;
 pub mod crd;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod healthport;
 pub mod ipam;
 pub mod metrics;
