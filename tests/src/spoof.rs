@@ -179,11 +179,6 @@ impl SynFlood {
         }
     }
 
-    /// The frame the generator starts from.
-    pub fn frame(&self) -> &[u8; 64] {
-        &self.frame
-    }
-
     /// Sends `count` SYNs (in `ns`, the namespace given to `new`) from CPU `cpu`; how long
     /// it took.
     pub fn send(&self, ns: &Netns, count: u32, cpu: usize) -> Duration {
