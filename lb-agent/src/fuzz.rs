@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 
 use crate::{
-    announce::{BgpPeerConfig, Secret, bfd, gossip},
-    model::{DesiredState, Scope},
+    announce::{bfd, gossip},
+    model::DesiredState,
     sources::kubernetes::fuzz as k8s,
 };
 
@@ -73,24 +73,7 @@ pub fn bfd(data: &[u8]) {
 pub fn bgp(data: &[u8]) {
     use rustbgpd_wire::{MAX_MESSAGE_LEN, Message};
     let mut buf = bytes::BytesMut::from(data);
-    let ctx = crate::announce::bgp::session::Context {
-        local_as: 64512,
-        router_id: std::net::Ipv4Addr::new(198, 18, 2, 11),
-        peer: BgpPeerConfig {
-            address: "198.18.2.254".parse().expect("address"),
-            remote_as: 64513,
-            local_as: None,
-            port: 179,
-            password: Some(Secret("x".into())),
-            hold_time: std::time::Duration::from_secs(9),
-            connect_retry: std::time::Duration::from_secs(2),
-            bfd: false,
-            multihop: None,
-            passive: false,
-        },
-        graceful: None,
-        keep_routes: std::sync::Arc::default(),
-    };
+    let ctx = crate::announce::bgp::session::Context::example(64512, 64513);
     while let Ok(Some(len)) = rustbgpd_wire::peek_message_length(&buf, MAX_MESSAGE_LEN) {
         if buf.len() < usize::from(len) || len == 0 {
             return;
@@ -118,14 +101,13 @@ pub fn http_probe(data: &[u8]) {
 
 /// The data plane's invariants of a desired state: every frontend once, every backend of
 /// its frontend's address family and listed once, source ranges of that family.
+/// (`Frontend::overlaps`: no two frontends a client could reach both of.)
 pub fn check_desired(d: &DesiredState) {
-    let mut frontends = BTreeSet::new();
-    for s in &d.services {
+    for (i, s) in d.services.iter().enumerate() {
         let f = &s.frontend;
-        assert!(
-            frontends.insert((f.vip, f.port, f.protocol, f.scope)),
-            "frontend {f:?} twice"
-        );
+        if let Some(o) = d.services[i + 1..].iter().find(|o| o.frontend.overlaps(f)) {
+            panic!("{} and {}: overlapping frontends {f}", s.name, o.name);
+        }
         let mut addrs = BTreeSet::new();
         for b in &s.backends {
             assert_eq!(
@@ -140,19 +122,6 @@ pub fn check_desired(d: &DesiredState) {
         }
         for r in &s.source_ranges {
             assert_eq!(r.addr().is_ipv4(), f.vip.is_ipv4(), "{}: range {r}", s.name);
-        }
-    }
-    // A frontend of both scopes is one key per scope: `Both` never sits beside a scoped one.
-    for s in &d.services {
-        let f = &s.frontend;
-        if f.scope == Scope::Both {
-            assert!(
-                !d.services.iter().any(|o| o.frontend.vip == f.vip
-                    && o.frontend.port == f.port
-                    && o.frontend.protocol == f.protocol
-                    && o.frontend.scope != Scope::Both),
-                "{f:?} beside a scoped frontend"
-            );
         }
     }
 }

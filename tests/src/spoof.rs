@@ -182,28 +182,10 @@ impl SynFlood {
     /// Sends `count` SYNs (in `ns`, the namespace given to `new`) from CPU `cpu`; how long
     /// it took.
     pub fn send(&self, ns: &Netns, count: u32, cpu: usize) -> Duration {
-        use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
-        let prog: &aya::programs::Xdp = self
-            .ebpf
-            .program("lab_tx")
-            .expect("lab_tx")
-            .try_into()
-            .expect("xdp");
-        let mut ctx = Vec::with_capacity(24);
-        for v in [0u32, self.frame.len() as u32, 0, self.ifindex, 0, 0] {
-            ctx.extend_from_slice(&v.to_ne_bytes());
-        }
         let start = Instant::now();
         ns.run_in(|| {
             crate::netns::pin_to_cpu(cpu);
-            prog.test_run(TestRunOptions {
-                data_in: Some(&self.frame),
-                ctx_in: Some(&ctx),
-                repeat: count,
-                attrs: TestRunAttrs::new().xdp_live_frames(64),
-                ..TestRunOptions::new()
-            })
-            .expect("generator run")
+            crate::xdp::transmit(&self.ebpf, &self.frame, self.ifindex, count);
         });
         start.elapsed()
     }

@@ -60,3 +60,27 @@ impl LabXdp {
         v.iter().fold((0, 0), |(f, b), c| (f + c[0], b + c[1]))
     }
 }
+
+/// Transmits `frame` `count` times with the generator `lab_tx` of `ebpf` (BPF_PROG_TEST_RUN in
+/// live-frames mode) out of interface `ifindex`, whose peer must run a native XDP program.
+/// Call it inside the interface's namespace.
+pub fn transmit(ebpf: &Ebpf, frame: &[u8], ifindex: u32, count: u32) {
+    use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
+    let prog: &Xdp = ebpf
+        .program("lab_tx")
+        .expect("lab_tx")
+        .try_into()
+        .expect("xdp");
+    let mut ctx = Vec::with_capacity(24);
+    for v in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
+        ctx.extend_from_slice(&v.to_ne_bytes());
+    }
+    prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(&ctx),
+        repeat: count,
+        attrs: TestRunAttrs::new().xdp_live_frames(64),
+        ..TestRunOptions::new()
+    })
+    .expect("generator run");
+}

@@ -21,11 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Ebpf,
-    maps::Array,
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
-};
+use aya::{Ebpf, maps::Array, programs::Xdp};
 
 use crate::{
     agent::Agent,
@@ -313,26 +309,9 @@ fn nft_rules(services: usize) -> String {
 /// Sends `count` frames from the generator; (frames the sink got, seconds).
 fn generate(t: &Topo, generator: &Ebpf, count: u32) -> (u64, f64) {
     let before = t.sink_xdp.sink_counts().0;
-    let prog: &Xdp = generator
-        .program("lab_tx")
-        .expect("lab_tx")
-        .try_into()
-        .expect("xdp");
-    let mut ctx = Vec::with_capacity(24);
-    for v in [0u32, t.frame.len() as u32, 0, t.g0, 0, 0] {
-        ctx.extend_from_slice(&v.to_ne_bytes());
-    }
     let start = Instant::now();
-    let _ = t.generator.run_in(|| {
-        prog.test_run(TestRunOptions {
-            data_in: Some(&t.frame),
-            ctx_in: Some(&ctx),
-            repeat: count,
-            attrs: TestRunAttrs::new().xdp_live_frames(64),
-            ..TestRunOptions::new()
-        })
-        .expect("generator run")
-    });
+    t.generator
+        .run_in(|| crate::xdp::transmit(generator, &t.frame, t.g0, count));
     let secs = start.elapsed().as_secs_f64();
     // Frames still in flight land within a moment.
     std::thread::sleep(Duration::from_millis(50));

@@ -71,6 +71,30 @@ pub struct Graceful {
 }
 
 impl Context {
+    /// A session of this node (198.18.2.11, AS `local_as`) with a peer at 198.18.2.254 (AS
+    /// `remote_as`): the tests' and the fuzz target's.
+    #[doc(hidden)]
+    pub fn example(local_as: u32, remote_as: u32) -> Self {
+        Self {
+            local_as,
+            router_id: Ipv4Addr::new(198, 18, 2, 11),
+            peer: BgpPeerConfig {
+                address: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 254)),
+                remote_as,
+                local_as: None,
+                port: 179,
+                password: Some(crate::announce::Secret("x".into())),
+                hold_time: Duration::from_secs(9),
+                connect_retry: Duration::from_secs(2),
+                bfd: false,
+                multihop: None,
+                passive: false,
+            },
+            graceful: None,
+            keep_routes: std::sync::Arc::default(),
+        }
+    }
+
     pub fn internal(&self) -> bool {
         self.local_as == self.peer.remote_as
     }

@@ -6,27 +6,10 @@ use rustbgpd_wire::{
 };
 
 use super::session::{Context, Families, announcements, negotiate, withdrawals};
-use crate::announce::{BgpPeerConfig, RouteAttrs, Secret};
+use crate::announce::{BgpPeerConfig, RouteAttrs};
 
 fn ctx(local_as: u32, remote_as: u32) -> Context {
-    Context {
-        local_as,
-        router_id: Ipv4Addr::new(198, 18, 2, 11),
-        peer: BgpPeerConfig {
-            address: "198.18.2.254".parse().unwrap(),
-            remote_as,
-            local_as: None,
-            port: 179,
-            password: Some(Secret("x".into())),
-            hold_time: std::time::Duration::from_secs(9),
-            connect_retry: std::time::Duration::from_secs(2),
-            bfd: false,
-            multihop: None,
-            passive: false,
-        },
-        graceful: None,
-        keep_routes: std::sync::Arc::default(),
-    }
+    Context::example(local_as, remote_as)
 }
 
 fn attrs() -> RouteAttrs {
