@@ -36,6 +36,9 @@ pub const HASH_NAME: &str = "xxh3-64";
 /// A slot that no backend owns (the service has no backend with weight).
 pub const EMPTY: u32 = u32::MAX;
 
+/// The largest table [`build`] makes (the data plane's limit is lower).
+pub const MAX_TABLE_SIZE: u32 = 1 << 22;
+
 /// Phase-1 length in units of M/N rounds (about 86% of the slots are claimed by then).
 const PHASE1_ROUNDS: u64 = 2;
 
@@ -50,32 +53,20 @@ pub struct Entry<'a> {
     pub weight: u32,
 }
 
+/// A backend's permutation of the slots: `start, start + skip, ...` (mod M).
 #[derive(Clone, Copy)]
 struct Walk {
-    next: u32,
-    skip: u32,
     start: u32,
+    skip: u32,
 }
 
 impl Walk {
-    /// The backend's permutation: `offset = xxh3_64(key, seed) % m`,
-    /// `skip = xxh3_64(key, seed + 1) % (m - 1) + 1` (m prime, at least 2).
+    /// `start = xxh3_64(key, seed) % m`, `skip = xxh3_64(key, seed + 1) % (m - 1) + 1` (m
+    /// prime, at least 2).
     fn new(key: &[u8], m: u32, seed: u64) -> Self {
         let start = (xxh3_64_with_seed(key, seed) % u64::from(m)) as u32;
         let skip = (xxh3_64_with_seed(key, seed.wrapping_add(1)) % (u64::from(m) - 1) + 1) as u32;
-        Self {
-            next: start,
-            skip,
-            start,
-        }
-    }
-
-    #[inline(always)]
-    fn step(&mut self, m: u32) -> u32 {
-        let x = self.next;
-        let n = x + self.skip;
-        self.next = if n >= m { n - m } else { n };
-        x
+        Self { start, skip }
     }
 }
 
@@ -84,6 +75,7 @@ impl Walk {
 /// does not matter; duplicate keys are the caller's error.
 pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
     let m = table_size;
+    assert!(m <= MAX_TABLE_SIZE, "Maglev tables have at most {MAX_TABLE_SIZE} slots");
     let mut table = vec![EMPTY; m as usize];
     // Work in key order so that the input order cannot change the result.
     let mut order: Vec<usize> = (0..entries.len())
@@ -103,123 +95,266 @@ pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
         .map(|&i| u64::from(entries[i].weight))
         .collect();
     let max_weight = weights.iter().copied().max().unwrap_or(1);
-    let mut walks: Vec<Walk> = order
+    // The walks, as columns (positions and skips apart, so that a round's steps vectorize).
+    let (mut pos, skip): (Vec<u32>, Vec<u32>) = order
         .iter()
-        .map(|&i| Walk::new(entries[i].key, m, seed))
-        .collect();
+        .map(|&i| {
+            let w = Walk::new(entries[i].key, m, seed);
+            (w.start, w.skip)
+        })
+        .unzip();
+    let start = pos.clone();
+    let owner: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+    // The free slots, a bit each: 8 KiB for M = 65537, in the first-level cache, where the
+    // table (256 KiB) is not.
+    let mut bits = FreeSet::full(m);
+    let mut held = vec![0u32; n];
 
-    // Phase 1: first reach. `table` holds positions in `order` while building. The loops
-    // are branch-free on "was the slot free", which is a coin toss the CPU cannot predict.
+    // Phase 1: first reach. Claims are logged in order, branch-free on "was the slot free"
+    // (a coin toss the CPU cannot predict), and written into the table afterwards.
     let rounds = (PHASE1_ROUNDS * u64::from(m)).div_ceil(n as u64);
-    // Every claim in order (a slot at most once), to find each backend's latest ones.
-    let mut log = vec![0u32; m as usize + 1];
+    let mut log = vec![0u64; m as usize + 1];
     let mut logged = 0usize;
-    let mut free = u64::from(m);
-    let equal = weights.iter().all(|&w| w == max_weight);
-    let mut credit = vec![0u64; if equal { 0 } else { n }];
-    for _ in 0..rounds {
-        for k in 0..n {
-            if !equal {
+    if weights.iter().all(|&w| w == max_weight) {
+        // Every backend steps every round: visit, then advance all (a loop that vectorizes).
+        for _ in 0..rounds {
+            for (k, &x) in pos.iter().enumerate() {
+                log[logged] = u64::from(x) | (k as u64) << 32;
+                logged += usize::from(bits.take(x));
+            }
+            advance(&mut pos, &skip, m);
+            if logged == m as usize {
+                break;
+            }
+        }
+    } else {
+        // A backend of weight w steps in w/max_w of the rounds.
+        let mut credit = vec![0u64; n];
+        for _ in 0..rounds {
+            for k in 0..n {
                 credit[k] += weights[k];
                 if credit[k] < max_weight {
                     continue;
                 }
                 credit[k] -= max_weight;
+                let x = pos[k];
+                log[logged] = u64::from(x) | (k as u64) << 32;
+                logged += usize::from(bits.take(x));
+                pos[k] = next_on(x, skip[k], m);
             }
-            let x = walks[k].step(m);
-            let cur = table[x as usize];
-            let take = cur == EMPTY;
-            table[x as usize] = if take { k as u32 } else { cur };
-            log[logged] = x;
-            logged += usize::from(take);
-        }
-        free = u64::from(m) - logged as u64;
-        if free == 0 {
-            break;
+            if logged == m as usize {
+                break;
+            }
         }
     }
-
-    // Phase 2: exact shares. Over-share backends give up their latest claims...
-    let mut held = vec![0u32; n];
-    for &x in &log[..logged] {
-        let k = table[x as usize] as usize;
-        if held[k] == quota[k] {
-            table[x as usize] = EMPTY;
-            free += 1;
-        } else {
-            held[k] += 1;
-        }
+    let mut free = u64::from(m) - logged as u64;
+    for &claim in &log[..logged] {
+        let (x, k) = (claim as u32, (claim >> 32) as usize);
+        table[x as usize] = owner[k];
+        held[k] += 1;
     }
     drop(log);
-    // ...and under-share backends walk again from the start, in lock-step.
-    let mut hungry: Vec<u32> = Vec::new();
-    let mut left: Vec<u32> = Vec::new();
+
+    // Phase 2: exact shares. Over-share backends give up their latest claims (walking their
+    // permutations back from where phase 1 left them)...
+    for k in 0..n {
+        let mut excess = held[k].saturating_sub(quota[k]);
+        let back = m - skip[k];
+        let mut x = pos[k];
+        while excess > 0 {
+            x = next_on(x, back, m);
+            if table[x as usize] == owner[k] {
+                table[x as usize] = EMPTY;
+                bits.put(x);
+                free += 1;
+                excess -= 1;
+            }
+        }
+    }
+    // ...and under-share backends walk again from the start, in lock-step (in key order).
+    let mut hungry = Hungry::default();
     for k in 0..n {
         if held[k] < quota[k] {
-            walks[k].next = walks[k].start;
-            hungry.push(k as u32);
-            left.push(quota[k] - held[k]);
+            hungry.pos.push(start[k]);
+            hungry.skip.push(skip[k]);
+            hungry.left.push(quota[k] - held[k]);
+            hungry.owner.push(owner[k]);
         }
     }
-    while !hungry.is_empty() {
-        if hungry.len() as u64 * free <= DIRECT_PAIRS {
-            assign_directly(&mut table, &walks, &hungry, &left, m);
+    let mut hits = vec![0u32; hungry.pos.len()];
+    // Backends that reach their share leave the columns in batches (a compaction per round
+    // would cost as much as the round); until then they walk without taking.
+    let mut active = hungry.pos.len();
+    while active > 0 {
+        if active as u64 * free <= DIRECT_PAIRS {
+            hungry.retain_hungry();
+            assign_directly(&mut table, &bits, &hungry, m);
             break;
         }
-        let mut done = false;
-        for (k, l) in hungry.iter().zip(left.iter_mut()) {
-            let x = walks[*k as usize].step(m);
-            let cur = table[x as usize];
-            let take = (cur == EMPTY) && (*l > 0);
-            table[x as usize] = if take { *k } else { cur };
-            free -= u64::from(take);
-            *l -= u32::from(take);
-            done |= *l == 0;
+        // Which walks land on a free slot (branch-free), then those claims in key order.
+        let mut landed = 0;
+        for (i, &x) in hungry.pos.iter().enumerate() {
+            hits[landed] = i as u32;
+            landed += usize::from(bits.has(x));
         }
-        if done {
-            let mut kept = 0;
-            for i in 0..hungry.len() {
-                if left[i] > 0 {
-                    hungry[kept] = hungry[i];
-                    left[kept] = left[i];
-                    kept += 1;
-                }
+        for &i in &hits[..landed] {
+            let i = i as usize;
+            let x = hungry.pos[i];
+            if hungry.left[i] > 0 && bits.take(x) {
+                table[x as usize] = hungry.owner[i];
+                free -= 1;
+                hungry.left[i] -= 1;
+                active -= usize::from(hungry.left[i] == 0);
             }
-            hungry.truncate(kept);
-            left.truncate(kept);
         }
-    }
-
-    for s in &mut table {
-        if *s != EMPTY {
-            *s = order[*s as usize] as u32;
+        advance(&mut hungry.pos, &hungry.skip, m);
+        if active < hungry.pos.len() * 3 / 4 {
+            hungry.retain_hungry();
         }
     }
     table
 }
 
+/// The next position of a walk at `x` with step `skip` (< m).
+#[inline(always)]
+fn next_on(x: u32, skip: u32, m: u32) -> u32 {
+    let n = x + skip;
+    if n >= m { n - m } else { n }
+}
+
+/// One step of every walk.
+fn advance(pos: &mut [u32], skip: &[u32], m: u32) {
+    for (x, &s) in pos.iter_mut().zip(skip) {
+        *x = next_on(*x, s, m);
+    }
+}
+
+/// The backends still under their share in phase 2, as columns, in key order.
+#[derive(Default)]
+struct Hungry {
+    pos: Vec<u32>,
+    skip: Vec<u32>,
+    left: Vec<u32>,
+    /// Index in the caller's entries.
+    owner: Vec<u32>,
+}
+
+impl Hungry {
+    /// Drops the backends that reached their share.
+    fn retain_hungry(&mut self) {
+        let mut kept = 0;
+        for i in 0..self.pos.len() {
+            if self.left[i] > 0 {
+                self.pos[kept] = self.pos[i];
+                self.skip[kept] = self.skip[i];
+                self.left[kept] = self.left[i];
+                self.owner[kept] = self.owner[i];
+                kept += 1;
+            }
+        }
+        self.pos.truncate(kept);
+        self.skip.truncate(kept);
+        self.left.truncate(kept);
+        self.owner.truncate(kept);
+    }
+}
+
+/// The free slots of a table being built, a bit each.
+struct FreeSet(Vec<u64>);
+
+impl FreeSet {
+    fn full(m: u32) -> Self {
+        let mut words = vec![u64::MAX; (m as usize).div_ceil(64)];
+        if m % 64 != 0 {
+            words[m as usize / 64] = (1u64 << (m % 64)) - 1;
+        }
+        Self(words)
+    }
+
+    /// Takes slot `x` if it is free; whether it was.
+    #[inline(always)]
+    fn take(&mut self, x: u32) -> bool {
+        let word = &mut self.0[x as usize / 64];
+        let bit = 1u64 << (x % 64);
+        let was = *word & bit != 0;
+        *word &= !bit;
+        was
+    }
+
+    #[inline(always)]
+    fn has(&self, x: u32) -> bool {
+        self.0[x as usize / 64] >> (x % 64) & 1 != 0
+    }
+
+    fn put(&mut self, x: u32) {
+        self.0[x as usize / 64] |= 1u64 << (x % 64);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let b = w.trailing_zeros();
+                    w &= w - 1;
+                    i as u32 * 64 + b
+                })
+            })
+        })
+    }
+}
+
 /// Finishes phase 2 without walking: every (free slot, hungry backend) pair is ranked by how
 /// many more steps the backend's walk needs to land on the slot (then by key order, as in a
 /// lock-step round), and taken greedily — the outcome the walks would reach.
-fn assign_directly(table: &mut [u32], walks: &[Walk], hungry: &[u32], left: &[u32], m: u32) {
-    let free: Vec<u32> = (0..m).filter(|&x| table[x as usize] == EMPTY).collect();
-    let mut pairs = Vec::with_capacity(free.len() * hungry.len());
-    for (i, &k) in hungry.iter().enumerate() {
-        let w = walks[k as usize];
-        let inv = u64::from(inverse_mod(w.skip, m));
+fn assign_directly(table: &mut [u32], bits: &FreeSet, hungry: &Hungry, m: u32) {
+    // (steps, backend, slot) packed into 22 + 20 + 22 bits.
+    debug_assert!(m <= MAX_TABLE_SIZE && hungry.pos.len() <= 1 << 20);
+    let free: Vec<u32> = bits.iter().collect();
+    let modm = FastMod::new(m);
+    let mut pairs = Vec::with_capacity(free.len() * hungry.pos.len());
+    for i in 0..hungry.pos.len() {
+        let inv = u64::from(inverse_mod(hungry.skip[i], m));
+        let at = hungry.pos[i];
         for &x in &free {
-            let dist = (x + m - w.next) % m;
-            let steps = (u64::from(dist) * inv % u64::from(m)) as u32;
-            pairs.push((steps, i as u32, x));
+            let dist = if x >= at { x - at } else { x + m - at };
+            let steps = modm.of(u64::from(dist) * inv);
+            pairs.push(u64::from(steps) << 42 | (i as u64) << 22 | u64::from(x));
         }
     }
     pairs.sort_unstable();
-    let mut left = left.to_vec();
-    for (_, i, x) in pairs {
-        if left[i as usize] > 0 && table[x as usize] == EMPTY {
-            table[x as usize] = hungry[i as usize];
-            left[i as usize] -= 1;
+    let mut left = hungry.left.clone();
+    for p in pairs {
+        let (i, x) = ((p >> 22) as usize & 0xF_FFFF, p as u32 & 0x3F_FFFF);
+        if left[i] > 0 && table[x as usize] == EMPTY {
+            table[x as usize] = hungry.owner[i];
+            left[i] -= 1;
         }
+    }
+}
+
+/// `a mod m` without a division (Lemire, Kaser and Kurz, "Faster remainder by direct
+/// computation", 2019), for `a < 2^64` and `m < 2^32`.
+struct FastMod {
+    m: u64,
+    c: u128,
+}
+
+impl FastMod {
+    fn new(m: u32) -> Self {
+        Self {
+            m: u64::from(m),
+            c: u128::MAX / u128::from(m) + 1,
+        }
+    }
+
+    #[inline(always)]
+    fn of(&self, a: u64) -> u32 {
+        let low = self.c.wrapping_mul(u128::from(a));
+        // (low * m) >> 128, from two 64-bit halves.
+        let hi = (low >> 64) * u128::from(self.m);
+        let lo = (low & u128::from(u64::MAX)) * u128::from(self.m);
+        ((hi + (lo >> 64)) >> 64) as u32
     }
 }
 
@@ -288,6 +423,7 @@ pub struct MaglevConfig {
     pub hash: MaglevHash,
     pub seed: u64,
 }
+
 
 #[cfg(any(test, feature = "reference"))]
 pub mod reference;

@@ -2,7 +2,7 @@
 //! (the `reference` feature; the agent itself never builds them): the NSDI paper's fill and
 //! the disruption a backend's removal causes.
 
-use super::{EMPTY, Entry, Walk};
+use super::{EMPTY, Entry, Walk, next_on};
 
 /// The NSDI paper's fill (each backend in turn takes its next free preferred slot, equal
 /// weights), with the same permutations. Not used by the data plane: it is the baseline that
@@ -19,11 +19,13 @@ pub fn paper_fill(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32>
         .iter()
         .map(|&i| Walk::new(entries[i].key, m, seed))
         .collect();
+    // A walk's next position is kept in its `start`.
     let mut filled = 0;
     loop {
         for (k, w) in walks.iter_mut().enumerate() {
             let slot = loop {
-                let x = w.step(m);
+                let x = w.start;
+                w.start = next_on(x, w.skip, m);
                 if table[x as usize] == EMPTY {
                     break x;
                 }

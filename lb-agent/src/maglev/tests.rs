@@ -81,6 +81,39 @@ fn golden_small_table() {
 }
 const GOLDEN_13: [u32; 13] = [2, 1, 1, 2, 0, 1, 0, 0, 0, 2, 1, 0, 2];
 
+#[test]
+fn golden_large_tables() {
+    // Pinned like the small table, by a digest of each table's slots: equal and unequal
+    // weights (weight i mod w, zeros included), tables large and small, several seeds.
+    // (backends, table size, weight modulus or 0 for equal weights, seed, digest)
+    const GOLDEN: [(usize, u32, u32, u64, u64); 7] = [
+        (1000, 65537, 0, 0, 0x9211_e41f_f41f_7478),
+        (100, 16381, 0, 0, 0xfb22_e439_c6fd_d260),
+        (1000, 16381, 7, 5, 0xb7c4_1b37_d011_315a),
+        (37, 65537, 3, 9, 0x1b2f_545e_2581_5e90),
+        (5000, 65537, 0, 1, 0xf9de_8394_c033_c9a2),
+        (2, 7, 0, 0, 0x5506_9644_6a4a_65c7),
+        (300, 1021, 4, 2, 0xdfb7_d355_e7fe_9501),
+    ];
+    for (n, m, modulus, seed, digest) in GOLDEN {
+        let k = keys(n);
+        let e: Vec<Entry<'_>> = k
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Entry {
+                key: k.as_bytes(),
+                weight: if modulus == 0 { 1 } else { i as u32 % modulus },
+            })
+            .collect();
+        let bytes: Vec<u8> = build(&e, m, seed)
+            .iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect();
+        let got = xxhash_rust::xxh3::xxh3_64(&bytes);
+        assert_eq!(got, digest, "n={n} m={m} weights mod {modulus} seed {seed}: {got:#x}");
+    }
+}
+
 /// Worst disruption over `samples` removals spread over the set.
 fn worst_disruption(
     build: fn(&[Entry<'_>], u32, u64) -> Vec<u32>,
