@@ -527,7 +527,14 @@ pub fn request(
 /// Serves the fake API on `addr` until the process ends (`weir-lab fake-apiserver ADDR`).
 /// Serves at `addr`; with `state`, the objects are kept in that file and read back when the
 /// server starts again (an API server restart, whose clients' watches break and resume).
-pub fn serve(addr: SocketAddr, state: Option<&std::path::Path>) -> std::io::Result<()> {
+/// With `seed`, a JSON array of `{"path": collection path, "object": ...}` (what a `POST`
+/// would create), the objects are created before it serves: tens of thousands of them in a
+/// second, where as many requests take minutes.
+pub fn serve(
+    addr: SocketAddr,
+    state: Option<&std::path::Path>,
+    seed: Option<&std::path::Path>,
+) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -538,6 +545,23 @@ pub fn serve(addr: SocketAddr, state: Option<&std::path::Path>) -> std::io::Resu
             inner: Arc::new(Mutex::new(state.map(Inner::load).unwrap_or_default())),
             tx,
         };
+        if let Some(path) = seed {
+            let text = std::fs::read_to_string(path)?;
+            let items: Vec<Value> = serde_json::from_str(&text)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+            for item in items {
+                let (Some(t), Some(name)) = (
+                    item["path"].as_str().and_then(parse),
+                    item["object"]["metadata"]["name"].as_str(),
+                ) else {
+                    return Err(std::io::Error::other(format!(
+                        "seed item {item}: no path or name"
+                    )));
+                };
+                let ns = t.namespace.clone().unwrap_or_default();
+                fake.write(&t, &ns, name, item["object"].clone(), "ADDED");
+            }
+        }
         let app = Router::new().fallback(handle).with_state(fake);
         let listener = tokio::net::TcpListener::bind(addr).await?;
         axum::serve(listener, app).await

@@ -33,11 +33,19 @@ fn main() -> ExitCode {
         Some("fake-apiserver") => {
             let addr = args.get(1).and_then(|a| a.parse().ok());
             let Some(addr) = addr else {
-                eprintln!("usage: weir-lab fake-apiserver IP:PORT [STATE-FILE]");
+                eprintln!("usage: weir-lab fake-apiserver IP:PORT [STATE-FILE] [--seed FILE]");
                 return ExitCode::from(2);
             };
-            let state = args.get(2).map(std::path::Path::new);
-            match weir_lab::fakeapi::serve(addr, state) {
+            let mut rest = args[2..].iter();
+            let (mut state, mut seed) = (None, None);
+            while let Some(a) = rest.next() {
+                if a == "--seed" {
+                    seed = rest.next().map(std::path::Path::new);
+                } else {
+                    state = Some(std::path::Path::new(a));
+                }
+            }
+            match weir_lab::fakeapi::serve(addr, state, seed) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weir-lab fake-apiserver: {e}");

@@ -75,7 +75,10 @@ impl Walk {
 /// does not matter; duplicate keys are the caller's error.
 pub fn build(entries: &[Entry<'_>], table_size: u32, seed: u64) -> Vec<u32> {
     let m = table_size;
-    assert!(m <= MAX_TABLE_SIZE, "Maglev tables have at most {MAX_TABLE_SIZE} slots");
+    assert!(
+        m <= MAX_TABLE_SIZE,
+        "Maglev tables have at most {MAX_TABLE_SIZE} slots"
+    );
     let mut table = vec![EMPTY; m as usize];
     // Work in key order so that the input order cannot change the result.
     let mut order: Vec<usize> = (0..entries.len())
@@ -265,7 +268,7 @@ struct FreeSet(Vec<u64>);
 impl FreeSet {
     fn full(m: u32) -> Self {
         let mut words = vec![u64::MAX; (m as usize).div_ceil(64)];
-        if m % 64 != 0 {
+        if !m.is_multiple_of(64) {
             words[m as usize / 64] = (1u64 << (m % 64)) - 1;
         }
         Self(words)
@@ -423,7 +426,6 @@ pub struct MaglevConfig {
     pub hash: MaglevHash,
     pub seed: u64,
 }
-
 
 #[cfg(any(test, feature = "reference"))]
 pub mod reference;

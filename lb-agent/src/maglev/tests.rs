@@ -110,7 +110,10 @@ fn golden_large_tables() {
             .flat_map(|s| s.to_le_bytes())
             .collect();
         let got = xxhash_rust::xxh3::xxh3_64(&bytes);
-        assert_eq!(got, digest, "n={n} m={m} weights mod {modulus} seed {seed}: {got:#x}");
+        assert_eq!(
+            got, digest,
+            "n={n} m={m} weights mod {modulus} seed {seed}: {got:#x}"
+        );
     }
 }
 

@@ -319,7 +319,7 @@ pub fn run_prune(quick: bool) -> Vec<PruneRow> {
 }
 
 /// Agent CPU ticks (user, system) from /proc.
-fn cpu_ticks(pid: u32) -> (u64, u64) {
+pub(crate) fn cpu_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses): utime is the 14th field.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -328,7 +328,7 @@ fn cpu_ticks(pid: u32) -> (u64, u64) {
     (n(11), n(12))
 }
 
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }

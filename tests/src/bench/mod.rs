@@ -11,15 +11,17 @@ pub mod nodeport;
 pub mod packet;
 pub mod report;
 pub mod restart;
+pub mod scale;
 pub mod throughput;
 
 /// The benchmarks `--only` can name.
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 13] = [
     "packet",
     "maglev",
     "throughput",
     "nodeport",
     "clusterip",
+    "scale",
     "prune",
     "probes",
     "l2",
@@ -67,6 +69,10 @@ pub fn run_all(quick: bool, command: &str, only: Option<&str>, previous: Option<
             command,
             &clusterip::run(quick),
         ));
+    }
+    if wanted("scale") {
+        eprintln!("bench: Kubernetes at scale");
+        sections.push(report::scale_section(&m, command, &scale::run(quick)));
     }
     if wanted("prune") {
         eprintln!("bench: health checks, time to prune");
