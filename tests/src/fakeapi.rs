@@ -563,7 +563,14 @@ pub fn serve(
             }
         }
         let app = Router::new().fallback(handle).with_state(fake);
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        // As kube-apiserver (Go sets TCP_NODELAY on every connection): a watch event goes out
+        // when it happens, not after the client's delayed acknowledgement (40 ms) of the last.
+        let listener = axum::serve::ListenerExt::tap_io(
+            tokio::net::TcpListener::bind(addr).await?,
+            |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            },
+        );
         axum::serve(listener, app).await
     })
 }

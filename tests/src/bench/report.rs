@@ -241,7 +241,7 @@ pub fn scale_section(m: &Machine, command: &str, rows: &[scale::Row]) -> String 
          maps*: an endpoint of a random Service replaced by a new address (EndpointSlice `PUT`), \
          from just before the request to the first answer of the admin API's `lookup` — read from \
          the kernel's maps — that sends the flow Maglev had given the replaced endpoint \
-         elsewhere, polled back to back from the other core. *Service added*: a Service and its \
+         elsewhere, polled back to back from the other core, each change after a quiet 100 ms (changes within 50 ms of the agent's last translation are taken together). *Service added*: a Service and its \
          slice created, until the lookup of its external IP forwards. *First sync*: agent start to \
          the last Service programmed. The agent's resident memory once all is programmed (its \
          peak by the end), and its CPU time (user + system) idle for 5 s and while one endpoint \

@@ -7,7 +7,7 @@
 //!   elsewhere. The flow is one that Maglev gave the replaced endpoint; the admin API's
 //!   `lookup` answers from the kernel's maps (connection table, then the Service's Maglev
 //!   table), so the time covers the watch, the translation, the programming and the map
-//!   writes. Polled back to back from another core.
+//!   writes. Polled back to back from another core; each change comes after a quiet 100 ms.
 //! - **Service added**: a new Service and its EndpointSlice (`POST`), timed until the lookup
 //!   of its external IP forwards.
 //! - **Agent**: its resident memory once everything is programmed (and its peak), its CPU
@@ -293,6 +293,10 @@ fn measure(services: usize, trials: usize, churn: Duration) -> Row {
                 .expect("the backend is one of the Service's endpoints");
             endpoints[i][j] = fresh(fresh_n);
             fresh_n += 1;
+            // The load's pace: each change after a quiet spell of 100 ms (the agent takes
+            // changes that come within 50 ms of its last translation together; the churn
+            // below measures that case).
+            std::thread::sleep(Duration::from_millis(100));
             let t0 = Instant::now();
             request(
                 "PUT",
@@ -315,6 +319,7 @@ fn measure(services: usize, trials: usize, churn: Duration) -> Row {
                 })
                 .collect();
             request("POST", SLICES_PATH, &slice(i, &eps));
+            std::thread::sleep(Duration::from_millis(100));
             let t0 = Instant::now();
             request("POST", SERVICES_PATH, &service(i));
             match time_until(t0, || lookup(admin, client(1000), vip(i)).is_some()) {

@@ -21,7 +21,7 @@ use lb_common::limits::{self, MAX_ENDPOINT_FRONTENDS};
 use serde::Serialize;
 
 use super::Programmer;
-use crate::model::{DesiredState, Frontend, Protocol, Service};
+use crate::model::{DesiredState, Frontend, Protocol, Scope, Service};
 
 /// A service (all frontends of one name) that does not fit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -168,26 +168,42 @@ impl Programmer {
         let mut left_out = Vec::new();
         for name in order {
             let group = &wanted[name];
+            // Programmed as it is wanted: its reservation is what it takes, and nothing
+            // admitted before it could overlap what it holds.
+            if programmed.get(name).is_some_and(|specs| {
+                specs.len() == group.len()
+                    && group.iter().all(|s| {
+                        self.services
+                            .get(&s.frontend)
+                            .is_some_and(|p| p.spec == **s)
+                    })
+            }) {
+                admitted.insert((name, false));
+                continue;
+            }
             // Its reservation is traded for the new version, or kept when that does not fit.
             let reserved = programmed.get(name).map(|specs| self.demand(specs));
             if let Some(r) = &reserved {
                 usage.sub(r);
-                taken.retain(|_, n| n != name);
+                for s in &programmed[name] {
+                    if taken.get(&s.frontend) == Some(name) {
+                        taken.remove(&s.frontend);
+                    }
+                }
             }
-            let outcome = match group.iter().find_map(|s| {
-                taken
-                    .iter()
-                    .find(|(t, _)| t.overlaps(&s.frontend))
-                    .map(|(_, other)| (s.frontend, *other))
-            }) {
+            let demand = self.demand(group);
+            let outcome = match group
+                .iter()
+                .find_map(|s| overlapping(&taken, &s.frontend).map(|other| (s.frontend, other)))
+            {
                 Some((f, other)) => Err((
                     "services",
                     format!("{f} is still served by the previous version of {other}"),
                 )),
-                None => usage.check(&self.demand(group), self),
+                None => usage.check(&demand, self),
             };
             let Err((limit, reason)) = outcome else {
-                usage.add(&self.demand(group));
+                usage.add(&demand);
                 taken.extend(group.iter().map(|s| (s.frontend, *name)));
                 admitted.insert((name, false));
                 continue;
@@ -227,7 +243,23 @@ impl Programmer {
             left_out,
         )
     }
+}
 
+/// The service of a frontend in `taken` that a client could reach as well as `f`. Frontends
+/// order by address, port and protocol before scope: the candidates are neighbours.
+fn overlapping<'a>(taken: &BTreeMap<Frontend, &'a str>, f: &Frontend) -> Option<&'a str> {
+    let first = Frontend {
+        scope: Scope::Both,
+        ..*f
+    };
+    taken
+        .range(first..)
+        .take_while(|(t, _)| (t.vip, t.port, t.protocol) == (f.vip, f.port, f.protocol))
+        .find(|(t, _)| t.overlaps(f))
+        .map(|(_, name)| *name)
+}
+
+impl Programmer {
     /// What `group` takes while it is written: for a frontend programmed now, the union of
     /// its old and new backends and ranges.
     fn demand(&self, group: &[&Service]) -> Demand {

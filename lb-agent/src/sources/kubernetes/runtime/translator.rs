@@ -1,5 +1,6 @@
-//! The desired state translated from the full stores after every change (debounced), and
-//! the problems found reported once each.
+//! The desired state translated from the full stores after every change (at once, or, when
+//! the last translation was less than [`DEBOUNCE`] ago, together with whatever else arrives
+//! until then), and the problems found reported once each.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -10,7 +11,8 @@ use super::super::translate::{self, Options, Translation};
 
 use super::*;
 
-/// Changes arriving this close together are translated once.
+/// Changes arriving this close together are translated once; a change after a quiet spell is
+/// translated at once.
 pub(super) const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Publishes a translation of the stores after their first full lists and after every
@@ -35,6 +37,7 @@ pub async fn translate_loop(
     let mut excluded = false;
     let mut announce_reported: Vec<String> = Vec::new();
     loop {
+        let started = tokio::time::Instant::now();
         let t = stores.translate(&opts);
         if last.as_ref() != Some(&t.desired) {
             info!(
@@ -86,7 +89,9 @@ pub async fn translate_loop(
         if changed.changed().await.is_err() || out.is_closed() {
             return;
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        // Leading edge: a change after a quiet spell goes through at once (a moved endpoint
+        // reaches the data plane in milliseconds); a burst is taken together.
+        tokio::time::sleep_until(started + DEBOUNCE).await;
         changed.borrow_and_update();
     }
 }
