@@ -363,10 +363,12 @@ fn plain(eps: &[&Ep]) -> Vec<Backend> {
     eps.iter().map(|e| Backend::new(e.addr, 1)).collect()
 }
 
-/// Translates the stores for this node.
+/// Translates the stores for this node. The slices are read where they are (the stores
+/// hold them behind `Arc`s): a copy of every endpoint per change would cost more than the
+/// translation.
 pub fn translate(
     services: &[Service],
-    slices: &[EndpointSlice],
+    slices: &[impl std::borrow::Borrow<EndpointSlice>],
     nodes: &[Node],
     opts: &Options,
 ) -> Translation {
@@ -406,6 +408,7 @@ pub fn translate(
     // EndpointSlices by Service key.
     let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
+        let s: &EndpointSlice = std::borrow::Borrow::borrow(s);
         let Some(name) = s
             .metadata
             .labels

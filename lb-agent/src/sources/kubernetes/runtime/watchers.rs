@@ -373,7 +373,7 @@ impl Stores {
     pub fn translate(&self, opts: &Options) -> Translation {
         let services = owned(self.services.state());
         let nodes = owned(self.nodes.state());
-        let mut t = translate::translate(&services, &owned(self.slices.state()), &nodes, opts);
+        let mut t = translate::translate(&services, &self.slices.state(), &nodes, opts);
         // Each custom resource store decoded once: the objects, and what could not be read.
         let (peers, bad_peers) = self.bgp_peers.decoded();
         let (advertisements, bad_advertisements) = self.bgp_advertisements.decoded();
