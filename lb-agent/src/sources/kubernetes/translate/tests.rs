@@ -76,13 +76,13 @@ fn only_load_balancers_of_weirs_class_are_served() {
         // Not allocated yet: nothing to serve, nothing wrong.
         Svc::lb("shop", "pending").port("http", 80, "TCP").build(),
     ];
-    let t = translate(&services, &[], &nodes(), &opts());
+    let t = translate(&services, &[] as &[EndpointSlice], &nodes(), &opts());
     let names: Vec<&str> = t.desired.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["shop/web"]);
     assert!(t.problems.is_empty(), "{:?}", t.problems);
     let mut o = opts();
     o.default_class = true;
-    let t = translate(&services, &[], &nodes(), &o);
+    let t = translate(&services, &[] as &[EndpointSlice], &nodes(), &o);
     let names: Vec<&str> = t.desired.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["shop/noclass", "shop/web"]);
 }
@@ -321,7 +321,7 @@ fn affinity_and_source_ranges() {
         .affinity(None)
         .source_ranges(&["198.18.0.7/24", "fd00:18::/64"])
         .build();
-    let t = translate(&[svc], &[], &nodes(), &opts());
+    let t = translate(&[svc], &[] as &[EndpointSlice], &nodes(), &opts());
     let v4 = &t.desired.services[0];
     assert_eq!(v4.affinity_timeout, Some(DEFAULT_AFFINITY));
     assert_eq!(
@@ -339,7 +339,7 @@ fn affinity_and_source_ranges() {
         .ingress("198.18.100.10")
         .affinity(Some(60))
         .build();
-    let t = translate(&[timed], &[], &nodes(), &opts());
+    let t = translate(&[timed], &[] as &[EndpointSlice], &nodes(), &opts());
     assert_eq!(
         t.desired.services[0].affinity_timeout,
         Some(Duration::from_mins(1))
@@ -371,7 +371,7 @@ fn a_bad_service_is_reported_and_leaves_the_others_alone() {
             .ingress("198.18.100.12")
             .build(),
     ];
-    let t = translate(&services, &[], &nodes(), &opts());
+    let t = translate(&services, &[] as &[EndpointSlice], &nodes(), &opts());
     let served: Vec<(&str, bool)> = t
         .desired
         .services
@@ -478,7 +478,7 @@ fn what_does_not_fit_the_data_plane_is_reported_and_the_rest_is_served() {
     // Room for 5 frontends (ids 1..5): a and b (2 each) fit, c does not.
     let mut o = opts();
     o.max_services = 6;
-    let t = translate(&services, &[], &nodes(), &o);
+    let t = translate(&services, &[] as &[EndpointSlice], &nodes(), &o);
     let names: BTreeSet<&str> = t.desired.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, BTreeSet::from(["shop/a", "shop/b"]));
     assert!(
@@ -897,7 +897,7 @@ fn an_address_taken_by_another_service_is_reported() {
         .port("http", 80, "TCP")
         .external_ips(&["198.18.100.20"])
         .build();
-    let t = translate(&[b, a], &[], &zoned_nodes(), &kpr());
+    let t = translate(&[b, a], &[] as &[EndpointSlice], &zoned_nodes(), &kpr());
     assert!(
         t.problems["shop/b"]
             .join("; ")
