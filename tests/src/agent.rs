@@ -82,6 +82,26 @@ impl Agent {
         Self::start_bin_with(&agent_binary(), ns, dir, config, args, env)
     }
 
+    /// As [`Agent::start`], in Kubernetes mode against the API server that `kubeconfig`
+    /// names, as the agent of node `lb-node` (the pod's environment as the chart gives it).
+    pub fn start_kubernetes(ns: &Netns, dir: &Path, config: &str, kubeconfig: &Path) -> Self {
+        Self::start_with(
+            ns,
+            dir,
+            Some(config),
+            &[
+                "--kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().expect("utf-8 path"),
+            ],
+            &[
+                ("NODE_NAME", "lb-node"),
+                ("POD_NAMESPACE", "weir-system"),
+                ("POD_NAME", "weir-lb-node"),
+            ],
+        )
+    }
+
     /// As [`Agent::start`], with the agent binary `bin` (another build, for a comparison).
     pub fn start_bin(bin: &Path, ns: &Netns, dir: &Path, config: Option<&str>) -> Self {
         Self::start_bin_with(bin, ns, dir, config, &[], &[])

@@ -177,21 +177,7 @@ fn start_weir(
         cg.path().display(),
         max + 8
     );
-    let mut agent = Agent::start_with(
-        lb,
-        &dir.path,
-        Some(&config),
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8 path"),
-        ],
-        &[
-            ("NODE_NAME", "lb-node"),
-            ("POD_NAMESPACE", "weir-system"),
-            ("POD_NAME", "weir-lb-node"),
-        ],
-    );
+    let mut agent = Agent::start_kubernetes(lb, &dir.path, &config, &kubeconfig);
     agent.wait_ready(lb);
     let last = NODE_PORT as usize + services - 1;
     wait_for(Duration::from_mins(2), "every node port programmed", || {

@@ -233,21 +233,7 @@ fn measure(services: usize, trials: usize, churn: Duration) -> Row {
         (2 * (services + trials) * ENDPOINTS + 4096).next_power_of_two()
     );
     let start = Instant::now();
-    let mut agent = Agent::start_with(
-        &lb,
-        &dir.path,
-        Some(&config),
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8 path"),
-        ],
-        &[
-            ("NODE_NAME", "lb-node"),
-            ("POD_NAMESPACE", "weir-system"),
-            ("POD_NAME", "weir-lb-node"),
-        ],
-    );
+    let mut agent = Agent::start_kubernetes(&lb, &dir.path, &config, &kubeconfig);
     let admin: SocketAddr = "127.0.0.1:9300".parse().expect("literal");
     let client = |port: u16| SocketAddr::from((addr(2), port));
     let vip = |i: usize| SocketAddr::from((external_ip(i), PORT));
