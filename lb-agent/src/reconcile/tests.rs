@@ -557,3 +557,78 @@ fn a_change_that_does_not_fit_keeps_the_previous_version_and_a_new_service_never
     assert_eq!(r.desired(), &swap_to);
     assert_eq!(r.dataplane().maps.source_ranges.len(), 8400);
 }
+
+#[test]
+fn a_frontend_held_by_a_kept_previous_version_goes_to_no_other_service_but_another_scope_does() {
+    use crate::model::Scope;
+    let (mut r, _, _rx) = setup();
+    let limit = lb_common::limits::MAX_SOURCE_RANGES;
+    // zeta's external frontend of 198.18.100.20:80, programmed.
+    let scoped = |mut state: DesiredState, name: &str, scope: Scope| {
+        for s in state.services.iter_mut().filter(|s| s.name == name) {
+            s.frontend.scope = scope;
+        }
+        state
+            .services
+            .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+        state
+    };
+    let first = scoped(
+        with_ranges(DesiredState::default(), "zeta", "198.18.100.20", 0, 10),
+        "zeta",
+        Scope::External,
+    );
+    r.apply(first).expect("programmed");
+    // zeta grows past the limit (its previous version keeps the frontend), while two new
+    // services want the same address and port: the internal one reaches other clients and is
+    // programmed; the external one would take zeta's clients and is left out.
+    let next = scoped(
+        scoped(
+            with_ranges(
+                with_ranges(
+                    with_ranges(
+                        DesiredState::default(),
+                        "zeta",
+                        "198.18.100.20",
+                        0,
+                        limit + 1,
+                    ),
+                    "inside",
+                    "198.18.100.20",
+                    20_000,
+                    1,
+                ),
+                "outside",
+                "198.18.100.20",
+                30_000,
+                1,
+            ),
+            "zeta",
+            Scope::External,
+        ),
+        "inside",
+        Scope::Internal,
+    );
+    let next = scoped(next, "outside", Scope::External);
+    r.apply(next).expect("programmed without outside");
+    assert_eq!(
+        left_out(&r),
+        [
+            "zeta source_ranges kept=true",
+            "outside services kept=false"
+        ]
+    );
+    let reason = &r.left_out()[1].reason;
+    assert!(
+        reason.contains("is still served by the previous version of zeta"),
+        "{reason}"
+    );
+    assert!(
+        r.desired()
+            .services
+            .iter()
+            .any(|s| s.name == "inside" && s.frontend.scope == Scope::Internal),
+        "{:?}",
+        r.desired()
+    );
+}

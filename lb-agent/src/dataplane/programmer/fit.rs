@@ -243,23 +243,7 @@ impl Programmer {
             left_out,
         )
     }
-}
 
-/// The service of a frontend in `taken` that a client could reach as well as `f`. Frontends
-/// order by address, port and protocol before scope: the candidates are neighbours.
-fn overlapping<'a>(taken: &BTreeMap<Frontend, &'a str>, f: &Frontend) -> Option<&'a str> {
-    let first = Frontend {
-        scope: Scope::Both,
-        ..*f
-    };
-    taken
-        .range(first..)
-        .take_while(|(t, _)| (t.vip, t.port, t.protocol) == (f.vip, f.port, f.protocol))
-        .find(|(t, _)| t.overlaps(f))
-        .map(|(_, name)| *name)
-}
-
-impl Programmer {
     /// What `group` takes while it is written: for a frontend programmed now, the union of
     /// its old and new backends and ranges.
     fn demand(&self, group: &[&Service]) -> Demand {
@@ -287,4 +271,18 @@ impl Programmer {
         }
         d
     }
+}
+
+/// The service of a frontend in `taken` that a client could reach as well as `f`. Frontends
+/// order by address, port and protocol before scope: the candidates are neighbours.
+fn overlapping<'a>(taken: &BTreeMap<Frontend, &'a str>, f: &Frontend) -> Option<&'a str> {
+    let first = Frontend {
+        scope: Scope::Both,
+        ..*f
+    };
+    taken
+        .range(first..)
+        .take_while(|(t, _)| (t.vip, t.port, t.protocol) == (f.vip, f.port, f.protocol))
+        .find(|(t, _)| t.overlaps(f))
+        .map(|(_, name)| *name)
 }
