@@ -91,6 +91,15 @@ impl Pkt {
         )
     }
 
+    /// A segment of an established connection (ACK, no payload).
+    pub fn tcp_ack(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
+        let mut p = Self::tcp(src, sport, dst, dport);
+        if let L4::Tcp { syn, .. } = &mut p.l4 {
+            *syn = false;
+        }
+        p
+    }
+
     pub fn udp(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Self {
         Self::new(
             src.parse().expect("src"),

@@ -5,6 +5,9 @@
 //! frame (and, for new flows, writes a fresh source port and address) and tail-calls weir's
 //! program. The floor is the same harness tail-calling `lab_pass`, measured the same way in the
 //! same run; the kernel reports the mean time per iteration.
+//!
+//! For profiling (`perf record -C 1` beside it): `WEIR_PACKET_CASE=<part of a case's name>`
+//! runs only the matching cases, `WEIR_PACKET_ROUNDS=<n>` that many rounds.
 
 use std::net::IpAddr;
 
@@ -134,6 +137,10 @@ pub use crate::netns::pin_to_cpu;
 /// Runs every case; `quick` shortens the runs (for a smoke check).
 pub fn run(quick: bool) -> Report {
     let (repeat, rounds) = if quick { (20_000, 3) } else { (300_000, 15) };
+    let rounds = std::env::var("WEIR_PACKET_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(rounds);
     let bed = Testbed::new();
     bed.ns.run_in(|| {
         pin_to_cpu(1);
@@ -184,11 +191,18 @@ pub fn run(quick: bool) -> Report {
         }
         let mut h = Harness { lab, bed: &bed };
 
-        let tcp = |src: &str, dst: &str| Pkt::tcp(src, 40000, dst, 80);
-        let v4 = tcp("198.18.0.1", "198.18.100.10");
-        let v6 = tcp("fd00:18::1", "fd00:100::10");
-        let other = tcp("198.18.0.1", "198.18.50.50");
-        let snat = tcp("198.18.0.1", "198.18.100.11");
+        // Established flows send ACKs (their entries are in the connection table); new flows
+        // open with a SYN (their entries go to the half-open table).
+        let ack = |src: &str, dst: &str| Pkt::tcp_ack(src, 40000, dst, 80);
+        let syn = |src: &str, dst: &str| Pkt::tcp(src, 40000, dst, 80);
+        let v4 = ack("198.18.0.1", "198.18.100.10");
+        let v6 = ack("fd00:18::1", "fd00:100::10");
+        let (syn4, syn6) = (
+            syn("198.18.0.1", "198.18.100.10"),
+            syn("fd00:18::1", "fd00:100::10"),
+        );
+        let other = ack("198.18.0.1", "198.18.50.50");
+        let snat = ack("198.18.0.1", "198.18.100.11");
         // The reply of that flow: its source-NAT port read from the rewritten request.
         let snat_reply = {
             let frame = padded(&snat);
@@ -205,7 +219,7 @@ pub fn run(quick: bool) -> Report {
                 .expect("test run");
             assert_eq!(r.return_value, XDP_REDIRECT, "source-NATed request");
             let port = u16::from_be_bytes([out[34], out[35]]);
-            Pkt::tcp("198.18.1.11", 8080, "198.18.1.1", port)
+            Pkt::tcp_ack("198.18.1.11", 8080, "198.18.1.1", port)
         };
         let mut bad = padded(&v4);
         bad[16..18].copy_from_slice(&30u16.to_be_bytes()); // total length shorter than TCP
@@ -239,14 +253,14 @@ pub fn run(quick: bool) -> Report {
             ),
             (
                 "new TCP flow, IPv4",
-                padded(&v4),
-                Some(mutation_offsets(&v4)),
+                padded(&syn4),
+                Some(mutation_offsets(&syn4)),
                 XDP_REDIRECT,
             ),
             (
                 "new TCP flow, IPv6",
-                padded(&v6),
-                Some(mutation_offsets(&v6)),
+                padded(&syn6),
+                Some(mutation_offsets(&syn6)),
                 XDP_REDIRECT,
             ),
             (
@@ -265,8 +279,10 @@ pub fn run(quick: bool) -> Report {
             ("malformed packet to a VIP (drop)", bad, None, XDP_DROP),
         ];
         let mut floors = Vec::new();
+        let only = std::env::var("WEIR_PACKET_CASE").ok();
         let cases = cases
             .into_iter()
+            .filter(|c| only.as_ref().is_none_or(|o| c.0.contains(o.as_str())))
             .map(|(name, frame, mutate, want)| {
                 h.set_frame(&frame, mutate);
                 h.set_target(&weir_fd);

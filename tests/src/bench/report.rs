@@ -85,9 +85,10 @@ pub fn packet_section(m: &Machine, command: &str, packets: &[packet::Report]) ->
          flow where the case says so (fresh source port and address), and tail-calls weir's \
          program. The floor is the same harness tail-calling an empty program; every round \
          measures the floor and the case back to back, and the table gives medians over the \
-         rounds. Established flows have their connection-table entry and the next hop cached; \
-         new flows insert into a full connection table (LRU eviction) and find their Maglev slot \
-         and hash bucket cold. A source-NATed flow (an established one, to a backend on another \
+         rounds. Established flows send ACK segments and have their connection-table entry and \
+         the next hop cached; new flows open with a SYN (fresh source port and address), miss \
+         both connection tables and insert into the full half-open table (LRU eviction), and \
+         find their Maglev slot and hash bucket cold. A source-NATed flow (an established one, to a backend on another \
          node) adds a tail call and its source-NAT entry's lookup and refresh; its reply is \
          looked up in the source-NAT table, translated, and forwarded with the next hop its \
          entry caches.\n"
