@@ -359,10 +359,14 @@ fn measure(services: usize, trials: usize, churn: Duration) -> Row {
 }
 
 pub fn run(quick: bool) -> Vec<Row> {
-    let counts: &[usize] = if quick {
-        &[100, 1000]
-    } else {
-        &[100, 1000, 10_000]
+    // For profiling: `WEIR_SCALE_COUNTS=10000` measures only those sizes.
+    let chosen: Option<Vec<usize>> = std::env::var("WEIR_SCALE_COUNTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+    let counts: &[usize] = match &chosen {
+        Some(c) => c,
+        None if quick => &[100, 1000],
+        None => &[100, 1000, 10_000],
     };
     let trials = if quick { 30 } else { 200 };
     let churn = Duration::from_secs(if quick { 3 } else { 10 });

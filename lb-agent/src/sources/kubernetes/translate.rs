@@ -424,7 +424,7 @@ pub fn translate(
             .push(s);
     }
     let mut sorted: Vec<&Service> = services.iter().filter(|s| served(s, opts)).collect();
-    sorted.sort_by_key(|s| key(s));
+    sorted.sort_by_cached_key(|s| key(s));
     // (address, port, protocol) → the scopes taken, and by which Service.
     let mut taken: BTreeMap<(IpAddr, u16, Protocol), Vec<(model::Scope, String)>> = BTreeMap::new();
     for svc in sorted {
@@ -541,16 +541,9 @@ fn served(svc: &Service, opts: &Options) -> bool {
 fn fit(out: &mut Translation, opts: &Options) {
     let (mut frontends, mut backends) = (0u64, 0u64);
     let mut dropped: BTreeSet<String> = BTreeSet::new();
-    let mut names: Vec<String> = out
-        .desired
-        .services
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
-    names.dedup();
-    for name in names {
-        let group = out.desired.services.iter().filter(|s| s.name == name);
-        let (f, b) = group.fold((0u64, 0u64), |(f, b), s| {
+    // The services are sorted by name: a Service's frontends are one run.
+    for group in out.desired.services.chunk_by(|a, b| a.name == b.name) {
+        let (f, b) = group.iter().fold((0u64, 0u64), |(f, b), s| {
             (f + 1, b + s.backends.len() as u64)
         });
         if frontends + f < u64::from(opts.max_services)
@@ -559,7 +552,7 @@ fn fit(out: &mut Translation, opts: &Options) {
             frontends += f;
             backends += b;
         } else {
-            dropped.insert(name);
+            dropped.insert(group[0].name.clone());
         }
     }
     if dropped.is_empty() {
