@@ -32,24 +32,37 @@ impl Config {
         };
         // The field path of a bad value, as serde_path_to_error tracks it.
         let mut at = None;
-        let raw: RawConfig = serde_saphyr::with_deserializer_from_str(text, |de| {
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                at = Some(e.path().to_string());
-                e.into_inner()
+        let raw: RawConfig =
+            serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    at = Some(e.path().to_string());
+                    e.into_inner()
+                })
             })
-        })
-        .map_err(|e| {
-            let path = match at.as_deref() {
-                None | Some(".") => "(top level)".to_string(),
-                Some(p) => p.to_string(),
-            };
-            invalid(vec![Problem {
-                path,
-                message: yaml_message(&e),
-            }])
-        })?;
+            .map_err(|e| {
+                let path = match at.as_deref() {
+                    None | Some(".") => "(top level)".to_string(),
+                    Some(p) => p.to_string(),
+                };
+                invalid(vec![Problem {
+                    path,
+                    message: yaml_message(&e),
+                }])
+            })?;
         raw.check().map_err(invalid)
     }
+}
+
+/// The parser's limits: room for a file of as many services as the data plane holds (the
+/// parser's defaults, 250 000 nodes, refuse a file of some 15 000 services), with the
+/// defaults' protection against alias expansion kept.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 8_000_000;
+    budget.max_events = 32_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }
 
 /// A YAML error's message on one line, with its place in the file: `what (line L column C)`.

@@ -699,3 +699,23 @@ fn kube_proxy_replacement_settings() {
         "{p:?}"
     );
 }
+
+/// A file of 30 000 services (the throughput benchmark's largest) is read: the YAML parser's
+/// default budget (250 000 nodes) refused it.
+#[test]
+fn a_file_of_thirty_thousand_services_is_read() {
+    let mut text =
+        String::from("node:\n  interfaces: [eth0]\ndataplane:\n  max_services: 40000\nservices:\n");
+    for i in 0..30_000u32 {
+        text.push_str(&format!(
+            "  - name: s{i}\n    vip: 198.19.{}.{}\n    port: {}\n    protocol: udp\n    backends:\n      - {{ address: 198.18.1.11, port: {} }}\n      - {{ address: 198.18.1.12, port: {} }}\n",
+            i / 250,
+            i % 250 + 1,
+            10000 + i,
+            10000 + i,
+            10000 + i
+        ));
+    }
+    let c = Config::parse(&text, "big.yaml").expect("30 000 services");
+    assert_eq!(c.desired.services.len(), 30_000);
+}
