@@ -33,6 +33,18 @@ impl LabXdp {
         })
     }
 
+    /// Makes `lab_redirect` send every frame out of `ifindex` with these MACs.
+    pub fn redirect_to(&mut self, ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6]) {
+        let mut m: aya::maps::Array<_, [u8; 16]> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("REDIRECT").expect("REDIRECT map"))
+                .expect("array");
+        let mut v = [0u8; 16];
+        v[..6].copy_from_slice(&dst_mac);
+        v[6..12].copy_from_slice(&src_mac);
+        v[12..].copy_from_slice(&ifindex.to_ne_bytes());
+        m.set(0, v, 0).expect("REDIRECT[0]");
+    }
+
     /// Makes `lab_syn` count only SYNs from `prefix`.
     pub fn syns_from(&mut self, prefix: ipnet::Ipv4Net) {
         let mut m: aya::maps::Array<_, [u32; 2]> =

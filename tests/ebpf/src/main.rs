@@ -28,7 +28,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{Array, PerCpuArray, ProgramArray},
-    helpers::bpf_xdp_store_bytes,
+    helpers::{bpf_redirect, bpf_xdp_store_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -116,6 +116,31 @@ pub fn lab_sink(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// For `lab_redirect`: the destination and source MACs (bytes 0..12) and the egress ifindex
+/// (bytes 12..16, native order; 0: pass).
+#[btf_map]
+static REDIRECT: Array<[u8; 16], 1> = Array::new();
+
+/// The throughput benchmark's ceiling: the least an XDP forwarder does (new MACs, a redirect
+/// to the egress interface), with no lookup and no rewrite of the IP packet.
+#[xdp]
+pub fn lab_redirect(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 14 > end {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(cfg) = REDIRECT.get(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let ifindex = u32::from_ne_bytes([cfg[12], cfg[13], cfg[14], cfg[15]]);
+    if ifindex == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: 12 bytes inside the frame (checked above) from the map value.
+    unsafe { core::ptr::copy_nonoverlapping(cfg.as_ptr(), data as *mut u8, 12) };
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
 }
 
 /// [TCP SYNs seen, bpf_ktime_get_ns of the last one] for `lab_syn`.

@@ -36,6 +36,9 @@ pub enum Mode {
     Weir,
     Iptables,
     Nftables,
+    /// The ceiling: `lab_redirect` (new MACs and a redirect, no lookup, no rewrite) in
+    /// weir's place.
+    Redirect,
 }
 
 impl Mode {
@@ -44,6 +47,7 @@ impl Mode {
             Self::Weir => "weir (XDP)",
             Self::Iptables => "iptables DNAT (kube-proxy-like)",
             Self::Nftables => "nftables DNAT map (kube-proxy-like)",
+            Self::Redirect => "bare XDP redirect (ceiling)",
         }
     }
 }
@@ -76,7 +80,7 @@ pub(super) struct Topo {
     sink_xdp: LabXdp,
     generator: Netns,
     pub(super) lb: Netns,
-    _sink: Netns,
+    sink: Netns,
     g0: u32,
     frame: Vec<u8>,
 }
@@ -125,7 +129,7 @@ pub(super) fn topo_to(dst: &str, port: u16) -> Topo {
         g0: generator.ifindex("g0"),
         generator,
         lb,
-        _sink: sink,
+        sink,
         frame,
     }
 }
@@ -165,7 +169,7 @@ pub(super) fn kernel_rules(
     nft: impl FnOnce() -> String,
 ) -> Option<LabXdp> {
     match mode {
-        Mode::Weir => return None,
+        Mode::Weir | Mode::Redirect => return None,
         Mode::Iptables => load_iptables(&t.lb, dir, &iptables()),
         Mode::Nftables => load_nft(&t.lb, dir, &nft()),
     }
@@ -339,6 +343,11 @@ fn measure(mode: Mode, services: usize, quick: bool) -> Row {
             agent = Some(a);
             None
         }
+        Mode::Redirect => {
+            let mut x = LabXdp::attach(&t.lb, "eth-c", "lab_redirect");
+            x.redirect_to(t.lb.ifindex("eth-s"), t.sink.mac("s0"), t.lb.mac("eth-s"));
+            Some(x)
+        }
         kernel => kernel_rules(
             &t,
             &dir.path,
@@ -402,9 +411,14 @@ pub(super) fn pps(t: &Topo, quick: bool, what: &str) -> (f64, f64) {
 
 pub fn run(quick: bool) -> Vec<Row> {
     let counts: &[usize] = if quick { &[1, 1000] } else { &[1, 1000, 30000] };
-    let mut rows = Vec::new();
+    // The ceiling does no lookup: measured once, beside weir with one service.
+    eprintln!("throughput: {}", Mode::Redirect.name());
+    let mut rows = vec![measure(Mode::Redirect, 0, quick)];
     for &services in counts {
         for mode in [Mode::Weir, Mode::Iptables, Mode::Nftables] {
+            if std::env::var("ONLYWEIR").is_ok() && mode != Mode::Weir {
+                continue;
+            }
             eprintln!("throughput: {} with {services} services", mode.name());
             rows.push(measure(mode, services, quick));
         }
