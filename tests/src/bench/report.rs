@@ -43,9 +43,9 @@ impl Machine {
 
 fn target(name: &str) -> &'static str {
     if name.starts_with("established") {
-        "≤ 50 ns over the floor"
+        "≤ 40 ns over the floor, ≤ 0.5× Katran"
     } else if name.starts_with("new") {
-        "≤ 2× established"
+        "≤ 300 ns over the floor, ≤ 0.5× Katran"
     } else if name.starts_with("non-VIP") {
         "≤ 10 ns over the floor"
     } else {
