@@ -416,9 +416,6 @@ pub fn run(quick: bool) -> Vec<Row> {
     let mut rows = vec![measure(Mode::Redirect, 0, quick)];
     for &services in counts {
         for mode in [Mode::Weir, Mode::Iptables, Mode::Nftables] {
-            if std::env::var("ONLYWEIR").is_ok() && mode != Mode::Weir {
-                continue;
-            }
             eprintln!("throughput: {} with {services} services", mode.name());
             rows.push(measure(mode, services, quick));
         }
