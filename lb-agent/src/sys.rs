@@ -185,6 +185,91 @@ pub fn if_nametoindex(name: &str) -> io::Result<u32> {
     }
 }
 
+/// Queues the ICMP errors that datagrams sent from `fd` cause (`IP_RECVERR` /
+/// `IPV6_RECVERR`) on its error queue, for `recv_error`; without it an unconnected UDP socket
+/// never hears of them.
+pub fn set_recv_err(fd: &impl AsRawFd, v4: bool) -> io::Result<()> {
+    if v4 {
+        setsockopt(fd, libc::SOL_IP, libc::IP_RECVERR, &1)
+    } else {
+        setsockopt(fd, libc::SOL_IPV6, libc::IPV6_RECVERR, &1)
+    }
+}
+
+/// The oldest entry of `fd`'s error queue: the destination of the datagram that caused it and
+/// the error (`ECONNREFUSED` for an ICMP port unreachable). `WouldBlock` when it is empty.
+pub fn recv_error(fd: &impl AsRawFd) -> io::Result<(SocketAddr, io::Error)> {
+    // SAFETY: all-zero bytes are a valid sockaddr_storage and msghdr (null pointers, zero lengths).
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut data = [0u8; 64];
+    // u64s: the control buffer must be aligned for cmsghdr.
+    let mut control = [0u64; 32];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: every pointer in `msg` points at a live local of the length given; the kernel
+    // writes at most those lengths and reports what it wrote in the lengths.
+    let n = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &raw mut msg,
+            libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let to = match i32::from(name.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: an AF_INET address is a sockaddr_in, which fits in the storage.
+            let sin = unsafe { (&raw const name).cast::<libc::sockaddr_in>().read() };
+            SocketAddr::new(
+                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()),
+                u16::from_be(sin.sin_port),
+            )
+        }
+        libc::AF_INET6 => {
+            // SAFETY: an AF_INET6 address is a sockaddr_in6, which fits in the storage.
+            let sin6 = unsafe { (&raw const name).cast::<libc::sockaddr_in6>().read() };
+            SocketAddr::new(
+                IpAddr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+            )
+        }
+        f => return Err(io::Error::other(format!("error queue: address family {f}"))),
+    };
+    // SAFETY: msg_control and msg_controllen describe the control data the kernel wrote; the
+    // CMSG macros stay within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null cmsghdr from CMSG_FIRSTHDR/NXTHDR lies within the buffer.
+        let c = unsafe { &*cmsg };
+        if (c.cmsg_level == libc::SOL_IP && c.cmsg_type == libc::IP_RECVERR)
+            || (c.cmsg_level == libc::SOL_IPV6 && c.cmsg_type == libc::IPV6_RECVERR)
+        {
+            // SAFETY: these messages carry a sock_extended_err (ip(7)), read unaligned.
+            let ee = unsafe {
+                libc::CMSG_DATA(cmsg)
+                    .cast::<libc::sock_extended_err>()
+                    .read_unaligned()
+            };
+            return Ok((to, io::Error::from_raw_os_error(ee.ee_errno as i32)));
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&raw const msg, cmsg) };
+    }
+    Err(io::Error::other("error queue: no extended error"))
+}
+
 /// Every address of every interface in this network namespace (`getifaddrs`).
 pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();

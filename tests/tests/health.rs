@@ -124,6 +124,10 @@ fn all_checkers(lab: &Lab) -> Vec<String> {
         ),
         s("sctp", VIP_V4, 3868, "sctp", SCTP_PORT, "type: sctp"),
         s("ping", VIP_V4, 82, "tcp", HTTP_PORT, "type: ping"),
+        // Half-open TCP checks (SYN, SYN-ACK; the LB node's kernel resets), the default
+        // without a request.
+        s("syn", VIP_V4, 84, "tcp", HTTP_PORT, "type: tcp"),
+        s("syn6", VIP_V6, 84, "tcp", HTTP_PORT, "type: tcp"),
         s(
             "http6",
             VIP_V6,
@@ -163,7 +167,7 @@ fn all_checkers(lab: &Lab) -> Vec<String> {
 }
 
 /// (service, backend port, IPv6) of the services whose backends answer.
-const ANSWERING: [(&str, u16, bool); 9] = [
+const ANSWERING: [(&str, u16, bool); 11] = [
     ("http", HTTP_PORT, false),
     ("https", HTTPS_PORT, false),
     ("tcp", HTTP_PORT, false),
@@ -173,6 +177,8 @@ const ANSWERING: [(&str, u16, bool); 9] = [
     ("http6", HTTP_PORT, true),
     ("ping6", HTTP_PORT, true),
     ("sctp6", SCTP_PORT, true),
+    ("syn", HTTP_PORT, false),
+    ("syn6", HTTP_PORT, true),
 ];
 
 fn addr(lab: &Lab, i: usize, port: u16, v6: bool) -> SocketAddr {
@@ -313,6 +319,8 @@ fn every_checker_sees_each_failure_mode_and_the_recovery() {
             ("http", Some("refused")),
             ("https", Some("refused")),
             ("tcp", Some("refused")),
+            ("syn", Some("refused")),
+            ("syn6", Some("refused")),
             ("udp", Some("refused")),
             ("sctp", Some("timeout")),
             ("http6", Some("refused")),

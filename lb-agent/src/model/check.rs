@@ -62,6 +62,26 @@ impl fmt::Display for CheckKind {
     }
 }
 
+/// How a `tcp` check opens its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handshake {
+    /// SYN, then SYN-ACK (up) or reset (down); the node's kernel resets the half-open
+    /// connection. The default when the check sends no request.
+    Half,
+    /// A full connect, then close with a reset; needed to send a request.
+    Full,
+}
+
+impl Handshake {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Half => "half",
+            Self::Full => "full",
+        }
+    }
+}
+
 /// Accepted HTTP status ranges, e.g. `200-399` or `200,204,300-399`.
 /// An `expect_status` value that is not a list of HTTP status codes and ranges.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +161,8 @@ pub struct Probe {
     pub request: Option<String>,
     /// tcp/udp: the reply must contain this.
     pub response: Option<String>,
+    /// tcp: half-open (SYN only) or a full connection. Other types: `Full`.
+    pub handshake: Handshake,
     /// https: verify the server's certificate against this CA bundle (default: no verification).
     pub ca_file: Option<PathBuf>,
 }
@@ -173,6 +195,7 @@ pub struct RawHealthCheck {
     expect_status: Option<String>,
     request: Option<String>,
     response: Option<String>,
+    handshake: Option<Handshake>,
     ca_file: Option<PathBuf>,
     #[serde(default)]
     fail_closed: bool,
@@ -205,6 +228,7 @@ struct Fields {
     expect_status: Option<StatusRanges>,
     request: Option<String>,
     response: Option<String>,
+    handshake: Option<Handshake>,
     ca_file: Option<PathBuf>,
     fail_closed: bool,
 }
@@ -223,6 +247,7 @@ struct Names {
     expect_status: &'static str,
     request: &'static str,
     response: &'static str,
+    handshake: &'static str,
     ca_file: &'static str,
 }
 
@@ -238,6 +263,7 @@ const CONFIG_NAMES: Names = Names {
     expect_status: "expect_status",
     request: "request",
     response: "response",
+    handshake: "handshake",
     ca_file: "ca_file",
 };
 
@@ -253,6 +279,7 @@ const ANNOTATION_NAMES: Names = Names {
     expect_status: "weir.dev/health-check-expect-status",
     request: "weir.dev/health-check-request",
     response: "weir.dev/health-check-response",
+    handshake: "weir.dev/health-check-handshake",
     ca_file: "weir.dev/health-check-ca-file",
 };
 
@@ -340,6 +367,26 @@ impl Fields {
                 fail(key, format!("only tcp and udp checks take it, not {kind}"));
             }
         }
+        let payload = self.request.is_some() || self.response.is_some();
+        let handshake = match (kind, self.handshake) {
+            (CheckKind::Tcp, Some(Handshake::Half)) if payload => {
+                fail(
+                    names.handshake,
+                    "a half-open check sends no request and reads no response: use full".into(),
+                );
+                Handshake::Half
+            }
+            (CheckKind::Tcp, Some(h)) => h,
+            (CheckKind::Tcp, None) if !payload => Handshake::Half,
+            (_, None) => Handshake::Full,
+            (_, Some(_)) => {
+                fail(
+                    names.handshake,
+                    format!("only tcp checks take it, not {kind}"),
+                );
+                Handshake::Full
+            }
+        };
         if kind == CheckKind::Udp && self.request.as_deref().is_none_or(str::is_empty) {
             fail(
                 names.request,
@@ -372,6 +419,7 @@ impl Fields {
                 expect_status: self.expect_status.unwrap_or_else(StatusRanges::default_ok),
                 request: self.request,
                 response: self.response,
+                handshake,
                 ca_file: self.ca_file,
             },
             port: self.port,
@@ -407,6 +455,7 @@ impl RawHealthCheck {
             expect_status,
             request: self.request,
             response: self.response,
+            handshake: self.handshake,
             ca_file: self.ca_file,
             fail_closed: self.fail_closed,
         };
@@ -571,6 +620,16 @@ pub fn from_annotations(
     if let Some((key, v)) = get(ANNOTATION_NAMES.response, Some(loxilb::RESPONSE)) {
         names.response = key;
         f.response = Some(v.to_string());
+    }
+    if let Some(v) = annotations.get(ANNOTATION_NAMES.handshake) {
+        match v.trim() {
+            "half" => f.handshake = Some(Handshake::Half),
+            "full" => f.handshake = Some(Handshake::Full),
+            other => fail(
+                ANNOTATION_NAMES.handshake,
+                format!("{other:?} is neither half nor full"),
+            ),
+        }
     }
     f.ca_file = annotations
         .get(ANNOTATION_NAMES.ca_file)

@@ -122,7 +122,7 @@ fn echo_request(v4: bool, token: u32) -> Vec<u8> {
 }
 
 /// The Internet checksum (RFC 1071).
-fn checksum(b: &[u8]) -> u16 {
+pub(super) fn checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = b
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

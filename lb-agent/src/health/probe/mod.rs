@@ -5,13 +5,14 @@
 mod http;
 mod icmp;
 mod sctp;
+mod syn;
 mod tcp;
 mod udp;
 
 pub(crate) use http::status as http_status;
 pub use http::{USER_AGENT_VALUE, load_ca};
 
-use crate::model::check::{CheckKind, Probe};
+use crate::model::check::{CheckKind, Handshake, Probe};
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::sync::OnceCell;
@@ -25,6 +26,10 @@ pub struct Prober {
     icmp6: OnceCell<Arc<icmp::Pinger>>,
     sctp4: OnceCell<Arc<sctp::Initiator>>,
     sctp6: OnceCell<Arc<sctp::Initiator>>,
+    syn4: OnceCell<Arc<syn::Prober>>,
+    syn6: OnceCell<Arc<syn::Prober>>,
+    udp4: OnceCell<Arc<udp::Prober>>,
+    udp6: OnceCell<Arc<udp::Prober>>,
     tls: http::TlsConfigs,
 }
 
@@ -76,8 +81,31 @@ impl Prober {
             // Boxed: these futures are large (an HTTP client, a TLS handshake), and an unboxed
             // one would make every probe's future as large as the largest, to be allocated
             // and moved on every probe.
+            CheckKind::Tcp if probe.handshake == Handshake::Half => {
+                let cell = if target.is_ipv4() {
+                    &self.syn4
+                } else {
+                    &self.syn6
+                };
+                let prober = cell
+                    .get_or_try_init(|| async { syn::Prober::open(target.is_ipv4()) })
+                    .await
+                    .map_err(|e| Failure::io("opening the TCP raw socket", &e))?;
+                prober.probe(target).await
+            }
             CheckKind::Tcp => Box::pin(tcp::probe(target, probe)).await,
-            CheckKind::Udp => Box::pin(udp::probe(target, probe)).await,
+            CheckKind::Udp => {
+                let cell = if target.is_ipv4() {
+                    &self.udp4
+                } else {
+                    &self.udp6
+                };
+                let prober = cell
+                    .get_or_try_init(|| async { udp::Prober::open(target.is_ipv4()) })
+                    .await
+                    .map_err(|e| Failure::io("opening the UDP probe sockets", &e))?;
+                prober.probe(target, probe).await
+            }
             CheckKind::Http => Box::pin(http::probe(target, probe, None)).await,
             CheckKind::Https => {
                 let config = self.tls.get(probe.ca_file.as_deref())?;

@@ -62,10 +62,12 @@ async fn tcp_server(f: fn(&[u8]) -> Option<Vec<u8>>) -> SocketAddr {
 
 #[tokio::test]
 async fn tcp_connect() {
+    // The full handshake; the half-open default needs a raw socket (the lab suite runs it).
+    let full = "{type: tcp, handshake: full}";
     let up = tcp_server(|_| Some(vec![])).await;
-    assert_eq!(run(up, "type: tcp").await, Ok(()));
+    assert_eq!(run(up, full).await, Ok(()));
     assert_eq!(
-        kind(run(closed_port().await, "type: tcp").await),
+        kind(run(closed_port().await, full).await),
         FailureKind::Refused
     );
 }
@@ -143,6 +145,44 @@ async fn udp_request_and_reply() {
         began.elapsed() < Duration::from_secs(4),
         "refused before the timeout"
     );
+}
+
+/// Many probes at once share the UDP sockets: the ICMP errors of probes to a closed port are
+/// theirs alone, never a send error or a failure of a probe to a live server.
+#[tokio::test]
+async fn udp_probes_in_flight_together_keep_their_own_answers() {
+    let mut live = Vec::new();
+    for _ in 0..20 {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        live.push(server.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                let _ = server.send_to(&buf[..n], from).await;
+            }
+        });
+    }
+    let mut closed = Vec::new();
+    for _ in 0..50 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        closed.push(s.local_addr().unwrap());
+    }
+    let prober = Prober::new();
+    let check = probe("{type: udp, request: hi, response: hi, interval: 2s}");
+    for _ in 0..5 {
+        let refused = closed.iter().map(|a| prober.probe(*a, &check));
+        let answered = live.iter().map(|a| prober.probe(*a, &check));
+        let (refused, answered) = tokio::join!(
+            futures_util::future::join_all(refused),
+            futures_util::future::join_all(answered)
+        );
+        for r in refused {
+            assert_eq!(kind(r), FailureKind::Refused);
+        }
+        for r in answered {
+            assert_eq!(r, Ok(()));
+        }
+    }
 }
 
 /// What the test HTTP(S) server saw of each request.
@@ -394,7 +434,7 @@ async fn https_with_a_ca_verifies_chain_and_name() {
 async fn tcp_probes_leave_no_time_wait_behind() {
     let up = tcp_server(|_| Some(b"hi".to_vec())).await;
     for _ in 0..20 {
-        assert_eq!(run(up, "type: tcp").await, Ok(()));
+        assert_eq!(run(up, "{type: tcp, handshake: full}").await, Ok(()));
     }
     // The probe side closed with a reset: no TIME_WAIT towards the server's port.
     let port = format!(":{:04X}", up.port());

@@ -1,44 +1,195 @@
-//! `udp`: send `request` from a fresh socket and take the first reply. A reply must contain
-//! `response` when one is set; an ICMP port unreachable fails at once (the connected socket
-//! reports it as ECONNREFUSED); silence is a timeout, so a black-holed backend is down.
+//! `udp`: send `request` and take the first reply from the target's address and port. A reply
+//! must contain `response` when one is set; an ICMP port unreachable fails at once (read from
+//! the socket's error queue, `IP_RECVERR`); silence is a timeout, so a black-holed backend is
+//! down.
+//!
+//! All probes of a family share a few unconnected sockets, each with one reader task: a probe
+//! is one `sendto` and its share of a `recvfrom`, where a socket of its own cost a socket, a
+//! bind, a connect, its event registration and its close. The probes of one target rotate
+//! over the sockets from one interval to the next, so that a late reply to an earlier probe
+//! (after its timeout) arrives at a socket where nothing waits for that target and is dropped,
+//! as it was when each probe had a socket of its own.
 
-use crate::model::check::Probe;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use crate::LockExt as _;
+use std::{
+    collections::HashMap,
+    hash::BuildHasher as _,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
-use tokio::net::UdpSocket;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::{
+    io::{Interest, Ready, unix::AsyncFd},
+    sync::oneshot,
+};
 
 use super::tcp::{contains, preview};
 use crate::health::state::{Failure, FailureKind};
+use crate::model::check::Probe;
 
-pub async fn probe(target: SocketAddr, probe: &Probe) -> Result<(), Failure> {
-    let local: SocketAddr = if target.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
+/// Sockets per family.
+const SOCKETS: usize = 4;
+
+/// A reply's bytes, or the error the target's answer caused.
+type Answer = Result<Vec<u8>, Failure>;
+/// (target address, port) → the probe waiting for it on this socket.
+type Waiters = Mutex<HashMap<(IpAddr, u16), oneshot::Sender<Answer>>>;
+
+struct Shared {
+    socket: Arc<AsyncFd<Socket>>,
+    waiting: Arc<Waiters>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+pub struct Prober {
+    sockets: Vec<Shared>,
+    random: std::hash::RandomState,
+    epoch: Instant,
+}
+
+impl Prober {
+    pub fn open(v4: bool) -> io::Result<Arc<Self>> {
+        let sockets = (0..SOCKETS)
+            .map(|_| -> io::Result<Shared> {
+                let (domain, any): (Domain, SocketAddr) = if v4 {
+                    (Domain::IPV4, (Ipv4Addr::UNSPECIFIED, 0).into())
+                } else {
+                    (Domain::IPV6, (Ipv6Addr::UNSPECIFIED, 0).into())
+                };
+                let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+                socket.set_nonblocking(true)?;
+                crate::sys::set_recv_err(&socket, v4)?;
+                socket.bind(&any.into())?;
+                let socket = Arc::new(crate::sys::async_fd(socket)?);
+                let waiting: Arc<Waiters> = Arc::default();
+                let reader =
+                    tokio::spawn(read_loop(socket.clone(), waiting.clone())).abort_handle();
+                Ok(Shared {
+                    socket,
+                    waiting,
+                    reader,
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Arc::new(Self {
+            sockets,
+            random: std::hash::RandomState::new(),
+            epoch: Instant::now(),
+        }))
+    }
+
+    pub async fn probe(&self, target: SocketAddr, probe: &Probe) -> Result<(), Failure> {
+        let key = (target.ip(), target.port());
+        // This interval's socket for the target, or the next one free of a probe of it (two
+        // checks of one target with different requests).
+        let tick = self.epoch.elapsed().as_nanos() / probe.interval.as_nanos().max(1);
+        let first = (u128::from(self.random.hash_one(key)) + tick) as usize;
+        let (shared, rx) = (0..SOCKETS)
+            .find_map(|i| {
+                let shared = &self.sockets[(first + i) % SOCKETS];
+                let mut w = shared.waiting.locked();
+                if w.contains_key(&key) {
+                    return None;
+                }
+                let (tx, rx) = oneshot::channel();
+                w.insert(key, tx);
+                Some((shared, rx))
+            })
+            .ok_or_else(|| {
+                Failure::new(
+                    FailureKind::Error,
+                    "every UDP probe socket already waits for this target",
+                )
+            })?;
+        let _waiting = super::Waiting {
+            waiters: &shared.waiting,
+            key,
+        };
+        let request = probe.request.as_deref().unwrap_or_default();
+        let to = SockAddr::from(target);
+        // A send reports (and clears) the socket's pending error, which an ICMP error for
+        // another probe's datagram may have left (its probe reads it from the error queue):
+        // sent again, only this datagram's own error remains.
+        let mut tries = 0;
+        loop {
+            let mut guard = shared
+                .socket
+                .writable()
+                .await
+                .map_err(|e| Failure::io("UDP socket", &e))?;
+            match guard.try_io(|s| s.get_ref().send_to(request.as_bytes(), &to)) {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) if tries >= 3 => return Err(Failure::io("send", &e)),
+                Ok(Err(_)) => tries += 1,
+                Err(_would_block) => {}
+            }
+        }
+        let reply = match rx.await {
+            Ok(r) => r?,
+            Err(_) => return Err(Failure::new(FailureKind::Error, "the UDP reader stopped")),
+        };
+        match &probe.response {
+            Some(expected) if !contains(&reply, expected.as_bytes()) => Err(Failure::new(
+                FailureKind::BadResponse,
+                format!("reply without {expected:?}: {:?}", preview(&reply)),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Hands each datagram, and each error an earlier datagram caused, to the probe waiting for
+/// its sender (or destination).
+async fn read_loop(socket: Arc<AsyncFd<Socket>>, waiting: Arc<Waiters>) {
+    let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 65536];
+    let answer = |from: SocketAddr, a: Answer| {
+        if let Some(tx) = waiting.locked().remove(&(from.ip(), from.port())) {
+            let _ = tx.send(a);
+        }
     };
-    let socket = UdpSocket::bind(local)
-        .await
-        .map_err(|e| Failure::io("bind", &e))?;
-    socket
-        .connect(target)
-        .await
-        .map_err(|e| Failure::io("connect", &e))?;
-    let request = probe.request.as_deref().unwrap_or_default();
-    socket
-        .send(request.as_bytes())
-        .await
-        .map_err(|e| Failure::io("send", &e))?;
-    let mut buf = vec![0u8; 65536];
-    let n = socket
-        .recv(&mut buf)
-        .await
-        .map_err(|e| Failure::io("receive", &e))?;
-    let reply = &buf[..n];
-    match &probe.response {
-        Some(expected) if !contains(reply, expected.as_bytes()) => Err(Failure::new(
-            FailureKind::BadResponse,
-            format!("reply without {expected:?}: {:?}", preview(reply)),
-        )),
-        _ => Ok(()),
+    loop {
+        let Ok(mut guard) = socket.ready(Interest::READABLE | Interest::ERROR).await else {
+            return;
+        };
+        let mut errors = 0;
+        loop {
+            match socket.get_ref().recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if let Some(from) = from.as_socket() {
+                        answer(from, Ok(crate::sys::received(&buf, n).to_vec()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // The socket's pending error (an ICMP error, also on the error queue, which is
+                // read below; reporting it clears it), then the datagrams behind it.
+                Err(e) => {
+                    errors += 1;
+                    if errors > 64 {
+                        tracing::debug!(error = %e, "UDP receive");
+                        break;
+                    }
+                }
+            }
+        }
+        loop {
+            match crate::sys::recv_error(socket.get_ref()) {
+                Ok((to, e)) => answer(to, Err(Failure::io("receive", &e))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP error queue");
+                    break;
+                }
+            }
+        }
+        guard.clear_ready_matching(Ready::READABLE | Ready::ERROR);
     }
 }

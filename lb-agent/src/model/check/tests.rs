@@ -30,6 +30,12 @@ fn defaults_are_the_documented_ones() {
     assert_eq!((hc.probe.rise, hc.probe.fall), (2, 2));
     assert_eq!(hc.port, None);
     assert!(!hc.fail_closed);
+    // TCP: half-open unless a request is sent or a response read.
+    assert_eq!(hc.probe.handshake, Handshake::Half);
+    let payload = block("{type: tcp, request: x}").unwrap();
+    assert_eq!(payload.probe.handshake, Handshake::Full);
+    let full = block("{type: tcp, handshake: full}").unwrap();
+    assert_eq!(full.probe.handshake, Handshake::Full);
     let http = block("type: http").unwrap();
     assert_eq!(http.probe.path, "/");
     assert_eq!(http.probe.expect_status, StatusRanges(vec![(200, 399)]));
@@ -91,6 +97,12 @@ fn bad_values_name_their_key() {
     assert_eq!(keys(block("{type: http, ca_file: /x}")), ["ca_file"]);
     assert_eq!(keys(block("{type: sctp, response: x}")), ["response"]);
     assert_eq!(keys(block("{type: udp}")), ["request"]);
+    assert_eq!(
+        keys(block("{type: tcp, handshake: half, request: x}")),
+        ["handshake"]
+    );
+    assert_eq!(keys(block("{type: http, handshake: full}")), ["handshake"]);
+    assert!(serde_saphyr::from_str::<RawHealthCheck>("{type: tcp, handshake: syn}").is_err());
     assert_eq!(keys(block("{type: udp, request: \"\"}")), ["request"]);
     for bad in ["99", "200-600", "300-200", "abc", "200,"] {
         let r = block(&format!("{{type: http, expect_status: \"{bad}\"}}"));
@@ -123,6 +135,12 @@ fn annotations_give_the_same_check_as_the_block() {
     )
     .unwrap();
     assert_eq!(from_annotations, from_block);
+    let a = annotations(&[
+        ("weir.dev/health-check", "tcp"),
+        ("weir.dev/health-check-handshake", "full"),
+    ]);
+    let handshake = super::from_annotations(&a, Protocol::Tcp).unwrap().unwrap();
+    assert_eq!(Some(handshake), block("{type: tcp, handshake: full}").ok());
 }
 
 #[test]
@@ -210,6 +228,13 @@ fn bad_annotations_name_the_annotation() {
         (
             &[("weir.dev/health-check", "gopher")],
             &["weir.dev/health-check"],
+        ),
+        (
+            &[
+                ("weir.dev/health-check", "tcp"),
+                ("weir.dev/health-check-handshake", "syn"),
+            ],
+            &["weir.dev/health-check-handshake"],
         ),
         (
             &[("loxilb.io/probetype", "gopher")],
