@@ -532,6 +532,7 @@ pub fn run_cpu(quick: bool) -> Vec<CpuRow> {
     let checks = [
         ("ping", 8080, "type: ping"),
         ("tcp", 8081, "type: tcp"),
+        ("tcp (full handshake)", 8081, "type: tcp, handshake: full"),
         (
             "udp",
             7007,

@@ -566,9 +566,11 @@ pub fn probe_cost_section(m: &Machine, command: &str, cpu: &[health::CpuRow]) ->
          receive) over the measurement window, beside the same agent and backends with no \
          checks. The veth pair's receive processing runs on NAPI threads, as a NIC's runs in \
          its interrupt's context; without that, a veth would process the backends' side of \
-         every probe inside the agent's system calls. TCP probes connect and close with a \
-         reset; HTTP probes make a new connection each (a thread-per-connection server \
-         answers).\n"
+         every probe inside the agent's system calls. TCP probes are half-open by default (a \
+         SYN over a raw socket; the LB node's kernel answers the SYN-ACK with a reset in its \
+         receive processing); with `handshake: full` they connect and close with a reset, as \
+         HAProxy's TCP check connects. UDP probes share four sockets per family. HTTP probes \
+         make a new connection each (a thread-per-connection server answers).\n"
     );
     let _ = writeln!(
         s,
@@ -589,13 +591,15 @@ pub fn probe_cost_section(m: &Machine, command: &str, cpu: &[health::CpuRow]) ->
             r.system_percent,
             r.idle_percent,
             r.baseline.map_or("—".to_string(), |(name, cpu)| format!(
-                "{name}: {cpu:.1}%"
+                "{name}: {cpu:.1}% (weir {:.2}×)",
+                (r.user_percent + r.system_percent) / cpu
             ))
         );
     }
     let _ = writeln!(
         s,
-        "\nTarget: under 5% of one core for 1000 backends every 100 ms. The baselines are \
+        "\nTarget: 1000 backends every 100 ms in ≤ 5% of one core for ping, tcp and udp, ≤ 10% \
+         for http, and ≤ 0.5× the baseline. The baselines are \
          single-threaded C probers doing the same probes on the same machine in the same run: \
          what the probes themselves cost here (system calls and the kernel's packet work), \
          whoever sends them.\n"
