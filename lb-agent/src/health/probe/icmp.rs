@@ -73,18 +73,9 @@ impl Pinger {
         };
         let packet = echo_request(self.v4, token);
         let to = SockAddr::from(SocketAddr::new(ip, 0));
-        loop {
-            let mut guard = self
-                .socket
-                .writable()
-                .await
-                .map_err(|e| Failure::io("ICMP socket", &e))?;
-            match guard.try_io(|s| s.get_ref().send_to(&packet, &to)) {
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => return Err(Failure::io("sending the echo request", &e)),
-                Err(_would_block) => {}
-            }
-        }
+        super::send_to(&self.socket, &packet, &to)
+            .await
+            .map_err(|e| Failure::io("sending the echo request", &e))?;
         match rx.await {
             Ok(r) => r,
             Err(_) => Err(Failure::new(FailureKind::Error, "the ICMP reader stopped")),

@@ -53,55 +53,32 @@ impl Prober {
     }
 
     async fn attempt(&self, target: SocketAddr, probe: &Probe) -> Result<(), Failure> {
+        let v4 = target.is_ipv4();
         match probe.kind {
             CheckKind::Ping => {
-                let cell = if target.is_ipv4() {
-                    &self.icmp4
-                } else {
-                    &self.icmp6
-                };
-                let pinger = cell
-                    .get_or_try_init(|| async { icmp::Pinger::open(target.is_ipv4()) })
+                let pinger = family(&self.icmp4, &self.icmp6, v4, icmp::Pinger::open)
                     .await
                     .map_err(|e| Failure::io("opening the ICMP raw socket", &e))?;
                 pinger.ping(target.ip()).await
             }
             CheckKind::Sctp => {
-                let cell = if target.is_ipv4() {
-                    &self.sctp4
-                } else {
-                    &self.sctp6
-                };
-                let initiator = cell
-                    .get_or_try_init(|| async { sctp::Initiator::open(target.is_ipv4()) })
+                let initiator = family(&self.sctp4, &self.sctp6, v4, sctp::Initiator::open)
                     .await
                     .map_err(|e| Failure::io("opening the SCTP raw socket", &e))?;
                 Box::pin(initiator.probe(target)).await
             }
-            // Boxed: these futures are large (an HTTP client, a TLS handshake), and an unboxed
-            // one would make every probe's future as large as the largest, to be allocated
-            // and moved on every probe.
             CheckKind::Tcp if probe.handshake == Handshake::Half => {
-                let cell = if target.is_ipv4() {
-                    &self.syn4
-                } else {
-                    &self.syn6
-                };
-                let prober = cell
-                    .get_or_try_init(|| async { syn::Prober::open(target.is_ipv4()) })
+                let prober = family(&self.syn4, &self.syn6, v4, syn::Prober::open)
                     .await
                     .map_err(|e| Failure::io("opening the TCP raw socket", &e))?;
                 prober.probe(target).await
             }
+            // Boxed: these futures are large (an HTTP client, a TLS handshake), and an unboxed
+            // one would make every probe's future as large as the largest, to be allocated
+            // and moved on every probe.
             CheckKind::Tcp => Box::pin(tcp::probe(target, probe)).await,
             CheckKind::Udp => {
-                let cell = if target.is_ipv4() {
-                    &self.udp4
-                } else {
-                    &self.udp6
-                };
-                let prober = cell
-                    .get_or_try_init(|| async { udp::Prober::open(target.is_ipv4()) })
+                let prober = family(&self.udp4, &self.udp6, v4, udp::Prober::open)
                     .await
                     .map_err(|e| Failure::io("opening the UDP probe sockets", &e))?;
                 prober.probe(target, probe).await
@@ -111,6 +88,62 @@ impl Prober {
                 let config = self.tls.get(probe.ca_file.as_deref())?;
                 Box::pin(http::probe(target, probe, Some(config))).await
             }
+        }
+    }
+}
+
+/// The shared sockets of one family, opened by the first probe that needs them.
+async fn family<'a, T>(
+    v4_cell: &'a OnceCell<Arc<T>>,
+    v6_cell: &'a OnceCell<Arc<T>>,
+    v4: bool,
+    open: fn(bool) -> std::io::Result<Arc<T>>,
+) -> std::io::Result<&'a Arc<T>> {
+    let cell = if v4 { v4_cell } else { v6_cell };
+    cell.get_or_try_init(|| async { open(v4) }).await
+}
+
+/// The transport header of a packet read from a raw socket: IPv4 raw sockets deliver the IP
+/// header too, IPv6 ones do not.
+fn transport(v4: bool, data: &[u8]) -> Option<&[u8]> {
+    if v4 {
+        data.get((data.first()? & 0x0f) as usize * 4..)
+    } else {
+        Some(data)
+    }
+}
+
+/// Claims a source port of `ports` (a range `span` long from `first`) that no probe of `ip`
+/// waits on, the next of `next`'s sequence; its entry is `entry(n)` (n: the sequence number
+/// drawn). None when 64 tries found none free.
+fn claim_port<V>(
+    waiting: &mut std::collections::HashMap<(std::net::IpAddr, u16), V>,
+    ip: std::net::IpAddr,
+    next: &std::sync::atomic::AtomicU32,
+    (first, span): (u16, u32),
+    entry: impl FnOnce(u32) -> V,
+) -> Option<u16> {
+    for _ in 0..64 {
+        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = first + (n % span) as u16;
+        if let std::collections::hash_map::Entry::Vacant(slot) = waiting.entry((ip, port)) {
+            slot.insert(entry(n));
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Sends `bytes` to `to` on a non-blocking socket, waiting while its buffer is full.
+async fn send_to(
+    socket: &tokio::io::unix::AsyncFd<socket2::Socket>,
+    bytes: &[u8],
+    to: &socket2::SockAddr,
+) -> std::io::Result<()> {
+    loop {
+        let mut guard = socket.writable().await?;
+        if let Ok(sent) = guard.try_io(|s| s.get_ref().send_to(bytes, to)) {
+            return sent.map(drop);
         }
     }
 }

@@ -9,10 +9,7 @@ use std::{
     hash::BuildHasher as _,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicU32},
 };
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -69,27 +66,20 @@ impl Initiator {
     pub async fn probe(&self, target: SocketAddr) -> Result<(), Failure> {
         let ip = target.ip();
         // A source port no other probe of this target is using.
-        let (port, tag, rx, key) = {
-            let mut w = self.waiting.locked();
-            let mut attempt = 0;
-            loop {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let port = (PORTS.start + n % (PORTS.end - PORTS.start)) as u16;
-                if let std::collections::hash_map::Entry::Vacant(slot) = w.entry((ip, port)) {
-                    let tag = (self.random.hash_one(n) as u32).max(1);
-                    let (tx, rx) = oneshot::channel();
-                    slot.insert((target.port(), tag, tx));
-                    break (port, tag, rx, (ip, port));
-                }
-                attempt += 1;
-                if attempt > 64 {
-                    return Err(Failure::new(
-                        FailureKind::Error,
-                        "no free SCTP source port for this target",
-                    ));
-                }
-            }
-        };
+        let (tx, rx) = oneshot::channel();
+        let mut tag = 0;
+        let ports = (PORTS.start as u16, PORTS.end - PORTS.start);
+        let port = super::claim_port(&mut self.waiting.locked(), ip, &self.next, ports, |n| {
+            tag = (self.random.hash_one(n) as u32).max(1);
+            (target.port(), tag, tx)
+        })
+        .ok_or_else(|| {
+            Failure::new(
+                FailureKind::Error,
+                "no free SCTP source port for this target",
+            )
+        })?;
+        let key = (ip, port);
         let _waiting = super::Waiting {
             waiters: &self.waiting,
             key,
@@ -110,18 +100,9 @@ impl Initiator {
 
     async fn send(&self, ip: IpAddr, bytes: &[u8]) -> Result<(), Failure> {
         let to = SockAddr::from(SocketAddr::new(ip, 0));
-        loop {
-            let mut guard = self
-                .socket
-                .writable()
-                .await
-                .map_err(|e| Failure::io("SCTP socket", &e))?;
-            match guard.try_io(|s| s.get_ref().send_to(bytes, &to)) {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => return Err(Failure::io("sending SCTP", &e)),
-                Err(_would_block) => {}
-            }
-        }
+        super::send_to(&self.socket, bytes, &to)
+            .await
+            .map_err(|e| Failure::io("sending SCTP", &e))
     }
 }
 
@@ -203,19 +184,7 @@ enum Chunk {
 
 async fn read_loop(socket: Arc<AsyncFd<Socket>>, v4: bool, waiting: Arc<Waiters>) {
     super::raw_recv_loop(socket, "SCTP", |data, from| {
-        // IPv4 raw sockets deliver the IP header too.
-        let sctp = if v4 {
-            match data
-                .first()
-                .and_then(|b| data.get((b & 0x0f) as usize * 4..))
-            {
-                Some(s) => s,
-                None => return,
-            }
-        } else {
-            data
-        };
-        let Some((port, sport, vtag, chunk)) = parse(sctp) else {
+        let Some((port, sport, vtag, chunk)) = super::transport(v4, data).and_then(parse) else {
             return;
         };
         let mut w = waiting.locked();

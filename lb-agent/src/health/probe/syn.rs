@@ -14,10 +14,7 @@ use std::{
     hash::BuildHasher as _,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicU32},
     time::{Duration, Instant},
 };
 
@@ -79,49 +76,29 @@ impl Prober {
     pub async fn probe(&self, target: SocketAddr) -> Result<(), Failure> {
         let ip = target.ip();
         let source = self.source(ip)?;
-        let span = u32::from(PORTS.end() - PORTS.start()) + 1;
-        // A source port no other probe of this target is using.
-        let (port, seq, rx, key) = {
-            let mut w = self.waiting.locked();
-            let mut attempt = 0;
-            loop {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let port = PORTS.start() + (n % span) as u16;
-                if let std::collections::hash_map::Entry::Vacant(slot) = w.entry((ip, port)) {
-                    let seq = self.random.hash_one(n) as u32;
-                    let (tx, rx) = oneshot::channel();
-                    slot.insert((target.port(), seq, tx));
-                    break (port, seq, rx, (ip, port));
-                }
-                attempt += 1;
-                if attempt > 64 {
-                    return Err(Failure::new(
-                        FailureKind::Error,
-                        "no free TCP source port for this target",
-                    ));
-                }
-            }
-        };
+        let (tx, rx) = oneshot::channel();
+        let mut seq = 0;
+        let ports = (*PORTS.start(), u32::from(PORTS.end() - PORTS.start()) + 1);
+        let port = super::claim_port(&mut self.waiting.locked(), ip, &self.next, ports, |n| {
+            seq = self.random.hash_one(n) as u32;
+            (target.port(), seq, tx)
+        })
+        .ok_or_else(|| {
+            Failure::new(
+                FailureKind::Error,
+                "no free TCP source port for this target",
+            )
+        })?;
+        let key = (ip, port);
         let _waiting = super::Waiting {
             waiters: &self.waiting,
             key,
         };
         let syn = segment(source, ip, port, target.port(), seq);
         let to = SockAddr::from(SocketAddr::new(ip, 0));
-        loop {
-            let mut guard = self
-                .socket
-                .writable()
-                .await
-                .map_err(|e| Failure::io("TCP raw socket", &e))?;
-            match guard.try_io(|s| s.get_ref().send_to(&syn, &to)) {
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => {
-                    self.forget(ip);
-                    return Err(Failure::io("sending the SYN", &e));
-                }
-                Err(_would_block) => {}
-            }
+        if let Err(e) = super::send_to(&self.socket, &syn, &to).await {
+            self.forget(ip);
+            return Err(Failure::io("sending the SYN", &e));
         }
         // A timeout drops this future here: the source is looked up again next time.
         let forget = Forget(self, ip);
@@ -273,19 +250,7 @@ fn parse(tcp: &[u8]) -> Option<(u16, u16, u32, bool)> {
 
 async fn read_loop(socket: Arc<AsyncFd<Socket>>, v4: bool, waiting: Arc<Waiters>) {
     super::raw_recv_loop(socket, "TCP", |data, from| {
-        // IPv4 raw sockets deliver the IP header too.
-        let tcp = if v4 {
-            match data
-                .first()
-                .and_then(|b| data.get((b & 0x0f) as usize * 4..))
-            {
-                Some(s) => s,
-                None => return,
-            }
-        } else {
-            data
-        };
-        let Some((sport, port, seq, open)) = parse(tcp) else {
+        let Some((sport, port, seq, open)) = super::transport(v4, data).and_then(parse) else {
             return;
         };
         let mut w = waiting.locked();

@@ -121,16 +121,10 @@ impl Prober {
         // sent again, only this datagram's own error remains.
         let mut tries = 0;
         loop {
-            let mut guard = shared
-                .socket
-                .writable()
-                .await
-                .map_err(|e| Failure::io("UDP socket", &e))?;
-            match guard.try_io(|s| s.get_ref().send_to(request.as_bytes(), &to)) {
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) if tries >= 3 => return Err(Failure::io("send", &e)),
-                Ok(Err(_)) => tries += 1,
-                Err(_would_block) => {}
+            match super::send_to(&shared.socket, request.as_bytes(), &to).await {
+                Ok(()) => break,
+                Err(e) if tries >= 3 => return Err(Failure::io("send", &e)),
+                Err(_) => tries += 1,
             }
         }
         let reply = match rx.await {
