@@ -1,6 +1,7 @@
 //! The checkers. Each probe is one attempt against one target, bounded by the probe's timeout
-//! (the caller applies it). Raw sockets (ICMP, SCTP) are shared by all probes of a family: one
-//! reader task per socket hands each answer to the probe waiting for it.
+//! (the caller applies it). The raw sockets (ICMP, SCTP, half-open TCP) and the UDP sockets are
+//! shared by all probes of a family: one reader task per socket hands each answer to the probe
+//! waiting for it. Full-handshake TCP and HTTP(S) probes make a connection each.
 
 mod http;
 mod icmp;

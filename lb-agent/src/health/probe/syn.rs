@@ -1,4 +1,4 @@
-//! `tcp` with `handshake: half` (the default when no request is sent): a SYN, then a SYN-ACK
+//! `tcp` with `handshake: half` (the default without request or response): a SYN, then a SYN-ACK
 //! (up) or a reset (refused), over one raw TCP socket per family. No connection is made: the
 //! kernel answers the SYN-ACK with a reset (no socket of the node's holds that connection), so
 //! the backend's listener never hands the probe to its application, and a probe costs the agent
