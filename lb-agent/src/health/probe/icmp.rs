@@ -13,7 +13,7 @@ use std::{
     },
 };
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Protocol, SockAddr, Socket, Type};
 use tokio::{io::unix::AsyncFd, sync::oneshot};
 
 use crate::health::state::{Failure, FailureKind};
@@ -24,32 +24,28 @@ type WaiterMap = HashMap<(IpAddr, u32), oneshot::Sender<Result<(), Failure>>>;
 type Waiters = Mutex<WaiterMap>;
 
 pub struct Pinger {
-    socket: Arc<AsyncFd<Socket>>,
+    socket: super::Shared,
     v4: bool,
     next: AtomicU32,
     waiting: Arc<Waiters>,
-    reader: tokio::task::AbortHandle,
-}
-
-impl Drop for Pinger {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 impl Pinger {
     /// Opens the raw socket (needs CAP_NET_RAW) and starts its reader.
     pub fn open(v4: bool) -> io::Result<Arc<Self>> {
-        let socket = if v4 {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?
+        let protocol = if v4 {
+            Protocol::ICMPV4
         } else {
-            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
+            Protocol::ICMPV6
         };
-        socket.set_nonblocking(true)?;
-        filter(&socket, v4)?;
-        let socket = Arc::new(crate::sys::async_fd(socket)?);
         let waiting: Arc<Waiters> = Arc::default();
-        let reader = tokio::spawn(read_loop(socket.clone(), v4, waiting.clone())).abort_handle();
+        let socket = super::Shared::open(
+            v4,
+            Type::RAW,
+            protocol,
+            |s| filter(s, v4),
+            |s| read_loop(s, v4, waiting.clone()),
+        )?;
         // Start the tokens somewhere unpredictable, so that two agents on one host (or a
         // restarted one) do not hand out the same ones.
         let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), v4) as u32;
@@ -58,7 +54,6 @@ impl Pinger {
             v4,
             next: AtomicU32::new(seed),
             waiting,
-            reader,
         }))
     }
 
@@ -73,7 +68,8 @@ impl Pinger {
         };
         let packet = echo_request(self.v4, token);
         let to = SockAddr::from(SocketAddr::new(ip, 0));
-        super::send_to(&self.socket, &packet, &to)
+        self.socket
+            .send_to(&packet, &to)
             .await
             .map_err(|e| Failure::io("sending the echo request", &e))?;
         match rx.await {
@@ -113,9 +109,16 @@ fn echo_request(v4: bool, token: u32) -> Vec<u8> {
 }
 
 /// The Internet checksum (RFC 1071).
-pub(super) fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
+fn checksum(b: &[u8]) -> u16 {
+    checksum_of(&[b])
+}
+
+/// The Internet checksum of `parts` one after the other; every part but the last has an even
+/// length (a pseudo-header, then a segment).
+pub(super) fn checksum_of(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = parts
+        .iter()
+        .flat_map(|b| b.chunks(2))
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
         .sum();
     while sum > 0xffff {

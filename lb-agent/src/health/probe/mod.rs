@@ -135,16 +135,49 @@ fn claim_port<V>(
     None
 }
 
-/// Sends `bytes` to `to` on a non-blocking socket, waiting while its buffer is full.
-async fn send_to(
-    socket: &tokio::io::unix::AsyncFd<socket2::Socket>,
-    bytes: &[u8],
-    to: &socket2::SockAddr,
-) -> std::io::Result<()> {
-    loop {
-        let mut guard = socket.writable().await?;
-        if let Ok(sent) = guard.try_io(|s| s.get_ref().send_to(bytes, to)) {
-            return sent.map(drop);
+/// A non-blocking socket shared by many probes, registered with tokio, with the task that reads
+/// it; the task stops when this is dropped.
+struct Shared {
+    socket: Arc<tokio::io::unix::AsyncFd<socket2::Socket>>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Shared {
+    /// Opens a socket of the family (`v4`), `kind` and `protocol` (raw ones need CAP_NET_RAW),
+    /// prepares it with `setup` (filters, options, bind) and starts `read(socket)` on it.
+    fn open<F: Future<Output = ()> + Send + 'static>(
+        v4: bool,
+        kind: socket2::Type,
+        protocol: socket2::Protocol,
+        setup: impl FnOnce(&socket2::Socket) -> std::io::Result<()>,
+        read: impl FnOnce(Arc<tokio::io::unix::AsyncFd<socket2::Socket>>) -> F,
+    ) -> std::io::Result<Self> {
+        let domain = if v4 {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let socket = socket2::Socket::new(domain, kind, Some(protocol))?;
+        socket.set_nonblocking(true)?;
+        setup(&socket)?;
+        let socket = Arc::new(crate::sys::async_fd(socket)?);
+        let reader = tokio::spawn(read(socket.clone())).abort_handle();
+        Ok(Self { socket, reader })
+    }
+
+    /// Sends `bytes` to `to`, waiting while the socket's buffer is full.
+    async fn send_to(&self, bytes: &[u8], to: &socket2::SockAddr) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.socket.writable().await?;
+            if let Ok(sent) = guard.try_io(|s| s.get_ref().send_to(bytes, to)) {
+                return sent.map(drop);
+            }
         }
     }
 }

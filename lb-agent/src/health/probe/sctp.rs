@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex, atomic::AtomicU32},
 };
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Protocol, SockAddr, Socket, Type};
 use tokio::{io::unix::AsyncFd, sync::oneshot};
 
 use crate::health::state::{Failure, FailureKind};
@@ -32,34 +32,28 @@ type WaiterMap = HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Answer>)>;
 type Waiters = Mutex<WaiterMap>;
 
 pub struct Initiator {
-    socket: Arc<AsyncFd<Socket>>,
+    socket: super::Shared,
     next: AtomicU32,
     random: std::hash::RandomState,
     waiting: Arc<Waiters>,
-    reader: tokio::task::AbortHandle,
-}
-
-impl Drop for Initiator {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 impl Initiator {
     pub fn open(v4: bool) -> io::Result<Arc<Self>> {
-        let domain = if v4 { Domain::IPV4 } else { Domain::IPV6 };
-        let socket = Socket::new(domain, Type::RAW, Some(Protocol::from(132)))?;
-        socket.set_nonblocking(true)?;
-        let socket = Arc::new(crate::sys::async_fd(socket)?);
         let waiting: Arc<Waiters> = Arc::default();
-        let reader = tokio::spawn(read_loop(socket.clone(), v4, waiting.clone())).abort_handle();
+        let socket = super::Shared::open(
+            v4,
+            Type::RAW,
+            Protocol::from(132),
+            |_| Ok(()),
+            |s| read_loop(s, v4, waiting.clone()),
+        )?;
         let random = std::hash::RandomState::new();
         Ok(Arc::new(Self {
             socket,
             next: AtomicU32::new(random.hash_one(0u8) as u32),
             random,
             waiting,
-            reader,
         }))
     }
 
@@ -100,7 +94,8 @@ impl Initiator {
 
     async fn send(&self, ip: IpAddr, bytes: &[u8]) -> Result<(), Failure> {
         let to = SockAddr::from(SocketAddr::new(ip, 0));
-        super::send_to(&self.socket, bytes, &to)
+        self.socket
+            .send_to(bytes, &to)
             .await
             .map_err(|e| Failure::io("sending SCTP", &e))
     }

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
+use socket2::{Protocol, SockAddr, SockFilter, Socket, Type};
 use tokio::{io::unix::AsyncFd, sync::oneshot};
 
 use crate::health::state::{Failure, FailureKind};
@@ -37,31 +37,25 @@ type WaiterMap = HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Result<(), Fa
 type Waiters = Mutex<WaiterMap>;
 
 pub struct Prober {
-    socket: Arc<AsyncFd<Socket>>,
+    socket: super::Shared,
     next: AtomicU32,
     random: std::hash::RandomState,
     waiting: Arc<Waiters>,
     /// Target → (the node's address the kernel routes to it from, when that was looked up).
     sources: Mutex<HashMap<IpAddr, (IpAddr, Instant)>>,
-    reader: tokio::task::AbortHandle,
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 impl Prober {
     /// Opens the raw socket (needs CAP_NET_RAW), filters it and starts its reader.
     pub fn open(v4: bool) -> io::Result<Arc<Self>> {
-        let domain = if v4 { Domain::IPV4 } else { Domain::IPV6 };
-        let socket = Socket::new(domain, Type::RAW, Some(Protocol::TCP))?;
-        socket.set_nonblocking(true)?;
-        socket.attach_filter(&filter(v4))?;
-        let socket = Arc::new(crate::sys::async_fd(socket)?);
         let waiting: Arc<Waiters> = Arc::default();
-        let reader = tokio::spawn(read_loop(socket.clone(), v4, waiting.clone())).abort_handle();
+        let socket = super::Shared::open(
+            v4,
+            Type::RAW,
+            Protocol::TCP,
+            |s| s.attach_filter(&filter(v4)),
+            |s| read_loop(s, v4, waiting.clone()),
+        )?;
         let random = std::hash::RandomState::new();
         Ok(Arc::new(Self {
             socket,
@@ -69,7 +63,6 @@ impl Prober {
             random,
             waiting,
             sources: Mutex::default(),
-            reader,
         }))
     }
 
@@ -96,7 +89,7 @@ impl Prober {
         };
         let syn = segment(source, ip, port, target.port(), seq);
         let to = SockAddr::from(SocketAddr::new(ip, 0));
-        if let Err(e) = super::send_to(&self.socket, &syn, &to).await {
+        if let Err(e) = self.socket.send_to(&syn, &to).await {
             self.forget(ip);
             return Err(Failure::io("sending the SYN", &e));
         }
@@ -201,27 +194,28 @@ fn segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, seq: u32) -> [u8; 2
 
 /// The TCP checksum of `segment` between `src` and `dst` (RFC 9293 3.1; RFC 8200 8.1).
 fn checksum(src: IpAddr, dst: IpAddr, segment: &[u8]) -> u16 {
-    let mut pseudo = Vec::with_capacity(40 + segment.len());
-    match (src, dst) {
+    let mut pseudo = [0u8; 40];
+    let len = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            pseudo.extend_from_slice(&s.octets());
-            pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, 6]);
-            pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+            pseudo[0..4].copy_from_slice(&s.octets());
+            pseudo[4..8].copy_from_slice(&d.octets());
+            pseudo[9] = 6;
+            pseudo[10..12].copy_from_slice(&(segment.len() as u16).to_be_bytes());
+            12
         }
         (s, d) => {
             let v6 = |a: IpAddr| match a {
                 IpAddr::V6(a) => a.octets(),
                 IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
             };
-            pseudo.extend_from_slice(&v6(s));
-            pseudo.extend_from_slice(&v6(d));
-            pseudo.extend_from_slice(&(segment.len() as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, 6]);
+            pseudo[0..16].copy_from_slice(&v6(s));
+            pseudo[16..32].copy_from_slice(&v6(d));
+            pseudo[32..36].copy_from_slice(&(segment.len() as u32).to_be_bytes());
+            pseudo[39] = 6;
+            40
         }
-    }
-    pseudo.extend_from_slice(segment);
-    super::icmp::checksum(&pseudo)
+    };
+    super::icmp::checksum_of(&[&pseudo[..len], segment])
 }
 
 /// An answer to a probe: (its source port, our port, what it says), if it is a SYN-ACK

@@ -20,7 +20,7 @@ use std::{
     time::Instant,
 };
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Protocol, SockAddr, Socket, Type};
 use tokio::{
     io::{Interest, Ready, unix::AsyncFd},
     sync::oneshot,
@@ -39,15 +39,8 @@ type Answer = Result<Vec<u8>, Failure>;
 type Waiters = Mutex<HashMap<(IpAddr, u16), oneshot::Sender<Answer>>>;
 
 struct Shared {
-    socket: Arc<AsyncFd<Socket>>,
+    socket: super::Shared,
     waiting: Arc<Waiters>,
-    reader: tokio::task::AbortHandle,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 pub struct Prober {
@@ -60,24 +53,23 @@ impl Prober {
     pub fn open(v4: bool) -> io::Result<Arc<Self>> {
         let sockets = (0..SOCKETS)
             .map(|_| -> io::Result<Shared> {
-                let (domain, any): (Domain, SocketAddr) = if v4 {
-                    (Domain::IPV4, (Ipv4Addr::UNSPECIFIED, 0).into())
+                let any: SocketAddr = if v4 {
+                    (Ipv4Addr::UNSPECIFIED, 0).into()
                 } else {
-                    (Domain::IPV6, (Ipv6Addr::UNSPECIFIED, 0).into())
+                    (Ipv6Addr::UNSPECIFIED, 0).into()
                 };
-                let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-                socket.set_nonblocking(true)?;
-                crate::sys::set_recv_err(&socket, v4)?;
-                socket.bind(&any.into())?;
-                let socket = Arc::new(crate::sys::async_fd(socket)?);
                 let waiting: Arc<Waiters> = Arc::default();
-                let reader =
-                    tokio::spawn(read_loop(socket.clone(), waiting.clone())).abort_handle();
-                Ok(Shared {
-                    socket,
-                    waiting,
-                    reader,
-                })
+                let socket = super::Shared::open(
+                    v4,
+                    Type::DGRAM,
+                    Protocol::UDP,
+                    |s| {
+                        crate::sys::set_recv_err(s, v4)?;
+                        s.bind(&any.into())
+                    },
+                    |s| read_loop(s, waiting.clone()),
+                )?;
+                Ok(Shared { socket, waiting })
             })
             .collect::<io::Result<_>>()?;
         Ok(Arc::new(Self {
@@ -121,7 +113,7 @@ impl Prober {
         // sent again, only this datagram's own error remains.
         let mut tries = 0;
         loop {
-            match super::send_to(&shared.socket, request.as_bytes(), &to).await {
+            match shared.socket.send_to(request.as_bytes(), &to).await {
                 Ok(()) => break,
                 Err(e) if tries >= 3 => return Err(Failure::io("send", &e)),
                 Err(_) => tries += 1,
