@@ -28,21 +28,23 @@ const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 /// Source ports handed to probes (the answers' destination ports the filter lets in).
 const PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
-/// How long the source address the routing table chose for a target is reused; a probe that
-/// fails forgets it, so a route change is followed at once where it matters.
+/// How long the source address the routing table chose for a target is reused; a probe left
+/// without an answer forgets it, so a route change is followed at once where it matters.
 const SOURCE_TTL: Duration = Duration::from_secs(10);
 
 /// (peer, our port) → (its port, our sequence number, the probe waiting).
 type WaiterMap = HashMap<(IpAddr, u16), (u16, u32, oneshot::Sender<Result<(), Failure>>)>;
 type Waiters = Mutex<WaiterMap>;
+/// Target → (the node's address the kernel routes to it from, when that was looked up); kept
+/// beside the time stale entries were last dropped.
+type Sources = HashMap<IpAddr, (IpAddr, Instant)>;
 
 pub struct Prober {
     socket: super::Shared,
     next: AtomicU32,
     random: std::hash::RandomState,
     waiting: Arc<Waiters>,
-    /// Target → (the node's address the kernel routes to it from, when that was looked up).
-    sources: Mutex<HashMap<IpAddr, (IpAddr, Instant)>>,
+    sources: Mutex<(Sources, Option<Instant>)>,
 }
 
 impl Prober {
@@ -89,27 +91,25 @@ impl Prober {
         };
         let syn = segment(source, ip, port, target.port(), seq);
         let to = SockAddr::from(SocketAddr::new(ip, 0));
-        if let Err(e) = self.socket.send_to(&syn, &to).await {
-            self.forget(ip);
-            return Err(Failure::io("sending the SYN", &e));
-        }
-        // A timeout drops this future here: the source is looked up again next time.
-        let forget = Forget(self, ip);
-        let r = match rx.await {
-            Ok(r) => r,
-            Err(_) => Err(Failure::new(FailureKind::Error, "the TCP reader stopped")),
-        };
-        if r.is_ok() {
-            std::mem::forget(forget);
-        }
-        r
+        // Without an answer (a send error, the timeout dropping this future here) the source
+        // is looked up again next time: the route may have changed. A reset is an answer.
+        let unanswered = Forget(self, ip);
+        self.socket
+            .send_to(&syn, &to)
+            .await
+            .map_err(|e| Failure::io("sending the SYN", &e))?;
+        let answer = rx
+            .await
+            .map_err(|_| Failure::new(FailureKind::Error, "the TCP reader stopped"))?;
+        std::mem::forget(unanswered);
+        answer
     }
 
     /// The address the node sends from to `ip` (the TCP checksum covers it), as routing chooses
     /// it: a connected UDP socket's local address (no packet is sent).
     fn source(&self, ip: IpAddr) -> Result<IpAddr, Failure> {
         let now = Instant::now();
-        if let Some((s, at)) = self.sources.locked().get(&ip)
+        if let Some((s, at)) = self.sources.locked().0.get(&ip)
             && now.duration_since(*at) < SOURCE_TTL
         {
             return Ok(*s);
@@ -125,26 +125,23 @@ impl Prober {
                 s.local_addr()
             })
             .map_err(|e| Failure::io("finding the source address (route)", &e))?;
-        let mut sources = self.sources.locked();
-        // Targets that went away are dropped with the stale entries, now and then.
-        if sources.len() > 4096 {
+        let (sources, pruned) = &mut *self.sources.locked();
+        // Targets that went away leave with the stale entries, once per SOURCE_TTL.
+        if pruned.is_none_or(|p| now.duration_since(p) >= SOURCE_TTL) {
             sources.retain(|_, (_, at)| now.duration_since(*at) < SOURCE_TTL);
+            *pruned = Some(now);
         }
         sources.insert(ip, (route.ip(), now));
         Ok(route.ip())
     }
-
-    fn forget(&self, ip: IpAddr) {
-        self.sources.locked().remove(&ip);
-    }
 }
 
-/// Forgets the target's source address unless defused (the probe failed or timed out).
+/// Forgets the target's source address when dropped (`mem::forget` it once answered).
 struct Forget<'a>(&'a Prober, IpAddr);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.0.forget(self.1);
+        self.0.sources.locked().0.remove(&self.1);
     }
 }
 
