@@ -162,7 +162,7 @@ pub fn desired() -> DesiredState {
     ];
     services.sort_by(|a, b| a.name.cmp(&b.name));
     DesiredState {
-        services,
+        services: services.into_iter().map(std::sync::Arc::new).collect(),
         source_nat: Some(SourceNat {
             ipv4: Some(NODE4.parse().expect("node")),
             ipv6: Some(NODE6.parse().expect("node")),
@@ -185,6 +185,7 @@ fn template(rng: &mut Rng, d: &DesiredState) -> Vec<u8> {
         .services
         .iter()
         .filter(|s| s.frontend.vip.is_ipv6() == v6)
+        .map(|s| &**s)
         .collect();
     let s = fronts[rng.below(fronts.len() as u64) as usize];
     let (vip, port) = (s.frontend.vip, s.frontend.port);

@@ -548,7 +548,7 @@ impl RawConfig {
                 .health_check
                 .and_then(|raw| c.health_check(&at("health_check"), raw));
 
-            services.push(Service {
+            services.push(std::sync::Arc::new(Service {
                 name: s.name,
                 frontend,
                 backends,
@@ -557,7 +557,7 @@ impl RawConfig {
                 table_size,
                 health_check,
                 node_address: false,
-            });
+            }));
         }
         if services.len() as u64 >= u64::from(limits.max_services) {
             c.fail(

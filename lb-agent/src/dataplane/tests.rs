@@ -1,4 +1,4 @@
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use super::{fake::FakeMaps, *};
 use crate::{
@@ -31,7 +31,7 @@ pub(super) fn web(backends: &[(&str, u32)]) -> Service {
 
 pub(super) fn state(services: Vec<Service>) -> DesiredState {
     DesiredState {
-        services,
+        services: services.into_iter().map(Arc::new).collect(),
         ..Default::default()
     }
 }
@@ -272,7 +272,7 @@ fn a_failed_update_leaves_the_service_as_it_was() {
         m.fail_on = Some(step.into());
         p.apply(&state(vec![new.clone()]), &mut m).unwrap_err();
         assert_eq!(m.dump(), before, "after failing at {step}");
-        assert_eq!(p.services().next().unwrap().spec, old);
+        assert_eq!(*p.services().next().unwrap().spec, old);
     }
 }
 
@@ -482,7 +482,8 @@ fn nat(ipv4: Option<&str>, ipv6: Option<&str>) -> Option<crate::model::SourceNat
 fn source_nat_settings_are_written_first_and_join_the_vip_filter() {
     let (mut p, mut m) = setup();
     let mut s = state(vec![web(&[("198.18.1.11:8080", 1)])]);
-    s.services[0].backends[0] = s.services[0].backends[0].with_snat();
+    let b = &mut Arc::make_mut(&mut s.services[0]).backends[0];
+    *b = b.with_snat();
     s.source_nat = nat(Some("198.18.0.2"), Some("fd00:18::2"));
     p.apply(&s, &mut m).unwrap();
     // Filter slots for the node's addresses, then the settings, before any service.
@@ -518,7 +519,7 @@ fn source_nat_settings_are_written_first_and_join_the_vip_filter() {
     assert!(m.log.is_empty(), "{:?}", m.log);
     let mut none = s.clone();
     none.source_nat = None;
-    none.services[0].backends[0].snat = false;
+    Arc::make_mut(&mut none.services[0]).backends[0].snat = false;
     p.apply(&none, &mut m).unwrap();
     assert_eq!(m.snat_config, SnatConfig::default());
     assert_eq!(m.vip_filter.values().filter(|n| **n > 0).count(), 1);
@@ -551,11 +552,12 @@ fn turning_source_nat_on_or_off_gives_the_backend_a_new_generation() {
     let generation = |m: &FakeMaps, id: u32| (m.backends[&id].generation, m.backends[&id].flags);
     assert_eq!(generation(&m, 1), (1, 1));
     // Its flows' source cannot change under them: they are steered again.
-    s.services[0].backends[0] = s.services[0].backends[0].with_snat();
+    let b = &mut Arc::make_mut(&mut s.services[0]).backends[0];
+    *b = b.with_snat();
     p.apply(&s, &mut m).unwrap();
     assert_eq!(generation(&m, 1), (2, 3));
     assert_eq!(generation(&m, 2), (1, 1), "the other backend is untouched");
-    s.services[0].backends[0].snat = false;
+    Arc::make_mut(&mut s.services[0]).backends[0].snat = false;
     p.apply(&s, &mut m).unwrap();
     assert_eq!(generation(&m, 1), (3, 1));
 }
@@ -770,8 +772,14 @@ fn node_ports_and_split_scopes_program_and_adopt() {
     assert_eq!(m.dump(), dump);
 
     // The NodePort goes: its address leaves the pre-filter; the VIP stays.
-    q.apply(&state(desired.services[1..].to_vec()), &mut m)
-        .unwrap();
+    q.apply(
+        &DesiredState {
+            services: desired.services[1..].to_vec(),
+            ..desired.clone()
+        },
+        &mut m,
+    )
+    .unwrap();
     let after = m.dump();
     assert_eq!(filter(&after), 1, "{after}");
     assert!(!after.contains("198.18.0.2"), "{after}");

@@ -130,10 +130,23 @@ pub fn effective(
         } else {
             HealthMode::FailOpen
         };
-        for (b, state) in s.backends.iter_mut().zip(&states) {
-            b.available = *state == Health::Up || (mode == HealthMode::FailOpen && b.weight > 0);
+        let available = |b: &Backend, state: &Health| -> bool {
+            *state == Health::Up || (mode == HealthMode::FailOpen && b.weight > 0)
+        };
+        // A service whose flags stay as they are stays the same allocation.
+        if s.backends
+            .iter()
+            .zip(&states)
+            .any(|(b, state)| b.available != available(b, state))
+        {
+            let frontend = s.frontend;
+            for (b, state) in std::sync::Arc::make_mut(s).backends.iter_mut().zip(&states) {
+                b.available = available(b, state);
+            }
+            modes.insert(frontend, mode);
+        } else {
+            modes.insert(s.frontend, mode);
         }
-        modes.insert(s.frontend, mode);
     }
     (out, modes)
 }

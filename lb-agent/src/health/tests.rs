@@ -77,7 +77,7 @@ fn by_name(
 
 fn state(services: Vec<Service>) -> DesiredState {
     DesiredState {
-        services,
+        services: services.into_iter().map(std::sync::Arc::new).collect(),
         ..Default::default()
     }
 }

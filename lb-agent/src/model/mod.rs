@@ -6,6 +6,7 @@ pub mod check;
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -186,8 +187,11 @@ pub const DEFAULT_SOURCE_NAT_PORTS: (u16, u16) = (61000, 65535);
 /// Everything the data plane should carry, as one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    /// Sorted by name, then frontend; frontends are unique.
-    pub services: Vec<Service>,
+    /// Sorted by name, then frontend; frontends are unique. Shared: a service that did not
+    /// change is the same allocation from one state to the next, so that comparing and
+    /// copying whole states costs a pointer per service (`Arc`'s equality checks the
+    /// pointer first).
+    pub services: Vec<Arc<Service>>,
     /// The node's source-NAT addresses and ports, for backends with `snat`.
     pub source_nat: Option<SourceNat>,
 }

@@ -392,9 +392,10 @@ fn ranges(from: u32, n: u32) -> Vec<ipnet::IpNet> {
 /// `state` plus a service `name` (one frontend on `vip`:80) with `n` source ranges.
 fn with_ranges(mut state: DesiredState, name: &str, vip: &str, from: u32, n: u32) -> DesiredState {
     let mut s = desired(WEB).services.remove(0);
-    s.name = name.into();
-    s.frontend.vip = vip.parse().unwrap();
-    s.source_ranges = ranges(from, n);
+    let m = Arc::make_mut(&mut s);
+    m.name = name.into();
+    m.frontend.vip = vip.parse().unwrap();
+    m.source_ranges = ranges(from, n);
     state.services.push(s);
     state
         .services
@@ -406,13 +407,13 @@ fn with_ranges(mut state: DesiredState, name: &str, vip: &str, from: u32, n: u32
 fn with_wide(mut state: DesiredState, name: &str, n: u16) -> DesiredState {
     let base = desired(WEB).services.remove(0);
     for port in 1..=n {
-        let mut s = base.clone();
+        let mut s = (*base).clone();
         s.name = name.into();
         s.frontend.vip = "198.18.100.30".parse().unwrap();
         s.frontend.port = port;
         s.backends.truncate(1);
         s.backends[0].addr = "198.18.1.31:8080".parse().unwrap();
-        state.services.push(s);
+        state.services.push(Arc::new(s));
     }
     state
         .services
@@ -484,7 +485,7 @@ fn a_service_over_a_data_plane_limit_is_left_out_and_everything_else_is_programm
     next.services
         .iter_mut()
         .filter(|s| s.name == "web")
-        .for_each(|s| s.backends.truncate(1));
+        .for_each(|s| Arc::make_mut(s).backends.truncate(1));
     let a = r.apply(next).expect("programmed");
     assert_eq!(a.report.removed, ["api"]);
     assert_eq!(a.report.updated, ["web"]);
@@ -566,7 +567,7 @@ fn a_frontend_held_by_a_kept_previous_version_goes_to_no_other_service_but_anoth
     // zeta's external frontend of 198.18.100.20:80, programmed.
     let scoped = |mut state: DesiredState, name: &str, scope: Scope| {
         for s in state.services.iter_mut().filter(|s| s.name == name) {
-            s.frontend.scope = scope;
+            Arc::make_mut(s).frontend.scope = scope;
         }
         state
             .services

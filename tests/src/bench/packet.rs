@@ -179,7 +179,10 @@ pub fn run(quick: bool) -> Report {
                         "[fd00:1::13]:8080",
                     ],
                 ),
-            ],
+            ]
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
         };
         Programmer::new(&limits, 0)
             .apply(&desired, &mut dp.maps)

@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -143,7 +144,7 @@ impl Programmer {
             p.services.insert(
                 frontend,
                 ProgrammedService {
-                    spec,
+                    spec: Arc::new(spec),
                     id: value.id,
                     table_ref: TableRef {
                         page: value.table_page,

@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use lb_common::limits::{self, MAX_ENDPOINT_FRONTENDS};
@@ -138,15 +139,15 @@ impl Programmer {
         desired: &DesiredState,
         previous: &DesiredState,
     ) -> (DesiredState, Vec<LeftOut>) {
-        fn groups(state: &DesiredState) -> BTreeMap<&str, Vec<&Service>> {
-            let mut g: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
+        fn groups(state: &DesiredState) -> BTreeMap<&str, Vec<&Arc<Service>>> {
+            let mut g: BTreeMap<&str, Vec<&Arc<Service>>> = BTreeMap::new();
             for s in &state.services {
                 g.entry(s.name.as_str()).or_default().push(s);
             }
             g
         }
         let (wanted, before) = (groups(desired), groups(previous));
-        let mut programmed: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
+        let mut programmed: BTreeMap<&str, Vec<&Arc<Service>>> = BTreeMap::new();
         for p in self.services.values() {
             programmed
                 .entry(p.spec.name.as_str())
@@ -233,7 +234,7 @@ impl Programmer {
                     .filter(|s| admitted.contains(&(s.name.as_str(), true))),
             )
             .cloned();
-        let mut services: Vec<Service> = services.collect();
+        let mut services: Vec<Arc<Service>> = services.collect();
         services.sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
         (
             DesiredState {
@@ -246,7 +247,7 @@ impl Programmer {
 
     /// What `group` takes while it is written: for a frontend programmed now, the union of
     /// its old and new backends and ranges.
-    fn demand(&self, group: &[&Service]) -> Demand {
+    fn demand(&self, group: &[&Arc<Service>]) -> Demand {
         let mut d = Demand::default();
         for s in group {
             let old = self.services.get(&s.frontend).map(|p| &p.spec);

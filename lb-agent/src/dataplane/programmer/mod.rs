@@ -27,6 +27,7 @@ pub use fit::LeftOut;
 use std::{
     collections::{BTreeMap, VecDeque},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -100,7 +101,7 @@ pub struct TableRef {
 
 #[derive(Clone, Debug)]
 pub struct ProgrammedService {
-    pub spec: Service,
+    pub spec: Arc<Service>,
     pub id: u32,
     pub table_ref: TableRef,
     pub backends: BTreeMap<SocketAddr, ProgrammedBackend>,
@@ -298,7 +299,7 @@ impl Programmer {
             self.set_source_nat(desired.source_nat, maps)
                 .map_err(ApplyError::SourceNat)?;
         }
-        let wanted: BTreeMap<Frontend, &Service> =
+        let wanted: BTreeMap<Frontend, &Arc<Service>> =
             desired.services.iter().map(|s| (s.frontend, s)).collect();
 
         let gone: Vec<Frontend> = self
@@ -461,7 +462,7 @@ impl Programmer {
             .collect()
     }
 
-    fn add(&mut self, svc: &Service, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+    fn add(&mut self, svc: &Arc<Service>, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
         let mut undo = Vec::new();
         match self.try_add(svc, maps, &mut undo) {
             Ok(p) => {
@@ -478,7 +479,7 @@ impl Programmer {
 
     fn try_add(
         &mut self,
-        svc: &Service,
+        svc: &Arc<Service>,
         maps: &mut dyn MapWriter,
         undo: &mut Vec<Undo>,
     ) -> Result<ProgrammedService, ApplyError> {
@@ -518,7 +519,7 @@ impl Programmer {
             self.node_ref(svc.frontend.vip, 1, maps).map_err(&err)?;
         }
         let p = ProgrammedService {
-            spec: svc.clone(),
+            spec: Arc::clone(svc),
             id,
             table_ref,
             backends,
@@ -533,7 +534,7 @@ impl Programmer {
 
     fn update(
         &mut self,
-        svc: &Service,
+        svc: &Arc<Service>,
         maps: &mut dyn MapWriter,
         cleanup_errors: &mut Vec<String>,
     ) -> Result<(), ApplyError> {
@@ -542,7 +543,7 @@ impl Programmer {
         };
         let mut undo = Vec::new();
         let mut next = ProgrammedService {
-            spec: svc.clone(),
+            spec: Arc::clone(svc),
             id: old.id,
             table_ref: old.table_ref,
             backends: BTreeMap::new(),
@@ -730,7 +731,7 @@ impl Programmer {
         }
         self.service_ids.release(p.id);
         debug!(service = %p.spec.name, id = p.id, "service removed");
-        Ok(p.spec.name)
+        Ok(p.spec.name.clone())
     }
 
     /// Records that `addr` serves `svc`'s frontend as backend `backend_id` of service

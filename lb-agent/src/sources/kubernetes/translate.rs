@@ -465,7 +465,7 @@ pub fn translate(
                 continue;
             }
             holders.push((f.scope, name.clone()));
-            out.desired.services.push(s);
+            out.desired.services.push(std::sync::Arc::new(s));
         }
         if !problems.is_empty() {
             out.problems.insert(name, problems);
