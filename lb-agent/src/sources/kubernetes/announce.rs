@@ -11,6 +11,7 @@ use super::SpecError;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -34,12 +35,12 @@ use crate::announce::{
 /// What the BGP config is made from.
 pub struct Inputs<'a> {
     pub node: &'a str,
-    pub nodes: &'a [Node],
+    pub nodes: &'a [Arc<Node>],
     pub peers: &'a [BGPPeer],
     pub advertisements: &'a [BGPAdvertisement],
     pub l2_advertisements: &'a [L2Advertisement],
     pub pools: &'a [IPPool],
-    pub services: &'a [Service],
+    pub services: &'a [Arc<Service>],
     /// The Secrets of the agents' namespace (passwords).
     pub secrets: &'a [Secret],
     pub default_class: bool,
@@ -69,7 +70,7 @@ fn selects(
 }
 
 /// The labels of node `name` (none while the API does not know it).
-fn labels_of<'a>(nodes: &'a [Node], name: &str) -> &'a BTreeMap<String, String> {
+fn labels_of<'a>(nodes: &'a [Arc<Node>], name: &str) -> &'a BTreeMap<String, String> {
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();
     nodes
         .iter()
@@ -138,7 +139,7 @@ pub fn config(i: &Inputs) -> (Option<BgpConfig>, Vec<String>) {
     let config = BgpConfig {
         graceful_restart: crate::announce::DEFAULT_GRACEFUL_RESTART,
         local_as,
-        router_id: router_id(this, i.node),
+        router_id: router_id(this.map(|n| &**n), i.node),
         listen_port: 179,
         bfd: BfdTimers {
             interval: Duration::from_millis(100),
@@ -362,7 +363,7 @@ fn selected_vips(
                     .as_ref()
                     .is_none_or(|sel| sel.matches(svc.labels()))
             })
-            .flat_map(addresses::status_ips)
+            .flat_map(|svc| addresses::status_ips(svc))
             .filter(|ip| ip_pools.is_empty() || in_pools.iter().any(|p| p.contains(*ip)))
             .collect(),
     ))
@@ -407,7 +408,7 @@ pub fn l2(i: &Inputs) -> (L2Plan, Vec<String>) {
                     &mut bad,
                 )
             })
-            .map(ResourceExt::name_any)
+            .map(|n| n.name_any())
             .collect();
         if let Some(b) = bad.into_iter().next() {
             problems.push(b);

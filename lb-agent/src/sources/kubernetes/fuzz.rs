@@ -58,8 +58,8 @@ pub fn crd(data: &[u8]) {
         .into_iter()
         .collect();
     let (svc, _, node) = objects(BTreeMap::new());
-    let nodes = [node];
-    let services = [svc];
+    let nodes = [std::sync::Arc::new(node)];
+    let services = [std::sync::Arc::new(svc)];
     let inputs = Inputs {
         node: NODE,
         nodes: &nodes,

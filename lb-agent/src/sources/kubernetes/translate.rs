@@ -35,8 +35,9 @@
 //! already serves on that port) is reported for it and never affects another Service.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -363,19 +364,78 @@ fn plain(eps: &[&Ep]) -> Vec<Backend> {
     eps.iter().map(|e| Backend::new(e.addr, 1)).collect()
 }
 
-/// Translates the stores for this node. The slices are read where they are (the stores
-/// hold them behind `Arc`s): a copy of every endpoint per change would cost more than the
-/// translation.
+/// Translates `services`, `slices` and `nodes` for this node: [`translate_with`] from scratch.
 pub fn translate(
     services: &[Service],
     slices: &[impl std::borrow::Borrow<EndpointSlice>],
     nodes: &[Node],
     opts: &Options,
 ) -> Translation {
+    let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices
+        .iter()
+        .map(|s| Arc::new(std::borrow::Borrow::borrow(s).clone()))
+        .collect();
+    let nodes: Vec<Arc<Node>> = nodes.iter().cloned().map(Arc::new).collect();
+    translate_with(&mut Memo::default(), &services, &slices, &nodes, opts)
+}
+
+/// Each Service's translation, kept from one translation to the next by the address of the
+/// objects it was made from: the stores hold every object behind an `Arc` that a change
+/// replaces, so a Service whose object, EndpointSlices and node did not change translates
+/// to the very services it gave before (the same allocations, which the reconciler then
+/// recognizes by their address). The result is the one a translation from scratch gives.
+#[derive(Default)]
+pub struct Memo {
+    /// This node's object the entries were made with (by address), and the options.
+    node: Option<Arc<Node>>,
+    opts: Option<Options>,
+    /// By the Service object's address.
+    services: HashMap<usize, Memoized>,
+    /// Each EndpointSlice's Service key (`namespace/name`), by the slice object's address.
+    slices: HashMap<usize, (Arc<EndpointSlice>, Option<String>, u64)>,
+    /// Counts translations: entries not seen in one are dropped.
+    round: u64,
+}
+
+struct Memoized {
+    object: Arc<Service>,
+    key: String,
+    /// The addresses of its EndpointSlice objects, sorted.
+    slices: Vec<usize>,
+    out: Vec<Arc<model::Service>>,
+    problems: Vec<String>,
+    round: u64,
+}
+
+fn address<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a) as usize
+}
+
+/// Translates the stores for this node, reusing what `memo` holds of every Service that did
+/// not change. The objects are read where they are (the stores hold them behind `Arc`s): a
+/// copy of every endpoint per change would cost more than the translation.
+pub fn translate_with(
+    memo: &mut Memo,
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    nodes: &[Arc<Node>],
+    opts: &Options,
+) -> Translation {
     let mut out = Translation::default();
     let this = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(opts.node.as_str()));
+    if memo.node.as_ref().map(address) != this.map(address) || memo.opts.as_ref() != Some(opts) {
+        // Every Service's translation depends on this node (its addresses, zone, labels)
+        // and the options.
+        memo.services.clear();
+        memo.node = this.cloned();
+        memo.opts = Some(opts.clone());
+    }
+    memo.round += 1;
+    let round = memo.round;
+    let this = this.map(|n| &**n);
     let nat = source_nat(this, &opts.source_nat);
     out.node_leaving = this.is_some_and(|n| {
         n.metadata.deletion_timestamp.is_some()
@@ -406,38 +466,81 @@ pub fn translate(
         excluded: out.excluded,
     };
     // EndpointSlices by Service key.
-    let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
-        let s: &EndpointSlice = std::borrow::Borrow::borrow(s);
-        let Some(name) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-        by_service
-            .entry(format!("{ns}/{name}"))
-            .or_default()
-            .push(s);
+        memo.slices
+            .entry(address(s))
+            .and_modify(|e| e.2 = round)
+            .or_insert_with(|| {
+                let key = s
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .map(|name| {
+                        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+                        format!("{ns}/{name}")
+                    });
+                (Arc::clone(s), key, round)
+            });
     }
-    let mut sorted: Vec<&Service> = services.iter().filter(|s| served(s, opts)).collect();
-    sorted.sort_by_cached_key(|s| key(s));
-    // (address, port, protocol) → the scopes taken, and by which Service.
-    let mut taken: BTreeMap<(IpAddr, u16, Protocol), Vec<(model::Scope, String)>> = BTreeMap::new();
-    for svc in sorted {
-        let name = key(svc);
+    memo.slices.retain(|_, e| e.2 == round);
+    fn slice_addresses<'a>(
+        group: Option<&'a Vec<&EndpointSlice>>,
+    ) -> impl Iterator<Item = usize> + 'a {
+        group
+            .into_iter()
+            .flatten()
+            .map(|s| std::ptr::from_ref(*s) as usize)
+    }
+    let mut by_service: HashMap<&str, Vec<&EndpointSlice>> = HashMap::new();
+    for (slice, key, _) in memo.slices.values() {
+        if let Some(key) = key {
+            by_service.entry(key.as_str()).or_default().push(&**slice);
+        }
+    }
+    for group in by_service.values_mut() {
+        group.sort_unstable_by_key(|s| std::ptr::from_ref(*s) as usize);
+    }
+    // Each served Service's translation: the one kept when its object and slices are the
+    // same, else a new one.
+    let mut sorted: Vec<&Memoized> = Vec::with_capacity(services.len());
+    let mut fresh: Vec<Memoized> = Vec::new();
+    for svc in services.iter().filter(|s| served(s, opts)) {
+        let key = match memo.services.get_mut(&address(svc)) {
+            Some(m) => {
+                if slice_addresses(by_service.get(m.key.as_str())).eq(m.slices.iter().copied()) {
+                    m.round = round;
+                    continue;
+                }
+                m.key.clone()
+            }
+            None => key(svc),
+        };
+        let group = by_service.get(key.as_str());
         let mut problems = Vec::new();
-        let services = service(
-            svc,
-            &name,
-            by_service.get(&name),
-            opts,
-            &here,
-            &mut problems,
-        );
+        let translated = service(svc, &key, group, opts, &here, &mut problems);
+        fresh.push(Memoized {
+            object: Arc::clone(svc),
+            slices: slice_addresses(group).collect(),
+            key,
+            out: translated.into_iter().map(Arc::new).collect(),
+            problems,
+            round,
+        });
+    }
+    for m in fresh {
+        memo.services.insert(address(&m.object), m);
+    }
+    memo.services.retain(|_, m| m.round == round);
+    sorted.extend(memo.services.values());
+    sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    // (address, port, protocol) → the scopes taken, and by which Service.
+    type Holders<'a> = Vec<(model::Scope, &'a str)>;
+    let mut taken: HashMap<(IpAddr, u16, Protocol), Holders<'_>> = HashMap::new();
+    for m in sorted {
+        let svc = &m.object;
+        let name = m.key.as_str();
+        let mut problems = m.problems.clone();
         if opts.all_types
             && !here.excluded
             && let Some(spec) = &svc.spec
@@ -446,31 +549,32 @@ pub fn translate(
                 .health_check_node_port
                 .and_then(|p| u16::try_from(p).ok())
             && port != 0
-            && !services.is_empty()
+            && !m.out.is_empty()
         {
             match out.health_node_ports.get(&port) {
                 Some(other) => problems.push(format!(
                     "spec.healthCheckNodePort {port} is already served for {other}"
                 )),
                 None => {
-                    out.health_node_ports.insert(port, name.clone());
+                    out.health_node_ports.insert(port, name.to_string());
                 }
             }
         }
-        for s in services {
+        for s in &m.out {
             let f = s.frontend;
             let holders = taken.entry((f.vip, f.port, f.protocol)).or_default();
             if let Some((_, first)) = holders.iter().find(|(scope, _)| scope.overlaps(f.scope)) {
                 problems.push(format!("{f} is already served by {first}"));
                 continue;
             }
-            holders.push((f.scope, name.clone()));
-            out.desired.services.push(std::sync::Arc::new(s));
+            holders.push((f.scope, name));
+            out.desired.services.push(Arc::clone(s));
         }
         if !problems.is_empty() {
-            out.problems.insert(name, problems);
+            out.problems.insert(name.to_string(), problems);
         }
     }
+    // In name order already; a Service's own frontends may not be.
     out.desired
         .services
         .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));

@@ -1,6 +1,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -104,12 +105,12 @@ fn service(name: &str, ip: &str, labels: &[(&str, &str)]) -> Service {
 }
 
 struct World {
-    nodes: Vec<Node>,
+    nodes: Vec<Arc<Node>>,
     peers: Vec<BGPPeer>,
     adverts: Vec<BGPAdvertisement>,
     l2: Vec<L2Advertisement>,
     pools: Vec<IPPool>,
-    services: Vec<Service>,
+    services: Vec<Arc<Service>>,
     secrets: Vec<Secret>,
 }
 
@@ -117,8 +118,8 @@ impl World {
     fn new() -> Self {
         Self {
             nodes: vec![
-                labelled("n1", "198.18.2.11", &[("rack", "a")]),
-                labelled("n2", "198.18.2.12", &[("rack", "b")]),
+                Arc::new(labelled("n1", "198.18.2.11", &[("rack", "a")])),
+                Arc::new(labelled("n2", "198.18.2.12", &[("rack", "b")])),
             ],
             peers: Vec::new(),
             adverts: Vec::new(),
@@ -128,9 +129,9 @@ impl World {
                 pool("internal", &["198.18.101.0/28", "fd00:100::/120"]),
             ],
             services: vec![
-                service("web", "198.18.100.1", &[("tier", "front")]),
-                service("db", "198.18.101.1", &[("tier", "back")]),
-                service("web6", "fd00:100::1", &[("tier", "front")]),
+                Arc::new(service("web", "198.18.100.1", &[("tier", "front")])),
+                Arc::new(service("db", "198.18.101.1", &[("tier", "back")])),
+                Arc::new(service("web6", "fd00:100::1", &[("tier", "front")])),
             ],
             secrets: vec![secret("bgp", "password", "s3cret\n")],
         }
@@ -440,7 +441,7 @@ fn the_router_id_is_the_nodes_ipv4_address_or_a_number_from_its_name() {
 fn l2_advertisements_give_each_selected_node_its_addresses_and_its_gossip_peers() {
     let mut w = World::new();
     w.nodes
-        .push(labelled("n3", "198.18.2.13", &[("rack", "a")]));
+        .push(Arc::new(labelled("n3", "198.18.2.13", &[("rack", "a")])));
     // Nothing without an L2Advertisement.
     assert_eq!(
         w.l2_on("n1"),

@@ -36,9 +36,10 @@ pub async fn translate_loop(
     let mut last: Option<crate::model::DesiredState> = None;
     let mut excluded = false;
     let mut announce_reported: Vec<String> = Vec::new();
+    let mut memo = translate::Memo::default();
     loop {
         let started = tokio::time::Instant::now();
-        let t = stores.translate(&opts);
+        let t = stores.translate(&opts, &mut memo);
         if last.as_ref() != Some(&t.desired) {
             info!(
                 services = t.desired.services.len(),

@@ -370,10 +370,11 @@ impl Stores {
         Ok(())
     }
 
-    pub fn translate(&self, opts: &Options) -> Translation {
-        let services = owned(self.services.state());
-        let nodes = owned(self.nodes.state());
-        let mut t = translate::translate(&services, &self.slices.state(), &nodes, opts);
+    /// Translates the stores, reusing what `memo` holds of the Services that did not change.
+    pub fn translate(&self, opts: &Options, memo: &mut translate::Memo) -> Translation {
+        let services = self.services.state();
+        let nodes = self.nodes.state();
+        let mut t = translate::translate_with(memo, &services, &self.slices.state(), &nodes, opts);
         // Each custom resource store decoded once: the objects, and what could not be read.
         let (peers, bad_peers) = self.bgp_peers.decoded();
         let (advertisements, bad_advertisements) = self.bgp_advertisements.decoded();

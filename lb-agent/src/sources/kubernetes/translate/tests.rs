@@ -1051,5 +1051,57 @@ mod properties {
             let t = translate(&services, &slices, &nodes(), &o);
             crate::fuzz::check_desired(&t.desired);
         }
+
+        /// A translation that reuses the one before (objects kept, replaced, added and
+        /// removed between the two) is the translation from scratch, and a Service whose
+        /// objects were kept gives the very services it gave before.
+        #[test]
+        fn a_memo_gives_what_a_translation_from_scratch_gives(
+            before in proptest::collection::vec(spec(), 1..6),
+            after in proptest::collection::vec(spec(), 1..6),
+            keep in proptest::collection::vec(any::<bool>(), 6),
+            all_types in any::<bool>(),
+        ) {
+            let arcs = |(svc, slices): (Service, Vec<EndpointSlice>)| {
+                (Arc::new(svc), slices.into_iter().map(Arc::new).collect::<Vec<_>>())
+            };
+            let first: Vec<_> = before.iter().enumerate().map(|(i, s)| arcs(build(i, s))).collect();
+            let second: Vec<_> = after
+                .iter()
+                .enumerate()
+                .map(|(i, s)| match first.get(i) {
+                    Some(kept) if keep[i] => kept.clone(),
+                    _ => arcs(build(i, s)),
+                })
+                .collect();
+            let flat = |objects: &[(Arc<Service>, Vec<Arc<EndpointSlice>>)]| {
+                let services: Vec<Arc<Service>> = objects.iter().map(|o| o.0.clone()).collect();
+                let slices: Vec<Arc<EndpointSlice>> =
+                    objects.iter().flat_map(|o| o.1.iter().cloned()).collect();
+                (services, slices)
+            };
+            let mut o = opts();
+            o.default_class = true;
+            o.all_types = all_types;
+            o.internal = all_types;
+            let nodes: Vec<Arc<Node>> = nodes().into_iter().map(Arc::new).collect();
+            let mut memo = Memo::default();
+            let (services, slices) = flat(&first);
+            let t1 = translate_with(&mut memo, &services, &slices, &nodes, &o);
+            let (services, slices) = flat(&second);
+            let t2 = translate_with(&mut memo, &services, &slices, &nodes, &o);
+            let scratch = translate_with(&mut Memo::default(), &services, &slices, &nodes, &o);
+            prop_assert_eq!(&t2, &scratch);
+            for (i, (svc, _)) in second.iter().enumerate() {
+                if !first.get(i).is_some_and(|f| Arc::ptr_eq(&f.0, svc)) {
+                    continue;
+                }
+                for s in t2.desired.services.iter().filter(|s| s.name == key(svc)) {
+                    if let Some(p) = t1.desired.services.iter().find(|p| p.frontend == s.frontend) {
+                        prop_assert!(Arc::ptr_eq(p, s), "{} was translated again", s.frontend);
+                    }
+                }
+            }
+        }
     }
 }
