@@ -232,7 +232,7 @@ pub async fn run(source: Source, kube: Option<KubeMode>) -> Result<(), AppError>
 
     serve(&mut agent, &mut signals, k8s.as_mut(), &mut events).await;
 
-    stop(agent, &state, sampler, k8s, api).await;
+    Box::pin(stop(agent, &state, sampler, k8s, api)).await;
     Ok(())
 }
 

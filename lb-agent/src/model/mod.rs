@@ -196,6 +196,53 @@ pub struct DesiredState {
     pub source_nat: Option<SourceNat>,
 }
 
+impl DesiredState {
+    /// The names whose services differ between `self` and `other` (both sorted by name,
+    /// then frontend): a frontend added, removed or changed. A service that is the same
+    /// allocation in both is the same service, so a state that shares most of its services
+    /// with the other costs a pointer comparison per service.
+    pub fn changed_names<'a>(&'a self, other: &'a Self) -> std::collections::BTreeSet<&'a str> {
+        let (a, b) = (&self.services, &other.services);
+        let mut changed = std::collections::BTreeSet::new();
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            match (a.get(i), b.get(j)) {
+                (Some(x), Some(y)) if Arc::ptr_eq(x, y) => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(x), Some(y)) => match (&x.name, x.frontend).cmp(&(&y.name, y.frontend)) {
+                    std::cmp::Ordering::Equal => {
+                        if x != y {
+                            changed.insert(x.name.as_str());
+                        }
+                        i += 1;
+                        j += 1;
+                    }
+                    std::cmp::Ordering::Less => {
+                        changed.insert(x.name.as_str());
+                        i += 1;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        changed.insert(y.name.as_str());
+                        j += 1;
+                    }
+                },
+                (Some(x), None) => {
+                    changed.insert(x.name.as_str());
+                    i += 1;
+                }
+                (None, Some(y)) => {
+                    changed.insert(y.name.as_str());
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        changed
+    }
+}
+
 /// Source NAT of flows to backends on other nodes: they leave with this node's address of
 /// their family and a port of `ports`, so that the replies come back through this node.
 /// The default: no addresses, the default port range.

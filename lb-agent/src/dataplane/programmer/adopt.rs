@@ -156,6 +156,9 @@ impl Programmer {
             );
         }
         report.services = p.services.len();
+        p.usage = super::fit::Usage::of(p.services.values().map(|s| &*s.spec));
+        // The maps hold a previous agent's state, not one this programmer applied.
+        p.synced = false;
         let services: BTreeSet<u32> = p.services.values().map(|s| s.id).collect();
 
         // Ids: fresh ones after the highest ever given out, the gaps below it free.

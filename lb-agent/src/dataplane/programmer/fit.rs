@@ -45,9 +45,9 @@ struct Demand {
     endpoints: BTreeMap<(SocketAddr, Protocol), usize>,
 }
 
-/// What the admitted services take.
-#[derive(Default)]
-struct Usage {
+/// What the programmed services take (the programmer keeps it as it writes them).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Usage {
     services: u64,
     backends: u64,
     ranges: u64,
@@ -55,45 +55,116 @@ struct Usage {
 }
 
 impl Usage {
+    /// What `specs` (programmed services) take.
+    pub(super) fn of<'a>(specs: impl IntoIterator<Item = &'a Service>) -> Self {
+        let mut u = Self::default();
+        for s in specs {
+            u.add_spec(s);
+        }
+        u
+    }
+
+    /// A programmed service's share: one id, an id per backend, its ranges, one frontend
+    /// for each of its endpoints.
+    pub(super) fn add_spec(&mut self, s: &Service) {
+        self.services += 1;
+        self.backends += s.backends.len() as u64;
+        self.ranges += s.source_ranges.len() as u64;
+        for b in &s.backends {
+            *self
+                .endpoints
+                .entry((b.addr, s.frontend.protocol))
+                .or_default() += 1;
+        }
+    }
+
+    pub(super) fn sub_spec(&mut self, s: &Service) {
+        self.services -= 1;
+        self.backends -= s.backends.len() as u64;
+        self.ranges -= s.source_ranges.len() as u64;
+        for b in &s.backends {
+            let key = (b.addr, s.frontend.protocol);
+            if let Some(n) = self.endpoints.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.endpoints.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// What the admitted services take while fitting: a base (what is programmed, or nothing)
+/// and the changes on top, so that fitting a few changed services does not copy the counts
+/// of all the others.
+struct Tally<'a> {
+    base: &'a Usage,
+    services: i64,
+    backends: i64,
+    ranges: i64,
+    endpoints: HashMap<(SocketAddr, Protocol), i64>,
+}
+
+impl<'a> Tally<'a> {
+    fn over(base: &'a Usage) -> Self {
+        Self {
+            base,
+            services: 0,
+            backends: 0,
+            ranges: 0,
+            endpoints: HashMap::new(),
+        }
+    }
+
+    fn total(base: u64, delta: i64) -> u64 {
+        base.saturating_add_signed(delta)
+    }
+
+    fn endpoint(&self, key: &(SocketAddr, Protocol)) -> usize {
+        let base = self.base.endpoints.get(key).copied().unwrap_or(0);
+        let delta = self.endpoints.get(key).copied().unwrap_or(0);
+        (base as i64 + delta).max(0) as usize
+    }
+
     /// Whether `d` fits on top (the limit it breaks and why when not).
     fn check(&self, d: &Demand, p: &Programmer) -> Result<(), (&'static str, String)> {
+        let services = Self::total(self.base.services, self.services);
+        let backends = Self::total(self.base.backends, self.backends);
+        let ranges = Self::total(self.base.ranges, self.ranges);
         let max_services = u64::from(p.service_ids.limit - 1);
-        if self.services + d.services > max_services {
+        if services + d.services > max_services {
             return Err((
                 "services",
                 format!(
-                    "its {} frontends do not fit: {} of dataplane.max_services ({max_services}) are taken; raise dataplane.max_services",
-                    d.services, self.services
+                    "its {} frontends do not fit: {services} of dataplane.max_services ({max_services}) are taken; raise dataplane.max_services",
+                    d.services
                 ),
             ));
         }
         let max_backends = u64::from(p.backend_ids.limit - 1);
-        if self.backends + d.backends > max_backends {
+        if backends + d.backends > max_backends {
             return Err((
                 "backends",
                 format!(
-                    "its {} backends do not fit: {} of dataplane.max_backends ({max_backends}) are taken; raise dataplane.max_backends",
-                    d.backends, self.backends
+                    "its {} backends do not fit: {backends} of dataplane.max_backends ({max_backends}) are taken; raise dataplane.max_backends",
+                    d.backends
                 ),
             ));
         }
         let max_ranges = u64::from(limits::MAX_SOURCE_RANGES);
-        if self.ranges + d.ranges > max_ranges {
+        if ranges + d.ranges > max_ranges {
             return Err((
                 "source_ranges",
                 format!(
-                    "its {} source-range prefixes do not fit: the data plane holds {max_ranges} over all services and {} are taken; use fewer, wider ranges",
-                    d.ranges, self.ranges
+                    "its {} source-range prefixes do not fit: the data plane holds {max_ranges} over all services and {ranges} are taken; use fewer, wider ranges",
+                    d.ranges
                 ),
             ));
         }
-        for ((addr, protocol), n) in &d.endpoints {
-            let have = self
-                .endpoints
-                .get(&(*addr, *protocol))
-                .copied()
-                .unwrap_or(0);
+        for (key, n) in &d.endpoints {
+            let have = self.endpoint(key);
             if have + n > MAX_ENDPOINT_FRONTENDS {
+                let (addr, protocol) = key;
                 return Err((
                     "endpoint_frontends",
                     format!(
@@ -107,24 +178,76 @@ impl Usage {
     }
 
     fn add(&mut self, d: &Demand) {
-        self.services += d.services;
-        self.backends += d.backends;
-        self.ranges += d.ranges;
-        for (k, n) in &d.endpoints {
-            *self.endpoints.entry(*k).or_default() += n;
-        }
+        self.change(d, 1);
     }
 
     fn sub(&mut self, d: &Demand) {
-        self.services -= d.services;
-        self.backends -= d.backends;
-        self.ranges -= d.ranges;
+        self.change(d, -1);
+    }
+
+    fn change(&mut self, d: &Demand, sign: i64) {
+        self.services += sign * d.services as i64;
+        self.backends += sign * d.backends as i64;
+        self.ranges += sign * d.ranges as i64;
         for (k, n) in &d.endpoints {
-            if let Some(have) = self.endpoints.get_mut(k) {
-                *have -= n;
+            *self.endpoints.entry(*k).or_default() += sign * *n as i64;
+        }
+    }
+}
+
+/// The frontends taken while fitting: the programmed ones (but those released) and those
+/// taken since.
+struct Taken<'a> {
+    programmed: Option<&'a BTreeMap<Frontend, super::ProgrammedService>>,
+    released: BTreeSet<Frontend>,
+    added: BTreeMap<Frontend, &'a str>,
+}
+
+impl<'a> Taken<'a> {
+    fn take(&mut self, f: Frontend, name: &'a str) {
+        self.added.insert(f, name);
+    }
+
+    fn release(&mut self, f: &Frontend, name: &str) {
+        match self.added.get(f) {
+            Some(n) if *n == name => {
+                self.added.remove(f);
+            }
+            Some(_) => {}
+            None => {
+                if self
+                    .programmed
+                    .and_then(|p| p.get(f))
+                    .is_some_and(|p| p.spec.name == name)
+                {
+                    self.released.insert(*f);
+                }
             }
         }
     }
+
+    /// The service of a taken frontend that a client could reach as well as `f`.
+    fn overlapping(&self, f: &Frontend) -> Option<&'a str> {
+        if let Some(name) = overlapping(&self.added, f) {
+            return Some(name);
+        }
+        let first = Frontend {
+            scope: Scope::Both,
+            ..*f
+        };
+        self.programmed?
+            .range(first..)
+            .take_while(|(t, _)| (t.vip, t.port, t.protocol) == (f.vip, f.port, f.protocol))
+            .find(|(t, _)| t.overlaps(f) && !self.released.contains(t) && !self.added.contains_key(t))
+            .map(|(_, p)| p.spec.name.as_str())
+    }
+}
+
+/// The services of `name` in `state` (sorted by name: one run).
+fn group<'a>(state: &'a DesiredState, name: &str) -> &'a [Arc<Service>] {
+    let from = state.services.partition_point(|s| s.name.as_str() < name);
+    let to = from + state.services[from..].partition_point(|s| s.name == name);
+    &state.services[from..to]
 }
 
 impl Programmer {
@@ -134,7 +257,98 @@ impl Programmer {
     ///
     /// What is programmed now is reserved first, so that keeping a previous version always
     /// fits; each service then trades its reservation for what its new version takes.
+    ///
+    /// While the maps hold what `previous` asked for (the last apply succeeded), only the
+    /// services that differ from `previous` are weighed, against the usage the programmer
+    /// keeps: the others are programmed as they are wanted and keep what they hold.
     pub fn fit(
+        &self,
+        desired: &DesiredState,
+        previous: &DesiredState,
+    ) -> (DesiredState, Vec<LeftOut>) {
+        if !self.synced {
+            return self.fit_all(desired, previous);
+        }
+        let fitted = self.fit_changes(desired, previous);
+        #[cfg(test)]
+        assert_eq!(
+            fitted,
+            self.fit_all(desired, previous),
+            "fitting the changes gives what fitting everything gives"
+        );
+        fitted
+    }
+
+    /// [`Programmer::fit`] of the names that differ between `previous` and `desired`.
+    fn fit_changes(
+        &self,
+        desired: &DesiredState,
+        previous: &DesiredState,
+    ) -> (DesiredState, Vec<LeftOut>) {
+        let changed = previous.changed_names(desired);
+        if changed.is_empty() {
+            return (desired.clone(), Vec::new());
+        }
+        let mut tally = Tally::over(&self.usage);
+        let mut taken = Taken {
+            programmed: Some(&self.services),
+            released: BTreeSet::new(),
+            added: BTreeMap::new(),
+        };
+        // What each name holds in the maps: its previous version's frontends.
+        let held = |name: &str| -> Vec<&Arc<Service>> {
+            group(previous, name)
+                .iter()
+                .filter_map(|s| self.services.get(&s.frontend).map(|p| &p.spec))
+                .collect()
+        };
+        // Programmed services no longer wanted hold nothing.
+        for name in &changed {
+            if group(desired, name).is_empty() {
+                let specs = held(name);
+                tally.sub(&self.demand(&specs));
+                for s in specs {
+                    taken.release(&s.frontend, name);
+                }
+            }
+        }
+        let wanted = |n: &&str| !group(desired, n).is_empty();
+        let programmed = |n: &&str| !held(n).is_empty();
+        let order = changed
+            .iter()
+            .filter(|n| wanted(n) && programmed(n))
+            .chain(changed.iter().filter(|n| wanted(n) && !programmed(n)));
+        let mut admitted: BTreeSet<(&str, bool)> = BTreeSet::new();
+        let mut left_out = Vec::new();
+        for name in order {
+            let group_now: Vec<&Arc<Service>> = group(desired, name).iter().collect();
+            let group_before: Vec<&Arc<Service>> = group(previous, name).iter().collect();
+            let specs = held(name);
+            self.weigh(
+                name,
+                &group_now,
+                (!specs.is_empty()).then_some(&specs),
+                &group_before,
+                (&mut tally, &mut taken),
+                (&mut admitted, &mut left_out),
+            );
+        }
+        if left_out.is_empty() {
+            return (desired.clone(), left_out);
+        }
+        let fitted = assemble(desired, previous, |name, previous| {
+            if previous {
+                admitted.contains(&(name, true))
+            } else {
+                !changed.contains(name) || admitted.contains(&(name, false))
+            }
+        });
+        (fitted, left_out)
+    }
+
+    /// [`Programmer::fit`] of every service, when the maps may not hold what `previous`
+    /// asked for.
+    fn fit_all(
         &self,
         desired: &DesiredState,
         previous: &DesiredState,
@@ -159,90 +373,104 @@ impl Programmer {
             .filter(|n| programmed.contains_key(*n))
             .chain(wanted.keys().filter(|n| !programmed.contains_key(*n)));
 
-        let mut usage = Usage::default();
-        let mut taken: BTreeMap<Frontend, &str> = BTreeMap::new();
+        let nothing = Usage::default();
+        let mut tally = Tally::over(&nothing);
+        let mut taken = Taken {
+            programmed: None,
+            released: BTreeSet::new(),
+            added: BTreeMap::new(),
+        };
         for (name, specs) in programmed.iter().filter(|(n, _)| wanted.contains_key(*n)) {
-            usage.add(&self.demand(specs));
-            taken.extend(specs.iter().map(|s| (s.frontend, *name)));
+            tally.add(&self.demand(specs));
+            for s in specs {
+                taken.take(s.frontend, name);
+            }
         }
         let mut admitted: BTreeSet<(&str, bool)> = BTreeSet::new();
         let mut left_out = Vec::new();
         for name in order {
-            let group = &wanted[name];
-            // Programmed as it is wanted: its reservation is what it takes, and nothing
-            // admitted before it could overlap what it holds.
-            if programmed.get(name).is_some_and(|specs| {
-                specs.len() == group.len()
-                    && group.iter().all(|s| {
-                        self.services
-                            .get(&s.frontend)
-                            .is_some_and(|p| p.spec == **s)
-                    })
-            }) {
-                admitted.insert((name, false));
-                continue;
-            }
-            // Its reservation is traded for the new version, or kept when that does not fit.
-            let reserved = programmed.get(name).map(|specs| self.demand(specs));
-            if let Some(r) = &reserved {
-                usage.sub(r);
-                for s in &programmed[name] {
-                    if taken.get(&s.frontend) == Some(name) {
-                        taken.remove(&s.frontend);
-                    }
-                }
-            }
-            let demand = self.demand(group);
-            let outcome = match group
-                .iter()
-                .find_map(|s| overlapping(&taken, &s.frontend).map(|other| (s.frontend, other)))
-            {
-                Some((f, other)) => Err((
-                    "services",
-                    format!("{f} is still served by the previous version of {other}"),
-                )),
-                None => usage.check(&demand, self),
-            };
-            let Err((limit, reason)) = outcome else {
-                usage.add(&demand);
-                taken.extend(group.iter().map(|s| (s.frontend, *name)));
-                admitted.insert((name, false));
-                continue;
-            };
-            let kept = reserved.is_some() && before.contains_key(name);
-            if kept {
-                let old = &before[name];
-                usage.add(&self.demand(old));
-                taken.extend(old.iter().map(|s| (s.frontend, *name)));
-                admitted.insert((name, true));
-            }
-            left_out.push(LeftOut {
-                name: (*name).to_string(),
-                limit,
-                reason,
-                kept_previous: kept,
-            });
+            self.weigh(
+                name,
+                &wanted[name],
+                programmed.get(name),
+                before.get(name).map_or(&[][..], Vec::as_slice),
+                (&mut tally, &mut taken),
+                (&mut admitted, &mut left_out),
+            );
         }
-        let services = desired
-            .services
+        let fitted = assemble(desired, previous, |name, previous| {
+            admitted.contains(&(name, previous))
+        });
+        (fitted, left_out)
+    }
+
+    /// Admits the services of `name`: `group` (its new version) if it fits, else `before`
+    /// (its previous version) if it has one programmed (`held`), else nothing; records
+    /// which in `admitted` (`(name, true)`: the previous version) and why in `left_out`.
+    #[allow(clippy::too_many_arguments)]
+    fn weigh<'a>(
+        &self,
+        name: &'a str,
+        group: &[&'a Arc<Service>],
+        held: Option<&Vec<&'a Arc<Service>>>,
+        before: &[&'a Arc<Service>],
+        (tally, taken): (&mut Tally<'_>, &mut Taken<'a>),
+        (admitted, left_out): (&mut BTreeSet<(&'a str, bool)>, &mut Vec<LeftOut>),
+    ) {
+        // Programmed as it is wanted: its reservation is what it takes, and nothing
+        // admitted before it could overlap what it holds.
+        if held.is_some_and(|specs| {
+            specs.len() == group.len()
+                && group.iter().all(|s| {
+                    self.services
+                        .get(&s.frontend)
+                        .is_some_and(|p| p.spec == **s)
+                })
+        }) {
+            admitted.insert((name, false));
+            return;
+        }
+        // Its reservation is traded for the new version, or kept when that does not fit.
+        let reserved = held.map(|specs| self.demand(specs));
+        if let Some(r) = &reserved {
+            tally.sub(r);
+            for s in held.into_iter().flatten() {
+                taken.release(&s.frontend, name);
+            }
+        }
+        let demand = self.demand(group);
+        let outcome = match group
             .iter()
-            .filter(|s| admitted.contains(&(s.name.as_str(), false)))
-            .chain(
-                previous
-                    .services
-                    .iter()
-                    .filter(|s| admitted.contains(&(s.name.as_str(), true))),
-            )
-            .cloned();
-        let mut services: Vec<Arc<Service>> = services.collect();
-        services.sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
-        (
-            DesiredState {
-                services,
-                source_nat: desired.source_nat,
-            },
-            left_out,
-        )
+            .find_map(|s| taken.overlapping(&s.frontend).map(|other| (s.frontend, other)))
+        {
+            Some((f, other)) => Err((
+                "services",
+                format!("{f} is still served by the previous version of {other}"),
+            )),
+            None => tally.check(&demand, self),
+        };
+        let Err((limit, reason)) = outcome else {
+            tally.add(&demand);
+            for s in group {
+                taken.take(s.frontend, name);
+            }
+            admitted.insert((name, false));
+            return;
+        };
+        let kept = reserved.is_some() && !before.is_empty();
+        if kept {
+            tally.add(&self.demand(before));
+            for s in before {
+                taken.take(s.frontend, name);
+            }
+            admitted.insert((name, true));
+        }
+        left_out.push(LeftOut {
+            name: name.to_string(),
+            limit,
+            reason,
+            kept_previous: kept,
+        });
     }
 
     /// What `group` takes while it is written: for a frontend programmed now, the union of
@@ -271,6 +499,27 @@ impl Programmer {
             }
         }
         d
+    }
+}
+
+/// The services of `desired` and of `previous` that `admitted(name, from_previous)` lets
+/// through, in order.
+fn assemble(
+    desired: &DesiredState,
+    previous: &DesiredState,
+    admitted: impl Fn(&str, bool) -> bool,
+) -> DesiredState {
+    let mut services: Vec<Arc<Service>> = desired
+        .services
+        .iter()
+        .filter(|s| admitted(&s.name, false))
+        .chain(previous.services.iter().filter(|s| admitted(&s.name, true)))
+        .cloned()
+        .collect();
+    services.sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+    DesiredState {
+        services,
+        source_nat: desired.source_nat,
     }
 }
 

@@ -226,6 +226,11 @@ pub struct Programmer {
     source_nat: Option<SourceNat>,
     /// VIPs this node announces on L2 (answers ARP and Neighbor Solicitations for).
     announced: std::collections::BTreeSet<IpAddr>,
+    /// What `services` take of the data plane's limits.
+    usage: fit::Usage,
+    /// The maps hold what the last apply asked for (it succeeded, or nothing was applied
+    /// yet): [`Programmer::fit`] then weighs only what changed since.
+    synced: bool,
 }
 
 impl Programmer {
@@ -251,6 +256,8 @@ impl Programmer {
             endpoints: BTreeMap::new(),
             source_nat: None,
             announced: std::collections::BTreeSet::new(),
+            usage: fit::Usage::default(),
+            synced: true,
         }
     }
 
@@ -292,6 +299,7 @@ impl Programmer {
         maps: &mut dyn MapWriter,
     ) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
+        self.synced = false;
         // Table regions released by the previous apply may be written again: no packet still
         // reads them.
         self.pages.end_quarantine();
@@ -325,6 +333,7 @@ impl Programmer {
                 Some(_) => report.unchanged += 1,
             }
         }
+        self.synced = true;
         Ok(report)
     }
 
@@ -467,6 +476,7 @@ impl Programmer {
         match self.try_add(svc, maps, &mut undo) {
             Ok(p) => {
                 debug!(service = %svc.name, id = p.id, table = ?p.table_ref, "service added");
+                self.usage.add_spec(svc);
                 self.services.insert(svc.frontend, p);
                 Ok(())
             }
@@ -601,6 +611,8 @@ impl Programmer {
             note(maps.delete_source_range(len, &data));
         }
         debug!(service = %svc.name, id = next.id, table = ?next.table_ref, "service updated");
+        self.usage.sub_spec(&old.spec);
+        self.usage.add_spec(svc);
         self.services.insert(svc.frontend, next);
         Ok(())
     }
@@ -707,6 +719,7 @@ impl Programmer {
         let Some(p) = self.services.remove(&f) else {
             return Ok(String::new());
         };
+        self.usage.sub_spec(&p.spec);
         let mut note = |r: Result<(), MapError>| {
             if let Err(e) = r {
                 warn!(service = %p.spec.name, error = %e, "clean-up after removal failed");

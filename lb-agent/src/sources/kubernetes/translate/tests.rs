@@ -1097,7 +1097,7 @@ mod properties {
                     continue;
                 }
                 for s in t2.desired.services.iter().filter(|s| s.name == key(svc)) {
-                    if let Some(p) = t1.desired.services.iter().find(|p| p.frontend == s.frontend) {
+                    if let Some(p) = t1.desired.services.iter().find(|p| p.frontend == s.frontend && p.name == s.name) {
                         prop_assert!(Arc::ptr_eq(p, s), "{} was translated again", s.frontend);
                     }
                 }
