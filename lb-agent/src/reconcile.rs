@@ -30,15 +30,13 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{
-        ApplyError, ApplyReport, Dataplane, LeftOut, MapError, ProgrammedService, Programmer,
-    },
+    dataplane::{ApplyError, ApplyReport, Dataplane, LeftOut, MapError, Programmer},
     health::{
         self, CheckUser, HealthMode,
         monitor::{CheckEvent, CheckKey, Checks},
         state::Health,
     },
-    model::{DesiredState, Frontend},
+    model::{DesiredState, Frontend, Service},
     status::{BackendStatus, ServiceStatus, Snapshot},
 };
 
@@ -116,6 +114,10 @@ pub struct Reconciler<D, C> {
     announced: Option<BTreeSet<IpAddr>>,
     /// With the socket hooks: closes connected UDP sockets to backends out of rotation.
     terminator: Option<crate::dataplane::sockets::Terminator>,
+    /// The statuses last published, with the programmed service each was made from (in
+    /// `programmed`'s order), and what the announcers were given.
+    published: Vec<(Arc<Service>, Arc<ServiceStatus>)>,
+    serving: Option<Arc<crate::announce::Serving>>,
 }
 
 impl<D: Dataplane, C: Checks> Reconciler<D, C> {
@@ -145,6 +147,8 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             states: HashMap::new(),
             announced: l2.then(BTreeSet::new),
             terminator: None,
+            published: Vec::new(),
+            serving: None,
         }
     }
 
@@ -261,6 +265,7 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
                 let previous = self.desired.clone();
                 let rollback = self.program(&previous);
                 self.refused = Some(requested);
+                self.forget_published();
                 self.publish();
                 Err(ReconcileError::after(error, rollback))
             }
@@ -279,6 +284,7 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             }
             Err(error) => {
                 let rollback = self.programmer.apply(&before, self.dataplane.maps());
+                self.forget_published();
                 self.publish();
                 Err(ReconcileError::after(error, rollback))
             }
@@ -374,60 +380,135 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
         Ok(report)
     }
 
-    /// Publishes what is programmed, for the API, the metrics and the announcers.
-    fn publish(&self) {
-        let ids: HashMap<Frontend, &ProgrammedService> = self
-            .programmer
-            .services()
-            .map(|p| (p.spec.frontend, p))
-            .collect();
-        let services = self
-            .programmed
-            .services
-            .iter()
-            .map(|s| ServiceStatus {
-                name: s.name.clone(),
-                id: ids.get(&s.frontend).map_or(0, |p| p.id),
-                vip: s.frontend.vip,
-                port: s.frontend.port,
-                protocol: s.frontend.protocol,
-                scope: s.frontend.scope,
-                check: s.health_check.as_ref().map(|h| h.probe.kind.as_str()),
-                mode: self.mode(&s.frontend),
-                announced: self.announced.as_ref().map(|a| a.contains(&s.frontend.vip)),
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let key = health::check_key(s, b);
-                        let state = key
-                            .as_ref()
-                            .map(|k| self.states.get(k).copied().unwrap_or(Health::Unknown));
-                        BackendStatus {
-                            addr: b.addr,
-                            id: ids
-                                .get(&s.frontend)
-                                .and_then(|p| p.backends.get(&b.addr))
-                                .map_or(0, |pb| pb.id),
-                            weight: b.weight,
-                            healthy: state.is_none_or(|h| h == Health::Up),
-                            state,
-                            in_rotation: b.share() > 0,
-                            source_nat: b.snat,
-                            check: key.and_then(|k| self.checks.shared(&k)),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
+    /// Publishes what is programmed, for the API, the metrics and the announcers. A service
+    /// without a health check whose programmed version is the one last published keeps its
+    /// status (its ids cannot have changed: every failed change forgets the statuses), and
+    /// what the announcers are given is worked out again only when a VIP or whether it can
+    /// be served changed.
+    fn publish(&mut self) {
+        let old = std::mem::take(&mut self.published);
+        let mut old = old.iter().peekable();
+        let mut published = Vec::with_capacity(self.programmed.services.len());
+        let mut same_serving = self.serving.is_some();
+        for s in &self.programmed.services {
+            let announced = self.announced.as_ref().map(|a| a.contains(&s.frontend.vip));
+            let mut before = None;
+            while let Some((spec, status)) = old.peek() {
+                if Arc::ptr_eq(spec, s) {
+                    before = Some((true, status));
+                    old.next();
+                    break;
+                }
+                match (&spec.name, spec.frontend).cmp(&(&s.name, s.frontend)) {
+                    std::cmp::Ordering::Less => {
+                        same_serving = false;
+                        old.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        before = Some((false, status));
+                        old.next();
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            let status = match before {
+                Some((true, status))
+                    if s.health_check.is_none() && status.announced == announced =>
+                {
+                    Arc::clone(status)
+                }
+                _ => {
+                    let status = Arc::new(self.status(s, announced));
+                    if !before.is_some_and(|(_, b)| {
+                        b.vip == status.vip && b.servable() == status.servable()
+                    }) {
+                        same_serving = false;
+                    }
+                    status
+                }
+            };
+            published.push((Arc::clone(s), status));
+        }
+        if old.next().is_some() {
+            same_serving = false;
+        }
+        let services: Vec<Arc<ServiceStatus>> =
+            published.iter().map(|(_, s)| Arc::clone(s)).collect();
+        let serving = match (&self.serving, same_serving) {
+            (Some(s), true) => Arc::clone(s),
+            _ => Arc::new(Snapshot::serving_of(&services)),
+        };
+        // Tests check every reused status and the announcers' part against a fresh one.
+        #[cfg(test)]
+        {
+            for (spec, status) in &published {
+                let fresh = self.status(spec, status.announced);
+                assert_eq!(
+                    format!("{fresh:?}"),
+                    format!("{status:?}"),
+                    "{}",
+                    spec.frontend
+                );
+            }
+            assert_eq!(*serving, Snapshot::serving_of(&services));
+        }
+        self.serving = Some(Arc::clone(&serving));
+        self.published = published;
         // The announcers' part stays as they last published it.
         self.snapshot.send_modify(|s| {
             *s = Arc::new(Snapshot {
                 services,
                 left_out: self.left_out.clone(),
                 announce: s.announce.clone(),
+                serving: Some(serving),
             });
         });
+    }
+
+    /// Forgets the published statuses: the next publication makes every one again (after a
+    /// change that failed, the programmer's ids may have changed under the same services).
+    fn forget_published(&mut self) {
+        self.published.clear();
+        self.serving = None;
+    }
+
+    /// The status of programmed service `s`.
+    fn status(&self, s: &Service, announced: Option<bool>) -> ServiceStatus {
+        let programmed = self.programmer.service(&s.frontend);
+        ServiceStatus {
+            name: s.name.clone(),
+            id: programmed.map_or(0, |p| p.id),
+            vip: s.frontend.vip,
+            port: s.frontend.port,
+            protocol: s.frontend.protocol,
+            scope: s.frontend.scope,
+            check: s.health_check.as_ref().map(|h| h.probe.kind.as_str()),
+            mode: self.mode(&s.frontend),
+            announced,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| {
+                    let key = health::check_key(s, b);
+                    let state = key
+                        .as_ref()
+                        .map(|k| self.states.get(k).copied().unwrap_or(Health::Unknown));
+                    BackendStatus {
+                        addr: b.addr,
+                        id: programmed
+                            .and_then(|p| p.backends.get(&b.addr))
+                            .map_or(0, |pb| pb.id),
+                        weight: b.weight,
+                        healthy: state.is_none_or(|h| h == Health::Up),
+                        state,
+                        in_rotation: b.share() > 0,
+                        source_nat: b.snat,
+                        check: key.and_then(|k| self.checks.shared(&k)),
+                    }
+                })
+                .collect(),
+        }
     }
 }
 

@@ -30,7 +30,7 @@ plain tcp 198.18.100.10:81          no check       -        -         -         
 #[test]
 fn failing_and_failing_open_services_say_so() {
     let mut snap = fixtures::snapshot();
-    snap.services[0].mode = HealthMode::FailOpen;
+    std::sync::Arc::make_mut(&mut snap.services[0]).mode = HealthMode::FailOpen;
     let mut json = snap.to_json(&fixtures::traffic());
     json.services[0].backends[1].last_failure = Some(crate::status::FailureJson {
         reason: "timeout".into(),

@@ -88,7 +88,8 @@ pub fn wanted_checks(desired: &DesiredState) -> BTreeMap<CheckKey, Vec<CheckUser
 }
 
 /// What the data plane should carry: `desired` with each backend's `available` flag set from
-/// its check, and the mode of every service (by frontend: a Kubernetes Service with several
+/// its check, and the mode of every checked service (by frontend; the others are
+/// [`HealthMode::Unchecked`]: a Kubernetes Service with several
 /// ports or families is several model services of one name).
 ///
 /// For a checked service, backends that are up are available. When no backend with a weight is
@@ -102,7 +103,6 @@ pub fn effective(
     let mut out = desired.clone();
     for s in &mut out.services {
         let Some(hc) = &s.health_check else {
-            modes.insert(s.frontend, HealthMode::Unchecked);
             continue;
         };
         let states: Vec<Health> = s

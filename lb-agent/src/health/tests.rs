@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use super::*;
 use crate::model::check::{self as spec, HealthCheck};
@@ -77,7 +77,7 @@ fn by_name(
 
 fn state(services: Vec<Service>) -> DesiredState {
     DesiredState {
-        services: services.into_iter().map(std::sync::Arc::new).collect(),
+        services: services.into_iter().map(Arc::new).collect(),
         ..Default::default()
     }
 }
@@ -88,7 +88,11 @@ fn unchecked_services_are_untouched() {
     let (out, modes) = effective(&d, |_| Health::Down);
     let modes = by_name(&d, modes);
     assert_eq!(out, d);
-    assert_eq!(modes["web"], HealthMode::Unchecked);
+    assert!(
+        Arc::ptr_eq(&out.services[0], &d.services[0]),
+        "the same service"
+    );
+    assert_eq!(modes.get("web"), None, "unchecked: no mode to keep");
 }
 
 #[test]

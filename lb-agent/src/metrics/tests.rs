@@ -203,12 +203,12 @@ fn frontends_of_one_kubernetes_service_share_backend_series() {
     // ns/web on ports 80 and 8080, both to 198.18.1.11:8080: one series per (service,
     // backend), summed; healthy only if every frontend's check passes.
     let mut snap = fixtures::snapshot();
-    let mut second = snap.services[0].clone();
+    let mut second = (*snap.services[0]).clone();
     second.port = 8080;
     second.backends[0].healthy = false;
-    snap.services.push(second);
+    snap.services.push(Arc::new(second));
     for s in &mut snap.services {
-        s.name = "ns/web".into();
+        Arc::make_mut(s).name = "ns/web".into();
     }
     let mut t = fixtures::traffic();
     let mut other = t.services[0].clone();

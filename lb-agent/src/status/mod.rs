@@ -27,12 +27,16 @@ use crate::{
 
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<ServiceStatus>,
+    /// Shared: a service that did not change keeps its status from one snapshot to the next.
+    pub services: Vec<Arc<ServiceStatus>>,
     /// Services that do not fit the data plane's limits (their previous version, if any,
     /// is in `services`).
     pub left_out: Vec<crate::dataplane::LeftOut>,
     /// L2, gossip and BGP as announced.
     pub announce: crate::announce::Status,
+    /// [`Snapshot::serving`] of `services`, when the publisher worked it out (None: worked
+    /// out when asked for).
+    pub serving: Option<Arc<crate::announce::Serving>>,
 }
 
 impl Snapshot {
@@ -42,16 +46,20 @@ impl Snapshot {
     /// first results does not count). In Kubernetes mode a Local-policy Service's backends
     /// are this node's endpoints only, so a node without a healthy local endpoint does not
     /// serve it.
-    pub fn serving(&self) -> crate::announce::Serving {
+    pub fn serving(&self) -> Arc<crate::announce::Serving> {
+        match &self.serving {
+            Some(s) => Arc::clone(s),
+            None => Arc::new(Self::serving_of(&self.services)),
+        }
+    }
+
+    /// [`Snapshot::serving`] of `services`.
+    pub fn serving_of(services: &[Arc<ServiceStatus>]) -> crate::announce::Serving {
         crate::announce::Serving {
-            all: self.services.iter().map(|s| s.vip).collect(),
-            servable: self
-                .services
+            all: services.iter().map(|s| s.vip).collect(),
+            servable: services
                 .iter()
-                .filter(|s| {
-                    matches!(s.mode, HealthMode::Unchecked | HealthMode::Checked)
-                        && s.backends.iter().any(|b| b.in_rotation)
-                })
+                .filter(|s| s.servable())
                 .map(|s| s.vip)
                 .collect(),
         }
@@ -84,6 +92,12 @@ impl ServiceStatus {
 
     pub fn fail_open(&self) -> bool {
         self.mode == HealthMode::FailOpen
+    }
+
+    /// It sends new flows to a backend (with health checks: a healthy one).
+    pub fn servable(&self) -> bool {
+        matches!(self.mode, HealthMode::Unchecked | HealthMode::Checked)
+            && self.backends.iter().any(|b| b.in_rotation)
     }
 }
 
@@ -350,7 +364,10 @@ pub mod fixtures {
                     ],
                 ),
                 plain,
-            ],
+            ]
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
             ..Snapshot::default()
         }
     }

@@ -238,7 +238,9 @@ impl<'a> Taken<'a> {
         self.programmed?
             .range(first..)
             .take_while(|(t, _)| (t.vip, t.port, t.protocol) == (f.vip, f.port, f.protocol))
-            .find(|(t, _)| t.overlaps(f) && !self.released.contains(t) && !self.added.contains_key(t))
+            .find(|(t, _)| {
+                t.overlaps(f) && !self.released.contains(t) && !self.added.contains_key(t)
+            })
             .map(|(_, p)| p.spec.name.as_str())
     }
 }
@@ -439,10 +441,11 @@ impl Programmer {
             }
         }
         let demand = self.demand(group);
-        let outcome = match group
-            .iter()
-            .find_map(|s| taken.overlapping(&s.frontend).map(|other| (s.frontend, other)))
-        {
+        let outcome = match group.iter().find_map(|s| {
+            taken
+                .overlapping(&s.frontend)
+                .map(|other| (s.frontend, other))
+        }) {
             Some((f, other)) => Err((
                 "services",
                 format!("{f} is still served by the previous version of {other}"),

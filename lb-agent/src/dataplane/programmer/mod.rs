@@ -290,6 +290,11 @@ impl Programmer {
         self.services.values()
     }
 
+    /// The programmed service of `frontend`.
+    pub fn service(&self, frontend: &Frontend) -> Option<&ProgrammedService> {
+        self.services.get(frontend)
+    }
+
     /// Brings the maps from what was programmed to `desired`, touching only what differs.
     /// On error the services already handled stay changed, the failing one stays as it was,
     /// and the rest are untouched: apply the previous state again to roll back.

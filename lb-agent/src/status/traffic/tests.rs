@@ -109,7 +109,7 @@ async fn a_total_never_goes_backwards_when_ids_change_or_are_reused() {
     );
 
     // b1 leaves web and comes back under a new id (9) whose counters start at zero.
-    snap.services[0].backends.remove(0);
+    Arc::make_mut(&mut snap.services[0]).backends.remove(0);
     let s = acc.update(
         &snap,
         &raw(service_stats(55, 5), backend_stats(0), backend_stats(15)),
@@ -124,7 +124,7 @@ async fn a_total_never_goes_backwards_when_ids_change_or_are_reused() {
             .all(|b| b.addr.port() == 8080)
     );
     let mut back = snap.clone();
-    back.services[0]
+    Arc::make_mut(&mut back.services[0])
         .backends
         .insert(0, fixtures::backend("198.18.1.11:8080", 9, None));
     let mut r = raw(
@@ -160,7 +160,7 @@ async fn a_total_never_goes_backwards_when_ids_change_or_are_reused() {
 
     // The service's own id changes (a new frontend id after a re-add): carried as well.
     let mut moved = back.clone();
-    moved.services[0].id = 2;
+    Arc::make_mut(&mut moved.services[0]).id = 2;
     let mut r2 = r.clone();
     r2.services[2] = service_stats(1, 1);
     let s = acc.update(&moved, &r2, None, t);
