@@ -130,10 +130,15 @@ fn reason(e: &AllocError) -> &'static str {
 
 /// Brings `alloc` in line with `services` and says what each Service's status should be.
 /// Services weir does not serve (any more) lose what weir had given them.
-pub fn reconcile(alloc: &mut Allocator, services: &[Service], default_class: bool) -> Vec<Outcome> {
+pub fn reconcile(
+    alloc: &mut Allocator,
+    services: &[impl std::borrow::Borrow<Service>],
+    default_class: bool,
+) -> Vec<Outcome> {
     let mut out = Vec::new();
     let wanted_keys: BTreeMap<String, &Service> = services
         .iter()
+        .map(std::borrow::Borrow::borrow)
         .filter(|s| wanted(s, default_class))
         .map(|s| (key(s), s))
         .collect();
@@ -145,7 +150,7 @@ pub fn reconcile(alloc: &mut Allocator, services: &[Service], default_class: boo
         .collect();
     for s in gone {
         alloc.release(&s);
-        if services.iter().any(|svc| key(svc) == s) {
+        if services.iter().any(|svc| key(svc.borrow()) == s) {
             out.push(Outcome {
                 service: s,
                 ingress: Vec::new(),

@@ -113,12 +113,20 @@ pub async fn address_loop(
                 warn!(pool = %name, error = %e, "IPPool left out");
             }
             alloc.set_pools(pools);
-            let services = owned(stores.services.state());
-            for o in addresses::reconcile(&mut alloc, &services, default_class) {
+            let services = stores.services.state();
+            let outcomes = addresses::reconcile(&mut alloc, &services, default_class);
+            // By `namespace/name`, made once (a search per outcome would cost the square of
+            // the Services).
+            let by_key: std::collections::HashMap<String, &Service> = if outcomes.is_empty() {
+                std::collections::HashMap::new()
+            } else {
+                services.iter().map(|s| (translate::key(s), &**s)).collect()
+            };
+            for o in outcomes {
                 let Some((ns, name)) = o.service.split_once('/') else {
                     continue;
                 };
-                let Some(svc) = services.iter().find(|s| translate::key(s) == o.service) else {
+                let Some(svc) = by_key.get(o.service.as_str()).copied() else {
                     continue;
                 };
                 let want: Vec<String> = o.ingress.iter().map(ToString::to_string).collect();
