@@ -439,8 +439,9 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
             (Some(s), true) => Arc::clone(s),
             _ => Arc::new(Snapshot::serving_of(&services)),
         };
-        // Tests check every reused status and the announcers' part against a fresh one.
-        #[cfg(test)]
+        // Debug builds (the tests) check every reused status and the announcers' part against
+        // a fresh one.
+        #[cfg(debug_assertions)]
         {
             for (spec, status) in &published {
                 let fresh = self.status(spec, status.announced);

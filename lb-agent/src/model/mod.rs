@@ -196,16 +196,36 @@ pub struct DesiredState {
     pub source_nat: Option<SourceNat>,
 }
 
+/// A difference between two desired states ([`DesiredState::changes`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// In the first state only.
+    Removed(&'a Arc<Service>),
+    /// In the second state only.
+    Added(&'a Arc<Service>),
+    /// In both (same name and frontend), with other contents: (first, second).
+    Changed(&'a Arc<Service>, &'a Arc<Service>),
+}
+
+impl<'a> Change<'a> {
+    /// The service the change is about (the second state's when there is one).
+    pub fn service(&self) -> &'a Arc<Service> {
+        match self {
+            Self::Removed(s) | Self::Added(s) | Self::Changed(_, s) => s,
+        }
+    }
+}
+
 impl DesiredState {
-    /// The names whose services differ between `self` and `other` (both sorted by name,
-    /// then frontend): a frontend added, removed or changed. A service that is the same
-    /// allocation in both is the same service, so a state that shares most of its services
-    /// with the other costs a pointer comparison per service.
-    pub fn changed_names<'a>(&'a self, other: &'a Self) -> std::collections::BTreeSet<&'a str> {
+    /// What differs between `self` and `other` (both sorted by name, then frontend), in
+    /// that order. A service that is the same allocation in both is the same service, so a
+    /// state that shares most of its services with the other costs a pointer comparison per
+    /// service.
+    pub fn changes<'a>(&'a self, other: &'a Self) -> Vec<Change<'a>> {
         let (a, b) = (&self.services, &other.services);
-        let mut changed = std::collections::BTreeSet::new();
+        let mut changes = Vec::new();
         let (mut i, mut j) = (0, 0);
-        while i < a.len() || j < b.len() {
+        loop {
             match (a.get(i), b.get(j)) {
                 (Some(x), Some(y)) if Arc::ptr_eq(x, y) => {
                     i += 1;
@@ -214,32 +234,40 @@ impl DesiredState {
                 (Some(x), Some(y)) => match (&x.name, x.frontend).cmp(&(&y.name, y.frontend)) {
                     std::cmp::Ordering::Equal => {
                         if x != y {
-                            changed.insert(x.name.as_str());
+                            changes.push(Change::Changed(x, y));
                         }
                         i += 1;
                         j += 1;
                     }
                     std::cmp::Ordering::Less => {
-                        changed.insert(x.name.as_str());
+                        changes.push(Change::Removed(x));
                         i += 1;
                     }
                     std::cmp::Ordering::Greater => {
-                        changed.insert(y.name.as_str());
+                        changes.push(Change::Added(y));
                         j += 1;
                     }
                 },
                 (Some(x), None) => {
-                    changed.insert(x.name.as_str());
+                    changes.push(Change::Removed(x));
                     i += 1;
                 }
                 (None, Some(y)) => {
-                    changed.insert(y.name.as_str());
+                    changes.push(Change::Added(y));
                     j += 1;
                 }
                 (None, None) => break,
             }
         }
-        changed
+        changes
+    }
+
+    /// The names whose services differ between `self` and `other` ([`DesiredState::changes`]).
+    pub fn changed_names<'a>(&'a self, other: &'a Self) -> std::collections::BTreeSet<&'a str> {
+        self.changes(other)
+            .iter()
+            .map(|c| c.service().name.as_str())
+            .collect()
     }
 }
 

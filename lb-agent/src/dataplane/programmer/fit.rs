@@ -272,7 +272,7 @@ impl Programmer {
             return self.fit_all(desired, previous);
         }
         let fitted = self.fit_changes(desired, previous);
-        #[cfg(test)]
+        #[cfg(debug_assertions)]
         assert_eq!(
             fitted,
             self.fit_all(desired, previous),

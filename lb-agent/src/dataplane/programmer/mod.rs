@@ -25,7 +25,7 @@ pub use adopt::AdoptReport;
 pub use fit::LeftOut;
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -44,7 +44,7 @@ use super::{
 use crate::{
     dataplane::DataplaneLimits,
     maglev,
-    model::{Backend, DesiredState, Frontend, Protocol, Service, SourceNat},
+    model::{Backend, Change, DesiredState, Frontend, Protocol, Service, SourceNat},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -225,12 +225,14 @@ pub struct Programmer {
     /// The source-NAT settings as programmed.
     source_nat: Option<SourceNat>,
     /// VIPs this node announces on L2 (answers ARP and Neighbor Solicitations for).
-    announced: std::collections::BTreeSet<IpAddr>,
+    announced: BTreeSet<IpAddr>,
     /// What `services` take of the data plane's limits.
     usage: fit::Usage,
     /// The maps hold what the last apply asked for (it succeeded, or nothing was applied
     /// yet): [`Programmer::fit`] then weighs only what changed since.
     synced: bool,
+    /// The state the last apply brought the maps to (None: none yet, or it failed).
+    last: Option<DesiredState>,
 }
 
 impl Programmer {
@@ -255,9 +257,10 @@ impl Programmer {
             filter: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             source_nat: None,
-            announced: std::collections::BTreeSet::new(),
+            announced: BTreeSet::new(),
             usage: fit::Usage::default(),
             synced: true,
+            last: None,
         }
     }
 
@@ -267,7 +270,7 @@ impl Programmer {
     /// seen by the next request. On error the VIPs written so far keep their new flag.
     pub fn set_announced(
         &mut self,
-        vips: std::collections::BTreeSet<IpAddr>,
+        vips: BTreeSet<IpAddr>,
         maps: &mut dyn MapWriter,
     ) -> Result<(), MapError> {
         for ip in self.vips.keys() {
@@ -304,7 +307,7 @@ impl Programmer {
         maps: &mut dyn MapWriter,
     ) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
-        self.synced = false;
+        let was_synced = std::mem::replace(&mut self.synced, false);
         // Table regions released by the previous apply may be written again: no packet still
         // reads them.
         self.pages.end_quarantine();
@@ -312,21 +315,49 @@ impl Programmer {
             self.set_source_nat(desired.source_nat, maps)
                 .map_err(ApplyError::SourceNat)?;
         }
-        let wanted: BTreeMap<Frontend, &Arc<Service>> =
-            desired.services.iter().map(|s| (s.frontend, s)).collect();
-
-        let gone: Vec<Frontend> = self
-            .services
-            .keys()
-            .filter(|f| !wanted.contains_key(f))
-            .copied()
-            .collect();
+        // While the maps hold the last state applied, only what differs from it is looked
+        // at; otherwise (a failed apply, adopted maps) every service is.
+        let (gone, wanted): (Vec<Frontend>, Vec<Arc<Service>>) = match self.last.take() {
+            Some(last) if was_synced => {
+                let changes = last.changes(desired);
+                let wanted: BTreeMap<Frontend, Arc<Service>> = changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        Change::Added(s) | Change::Changed(_, s) => {
+                            Some((s.frontend, Arc::clone(s)))
+                        }
+                        Change::Removed(_) => None,
+                    })
+                    .collect();
+                // A frontend that moves from one name to another is updated in place.
+                let gone: BTreeSet<Frontend> = changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        Change::Removed(s) => Some(s.frontend),
+                        _ => None,
+                    })
+                    .filter(|f| !wanted.contains_key(f))
+                    .collect();
+                (gone.into_iter().collect(), wanted.into_values().collect())
+            }
+            _ => {
+                let wanted: BTreeMap<Frontend, &Arc<Service>> =
+                    desired.services.iter().map(|s| (s.frontend, s)).collect();
+                let gone = self
+                    .services
+                    .keys()
+                    .filter(|f| !wanted.contains_key(f))
+                    .copied()
+                    .collect();
+                (gone, wanted.into_values().cloned().collect())
+            }
+        };
         for f in gone {
             let name = self.remove(f, maps, &mut report.cleanup_errors)?;
             report.removed.push(name);
         }
-        for (f, svc) in wanted {
-            match self.services.get(&f) {
+        for svc in &wanted {
+            match self.services.get(&svc.frontend) {
                 None => {
                     self.add(svc, maps)?;
                     report.added.push(svc.name.clone());
@@ -335,9 +366,19 @@ impl Programmer {
                     self.update(svc, maps, &mut report.cleanup_errors)?;
                     report.updated.push(svc.name.clone());
                 }
-                Some(_) => report.unchanged += 1,
+                Some(_) => {}
             }
         }
+        report.unchanged = desired.services.len() - report.added.len() - report.updated.len();
+        // Debug builds (the tests) check that the maps hold exactly `desired`.
+        #[cfg(debug_assertions)]
+        {
+            assert_eq!(self.services.len(), desired.services.len());
+            for s in &desired.services {
+                assert!(self.services.get(&s.frontend).is_some_and(|p| p.spec == *s));
+            }
+        }
+        self.last = Some(desired.clone());
         self.synced = true;
         Ok(report)
     }

@@ -391,18 +391,25 @@ pub struct Memo {
     node: Option<Arc<Node>>,
     opts: Option<Options>,
     /// By the Service object's address.
-    services: HashMap<usize, Memoized>,
+    services: FastMap<usize, Memoized>,
+    /// The address of each Service key's entry, in key order (the order of the result).
+    order: BTreeMap<String, usize>,
     /// Each EndpointSlice's Service key (`namespace/name`), by the slice object's address.
-    slices: HashMap<usize, (Arc<EndpointSlice>, Option<String>, u64)>,
+    slices: FastMap<usize, (Arc<EndpointSlice>, Option<String>, u64)>,
+    /// The slices' addresses by Service key, sorted.
+    groups: FastMap<String, Vec<usize>>,
     /// Counts translations: entries not seen in one are dropped.
     round: u64,
 }
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 struct Memoized {
     object: Arc<Service>,
     key: String,
     /// The addresses of its EndpointSlice objects, sorted.
     slices: Vec<usize>,
+    /// Sorted by frontend.
     out: Vec<Arc<model::Service>>,
     problems: Vec<String>,
     round: u64,
@@ -430,6 +437,7 @@ pub fn translate_with(
         // Every Service's translation depends on this node (its addresses, zone, labels)
         // and the options.
         memo.services.clear();
+        memo.order.clear();
         memo.node = this.cloned();
         memo.opts = Some(opts.clone());
     }
@@ -465,50 +473,56 @@ pub fn translate_with(
         nat: nat.as_ref(),
         excluded: out.excluded,
     };
-    // EndpointSlices by Service key.
-    for s in slices {
-        memo.slices
-            .entry(address(s))
-            .and_modify(|e| e.2 = round)
-            .or_insert_with(|| {
-                let key = s
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .map(|name| {
-                        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-                        format!("{ns}/{name}")
-                    });
-                (Arc::clone(s), key, round)
-            });
-    }
-    memo.slices.retain(|_, e| e.2 == round);
-    fn slice_addresses<'a>(
-        group: Option<&'a Vec<&EndpointSlice>>,
-    ) -> impl Iterator<Item = usize> + 'a {
-        group
-            .into_iter()
-            .flatten()
-            .map(|s| std::ptr::from_ref(*s) as usize)
-    }
-    let mut by_service: HashMap<&str, Vec<&EndpointSlice>> = HashMap::new();
-    for (slice, key, _) in memo.slices.values() {
-        if let Some(key) = key {
-            by_service.entry(key.as_str()).or_default().push(&**slice);
+    // EndpointSlices by Service key: new ones join their group, gone ones leave it.
+    for sl in slices {
+        let addr = address(sl);
+        if let Some(e) = memo.slices.get_mut(&addr) {
+            e.2 = round;
+            continue;
         }
+        let key = sl
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .map(|name| {
+                let ns = sl.metadata.namespace.as_deref().unwrap_or("default");
+                format!("{ns}/{name}")
+            });
+        if let Some(k) = &key {
+            let group = memo.groups.entry(k.clone()).or_default();
+            let at = group.partition_point(|a| *a < addr);
+            group.insert(at, addr);
+        }
+        memo.slices.insert(addr, (Arc::clone(sl), key, round));
     }
-    for group in by_service.values_mut() {
-        group.sort_unstable_by_key(|s| std::ptr::from_ref(*s) as usize);
-    }
+    let groups = &mut memo.groups;
+    memo.slices.retain(|addr, (_, key, seen)| {
+        if *seen == round {
+            return true;
+        }
+        if let Some(k) = key
+            && let Some(group) = groups.get_mut(k.as_str())
+        {
+            group.retain(|a| a != addr);
+            if group.is_empty() {
+                groups.remove(k.as_str());
+            }
+        }
+        false
+    });
     // Each served Service's translation: the one kept when its object and slices are the
     // same, else a new one.
-    let mut sorted: Vec<&Memoized> = Vec::with_capacity(services.len());
     let mut fresh: Vec<Memoized> = Vec::new();
     for svc in services.iter().filter(|s| served(s, opts)) {
         let key = match memo.services.get_mut(&address(svc)) {
             Some(m) => {
-                if slice_addresses(by_service.get(m.key.as_str())).eq(m.slices.iter().copied()) {
+                if memo
+                    .groups
+                    .get(m.key.as_str())
+                    .map_or(&[][..], Vec::as_slice)
+                    == m.slices
+                {
                     m.round = round;
                     continue;
                 }
@@ -516,27 +530,50 @@ pub fn translate_with(
             }
             None => key(svc),
         };
-        let group = by_service.get(key.as_str());
+        let addresses = memo.groups.get(key.as_str()).cloned().unwrap_or_default();
+        let group: Vec<&EndpointSlice> = addresses.iter().map(|a| &*memo.slices[a].0).collect();
         let mut problems = Vec::new();
-        let translated = service(svc, &key, group, opts, &here, &mut problems);
+        let translated = service(
+            svc,
+            &key,
+            (!group.is_empty()).then_some(&group),
+            opts,
+            &here,
+            &mut problems,
+        );
+        let mut out: Vec<Arc<model::Service>> = translated.into_iter().map(Arc::new).collect();
+        out.sort_by_key(|s| s.frontend);
         fresh.push(Memoized {
             object: Arc::clone(svc),
-            slices: slice_addresses(group).collect(),
             key,
-            out: translated.into_iter().map(Arc::new).collect(),
+            slices: addresses,
+            out,
             problems,
             round,
         });
     }
     for m in fresh {
-        memo.services.insert(address(&m.object), m);
+        let addr = address(&m.object);
+        memo.order.insert(m.key.clone(), addr);
+        memo.services.insert(addr, m);
     }
-    memo.services.retain(|_, m| m.round == round);
-    sorted.extend(memo.services.values());
-    sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    let order = &mut memo.order;
+    memo.services.retain(|addr, m| {
+        if m.round == round {
+            return true;
+        }
+        if order.get(m.key.as_str()) == Some(addr) {
+            order.remove(m.key.as_str());
+        }
+        false
+    });
+    let sorted = memo.order.values().map(|a| &memo.services[a]);
     // (address, port, protocol) → the scopes taken, and by which Service.
-    type Holders<'a> = Vec<(model::Scope, &'a str)>;
-    let mut taken: HashMap<(IpAddr, u16, Protocol), Holders<'_>> = HashMap::new();
+    // A frontend's address, port and protocol are held for outside clients, in-cluster ones
+    // or both: at most two holders.
+    type Holders<'a> = [Option<(model::Scope, &'a str)>; 2];
+    let mut taken: FastMap<(IpAddr, u16, Protocol), Holders<'_>> = FastMap::default();
+    taken.reserve(memo.services.len() * 2);
     for m in sorted {
         let svc = &m.object;
         let name = m.key.as_str();
@@ -563,21 +600,30 @@ pub fn translate_with(
         for s in &m.out {
             let f = s.frontend;
             let holders = taken.entry((f.vip, f.port, f.protocol)).or_default();
-            if let Some((_, first)) = holders.iter().find(|(scope, _)| scope.overlaps(f.scope)) {
+            if let Some((_, first)) = holders
+                .iter()
+                .flatten()
+                .find(|(scope, _)| scope.overlaps(f.scope))
+            {
                 problems.push(format!("{f} is already served by {first}"));
                 continue;
             }
-            holders.push((f.scope, name));
+            // Two holders never overlap, so a third cannot fit beside them.
+            if let Some(free) = holders.iter_mut().find(|h| h.is_none()) {
+                *free = Some((f.scope, name));
+            }
             out.desired.services.push(Arc::clone(s));
         }
         if !problems.is_empty() {
             out.problems.insert(name.to_string(), problems);
         }
     }
-    // In name order already; a Service's own frontends may not be.
-    out.desired
-        .services
-        .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+    // In name order (the keys are the names), each Service's frontends in order.
+    debug_assert!(
+        out.desired
+            .services
+            .is_sorted_by(|a, b| (&a.name, a.frontend) <= (&b.name, b.frontend))
+    );
     fit(&mut out, opts);
     if out
         .desired
