@@ -10,7 +10,7 @@
 //! carried into the total.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -24,7 +24,7 @@ use tracing::warn;
 use crate::{
     dataplane::inspect::{Inspect, TableFill},
     model::{Protocol, Scope},
-    status::Snapshot,
+    status::{ServiceStatus, Snapshot},
 };
 
 /// How often the counters are read.
@@ -216,21 +216,139 @@ impl<const N: usize> Series<N> {
     }
 }
 
-type ServiceLabels = (String, IpAddr, u16, Protocol, Scope);
 /// A frontend's labels, borrowed: (service name, address, port, protocol, scope).
 pub type FrontendRef<'a> = (&'a str, IpAddr, u16, Protocol, Scope);
-type BackendLabels = (String, IpAddr, u16, Protocol, Scope, SocketAddr);
 
-/// Per-id readings → per-label-set totals and rates (see the module docs).
+fn labels(s: &ServiceStatus) -> FrontendRef<'_> {
+    (s.name.as_str(), s.vip, s.port, s.protocol, s.scope)
+}
+
+/// Per-id readings → per-label-set totals and rates (see the module docs). One entry per
+/// service of the snapshot last sampled, in its order: a snapshot that shares a service's
+/// status with the one before keeps its entry where it is, so a sample of thousands of
+/// frontends costs an array read per frontend and backend, not a lookup by labels.
 #[derive(Debug, Default)]
 pub struct Accounting {
-    services: HashMap<ServiceLabels, Series<SERVICE_FIELDS>>,
-    backends: HashMap<BackendLabels, Series<BACKEND_FIELDS>>,
+    /// The snapshot's services the entries are for.
+    statuses: Vec<Arc<ServiceStatus>>,
+    entries: Vec<Entry>,
     previous: Option<(Instant, Arc<Traffic>)>,
     errors: u64,
 }
 
+#[derive(Debug)]
+struct Entry {
+    service: Series<SERVICE_FIELDS>,
+    /// The totals of the last sample (for the rates; None: not in it).
+    last: Option<Counters>,
+    /// By the status's backends, in their order.
+    backends: Vec<BackendEntry>,
+    /// Backends that left the service: their totals continue if they come back (pods
+    /// turning unready).
+    departed: Vec<(SocketAddr, BackendEntry)>,
+}
+
+#[derive(Debug)]
+struct BackendEntry {
+    series: Series<BACKEND_FIELDS>,
+    last: Option<Counters>,
+}
+
+impl BackendEntry {
+    fn new(id: u32) -> Self {
+        Self {
+            series: Series::new(id),
+            last: None,
+        }
+    }
+}
+
+impl Entry {
+    fn new(s: &ServiceStatus) -> Self {
+        Self {
+            service: Series::new(s.id),
+            last: None,
+            backends: s.backends.iter().map(|b| BackendEntry::new(b.id)).collect(),
+            departed: Vec::new(),
+        }
+    }
+
+    /// From `old`'s backends to `new`'s (the same frontend), by address.
+    fn realign(&mut self, old: &ServiceStatus, new: &ServiceStatus) {
+        let mut pool: Vec<(SocketAddr, BackendEntry)> = old
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .zip(self.backends.drain(..))
+            .chain(self.departed.drain(..))
+            .collect();
+        self.backends = new
+            .backends
+            .iter()
+            .map(|b| match pool.iter().position(|(a, _)| *a == b.addr) {
+                Some(i) => pool.swap_remove(i).1,
+                None => BackendEntry::new(b.id),
+            })
+            .collect();
+        self.departed = pool;
+    }
+}
+
 impl Accounting {
+    /// Brings the entries in line with `services`: a status shared with the last sample's
+    /// keeps its entry; another of the same labels takes that entry over (its backends by
+    /// address); a new one starts from zero; a service that is gone takes its totals with it.
+    fn align(&mut self, services: &[Arc<ServiceStatus>]) {
+        if self.statuses.len() == services.len()
+            && self
+                .statuses
+                .iter()
+                .zip(services)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            return;
+        }
+        let old_statuses = std::mem::take(&mut self.statuses);
+        let mut old: Vec<Option<Entry>> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut by_labels: HashMap<FrontendRef<'_>, usize, foldhash::fast::RandomState> =
+            HashMap::default();
+        by_labels.reserve(old_statuses.len());
+        for (i, s) in old_statuses.iter().enumerate() {
+            by_labels.entry(labels(s)).or_insert(i);
+        }
+        let mut entries = Vec::with_capacity(services.len());
+        for (i, s) in services.iter().enumerate() {
+            let same_place = old_statuses.get(i).is_some_and(|o| Arc::ptr_eq(o, s));
+            let entry = match (same_place, old.get_mut(i).and_then(Option::take)) {
+                (true, Some(e)) => e,
+                (_, taken) => {
+                    // Not the one at this place: put it back.
+                    if let Some(e) = taken {
+                        old[i] = Some(e);
+                    }
+                    match by_labels
+                        .get(&labels(s))
+                        .and_then(|j| old[*j].take().map(|e| (*j, e)))
+                    {
+                        Some((j, mut e)) => {
+                            if !Arc::ptr_eq(&old_statuses[j], s) {
+                                e.realign(&old_statuses[j], s);
+                            }
+                            e
+                        }
+                        None => Entry::new(s),
+                    }
+                }
+            };
+            entries.push(entry);
+        }
+        self.statuses = services.to_vec();
+        self.entries = entries;
+    }
+
     /// Folds one reading of the counters (taken after `snapshot` was published) into a sample.
     pub fn update(
         &mut self,
@@ -241,50 +359,39 @@ impl Accounting {
     ) -> Arc<Traffic> {
         let zero_service = ServiceStats::default();
         let zero_backend = BackendStats::default();
-        let previous = self.previous.as_ref();
-        let seconds = previous.map(|(t, _)| now.duration_since(*t).as_secs_f64());
-        // Lookups by label, not scans: a node serves thousands of frontends.
-        let before_index = previous.map(|(_, p)| p.index());
+        let seconds = self
+            .previous
+            .as_ref()
+            .map(|(t, _)| now.duration_since(*t).as_secs_f64());
+        let rate = |now: &Counters, before: Option<Counters>| match (before, seconds) {
+            (Some(b), Some(secs)) if secs > 0.0 => Rates::between(now, &b, secs),
+            _ => Rates::default(),
+        };
+        self.align(&snapshot.services);
         let mut services = Vec::with_capacity(snapshot.services.len());
-        for s in &snapshot.services {
-            let labels = (s.name.clone(), s.vip, s.port, s.protocol, s.scope);
+        for (s, e) in self.statuses.iter().zip(&mut self.entries) {
             let reading = raw.services.get(s.id as usize).unwrap_or(&zero_service);
-            let total = self
-                .services
-                .entry(labels)
-                .or_insert_with(|| Series::new(s.id))
-                .update(s.id, service_fields(reading));
-            let before = before_index.as_ref().and_then(|i| {
-                i.get(&(s.name.as_str(), s.vip, s.port, s.protocol, s.scope))
-                    .copied()
-            });
-            let backends_before: HashMap<SocketAddr, &Counters> = before
-                .map(|p| p.backends.iter().map(|x| (x.addr, &x.totals)).collect())
-                .unwrap_or_default();
+            let total = e.service.update(s.id, service_fields(reading));
             let totals = counters(&total);
-            let rate = |now: &Counters, before: Option<&Counters>| match (before, seconds) {
-                (Some(b), Some(secs)) if secs > 0.0 => Rates::between(now, b, secs),
-                _ => Rates::default(),
-            };
+            let rates = rate(&totals, e.last.replace(totals));
             let backends = s
                 .backends
                 .iter()
-                .map(|b| {
+                .zip(&mut e.backends)
+                .map(|(b, be)| {
                     let reading = raw.backends.get(b.id as usize).unwrap_or(&zero_backend);
-                    let total = self
-                        .backends
-                        .entry((s.name.clone(), s.vip, s.port, s.protocol, s.scope, b.addr))
-                        .or_insert_with(|| Series::new(b.id))
-                        .update(b.id, backend_fields(reading));
-                    let totals = counters(&total);
-                    let was = backends_before.get(&b.addr).copied();
+                    let totals = counters(&be.series.update(b.id, backend_fields(reading)));
                     BackendTraffic {
                         addr: b.addr,
                         totals,
-                        rates: rate(&totals, was),
+                        rates: rate(&totals, be.last.replace(totals)),
                     }
                 })
                 .collect();
+            // Not in this sample: no rate from it when they come back.
+            for (_, d) in &mut e.departed {
+                d.last = None;
+            }
             let mut drops = [0; drop_reason::SLOTS];
             drops.copy_from_slice(&total[5..]);
             services.push(ServiceTraffic {
@@ -293,39 +400,19 @@ impl Accounting {
                 port: s.port,
                 protocol: s.protocol,
                 scope: s.scope,
-                rates: rate(&totals, before.map(|p| &p.totals)),
+                rates,
                 totals,
                 drops,
                 backends,
             });
         }
-        // Keep the totals of label sets that are still served. A service that is gone takes
-        // its backends' totals with it; a backend that left a service that stays keeps its
-        // total, so that it continues if the backend comes back (pods turning unready).
-        let served_set: HashSet<FrontendRef<'_>> = snapshot
-            .services
-            .iter()
-            .map(|s| (s.name.as_str(), s.vip, s.port, s.protocol, s.scope))
-            .collect();
-        let served =
-            |name: &String, vip: &IpAddr, port: &u16, protocol: &Protocol, scope: &Scope| {
-                served_set.contains(&(name.as_str(), *vip, *port, *protocol, *scope))
-            };
-        self.services
-            .retain(|(name, vip, port, protocol, scope), _| {
-                served(name, vip, port, protocol, scope)
-            });
-        self.backends
-            .retain(|(name, vip, port, protocol, scope, _), _| {
-                served(name, vip, port, protocol, scope)
-            });
         let unattributed = raw.services.first().copied().unwrap_or_default();
         let traffic = Arc::new(Traffic {
             sampled: true,
             services,
             unattributed_drops: unattributed.drops,
             datapath: raw.datapath.counters,
-            tables: tables.or_else(|| previous.and_then(|(_, p)| p.tables.clone())),
+            tables: tables.or_else(|| self.previous.as_ref().and_then(|(_, p)| p.tables.clone())),
             errors: self.errors,
         });
         self.previous = Some((now, traffic.clone()));
