@@ -390,7 +390,7 @@ impl<D: Dataplane, C: Checks> Reconciler<D, C> {
         let mut old = old.iter().peekable();
         let mut published = Vec::with_capacity(self.programmed.services.len());
         let mut same_serving = self.serving.is_some();
-        for s in &self.programmed.services {
+        for s in self.programmed.services.iter() {
             let announced = self.announced.as_ref().map(|a| a.contains(&s.frontend.vip));
             let mut before = None;
             while let Some((spec, status)) = old.peek() {

@@ -162,7 +162,7 @@ pub fn desired() -> DesiredState {
     ];
     services.sort_by(|a, b| a.name.cmp(&b.name));
     DesiredState {
-        services: services.into_iter().map(std::sync::Arc::new).collect(),
+        services: std::sync::Arc::new(services.into_iter().map(std::sync::Arc::new).collect()),
         source_nat: Some(SourceNat {
             ipv4: Some(NODE4.parse().expect("node")),
             ipv6: Some(NODE6.parse().expect("node")),

@@ -144,7 +144,7 @@ fn desired() -> DesiredState {
     ];
     services.sort_by(|a, b| a.name.cmp(&b.name));
     DesiredState {
-        services: services.into_iter().map(std::sync::Arc::new).collect(),
+        services: std::sync::Arc::new(services.into_iter().map(std::sync::Arc::new).collect()),
         source_nat: Some(SourceNat {
             ipv4: Some(NODE4.parse().unwrap()),
             ipv6: Some(NODE6.parse().unwrap()),
@@ -968,7 +968,12 @@ fn flows_stay_on_their_backend_and_move_only_when_it_goes() {
 
         // Remove 198.18.1.12: its flows are steered again (to the others), the others stay.
         let mut d = desired();
-        let s = std::sync::Arc::make_mut(d.services.iter_mut().find(|s| s.name == "tcp4").unwrap());
+        let s = std::sync::Arc::make_mut(
+            std::sync::Arc::make_mut(&mut d.services)
+                .iter_mut()
+                .find(|s| s.name == "tcp4")
+                .unwrap(),
+        );
         s.backends.retain(|b| b.addr != sock("198.18.1.12", 8080));
         env.prog.apply(&d, &mut env.dp.maps).unwrap();
         let gone = sock("198.18.1.12", 8080);
@@ -994,7 +999,12 @@ fn flows_stay_on_their_backend_and_move_only_when_it_goes() {
 
         // Drain (weight 0): existing flows stay on it, new ones avoid it.
         let mut d = desired();
-        let s = std::sync::Arc::make_mut(d.services.iter_mut().find(|s| s.name == "tcp4").unwrap());
+        let s = std::sync::Arc::make_mut(
+            std::sync::Arc::make_mut(&mut d.services)
+                .iter_mut()
+                .find(|s| s.name == "tcp4")
+                .unwrap(),
+        );
         for b in &mut s.backends {
             if b.addr == sock("198.18.1.13", 8080) {
                 b.weight = 0;

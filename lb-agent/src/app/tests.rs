@@ -171,8 +171,9 @@ async fn a_change_the_data_plane_refuses_is_tried_again_with_backoff() {
         desired: a.reconciler.requested().clone(),
         ..Default::default()
     };
-    std::sync::Arc::make_mut(&mut t.desired.services[0]).backends[0].addr =
-        "198.18.1.13:8080".parse().unwrap();
+    std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(&mut t.desired.services)[0]).backends
+        [0]
+    .addr = "198.18.1.13:8080".parse().unwrap();
     a.reconciler.dataplane_mut().maps.fail_on = Some("backends put".into());
     assert!(!a.apply_kubernetes(&t), "refused once");
     assert!(a.retry.at.is_some());

@@ -710,7 +710,7 @@ impl RawConfig {
             dataplane: limits,
             pinning,
             desired: DesiredState {
-                services,
+                services: std::sync::Arc::new(services),
                 source_nat: uses_source_nat.then_some(source_nat),
             },
             announce,

@@ -31,7 +31,7 @@ pub(super) fn web(backends: &[(&str, u32)]) -> Service {
 
 pub(super) fn state(services: Vec<Service>) -> DesiredState {
     DesiredState {
-        services: services.into_iter().map(Arc::new).collect(),
+        services: Arc::new(services.into_iter().map(Arc::new).collect()),
         ..Default::default()
     }
 }
@@ -482,7 +482,7 @@ fn nat(ipv4: Option<&str>, ipv6: Option<&str>) -> Option<crate::model::SourceNat
 fn source_nat_settings_are_written_first_and_join_the_vip_filter() {
     let (mut p, mut m) = setup();
     let mut s = state(vec![web(&[("198.18.1.11:8080", 1)])]);
-    let b = &mut Arc::make_mut(&mut s.services[0]).backends[0];
+    let b = &mut Arc::make_mut(&mut Arc::make_mut(&mut s.services)[0]).backends[0];
     *b = b.with_snat();
     s.source_nat = nat(Some("198.18.0.2"), Some("fd00:18::2"));
     p.apply(&s, &mut m).unwrap();
@@ -519,7 +519,7 @@ fn source_nat_settings_are_written_first_and_join_the_vip_filter() {
     assert!(m.log.is_empty(), "{:?}", m.log);
     let mut none = s.clone();
     none.source_nat = None;
-    Arc::make_mut(&mut none.services[0]).backends[0].snat = false;
+    Arc::make_mut(&mut Arc::make_mut(&mut none.services)[0]).backends[0].snat = false;
     p.apply(&none, &mut m).unwrap();
     assert_eq!(m.snat_config, SnatConfig::default());
     assert_eq!(m.vip_filter.values().filter(|n| **n > 0).count(), 1);
@@ -552,12 +552,12 @@ fn turning_source_nat_on_or_off_gives_the_backend_a_new_generation() {
     let generation = |m: &FakeMaps, id: u32| (m.backends[&id].generation, m.backends[&id].flags);
     assert_eq!(generation(&m, 1), (1, 1));
     // Its flows' source cannot change under them: they are steered again.
-    let b = &mut Arc::make_mut(&mut s.services[0]).backends[0];
+    let b = &mut Arc::make_mut(&mut Arc::make_mut(&mut s.services)[0]).backends[0];
     *b = b.with_snat();
     p.apply(&s, &mut m).unwrap();
     assert_eq!(generation(&m, 1), (2, 3));
     assert_eq!(generation(&m, 2), (1, 1), "the other backend is untouched");
-    Arc::make_mut(&mut s.services[0]).backends[0].snat = false;
+    Arc::make_mut(&mut Arc::make_mut(&mut s.services)[0]).backends[0].snat = false;
     p.apply(&s, &mut m).unwrap();
     assert_eq!(generation(&m, 1), (3, 1));
 }
@@ -774,7 +774,7 @@ fn node_ports_and_split_scopes_program_and_adopt() {
     // The NodePort goes: its address leaves the pre-filter; the VIP stays.
     q.apply(
         &DesiredState {
-            services: desired.services[1..].to_vec(),
+            services: Arc::new(desired.services[1..].to_vec()),
             ..desired.clone()
         },
         &mut m,

@@ -74,7 +74,7 @@ pub struct CheckUser {
 /// Every check the desired state needs, with the service backends it covers.
 pub fn wanted_checks(desired: &DesiredState) -> BTreeMap<CheckKey, Vec<CheckUser>> {
     let mut wanted: BTreeMap<CheckKey, Vec<CheckUser>> = BTreeMap::new();
-    for s in &desired.services {
+    for s in desired.services.iter() {
         for b in &s.backends {
             if let Some(k) = check_key(s, b) {
                 wanted.entry(k).or_default().push(CheckUser {
@@ -101,7 +101,8 @@ pub fn effective(
 ) -> (DesiredState, BTreeMap<Frontend, HealthMode>) {
     let mut modes = BTreeMap::new();
     let mut out = desired.clone();
-    for s in &mut out.services {
+    for i in 0..desired.services.len() {
+        let s = &desired.services[i];
         let Some(hc) = &s.health_check else {
             continue;
         };
@@ -139,11 +140,12 @@ pub fn effective(
             .zip(&states)
             .any(|(b, state)| b.available != available(b, state))
         {
-            let frontend = s.frontend;
+            // The list is copied at the first service that changes, once.
+            let s = &mut std::sync::Arc::make_mut(&mut out.services)[i];
             for (b, state) in std::sync::Arc::make_mut(s).backends.iter_mut().zip(&states) {
                 b.available = available(b, state);
             }
-            modes.insert(frontend, mode);
+            modes.insert(s.frontend, mode);
         } else {
             modes.insert(s.frontend, mode);
         }

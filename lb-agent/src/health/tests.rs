@@ -77,7 +77,7 @@ fn by_name(
 
 fn state(services: Vec<Service>) -> DesiredState {
     DesiredState {
-        services: services.into_iter().map(Arc::new).collect(),
+        services: Arc::new(services.into_iter().map(Arc::new).collect()),
         ..Default::default()
     }
 }

@@ -191,7 +191,9 @@ pub struct DesiredState {
     /// change is the same allocation from one state to the next, so that comparing and
     /// copying whole states costs a pointer per service (`Arc`'s equality checks the
     /// pointer first).
-    pub services: Vec<Arc<Service>>,
+    /// The list itself is shared too: a copy of a whole state (kept by the translation,
+    /// the reconciler and the programmer) costs one pointer.
+    pub services: Arc<Vec<Arc<Service>>>,
     /// The node's source-NAT addresses and ports, for backends with `snat`.
     pub source_nat: Option<SourceNat>,
 }

@@ -391,21 +391,20 @@ fn ranges(from: u32, n: u32) -> Vec<ipnet::IpNet> {
 
 /// `state` plus a service `name` (one frontend on `vip`:80) with `n` source ranges.
 fn with_ranges(mut state: DesiredState, name: &str, vip: &str, from: u32, n: u32) -> DesiredState {
-    let mut s = desired(WEB).services.remove(0);
+    let mut s = Arc::make_mut(&mut desired(WEB).services).remove(0);
     let m = Arc::make_mut(&mut s);
     m.name = name.into();
     m.frontend.vip = vip.parse().unwrap();
     m.source_ranges = ranges(from, n);
-    state.services.push(s);
-    state
-        .services
+    Arc::make_mut(&mut state.services).push(s);
+    Arc::make_mut(&mut state.services)
         .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
     state
 }
 
 /// `state` plus a service `name` whose one backend sits behind `n` frontends (ports 1..=n).
 fn with_wide(mut state: DesiredState, name: &str, n: u16) -> DesiredState {
-    let base = desired(WEB).services.remove(0);
+    let base = Arc::make_mut(&mut desired(WEB).services).remove(0);
     for port in 1..=n {
         let mut s = (*base).clone();
         s.name = name.into();
@@ -413,10 +412,9 @@ fn with_wide(mut state: DesiredState, name: &str, n: u16) -> DesiredState {
         s.frontend.port = port;
         s.backends.truncate(1);
         s.backends[0].addr = "198.18.1.31:8080".parse().unwrap();
-        state.services.push(Arc::new(s));
+        Arc::make_mut(&mut state.services).push(Arc::new(s));
     }
-    state
-        .services
+    Arc::make_mut(&mut state.services)
         .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
     state
 }
@@ -481,8 +479,8 @@ fn a_service_over_a_data_plane_limit_is_left_out_and_everything_else_is_programm
 
     // Other services keep changing while the two stay out.
     let mut next = state.clone();
-    next.services.retain(|s| s.name != "api");
-    next.services
+    Arc::make_mut(&mut next.services).retain(|s| s.name != "api");
+    Arc::make_mut(&mut next.services)
         .iter_mut()
         .filter(|s| s.name == "web")
         .for_each(|s| Arc::make_mut(s).backends.truncate(1));
@@ -566,11 +564,13 @@ fn a_frontend_held_by_a_kept_previous_version_goes_to_no_other_service_but_anoth
     let limit = lb_common::limits::MAX_SOURCE_RANGES;
     // zeta's external frontend of 198.18.100.20:80, programmed.
     let scoped = |mut state: DesiredState, name: &str, scope: Scope| {
-        for s in state.services.iter_mut().filter(|s| s.name == name) {
+        for s in Arc::make_mut(&mut state.services)
+            .iter_mut()
+            .filter(|s| s.name == name)
+        {
             Arc::make_mut(s).frontend.scope = scope;
         }
-        state
-            .services
+        Arc::make_mut(&mut state.services)
             .sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
         state
     };

@@ -182,7 +182,8 @@ pub fn run(quick: bool) -> Report {
             ]
             .into_iter()
             .map(std::sync::Arc::new)
-            .collect(),
+            .collect::<Vec<_>>()
+            .into(),
         };
         Programmer::new(&limits, 0)
             .apply(&desired, &mut dp.maps)

@@ -357,7 +357,7 @@ impl Programmer {
     ) -> (DesiredState, Vec<LeftOut>) {
         fn groups(state: &DesiredState) -> BTreeMap<&str, Vec<&Arc<Service>>> {
             let mut g: BTreeMap<&str, Vec<&Arc<Service>>> = BTreeMap::new();
-            for s in &state.services {
+            for s in state.services.iter() {
                 g.entry(s.name.as_str()).or_default().push(s);
             }
             g
@@ -521,7 +521,7 @@ fn assemble(
         .collect();
     services.sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
     DesiredState {
-        services,
+        services: Arc::new(services),
         source_nat: desired.source_nat,
     }
 }

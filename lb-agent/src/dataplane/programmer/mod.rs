@@ -374,7 +374,7 @@ impl Programmer {
         #[cfg(debug_assertions)]
         {
             assert_eq!(self.services.len(), desired.services.len());
-            for s in &desired.services {
+            for s in desired.services.iter() {
                 assert!(self.services.get(&s.frontend).is_some_and(|p| p.spec == *s));
             }
         }

@@ -574,6 +574,7 @@ pub fn translate_with(
     type Holders<'a> = [Option<(model::Scope, &'a str)>; 2];
     let mut taken: FastMap<(IpAddr, u16, Protocol), Holders<'_>> = FastMap::default();
     taken.reserve(memo.services.len() * 2);
+    let mut services = Vec::with_capacity(memo.services.len() * 2);
     for m in sorted {
         let svc = &m.object;
         let name = m.key.as_str();
@@ -612,12 +613,13 @@ pub fn translate_with(
             if let Some(free) = holders.iter_mut().find(|h| h.is_none()) {
                 *free = Some((f.scope, name));
             }
-            out.desired.services.push(Arc::clone(s));
+            services.push(Arc::clone(s));
         }
         if !problems.is_empty() {
             out.problems.insert(name.to_string(), problems);
         }
     }
+    out.desired.services = Arc::new(services);
     // In name order (the keys are the names), each Service's frontends in order.
     debug_assert!(
         out.desired
@@ -708,7 +710,7 @@ fn fit(out: &mut Translation, opts: &Options) {
     if dropped.is_empty() {
         return;
     }
-    out.desired.services.retain(|s| !dropped.contains(&s.name));
+    Arc::make_mut(&mut out.desired.services).retain(|s| !dropped.contains(&s.name));
     for name in dropped {
         out.problems.entry(name).or_default().push(format!(
             "not served: the data plane is full ({frontends} frontends and {backends} backends \
