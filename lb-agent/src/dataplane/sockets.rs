@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use super::inspect::Inspect;
 use crate::{
-    model::{DesiredState, Protocol},
+    model::{Change, DesiredState, Protocol, Service},
     sys,
 };
 
@@ -32,9 +32,30 @@ pub type Left = (SocketAddr, SocketAddr);
 
 /// The backends that left the rotation of an in-cluster UDP frontend between two programmed
 /// states (a frontend that is gone takes all of its backends).
+///
+/// Only the services that differ between the two are looked at: a frontend the sockets
+/// reach is one service's (frontends of overlapping scopes are refused), so an unchanged
+/// service has the same pairs in both.
 pub fn udp_left(before: &DesiredState, after: &DesiredState) -> BTreeSet<Left> {
-    let live = |d: &DesiredState| {
-        d.services
+    let changes = before.changes(after);
+    let (old, new): (Vec<&Arc<Service>>, Vec<&Arc<Service>>) = (
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Removed(s) | Change::Changed(s, _) => Some(*s),
+                Change::Added(_) => None,
+            })
+            .collect(),
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Added(s) | Change::Changed(_, s) => Some(*s),
+                Change::Removed(_) => None,
+            })
+            .collect(),
+    );
+    let live = |services: &[&Arc<Service>]| {
+        services
             .iter()
             .filter(|s| s.frontend.protocol == Protocol::Udp && s.frontend.scope.internal())
             .flat_map(|s| {
@@ -46,8 +67,8 @@ pub fn udp_left(before: &DesiredState, after: &DesiredState) -> BTreeSet<Left> {
             })
             .collect::<BTreeSet<Left>>()
     };
-    let now = live(after);
-    live(before).difference(&now).copied().collect()
+    let now = live(&new);
+    live(&old).difference(&now).copied().collect()
 }
 
 /// Closes the sockets of backends that left (see the module docs).

@@ -74,7 +74,7 @@ pub struct CheckUser {
 /// Every check the desired state needs, with the service backends it covers.
 pub fn wanted_checks(desired: &DesiredState) -> BTreeMap<CheckKey, Vec<CheckUser>> {
     let mut wanted: BTreeMap<CheckKey, Vec<CheckUser>> = BTreeMap::new();
-    for s in desired.services.iter() {
+    for s in desired.services.iter().filter(|s| s.health_check.is_some()) {
         for b in &s.backends {
             if let Some(k) = check_key(s, b) {
                 wanted.entry(k).or_default().push(CheckUser {

@@ -411,6 +411,8 @@ struct Memoized {
     slices: Vec<usize>,
     /// Sorted by frontend.
     out: Vec<Arc<model::Service>>,
+    /// By `out`: a backend of it is source-NATed.
+    snat: Vec<bool>,
     problems: Vec<String>,
     round: u64,
 }
@@ -547,6 +549,10 @@ pub fn translate_with(
             object: Arc::clone(svc),
             key,
             slices: addresses,
+            snat: out
+                .iter()
+                .map(|s| s.backends.iter().any(|b| b.snat))
+                .collect(),
             out,
             problems,
             round,
@@ -575,6 +581,7 @@ pub fn translate_with(
     let mut taken: FastMap<(IpAddr, u16, Protocol), Holders<'_>> = FastMap::default();
     taken.reserve(memo.services.len() * 2);
     let mut services = Vec::with_capacity(memo.services.len() * 2);
+    let mut snat = false;
     for m in sorted {
         let svc = &m.object;
         let name = m.key.as_str();
@@ -598,7 +605,7 @@ pub fn translate_with(
                 }
             }
         }
-        for s in &m.out {
+        for (i, s) in m.out.iter().enumerate() {
             let f = s.frontend;
             let holders = taken.entry((f.vip, f.port, f.protocol)).or_default();
             if let Some((_, first)) = holders
@@ -614,6 +621,7 @@ pub fn translate_with(
                 *free = Some((f.scope, name));
             }
             services.push(Arc::clone(s));
+            snat |= m.snat[i];
         }
         if !problems.is_empty() {
             out.problems.insert(name.to_string(), problems);
@@ -626,13 +634,17 @@ pub fn translate_with(
             .services
             .is_sorted_by(|a, b| (&a.name, a.frontend) <= (&b.name, b.frontend))
     );
+    let before_fit = out.desired.services.len();
     fit(&mut out, opts);
-    if out
-        .desired
-        .services
-        .iter()
-        .any(|s| s.backends.iter().any(|b| b.snat))
-    {
+    if before_fit != out.desired.services.len() {
+        // Services left out: look again at those that stay.
+        snat = out
+            .desired
+            .services
+            .iter()
+            .any(|s| s.backends.iter().any(|b| b.snat));
+    }
+    if snat {
         out.desired.source_nat = nat;
     }
     out

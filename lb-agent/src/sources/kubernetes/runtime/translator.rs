@@ -49,6 +49,7 @@ pub async fn translate_loop(
                     .iter()
                     .map(|s| s.backends.len())
                     .sum::<usize>(),
+                took = ?started.elapsed(),
                 "Kubernetes state translated"
             );
             last = Some(t.desired.clone());
