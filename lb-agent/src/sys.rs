@@ -535,3 +535,19 @@ pub fn in_netns<T: Send + 'static>(
     .join()
     .map_err(|_| io::Error::other("the namespace thread panicked"))?
 }
+
+/// Lowers the calling thread's priority to `nice` (Linux keeps a nice value per thread).
+/// Lowering needs no privilege.
+pub fn lower_thread_priority(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid takes no arguments; setpriority reads only its integer arguments, and
+    // with PRIO_PROCESS and a thread id it changes that one thread.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -425,14 +425,44 @@ impl Accounting {
     }
 }
 
+/// What the sampling thread is asked for: a reading for this snapshot (with a walk of the
+/// flow tables or not), and where the sample goes.
+type Request = (
+    Arc<Snapshot>,
+    bool,
+    tokio::sync::oneshot::Sender<Result<Arc<Traffic>, String>>,
+);
+
+/// The sampler threads' nice value: below the agent's other work.
+pub const SAMPLER_NICE: i32 = 10;
+
 /// Reads the counters every [`SAMPLE_EVERY`] and publishes each sample until `out` has no
 /// receivers left.
+///
+/// The reading and the accounting run on a thread of their own at a lower priority
+/// ([`SAMPLER_NICE`]): with thousands of frontends they take tens of milliseconds, and a
+/// change on its way to the maps must not wait behind them on a busy node.
 pub async fn sample(
     inspector: Arc<dyn Inspect>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     out: watch::Sender<Arc<Traffic>>,
 ) {
-    let mut accounting = Accounting::default();
+    let (requests, incoming) = std::sync::mpsc::channel::<Request>();
+    let worker = std::thread::Builder::new()
+        .name("weir-sampler".into())
+        .spawn(move || {
+            if let Err(e) = crate::sys::lower_thread_priority(SAMPLER_NICE) {
+                tracing::debug!(error = %e, "the sampler keeps the agent's priority");
+            }
+            let mut accounting = Accounting::default();
+            while let Ok((snap, walk, reply)) = incoming.recv() {
+                let _ = reply.send(read(&*inspector, &mut accounting, &snap, walk));
+            }
+        });
+    if let Err(e) = worker {
+        warn!(error = %e, "no thread for the traffic sampler: no traffic metrics");
+        return;
+    }
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u32;
@@ -443,45 +473,67 @@ pub async fn sample(
             return;
         }
         let snap = snapshot.borrow().clone();
-        let services = snap
-            .services
-            .iter()
-            .map(|s| s.id)
-            .max()
-            .map_or(1, |m| m + 1);
-        let backends = snap
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .max()
-            .map_or(0, |m| m + 1);
         let walk = n.is_multiple_of(TABLES_EVERY);
         n = n.wrapping_add(1);
-        let reading = inspector.counters(services, backends).and_then(|raw| {
-            let entries = if walk {
-                Some(inspector.tables()?)
-            } else {
-                None
-            };
-            Ok((raw, entries))
-        });
-        match reading {
-            Ok((raw, entries)) => {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if requests.send((snap, walk, reply)).is_err() {
+            warn!("the traffic sampler's thread stopped: no traffic metrics");
+            return;
+        }
+        match answer.await {
+            Ok(Ok(traffic)) => {
                 if last_error.take().is_some() {
                     tracing::info!("reading the data plane's counters works again");
                 }
-                let traffic = accounting.update(&snap, &raw, entries, Instant::now());
                 out.send_replace(traffic);
             }
-            Err(e) => {
-                accounting.failed();
-                let e = e.to_string();
+            Ok(Err(e)) => {
                 // Say it once per distinct error, not every second.
                 if last_error.as_deref() != Some(e.as_str()) {
                     warn!(error = %e, "reading the data plane's counters failed; metrics are stale");
                     last_error = Some(e);
                 }
             }
+            Err(_) => {
+                warn!("the traffic sampler's thread stopped: no traffic metrics");
+                return;
+            }
+        }
+    }
+}
+
+/// One sample: the counters (and, with `walk`, the flow tables) read for `snap`'s ids.
+fn read(
+    inspector: &dyn Inspect,
+    accounting: &mut Accounting,
+    snap: &Snapshot,
+    walk: bool,
+) -> Result<Arc<Traffic>, String> {
+    let services = snap
+        .services
+        .iter()
+        .map(|s| s.id)
+        .max()
+        .map_or(1, |m| m + 1);
+    let backends = snap
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.id))
+        .max()
+        .map_or(0, |m| m + 1);
+    let reading = inspector.counters(services, backends).and_then(|raw| {
+        let entries = if walk {
+            Some(inspector.tables()?)
+        } else {
+            None
+        };
+        Ok((raw, entries))
+    });
+    match reading {
+        Ok((raw, entries)) => Ok(accounting.update(snap, &raw, entries, Instant::now())),
+        Err(e) => {
+            accounting.failed();
+            Err(e.to_string())
         }
     }
 }

@@ -215,6 +215,8 @@ async fn a_removed_service_starts_again_from_zero() {
 /// A reader that fails until told otherwise.
 struct Flaky {
     ok: std::sync::atomic::AtomicBool,
+    /// Readings asked for.
+    calls: std::sync::atomic::AtomicUsize,
 }
 
 impl Inspect for Flaky {
@@ -223,6 +225,8 @@ impl Inspect for Flaky {
         services: u32,
         backends: u32,
     ) -> Result<RawCounters, crate::dataplane::MapError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.ok.load(std::sync::atomic::Ordering::Relaxed) {
             Ok(RawCounters {
                 services: vec![service_stats(7, 1); services as usize],
@@ -256,11 +260,16 @@ impl Inspect for Flaky {
 async fn the_sampler_publishes_samples_and_counts_failures() {
     let flaky = Arc::new(Flaky {
         ok: std::sync::atomic::AtomicBool::new(false),
+        calls: std::sync::atomic::AtomicUsize::new(0),
     });
     let snapshot = watch::Sender::new(Arc::new(fixtures::snapshot()));
     let (out, mut rx) = watch::channel(Arc::new(Traffic::default()));
     let task = tokio::spawn(sample(flaky.clone(), snapshot.subscribe(), out));
-    tokio::time::sleep(SAMPLE_EVERY * 3).await;
+    // The readings run on the sampler's own thread, one after another: wait (on the paused
+    // clock) until a fourth has started, so that three have failed.
+    while flaky.calls.load(std::sync::atomic::Ordering::Relaxed) < 4 {
+        tokio::time::sleep(SAMPLE_EVERY / 10).await;
+    }
     assert!(!rx.borrow().sampled, "failed readings publish nothing");
     flaky.ok.store(true, std::sync::atomic::Ordering::Relaxed);
     rx.changed().await.unwrap();
