@@ -10,15 +10,17 @@ use lb_agent::{
 
 pub struct Predictor {
     prog: Programmer,
+    /// The maps it programmed (the Maglev tables are read from them).
+    maps: FakeMaps,
 }
 
 impl Predictor {
     pub fn new(config: &str) -> Self {
         let c = Config::parse(config, "lab config").expect("valid lab config");
         let mut prog = Programmer::new(&c.dataplane, c.maglev.seed);
-        prog.apply(&c.desired, &mut FakeMaps::default())
-            .expect("program the fake");
-        Self { prog }
+        let mut maps = FakeMaps::default();
+        prog.apply(&c.desired, &mut maps).expect("program the fake");
+        Self { prog, maps }
     }
 
     /// The backend a new flow from `client` to `service` goes to.
@@ -36,7 +38,8 @@ impl Predictor {
             s.spec.affinity_timeout.is_some(),
             s.spec.table_size,
         );
-        let id = s.table[slot as usize];
+        let table = self.maps.table(&s.value()).expect("its Maglev table");
+        let id = table[slot as usize];
         *s.backends
             .iter()
             .find(|(_, b)| b.id == id)

@@ -251,7 +251,7 @@ impl Env<'_> {
             s.spec.affinity_timeout.is_some(),
             s.spec.table_size,
         );
-        let id = s.table[slot as usize];
+        let id = self.prog.table_of(s)[slot as usize];
         *s.backends
             .iter()
             .find(|(_, b)| b.id == id)

@@ -23,7 +23,7 @@ use lb_common::{
 };
 pub use programmer::{
     AdoptReport, ApplyError, ApplyReport, LeftOut, ProgrammedBackend, ProgrammedService,
-    Programmer, TableRef,
+    Programmer, TableDigest, TableRef,
 };
 
 pub use limits::{DEFAULT_PIN_DIR, DataplaneLimits, Pinning, XdpMode};

@@ -151,7 +151,12 @@ impl Programmer {
                         offset: value.table_offset,
                     },
                     backends,
-                    table: contents.tables.get(&value.id).cloned().unwrap_or_default(),
+                    table: super::TableDigest::of(
+                        contents
+                            .tables
+                            .get(&value.id)
+                            .map_or(&[][..], Vec::as_slice),
+                    ),
                 },
             );
         }

@@ -105,12 +105,26 @@ pub struct ProgrammedService {
     pub id: u32,
     pub table_ref: TableRef,
     pub backends: BTreeMap<SocketAddr, ProgrammedBackend>,
-    /// Slot → backend id (0: no backend), as installed.
-    pub table: Vec<u32>,
+    /// A digest of the table as installed (slot → backend id, 0: no backend): a change that
+    /// gives the same table writes none. The table itself is in the maps only (thousands of
+    /// tables of thousands of slots would double their memory in the agent).
+    pub table: TableDigest,
+}
+
+/// [`ProgrammedService::table`]: XXH3-64 of the slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableDigest(u64);
+
+impl TableDigest {
+    pub fn of(slots: &[u32]) -> Self {
+        let bytes: Vec<u8> = slots.iter().flat_map(|s| s.to_ne_bytes()).collect();
+        Self(xxhash_rust::xxh3::xxh3_64(&bytes))
+    }
 }
 
 impl ProgrammedService {
-    fn value(&self) -> ServiceValue {
+    /// Its `SERVICES` value.
+    pub fn value(&self) -> ServiceValue {
         let mut flags = 0;
         if self.spec.affinity_timeout.is_some() {
             flags |= service_flags::AFFINITY;
@@ -291,6 +305,12 @@ impl Programmer {
     /// Programmed services, by frontend.
     pub fn services(&self) -> impl Iterator<Item = &ProgrammedService> {
         self.services.values()
+    }
+
+    /// The Maglev table of programmed service `p` (slot → backend id), as it was installed:
+    /// made again from its spec and backend ids, as the install made it.
+    pub fn table_of(&self, p: &ProgrammedService) -> Vec<u32> {
+        self.table(&p.spec, &p.backends)
     }
 
     /// The programmed service of `frontend`.
@@ -579,7 +599,7 @@ impl Programmer {
             id,
             table_ref,
             backends,
-            table,
+            table: TableDigest::of(&table),
         };
         for key in service_keys(&svc.frontend) {
             undo.push(Undo::ServiceKey(key));
@@ -603,7 +623,7 @@ impl Programmer {
             id: old.id,
             table_ref: old.table_ref,
             backends: BTreeMap::new(),
-            table: old.table.clone(),
+            table: old.table,
         };
         if let Err(e) = self.try_update(&old, &mut next, maps, &mut undo) {
             self.undo(undo, maps);
@@ -713,14 +733,15 @@ impl Programmer {
             }
         }
         if svc.backends != new.backends || svc.table_size != new.table_size {
-            next.table = self.table(&new, &next.backends);
+            let table = self.table(&new, &next.backends);
+            next.table = TableDigest::of(&table);
             if next.table != old.table {
                 next.table_ref = self
                     .pages
                     .alloc(new.table_size, maps)
                     .map_err(Self::page_err(&new))?;
                 undo.push(Undo::Table(next.table_ref));
-                maps.write_table(next.table_ref.page, next.table_ref.offset, &next.table)
+                maps.write_table(next.table_ref.page, next.table_ref.offset, &table)
                     .map_err(&err)?;
             }
         }
