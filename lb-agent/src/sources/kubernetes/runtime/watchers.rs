@@ -274,6 +274,9 @@ where
     (store, watch_into(kind, api, writer, changed))
 }
 
+/// kubectl's annotation with the whole object as last applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Fills `writer` from a watch of `api`, counting every change in `changed`.
 fn watch_into<K>(
     kind: String,
@@ -287,7 +290,16 @@ where
 {
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).backoff(outage::WatchBackoff::default()),
+        watcher(api, watcher::Config::default())
+            .backoff(outage::WatchBackoff::default())
+            // What the agent never reads stays out of its stores: the field managers and
+            // kubectl's copy of the last applied object are often most of an object.
+            .modify(|o: &mut K| {
+                kube::ResourceExt::managed_fields_mut(o).clear();
+                if let Some(a) = o.meta_mut().annotations.as_mut() {
+                    a.remove(LAST_APPLIED);
+                }
+            }),
     );
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
