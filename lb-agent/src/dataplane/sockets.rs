@@ -38,22 +38,8 @@ pub type Left = (SocketAddr, SocketAddr);
 /// service has the same pairs in both.
 pub fn udp_left(before: &DesiredState, after: &DesiredState) -> BTreeSet<Left> {
     let changes = before.changes(after);
-    let (old, new): (Vec<&Arc<Service>>, Vec<&Arc<Service>>) = (
-        changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Removed(s) | Change::Changed(s, _) => Some(*s),
-                Change::Added(_) => None,
-            })
-            .collect(),
-        changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Added(s) | Change::Changed(_, s) => Some(*s),
-                Change::Removed(_) => None,
-            })
-            .collect(),
-    );
+    let old: Vec<&Arc<Service>> = changes.iter().filter_map(Change::before).collect();
+    let new: Vec<&Arc<Service>> = changes.iter().filter_map(Change::after).collect();
     let live = |services: &[&Arc<Service>]| {
         services
             .iter()

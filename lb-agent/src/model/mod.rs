@@ -216,6 +216,22 @@ impl<'a> Change<'a> {
             Self::Removed(s) | Self::Added(s) | Self::Changed(_, s) => s,
         }
     }
+
+    /// The first state's version, if it has one.
+    pub fn before(&self) -> Option<&'a Arc<Service>> {
+        match self {
+            Self::Removed(s) | Self::Changed(s, _) => Some(s),
+            Self::Added(_) => None,
+        }
+    }
+
+    /// The second state's version, if it has one.
+    pub fn after(&self) -> Option<&'a Arc<Service>> {
+        match self {
+            Self::Added(s) | Self::Changed(_, s) => Some(s),
+            Self::Removed(_) => None,
+        }
+    }
 }
 
 impl DesiredState {
