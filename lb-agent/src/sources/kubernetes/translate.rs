@@ -400,6 +400,20 @@ pub struct Memo {
     groups: FastMap<String, Vec<usize>>,
     /// Counts translations: entries not seen in one are dropped.
     round: u64,
+    /// The last result, for a change that can patch it.
+    last: Option<Last>,
+}
+
+/// What the last translation gave, with the totals its capacity check used.
+struct Last {
+    services: Arc<Vec<Arc<model::Service>>>,
+    problems: BTreeMap<String, Vec<String>>,
+    health_node_ports: BTreeMap<u16, String>,
+    /// Services with a source-NATed backend.
+    snat: usize,
+    backends: u64,
+    /// Services were left out for the data plane's capacity (positions are not known).
+    dropped: bool,
 }
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -413,6 +427,8 @@ struct Memoized {
     out: Vec<Arc<model::Service>>,
     /// By `out`: a backend of it is source-NATed.
     snat: Vec<bool>,
+    /// By `out`: its place in the last result (None: refused, its frontend taken).
+    at: Vec<Option<usize>>,
     problems: Vec<String>,
     round: u64,
 }
@@ -440,6 +456,7 @@ pub fn translate_with(
         // and the options.
         memo.services.clear();
         memo.order.clear();
+        memo.last = None;
         memo.node = this.cloned();
         memo.opts = Some(opts.clone());
     }
@@ -516,6 +533,7 @@ pub fn translate_with(
     // Each served Service's translation: the one kept when its object and slices are the
     // same, else a new one.
     let mut fresh: Vec<Memoized> = Vec::new();
+    let mut kept = 0;
     for svc in services.iter().filter(|s| served(s, opts)) {
         let key = match memo.services.get_mut(&address(svc)) {
             Some(m) => {
@@ -526,6 +544,7 @@ pub fn translate_with(
                     == m.slices
                 {
                     m.round = round;
+                    kept += 1;
                     continue;
                 }
                 m.key.clone()
@@ -553,10 +572,37 @@ pub fn translate_with(
                 .iter()
                 .map(|s| s.backends.iter().any(|b| b.snat))
                 .collect(),
+            at: Vec::new(),
             out,
             problems,
             round,
         });
+    }
+    if let Some((t, snat, backends)) = patch(memo, &fresh, kept, opts, &here, nat) {
+        memo.last = Some(Last {
+            services: Arc::clone(&t.desired.services),
+            problems: t.problems.clone(),
+            health_node_ports: t.health_node_ports.clone(),
+            snat,
+            backends,
+            dropped: false,
+        });
+        for mut m in fresh {
+            let old = memo
+                .order
+                .get(m.key.as_str())
+                .and_then(|a| memo.services.get(a));
+            m.at = old.map(|o| o.at.clone()).unwrap_or_default();
+            let addr = address(&m.object);
+            memo.order.insert(m.key.clone(), addr);
+            memo.services.insert(addr, m);
+        }
+        memo.services.retain(|_, m| m.round == round);
+        return Translation {
+            node_leaving: out.node_leaving,
+            excluded: out.excluded,
+            ..t
+        };
     }
     for m in fresh {
         let addr = address(&m.object);
@@ -573,7 +619,7 @@ pub fn translate_with(
         }
         false
     });
-    let sorted = memo.order.values().map(|a| &memo.services[a]);
+    let sorted = memo.order.values().map(|a| (*a, &memo.services[a]));
     // (address, port, protocol) → the scopes taken, and by which Service.
     // A frontend's address, port and protocol are held for outside clients, in-cluster ones
     // or both: at most two holders.
@@ -581,8 +627,10 @@ pub fn translate_with(
     let mut taken: FastMap<(IpAddr, u16, Protocol), Holders<'_>> = FastMap::default();
     taken.reserve(memo.services.len() * 2);
     let mut services = Vec::with_capacity(memo.services.len() * 2);
-    let mut snat = false;
-    for m in sorted {
+    let (mut snat, mut snat_services, mut backends) = (false, 0, 0u64);
+    let mut places: Vec<(usize, Vec<Option<usize>>)> = Vec::with_capacity(memo.services.len());
+    for (addr, m) in sorted {
+        let mut at = vec![None; m.out.len()];
         let svc = &m.object;
         let name = m.key.as_str();
         let mut problems = m.problems.clone();
@@ -620,11 +668,20 @@ pub fn translate_with(
             if let Some(free) = holders.iter_mut().find(|h| h.is_none()) {
                 *free = Some((f.scope, name));
             }
+            at[i] = Some(services.len());
             services.push(Arc::clone(s));
+            backends += s.backends.len() as u64;
             snat |= m.snat[i];
+            snat_services += usize::from(m.snat[i]);
         }
         if !problems.is_empty() {
             out.problems.insert(name.to_string(), problems);
+        }
+        places.push((addr, at));
+    }
+    for (addr, at) in places {
+        if let Some(m) = memo.services.get_mut(&addr) {
+            m.at = at;
         }
     }
     out.desired.services = Arc::new(services);
@@ -647,7 +704,90 @@ pub fn translate_with(
     if snat {
         out.desired.source_nat = nat;
     }
+    memo.last = Some(Last {
+        services: Arc::clone(&out.desired.services),
+        problems: out.problems.clone(),
+        health_node_ports: out.health_node_ports.clone(),
+        snat: snat_services,
+        backends,
+        dropped: before_fit != out.desired.services.len(),
+    });
     out
+}
+
+/// `spec.healthCheckNodePort` of a Service whose outside clients get only this node's
+/// endpoints (when it has frontends here), as the translation serves it.
+fn health_port(svc: &Service, opts: &Options, here: &Here<'_>) -> Option<u16> {
+    let spec = svc.spec.as_ref()?;
+    (opts.all_types && !here.excluded && spec.external_traffic_policy.as_deref() == Some("Local"))
+        .then_some(())?;
+    spec.health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+}
+
+/// The last result with `fresh`'s services in the places of the versions they replace, when
+/// that is the result a full pass would give: no Service came or went, and every changed
+/// Service kept its frontends, its problems and its health-check node port (so no frontend
+/// changes hands), and the whole still fits the data plane.
+fn patch(
+    memo: &Memo,
+    fresh: &[Memoized],
+    kept: usize,
+    opts: &Options,
+    here: &Here<'_>,
+    nat: Option<SourceNat>,
+) -> Option<(Translation, usize, u64)> {
+    let last = memo.last.as_ref()?;
+    if last.dropped || kept + fresh.len() != memo.order.len() {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(fresh.len());
+    let (mut backends, mut snat) = (last.backends, last.snat);
+    for f in fresh {
+        let old = memo.services.get(memo.order.get(f.key.as_str())?)?;
+        if old.out.len() != f.out.len()
+            || old
+                .out
+                .iter()
+                .zip(&f.out)
+                .any(|(a, b)| a.frontend != b.frontend)
+            || old.problems != f.problems
+            || health_port(&old.object, opts, here) != health_port(&f.object, opts, here)
+            || old.at.len() != f.out.len()
+        {
+            return None;
+        }
+        for (k, at) in old.at.iter().enumerate() {
+            if at.is_some() {
+                backends =
+                    backends - old.out[k].backends.len() as u64 + f.out[k].backends.len() as u64;
+                snat = snat - usize::from(old.snat[k]) + usize::from(f.snat[k]);
+            }
+        }
+        pairs.push((old, f));
+    }
+    if last.services.len() as u64 >= u64::from(opts.max_services)
+        || backends >= u64::from(opts.max_backends)
+    {
+        return None;
+    }
+    let mut services: Vec<Arc<model::Service>> = (*last.services).clone();
+    for (old, f) in pairs {
+        for (k, at) in old.at.iter().enumerate() {
+            if let Some(i) = at {
+                services[*i] = Arc::clone(&f.out[k]);
+            }
+        }
+    }
+    let mut t = Translation {
+        problems: last.problems.clone(),
+        health_node_ports: last.health_node_ports.clone(),
+        ..Translation::default()
+    };
+    t.desired.services = Arc::new(services);
+    t.desired.source_nat = if snat > 0 { nat } else { None };
+    Some((t, snat, backends))
 }
 
 /// What the translation needs to know about this node.

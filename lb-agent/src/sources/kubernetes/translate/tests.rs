@@ -1092,6 +1092,24 @@ mod properties {
             let t2 = translate_with(&mut memo, &services, &slices, &nodes, &o);
             let scratch = translate_with(&mut Memo::default(), &services, &slices, &nodes, &o);
             prop_assert_eq!(&t2, &scratch);
+            // Then twice only endpoints move (each Service's object kept, some of its slices
+            // new, with an endpoint less): a result that can be patched in place.
+            let mut now = second.clone();
+            for round in 0..2 {
+                for (i, (_, sl)) in now.iter_mut().enumerate() {
+                    if keep[(i + round) % keep.len()] {
+                        continue;
+                    }
+                    let mut spec = after[i].clone();
+                    spec.4.truncate(spec.4.len().saturating_sub(1 + round));
+                    *sl = build(i, &spec).1.into_iter().map(Arc::new).collect();
+                }
+                let (services, slices) = flat(&now);
+                let t = translate_with(&mut memo, &services, &slices, &nodes, &o);
+                let scratch =
+                    translate_with(&mut Memo::default(), &services, &slices, &nodes, &o);
+                prop_assert_eq!(&t, &scratch, "endpoints moved, round {}", round);
+            }
             for (i, (svc, _)) in second.iter().enumerate() {
                 if !first.get(i).is_some_and(|f| Arc::ptr_eq(&f.0, svc)) {
                     continue;
