@@ -278,17 +278,25 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
                 // The health series of services and backends that are gone go with them.
                 let removed = {
                     let snapshot = self.snapshot.borrow();
-                    let mut by_name: HashMap<&str, Vec<&ServiceStatus>> = HashMap::new();
-                    for s in &snapshot.services {
-                        by_name.entry(s.name.as_str()).or_default().push(s);
-                    }
+                    // Made only when a series is asked about (the series are few: failures
+                    // and transitions), not per change over every service.
+                    let index = std::cell::OnceCell::new();
+                    let by_name = || {
+                        index.get_or_init(|| {
+                            let mut by_name: HashMap<&str, Vec<&ServiceStatus>> = HashMap::new();
+                            for s in snapshot.services.iter() {
+                                by_name.entry(s.name.as_str()).or_default().push(&**s);
+                            }
+                            by_name
+                        })
+                    };
                     self.metrics.health.prune(
-                        |service| by_name.contains_key(service),
+                        |service| by_name().contains_key(service),
                         |service, backend| {
                             let Ok(addr) = backend.parse::<std::net::SocketAddr>() else {
                                 return false;
                             };
-                            by_name.get(service).is_some_and(|frontends| {
+                            by_name().get(service).is_some_and(|frontends| {
                                 frontends
                                     .iter()
                                     .any(|f| f.backends.iter().any(|b| b.addr == addr))

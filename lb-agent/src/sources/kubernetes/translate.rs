@@ -133,6 +133,8 @@ fn source_nat(node: Option<&Node>, configured: &SourceNat) -> Option<SourceNat> 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Translation {
     pub desired: DesiredState,
+    /// The backends of `desired`'s services, counted.
+    pub backends: u64,
     /// By Service (`namespace/name`): what was left out and why.
     pub problems: BTreeMap<String, Vec<String>>,
     /// The node is excluded from external load balancing.
@@ -599,6 +601,7 @@ pub fn translate_with(
         }
         memo.services.retain(|_, m| m.round == round);
         return Translation {
+            backends,
             node_leaving: out.node_leaving,
             excluded: out.excluded,
             ..t
@@ -700,7 +703,14 @@ pub fn translate_with(
             .services
             .iter()
             .any(|s| s.backends.iter().any(|b| b.snat));
+        backends = out
+            .desired
+            .services
+            .iter()
+            .map(|s| s.backends.len() as u64)
+            .sum();
     }
+    out.backends = backends;
     if snat {
         out.desired.source_nat = nat;
     }

@@ -43,12 +43,7 @@ pub async fn translate_loop(
         if last.as_ref() != Some(&t.desired) {
             info!(
                 services = t.desired.services.len(),
-                backends = t
-                    .desired
-                    .services
-                    .iter()
-                    .map(|s| s.backends.len())
-                    .sum::<usize>(),
+                backends = t.backends,
                 took = ?started.elapsed(),
                 "Kubernetes state translated"
             );
