@@ -284,7 +284,7 @@ impl<D: Dataplane, C: Checks> Agent<D, C> {
                     let by_name = || {
                         index.get_or_init(|| {
                             let mut by_name: HashMap<&str, Vec<&ServiceStatus>> = HashMap::new();
-                            for s in snapshot.services.iter() {
+                            for s in &snapshot.services {
                                 by_name.entry(s.name.as_str()).or_default().push(&**s);
                             }
                             by_name
