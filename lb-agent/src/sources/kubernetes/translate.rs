@@ -1,6 +1,7 @@
 //! Services, EndpointSlices and Nodes in; the desired state of this node's data plane out — a
 //! pure function of full stores (level-triggered: lost or repeated watch events cannot leave
-//! it wrong), with kube-proxy's semantics:
+//! it wrong; [`Memo`] keeps each Service's result between runs without changing what comes
+//! out), with kube-proxy's semantics:
 //!
 //! - Services of type LoadBalancer whose `spec.loadBalancerClass` is weir's, or unset when weir
 //!   is the default class; their VIPs are the addresses in `status.loadBalancer.ingress` (the
