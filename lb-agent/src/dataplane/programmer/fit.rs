@@ -409,7 +409,6 @@ impl Programmer {
     /// Admits the services of `name`: `group` (its new version) if it fits, else `before`
     /// (its previous version) if it has one programmed (`held`), else nothing; records
     /// which in `admitted` (`(name, true)`: the previous version) and why in `left_out`.
-    #[allow(clippy::too_many_arguments)]
     fn weigh<'a>(
         &self,
         name: &'a str,

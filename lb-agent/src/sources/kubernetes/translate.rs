@@ -496,10 +496,12 @@ pub fn translate_with(
         excluded: out.excluded,
     };
     // EndpointSlices by Service key: new ones join their group, gone ones leave it.
+    let (mut seen, mut added) = (0, 0);
     for sl in slices {
         let addr = address(sl);
         if let Some(e) = memo.slices.get_mut(&addr) {
             e.2 = round;
+            seen += 1;
             continue;
         }
         let key = sl
@@ -517,22 +519,27 @@ pub fn translate_with(
             group.insert(at, addr);
         }
         memo.slices.insert(addr, (Arc::clone(sl), key, round));
+        added += 1;
     }
     let groups = &mut memo.groups;
-    memo.slices.retain(|addr, (_, key, seen)| {
-        if *seen == round {
-            return true;
-        }
-        if let Some(k) = key
-            && let Some(group) = groups.get_mut(k.as_str())
-        {
-            group.retain(|a| a != addr);
-            if group.is_empty() {
-                groups.remove(k.as_str());
+    // Every slice known before still there: nothing to drop (no pass over every slice).
+    let gone = memo.slices.len().saturating_sub(seen + added);
+    if gone > 0 {
+        memo.slices.retain(|addr, (_, key, seen)| {
+            if *seen == round {
+                return true;
             }
-        }
-        false
-    });
+            if let Some(k) = key
+                && let Some(group) = groups.get_mut(k.as_str())
+            {
+                group.retain(|a| a != addr);
+                if group.is_empty() {
+                    groups.remove(k.as_str());
+                }
+            }
+            false
+        });
+    }
     // Each served Service's translation: the one kept when its object and slices are the
     // same, else a new one.
     let mut fresh: Vec<Memoized> = Vec::new();
@@ -590,17 +597,19 @@ pub fn translate_with(
             backends,
             dropped: false,
         });
+        // Each new entry takes its predecessor's places; only the predecessors go (no pass
+        // over every entry).
         for mut m in fresh {
-            let old = memo
-                .order
-                .get(m.key.as_str())
-                .and_then(|a| memo.services.get(a));
-            m.at = old.map(|o| o.at.clone()).unwrap_or_default();
             let addr = address(&m.object);
-            memo.order.insert(m.key.clone(), addr);
+            if let Some(old) = memo
+                .order
+                .insert(m.key.clone(), addr)
+                .and_then(|a| memo.services.remove(&a))
+            {
+                m.at = old.at;
+            }
             memo.services.insert(addr, m);
         }
-        memo.services.retain(|_, m| m.round == round);
         return Translation {
             backends,
             node_leaving: out.node_leaving,
