@@ -21,14 +21,19 @@
 //!   output. This one restores the pristine frame (`PRISTINE`, `BENCH_LEN` bytes, frames padded
 //!   to 128) every time, optionally makes it a new flow (a counter into the 2 bytes at
 //!   `BENCH[0]` and `BENCH[1]`: source port and low half of the source address), then
-//!   tail-calls `TARGET[0]` (weir's XDP program, or `lab_pass` for the floor).
+//!   tail-calls `TARGET[0]` (weir's XDP program, or `lab_pass` for the floor). A program that
+//!   moved the frame's start (an encapsulating load balancer paired with weir, see
+//!   `tests/src/bench/packet.rs`) leaves it moved for the next run: the harness moves it back
+//!   first.
+//! - `lab_head_pass`: moves the frame's start 20 bytes out (as an IPIP encapsulation does) and
+//!   lets the frame through: with the harness, what moving the start and back costs.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{Array, PerCpuArray, ProgramArray},
-    helpers::{bpf_redirect, bpf_xdp_store_bytes},
+    helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_store_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -85,6 +90,11 @@ fn next(counter: &PerCpuArray<u32, 1>) -> u32 {
 
 #[xdp]
 pub fn lab_bench(ctx: XdpContext) -> u32 {
+    let len = ctx.data_end() - ctx.data();
+    if len != BENCH_LEN {
+        // The last run's program moved the start: back to where the frame began.
+        unsafe { bpf_xdp_adjust_head(ctx.ctx, len as i32 - BENCH_LEN as i32) };
+    }
     let Some(p) = PRISTINE.get_ptr(0) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -100,6 +110,12 @@ pub fn lab_bench(ctx: XdpContext) -> u32 {
     }
     unsafe { TARGET.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+#[xdp]
+pub fn lab_head_pass(ctx: XdpContext) -> u32 {
+    unsafe { bpf_xdp_adjust_head(ctx.ctx, -20) };
+    xdp_action::XDP_PASS
 }
 
 #[xdp]

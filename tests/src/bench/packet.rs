@@ -8,6 +8,13 @@
 //!
 //! For profiling (`perf record -C 1` beside it): `WEIR_PACKET_CASE=<part of a case's name>`
 //! runs only the matching cases, `WEIR_PACKET_ROUNDS=<n>` that many rounds.
+//!
+//! Pairing with another XDP load balancer: `WEIR_PACKET_PAIR=<pinned XDP program>` (on a bpf
+//! filesystem, set up by its own tools with the IPv4 VIP 198.18.100.10:80/TCP) adds its
+//! established and new-flow IPv4 cases, with the same frames, the same harness and the same
+//! paired floors, in the same rounds (`WEIR_PACKET_PAIR_NAME` names it in the table). The
+//! harness moves back a start an encapsulating program moved; the case "frame start moved
+//! and back" shows what that costs.
 
 use std::net::IpAddr;
 
@@ -27,10 +34,11 @@ use crate::{packets::Pkt, testbed::Testbed, xdp::LAB_OBJECT};
 const FRAME: usize = 128;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 pub struct Case {
-    pub name: &'static str,
+    pub name: String,
     /// Median over the rounds of the mean ns per packet.
     pub ns: f64,
     /// Median over the rounds of (this case − the floor measured just before it).
@@ -189,7 +197,7 @@ pub fn run(quick: bool) -> Report {
             .apply(&desired, &mut dp.maps)
             .expect("program");
         let mut lab = Ebpf::load(LAB_OBJECT).expect("lab object");
-        for p in ["lab_bench", "lab_pass"] {
+        for p in ["lab_bench", "lab_pass", "lab_head_pass"] {
             let x: &mut Xdp = lab.program_mut(p).expect(p).try_into().expect("xdp");
             x.load().expect("load");
         }
@@ -230,19 +238,15 @@ pub fn run(quick: bool) -> Report {
 
         // Floor: the harness and a tail call into an empty program. Every round measures the
         // floor and then the case, back to back, and keeps their difference.
-        let pass_fd = {
-            let p: &Xdp = h
-                .lab
-                .program("lab_pass")
-                .expect("lab_pass")
-                .try_into()
-                .expect("xdp");
+        let lab_fd = |name: &str| {
+            let p: &Xdp = h.lab.program(name).expect(name).try_into().expect("xdp");
             p.fd().expect("fd").try_clone().expect("clone fd")
         };
+        let pass_fd = lab_fd("lab_pass");
         let weir_fd = dp.xdp().fd().expect("fd").try_clone().expect("clone fd");
         // (name, frame, new-flow mutation offsets, expected verdict)
-        type CaseSpec = (&'static str, Vec<u8>, Option<[u32; 2]>, u32);
-        let cases: Vec<CaseSpec> = vec![
+        type CaseSpec = (String, Vec<u8>, Option<[u32; 2]>, u32);
+        let mut cases: Vec<CaseSpec> = vec![
             (
                 "established TCP flow, IPv4",
                 padded(&v4),
@@ -281,22 +285,63 @@ pub fn run(quick: bool) -> Report {
             ),
             ("non-VIP packet (pass)", padded(&other), None, XDP_PASS),
             ("malformed packet to a VIP (drop)", bad, None, XDP_DROP),
-        ];
+        ]
+        .into_iter()
+        .map(|(name, frame, mutate, want)| (name.to_string(), frame, mutate, want))
+        .collect();
+        // The paired program's cases: its own verdict, whatever it is (checked below to be
+        // a forward).
+        let mut targets: Vec<ProgramFd> = (0..cases.len())
+            .map(|_| weir_fd.try_clone().expect("clone fd"))
+            .collect();
+        if let Ok(pin) = std::env::var("WEIR_PACKET_PAIR") {
+            let other = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface)
+                .unwrap_or_else(|e| panic!("WEIR_PACKET_PAIR={pin}: {e}"));
+            let other_fd = other.fd().expect("fd").try_clone().expect("clone fd");
+            let name = std::env::var("WEIR_PACKET_PAIR_NAME").unwrap_or_else(|_| pin.clone());
+            for (case, frame, mutate) in [
+                ("established TCP flow, IPv4", padded(&v4), None),
+                (
+                    "new TCP flow, IPv4",
+                    padded(&syn4),
+                    Some(mutation_offsets(&syn4)),
+                ),
+            ] {
+                cases.push((format!("{name}: {case}"), frame, mutate, u32::MAX));
+                targets.push(other_fd.try_clone().expect("clone fd"));
+            }
+            cases.push((
+                "frame start moved and back (harness)".into(),
+                padded(&v4),
+                None,
+                XDP_PASS,
+            ));
+            targets.push(lab_fd("lab_head_pass"));
+        }
         let mut floors = Vec::new();
         let only = std::env::var("WEIR_PACKET_CASE").ok();
         let cases = cases
             .into_iter()
-            .filter(|c| only.as_ref().is_none_or(|o| c.0.contains(o.as_str())))
-            .map(|(name, frame, mutate, want)| {
+            .zip(targets)
+            .filter(|(c, _)| only.as_ref().is_none_or(|o| c.0.contains(o.as_str())))
+            .map(|((name, frame, mutate, want), target)| {
                 h.set_frame(&frame, mutate);
-                h.set_target(&weir_fd);
-                assert_eq!(h.run(&frame, 1000).0, want, "{name}: verdict");
+                h.set_target(&target);
+                let verdict = h.run(&frame, 1000).0;
+                if want == u32::MAX {
+                    assert!(
+                        matches!(verdict, XDP_TX | XDP_REDIRECT),
+                        "{name}: verdict {verdict}, not a forward: is it set up with the VIP?"
+                    );
+                } else {
+                    assert_eq!(verdict, want, "{name}: verdict");
+                }
                 let mut case = Vec::new();
                 let mut diff = Vec::new();
                 for _ in 0..rounds {
                     h.set_target(&pass_fd);
                     let f = h.run(&frame, repeat).1;
-                    h.set_target(&weir_fd);
+                    h.set_target(&target);
                     let c = h.run(&frame, repeat).1;
                     floors.push(f);
                     case.push(c);

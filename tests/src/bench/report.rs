@@ -93,6 +93,21 @@ pub fn packet_section(m: &Machine, command: &str, packets: &[packet::Report]) ->
          looked up in the source-NAT table, translated, and forwarded with the next hop its \
          entry caches.\n"
     );
+    let _ = writeln!(
+        s,
+        "Beside another XDP load balancer (not part of `scripts/bench`'s run): \
+         `WEIR_PACKET_PAIR=<its XDP program, pinned on a bpf filesystem> \
+         WEIR_PACKET_PAIR_NAME=<name> scripts/bench --only packet` adds its established and new \
+         IPv4 flow to the table, with the same ACK and SYN frames to 198.18.100.10:80, the same \
+         harness and paired floors, in the same rounds. Set it up with its own tools: that VIP, \
+         backends, and a connection table as large as weir's here (262 144 flows). The harness \
+         moves back a frame start that an encapsulating program moved; the row \"frame start \
+         moved and back\" shows that cost, which is in the other program's figure. Paired so \
+         with Katran (commit 19f08fe; `MAX_CONN_RATE` raised so that every new flow takes an \
+         LRU entry; 100 backends, a 65 537-slot ring, a per-CPU LRU of 262 144) on 2026-12-06, \
+         2 × Intel Xeon, Linux 6.18: established flow weir +60…+63 ns, Katran +86…+97 (0.7×); \
+         new flow weir +410…+494 ns, Katran +678…+819 (0.6×).\n"
+    );
     let _ = write!(s, "| case |");
     for (i, _) in packets.iter().enumerate() {
         let _ = write!(s, " run {} ns | over floor |", i + 1);
@@ -115,7 +130,7 @@ pub fn packet_section(m: &Machine, command: &str, packets: &[packet::Report]) ->
                 let c = &p.cases[i];
                 let _ = write!(s, " {:.0} | {:+.0} |", c.ns, c.over_floor_ns);
             }
-            let _ = writeln!(s, " {} |", target(c.name));
+            let _ = writeln!(s, " {} |", target(&c.name));
         }
         let _ = writeln!(
             s,
