@@ -434,6 +434,20 @@ struct Memoized {
     at: Vec<Option<usize>>,
     problems: Vec<String>,
     round: u64,
+    /// Its Service's EndpointSlices changed since it was made (a slice added or gone): the
+    /// slices must be compared. Unmarked, they are the same (no lookup per Service).
+    slices_changed: bool,
+}
+
+/// Marks the entry of Service `key` (if any) as having changed slices.
+fn slices_changed(
+    order: &BTreeMap<String, usize>,
+    services: &mut FastMap<usize, Memoized>,
+    key: &str,
+) {
+    if let Some(m) = order.get(key).and_then(|a| services.get_mut(a)) {
+        m.slices_changed = true;
+    }
 }
 
 fn address<T>(a: &Arc<T>) -> usize {
@@ -517,11 +531,12 @@ pub fn translate_with(
             let group = memo.groups.entry(k.clone()).or_default();
             let at = group.partition_point(|a| *a < addr);
             group.insert(at, addr);
+            slices_changed(&memo.order, &mut memo.services, k);
         }
         memo.slices.insert(addr, (Arc::clone(sl), key, round));
         added += 1;
     }
-    let groups = &mut memo.groups;
+    let (groups, order, memoized) = (&mut memo.groups, &memo.order, &mut memo.services);
     // Every slice known before still there: nothing to drop (no pass over every slice).
     let gone = memo.slices.len().saturating_sub(seen + added);
     if gone > 0 {
@@ -536,6 +551,7 @@ pub fn translate_with(
                 if group.is_empty() {
                     groups.remove(k.as_str());
                 }
+                slices_changed(order, memoized, k);
             }
             false
         });
@@ -547,13 +563,20 @@ pub fn translate_with(
     for svc in services.iter().filter(|s| served(s, opts)) {
         let key = match memo.services.get_mut(&address(svc)) {
             Some(m) => {
-                if memo
-                    .groups
-                    .get(m.key.as_str())
-                    .map_or(&[][..], Vec::as_slice)
-                    == m.slices
-                {
+                let same = |m: &Memoized| {
+                    memo.groups
+                        .get(m.key.as_str())
+                        .map_or(&[][..], Vec::as_slice)
+                        == m.slices
+                };
+                debug_assert!(
+                    m.slices_changed || same(m),
+                    "{}: its slices changed unmarked",
+                    m.key
+                );
+                if !m.slices_changed || same(m) {
                     m.round = round;
+                    m.slices_changed = false;
                     kept += 1;
                     continue;
                 }
@@ -586,6 +609,7 @@ pub fn translate_with(
             out,
             problems,
             round,
+            slices_changed: false,
         });
     }
     if let Some((t, snat, backends)) = patch(memo, &fresh, kept, opts, &here, nat) {

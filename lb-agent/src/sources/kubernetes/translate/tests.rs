@@ -1110,6 +1110,22 @@ mod properties {
                     translate_with(&mut Memo::default(), &services, &slices, &nodes, &o);
                 prop_assert_eq!(&t, &scratch, "endpoints moved, round {}", round);
             }
+            // Then slices only come: some Services gain a slice and lose none.
+            for (i, (_, sl)) in now.iter_mut().enumerate() {
+                if keep[i] {
+                    continue;
+                }
+                let mut spec = after[i].clone();
+                spec.4.push((1, false, true, true));
+                for mut extra in build(i, &spec).1 {
+                    extra.metadata.name = extra.metadata.name.map(|n| format!("{n}-more"));
+                    sl.push(Arc::new(extra));
+                }
+            }
+            let (services, slices) = flat(&now);
+            let t = translate_with(&mut memo, &services, &slices, &nodes, &o);
+            let scratch = translate_with(&mut Memo::default(), &services, &slices, &nodes, &o);
+            prop_assert_eq!(&t, &scratch, "slices added");
             for (i, (svc, _)) in second.iter().enumerate() {
                 if !first.get(i).is_some_and(|f| Arc::ptr_eq(&f.0, svc)) {
                     continue;
