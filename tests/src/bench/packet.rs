@@ -36,6 +36,8 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
+/// An expected verdict: any forward (XDP_TX or XDP_REDIRECT), for a paired program.
+const ANY_FORWARD: u32 = u32::MAX;
 
 pub struct Case {
     pub name: String,
@@ -289,8 +291,7 @@ pub fn run(quick: bool) -> Report {
         .into_iter()
         .map(|(name, frame, mutate, want)| (name.to_string(), frame, mutate, want))
         .collect();
-        // The paired program's cases: its own verdict, whatever it is (checked below to be
-        // a forward).
+        // The paired program's cases (each case runs against its own target).
         let mut targets: Vec<ProgramFd> = (0..cases.len())
             .map(|_| weir_fd.try_clone().expect("clone fd"))
             .collect();
@@ -307,7 +308,7 @@ pub fn run(quick: bool) -> Report {
                     Some(mutation_offsets(&syn4)),
                 ),
             ] {
-                cases.push((format!("{name}: {case}"), frame, mutate, u32::MAX));
+                cases.push((format!("{name}: {case}"), frame, mutate, ANY_FORWARD));
                 targets.push(other_fd.try_clone().expect("clone fd"));
             }
             cases.push((
@@ -328,7 +329,7 @@ pub fn run(quick: bool) -> Report {
                 h.set_frame(&frame, mutate);
                 h.set_target(&target);
                 let verdict = h.run(&frame, 1000).0;
-                if want == u32::MAX {
+                if want == ANY_FORWARD {
                     assert!(
                         matches!(verdict, XDP_TX | XDP_REDIRECT),
                         "{name}: verdict {verdict}, not a forward: is it set up with the VIP?"
