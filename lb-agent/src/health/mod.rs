@@ -134,6 +134,7 @@ pub fn effective(
         let available = |b: &Backend, state: &Health| -> bool {
             *state == Health::Up || (mode == HealthMode::FailOpen && b.weight > 0)
         };
+        modes.insert(s.frontend, mode);
         // A service whose flags stay as they are stays the same allocation.
         if s.backends
             .iter()
@@ -145,9 +146,6 @@ pub fn effective(
             for (b, state) in std::sync::Arc::make_mut(s).backends.iter_mut().zip(&states) {
                 b.available = available(b, state);
             }
-            modes.insert(s.frontend, mode);
-        } else {
-            modes.insert(s.frontend, mode);
         }
     }
     (out, modes)

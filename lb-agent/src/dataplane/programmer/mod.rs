@@ -117,8 +117,16 @@ pub struct TableDigest(u64);
 
 impl TableDigest {
     pub fn of(slots: &[u32]) -> Self {
-        let bytes: Vec<u8> = slots.iter().flat_map(|s| s.to_ne_bytes()).collect();
-        Self(xxhash_rust::xxh3::xxh3_64(&bytes))
+        // Streamed through a small buffer: no copy of the whole table.
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = [0u8; 1024];
+        for chunk in slots.chunks(buf.len() / 4) {
+            for (b, s) in buf.chunks_exact_mut(4).zip(chunk) {
+                b.copy_from_slice(&s.to_ne_bytes());
+            }
+            h.update(&buf[..chunk.len() * 4]);
+        }
+        Self(h.digest())
     }
 }
 
