@@ -210,9 +210,30 @@ mount --bind "$D" "$R$D" && exec setpriv --no-new-privs chroot "$R" /usr/bin/lb-
 
     /// GET on the admin API, from inside `ns`.
     pub fn get(&self, ns: &Netns, path: &str) -> Option<(u16, String)> {
+        self.try_get(ns, path).ok()
+    }
+
+    /// GET on the admin API, from inside `ns`, with the error when there is no answer.
+    pub fn try_get(&self, ns: &Netns, path: &str) -> std::io::Result<(u16, String)> {
         let admin = self.admin;
-        ns.run_in(|| clients::http_get(None, admin, path, Duration::from_secs(2)).ok())
+        let started = Instant::now();
+        ns.run_in(|| clients::http_get(None, admin, path, Duration::from_secs(2)))
             .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("GET {path} on {admin}: {e} (after {:?})", started.elapsed()),
+                )
+            })
+    }
+
+    /// GET `path`, which must answer 200; panics with the error and the agent's log if not.
+    fn get_ok(&self, ns: &Netns, path: &str) -> String {
+        match self.try_get(ns, path) {
+            Ok((200, body)) => body,
+            Ok((code, body)) => panic!("GET {path}: status {code}: {body}"),
+            Err(e) => panic!("{e}\n--- agent log ---\n{}", self.log_text()),
+        }
     }
 
     /// Waits until /readyz answers 200; panics with the log if the agent exits first.
@@ -230,16 +251,12 @@ mount --bind "$D" "$R$D" && exec setpriv --no-new-privs chroot "$R" /usr/bin/lb-
 
     /// `/api/v1/status` as JSON.
     pub fn status(&self, ns: &Netns) -> serde_json::Value {
-        let (code, body) = self.get(ns, "/api/v1/status").expect("status");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("status JSON")
+        serde_json::from_str(&self.get_ok(ns, "/api/v1/status")).expect("status JSON")
     }
 
     /// `/api/v1/services` as JSON.
     pub fn services(&self, ns: &Netns) -> serde_json::Value {
-        let (code, body) = self.get(ns, "/api/v1/services").expect("services");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("services JSON")
+        serde_json::from_str(&self.get_ok(ns, "/api/v1/services")).expect("services JSON")
     }
 
     /// The API's entry for backend `addr` (`ip:port`) of `service`.
@@ -277,9 +294,7 @@ mount --bind "$D" "$R$D" && exec setpriv --no-new-privs chroot "$R" /usr/bin/lb-
 
     /// The text of `/metrics`.
     pub fn metrics(&self, ns: &Netns) -> String {
-        let (code, body) = self.get(ns, "/metrics").expect("metrics");
-        assert_eq!(code, 200, "{body}");
-        body
+        self.get_ok(ns, "/metrics")
     }
 
     fn counts(&self, ns: &Netns) -> (u64, u64) {
