@@ -121,6 +121,12 @@ pub mod programs {
     /// Tail-called by `weir_xdp` (slot 2 of `XDP_TAILS`): answers ARP requests and IPv6
     /// Neighbor Solicitations for the VIPs this node announces on L2.
     pub const XDP_NEIGH: &str = "weir_xdp_neigh";
+    /// Tail-called by `weir_xdp` (slot 3 of `XDP_TAILS`): a new flow whose Maglev choice is an
+    /// endpoint serving other frontends is steered clear of a connection the client already
+    /// has there from the same address and port. Its own program for the verifier's sake: the
+    /// check walks the endpoint's frontends for each candidate backend. It records the flow and
+    /// tail-calls `weir_xdp` (slot 4), which sends the packet on.
+    pub const XDP_SHARED: &str = "weir_xdp_shared";
     /// Socket-level load balancing (cgroup v2 `sock_addr` hooks, see `SOCK_REVNAT`): each
     /// (program, attach point) pair, in the order the agent attaches them.
     pub const SOCK: [(&str, &str); 8] = [
@@ -735,6 +741,13 @@ pub mod datapath_stat {
     /// Searches of a backend endpoint's whole source-port range (its first tries were all
     /// held by open flows).
     pub const SNAT_RANGE_SEARCH: usize = 19;
+    /// New flows (keeping the client's address) whose Maglev choice was an endpoint where the
+    /// client already had a connection from the same address and port through another
+    /// frontend (the same 4-tuple at the backend): steered to another backend of the table
+    /// (`AVOIDED`), or sent there all the same when none was free of such a connection
+    /// (`UNAVOIDABLE`: one backend, or all of them; that connection fails).
+    pub const TUPLE_CLASH_AVOIDED: usize = 20;
+    pub const TUPLE_CLASH_UNAVOIDABLE: usize = 21;
     pub const SLOTS: usize = 32;
     /// The `UNTRANSLATED_*` slots with their metric label.
     pub const UNTRANSLATED: [(usize, &str); 3] = [

@@ -4,14 +4,14 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto, scope,
-    service_flags,
+    BackendValue, ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto,
+    scope, service_flags,
 };
 
 use crate::{
     fwd, icmp, lookup, nat,
     parse::{L3, Ports, ptr_at},
-    sctp, snat, stats,
+    sctp, shared, snat, stats,
 };
 
 #[inline(always)]
@@ -25,7 +25,7 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> u32 {
 }
 
 #[inline(always)]
-fn drop(service_id: u32, reason: u32) -> u32 {
+pub fn drop(service_id: u32, reason: u32) -> u32 {
     stats::drop(service_id, reason);
     xdp_action::XDP_DROP
 }
@@ -86,15 +86,35 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
                 return drop(svc.id, drop_reason::SCTP_TOO_LONG);
             }
             let stale = matches!(other, lookup::Established::Stale);
-            let Some((b, backend)) = lookup::new_flow(&svc, &flow, flags, stale) else {
+            let Some((b, backend)) = lookup::pick(&svc, &flow) else {
                 return drop(svc.id, drop_reason::NO_BACKEND);
             };
+            if lookup::may_clash(&svc, &flow, &backend) {
+                // Returns only if the hand-over fails: then steered unchecked.
+                shared::hand_over(ctx, flags, stale);
+            }
+            lookup::record(&svc, &flow, flags, stale, b, &backend);
             if stale {
                 stats::datapath(datapath_stat::FLOW_RESTEERED);
             }
             (svc.id, b, backend, 0)
         }
     };
+    deliver(ctx, l3, sport, service_id, backend_id, &backend, snat_port)
+}
+
+/// Sends a packet of a flow on to its backend: source NAT (for a backend on another node), or
+/// DNAT, counting, and forwarding (an SCTP packet by way of its checksum program).
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    l3: &L3,
+    sport: u16,
+    service_id: u32,
+    backend_id: u32,
+    backend: &BackendValue,
+    snat_port: u16,
+) -> u32 {
     if backend.flags & backend_flags::SNAT != 0 {
         return snat::forward(ctx, service_id, backend_id, backend.generation, snat_port);
     }

@@ -1,17 +1,23 @@
 //! Map lookups: is it a VIP, which service, is the client allowed, and which backend a flow
 //! goes to (connection table, ClientIP affinity, Maglev).
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, bpf_loop},
+};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, FlowKey, FlowValue, ServiceKey, ServiceValue,
-    SourceRangeData, VipKey, backend_flags, datapath_stat, flow_flags,
+    AffinityKey, AffinityValue, BackendValue, EndpointKey, EndpointValue, FlowKey, FlowValue,
+    ServiceKey, ServiceValue, SourceRangeData, VipKey, backend_flags, datapath_stat,
+    endpoint_flags, flow_flags,
     hash::{client_hash, flow_hash},
-    proto, service_flags, source_range_prefix, vip_filter_index,
+    limits, proto, service_flags, source_range_prefix, vip_filter_index,
 };
 
 use crate::{
-    AFFINITY, BACKENDS, CONNTRACK, HALF_OPEN, MAGLEV, SERVICES, SOURCE_RANGES, VIP_FILTER, VIPS,
-    stats,
+    AFFINITY, BACKENDS, CONNTRACK, ENDPOINTS, HALF_OPEN, MAGLEV, SERVICES, SOURCE_RANGES,
+    VIP_FILTER, VIPS, stats,
 };
 
 /// One inlined array read: false means `dst` is certainly not a VIP.
@@ -238,18 +244,19 @@ pub fn pick_for(
     Some((id, b))
 }
 
-/// Steers a flow that has no live connection-table entry, and remembers the choice in the
-/// connection table (whose entry also tells reverse NAT that the replies are the flow's; a
-/// source-NATed flow's port is added by `snat`).
+/// Remembers where a flow without a live connection-table entry was steered (`id`, `b`) in
+/// the connection table, whose entry also tells reverse NAT that the replies are the flow's
+/// (a source-NATed flow's port is added by `snat`). `stale`: the flow had an entry whose
+/// backend is gone (in either table), which is replaced.
 #[inline(always)]
-/// `stale`: the flow had an entry whose backend is gone (in either table), which is replaced.
-pub fn new_flow(
+pub fn record(
     svc: &ServiceValue,
     flow: &FlowKey,
     flags: u8,
     stale: bool,
-) -> Option<(u32, BackendValue)> {
-    let (id, b) = pick(svc, flow)?;
+    id: u32,
+    b: &BackendValue,
+) {
     let ct = FlowValue {
         backend_id: id,
         backend_generation: b.generation,
@@ -273,7 +280,126 @@ pub fn new_flow(
         let _ = CONNTRACK.insert(flow, ct, 0);
     }
     stats::new_flow(svc.id, id);
-    Some((id, b))
+}
+
+/// Whether a new flow of service `svc` steered to `b` must be checked for a clash (see
+/// `clashes`): its service has no ClientIP affinity (which keeps its backend), and `b`'s
+/// endpoint serves another frontend. One lookup. Source-NATed flows are checked too: a
+/// packet that XDP cannot send out itself goes to the kernel destination-NATed only, with the
+/// client's address and port (see `snat`).
+#[inline(always)]
+pub fn may_clash(svc: &ServiceValue, flow: &FlowKey, b: &BackendValue) -> bool {
+    svc.flags & service_flags::AFFINITY == 0
+        && endpoint(flow, b).is_some_and(|ep| unsafe { (*ep).count } >= 2)
+}
+
+#[inline(always)]
+fn endpoint(flow: &FlowKey, b: &BackendValue) -> Option<*const EndpointValue> {
+    let key = EndpointKey {
+        addr: b.addr,
+        port_be: b.port_be,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    ENDPOINTS.get_ptr(key)
+}
+
+/// How many further slots of a service's Maglev table a flow whose choice clashes tries.
+pub const CLASH_STEPS: u32 = 16;
+
+/// Whether the client of `flow` (its address and port) has a connection on endpoint `b`
+/// through another frontend of it: the same 4-tuple at the backend. A connection closed by the
+/// client's RST does not count; a source-NATed one does (its packets may reach the backend
+/// with the client's address, see `may_clash`). `other` is working space for the other frontends' flow keys (kept off the stack).
+/// The frontends are walked by `bpf_loop`, whose body the verifier checks once rather than
+/// once per frontend, and this is a function of its own for the same reason.
+#[inline(never)]
+pub fn clashes(flow: &FlowKey, b: &BackendValue, other: &mut FlowKey) -> bool {
+    let Some(ep) = endpoint(flow, b) else {
+        return false;
+    };
+    let count = unsafe { (*ep).count };
+    *other = *flow;
+    let mut scan = ClashScan {
+        ep,
+        other,
+        found: 0,
+    };
+    let step: unsafe extern "C" fn(u64, *mut c_void) -> i64 = clash_step;
+    unsafe {
+        bpf_loop(
+            count.min(limits::MAX_ENDPOINT_FRONTENDS as u32),
+            step as *mut c_void,
+            (&raw mut scan).cast(),
+            0,
+        )
+    };
+    scan.found != 0
+}
+
+/// What `clash_step` reads and answers.
+#[repr(C)]
+struct ClashScan {
+    ep: *const EndpointValue,
+    /// The new flow's key, whose destination each step sets to a frontend's.
+    other: *mut FlowKey,
+    found: u64,
+}
+
+/// `bpf_loop` body of `clashes`: frontend `i` of the endpoint. 1 stops the loop.
+unsafe extern "C" fn clash_step(i: u64, ctx: *mut c_void) -> i64 {
+    let scan = unsafe { &mut *(ctx as *mut ClashScan) };
+    if i >= limits::MAX_ENDPOINT_FRONTENDS as u64 {
+        return 1;
+    }
+    let f = unsafe { &(*scan.ep).frontends[i as usize] };
+    let other = unsafe { &mut *scan.other };
+    // The new flow's own frontend (the first step finds `other` still the flow's key).
+    if f.flags & endpoint_flags::INTERNAL != 0
+        || (f.vip == other.dst && f.vport_be == other.dport_be)
+    {
+        return 0;
+    }
+    let (vip, vport) = (other.dst, other.dport_be);
+    other.dst = f.vip;
+    other.dport_be = f.vport_be;
+    let clash = flow_entry(other)
+        .is_some_and(|e| e.backend_id == f.backend_id && e.flags & flow_flags::CLOSING == 0);
+    other.dst = vip;
+    other.dport_be = vport;
+    if clash {
+        scan.found = 1;
+        return 1;
+    }
+    0
+}
+
+/// The backend of the next `CLASH_STEPS` slots of the table after `flow`'s own whose endpoint
+/// has no clashing connection (see `clashes`), other than `taken`; None when there is none
+/// (one backend, or every one of them clashes).
+#[inline(always)]
+pub fn clash_free(
+    svc: &ServiceValue,
+    flow: &FlowKey,
+    taken: u32,
+    other: &mut FlowKey,
+) -> Option<(u32, BackendValue)> {
+    let h = flow_hash(
+        &flow.src,
+        &flow.dst,
+        flow.sport_be,
+        flow.dport_be,
+        flow.proto,
+    );
+    for step in 1..=CLASH_STEPS {
+        if let Some((id, b)) = maglev(svc, h.wrapping_add(step))
+            && id != taken
+            && !clashes(flow, &b, other)
+        {
+            return Some((id, b));
+        }
+    }
+    None
 }
 
 /// The backend an existing flow is on (or would be steered to), without creating state: for

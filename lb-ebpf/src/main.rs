@@ -26,6 +26,7 @@ mod neigh;
 mod parse;
 mod revnat;
 mod sctp;
+mod shared;
 mod snat;
 mod sock;
 mod stats;
@@ -125,9 +126,14 @@ static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 static NEXTHOPS: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
 
 /// Tail-call targets of `weir_xdp` (slot 0: `weir_xdp_sctp`, slot 1: `weir_xdp_snat`, slot 2:
-/// `weir_xdp_neigh`).
+/// `weir_xdp_neigh`, slot 3: `weir_xdp_shared`, slot 4: `weir_xdp` itself, where
+/// `weir_xdp_shared` returns).
 #[btf_map]
-static XDP_TAILS: ProgramArray<3> = ProgramArray::new();
+static XDP_TAILS: ProgramArray<5> = ProgramArray::new();
+
+/// `weir_xdp` → `weir_xdp_shared` hand-over (see `shared::SharedScratch`).
+#[btf_map]
+static SHARED_SCRATCH: PerCpuArray<shared::SharedScratch, 1> = PerCpuArray::new();
 
 /// Interfaces (ifindex) where weir answers ARP and Neighbor Solicitations for its announced
 /// VIPs, with their MACs.
@@ -219,6 +225,11 @@ pub fn weir_xdp_snat(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn weir_xdp_neigh(ctx: XdpContext) -> u32 {
     neigh::program(&ctx)
+}
+
+#[xdp]
+pub fn weir_xdp_shared(ctx: XdpContext) -> u32 {
+    shared::program(&ctx)
 }
 
 #[classifier]

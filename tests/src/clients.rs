@@ -225,7 +225,16 @@ pub struct Echo {
 
 impl Echo {
     pub fn open(dst: SocketAddr, timeout: Duration) -> io::Result<Self> {
-        let mut stream = connect(None, dst, timeout)?;
+        Self::open_from(None, dst, timeout)
+    }
+
+    /// The same from local address `local` (bound with SO_REUSEADDR).
+    pub fn open_from(
+        local: Option<SocketAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<Self> {
+        let mut stream = connect(local, dst, timeout)?;
         stream.write_all(b"ECHO\n")?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut line = String::new();

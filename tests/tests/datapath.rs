@@ -20,7 +20,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::dataplane::L2LeaseWriter as _;
 use lb_agent::{
     dataplane::DataplaneLimits,
-    dataplane::{Programmer, ebpf::Datapath, flow_slot, inspect::flow_key},
+    dataplane::{Programmer, ebpf::Datapath, flow_hash_of, flow_slot, inspect::flow_key},
     model::{Backend, DesiredState, Frontend, Protocol, Scope, Service, SourceNat},
 };
 use lb_common::{datapath_stat, drop_reason};
@@ -106,6 +106,16 @@ fn desired() -> DesiredState {
         ranges,
         sticky,
         service("empty", "198.18.100.13", 80, Tcp, &[]),
+        // The same endpoints as tcp4 behind another port of the VIP, and a one-backend pair.
+        service(
+            TCP4_ALT,
+            VIP4,
+            ALT_PORT,
+            Tcp,
+            &["198.18.1.11:8080", "198.18.1.12:8080", "198.18.1.13:8080"],
+        ),
+        service("one4", ONE_VIP4, 80, Tcp, &["198.18.1.11:9090"]),
+        service("one4-alt", ONE_VIP4, 81, Tcp, &["198.18.1.11:9090"]),
         service(
             "no-neighbour",
             "198.18.100.14",
@@ -152,6 +162,10 @@ fn desired() -> DesiredState {
         }),
     }
 }
+
+const TCP4_ALT: &str = "tcp4-alt";
+const ALT_PORT: u16 = 8081;
+const ONE_VIP4: &str = "198.18.100.16";
 
 /// Services whose backends are on another node: source-NATed to the node's address (the
 /// testbed's backend-side address) and a port of `SNAT_PORTS`.
@@ -1032,6 +1046,107 @@ fn flows_stay_on_their_backend_and_move_only_when_it_goes() {
                 sock("198.18.1.13", 8080),
                 "no new flow to a draining backend"
             );
+        }
+    });
+}
+
+/// Linux gives a client's connections to different destinations the same local port: two
+/// Services with the same endpoints, reached from one client port, must not become one
+/// 4-tuple at a backend (it would answer the second SYN as the first connection's).
+#[test]
+fn a_client_port_used_for_two_services_of_one_endpoint_meets_two_backends() {
+    with_env(|env| {
+        let avoided = || env.datapath(datapath_stat::TUPLE_CLASH_AVOIDED);
+        let unavoidable = || env.datapath(datapath_stat::TUPLE_CLASH_UNAVOIDABLE);
+        let alt = env.service(TCP4_ALT);
+        let alt_vip = SocketAddr::new(alt.spec.frontend.vip, alt.spec.frontend.port);
+        let table = env.prog.table_of(alt);
+        let addr_of = |id: u32| {
+            *alt.backends
+                .iter()
+                .find(|(_, b)| b.id == id)
+                .expect("a backend of the table")
+                .0
+        };
+        let mut clashes = 0;
+        for port in 45000..45060u16 {
+            let client = SocketAddr::new(CLIENT4.parse().unwrap(), port);
+            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, port, VIP4, 80).bytes());
+            assert_eq!(v, XDP_REDIRECT);
+            let first = ends(&out).1;
+            assert_eq!(first, env.expected_backend("tcp4", client));
+
+            // The same client port to the other Service: Maglev's own choice unless it is the
+            // first flow's backend, else the next slot's backend that is not.
+            let own = env.expected_backend(TCP4_ALT, client);
+            let want = if own == first {
+                clashes += 1;
+                let h = flow_hash_of(client, alt_vip, Protocol::Tcp, false);
+                (1..=16)
+                    .map(|step| {
+                        addr_of(table[(h.wrapping_add(step) % table.len() as u32) as usize])
+                    })
+                    .find(|a| *a != first)
+                    .expect("another backend within sixteen slots")
+            } else {
+                own
+            };
+            let before = avoided();
+            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, port, VIP4, ALT_PORT).bytes());
+            assert_eq!(v, XDP_REDIRECT);
+            let second = ends(&out).1;
+            assert_eq!(second, want, "port {port}: first flow on {first}");
+            assert_eq!(avoided() - before, u64::from(own == first), "port {port}");
+            // Its retransmitted SYN and its ACK stay there.
+            let (_, out) = env.xdp(&Pkt::tcp(CLIENT4, port, VIP4, ALT_PORT).bytes());
+            assert_eq!(ends(&out).1, second);
+            let (_, out) = env.xdp(&Pkt::tcp_ack(CLIENT4, port, VIP4, ALT_PORT).bytes());
+            assert_eq!(ends(&out).1, second);
+
+            // Each backend's reply gets its own Service's address back.
+            for (backend, vport) in [(first, 80), (second, ALT_PORT)] {
+                let mut reply = Pkt::tcp_ack(&backend.ip().to_string(), 8080, CLIENT4, port);
+                reply.src_mac = LB_MAC;
+                let (v, out) = env.tc(&reply.bytes());
+                assert_eq!(v, TC_ACT_OK);
+                assert_eq!(
+                    ends(&out).0,
+                    sock(VIP4, vport),
+                    "port {port}: reply of {backend}"
+                );
+            }
+        }
+        assert!(clashes >= 5, "about a third of 60 ports clash ({clashes})");
+        assert_eq!(unavoidable(), 0);
+
+        // A connection the client reset does not count: a port whose two flows Maglev sends
+        // to the same backend, the first one established and reset.
+        let port = (46000..47000u16)
+            .find(|&p| {
+                let c = SocketAddr::new(CLIENT4.parse().unwrap(), p);
+                env.expected_backend("tcp4", c) == env.expected_backend(TCP4_ALT, c)
+            })
+            .expect("a port whose flows share a backend");
+        let (_, out) = env.xdp(&Pkt::tcp(CLIENT4, port, VIP4, 80).bytes());
+        let first = ends(&out).1;
+        let ack = Pkt::tcp_ack(CLIENT4, port, VIP4, 80).bytes();
+        assert_eq!(env.xdp(&ack).0, XDP_REDIRECT);
+        assert_eq!(env.xdp(&tcp_flags(&ack, 0x14)).0, XDP_REDIRECT, "RST");
+        let before = avoided();
+        let (_, out) = env.xdp(&Pkt::tcp(CLIENT4, port, VIP4, ALT_PORT).bytes());
+        assert_eq!(
+            ends(&out).1,
+            first,
+            "a reset connection leaves its backend free"
+        );
+        assert_eq!(avoided(), before);
+
+        // One backend: nowhere else to go; the flow goes there and is counted.
+        for (vport, n) in [(80, 0), (81, 1)] {
+            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, 45000, ONE_VIP4, vport).bytes());
+            assert_eq!(v, XDP_REDIRECT);
+            assert_eq!(ends(&out).1, sock("198.18.1.11", 9090));
+            assert_eq!(unavoidable(), n);
         }
     });
 }

@@ -863,3 +863,95 @@ fn a_syn_flood_breaks_no_established_or_idle_connection() {
         "source-NAT ports given back after the flood: {r:?}"
     );
 }
+
+/// Two Services of the same backends (one of them source-NATing, which in this lab leaves
+/// destination-NATed only: the backends sit behind a bridge weir does not run on, so the
+/// kernel forwards) and a third frontend on another port.
+const SHARED_BACKENDS: &str = "\
+node:
+  interfaces: [eth-c]
+  source_nat: {ports: 61000-61999, ipv4: 198.18.1.1}
+admin:
+  listen: 127.0.0.1:9300
+services:
+  - name: web
+    vip: 198.18.100.10
+    port: 80
+    protocol: tcp
+    backends: &b
+      - { address: 198.18.1.11, port: 8080 }
+      - { address: 198.18.1.12, port: 8080 }
+      - { address: 198.18.1.13, port: 8080 }
+  - name: web-alt
+    vip: 198.18.100.10
+    port: 8081
+    protocol: tcp
+    backends: *b
+  - name: web-nat
+    vip: 198.18.100.11
+    port: 80
+    protocol: tcp
+    source_nat: true
+    backends: *b
+";
+
+/// Linux gives a client's connections to different destinations the same local port (here
+/// forced by binding it): a connection to each of three Services of the same backends from
+/// one client port must all open and carry data, although Maglev alone sends about a third
+/// of the second and third connections to a backend where the client already has that
+/// port's connection (the same 4-tuple at the backend, which would take the new SYN for the
+/// old connection's).
+#[test]
+fn one_client_port_opens_connections_to_three_services_of_the_same_backends() {
+    let (lab, agent) = lab_with_agent(Some(SHARED_BACKENDS));
+    let pred = Predictor::new(SHARED_BACKENDS);
+    let ports = 23000..23030u16;
+    lab.client
+        .run_in(|| clients::wait_ports_free(ports.clone(), Duration::from_secs(10)))
+        .expect("the client's ports free");
+    let frontends = [
+        ("web", sa(VIP_V4, 80)),
+        ("web-alt", sa(VIP_V4, 8081)),
+        ("web-nat", sa("198.18.100.11", 80)),
+    ];
+    let mut would_clash = 0;
+    let mut open = Vec::new();
+    for port in ports {
+        let local = sa(CLIENT_V4, port);
+        let mut taken: Vec<String> = Vec::new();
+        for (name, vip) in frontends {
+            let maglev = pred.backend_name(name, local);
+            if taken.contains(&maglev) {
+                would_clash += 1;
+            }
+            let mut c = lab
+                .client
+                .run_in(|| Echo::open_from(Some(local), vip, T))
+                .unwrap_or_else(|e| panic!("port {port} to {name} ({taken:?} taken): {e}"));
+            c.round_trip(&format!("{name} from {port}"))
+                .unwrap_or_else(|e| panic!("port {port} to {name}: {e}"));
+            assert!(
+                !taken.contains(&c.backend),
+                "port {port}: {name} on {} with another connection of that port ({taken:?})",
+                c.backend
+            );
+            taken.push(c.backend.clone());
+            open.push(c);
+        }
+    }
+    assert!(
+        would_clash >= 10,
+        "Maglev alone would have put {would_clash} of 60 connections on a taken backend"
+    );
+    // Every connection still carries data, and the data plane counted what it avoided.
+    for c in &mut open {
+        c.round_trip("again")
+            .unwrap_or_else(|e| panic!("{} on {}: {e}", c.local, c.backend));
+    }
+    let metrics = agent.metrics(&lab.lb);
+    let avoided = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_flows_tuple_clash_total{outcome=\"avoided\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(avoided, Some(f64::from(would_clash)), "{metrics}");
+}

@@ -254,9 +254,19 @@ pub fn flow_slot(
     affinity: bool,
     table_size: u32,
 ) -> u32 {
+    flow_hash_of(client, vip, protocol, affinity) % table_size
+}
+
+/// The hash whose remainder is a flow's Maglev slot (see `flow_slot`).
+pub fn flow_hash_of(
+    client: SocketAddr,
+    vip: SocketAddr,
+    protocol: crate::model::Protocol,
+    affinity: bool,
+) -> u32 {
     let (src, _) = addr_words(client.ip());
     let (dst, _) = addr_words(vip.ip());
-    let h = if affinity {
+    if affinity {
         lb_common::hash::client_hash(&src)
     } else {
         lb_common::hash::flow_hash(
@@ -266,8 +276,7 @@ pub fn flow_slot(
             vip.port().to_be(),
             protocol.number(),
         )
-    };
-    h % table_size
+    }
 }
 
 #[cfg(test)]

@@ -541,6 +541,24 @@ impl Collector for TrafficCollector {
                 ConstCounter::new(t.datapath[slot]).encode(m.encode_family(&[("from", from)])?)?;
             }
         }
+        {
+            let mut m = counter(
+                &mut encoder,
+                "flows_tuple_clash",
+                "New flows whose Maglev choice was an endpoint where the client already had a \
+                 connection from the same address and port through another Service (the same \
+                 4-tuple at the backend), by outcome (avoided: steered to another backend; \
+                 unavoidable: no other backend was free of such a connection, so that flow \
+                 fails at the backend)",
+            )?;
+            for (slot, outcome) in [
+                (datapath_stat::TUPLE_CLASH_AVOIDED, "avoided"),
+                (datapath_stat::TUPLE_CLASH_UNAVOIDABLE, "unavoidable"),
+            ] {
+                ConstCounter::new(t.datapath[slot])
+                    .encode(m.encode_family(&[("outcome", outcome)])?)?;
+            }
+        }
         ConstCounter::new(t.datapath[datapath_stat::SNAT_RANGE_SEARCH]).encode(counter(
             &mut encoder,
             "snat_range_searches",

@@ -86,6 +86,7 @@ fn traffic_metrics_have_the_documented_names_and_labels() {
     t.datapath[datapath_stat::FWD_REDIRECT] = 300;
     t.datapath[datapath_stat::FLOW_RESTEERED] = 4;
     t.datapath[datapath_stat::SNAT_PORT_HALF_OPEN] = 9;
+    t.datapath[datapath_stat::TUPLE_CLASH_AVOIDED] = 3;
     t.tables = Some(vec![
         crate::dataplane::inspect::TableFill {
             name: "conntrack",
@@ -121,6 +122,8 @@ fn traffic_metrics_have_the_documented_names_and_labels() {
         "weir_table_capacity{table=\"conntrack\"} 262144".into(),
         "weir_snat_ports_taken_total{from=\"half_open\"} 9".into(),
         "weir_snat_range_searches_total 0".into(),
+        "weir_flows_tuple_clash_total{outcome=\"avoided\"} 3".into(),
+        "weir_flows_tuple_clash_total{outcome=\"unavoidable\"} 0".into(),
         "weir_stats_read_errors_total 0".into(),
         "# TYPE weir_build_info gauge".into(),
     ] {

@@ -264,6 +264,7 @@ impl Datapath {
             programs::XDP_SCTP,
             programs::XDP_SNAT,
             programs::XDP_NEIGH,
+            programs::XDP_SHARED,
         ] {
             let p: &mut Xdp = program_mut(&mut ebpf, name)?;
             p.load().map_err(load_err(name))?;
@@ -281,7 +282,13 @@ impl Datapath {
             tail_array(
                 &mut ebpf,
                 maps::XDP_TAILS,
-                &[programs::XDP_SCTP, programs::XDP_SNAT, programs::XDP_NEIGH],
+                &[
+                    programs::XDP_SCTP,
+                    programs::XDP_SNAT,
+                    programs::XDP_NEIGH,
+                    programs::XDP_SHARED,
+                    programs::XDP_INGRESS,
+                ],
                 tails_dir.as_deref(),
             )?,
             tail_array(
@@ -675,6 +682,7 @@ impl Datapath {
             programs::XDP_SCTP,
             programs::XDP_SNAT,
             programs::XDP_NEIGH,
+            programs::XDP_SHARED,
             programs::TC_EGRESS,
             programs::TC_SCTP,
         ]
