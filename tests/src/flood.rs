@@ -259,7 +259,9 @@ pub fn run(serve: &Path, agent: Option<&Path>, idle: Duration) -> Report {
         // handshake slower than its half-open entry's life under the flood (the per-CPU share
         // of the half-open table over the flood's SYN rate on that CPU) loses its SYN-ACK's
         // translation and is retried by the client, as it is on any stateful middlebox; how
-        // many needed that is reported.
+        // many needed that is reported. Linux may give one of them the local port of an
+        // established connection to `web`: weir steers it clear of that connection's backend
+        // (the same 4-tuple there would never open; see `weir_flows_tuple_clash_total`).
         let outcomes: Vec<Result<Duration, String>> = lab.client.run_in(|| {
             pin_to_cpu(1);
             (0..NEW_DURING)
