@@ -18,7 +18,21 @@ pub fn agent_binary() -> PathBuf {
             return PathBuf::from(p);
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // Without the variables cargo gave this test process: build scripts (ring's) name
+        // some of them as inputs, and a value that differs from the outer build's rebuilt
+        // them, and then everything above them, in both builds, for every test binary.
+        for (name, _) in std::env::vars_os() {
+            let n = name.to_string_lossy();
+            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
+                .iter()
+                .any(|p| n.starts_with(p))
+                || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*n)
+            {
+                build.env_remove(&name);
+            }
+        }
+        let out = build
             .args([
                 "build",
                 "-p",
