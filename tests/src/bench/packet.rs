@@ -161,7 +161,8 @@ pub fn run(quick: bool) -> Report {
         bed.ns
             .ip("neigh add 198.18.0.1 lladdr 02:00:00:00:00:01 dev c0 nud permanent");
         dp.add_redirect_port(bed.c_ifindex).expect("redirect port");
-        let mut remote = service("v4-remote", "198.18.100.11", &["198.18.1.11:8080"]);
+        // Its own endpoint (port): the other Services' endpoints stay unshared.
+        let mut remote = service("v4-remote", "198.18.100.11", &["198.18.1.11:9090"]);
         remote.backends = remote
             .backends
             .into_iter()
@@ -179,6 +180,18 @@ pub fn run(quick: bool) -> Report {
                     "v4",
                     "198.18.100.10",
                     &["198.18.1.11:8080", "198.18.1.12:8080", "198.18.1.13:8080"],
+                ),
+                // Two Services with the same endpoints: their new flows are checked for a
+                // client port already connected to the endpoint through the other one.
+                service(
+                    "v4-shared",
+                    "198.18.100.12",
+                    &["198.18.1.11:8081", "198.18.1.12:8081", "198.18.1.13:8081"],
+                ),
+                service(
+                    "v4-shared-too",
+                    "198.18.100.13",
+                    &["198.18.1.11:8081", "198.18.1.12:8081", "198.18.1.13:8081"],
                 ),
                 service(
                     "v6",
@@ -215,6 +228,7 @@ pub fn run(quick: bool) -> Report {
             syn("198.18.0.1", "198.18.100.10"),
             syn("fd00:18::1", "fd00:100::10"),
         );
+        let syn_shared = syn("198.18.0.1", "198.18.100.12");
         let other = ack("198.18.0.1", "198.18.50.50");
         let snat = ack("198.18.0.1", "198.18.100.11");
         // The reply of that flow: its source-NAT port read from the rewritten request.
@@ -233,7 +247,7 @@ pub fn run(quick: bool) -> Report {
                 .expect("test run");
             assert_eq!(r.return_value, XDP_REDIRECT, "source-NATed request");
             let port = u16::from_be_bytes([out[34], out[35]]);
-            Pkt::tcp_ack("198.18.1.11", 8080, "198.18.1.1", port)
+            Pkt::tcp_ack("198.18.1.11", 9090, "198.18.1.1", port)
         };
         let mut bad = padded(&v4);
         bad[16..18].copy_from_slice(&30u16.to_be_bytes()); // total length shorter than TCP
@@ -271,6 +285,12 @@ pub fn run(quick: bool) -> Report {
                 "new TCP flow, IPv6",
                 padded(&syn6),
                 Some(mutation_offsets(&syn6)),
+                XDP_REDIRECT,
+            ),
+            (
+                "new TCP flow to an endpoint of two Services, IPv4",
+                padded(&syn_shared),
+                Some(mutation_offsets(&syn_shared)),
                 XDP_REDIRECT,
             ),
             (

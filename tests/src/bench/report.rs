@@ -88,7 +88,10 @@ pub fn packet_section(m: &Machine, command: &str, packets: &[packet::Report]) ->
          rounds. Established flows send ACK segments and have their connection-table entry and \
          the next hop cached; new flows open with a SYN (fresh source port and address), miss \
          both connection tables and insert into the full half-open table (LRU eviction), and \
-         find their Maglev slot and hash bucket cold. A source-NATed flow (an established one, to a backend on another \
+         find their Maglev slot and hash bucket cold. A new flow to an endpoint of two \
+         Services (the same pods behind two VIPs) adds a tail call to `weir_xdp_shared`, the \
+         lookup of the client's flow to the other Service (none here: no clash to avoid) and a \
+         second pass through `weir_xdp`, which finds the recorded entry. A source-NATed flow (an established one, to a backend on another \
          node) adds a tail call and its source-NAT entry's lookup and refresh; its reply is \
          looked up in the source-NAT table, translated, and forwarded with the next hop its \
          entry caches.\n"
