@@ -310,9 +310,10 @@ pub const CLASH_STEPS: u32 = 16;
 /// Whether the client of `flow` (its address and port) has a connection on endpoint `b`
 /// through another frontend of it: the same 4-tuple at the backend. A connection closed by the
 /// client's RST does not count; a source-NATed one does (its packets may reach the backend
-/// with the client's address, see `may_clash`). `other` is working space for the other frontends' flow keys (kept off the stack).
-/// The frontends are walked by `bpf_loop`, whose body the verifier checks once rather than
-/// once per frontend, and this is a function of its own for the same reason.
+/// with the client's address, see `may_clash`). `other` is working space for the other
+/// frontends' flow keys (kept off the stack). The frontends are walked by `bpf_loop`, whose
+/// body the verifier checks once rather than once per frontend, and this is a function of its
+/// own for the same reason.
 #[inline(never)]
 pub fn clashes(flow: &FlowKey, b: &BackendValue, other: &mut FlowKey) -> bool {
     let Some(ep) = endpoint(flow, b) else {
@@ -354,7 +355,7 @@ unsafe extern "C" fn clash_step(i: u64, ctx: *mut c_void) -> i64 {
     }
     let f = unsafe { &(*scan.ep).frontends[i as usize] };
     let other = unsafe { &mut *scan.other };
-    // The new flow's own frontend (the first step finds `other` still the flow's key).
+    // The new flow's own frontend (between steps `other` holds the flow's own key).
     if f.flags & endpoint_flags::INTERNAL != 0
         || (f.vip == other.dst && f.vport_be == other.dport_be)
     {
