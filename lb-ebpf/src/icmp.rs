@@ -3,7 +3,7 @@
 //! flow's backend, rewritten so that the backend's stack matches them to its socket.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowKey, ServiceKey, datapath_stat, drop_reason, family, proto, scope};
+use lb_common::{FlowKey, datapath_stat, drop_reason, family, proto};
 
 use crate::{
     csum, fwd, lookup, nat, neigh,
@@ -158,15 +158,7 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> u32 {
     if !matches!(q.proto, proto::TCP | proto::UDP | proto::SCTP) {
         return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::ICMP_UNSUPPORTED);
     }
-    let key = ServiceKey {
-        addr: q.vip,
-        port_be: vport,
-        proto: q.proto,
-        family: l3.family,
-        scope: scope::EXTERNAL,
-        _pad: [0; 3],
-    };
-    let Some(svc) = lookup::service(&key) else {
+    let Some(svc) = lookup::external_service(&q.vip, vport, q.proto, l3.family) else {
         return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::ICMP_UNSUPPORTED);
     };
     let flow = FlowKey {

@@ -4,8 +4,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    BackendValue, ServiceKey, backend_flags, datapath_stat, drop_reason, family, limits, proto,
-    scope, service_flags,
+    BackendValue, backend_flags, datapath_stat, drop_reason, family, limits, proto, service_flags,
 };
 
 use crate::{
@@ -66,15 +65,7 @@ fn service(ctx: &XdpContext, l3: &L3) -> u32 {
             (s, b, backend, port)
         }
         other => {
-            let key = ServiceKey {
-                addr: l3.dst,
-                port_be: dport,
-                proto: l3.proto,
-                family: l3.family,
-                scope: scope::EXTERNAL,
-                _pad: [0; 3],
-            };
-            let Some(svc) = lookup::service(&key) else {
+            let Some(svc) = lookup::external_service(&l3.dst, dport, l3.proto, l3.family) else {
                 return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::NO_SERVICE);
             };
             if svc.flags & service_flags::SOURCE_RANGES != 0

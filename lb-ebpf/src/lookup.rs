@@ -12,7 +12,7 @@ use lb_common::{
     ServiceKey, ServiceValue, SourceRangeData, VipKey, backend_flags, datapath_stat,
     endpoint_flags, flow_flags,
     hash::{client_hash, flow_hash},
-    limits, proto, service_flags, source_range_prefix, vip_filter_index,
+    limits, proto, scope, service_flags, source_range_prefix, vip_filter_index,
 };
 
 use crate::{
@@ -51,6 +51,24 @@ pub fn drop_if_vip(dst: &[u32; 4], family: u8, reason: u32) -> u32 {
 #[inline(always)]
 pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
     SERVICES.get_ptr(key).map(|v| unsafe { *v })
+}
+
+/// The service of the frontend a packet from outside (`scope::EXTERNAL`) is addressed to.
+#[inline(always)]
+pub fn external_service(
+    vip: &[u32; 4],
+    port_be: u16,
+    proto: u8,
+    family: u8,
+) -> Option<ServiceValue> {
+    service(&ServiceKey {
+        addr: *vip,
+        port_be,
+        proto,
+        family,
+        scope: scope::EXTERNAL,
+        _pad: [0; 3],
+    })
 }
 
 #[inline(always)]

@@ -17,7 +17,7 @@
 //! the packet on as any packet of an established flow.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowKey, ServiceKey, datapath_stat, drop_reason, scope};
+use lb_common::{FlowKey, datapath_stat, drop_reason};
 
 use crate::{
     SHARED_SCRATCH, XDP_TAILS, l4, lookup,
@@ -72,16 +72,8 @@ pub fn program(ctx: &XdpContext) -> u32 {
     };
     let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
     let flow = l3.flow(sport, dport);
-    let key = ServiceKey {
-        addr: l3.dst,
-        port_be: dport,
-        proto: l3.proto,
-        family: l3.family,
-        scope: scope::EXTERNAL,
-        _pad: [0; 3],
-    };
     // `weir_xdp` found both a moment ago; the agent may have changed them since.
-    let Some(svc) = lookup::service(&key) else {
+    let Some(svc) = lookup::external_service(&l3.dst, dport, l3.proto, l3.family) else {
         return lookup::drop_if_vip(&l3.dst, l3.family, drop_reason::NO_SERVICE);
     };
     let Some((mut id, mut b)) = lookup::pick(&svc, &flow) else {
