@@ -319,6 +319,11 @@ pub mod flow_flags {
     /// In `HALF_OPEN` because the connection is over (a client's RST), not because its
     /// handshake is in progress: it is not moved back to `CONNTRACK`.
     pub const CLOSING: u16 = 1;
+    /// The client has sent FIN (a SYN on the entry clears it): the connection is ending. When
+    /// the client's next connection from the same port through another frontend meets the
+    /// same endpoint (see `TUPLE_CLASH_UNAVOIDABLE`), reverse NAT gives the replies to that
+    /// one.
+    pub const FIN: u16 = 2;
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
 

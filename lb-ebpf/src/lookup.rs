@@ -146,9 +146,12 @@ pub mod tcp {
 /// client's first ACK, and where a client's RST moves an established one.
 #[inline(always)]
 pub fn established(flow: &FlowKey, flags: u8) -> Established {
-    let ct = match CONNTRACK.get_ptr(flow) {
-        Some(ct) => {
-            let ct = unsafe { *ct };
+    let ct = match CONNTRACK.get_ptr_mut(flow) {
+        Some(p) => {
+            let ct = unsafe { *p };
+            if flags & (tcp::FIN | tcp::SYN) != 0 {
+                ending(p, ct.flags, flags);
+            }
             if flags & tcp::RST != 0 {
                 // Over: its entry goes where a flood pushes out entries first.
                 let closing = FlowValue {
@@ -169,7 +172,11 @@ pub fn established(flow: &FlowKey, flags: u8) -> Established {
             };
             let h = unsafe { *h };
             if h.flags & flow_flags::CLOSING == 0 && tcp::acks(flags) {
-                let _ = CONNTRACK.insert(flow, h, 0);
+                let promoted = FlowValue {
+                    flags: h.flags | ((flags & tcp::FIN) as u16 * flow_flags::FIN),
+                    ..h
+                };
+                let _ = CONNTRACK.insert(flow, promoted, 0);
                 let _ = HALF_OPEN.remove(flow);
                 stats::datapath(datapath_stat::FLOW_PROMOTED);
             }
@@ -182,18 +189,64 @@ pub fn established(flow: &FlowKey, flags: u8) -> Established {
     }
 }
 
-/// Whether `flow` has an entry on backend `backend_id` in `CONNTRACK` or `HALF_OPEN`.
+/// Marks an established entry (at `p`, flags `now`) as ending when the client's packet
+/// (TCP flags `flags`, FIN or SYN among them) carries FIN, and as not ending when it opens a
+/// connection again with the same key. Only FIN and SYN packets get here: the fast path does
+/// not write.
 #[inline(always)]
-pub fn flow_on(flow: &FlowKey, backend_id: u32) -> bool {
+fn ending(p: *mut FlowValue, now: u16, flags: u8) {
+    let then = if tcp::opens(flags) {
+        now & !flow_flags::FIN
+    } else if flags & tcp::FIN != 0 {
+        now | flow_flags::FIN
+    } else {
+        now
+    };
+    if then != now {
+        unsafe { (*p).flags = then };
+    }
+}
+
+/// How a flow stands on a backend (see `flow_on`), in the order reverse NAT prefers them.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Standing {
+    /// No entry on that backend.
+    None,
+    /// Over: its client sent FIN or RST.
+    Ended,
+    /// In its handshake (`HALF_OPEN`).
+    Opening,
+    /// Established and not ending.
+    Established,
+}
+
+/// How `flow` stands on backend `backend_id` (its entry in `CONNTRACK` or `HALF_OPEN`).
+#[inline(always)]
+pub fn flow_on(flow: &FlowKey, backend_id: u32) -> Standing {
+    let ended = flow_flags::FIN | flow_flags::CLOSING;
     if let Some(ct) = CONNTRACK.get_ptr(flow)
         && unsafe { (*ct).backend_id } == backend_id
     {
-        return true;
+        return if unsafe { (*ct).flags } & ended == 0 {
+            Standing::Established
+        } else {
+            Standing::Ended
+        };
     }
-    flow.proto == proto::TCP
-        && HALF_OPEN
-            .get_ptr(flow)
-            .is_some_and(|h| unsafe { (*h).backend_id } == backend_id)
+    if flow.proto != proto::TCP {
+        return Standing::None;
+    }
+    match HALF_OPEN.get_ptr(flow) {
+        Some(h) if unsafe { (*h).backend_id } == backend_id => {
+            if unsafe { (*h).flags } & ended == 0 {
+                Standing::Opening
+            } else {
+                Standing::Ended
+            }
+        }
+        _ => Standing::None,
+    }
 }
 
 /// The entry of `flow` in `CONNTRACK` or `HALF_OPEN`, for reading.

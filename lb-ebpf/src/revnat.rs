@@ -21,17 +21,22 @@
 //! What may be a flow's reply and still leaves untranslated is counted by reason
 //! (`datapath_stat::UNTRANSLATED_*`, `weir_dataplane_untranslated_total`).
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_loop,
     programs::TcContext,
 };
 use lb_common::{
-    EndpointFrontend, EndpointKey, FlowKey, FragValue, datapath_stat, drop_reason, endpoint_flags,
-    family, limits, proto,
+    EndpointFrontend, EndpointKey, EndpointValue, FlowKey, FragValue, datapath_stat, drop_reason,
+    endpoint_flags, family, limits, proto,
 };
 
 use crate::{
-    ENDPOINTS, REVNAT_FRAG_KEY, REVNAT_FRAGS, nat,
+    ENDPOINTS, REVNAT_FRAG_KEY, REVNAT_FRAGS,
+    lookup::{self, Standing},
+    nat,
     parse::{self, L3, L3Result, Ports, ptr_at},
     sctp, stats,
 };
@@ -216,30 +221,80 @@ fn reply_of(l3: &L3, sport: u16, dport: u16) -> Option<EndpointFrontend> {
         family: l3.family,
     };
     let ep = ENDPOINTS.get_ptr(key)?;
-    let count = unsafe { (*ep).count } as usize;
-    for i in 0..limits::MAX_ENDPOINT_FRONTENDS {
-        if i >= count {
-            break;
-        }
-        let f = unsafe { (*ep).frontends[i] };
-        if f.flags & endpoint_flags::INTERNAL != 0 {
-            continue;
-        }
-        let flow = FlowKey {
+    let count = unsafe { (*ep).count };
+    let mut scan = ReplyScan {
+        ep,
+        flow: FlowKey {
             src: l3.dst,
-            dst: f.vip,
+            dst: [0; 4],
             sport_be: dport,
-            dport_be: f.vport_be,
+            dport_be: 0,
             proto: l3.proto,
             family: l3.family,
             _pad: [0; 2],
+        },
+        best: Standing::None as u32,
+        at: 0,
+    };
+    if count == 1 {
+        // An endpoint of one frontend (the common case): no walk.
+        unsafe { reply_step(0, (&raw mut scan).cast()) };
+    } else {
+        // One client port may have flows through several frontends of this endpoint, one
+        // 4-tuple here: the client's next connection from a port whose connection through
+        // another frontend met the same backend (`TUPLE_CLASH_UNAVOIDABLE`). The walk is
+        // `bpf_loop`'s, whose body the verifier checks once rather than once per frontend.
+        let step: unsafe extern "C" fn(u64, *mut c_void) -> i64 = reply_step;
+        unsafe {
+            bpf_loop(
+                count.min(limits::MAX_ENDPOINT_FRONTENDS as u32),
+                step as *mut c_void,
+                (&raw mut scan).cast(),
+                0,
+            )
         };
-        // A handshake's reply (SYN-ACK) finds its flow in `HALF_OPEN`.
-        if crate::lookup::flow_on(&flow, f.backend_id) {
-            return Some(f);
-        }
     }
-    None
+    if scan.best == Standing::None as u32 {
+        return None;
+    }
+    unsafe { &(*ep).frontends }.get(scan.at as usize).copied()
+}
+
+/// What `reply_step` reads and answers.
+#[repr(C)]
+struct ReplyScan {
+    ep: *const EndpointValue,
+    /// The client's flow, whose destination each step sets to a frontend's.
+    flow: FlowKey,
+    /// The best `Standing` so far (as u32), and the index of its frontend.
+    best: u32,
+    at: u32,
+}
+
+/// Frontend `i` of `reply_of`'s endpoint (a `bpf_loop` body; 1 stops the loop). The replies
+/// go to the client's established flow, else to the one in its handshake, else to one that
+/// is over (its client sent FIN or RST): a new connection takes over from an ended one, and a
+/// SYN the backend answers for a live connection (a challenge ACK) goes to that one, whose
+/// client ignores it, rather than to the new one, whose client would answer with an RST
+/// that the backend would take for the live connection's.
+unsafe extern "C" fn reply_step(i: u64, ctx: *mut c_void) -> i64 {
+    let scan = unsafe { &mut *(ctx as *mut ReplyScan) };
+    if i >= limits::MAX_ENDPOINT_FRONTENDS as u64 {
+        return 1;
+    }
+    let f = unsafe { &(*scan.ep).frontends[i as usize] };
+    if f.flags & endpoint_flags::INTERNAL != 0 {
+        return 0;
+    }
+    scan.flow.dst = f.vip;
+    scan.flow.dport_be = f.vport_be;
+    // A handshake's reply (SYN-ACK) finds its flow in `HALF_OPEN`.
+    let s = lookup::flow_on(&scan.flow, f.backend_id) as u32;
+    if s > scan.best {
+        scan.best = s;
+        scan.at = i as u32;
+    }
+    (s == Standing::Established as u32) as i64
 }
 
 /// Rewrites the source of `l3`'s packet to `vip` and, with `ports` (old, new), its source

@@ -8,7 +8,12 @@
 //! this through conntrack's source-port remapping. Here the new flow goes to the next backend
 //! of the service's Maglev table whose endpoint has no connection from that client address and
 //! port (`lookup::clash_free`); with none (one backend), it goes where Maglev chose and is
-//! counted (`TUPLE_CLASH_UNAVOIDABLE`).
+//! counted (`TUPLE_CLASH_UNAVOIDABLE`). That is harmless when the other connection is over
+//! (its client sent FIN or RST; the backend takes a SYN for a 4-tuple in TIME_WAIT when the
+//! timestamps or the sequence number are newer): reverse NAT gives the 4-tuple's replies to
+//! the new connection (`revnat::reply_of`). While the other connection still runs, the new
+//! one cannot open (the backend answers its SYN for the live connection, and keeps that one):
+//! only a source-port rewrite, with reverse state for it, would tell the two apart.
 //!
 //! `weir_xdp` hands over only new flows whose chosen endpoint is shared (one `ENDPOINTS`
 //! lookup); the walk over the endpoint's frontends, for each candidate backend, is verified

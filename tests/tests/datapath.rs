@@ -1141,12 +1141,64 @@ fn a_client_port_used_for_two_services_of_one_endpoint_meets_two_backends() {
         );
         assert_eq!(avoided(), before);
 
-        // One backend: nowhere else to go; the flow goes there and is counted.
-        for (vport, n) in [(80, 0), (81, 1)] {
-            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, 45000, ONE_VIP4, vport).bytes());
+        // One backend: nowhere else to go; the flow goes there and is counted. The backend's
+        // replies to the one 4-tuple go to the established flow, else to the one in its
+        // handshake, else to one whose client has finished (FIN).
+        let one = "198.18.1.11";
+        let reply_to = |port: u16, flags: u8| {
+            let mut reply = Pkt::tcp_ack(one, 9090, CLIENT4, port);
+            reply.src_mac = LB_MAC;
+            let (v, out) = env.tc(&tcp_flags(&reply.bytes(), flags));
+            assert_eq!(v, TC_ACT_OK);
+            ends(&out).0
+        };
+        let syn = |port: u16, vport: u16| {
+            let (v, out) = env.xdp(&Pkt::tcp(CLIENT4, port, ONE_VIP4, vport).bytes());
             assert_eq!(v, XDP_REDIRECT);
-            assert_eq!(ends(&out).1, sock("198.18.1.11", 9090));
-            assert_eq!(unavoidable(), n);
+            assert_eq!(ends(&out).1, sock(one, 9090));
+        };
+        let ack = |port: u16, vport: u16, flags: u8| {
+            let p = Pkt::tcp_ack(CLIENT4, port, ONE_VIP4, vport).bytes();
+            assert_eq!(env.xdp(&tcp_flags(&p, flags)).0, XDP_REDIRECT);
+        };
+        let (fin_ack, syn_ack, plain_ack) = (0x11, 0x12, 0x10);
+        for (port, first, second) in [(45000, 80, 81), (45001, 81, 80)] {
+            let before = unavoidable();
+            // A connection through one frontend, over: the client sent its FIN.
+            syn(port, first);
+            ack(port, first, plain_ack);
+            assert_eq!(reply_to(port, plain_ack), sock(ONE_VIP4, first));
+            ack(port, first, fin_ack);
+            assert_eq!(
+                reply_to(port, fin_ack),
+                sock(ONE_VIP4, first),
+                "its last ACK"
+            );
+            // The client's next connection from that port, through the other frontend: its
+            // handshake and all after it get the other frontend's address.
+            syn(port, second);
+            assert_eq!(unavoidable() - before, 1);
+            assert_eq!(reply_to(port, syn_ack), sock(ONE_VIP4, second), "SYN-ACK");
+            ack(port, second, plain_ack);
+            assert_eq!(reply_to(port, plain_ack), sock(ONE_VIP4, second));
+        }
+        // The first connection still runs: the backend answers the second one's SYN for it
+        // (a challenge ACK), which goes to the running connection.
+        for (port, first, second) in [(45002, 81, 80), (45003, 80, 81)] {
+            syn(port, first);
+            ack(port, first, plain_ack);
+            if port == 45003 {
+                // Finished, then opened again with the same key: running again.
+                ack(port, first, fin_ack);
+                syn(port, first);
+                ack(port, first, plain_ack);
+            }
+            syn(port, second);
+            assert_eq!(
+                reply_to(port, plain_ack),
+                sock(ONE_VIP4, first),
+                "port {port}"
+            );
         }
     });
 }

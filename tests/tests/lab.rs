@@ -955,3 +955,56 @@ fn one_client_port_opens_connections_to_three_services_of_the_same_backends() {
         .and_then(|v| v.parse::<f64>().ok());
     assert_eq!(avoided, Some(f64::from(would_clash)), "{metrics}");
 }
+
+/// Two Services of one backend (two ports of one pod, say).
+const ONE_SHARED_BACKEND: &str = "\
+node:
+  interfaces: [eth-c]
+admin:
+  listen: 127.0.0.1:9300
+services:
+  - name: web
+    vip: 198.18.100.10
+    port: 80
+    protocol: tcp
+    backends: &b
+      - { address: 198.18.1.11, port: 8080 }
+  - name: web-alt
+    vip: 198.18.100.10
+    port: 8081
+    protocol: tcp
+    backends: *b
+";
+
+/// With one backend, a client's next connection from a port whose last connection went
+/// through the other Service has nowhere else to go: the same 4-tuple at the backend. Once
+/// the last connection is over (an HTTP exchange: the server closes first and keeps the
+/// 4-tuple in TIME_WAIT, which takes a SYN with newer timestamps), the new one opens, and its
+/// replies leave with its own Service's address and port, not the old one's.
+#[test]
+fn a_client_port_reused_through_another_service_of_one_backend_opens_again() {
+    let (lab, agent) = lab_with_agent(Some(ONE_SHARED_BACKEND));
+    let ports = 23100..23110u16;
+    lab.client
+        .run_in(|| clients::wait_ports_free(ports.clone(), Duration::from_secs(10)))
+        .expect("the client's ports free");
+    for port in ports.clone() {
+        let local = sa(CLIENT_V4, port);
+        // Back to the first Service, too: that key's entry is there, finished, and the
+        // new connection takes it over.
+        for vip in [sa(VIP_V4, 80), sa(VIP_V4, 8081), sa(VIP_V4, 80)] {
+            let r = lab
+                .client
+                .run_in(|| clients::http_get(Some(local), vip, "/", T))
+                .unwrap_or_else(|e| panic!("port {port} to {vip}: {e}"));
+            assert_eq!(r.backend, "b1");
+        }
+    }
+    // Each of them reached the data plane's clash check (whether the earlier connection
+    // counts as one depends on how the client ended it: an RST frees the 4-tuple).
+    assert!(
+        agent
+            .metrics(&lab.lb)
+            .contains("weir_flows_tuple_clash_total")
+    );
+}
