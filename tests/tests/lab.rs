@@ -978,12 +978,12 @@ services:
 
 /// With one backend, a client's next connection from a port whose last connection went
 /// through the other Service has nowhere else to go: the same 4-tuple at the backend. Once
-/// the last connection is over (an HTTP exchange: the server closes first and keeps the
-/// 4-tuple in TIME_WAIT, which takes a SYN with newer timestamps), the new one opens, and its
-/// replies leave with its own Service's address and port, not the old one's.
+/// the last connection is over (an HTTP exchange with `Connection: close`), the new one
+/// opens, and its replies leave with its own Service's address and port, not the old one's
+/// (reverse NAT that took the first frontend with an entry for the port failed here).
 #[test]
 fn a_client_port_reused_through_another_service_of_one_backend_opens_again() {
-    let (lab, agent) = lab_with_agent(Some(ONE_SHARED_BACKEND));
+    let (lab, _agent) = lab_with_agent(Some(ONE_SHARED_BACKEND));
     let ports = 23100..23110u16;
     lab.client
         .run_in(|| clients::wait_ports_free(ports.clone(), Duration::from_secs(10)))
@@ -1000,11 +1000,4 @@ fn a_client_port_reused_through_another_service_of_one_backend_opens_again() {
             assert_eq!(r.backend, "b1");
         }
     }
-    // Each of them reached the data plane's clash check (whether the earlier connection
-    // counts as one depends on how the client ended it: an RST frees the 4-tuple).
-    assert!(
-        agent
-            .metrics(&lab.lb)
-            .contains("weir_flows_tuple_clash_total")
-    );
 }
